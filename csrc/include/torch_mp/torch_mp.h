@@ -1,0 +1,5 @@
+#pragma once
+
+// The public C++ API of torch_mp. Link with TorchMP::torch_mp (CMake: find_package(TorchMP)).
+#include <torch_mp/ops.h>
+#include <torch_mp/split.h>

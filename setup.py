@@ -1,0 +1,61 @@
+"""Builds torch_mp: libtorch_mp (CMake, the same build C++ users run) installed into the package,
+then the small Python module torch_mp._C (torch.utils.cpp_extension) on top of it.
+
+Install with `pip install --no-build-isolation .` so the build uses the torch already installed.
+"""
+import os
+import subprocess
+from pathlib import Path
+
+import torch
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension
+
+ROOT = Path(__file__).parent.resolve()
+# The CUDA side is built only when the installed torch is a CUDA build and a CUDA toolkit is present.
+WITH_CUDA = torch.version.cuda is not None and CUDA_HOME is not None
+
+
+class BuildWithLibrary(BuildExtension):
+    """Runs the CMake build of libtorch_mp into the package folder before building torch_mp._C."""
+
+    def run(self):
+        package_dir = Path(self.get_ext_fullpath("torch_mp._C")).parent
+        # One CMake build folder per torch, so CPU and CUDA builds of torch never share a cache.
+        build_dir = ROOT / "build" / f"cmake-torch-{torch.__version__}"
+        jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
+        subprocess.check_call([
+            "cmake", "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
+            "-DCMAKE_BUILD_TYPE=Release",
+            f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+            f"-DCMAKE_INSTALL_PREFIX={package_dir}",
+            f"-DTORCH_MP_WITH_CUDA={'ON' if WITH_CUDA else 'OFF'}",
+        ])
+        subprocess.check_call(["cmake", "--build", str(build_dir), "-j", jobs])
+        subprocess.check_call(["cmake", "--install", str(build_dir)])
+        for extension in self.extensions:
+            extension.library_dirs.append(str(package_dir / "lib"))
+        super().run()
+
+
+setup(
+    name="torch_mp",
+    version="0.1.0",
+    description="Model parallelism for PyTorch with a C++ core",
+    packages=find_packages(include=["torch_mp", "torch_mp.*"]),
+    python_requires=">=3.9",
+    install_requires=["torch>=2.6"],
+    extras_require={"plot": ["matplotlib"]},
+    ext_modules=[
+        CppExtension(
+            "torch_mp._C",
+            ["csrc/python/module.cpp"],
+            include_dirs=[str(ROOT / "csrc" / "include"), str(ROOT / "csrc")],
+            libraries=["torch_mp"],
+            define_macros=[("TORCH_MP_WITH_CUDA", None)] if WITH_CUDA else [],
+            extra_link_args=["-Wl,-rpath,$ORIGIN/lib"],
+        )
+    ],
+    cmdclass={"build_ext": BuildWithLibrary},
+    zip_safe=False,
+)

@@ -1,0 +1,16 @@
+# Configures, builds and runs examples/cpp; fails on the first step that fails.
+string(REPLACE "|" ";" PREFIX_PATH "${PREFIX_PATH}")
+execute_process(
+  COMMAND ${CMAKE_COMMAND} -S ${SOURCE_DIR} -B ${BINARY_DIR} -G Ninja "-DCMAKE_PREFIX_PATH=${PREFIX_PATH}"
+  RESULT_VARIABLE configure_result)
+if(NOT configure_result EQUAL 0)
+  message(FATAL_ERROR "configuring the example failed: ${configure_result}")
+endif()
+execute_process(COMMAND ${CMAKE_COMMAND} --build ${BINARY_DIR} RESULT_VARIABLE build_result)
+if(NOT build_result EQUAL 0)
+  message(FATAL_ERROR "building the example failed: ${build_result}")
+endif()
+execute_process(COMMAND ${BINARY_DIR}/train_split RESULT_VARIABLE run_result)
+if(NOT run_result EQUAL 0)
+  message(FATAL_ERROR "the example failed: ${run_result}")
+endif()

@@ -1,0 +1,19 @@
+"""torch_mp: model parallelism for PyTorch, with a C++ core.
+
+Importing the package loads libtorch_mp, which registers the operators under torch.ops.torch_mp.
+"""
+import os
+
+import torch
+
+from torch_mp import _C  # noqa: F401  (links libtorch_mp: registers torch.ops.torch_mp.*)
+from torch_mp._ops import to_device
+from torch_mp.split import split
+
+__version__ = "0.1.0"
+
+# For CMake users: find_package(TorchMP) with this folder on CMAKE_PREFIX_PATH, beside
+# torch.utils.cmake_prefix_path.
+cmake_prefix_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "share", "cmake")
+
+__all__ = ["to_device", "split", "cmake_prefix_path"]
