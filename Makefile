@@ -18,14 +18,15 @@ export PATH := $(VENV)/bin:$(PATH)
 
 all: install
 
-# A venv counts only once its marker exists, so an interrupted install is redone from scratch.
-$(VENV)/.ready: requirements/cuda.txt
+# A venv counts only once its marker exists, so an interrupted install is redone from scratch. The
+# hash in its name already tracks the requirements: no file-time prerequisite (a fresh clone is newer).
+$(VENV)/.ready:
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet -r requirements/cuda.txt
 	touch $@
 
-$(CPU_VENV)/.ready: requirements/cpu.txt
+$(CPU_VENV)/.ready:
 	rm -rf $(CPU_VENV)
 	$(PYTHON) -m venv $(CPU_VENV)
 	$(CPU_VENV)/bin/pip install --quiet -r requirements/cpu.txt
