@@ -7,7 +7,18 @@ import os
 import torch
 
 from torch_mp import _C  # noqa: F401  (links libtorch_mp: registers torch.ops.torch_mp.*)
-from torch_mp._ops import to_device
+from torch_mp import nn
+from torch_mp._ops import (
+    column_parallel_linear,
+    copy_to_tp,
+    gather_from_sp,
+    gather_from_tp,
+    reduce_from_tp,
+    reduce_scatter_to_sp,
+    row_parallel_linear,
+    scatter_to_tp,
+    to_device,
+)
 from torch_mp.split import split
 
 __version__ = "0.1.0"
@@ -16,4 +27,17 @@ __version__ = "0.1.0"
 # torch.utils.cmake_prefix_path.
 cmake_prefix_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "share", "cmake")
 
-__all__ = ["to_device", "split", "cmake_prefix_path"]
+__all__ = [
+    "cmake_prefix_path",
+    "column_parallel_linear",
+    "copy_to_tp",
+    "gather_from_sp",
+    "gather_from_tp",
+    "nn",
+    "reduce_from_tp",
+    "reduce_scatter_to_sp",
+    "row_parallel_linear",
+    "scatter_to_tp",
+    "split",
+    "to_device",
+]

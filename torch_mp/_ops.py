@@ -1,7 +1,9 @@
 """Typed Python wrappers over torch.ops.torch_mp.*, and the fake kernels torch.compile traces with."""
-from typing import Union
+from typing import Optional, Union
 
 import torch
+
+from torch_mp._group import GroupLike, resolve_group
 
 DeviceLike = Union[torch.device, str, int]
 
@@ -22,3 +24,60 @@ def to_device(tensor: torch.Tensor, device: DeviceLike, non_blocking: bool = Fal
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"to_device: expected tensor to be a torch.Tensor, got {type(tensor).__name__}")
     return torch.ops.torch_mp.to_device(tensor, torch.device(device), non_blocking)
+
+
+# --- tensor parallelism: conjugate pairs --------------------------------------------------------
+# Each takes group=None (the default group), a ProcessGroup or a 1-D DeviceMesh.
+
+def copy_to_tp(tensor: torch.Tensor, group: GroupLike = None) -> torch.Tensor:
+    """forward: identity; backward: all-reduce (sum). A replicated input entering the parallel region."""
+    name, size, _ = resolve_group(group, "copy_to_tp(group=...)")
+    return torch.ops.torch_mp.copy_to_tp(tensor, name, size)
+
+
+def reduce_from_tp(tensor: torch.Tensor, group: GroupLike = None) -> torch.Tensor:
+    """forward: all-reduce (sum); backward: identity. Partial results leaving the parallel region."""
+    name, size, _ = resolve_group(group, "reduce_from_tp(group=...)")
+    return torch.ops.torch_mp.reduce_from_tp(tensor, name, size)
+
+
+def gather_from_tp(tensor: torch.Tensor, dim: int = -1, group: GroupLike = None) -> torch.Tensor:
+    """forward: all-gather along ``dim``; backward: this rank's slice."""
+    name, size, _ = resolve_group(group, "gather_from_tp(group=...)")
+    return torch.ops.torch_mp.gather_from_tp(tensor, dim, name, size)
+
+
+def scatter_to_tp(tensor: torch.Tensor, dim: int = -1, group: GroupLike = None) -> torch.Tensor:
+    """forward: this rank's slice along ``dim``; backward: all-gather."""
+    name, size, _ = resolve_group(group, "scatter_to_tp(group=...)")
+    return torch.ops.torch_mp.scatter_to_tp(tensor, dim, name, size)
+
+
+def reduce_scatter_to_sp(tensor: torch.Tensor, dim: int = 0, group: GroupLike = None) -> torch.Tensor:
+    """Sequence parallel. forward: reduce-scatter along ``dim``; backward: all-gather."""
+    name, size, _ = resolve_group(group, "reduce_scatter_to_sp(group=...)")
+    return torch.ops.torch_mp.reduce_scatter_to_sp(tensor, dim, name, size)
+
+
+def gather_from_sp(tensor: torch.Tensor, dim: int = 0, group: GroupLike = None) -> torch.Tensor:
+    """Sequence parallel. forward: all-gather along ``dim``; backward: reduce-scatter."""
+    name, size, _ = resolve_group(group, "gather_from_sp(group=...)")
+    return torch.ops.torch_mp.gather_from_sp(tensor, dim, name, size)
+
+
+def column_parallel_linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                           gather_output: bool = False, group: GroupLike = None) -> torch.Tensor:
+    """``input @ weight.T + bias`` with ``weight`` holding this rank's output features; ``input`` is
+    replicated. ``gather_output``: all-gather the result along its last dim. The backward overlaps the
+    all-reduce of the input gradient with the weight-gradient matmul."""
+    name, size, _ = resolve_group(group, "column_parallel_linear(group=...)")
+    return torch.ops.torch_mp.column_parallel_linear(input, weight, bias, gather_output, name, size)
+
+
+def row_parallel_linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                        input_is_parallel: bool = True, group: GroupLike = None) -> torch.Tensor:
+    """``all_reduce(input @ weight.T) + bias`` with ``weight`` holding this rank's input features; the
+    bias is added once, after the reduction. ``input_is_parallel=False``: ``input`` is replicated and
+    this rank takes its slice of the last dim first."""
+    name, size, _ = resolve_group(group, "row_parallel_linear(group=...)")
+    return torch.ops.torch_mp.row_parallel_linear(input, weight, bias, input_is_parallel, name, size)

@@ -11,3 +11,70 @@ namespace torch_mp {
 at::Tensor to_device(const at::Tensor& self, at::Device device, bool non_blocking = false);
 
 } // namespace torch_mp
+
+#include <torch_mp/comm.h>
+
+namespace torch_mp {
+
+// --- tensor parallelism: conjugate pairs (Megatron's mappings). Each is differentiable; with a
+// group of one member each is a local copy. `dim` may be negative.
+
+// forward: identity; backward: all-reduce (sum). Where a replicated input enters the parallel region.
+at::Tensor copy_to_tp(const at::Tensor& self, const Group& group);
+// forward: all-reduce (sum); backward: identity. Where partial results leave it.
+at::Tensor reduce_from_tp(const at::Tensor& self, const Group& group);
+// forward: all-gather along dim; backward: this rank's slice.
+at::Tensor gather_from_tp(const at::Tensor& self, int64_t dim, const Group& group);
+// forward: this rank's slice along dim; backward: all-gather.
+at::Tensor scatter_to_tp(const at::Tensor& self, int64_t dim, const Group& group);
+// Sequence parallel. forward: reduce-scatter along dim; backward: all-gather.
+at::Tensor reduce_scatter_to_sp(const at::Tensor& self, int64_t dim, const Group& group);
+// Sequence parallel. forward: all-gather along dim; backward: reduce-scatter.
+at::Tensor gather_from_sp(const at::Tensor& self, int64_t dim, const Group& group);
+
+// y = input @ weight.T + bias with weight holding this rank's rows (output features); the input is
+// replicated. gather_output: all-gather y along its last dim. In backward, the all-reduce of the
+// input gradient runs while the weight gradient is computed.
+at::Tensor column_parallel_linear(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    bool gather_output,
+    const Group& group);
+// y = all_reduce(input @ weight.T) + bias with weight holding this rank's columns (input features);
+// the bias is added once, after the reduction. input_is_parallel=false: the input is replicated and
+// this rank takes its slice of the last dim first.
+at::Tensor row_parallel_linear(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    bool input_is_parallel,
+    const Group& group);
+// An embedding whose rows [vocab_start, vocab_start + weight.size(0)) live on this rank.
+at::Tensor vocab_parallel_embedding(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    int64_t vocab_start,
+    const Group& group);
+// Cross entropy per target over logits sharded on the vocabulary (last) dim, this rank holding
+// [vocab_start, vocab_start + logits.size(-1)); the logits are never gathered. Targets equal to
+// ignore_index give 0.
+at::Tensor vocab_parallel_cross_entropy(
+    const at::Tensor& logits,
+    const at::Tensor& target,
+    int64_t vocab_start,
+    int64_t ignore_index,
+    const Group& group);
+
+namespace primitives {
+
+// The collectives under the ops above, without autograd. Each returns a fresh tensor.
+// reduce_op: "sum", "max", "min" or "product".
+at::Tensor all_reduce(const at::Tensor& self, c10::string_view reduce_op, const Group& group);
+at::Tensor all_gather(const at::Tensor& self, int64_t dim, const Group& group);
+at::Tensor reduce_scatter(const at::Tensor& self, int64_t dim, const Group& group);
+// This rank's slice of `self` along dim.
+at::Tensor split(const at::Tensor& self, int64_t dim, const Group& group);
+
+} // namespace primitives
+} // namespace torch_mp

@@ -1,0 +1,94 @@
+#include "comm/group.h"
+
+#include <cstdlib>
+
+#include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#include <torch_mp/comm.h>
+
+#include "comm/backends.h"
+
+namespace torch_mp {
+namespace detail {
+
+c10::intrusive_ptr<c10d::ProcessGroup> resolve_group(
+    std::string_view op,
+    std::string_view group_name,
+    int64_t group_size) {
+  TORCH_CHECK_VALUE(group_size >= 1, op, ": group_size is ", group_size, "; expected at least 1");
+  c10::intrusive_ptr<c10d::ProcessGroup> group;
+  try {
+    group = c10d::resolve_process_group(std::string(group_name));
+  } catch (const c10::Error&) {
+    TORCH_CHECK_VALUE(
+        false, op, ": no process group named '", group_name,
+        "' is registered in this process; expected a group made by torch.distributed "
+        "(init_process_group / new_group) or torch_mp::init_process_group");
+  }
+  TORCH_CHECK_VALUE(
+      group->getSize() == group_size, op, ": process group '", group_name, "' has ",
+      group->getSize(), " members but group_size is ", group_size);
+  return group;
+}
+
+} // namespace detail
+
+Group Group::named(const std::string& name) {
+  auto group = c10d::resolve_process_group(name);
+  return Group{name, group->getSize(), group->getRank()};
+}
+
+namespace {
+
+int64_t env_int(const char* name, std::optional<int64_t> given) {
+  if (given) {
+    return *given;
+  }
+  const char* value = std::getenv(name);
+  TORCH_CHECK_VALUE(
+      value != nullptr, "init_process_group: ", name,
+      " is not set; expected it in the environment (torchrun sets it) or in ProcessGroupOptions");
+  return std::stoll(value);
+}
+
+} // namespace
+
+Group init_process_group(const ProcessGroupOptions& options) {
+  const auto rank = env_int("RANK", options.rank);
+  const auto world_size = env_int("WORLD_SIZE", options.world_size);
+  TORCH_CHECK_VALUE(
+      world_size >= 1 && rank >= 0 && rank < world_size, "init_process_group: rank ", rank,
+      " and world size ", world_size, "; expected 0 <= rank < world size");
+  auto store = options.store;
+  if (!store) {
+    const char* addr = std::getenv("MASTER_ADDR");
+    const char* port = std::getenv("MASTER_PORT");
+    TORCH_CHECK_VALUE(
+        addr && port, "init_process_group: MASTER_ADDR and MASTER_PORT are not set; expected them "
+        "in the environment (torchrun sets them) or a store in ProcessGroupOptions");
+    c10d::TCPStoreOptions store_options;
+    store_options.port = static_cast<std::uint16_t>(std::stoi(port));
+    store_options.isServer = rank == 0;
+    store_options.numWorkers = static_cast<std::size_t>(world_size);
+    store_options.timeout = options.timeout;
+    store = c10::make_intrusive<c10d::TCPStore>(addr, store_options);
+  }
+  auto group_store = c10::make_intrusive<c10d::PrefixStore>(options.group_name, store);
+  auto group = c10::make_intrusive<c10d::ProcessGroup>(group_store, rank, world_size);
+  detail::attach_backend(*group, group_store, options.backend, options.timeout);
+  group->setGroupName(options.group_name);
+  c10d::register_process_group(options.group_name, group);
+  return Group{options.group_name, world_size, rank};
+}
+
+void destroy_process_group(const Group& group) {
+  if (group.size == 1 && group.name.empty()) {
+    return;
+  }
+  auto process_group = c10d::resolve_process_group(group.name);
+  c10d::unregister_process_group(group.name);
+  process_group->shutdown();
+}
+
+} // namespace torch_mp

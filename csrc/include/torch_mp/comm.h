@@ -1,0 +1,53 @@
+#pragma once
+
+#include <chrono>
+#include <optional>
+#include <string>
+
+#include <c10/util/intrusive_ptr.h>
+
+namespace c10d {
+class ProcessGroup;
+class Store;
+} // namespace c10d
+
+namespace torch_mp {
+
+// A process group as the operators see it: its name in c10d's group registry, its size, and this
+// process's rank in it. A group of size 1 needs no registered process group at all.
+struct Group {
+  std::string name;
+  int64_t size = 1;
+  int64_t rank = 0;
+
+  // The registered c10d group called `name` (Python: ProcessGroup.group_name).
+  static Group named(const std::string& name);
+  // A group of one: every operator is a local computation.
+  static Group single() {
+    return Group{};
+  }
+};
+
+struct ProcessGroupOptions {
+  // "gloo" (CPU tensors, and CUDA tensors staged through the host) or "nccl" (CUDA tensors).
+  std::string backend = "gloo";
+  // rank and world size; unset: RANK and WORLD_SIZE from the environment (torchrun sets them).
+  std::optional<int64_t> rank;
+  std::optional<int64_t> world_size;
+  // The rendezvous; unset: a TCPStore at MASTER_ADDR:MASTER_PORT, served by rank 0.
+  c10::intrusive_ptr<c10d::Store> store;
+  // Bound on every collective; an unanswered collective fails after this long instead of hanging.
+  std::chrono::milliseconds timeout = std::chrono::minutes(10);
+  // The name the group is registered under (what Group::named and the operators look up).
+  std::string group_name = "torch_mp_default";
+};
+
+// Creates a c10d process group with PyTorch's own Gloo or NCCL backend, registers it under
+// options.group_name and returns it as a Group: what a LibTorch program started by
+// `torchrun --no-python ./app` calls first.
+Group init_process_group(const ProcessGroupOptions& options = {});
+
+// Unregisters and shuts down a group made by init_process_group.
+void destroy_process_group(const Group& group);
+
+} // namespace torch_mp

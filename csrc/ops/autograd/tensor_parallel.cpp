@@ -1,0 +1,143 @@
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <torch_mp/ops.h>
+
+namespace torch_mp {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using DimOp = at::Tensor (*)(const at::Tensor&, int64_t, const Group&);
+
+Group saved_group(AutogradContext* ctx) {
+  return Group{ctx->saved_data["group_name"].toStringRef(), ctx->saved_data["group_size"].toInt(), 0};
+}
+
+// forward: Forward below autograd; backward: Backward, the conjugate op (itself differentiable,
+// so double backward works). `dim` is ignored by the pairs that do not take one.
+template <DimOp Forward, DimOp Backward>
+class Conjugate : public torch::autograd::Function<Conjugate<Forward, Backward>> {
+ public:
+  static constexpr bool is_traceable = true;
+
+  static at::Tensor forward(
+      AutogradContext* ctx,
+      const at::Tensor& self,
+      int64_t dim,
+      c10::string_view group_name,
+      int64_t group_size) {
+    ctx->saved_data["dim"] = dim;
+    ctx->saved_data["group_name"] = std::string(group_name);
+    ctx->saved_data["group_size"] = group_size;
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return Forward(self, dim, Group{std::string(group_name), group_size, 0});
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    auto grad = grad_outputs[0];
+    if (grad.defined()) {
+      grad = Backward(grad, ctx->saved_data["dim"].toInt(), saved_group(ctx));
+    }
+    return {grad, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor copy_to(const at::Tensor& self, int64_t, const Group& group) {
+  return copy_to_tp(self, group);
+}
+at::Tensor reduce_from(const at::Tensor& self, int64_t, const Group& group) {
+  return reduce_from_tp(self, group);
+}
+// The backward of reduce_from_tp: the gradient of a replicated result is already complete.
+at::Tensor identity(const at::Tensor& grad, int64_t, const Group&) {
+  return grad;
+}
+
+template <DimOp Forward, DimOp Backward>
+at::Tensor group_autograd(const at::Tensor& self, c10::string_view group_name, int64_t group_size) {
+  return Conjugate<Forward, Backward>::apply(self, 0, group_name, group_size);
+}
+
+template <DimOp Forward, DimOp Backward>
+at::Tensor dim_group_autograd(const at::Tensor& self, int64_t dim, c10::string_view group_name, int64_t group_size) {
+  return Conjugate<Forward, Backward>::apply(self, dim, group_name, group_size);
+}
+
+// forward: x @ weight.T + bias (then all-gather when gather_output); backward: one fused op that
+// overlaps the input-gradient all-reduce with the weight-gradient matmul.
+class ColumnParallelLinear : public torch::autograd::Function<ColumnParallelLinear> {
+ public:
+  static constexpr bool is_traceable = true;
+
+  static at::Tensor forward(
+      AutogradContext* ctx,
+      const at::Tensor& input,
+      const at::Tensor& weight,
+      const std::optional<at::Tensor>& bias,
+      bool gather_output,
+      c10::string_view group_name,
+      int64_t group_size) {
+    ctx->save_for_backward({input, weight});
+    ctx->saved_data["gather_output"] = gather_output;
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    ctx->saved_data["group_name"] = std::string(group_name);
+    ctx->saved_data["group_size"] = group_size;
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return column_parallel_linear(input, weight, bias, gather_output, Group{std::string(group_name), group_size, 0});
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    auto grad = grad_outputs[0];
+    const auto saved = ctx->get_saved_variables();
+    const auto group = saved_group(ctx);
+    if (!grad.defined()) {
+      return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    }
+    if (ctx->saved_data["gather_output"].toBool()) {
+      grad = primitives::split(grad, -1, group);
+    }
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("torch_mp::_column_parallel_linear_backward", "")
+                         .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                             const at::Tensor&, const at::Tensor&, const at::Tensor&, std::array<bool, 3>,
+                             c10::string_view, int64_t)>();
+    // Without a bias the autograd inputs are only input and weight.
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const std::array<bool, 3> mask{
+        ctx->needs_input_grad(0), ctx->needs_input_grad(1), has_bias && ctx->needs_input_grad(2)};
+    auto [grad_input, grad_weight, grad_bias] = op.call(grad, saved[0], saved[1], mask, group.name, group.size);
+    return {
+        mask[0] ? grad_input : at::Tensor(),
+        mask[1] ? grad_weight : at::Tensor(),
+        mask[2] ? grad_bias : at::Tensor(),
+        at::Tensor(),
+        at::Tensor(),
+        at::Tensor()};
+  }
+};
+
+at::Tensor column_parallel_linear_autograd(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    bool gather_output,
+    c10::string_view group_name,
+    int64_t group_size) {
+  return ColumnParallelLinear::apply(input, weight, bias, gather_output, group_name, group_size);
+}
+
+} // namespace
+
+TORCH_LIBRARY_IMPL(torch_mp, Autograd, m) {
+  m.impl("copy_to_tp", &group_autograd<copy_to, reduce_from>);
+  m.impl("reduce_from_tp", &group_autograd<reduce_from, identity>);
+  m.impl("gather_from_tp", &dim_group_autograd<gather_from_tp, scatter_to_tp>);
+  m.impl("scatter_to_tp", &dim_group_autograd<scatter_to_tp, gather_from_tp>);
+  m.impl("reduce_scatter_to_sp", &dim_group_autograd<reduce_scatter_to_sp, gather_from_sp>);
+  m.impl("gather_from_sp", &dim_group_autograd<gather_from_sp, reduce_scatter_to_sp>);
+  m.impl("column_parallel_linear", &column_parallel_linear_autograd);
+}
+
+} // namespace torch_mp

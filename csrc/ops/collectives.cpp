@@ -1,0 +1,132 @@
+// Primitive collectives: no autograd, a process group by name and size, fresh output tensors.
+// Their kernels call c10d::ProcessGroup; their Meta kernels live in meta/collectives.cpp.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/WrapDimUtils.h>
+#include <torch/csrc/distributed/c10d/Types.hpp>
+#include <torch/library.h>
+
+#include <torch_mp/ops.h>
+
+#include "comm/group.h"
+#include "comm/collectives.h"
+#include "ops/checks.h"
+
+namespace torch_mp {
+namespace primitives {
+
+at::Tensor all_reduce(const at::Tensor& self, c10::string_view reduce_op, const Group& group) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("torch_mp::_all_reduce", "")
+                       .typed<at::Tensor(const at::Tensor&, c10::string_view, c10::string_view, int64_t)>();
+  return op.call(self, reduce_op, group.name, group.size);
+}
+
+#define TORCH_MP_DIM_PRIMITIVE(op_name)                                                                 \
+  at::Tensor op_name(const at::Tensor& self, int64_t dim, const Group& group) {                        \
+    static auto op = c10::Dispatcher::singleton()                                                   \
+                         .findSchemaOrThrow("torch_mp::_" #op_name, "")                                \
+                         .typed<at::Tensor(const at::Tensor&, int64_t, c10::string_view, int64_t)>(); \
+    return op.call(self, dim, group.name, group.size);                                              \
+  }
+TORCH_MP_DIM_PRIMITIVE(all_gather)
+TORCH_MP_DIM_PRIMITIVE(reduce_scatter)
+TORCH_MP_DIM_PRIMITIVE(split)
+#undef TORCH_MP_DIM_PRIMITIVE
+
+} // namespace primitives
+
+namespace {
+
+c10d::ReduceOp parse_reduce_op(c10::string_view name) {
+  if (name == "sum") return c10d::ReduceOp::SUM;
+  if (name == "max") return c10d::ReduceOp::MAX;
+  if (name == "min") return c10d::ReduceOp::MIN;
+  if (name == "product") return c10d::ReduceOp::PRODUCT;
+  TORCH_CHECK_VALUE(false, "torch_mp._all_reduce: reduce_op '", name, "'; expected sum, max, min or product");
+}
+
+at::Tensor all_reduce_kernel(
+    const at::Tensor& self,
+    c10::string_view reduce_op,
+    c10::string_view group_name,
+    int64_t group_size) {
+  const auto reduction = parse_reduce_op(reduce_op);
+  auto output = self.clone(at::MemoryFormat::Contiguous);
+  if (group_size == 1) {
+    return output;
+  }
+  auto group = detail::resolve_group("torch_mp.all_reduce", group_name, group_size);
+  std::vector<at::Tensor> tensors{output};
+  c10d::AllreduceOptions options;
+  options.reduceOp = reduction;
+  group->allreduce(tensors, options)->wait();
+  return output;
+}
+
+// Gathers into [group_size, *self.shape] with one flat collective, then lays the blocks along dim.
+at::Tensor all_gather_kernel(const at::Tensor& self, int64_t dim, c10::string_view group_name, int64_t group_size) {
+  const auto wrapped = at::maybe_wrap_dim(dim, self.dim());
+  if (group_size == 1) {
+    return self.clone(at::MemoryFormat::Contiguous);
+  }
+  auto group = detail::resolve_group("torch_mp.all_gather", group_name, group_size);
+  auto input = self.contiguous();
+  std::vector<int64_t> stacked_shape{group_size};
+  stacked_shape.insert(stacked_shape.end(), input.sizes().begin(), input.sizes().end());
+  auto stacked = at::empty(stacked_shape, input.options());
+  detail::all_gather_into(*group, stacked, input);
+  auto sizes = input.sizes().vec();
+  sizes[wrapped] *= group_size;
+  return stacked.movedim(0, wrapped).reshape(sizes).contiguous();
+}
+
+// Reduces over [group_size, *block] with one flat collective, each rank keeping its block.
+at::Tensor reduce_scatter_kernel(
+    const at::Tensor& self,
+    int64_t dim,
+    c10::string_view group_name,
+    int64_t group_size) {
+  const auto wrapped = detail::check_divisible("torch_mp.reduce_scatter", self, dim, group_size);
+  if (group_size == 1) {
+    return self.clone(at::MemoryFormat::Contiguous);
+  }
+  auto group = detail::resolve_group("torch_mp.reduce_scatter", group_name, group_size);
+  auto sizes = self.sizes().vec();
+  sizes[wrapped] /= group_size;
+  std::vector<int64_t> blocks_shape = sizes;
+  blocks_shape.insert(blocks_shape.begin() + wrapped, group_size);
+  // [.., group_size, size / group_size, ..] with the rank blocks moved first and made contiguous.
+  auto blocks = self.reshape(blocks_shape).movedim(wrapped, 0).contiguous();
+  auto output = at::empty(sizes, self.options());
+  detail::reduce_scatter_into(*group, output, blocks);
+  return output;
+}
+
+at::Tensor split_kernel(const at::Tensor& self, int64_t dim, c10::string_view group_name, int64_t group_size) {
+  const auto wrapped = detail::check_divisible("torch_mp.split", self, dim, group_size);
+  if (group_size == 1) {
+    return self.clone(at::MemoryFormat::Contiguous);
+  }
+  const auto rank = detail::resolve_group("torch_mp.split", group_name, group_size)->getRank();
+  const auto block = self.size(wrapped) / group_size;
+  return self.narrow(wrapped, rank * block, block).clone(at::MemoryFormat::Contiguous);
+}
+
+} // namespace
+
+TORCH_LIBRARY_FRAGMENT(torch_mp, m) {
+  m.def("_all_reduce(Tensor self, str reduce_op, str group_name, int group_size) -> Tensor");
+  m.def("_all_gather(Tensor self, int dim, str group_name, int group_size) -> Tensor");
+  m.def("_reduce_scatter(Tensor self, int dim, str group_name, int group_size) -> Tensor");
+  m.def("_split(Tensor self, int dim, str group_name, int group_size) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(torch_mp, CompositeExplicitAutograd, m) {
+  m.impl("_all_reduce", &all_reduce_kernel);
+  m.impl("_all_gather", &all_gather_kernel);
+  m.impl("_reduce_scatter", &reduce_scatter_kernel);
+  m.impl("_split", &split_kernel);
+}
+
+} // namespace torch_mp

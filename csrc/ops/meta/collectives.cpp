@@ -1,0 +1,38 @@
+// Meta kernels of the primitive collectives, in symbolic sizes so dynamic shapes trace. They never
+// look up the group: its size is an argument.
+#include <ATen/ATen.h>
+#include <ATen/WrapDimUtils.h>
+#include <torch/library.h>
+
+#include "ops/checks.h"
+
+namespace torch_mp {
+namespace {
+
+at::Tensor all_reduce_meta(const at::Tensor& self, c10::string_view, c10::string_view, int64_t) {
+  return at::empty_symint(self.sym_sizes(), self.options());
+}
+
+at::Tensor all_gather_meta(const at::Tensor& self, int64_t dim, c10::string_view, int64_t group_size) {
+  auto sizes = self.sym_sizes().vec();
+  sizes[at::maybe_wrap_dim(dim, self.dim())] *= group_size;
+  return at::empty_symint(sizes, self.options());
+}
+
+at::Tensor shard_meta(const at::Tensor& self, int64_t dim, c10::string_view, int64_t group_size) {
+  const auto wrapped = detail::check_divisible("torch_mp.reduce_scatter/split", self, dim, group_size);
+  auto sizes = self.sym_sizes().vec();
+  sizes[wrapped] = sizes[wrapped] / group_size;
+  return at::empty_symint(sizes, self.options());
+}
+
+} // namespace
+
+TORCH_LIBRARY_IMPL(torch_mp, Meta, m) {
+  m.impl("_all_reduce", &all_reduce_meta);
+  m.impl("_all_gather", &all_gather_meta);
+  m.impl("_reduce_scatter", &shard_meta);
+  m.impl("_split", &shard_meta);
+}
+
+} // namespace torch_mp

@@ -1,0 +1,285 @@
+// Tensor-parallel operators: the conjugate pairs, the parallel linear layers' matmuls, the
+// vocabulary-parallel embedding and cross entropy. Autograd: autograd/tensor_parallel.cpp.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <torch_mp/ops.h>
+
+#include "comm/group.h"
+#include "ops/checks.h"
+
+namespace torch_mp {
+
+using GroupOp = at::Tensor(const at::Tensor&, c10::string_view, int64_t);
+using DimGroupOp = at::Tensor(const at::Tensor&, int64_t, c10::string_view, int64_t);
+
+#define TORCH_MP_GROUP_OP(op_name)                                                                    \
+  at::Tensor op_name(const at::Tensor& self, const Group& group) {                                   \
+    static auto op =                                                                               \
+        c10::Dispatcher::singleton().findSchemaOrThrow("torch_mp::" #op_name, "").typed<GroupOp>();   \
+    return op.call(self, group.name, group.size);                                                  \
+  }
+#define TORCH_MP_DIM_GROUP_OP(op_name)                                                                \
+  at::Tensor op_name(const at::Tensor& self, int64_t dim, const Group& group) {                      \
+    static auto op =                                                                               \
+        c10::Dispatcher::singleton().findSchemaOrThrow("torch_mp::" #op_name, "").typed<DimGroupOp>(); \
+    return op.call(self, dim, group.name, group.size);                                             \
+  }
+TORCH_MP_GROUP_OP(copy_to_tp)
+TORCH_MP_GROUP_OP(reduce_from_tp)
+TORCH_MP_DIM_GROUP_OP(gather_from_tp)
+TORCH_MP_DIM_GROUP_OP(scatter_to_tp)
+TORCH_MP_DIM_GROUP_OP(reduce_scatter_to_sp)
+TORCH_MP_DIM_GROUP_OP(gather_from_sp)
+#undef TORCH_MP_GROUP_OP
+#undef TORCH_MP_DIM_GROUP_OP
+
+at::Tensor column_parallel_linear(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    bool gather_output,
+    const Group& group) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("torch_mp::column_parallel_linear", "")
+                       .typed<at::Tensor(
+                           const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, bool,
+                           c10::string_view, int64_t)>();
+  return op.call(input, weight, bias, gather_output, group.name, group.size);
+}
+
+at::Tensor row_parallel_linear(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    bool input_is_parallel,
+    const Group& group) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("torch_mp::row_parallel_linear", "")
+                       .typed<at::Tensor(
+                           const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, bool,
+                           c10::string_view, int64_t)>();
+  return op.call(input, weight, bias, input_is_parallel, group.name, group.size);
+}
+
+at::Tensor vocab_parallel_embedding(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    int64_t vocab_start,
+    const Group& group) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("torch_mp::vocab_parallel_embedding", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, c10::string_view, int64_t)>();
+  return op.call(input, weight, vocab_start, group.name, group.size);
+}
+
+at::Tensor vocab_parallel_cross_entropy(
+    const at::Tensor& logits,
+    const at::Tensor& target,
+    int64_t vocab_start,
+    int64_t ignore_index,
+    const Group& group) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("torch_mp::vocab_parallel_cross_entropy", "")
+                       .typed<at::Tensor(
+                           const at::Tensor&, const at::Tensor&, int64_t, int64_t, c10::string_view, int64_t)>();
+  return op.call(logits, target, vocab_start, ignore_index, group.name, group.size);
+}
+
+namespace {
+
+Group group_of(c10::string_view name, int64_t size) {
+  return Group{std::string(name), size, 0};
+}
+
+// --- forward kernels of the conjugate pairs: one primitive each ----------------------------------
+
+at::Tensor copy_to_tp_kernel(const at::Tensor& self, c10::string_view, int64_t) {
+  return self.clone();
+}
+at::Tensor reduce_from_tp_kernel(const at::Tensor& self, c10::string_view name, int64_t size) {
+  return primitives::all_reduce(self, "sum", group_of(name, size));
+}
+at::Tensor all_gather_kernel(const at::Tensor& self, int64_t dim, c10::string_view name, int64_t size) {
+  return primitives::all_gather(self, dim, group_of(name, size));
+}
+at::Tensor split_kernel(const at::Tensor& self, int64_t dim, c10::string_view name, int64_t size) {
+  return primitives::split(self, dim, group_of(name, size));
+}
+at::Tensor reduce_scatter_kernel(const at::Tensor& self, int64_t dim, c10::string_view name, int64_t size) {
+  return primitives::reduce_scatter(self, dim, group_of(name, size));
+}
+
+// --- column-parallel linear -------------------------------------------------------------------
+
+at::Tensor column_parallel_linear_kernel(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    bool gather_output,
+    c10::string_view name,
+    int64_t size) {
+  detail::check_same_device_and_dtype("torch_mp.column_parallel_linear", input, weight, bias);
+  auto output = at::linear(input, weight, bias);
+  return gather_output ? primitives::all_gather(output, -1, group_of(name, size)) : output;
+}
+
+// The whole backward of column_parallel_linear in one op, so that the all-reduce of the input
+// gradient overlaps the weight-gradient matmul in eager mode and under torch.compile alike.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> column_parallel_linear_backward_kernel(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    std::array<bool, 3> output_mask,
+    c10::string_view name,
+    int64_t size) {
+  const auto none = at::empty({0}, grad_output.options());
+  at::Tensor grad_input = none, grad_weight = none, grad_bias = none;
+  c10::intrusive_ptr<c10d::Work> pending;
+  if (output_mask[0]) {
+    grad_input = at::matmul(grad_output, weight).contiguous();
+    if (size > 1) {
+      auto group = detail::resolve_group("torch_mp.column_parallel_linear (backward)", name, size);
+      std::vector<at::Tensor> tensors{grad_input};
+      pending = group->allreduce(tensors);
+    }
+  }
+  const auto grad_2d = grad_output.reshape({-1, grad_output.size(-1)});
+  if (output_mask[1]) {
+    grad_weight = grad_2d.t().mm(input.reshape({-1, input.size(-1)}));
+  }
+  if (output_mask[2]) {
+    grad_bias = grad_2d.sum(0);
+  }
+  if (pending) {
+    pending->wait();
+  }
+  return {grad_input, grad_weight, grad_bias};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> column_parallel_linear_backward_meta(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    std::array<bool, 3> output_mask,
+    c10::string_view,
+    int64_t) {
+  const auto options = grad_output.options();
+  const auto none = at::empty({0}, options);
+  return {
+      output_mask[0] ? at::empty_symint(input.sym_sizes(), options) : none,
+      output_mask[1] ? at::empty_symint(weight.sym_sizes(), options) : none,
+      output_mask[2] ? at::empty_symint({weight.sym_size(0)}, options) : none};
+}
+
+// --- compositions: autograd comes from the ops they call ---------------------------------------
+
+at::Tensor row_parallel_linear_impl(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    bool input_is_parallel,
+    c10::string_view name,
+    int64_t size) {
+  detail::check_same_device_and_dtype("torch_mp.row_parallel_linear", input, weight, bias);
+  const auto group = group_of(name, size);
+  const auto local_input = input_is_parallel ? input : scatter_to_tp(input, -1, group);
+  TORCH_CHECK_VALUE(
+      local_input.size(-1) == weight.size(1), "torch_mp.row_parallel_linear: input has ", local_input.size(-1),
+      " features on this rank but weight has ", weight.size(1), " columns; expected them equal");
+  auto output = reduce_from_tp(at::linear(local_input, weight), group);
+  return bias.has_value() && bias->defined() ? output + *bias : output;
+}
+
+at::Tensor vocab_parallel_embedding_impl(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    int64_t vocab_start,
+    c10::string_view name,
+    int64_t size) {
+  TORCH_CHECK_TYPE(
+      !at::isFloatingType(input.scalar_type()) && !at::isComplexType(input.scalar_type()),
+      "torch_mp.vocab_parallel_embedding: input has dtype ", input.scalar_type(), "; expected integer indices");
+  TORCH_CHECK_VALUE(
+      weight.dim() == 2, "torch_mp.vocab_parallel_embedding: weight has ", weight.dim(),
+      " dims; expected [vocab rows on this rank, embedding dim]");
+  const auto outside = (input < vocab_start) | (input >= vocab_start + weight.size(0));
+  const auto local = (input - vocab_start).masked_fill(outside, 0);
+  auto output = at::embedding(weight, local).masked_fill(outside.unsqueeze(-1), 0);
+  return reduce_from_tp(output, group_of(name, size));
+}
+
+at::Tensor vocab_parallel_cross_entropy_impl(
+    const at::Tensor& logits,
+    const at::Tensor& target,
+    int64_t vocab_start,
+    int64_t ignore_index,
+    c10::string_view name,
+    int64_t size) {
+  TORCH_CHECK_VALUE(
+      logits.dim() == target.dim() + 1 && logits.sizes().slice(0, target.dim()) == target.sizes(),
+      "torch_mp.vocab_parallel_cross_entropy: logits of shape ", logits.sizes(), " and target of shape ",
+      target.sizes(), "; expected logits of shape [*target.shape, vocab on this rank]");
+  const auto group = group_of(name, size);
+  // Reduced-precision logits are summed in float32, as torch's cross entropy does internally.
+  const auto values = at::isReducedFloatingType(logits.scalar_type()) ? logits.to(at::kFloat) : logits;
+  const auto max = primitives::all_reduce(std::get<0>(values.detach().max(-1, true)), "max", group);
+  const auto shifted = values - max;
+  const auto in_shard = (target >= vocab_start) & (target < vocab_start + logits.size(-1));
+  const auto local_target = (target - vocab_start).masked_fill(~in_shard, 0);
+  const auto target_logit = reduce_from_tp(
+      shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1).masked_fill(~in_shard, 0), group);
+  const auto sum_exp = reduce_from_tp(shifted.exp().sum(-1), group);
+  return (sum_exp.log() - target_logit).masked_fill(target == ignore_index, 0);
+}
+
+} // namespace
+
+TORCH_LIBRARY_FRAGMENT(torch_mp, m) {
+  m.def("copy_to_tp(Tensor self, str group_name, int group_size) -> Tensor");
+  m.def("reduce_from_tp(Tensor self, str group_name, int group_size) -> Tensor");
+  m.def("gather_from_tp(Tensor self, int dim, str group_name, int group_size) -> Tensor");
+  m.def("scatter_to_tp(Tensor self, int dim, str group_name, int group_size) -> Tensor");
+  m.def("reduce_scatter_to_sp(Tensor self, int dim, str group_name, int group_size) -> Tensor");
+  m.def("gather_from_sp(Tensor self, int dim, str group_name, int group_size) -> Tensor");
+  m.def(
+      "column_parallel_linear(Tensor input, Tensor weight, Tensor? bias, bool gather_output, "
+      "str group_name, int group_size) -> Tensor");
+  m.def(
+      "_column_parallel_linear_backward(Tensor grad_output, Tensor input, Tensor weight, "
+      "bool[3] output_mask, str group_name, int group_size) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "row_parallel_linear(Tensor input, Tensor weight, Tensor? bias, bool input_is_parallel, "
+      "str group_name, int group_size) -> Tensor");
+  m.def(
+      "vocab_parallel_embedding(Tensor input, Tensor weight, int vocab_start, str group_name, "
+      "int group_size) -> Tensor");
+  m.def(
+      "vocab_parallel_cross_entropy(Tensor logits, Tensor target, int vocab_start, int ignore_index, "
+      "str group_name, int group_size) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(torch_mp, CompositeExplicitAutograd, m) {
+  m.impl("copy_to_tp", &copy_to_tp_kernel);
+  m.impl("reduce_from_tp", &reduce_from_tp_kernel);
+  m.impl("gather_from_tp", &all_gather_kernel);
+  m.impl("scatter_to_tp", &split_kernel);
+  m.impl("reduce_scatter_to_sp", &reduce_scatter_kernel);
+  m.impl("gather_from_sp", &all_gather_kernel);
+  m.impl("column_parallel_linear", &column_parallel_linear_kernel);
+  m.impl("_column_parallel_linear_backward", &column_parallel_linear_backward_kernel);
+}
+
+TORCH_LIBRARY_IMPL(torch_mp, Meta, m) {
+  m.impl("_column_parallel_linear_backward", &column_parallel_linear_backward_meta);
+}
+
+TORCH_LIBRARY_IMPL(torch_mp, CompositeImplicitAutograd, m) {
+  m.impl("row_parallel_linear", &row_parallel_linear_impl);
+  m.impl("vocab_parallel_embedding", &vocab_parallel_embedding_impl);
+  m.impl("vocab_parallel_cross_entropy", &vocab_parallel_cross_entropy_impl);
+}
+
+} // namespace torch_mp

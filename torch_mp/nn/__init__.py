@@ -1,0 +1,10 @@
+"""Tensor-parallel layers. Each can be built from a dense layer by taking this rank's slice, so a
+sharded model computes exactly what the dense one does."""
+from torch_mp.nn.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    vocab_parallel_cross_entropy,
+)
+
+__all__ = ["ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "vocab_parallel_cross_entropy"]

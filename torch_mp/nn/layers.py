@@ -1,0 +1,147 @@
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from torch_mp._group import GroupLike, resolve_group
+
+
+def _shard_size(layer: str, what: str, total: int, group_size: int) -> int:
+    if total % group_size:
+        raise ValueError(f"{layer}: {what} {total} is not divisible by the group size {group_size}; "
+                         f"expected a multiple of {group_size}")
+    return total // group_size
+
+
+def _init_linear(weight: torch.Tensor, bias: Optional[torch.Tensor], fan_in: int) -> None:
+    # nn.Linear's initialization, with the fan-in of the whole (unsharded) layer.
+    bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+    nn.init.uniform_(weight, -bound, bound)
+    if bias is not None:
+        nn.init.uniform_(bias, -bound, bound)
+
+
+class _TensorParallel(nn.Module):
+    def _set_group(self, group: GroupLike) -> None:
+        info = resolve_group(group, f"{type(self).__name__}(group=...)")
+        # Plain attributes, so the forward hands the operators constants (nothing for compile to trace).
+        self.group_name, self.group_size, self.rank = info.name, info.size, info.rank
+
+
+class ColumnParallelLinear(_TensorParallel):
+    """``nn.Linear`` with the output features split across the group: ``weight`` is
+    ``[out_features / group size, in_features]``. The input is replicated; the output is this rank's
+    slice of the features, or all of them with ``gather_output=True``."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, gather_output: bool = False,
+                 group: GroupLike = None, device=None, dtype=None):
+        super().__init__()
+        self._set_group(group)
+        self.in_features, self.out_features, self.gather_output = in_features, out_features, gather_output
+        local = _shard_size(type(self).__name__, "out_features", out_features, self.group_size)
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(local, in_features, **factory))
+        self.bias = nn.Parameter(torch.empty(local, **factory)) if bias else None
+        _init_linear(self.weight, self.bias, in_features)
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, group: GroupLike = None, gather_output: bool = False):
+        """This rank's rows of ``linear``: the layer computes this rank's slice of ``linear(x)``."""
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, gather_output, group,
+                    device="meta", dtype=linear.weight.dtype)
+        rows = slice(layer.rank * layer.weight.shape[0], (layer.rank + 1) * layer.weight.shape[0])
+        layer.weight = nn.Parameter(linear.weight.detach()[rows].clone())
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach()[rows].clone())
+        return layer
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return torch.ops.torch_mp.column_parallel_linear(
+            input, self.weight, self.bias, self.gather_output, self.group_name, self.group_size)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"gather_output={self.gather_output}, group_size={self.group_size}")
+
+
+class RowParallelLinear(_TensorParallel):
+    """``nn.Linear`` with the input features split across the group: ``weight`` is
+    ``[out_features, in_features / group size]``. The output is complete on every rank (one
+    all-reduce); the bias, replicated, is added once after it."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, input_is_parallel: bool = True,
+                 group: GroupLike = None, device=None, dtype=None):
+        super().__init__()
+        self._set_group(group)
+        self.in_features, self.out_features, self.input_is_parallel = in_features, out_features, input_is_parallel
+        local = _shard_size(type(self).__name__, "in_features", in_features, self.group_size)
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_features, local, **factory))
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        _init_linear(self.weight, self.bias, in_features)
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, group: GroupLike = None, input_is_parallel: bool = True):
+        """This rank's columns of ``linear``, and its whole bias."""
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, input_is_parallel, group,
+                    device="meta", dtype=linear.weight.dtype)
+        columns = slice(layer.rank * layer.weight.shape[1], (layer.rank + 1) * layer.weight.shape[1])
+        layer.weight = nn.Parameter(linear.weight.detach()[:, columns].clone())
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().clone())
+        return layer
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return torch.ops.torch_mp.row_parallel_linear(
+            input, self.weight, self.bias, self.input_is_parallel, self.group_name, self.group_size)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"input_is_parallel={self.input_is_parallel}, group_size={self.group_size}")
+
+
+class VocabParallelEmbedding(_TensorParallel):
+    """``nn.Embedding`` with the vocabulary split across the group: rank r holds rows
+    ``[r * V / group size, (r + 1) * V / group size)``. Every rank returns the full embeddings."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, group: GroupLike = None, device=None, dtype=None):
+        super().__init__()
+        self._set_group(group)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        local = _shard_size(type(self).__name__, "num_embeddings", num_embeddings, self.group_size)
+        self.vocab_start = self.rank * local
+        self.weight = nn.Parameter(torch.empty(local, embedding_dim, device=device, dtype=dtype))
+        nn.init.normal_(self.weight)
+
+    @classmethod
+    def from_dense(cls, embedding: nn.Embedding, group: GroupLike = None):
+        layer = cls(embedding.num_embeddings, embedding.embedding_dim, group, device="meta",
+                    dtype=embedding.weight.dtype)
+        rows = slice(layer.vocab_start, layer.vocab_start + layer.weight.shape[0])
+        layer.weight = nn.Parameter(embedding.weight.detach()[rows].clone())
+        return layer
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return torch.ops.torch_mp.vocab_parallel_embedding(
+            input, self.weight, self.vocab_start, self.group_name, self.group_size)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, group_size={self.group_size}"
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, group: GroupLike = None,
+                                 ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
+    """Cross entropy over logits sharded on the vocabulary (last) dim, equal shards in rank order,
+    as ColumnParallelLinear produces them; the full logits are never gathered. ``reduction``:
+    "mean" (over targets that are not ``ignore_index``), "sum" or "none"."""
+    name, size, rank = resolve_group(group, "vocab_parallel_cross_entropy(group=...)")
+    losses = torch.ops.torch_mp.vocab_parallel_cross_entropy(
+        logits, target, rank * logits.shape[-1], ignore_index, name, size)
+    if reduction == "none":
+        return losses
+    if reduction == "sum":
+        return losses.sum()
+    if reduction == "mean":
+        return losses.sum() / (target != ignore_index).sum()
+    raise ValueError(f"vocab_parallel_cross_entropy: reduction={reduction!r}; expected 'mean', 'sum' or 'none'")
