@@ -14,7 +14,7 @@ CPU_PY   := $(CPU_VENV)/bin/python
 # The venv's tools (ninja among them) come first for the CMake builds.
 export PATH := $(VENV)/bin:$(PATH)
 
-.PHONY: all venv cpu-venv gtest install demo test test-python test-cpp test-cpu-smoke bench clean
+.PHONY: all venv cpu-venv sysdeps install demo test test-python test-cpp test-cpu-smoke bench clean
 
 all: install
 
@@ -34,12 +34,14 @@ $(CPU_VENV)/.ready:
 
 venv: $(VENV)/.ready
 
-# GoogleTest for the C++ tests, from Debian's packages.
-gtest:
-	@test -f /usr/include/gtest/gtest.h || { apt-get update -qq && apt-get install -y -qq libgtest-dev; }
+# From Debian's packages: Gloo's headers for the build (the torch wheel lacks them), GoogleTest for
+# the C++ tests.
+sysdeps:
+	@test -f /usr/include/gloo/context.h -a -f /usr/include/gtest/gtest.h || \
+	    { apt-get update -qq && apt-get install -y -qq libgloo-dev libgtest-dev; }
 cpu-venv: $(CPU_VENV)/.ready
 
-install: venv
+install: venv sysdeps
 	MAX_JOBS=$(JOBS) $(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 
 demo: install
@@ -51,7 +53,7 @@ test-python: install
 	$(PY) -m pytest -q tests/python
 
 # The C++ tests build against the installed package, as a LibTorch user's project would.
-test-cpp: install gtest
+test-cpp: install
 	cmake -S tests/cpp -B build/tests-cpp -G Ninja \
 	    -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch, torch_mp; print(torch_mp.cmake_prefix_path + ";" + torch.utils.cmake_prefix_path)')"
 	cmake --build build/tests-cpp -j $(JOBS)
@@ -59,12 +61,13 @@ test-cpp: install gtest
 
 # A CPU-only torch must build the project and pass a smoke test too. It installs a regular (not
 # editable) package and runs from outside the clone, so it never touches the in-place CUDA build.
-test-cpu-smoke: cpu-venv
+test-cpu-smoke: cpu-venv sysdeps
 	MAX_JOBS=$(JOBS) $(CPU_PY) -m pip install --quiet --no-build-isolation --no-deps .
 	cd $$(mktemp -d) && $(CPU_PY) -m pytest -q -p no:cacheprovider $(CURDIR)/tests/python/test_smoke.py
 
 bench: install
 	$(PY) bench/bench_to_device.py
+	$(PY) bench/bench_tensor_parallel.py
 
 clean:
 	rm -rf build torch_mp/lib torch_mp/include torch_mp/share torch_mp/_C*.so *.egg-info

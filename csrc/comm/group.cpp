@@ -1,6 +1,8 @@
 #include "comm/group.h"
 
 #include <cstdlib>
+#include <mutex>
+#include <unordered_map>
 
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
@@ -41,6 +43,10 @@ Group Group::named(const std::string& name) {
 
 namespace {
 
+// c10d's registry holds groups weakly; the groups made here live until destroy_process_group.
+std::mutex owned_groups_mutex;
+std::unordered_map<std::string, c10::intrusive_ptr<c10d::ProcessGroup>> owned_groups;
+
 int64_t env_int(const char* name, std::optional<int64_t> given) {
   if (given) {
     return *given;
@@ -69,15 +75,26 @@ Group init_process_group(const ProcessGroupOptions& options) {
         "in the environment (torchrun sets them) or a store in ProcessGroupOptions");
     c10d::TCPStoreOptions store_options;
     store_options.port = static_cast<std::uint16_t>(std::stoi(port));
-    store_options.isServer = rank == 0;
+    // Under torchrun the agent serves the store already; rank 0 then joins it as a client.
+    const char* agent_store = std::getenv("TORCHELASTIC_USE_AGENT_STORE");
+    const bool agent_serves = agent_store && (std::string(agent_store) == "True" || std::string(agent_store) == "1");
+    store_options.isServer = rank == 0 && !agent_serves;
     store_options.numWorkers = static_cast<std::size_t>(world_size);
     store_options.timeout = options.timeout;
     store = c10::make_intrusive<c10d::TCPStore>(addr, store_options);
   }
-  auto group_store = c10::make_intrusive<c10d::PrefixStore>(options.group_name, store);
+  auto group_store = c10::make_intrusive<c10d::PrefixStore>(
+      options.store_prefix.empty() ? options.group_name : options.store_prefix, store);
   auto group = c10::make_intrusive<c10d::ProcessGroup>(group_store, rank, world_size);
   detail::attach_backend(*group, group_store, options.backend, options.timeout);
   group->setGroupName(options.group_name);
+  {
+    std::lock_guard<std::mutex> lock(owned_groups_mutex);
+    TORCH_CHECK_VALUE(
+        owned_groups.count(options.group_name) == 0, "init_process_group: a group named '", options.group_name,
+        "' exists already; expected a new group_name or destroy_process_group first");
+    owned_groups[options.group_name] = group;
+  }
   c10d::register_process_group(options.group_name, group);
   return Group{options.group_name, world_size, rank};
 }
@@ -86,7 +103,16 @@ void destroy_process_group(const Group& group) {
   if (group.size == 1 && group.name.empty()) {
     return;
   }
-  auto process_group = c10d::resolve_process_group(group.name);
+  c10::intrusive_ptr<c10d::ProcessGroup> process_group;
+  {
+    std::lock_guard<std::mutex> lock(owned_groups_mutex);
+    auto found = owned_groups.find(group.name);
+    TORCH_CHECK_VALUE(
+        found != owned_groups.end(), "destroy_process_group: no group named '", group.name,
+        "' was made by torch_mp::init_process_group");
+    process_group = found->second;
+    owned_groups.erase(found);
+  }
   c10d::unregister_process_group(group.name);
   process_group->shutdown();
 }

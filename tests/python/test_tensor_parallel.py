@@ -334,3 +334,21 @@ def check_device_mesh(rank, world):
 
 def test_device_mesh_as_group():
     run_ranks(2, check_device_mesh)
+
+
+def test_python_example_under_torchrun():
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531",
+         os.path.join(root, "examples", "python", "tensor_parallel_mlp.py"), "--steps", "3"],
+        capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("step")]
+    assert len(lines) == 3
+    for line in lines:
+        dense, parallel = line.split("dense ")[1].split("  tensor parallel ")
+        assert abs(float(dense) - float(parallel)) < 1e-5, line

@@ -5,11 +5,7 @@
 #include <string>
 
 #include <c10/util/intrusive_ptr.h>
-
-namespace c10d {
-class ProcessGroup;
-class Store;
-} // namespace c10d
+#include <torch/csrc/distributed/c10d/Store.hpp>
 
 namespace torch_mp {
 
@@ -40,6 +36,9 @@ struct ProcessGroupOptions {
   std::chrono::milliseconds timeout = std::chrono::minutes(10);
   // The name the group is registered under (what Group::named and the operators look up).
   std::string group_name = "torch_mp_default";
+  // The key under which the ranks meet in the store; empty: group_name. Ranks that share a
+  // process (threads) register different group names and meet under one prefix.
+  std::string store_prefix;
 };
 
 // Creates a c10d process group with PyTorch's own Gloo or NCCL backend, registers it under

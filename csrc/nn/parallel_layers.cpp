@@ -1,0 +1,149 @@
+#include <torch_mp/nn.h>
+
+#include <cmath>
+
+#include <torch/nn/init.h>
+#include <torch_mp/ops.h>
+
+namespace torch_mp::nn {
+namespace {
+
+int64_t shard_size(const char* layer, const char* what, int64_t total, int64_t group_size) {
+  TORCH_CHECK_VALUE(
+      total % group_size == 0, layer, ": ", what, " ", total, " is not divisible by the group size ", group_size,
+      "; expected a multiple of ", group_size);
+  return total / group_size;
+}
+
+// torch::nn::Linear's initialization, with the fan-in of the whole (unsharded) layer.
+void init_linear(at::Tensor& weight, at::Tensor& bias, int64_t fan_in) {
+  const double bound = fan_in > 0 ? 1.0 / std::sqrt(static_cast<double>(fan_in)) : 0.0;
+  torch::nn::init::uniform_(weight, -bound, bound);
+  if (bias.defined()) {
+    torch::nn::init::uniform_(bias, -bound, bound);
+  }
+}
+
+// Copies `source` into the parameter `target`, outside autograd.
+void assign(at::Tensor& target, const at::Tensor& source) {
+  torch::NoGradGuard no_grad;
+  target.copy_(source);
+}
+
+} // namespace
+
+ColumnParallelLinearImpl::ColumnParallelLinearImpl(ColumnParallelLinearOptions options_)
+    : options(std::move(options_)) {
+  reset();
+}
+
+void ColumnParallelLinearImpl::reset() {
+  const auto local = shard_size(
+      "ColumnParallelLinear", "out_features", options.out_features(), options.group().size);
+  weight = register_parameter("weight", torch::empty({local, options.in_features()}));
+  bias = register_parameter("bias", options.bias() ? torch::empty({local}) : at::Tensor(), options.bias());
+  init_linear(weight, bias, options.in_features());
+}
+
+at::Tensor ColumnParallelLinearImpl::forward(const at::Tensor& input) {
+  return column_parallel_linear(
+      input, weight, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt, options.gather_output(),
+      options.group());
+}
+
+RowParallelLinearImpl::RowParallelLinearImpl(RowParallelLinearOptions options_) : options(std::move(options_)) {
+  reset();
+}
+
+void RowParallelLinearImpl::reset() {
+  const auto local =
+      shard_size("RowParallelLinear", "in_features", options.in_features(), options.group().size);
+  weight = register_parameter("weight", torch::empty({options.out_features(), local}));
+  bias = register_parameter(
+      "bias", options.bias() ? torch::empty({options.out_features()}) : at::Tensor(), options.bias());
+  init_linear(weight, bias, options.in_features());
+}
+
+at::Tensor RowParallelLinearImpl::forward(const at::Tensor& input) {
+  return row_parallel_linear(
+      input, weight, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt,
+      options.input_is_parallel(), options.group());
+}
+
+VocabParallelEmbeddingImpl::VocabParallelEmbeddingImpl(VocabParallelEmbeddingOptions options_)
+    : options(std::move(options_)) {
+  reset();
+}
+
+void VocabParallelEmbeddingImpl::reset() {
+  const auto local = shard_size(
+      "VocabParallelEmbedding", "num_embeddings", options.num_embeddings(), options.group().size);
+  weight = register_parameter("weight", torch::empty({local, options.embedding_dim()}));
+  torch::nn::init::normal_(weight);
+}
+
+int64_t VocabParallelEmbeddingImpl::vocab_start() const {
+  return options.group().rank * weight.size(0);
+}
+
+at::Tensor VocabParallelEmbeddingImpl::forward(const at::Tensor& input) {
+  return vocab_parallel_embedding(input, weight, vocab_start(), options.group());
+}
+
+ColumnParallelLinear column_parallel_from_dense(const torch::nn::Linear& dense, const Group& group, bool gather_output) {
+  const auto& dense_options = dense->options;
+  ColumnParallelLinear layer(ColumnParallelLinearOptions(dense_options.in_features(), dense_options.out_features())
+                                 .bias(dense_options.bias())
+                                 .gather_output(gather_output)
+                                 .group(group));
+  const auto rows = layer->weight.size(0);
+  assign(layer->weight, dense->weight.narrow(0, group.rank * rows, rows));
+  if (dense_options.bias()) {
+    assign(layer->bias, dense->bias.narrow(0, group.rank * rows, rows));
+  }
+  return layer;
+}
+
+RowParallelLinear row_parallel_from_dense(const torch::nn::Linear& dense, const Group& group, bool input_is_parallel) {
+  const auto& dense_options = dense->options;
+  RowParallelLinear layer(RowParallelLinearOptions(dense_options.in_features(), dense_options.out_features())
+                              .bias(dense_options.bias())
+                              .input_is_parallel(input_is_parallel)
+                              .group(group));
+  const auto columns = layer->weight.size(1);
+  assign(layer->weight, dense->weight.narrow(1, group.rank * columns, columns));
+  if (dense_options.bias()) {
+    assign(layer->bias, dense->bias);
+  }
+  return layer;
+}
+
+VocabParallelEmbedding vocab_parallel_from_dense(const torch::nn::Embedding& dense, const Group& group) {
+  VocabParallelEmbedding layer(
+      VocabParallelEmbeddingOptions(dense->options.num_embeddings(), dense->options.embedding_dim()).group(group));
+  const auto rows = layer->weight.size(0);
+  assign(layer->weight, dense->weight.narrow(0, layer->vocab_start(), rows));
+  return layer;
+}
+
+at::Tensor vocab_parallel_cross_entropy(
+    const at::Tensor& logits,
+    const at::Tensor& target,
+    const Group& group,
+    int64_t ignore_index,
+    const std::string& reduction) {
+  auto losses = torch_mp::vocab_parallel_cross_entropy(
+      logits, target, group.rank * logits.size(-1), ignore_index, group);
+  if (reduction == "none") {
+    return losses;
+  }
+  if (reduction == "sum") {
+    return losses.sum();
+  }
+  TORCH_CHECK_VALUE(
+      reduction == "mean", "vocab_parallel_cross_entropy: reduction '", reduction,
+      "'; expected 'mean', 'sum' or 'none'");
+  return losses.sum() / (target != ignore_index).sum();
+}
+
+} // namespace torch_mp::nn
