@@ -1,7 +1,12 @@
-# Configures, builds and runs examples/cpp; fails on the first step that fails.
+# Copies examples/cpp out of the repository, as a LibTorch user's own project, then configures it
+# against the installed package, builds and runs it; fails on the first step that fails.
 string(REPLACE "|" ";" PREFIX_PATH "${PREFIX_PATH}")
+string(MD5 suffix "${BINARY_DIR}")
+string(SUBSTRING "${suffix}" 0 8 suffix)
+set(project_dir "/tmp/torch_mp_example_${suffix}")
+file(COPY ${SOURCE_DIR}/ DESTINATION ${project_dir})
 execute_process(
-  COMMAND ${CMAKE_COMMAND} -S ${SOURCE_DIR} -B ${BINARY_DIR} -G Ninja "-DCMAKE_PREFIX_PATH=${PREFIX_PATH}"
+  COMMAND ${CMAKE_COMMAND} -S ${project_dir} -B ${BINARY_DIR} -G Ninja "-DCMAKE_PREFIX_PATH=${PREFIX_PATH}"
   RESULT_VARIABLE configure_result)
 if(NOT configure_result EQUAL 0)
   message(FATAL_ERROR "configuring the example failed: ${configure_result}")

@@ -233,29 +233,36 @@ def check_blocks_and_compile(rank, world):
         close(xc.grad, xs.grad, f"{type(dense).__name__} compiled input grad")
 
 
-def check_opcheck(rank, world):
-    name, size = dist.group.WORLD.group_name, world
+def opcheck_every_op(group_name, world, rank):
     x = torch.randn(world * 2, 3)
     w = torch.randn(3, 3)
     cases = [
-        ("copy_to_tp", (x.requires_grad_(), name, size)),
-        ("reduce_from_tp", (leaf(x), name, size)),
-        ("gather_from_tp", (leaf(x), -1, name, size)),
-        ("scatter_to_tp", (leaf(x), 0, name, size)),
-        ("reduce_scatter_to_sp", (leaf(x), 0, name, size)),
-        ("gather_from_sp", (leaf(x), 0, name, size)),
-        ("column_parallel_linear", (leaf(x), leaf(w), leaf(torch.randn(3)), True, name, size)),
-        ("row_parallel_linear", (leaf(x), leaf(w), leaf(torch.randn(3)), True, name, size)),
-        ("vocab_parallel_embedding", (torch.randint(0, 8, (5,)), leaf(torch.randn(4, 3)), rank * 4, name, size)),
-        ("vocab_parallel_cross_entropy", (leaf(torch.randn(5, 4)), torch.randint(0, 8, (5,)), rank * 4, -100,
-                                          name, size)),
-        ("_all_reduce", (x.detach(), "max", name, size)),
-        ("_all_gather", (x.detach(), 0, name, size)),
-        ("_reduce_scatter", (x.detach(), 0, name, size)),
-        ("_split", (x.detach(), 0, name, size)),
+        ("copy_to_tp", (leaf(x), group_name, world)),
+        ("reduce_from_tp", (leaf(x), group_name, world)),
+        ("gather_from_tp", (leaf(x), -1, group_name, world)),
+        ("scatter_to_tp", (leaf(x), 0, group_name, world)),
+        ("reduce_scatter_to_sp", (leaf(x), 0, group_name, world)),
+        ("gather_from_sp", (leaf(x), 0, group_name, world)),
+        ("column_parallel_linear", (leaf(x), leaf(w), leaf(torch.randn(3)), True, group_name, world)),
+        ("column_parallel_linear", (leaf(x), leaf(w), None, False, group_name, world)),
+        ("_column_parallel_linear_backward", (torch.randn(world * 2, 3), x, w, [True, True, True], group_name,
+                                              world)),
+        ("row_parallel_linear", (leaf(x), leaf(w), leaf(torch.randn(3)), True, group_name, world)),
+        ("vocab_parallel_embedding", (torch.randint(0, 4 * world, (5,)), leaf(torch.randn(4, 3)), rank * 4,
+                                      group_name, world)),
+        ("vocab_parallel_cross_entropy", (leaf(torch.randn(5, 4)), torch.randint(0, 4 * world, (5,)), rank * 4,
+                                          -100, group_name, world)),
+        ("_all_reduce", (x, "max", group_name, world)),
+        ("_all_gather", (x, 0, group_name, world)),
+        ("_reduce_scatter", (x, 0, group_name, world)),
+        ("_split", (x, 0, group_name, world)),
     ]
     for op, args in cases:
         opcheck(getattr(torch.ops.torch_mp, op).default, args)
+
+
+def check_opcheck(rank, world):
+    opcheck_every_op(dist.group.WORLD.group_name, world, rank)
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -286,8 +293,7 @@ def test_world_of_one_is_local_and_passes_opcheck():
     dense = nn.Linear(6, 4)
     close(torch_mp.column_parallel_linear(x, dense.weight, dense.bias), dense(x))
     close(torch_mp.row_parallel_linear(x, dense.weight, dense.bias), dense(x))
-    opcheck(torch.ops.torch_mp.copy_to_tp.default, (x, "", 1))
-    opcheck(torch.ops.torch_mp.column_parallel_linear.default, (x, leaf(dense.weight), leaf(dense.bias), False, "", 1))
+    opcheck_every_op("", 1, 0)
 
 
 def test_gradcheck_at_world_size_1():
