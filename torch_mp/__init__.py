@@ -20,6 +20,8 @@ from torch_mp._ops import (
     to_device,
 )
 from torch_mp.split import split
+from torch_mp.state import full_state_dict, load_full_state_dict
+from torch_mp.tensor_parallel import tensor_parallel
 
 __version__ = "0.1.0"
 
@@ -31,13 +33,16 @@ __all__ = [
     "cmake_prefix_path",
     "column_parallel_linear",
     "copy_to_tp",
+    "full_state_dict",
     "gather_from_sp",
     "gather_from_tp",
+    "load_full_state_dict",
     "nn",
     "reduce_from_tp",
     "reduce_scatter_to_sp",
     "row_parallel_linear",
     "scatter_to_tp",
     "split",
+    "tensor_parallel",
     "to_device",
 ]

@@ -23,13 +23,15 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, seq, dim = x.shape
-        q, k, v = self.qkv(x).view(batch, seq, 3, self.heads, dim // self.heads).unbind(2)
+        # Shapes come from the projections and the head count, not from x: under tensor parallelism
+        # this rank holds `heads` of them, each as wide as before.
+        batch, seq, _ = x.shape
+        q, k, v = self.qkv(x).view(batch, seq, 3, self.heads, -1).unbind(2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        scores = (q @ k.transpose(-1, -2)) / math.sqrt(dim // self.heads)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
         causal = torch.ones(seq, seq, dtype=torch.bool, device=x.device).tril()
         out = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v
-        return self.proj(out.transpose(1, 2).reshape(batch, seq, dim))
+        return self.proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
 class Block(nn.Module):

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from torch_mp._group import GroupLike, resolve_group
+from torch_mp._sharding import shard
 
 
 def _shard_size(layer: str, what: str, total: int, group_size: int) -> int:
@@ -50,10 +51,10 @@ class ColumnParallelLinear(_TensorParallel):
         """This rank's rows of ``linear``: the layer computes this rank's slice of ``linear(x)``."""
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, gather_output, group,
                     device="meta", dtype=linear.weight.dtype)
-        rows = slice(layer.rank * layer.weight.shape[0], (layer.rank + 1) * layer.weight.shape[0])
-        layer.weight = nn.Parameter(linear.weight.detach()[rows].clone())
+        parts, rank, world = (linear.out_features,), layer.rank, layer.group_size
+        layer.weight = nn.Parameter(shard(linear.weight.detach(), 0, parts, rank, world))
         if linear.bias is not None:
-            layer.bias = nn.Parameter(linear.bias.detach()[rows].clone())
+            layer.bias = nn.Parameter(shard(linear.bias.detach(), 0, parts, rank, world))
         return layer
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -86,8 +87,8 @@ class RowParallelLinear(_TensorParallel):
         """This rank's columns of ``linear``, and its whole bias."""
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, input_is_parallel, group,
                     device="meta", dtype=linear.weight.dtype)
-        columns = slice(layer.rank * layer.weight.shape[1], (layer.rank + 1) * layer.weight.shape[1])
-        layer.weight = nn.Parameter(linear.weight.detach()[:, columns].clone())
+        layer.weight = nn.Parameter(shard(linear.weight.detach(), 1, (linear.in_features,), layer.rank,
+                                          layer.group_size))
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().clone())
         return layer
@@ -118,8 +119,8 @@ class VocabParallelEmbedding(_TensorParallel):
     def from_dense(cls, embedding: nn.Embedding, group: GroupLike = None):
         layer = cls(embedding.num_embeddings, embedding.embedding_dim, group, device="meta",
                     dtype=embedding.weight.dtype)
-        rows = slice(layer.vocab_start, layer.vocab_start + layer.weight.shape[0])
-        layer.weight = nn.Parameter(embedding.weight.detach()[rows].clone())
+        layer.weight = nn.Parameter(shard(embedding.weight.detach(), 0, (embedding.num_embeddings,), layer.rank,
+                                          layer.group_size))
         return layer
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,136 @@
+"""tensor_parallel on stock models, 2 and 4 Gloo ranks, against the unsharded model."""
+import copy
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import torch_mp
+from distributed import run_ranks
+from models import GPT
+
+transformers = pytest.importorskip("transformers")
+
+
+def gpt():
+    return GPT(vocab=97, dim=32, heads=4, depth=2, context=16)
+
+
+def gpt2():
+    config = transformers.GPT2Config(vocab_size=128, n_positions=32, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0,
+                                     embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False, bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def llama():
+    # Grouped-query attention: 8 query heads share 4 key/value heads.
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=32,
+                                      use_cache=False, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return transformers.LlamaForCausalLM(config)
+
+
+def bert():
+    config = transformers.BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0)
+    return transformers.BertForMaskedLM(config)
+
+
+MODELS = {"gpt": gpt, "gpt2": gpt2, "llama": llama, "bert": bert}
+EXPECTED_SHARDED = {  # a few layers auto must find, per model
+    "gpt": {"blocks.0.attn.qkv": "qkv", "blocks.0.attn.proj": "rowwise", "blocks.1.mlp.0": "colwise",
+            "blocks.1.mlp.2": "rowwise"},
+    "gpt2": {"transformer.h.0.attn.c_attn": "qkv", "transformer.h.0.attn.c_proj": "rowwise",
+             "transformer.h.1.mlp.c_fc": "colwise", "transformer.h.1.mlp.c_proj": "rowwise"},
+    "llama": {"model.layers.0.self_attn.k_proj": "colwise", "model.layers.0.self_attn.o_proj": "rowwise",
+              "model.layers.1.mlp.gate_proj": "colwise", "model.layers.1.mlp.down_proj": "rowwise"},
+    "bert": {"bert.encoder.layer.0.attention.self.query": "colwise",
+             "bert.encoder.layer.0.attention.output.dense": "rowwise",
+             "bert.encoder.layer.1.intermediate.dense": "colwise", "bert.encoder.layer.1.output.dense": "rowwise"},
+}
+
+
+def logits_of(model, ids):
+    output = model(ids)
+    return output if isinstance(output, torch.Tensor) else output.logits
+
+
+def check_models(rank, world, folder):
+    for name, make in MODELS.items():
+        torch.manual_seed(0)
+        dense = make().train()
+        ids = torch.randint(0, 97, (2, 12))
+        sharded = torch_mp.tensor_parallel(copy.deepcopy(dense))
+        for layer, style in EXPECTED_SHARDED[name].items():
+            assert sharded.torch_mp_plan.get(layer) == style, (name, layer, sharded.torch_mp_plan.get(layer))
+        assert list(sharded.state_dict()) == list(dense.state_dict())
+
+        # Same outputs, and the same outputs again after one optimizer step on each.
+        for step in range(2):
+            expected, actual = logits_of(dense, ids), logits_of(sharded, ids)
+            torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5, msg=f"{name} step {step}")
+            if step == 0:
+                for model in (dense, sharded):
+                    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+                    logits_of(model, ids).square().mean().backward()
+                    optimizer.step()
+
+        # full_state_dict gathers the stock state_dict, which the unsharded model loads strictly.
+        gathered = torch_mp.full_state_dict(sharded)
+        reference = dense.state_dict()
+        assert {k: tuple(v.shape) for k, v in gathered.items()} == {k: tuple(v.shape) for k, v in reference.items()}
+        for key in reference:
+            torch.testing.assert_close(gathered[key], reference[key], rtol=1e-4, atol=1e-5, msg=f"{name} {key}")
+        make().load_state_dict(gathered, strict=True)
+
+        # load_full_state_dict is its inverse, from a state_dict and from a safetensors file read by slices.
+        fresh = torch_mp.tensor_parallel(make())
+        torch_mp.load_full_state_dict(fresh, reference)
+        torch.testing.assert_close(logits_of(fresh, ids), logits_of(dense, ids), rtol=1e-4, atol=1e-5)
+        if name == "llama":
+            path = os.path.join(folder, "llama.safetensors")
+            if rank == 0:
+                from safetensors.torch import save_file
+                save_file({k: v.contiguous() for k, v in reference.items()}, path)
+            dist.barrier()
+            fresh = torch_mp.load_full_state_dict(torch_mp.tensor_parallel(make()), path)
+            torch.testing.assert_close(logits_of(fresh, ids), logits_of(dense, ids), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_stock_models_match_unsharded(world, tmp_path):
+    run_ranks(world, check_models, str(tmp_path), timeout=400)
+
+
+def check_bad_plans(rank, world):
+    with pytest.raises(ValueError, match="plan pattern 'blocks.*.nothing' matches no module of GPT"):
+        torch_mp.tensor_parallel(gpt(), plan={"blocks.*.nothing": "colwise"})
+    with pytest.raises(ValueError, match="style 'colwise' for 'blocks.0.ln1', a LayerNorm; expected an nn.Linear"):
+        torch_mp.tensor_parallel(gpt(), plan={"blocks.*.ln1": "colwise"})
+    with pytest.raises(ValueError, match="style 'vocab' for 'head', a Linear; expected an nn.Embedding"):
+        torch_mp.tensor_parallel(gpt(), plan={"head": "vocab"})
+    with pytest.raises(ValueError, match="'blocks.0.attn' has heads=3, not divisible by the group size 2"):
+        torch_mp.tensor_parallel(GPT(dim=24, heads=3, depth=2))
+    with pytest.raises(ValueError, match="ranks \\[1\\] resolved a different plan than rank 0"):
+        plan = {"blocks.*.mlp.0": "colwise", "blocks.*.mlp.2": "rowwise"} if rank == 0 else \
+            {"blocks.*.mlp.0": "colwise"}
+        torch_mp.tensor_parallel(gpt(), plan=plan)
+    dist.barrier()
+
+
+def test_bad_plans_are_clear_errors():
+    run_ranks(2, check_bad_plans)
+
+
+def test_world_of_one_keeps_the_model():
+    torch.manual_seed(0)
+    dense = gpt()
+    ids = torch.randint(0, 97, (2, 8))
+    sharded = torch_mp.tensor_parallel(copy.deepcopy(dense))
+    torch.testing.assert_close(sharded(ids), dense(ids))
+    assert isinstance(sharded.blocks[0].attn.qkv, torch_mp.nn.ColumnParallelLinear)
+    for key, value in torch_mp.full_state_dict(sharded).items():
+        torch.testing.assert_close(value, dense.state_dict()[key])

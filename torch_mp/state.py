@@ -1,0 +1,170 @@
+"""Stock state dicts for sharded models: gather one the unsharded model loads, load one into shards.
+
+Sources for loading: a state_dict, a ``.safetensors`` file or a folder of them (read lazily: each
+rank reads only its slice of each sharded tensor), or a ``torch.save`` file (loaded with
+``weights_only=True``, memory-mapped).
+"""
+import json
+import os
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from torch_mp._group import resolve_group
+from torch_mp._sharding import ShardSpec, shard, slice_bounds, unshard
+
+StateSource = Union[Mapping[str, torch.Tensor], str, os.PathLike]
+_PROGRESS_BYTES = 256 * 2**20  # show a progress bar for loads larger than this
+
+
+def full_state_dict(module: nn.Module) -> Dict[str, torch.Tensor]:
+    """The stock state_dict of a model sharded by ``tensor_parallel`` (or split by ``split``): stock
+    names and shapes, on the CPU, loadable by the unsharded model with ``strict=True``. A collective:
+    every rank of the model's group must call it."""
+    specs, group, world = _tp_state(module)
+    result = {}
+    for key, value in module.state_dict().items():
+        spec, attr = _spec_of(key, specs)
+        value = value.detach()
+        if spec is not None and _is_sharded(spec, attr) and world > 1:
+            pieces = [torch.empty_like(value) for _ in range(world)]
+            dist.all_gather(pieces, value.contiguous(), group=group)
+            value = unshard(pieces, spec.dim if attr == "weight" else 0, spec.parts)
+        if spec is not None and spec.transposed and attr == "weight":
+            value = value.t()
+        result[key] = value.cpu().contiguous().clone()
+    return result
+
+
+def load_full_state_dict(module: nn.Module, state_dict_or_path: StateSource, strict: bool = True) -> nn.Module:
+    """Loads a stock state_dict (or checkpoint file or folder) into a model sharded by
+    ``tensor_parallel`` or split by ``split``: each rank takes its slices, read slice by slice from
+    safetensors files. The inverse of ``full_state_dict``."""
+    specs, _, world = _tp_state(module)
+    rank = resolve_group(getattr(module, "_torch_mp_group", None)).rank if specs else 0
+    keys, read_full, read_slices = _open_source(state_dict_or_path)
+    targets = module.state_dict(keep_vars=True)
+    missing, unexpected = sorted(set(targets) - set(keys)), sorted(set(keys) - set(targets))
+    if strict and (missing or unexpected):
+        raise ValueError(f"load_full_state_dict: missing keys {missing[:10]}, unexpected keys {unexpected[:10]}; "
+                         "expected the stock state_dict of this model (or strict=False)")
+    total = sum(t.numel() * t.element_size() for k, t in targets.items() if k in keys)
+    with _progress(total, rank) as progress, torch.no_grad():
+        for key, target in targets.items():
+            if key not in keys:
+                continue
+            spec, attr = _spec_of(key, specs)
+            if spec is not None and _is_sharded(spec, attr):
+                dim = spec.dim if attr == "weight" else 0
+                stored_dim = 1 - dim if spec.transposed and attr == "weight" else dim
+                value = read_slices(key, stored_dim, slice_bounds(spec.parts, rank, world))
+            else:
+                value = read_full(key)
+            if spec is not None and spec.transposed and attr == "weight":
+                value = value.t()
+            if value.shape != target.shape:
+                raise ValueError(f"load_full_state_dict: {key!r} has shape {tuple(value.shape)} in the source but "
+                                 f"{tuple(target.shape)} is expected on this rank")
+            target.copy_(value)
+            progress(target.numel() * target.element_size())
+    return module
+
+
+def _tp_state(module: nn.Module):
+    specs = getattr(module, "_torch_mp_specs", {})
+    group = getattr(module, "_torch_mp_group", None)
+    if isinstance(group, dist.device_mesh.DeviceMesh):
+        group = group.get_group()
+    world = resolve_group(group).size if specs else 1
+    return specs, group, world
+
+
+def _spec_of(key: str, specs: Mapping[str, ShardSpec]) -> Tuple[Optional[ShardSpec], str]:
+    owner, _, attr = key.rpartition(".")
+    return specs.get(owner), attr
+
+
+def _is_sharded(spec: ShardSpec, attr: str) -> bool:
+    return attr == "weight" or (attr == "bias" and spec.shards_bias())
+
+
+# --- sources -----------------------------------------------------------------------------------
+
+Reader = Callable[[str], torch.Tensor]
+SliceReader = Callable[[str, int, List[Tuple[int, int]]], torch.Tensor]
+
+
+def _slices_of(tensor: torch.Tensor, dim: int, bounds: List[Tuple[int, int]]) -> torch.Tensor:
+    return torch.cat([tensor.narrow(dim, start, stop - start) for start, stop in bounds], dim)
+
+
+def _open_source(source: StateSource) -> Tuple[Iterable[str], Reader, SliceReader]:
+    if isinstance(source, Mapping):
+        return set(source), lambda key: source[key], lambda key, dim, bounds: _slices_of(source[key], dim, bounds)
+    path = os.fspath(source)
+    files = _safetensors_files(path)
+    if files is None:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return _open_source(state)
+    from safetensors import safe_open
+
+    handles = {file: safe_open(file, framework="pt") for file in set(files.values())}
+
+    def read_slices(key, dim, bounds):
+        tensor_slice = handles[files[key]].get_slice(key)
+        index = [slice(None)] * len(tensor_slice.get_shape())
+        pieces = []
+        for start, stop in bounds:
+            index[dim] = slice(start, stop)
+            pieces.append(tensor_slice[tuple(index)])
+        return torch.cat(pieces, dim)
+
+    return set(files), lambda key: handles[files[key]].get_tensor(key), read_slices
+
+
+def _safetensors_files(path: str) -> Optional[Dict[str, str]]:
+    """{tensor name: file} for a .safetensors file, a folder of them, or a transformers index; None
+    for any other file."""
+    if os.path.isdir(path):
+        index = [f for f in os.listdir(path) if f.endswith(".safetensors.index.json")]
+        if index:
+            with open(os.path.join(path, index[0])) as handle:
+                weight_map = json.load(handle)["weight_map"]
+            return {key: os.path.join(path, file) for key, file in weight_map.items()}
+        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+        if not files:
+            raise ValueError(f"load_full_state_dict: folder {path!r} holds no .safetensors files")
+    elif path.endswith(".safetensors"):
+        files = [path]
+    else:
+        return None
+    from safetensors import safe_open
+
+    mapping = {}
+    for file in files:
+        with safe_open(file, framework="pt") as handle:
+            mapping.update({key: file for key in handle.keys()})
+    return mapping
+
+
+class _progress:
+    """A tqdm bar on rank 0 for large loads; nothing otherwise."""
+
+    def __init__(self, total_bytes: int, rank: int):
+        self.bar = None
+        if total_bytes >= _PROGRESS_BYTES and rank == 0:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="loading")
+            except ImportError:
+                pass
+
+    def __enter__(self):
+        return lambda nbytes: self.bar.update(nbytes) if self.bar is not None else None
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()

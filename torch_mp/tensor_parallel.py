@@ -1,0 +1,289 @@
+"""Tensor parallelism for stock modules: swap their Linear / Conv1D / Embedding layers for the
+parallel ones by a plan, and fix the attributes that depend on the split, so the stock forward runs.
+
+A plan maps module-name patterns (globs: ``"layers.*.mlp.up_proj"``) to styles:
+
+- ``colwise``: output features split (q, k, v, MLP up/gate); the output is this rank's slice.
+- ``qkv``: a fused q|k|v projection; each of q, k and v is split by heads.
+- ``rowwise``: input features split (attention output, MLP down); one all-reduce, full output.
+- ``vocab``: an embedding's rows split; full embeddings out.
+- ``replicate``: left as it is.
+"""
+import fnmatch
+import hashlib
+import logging
+import re
+from typing import Dict, List, Mapping, Optional, Tuple, Union
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from torch_mp._group import GroupLike, resolve_group
+from torch_mp._sharding import COLWISE, ROWWISE, VOCAB, ShardSpec, shard
+from torch_mp.nn import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+
+logger = logging.getLogger("torch_mp")
+
+QKV, REPLICATE = "qkv", "replicate"
+STYLES = (COLWISE, QKV, ROWWISE, VOCAB, REPLICATE)
+Plan = Mapping[str, str]
+
+# Attributes holding a width that the split divides, when they equal a sharded projection's width.
+_WIDTH_ATTRIBUTES = ("split_size", "all_head_size", "inner_dim")
+
+
+def tensor_parallel(module: nn.Module, plan: Union[str, Plan] = "auto", group: GroupLike = None) -> nn.Module:
+    """Shards ``module`` in place across ``group`` and returns it.
+
+    ``plan="auto"`` uses the model's own ``config.base_model_tp_plan`` where it has one, and otherwise
+    finds, inside each repeated block, attention (separate q, k, v or a fused qkv, then the output
+    projection) and MLPs (up and gate, then down) from the order and shapes of their linear layers.
+    What it does not shard stays replicated; ``module.torch_mp_replicated`` lists those layers.
+
+    The result has ``torch_mp_plan`` ({module name: style}) and keeps the stock parameter names;
+    ``torch_mp.full_state_dict`` gathers a stock state_dict from it.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"tensor_parallel: expected module to be a torch.nn.Module, got {type(module).__name__}")
+    info = resolve_group(group, "tensor_parallel(group=...)")
+    if isinstance(plan, str):
+        if plan != "auto":
+            raise ValueError(f"tensor_parallel: plan={plan!r}; expected 'auto' or a {{pattern: style}} dict")
+        resolved = _auto_plan(module)
+    elif isinstance(plan, Mapping):
+        resolved = _resolve_patterns(module, plan)
+    else:
+        raise TypeError(f"tensor_parallel: expected plan to be 'auto' or a dict, got {type(plan).__name__}")
+    specs = {name: _spec(module, name, style) for name, style in resolved.items() if style != REPLICATE}
+    _check_divisible(module, specs, info.size)
+    _check_same_plan_on_every_rank(specs, group, info.size)
+
+    for name, spec in specs.items():
+        _swap(module, name, spec, group)
+    _fix_split_attributes(module, specs, info.size)
+    module.torch_mp_plan = {name: _style_name(spec) for name, spec in specs.items()}
+    module._torch_mp_specs = specs
+    module._torch_mp_group = group
+    module.torch_mp_replicated = [name for name, child in module.named_modules()
+                            if _is_shardable(child) and not any(_inside(name, s) for s in specs)]
+    logger.info("tensor_parallel: %d layers sharded across %d ranks; replicated: %s", len(specs), info.size,
+                module.torch_mp_replicated)
+    return module
+
+
+# --- plans -------------------------------------------------------------------------------------
+
+def _inside(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D: a linear layer whose weight is stored [in, out] (``nf`` outputs)."""
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, torch.Tensor) and weight.dim() == 2 and getattr(module, "nf", None) == weight.shape[1]
+
+
+def _linear_dims(module: nn.Module) -> Optional[Tuple[int, int]]:
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if _is_conv1d(module):
+        return module.weight.shape[0], module.weight.shape[1]
+    return None
+
+
+def _is_shardable(module: nn.Module) -> bool:
+    return _linear_dims(module) is not None or isinstance(module, nn.Embedding)
+
+
+def _resolve_patterns(module: nn.Module, plan: Plan) -> Dict[str, str]:
+    names = [name for name, _ in module.named_modules() if name]
+    resolved: Dict[str, str] = {}
+    for pattern, style in plan.items():
+        if style not in STYLES:
+            raise ValueError(f"tensor_parallel: plan[{pattern!r}] = {style!r}; expected one of {', '.join(STYLES)}")
+        matched = [name for name in names if fnmatch.fnmatchcase(name, pattern)]
+        if not matched:
+            raise ValueError(f"tensor_parallel: plan pattern {pattern!r} matches no module of "
+                             f"{type(module).__name__}; expected a glob over names from named_modules()")
+        for name in matched:
+            resolved[name] = style
+    return resolved
+
+
+def _auto_plan(module: nn.Module) -> Dict[str, str]:
+    config = getattr(module, "config", None)
+    hf_plan = getattr(config, "base_model_tp_plan", None)
+    if hf_plan:
+        prefix = getattr(module, "base_model_prefix", "")
+        prefix = f"{prefix}." if prefix and hasattr(module, prefix) else ""
+        known = {f"{prefix}{pattern}": style for pattern, style in hf_plan.items() if style in (COLWISE, ROWWISE)}
+        skipped = sorted(set(hf_plan.values()) - {COLWISE, ROWWISE})
+        if skipped:
+            logger.info("tensor_parallel: styles %s of the model's tp plan are left replicated", skipped)
+        return _resolve_patterns(module, known)
+
+    from torch_mp.split import _find_layers  # the same notion of "repeated blocks" as split
+
+    plan: Dict[str, str] = {}
+    for block_name in _find_layers(module):
+        block = module.get_submodule(block_name)
+        linears = [(f"{block_name}.{name}", *_linear_dims(child)) for name, child in block.named_modules()
+                   if _linear_dims(child) is not None]
+        plan.update(_match_block(linears))
+    if not plan:
+        raise ValueError(f"tensor_parallel: found no attention or MLP to shard in {type(module).__name__}; "
+                         "pass plan={pattern: style}")
+    return plan
+
+
+def _match_block(linears: List[Tuple[str, int, int]]) -> Dict[str, str]:
+    """Attention and MLPs from the linears of one block, in registration order (name, in, out)."""
+    plan: Dict[str, str] = {}
+    i = 0
+    while i < len(linears):
+        name, d, out = linears[i]
+        nxt = linears[i + 1: i + 4]
+        if (len(nxt) == 3 and nxt[0][1] == d and nxt[1][1] == d and nxt[0][2] == nxt[1][2]
+                and nxt[2][1] == out and nxt[2][2] == d):
+            # q, k, v (k and v alike, fewer heads under grouped-query attention), then the output.
+            plan.update({name: COLWISE, nxt[0][0]: COLWISE, nxt[1][0]: COLWISE, nxt[2][0]: ROWWISE})
+            i += 4
+            continue
+        if nxt and nxt[0][2] == d and d <= nxt[0][1] < out and (out - nxt[0][1]) % 2 == 0:
+            # a fused q|k|v projection (q as wide as the output projection's input), then the output.
+            plan.update({name: QKV, nxt[0][0]: ROWWISE})
+            i += 2
+            continue
+        j = i
+        while j < len(linears) and linears[j][1] == d and linears[j][2] == out:
+            j += 1
+        if j < len(linears) and j > i and linears[j][1] == out and linears[j][2] == d and out != d:
+            # an MLP: up (and gate), then down.
+            plan.update({linears[k][0]: COLWISE for k in range(i, j)})
+            plan[linears[j][0]] = ROWWISE
+            i = j + 1
+            continue
+        i += 1
+    return plan
+
+
+def _spec(module: nn.Module, name: str, style: str) -> ShardSpec:
+    child = module.get_submodule(name)
+    if style == VOCAB:
+        if not isinstance(child, nn.Embedding):
+            raise ValueError(f"tensor_parallel: style 'vocab' for {name!r}, a {type(child).__name__}; "
+                             "expected an nn.Embedding")
+        return ShardSpec(VOCAB, (child.num_embeddings,))
+    dims = _linear_dims(child)
+    if dims is None:
+        raise ValueError(f"tensor_parallel: style {style!r} for {name!r}, a {type(child).__name__}; expected "
+                         "an nn.Linear or transformers' Conv1D")
+    in_features, out_features = dims
+    transposed = _is_conv1d(child)
+    if style == ROWWISE:
+        return ShardSpec(ROWWISE, (in_features,), transposed)
+    if style == QKV:
+        if out_features % 3:
+            raise ValueError(f"tensor_parallel: style 'qkv' for {name!r} with {out_features} outputs; expected "
+                             "q, k and v of equal width (a multiple of 3); give q, k, v as separate layers")
+        return ShardSpec(COLWISE, (out_features // 3,) * 3, transposed)
+    return ShardSpec(COLWISE, (out_features,), transposed)
+
+
+def _style_name(spec: ShardSpec) -> str:
+    return QKV if len(spec.parts) == 3 and spec.style == COLWISE else spec.style
+
+
+# --- checks ------------------------------------------------------------------------------------
+
+def _head_attributes(module: nn.Module) -> Dict[str, int]:
+    return {key: value for key, value in vars(module).items()
+            if isinstance(value, int) and not isinstance(value, bool) and "head" in key
+            and not re.search(r"dim|size", key)}
+
+
+def _check_divisible(module: nn.Module, specs: Dict[str, ShardSpec], world: int) -> None:
+    for name, spec in specs.items():
+        for part in spec.parts:
+            if part % world:
+                raise ValueError(f"tensor_parallel: {name!r} ({spec.style}) has {part} "
+                                 f"{'rows' if spec.style == VOCAB else 'features'} to split, not divisible by the "
+                                 f"group size {world}")
+    for name, owner in _owners_of_splits(module, specs):
+        for key, heads in _head_attributes(owner).items():
+            if heads % world:
+                raise ValueError(f"tensor_parallel: {name or type(module).__name__!r} has {key}={heads}, not "
+                                 f"divisible by the group size {world}; expected a multiple of {world}")
+    config = getattr(module, "config", None)
+    for key in ("num_attention_heads", "num_key_value_heads", "n_head"):
+        heads = getattr(config, key, None)
+        if specs and isinstance(heads, int) and heads % world:
+            raise ValueError(f"tensor_parallel: the model's config has {key}={heads}, not divisible by the group "
+                             f"size {world}; expected a multiple of {world}")
+
+
+def _owners_of_splits(module: nn.Module, specs: Dict[str, ShardSpec]):
+    """The parents of column-split layers (attention modules, MLPs): the modules whose head counts
+    and widths the split divides."""
+    parents = dict.fromkeys(name.rpartition(".")[0] for name, spec in specs.items() if spec.style == COLWISE)
+    for name in parents:
+        yield name, module.get_submodule(name)
+
+
+def _check_same_plan_on_every_rank(specs: Dict[str, ShardSpec], group: GroupLike, world: int) -> None:
+    """Every rank must shard the same layers the same way; a mismatch would hang or corrupt the first
+    collective, so ranks compare a digest of their plans before any layer runs."""
+    if world == 1:
+        return
+    digest = hashlib.sha256(repr(sorted(specs.items())).encode()).hexdigest()
+    process_group = group.get_group() if isinstance(group, dist.device_mesh.DeviceMesh) else group
+    digests: List[Optional[str]] = [None] * world
+    dist.all_gather_object(digests, digest, group=process_group)
+    differing = [rank for rank, other in enumerate(digests) if other != digests[0]]
+    if differing:
+        raise ValueError(f"tensor_parallel: ranks {differing} resolved a different plan than rank 0; expected the "
+                         "same model and plan on every rank")
+
+
+# --- swapping ----------------------------------------------------------------------------------
+
+def _swap(module: nn.Module, name: str, spec: ShardSpec, group: GroupLike) -> None:
+    dense = module.get_submodule(name)
+    parent_name, _, child_name = name.rpartition(".")
+    parent = module.get_submodule(parent_name)
+    info = resolve_group(group)
+    if spec.style == VOCAB:
+        layer = VocabParallelEmbedding(dense.num_embeddings, dense.embedding_dim, group, device="meta",
+                                       dtype=dense.weight.dtype)
+        layer.weight = nn.Parameter(shard(dense.weight.detach(), 0, spec.parts, info.rank, info.size),
+                                    requires_grad=dense.weight.requires_grad)
+    else:
+        weight = dense.weight.detach()
+        weight = weight.t() if spec.transposed else weight
+        out_features, in_features = weight.shape
+        bias = getattr(dense, "bias", None)
+        cls = ColumnParallelLinear if spec.style == COLWISE else RowParallelLinear
+        layer = cls(in_features, out_features, bias is not None, False if spec.style == COLWISE else True, group,
+                    device="meta", dtype=weight.dtype)
+        layer.weight = nn.Parameter(shard(weight, spec.dim, spec.parts, info.rank, info.size),
+                                    requires_grad=dense.weight.requires_grad)
+        if bias is not None:
+            local_bias = shard(bias.detach(), 0, spec.parts, info.rank, info.size) if spec.shards_bias() \
+                else bias.detach().clone()
+            layer.bias = nn.Parameter(local_bias, requires_grad=bias.requires_grad)
+    layer.tp_spec = spec
+    setattr(parent, child_name, layer)
+
+
+def _fix_split_attributes(module: nn.Module, specs: Dict[str, ShardSpec], world: int) -> None:
+    """Divides the head counts, and the widths equal to a split projection's, of the modules that
+    hold split layers, so the stock forward reshapes this rank's heads correctly."""
+    widths = {part for spec in specs.values() if spec.style == COLWISE for part in spec.parts}
+    for name, owner in list(_owners_of_splits(module, specs)):
+        for key in _head_attributes(owner):
+            setattr(owner, key, getattr(owner, key) // world)
+        for key in _WIDTH_ATTRIBUTES:
+            value = getattr(owner, key, None)
+            if isinstance(value, int) and value in widths:
+                setattr(owner, key, value // world)
