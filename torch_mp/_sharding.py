@@ -16,6 +16,8 @@ class ShardSpec:
     style: str                  # colwise (output features), rowwise (input features), vocab (rows)
     parts: Tuple[int, ...]      # sizes of the consecutive parts along the split dim
     transposed: bool = False    # the dense weight is stored [in, out] (transformers' Conv1D)
+    weight_name: str = "weight"  # the parameter names in the module (nn.MultiheadAttention: in_proj_*)
+    bias_name: str = "bias"
 
     @property
     def dim(self) -> int:

@@ -82,12 +82,16 @@ def _tp_state(module: nn.Module):
 
 
 def _spec_of(key: str, specs: Mapping[str, ShardSpec]) -> Tuple[Optional[ShardSpec], str]:
+    """The spec of the module owning ``key`` and the parameter's role in it: "weight", "bias" or ""."""
     owner, _, attr = key.rpartition(".")
-    return specs.get(owner), attr
+    spec = specs.get(owner)
+    if spec is None:
+        return None, ""
+    return spec, {spec.weight_name: "weight", spec.bias_name: "bias"}.get(attr, "")
 
 
-def _is_sharded(spec: ShardSpec, attr: str) -> bool:
-    return attr == "weight" or (attr == "bias" and spec.shards_bias())
+def _is_sharded(spec: ShardSpec, role: str) -> bool:
+    return role == "weight" or (role == "bias" and spec.shards_bias())
 
 
 # --- sources -----------------------------------------------------------------------------------

@@ -3,7 +3,8 @@ parallel ones by a plan, and fix the attributes that depend on the split, so the
 
 A plan maps module-name patterns (globs: ``"layers.*.mlp.up_proj"``) to styles:
 
-- ``colwise``: output features split (q, k, v, MLP up/gate); the output is this rank's slice.
+- ``colwise``: output features split (q, k, v, MLP up/gate); the output is this rank's slice. On an
+  ``nn.MultiheadAttention``: its heads split (q, k, v by heads, the output projection rowwise).
 - ``qkv``: a fused q|k|v projection; each of q, k and v is split by heads.
 - ``rowwise``: input features split (attention output, MLP down); one all-reduce, full output.
 - ``vocab``: an embedding's rows split; full embeddings out.
@@ -21,7 +22,12 @@ from torch import nn
 
 from torch_mp._group import GroupLike, resolve_group
 from torch_mp._sharding import COLWISE, ROWWISE, VOCAB, ShardSpec, shard
-from torch_mp.nn import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from torch_mp.nn import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    TensorParallelMultiheadAttention,
+    VocabParallelEmbedding,
+)
 
 logger = logging.getLogger("torch_mp")
 
@@ -55,12 +61,21 @@ def tensor_parallel(module: nn.Module, plan: Union[str, Plan] = "auto", group: G
         resolved = _resolve_patterns(module, plan)
     else:
         raise TypeError(f"tensor_parallel: expected plan to be 'auto' or a dict, got {type(plan).__name__}")
-    specs = {name: _spec(module, name, style) for name, style in resolved.items() if style != REPLICATE}
+    specs: Dict[str, ShardSpec] = {}
+    for name, style in resolved.items():
+        if style != REPLICATE:
+            specs.update(_specs(module, name, style))
     _check_divisible(module, specs, info.size)
     _check_same_plan_on_every_rank(specs, group, info.size)
 
+    attentions = [name for name in specs if isinstance(module.get_submodule(name), nn.MultiheadAttention)]
     for name, spec in specs.items():
-        _swap(module, name, spec, group)
+        if name in attentions:
+            parent_name, _, child_name = name.rpartition(".")
+            setattr(module.get_submodule(parent_name), child_name,
+                    TensorParallelMultiheadAttention(module.get_submodule(name), group))
+        elif not any(_inside(name, attention) for attention in attentions):
+            _swap(module, name, spec, group)
     _fix_split_attributes(module, specs, info.size)
     module.torch_mp_plan = {name: _style_name(spec) for name, spec in specs.items()}
     module._torch_mp_specs = specs
@@ -93,7 +108,7 @@ def _linear_dims(module: nn.Module) -> Optional[Tuple[int, int]]:
 
 
 def _is_shardable(module: nn.Module) -> bool:
-    return _linear_dims(module) is not None or isinstance(module, nn.Embedding)
+    return _linear_dims(module) is not None or isinstance(module, (nn.Embedding, nn.MultiheadAttention))
 
 
 def _resolve_patterns(module: nn.Module, plan: Plan) -> Dict[str, str]:
@@ -128,8 +143,10 @@ def _auto_plan(module: nn.Module) -> Dict[str, str]:
     plan: Dict[str, str] = {}
     for block_name in _find_layers(module):
         block = module.get_submodule(block_name)
+        attentions = [name for name, child in block.named_modules() if isinstance(child, nn.MultiheadAttention)]
+        plan.update({f"{block_name}.{name}": COLWISE for name in attentions})
         linears = [(f"{block_name}.{name}", *_linear_dims(child)) for name, child in block.named_modules()
-                   if _linear_dims(child) is not None]
+                   if _linear_dims(child) is not None and not any(_inside(name, a) for a in attentions)]
         plan.update(_match_block(linears))
     if not plan:
         raise ValueError(f"tensor_parallel: found no attention or MLP to shard in {type(module).__name__}; "
@@ -168,13 +185,20 @@ def _match_block(linears: List[Tuple[str, int, int]]) -> Dict[str, str]:
     return plan
 
 
-def _spec(module: nn.Module, name: str, style: str) -> ShardSpec:
+def _specs(module: nn.Module, name: str, style: str) -> Dict[str, ShardSpec]:
     child = module.get_submodule(name)
+    if isinstance(child, nn.MultiheadAttention):
+        if style not in (COLWISE, QKV):
+            raise ValueError(f"tensor_parallel: style {style!r} for {name!r}, an nn.MultiheadAttention; expected "
+                             "'colwise' (its heads split) or 'replicate'")
+        width = child.embed_dim
+        return {name: ShardSpec(COLWISE, (width,) * 3, weight_name="in_proj_weight", bias_name="in_proj_bias"),
+                f"{name}.out_proj": ShardSpec(ROWWISE, (width,))}
     if style == VOCAB:
         if not isinstance(child, nn.Embedding):
             raise ValueError(f"tensor_parallel: style 'vocab' for {name!r}, a {type(child).__name__}; "
                              "expected an nn.Embedding")
-        return ShardSpec(VOCAB, (child.num_embeddings,))
+        return {name: ShardSpec(VOCAB, (child.num_embeddings,))}
     dims = _linear_dims(child)
     if dims is None:
         raise ValueError(f"tensor_parallel: style {style!r} for {name!r}, a {type(child).__name__}; expected "
@@ -182,17 +206,18 @@ def _spec(module: nn.Module, name: str, style: str) -> ShardSpec:
     in_features, out_features = dims
     transposed = _is_conv1d(child)
     if style == ROWWISE:
-        return ShardSpec(ROWWISE, (in_features,), transposed)
+        return {name: ShardSpec(ROWWISE, (in_features,), transposed)}
     if style == QKV:
         if out_features % 3:
             raise ValueError(f"tensor_parallel: style 'qkv' for {name!r} with {out_features} outputs; expected "
                              "q, k and v of equal width (a multiple of 3); give q, k, v as separate layers")
-        return ShardSpec(COLWISE, (out_features // 3,) * 3, transposed)
-    return ShardSpec(COLWISE, (out_features,), transposed)
+        return {name: ShardSpec(COLWISE, (out_features // 3,) * 3, transposed)}
+    return {name: ShardSpec(COLWISE, (out_features,), transposed)}
 
 
 def _style_name(spec: ShardSpec) -> str:
-    return QKV if len(spec.parts) == 3 and spec.style == COLWISE else spec.style
+    fused = len(spec.parts) == 3 and spec.style == COLWISE and spec.weight_name == "weight"
+    return QKV if fused else spec.style
 
 
 # --- checks ------------------------------------------------------------------------------------
@@ -210,6 +235,11 @@ def _check_divisible(module: nn.Module, specs: Dict[str, ShardSpec], world: int)
                 raise ValueError(f"tensor_parallel: {name!r} ({spec.style}) has {part} "
                                  f"{'rows' if spec.style == VOCAB else 'features'} to split, not divisible by the "
                                  f"group size {world}")
+    for name, spec in specs.items():
+        child = module.get_submodule(name)
+        if isinstance(child, nn.MultiheadAttention) and child.num_heads % world:
+            raise ValueError(f"tensor_parallel: {name!r} has num_heads={child.num_heads}, not divisible by the "
+                             f"group size {world}; expected a multiple of {world}")
     for name, owner in _owners_of_splits(module, specs):
         for key, heads in _head_attributes(owner).items():
             if heads % world:

@@ -39,10 +39,26 @@ def bert():
     return transformers.BertForMaskedLM(config)
 
 
-MODELS = {"gpt": gpt, "gpt2": gpt2, "llama": llama, "bert": bert}
+class Encoder(nn.Module):
+    """nn.TransformerEncoder between an embedding and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(97, 32)
+        layer = nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+        self.head = nn.Linear(32, 97)
+
+    def forward(self, ids):
+        return self.head(self.encoder(self.embed(ids)))
+
+
+MODELS = {"gpt": gpt, "encoder": Encoder, "gpt2": gpt2, "llama": llama, "bert": bert}
 EXPECTED_SHARDED = {  # a few layers auto must find, per model
     "gpt": {"blocks.0.attn.qkv": "qkv", "blocks.0.attn.proj": "rowwise", "blocks.1.mlp.0": "colwise",
             "blocks.1.mlp.2": "rowwise"},
+    "encoder": {"encoder.layers.0.self_attn": "colwise", "encoder.layers.0.self_attn.out_proj": "rowwise",
+                "encoder.layers.1.linear1": "colwise", "encoder.layers.1.linear2": "rowwise"},
     "gpt2": {"transformer.h.0.attn.c_attn": "qkv", "transformer.h.0.attn.c_proj": "rowwise",
              "transformer.h.1.mlp.c_fc": "colwise", "transformer.h.1.mlp.c_proj": "rowwise"},
     "llama": {"model.layers.0.self_attn.k_proj": "colwise", "model.layers.0.self_attn.o_proj": "rowwise",
@@ -98,6 +114,43 @@ def check_models(rank, world, folder):
             dist.barrier()
             fresh = torch_mp.load_full_state_dict(torch_mp.tensor_parallel(make()), path)
             torch.testing.assert_close(logits_of(fresh, ids), logits_of(dense, ids), rtol=1e-4, atol=1e-5)
+
+
+    check_multihead_attention(rank, world)
+
+
+def check_multihead_attention(rank, world):
+    """Every way of calling nn.MultiheadAttention: self and cross attention, masks, weights."""
+    for batch_first in (False, True):
+        torch.manual_seed(1)
+        dense = nn.MultiheadAttention(32, 4, batch_first=batch_first)
+        parallel = torch_mp.nn.TensorParallelMultiheadAttention(dense)
+        x, memory = torch.randn(2, 5, 32), torch.randn(2, 7, 32)
+        if not batch_first:
+            x, memory = x.transpose(0, 1), memory.transpose(0, 1)
+        padding = torch.zeros(2, 7, dtype=torch.bool)
+        padding[1, -2:] = True
+        causal = nn.Transformer.generate_square_subsequent_mask(5)
+        cases = [((x, x, x), {"need_weights": False, "attn_mask": causal}),
+                 ((x, x, x), {"need_weights": True, "is_causal": False}),
+                 ((x, memory, memory), {"key_padding_mask": padding, "need_weights": True,
+                                        "average_attn_weights": False})]
+        for args, kwargs in cases:
+            dense_args = [leaf_of(t) for t in args]
+            parallel_args = [leaf_of(t) for t in args]
+            expected, expected_weights = dense(*dense_args, **kwargs)
+            actual, actual_weights = parallel(*parallel_args, **kwargs)
+            torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+            if kwargs.get("need_weights"):
+                torch.testing.assert_close(actual_weights, expected_weights, rtol=1e-4, atol=1e-5)
+            expected.square().sum().backward()
+            actual.square().sum().backward()
+            for dense_arg, parallel_arg in zip(dense_args, parallel_args):
+                torch.testing.assert_close(parallel_arg.grad, dense_arg.grad, rtol=1e-4, atol=1e-5)
+
+
+def leaf_of(tensor):
+    return tensor.detach().clone().requires_grad_()
 
 
 @pytest.mark.parametrize("world", [2, 4])
