@@ -19,8 +19,9 @@ from torch_mp._ops import (
     scatter_to_tp,
     to_device,
 )
+from torch_mp.report import memory_report
 from torch_mp.split import split
-from torch_mp.state import full_state_dict, load_full_state_dict
+from torch_mp.state import full_state_dict, init_empty_weights, load_full_state_dict
 from torch_mp.tensor_parallel import tensor_parallel
 
 __version__ = "0.1.0"
@@ -36,7 +37,9 @@ __all__ = [
     "full_state_dict",
     "gather_from_sp",
     "gather_from_tp",
+    "init_empty_weights",
     "load_full_state_dict",
+    "memory_report",
     "nn",
     "reduce_from_tp",
     "reduce_scatter_to_sp",

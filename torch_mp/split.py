@@ -60,12 +60,17 @@ def split(
         if layers is not None:
             raise ValueError("split: pass either layers= or a {module name: device} balance, not both")
         device_map = _explicit_device_map(module, balance)
+        distinct = list(dict.fromkeys(device_map.values()))
+        stage_of = {name: distinct.index(device) for name, device in device_map.items()}
     else:
         layer_names = _check_layers(module, layers) if layers is not None else _find_layers(module)
-        device_map = _balanced_device_map(module, layer_names, devices, balance,
-                                          _parse_max_memory(max_memory, devices))
+        device_map, stage_of = _balanced_device_map(module, layer_names, devices, balance,
+                                                    _parse_max_memory(max_memory, devices))
 
     device_map = _place(module, device_map)
+    for name, device in device_map.items():  # modules moved to a tied parameter's device
+        stage_of.setdefault(name, min(stage_of[other] for other, d in device_map.items()
+                                      if d == device and other in stage_of))
     # A device named more than once holds several stages; inputs entering them are copied all the
     # same, so the split behaves (and is tested) as it would across distinct devices.
     repeated = {device for device in devices if devices.count(device) > 1}
@@ -77,6 +82,7 @@ def split(
     handles.append(module.register_forward_hook(_outputs_to(output_device, output_device in repeated)))
     module._torch_mp_split_handles = handles
     module.device_map = device_map
+    module._torch_mp_stage_of = stage_of
     module.output_device = output_device
     return module
 
@@ -208,9 +214,10 @@ def _inside(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
 
-def _balanced_device_map(module, layer_names, devices, balance, capacities) -> Dict[str, torch.device]:
+def _balanced_device_map(module, layer_names, devices, balance, capacities):
     """Layers get devices by ``balance``; every other module owning tensors goes with the layer
-    before it (or the first layer), and its bytes count towards that layer's device."""
+    before it (or the first layer), and its bytes count towards that layer's device. Returns the
+    device map and the stage (index into devices) of each entry."""
     layer_index = {name: i for i, name in enumerate(layer_names)}
     extras: Dict[int, List[str]] = defaultdict(list)
     sizes = [0] * len(layer_names)
@@ -237,6 +244,7 @@ def _balanced_device_map(module, layer_names, devices, balance, capacities) -> D
         counts = _check_counts(balance, len(devices), len(layer_names))
 
     device_map: Dict[str, torch.device] = {}
+    stage_of: Dict[str, int] = {}
     layer = 0
     for d, count in enumerate(counts):
         load = sum(sizes[layer:layer + count])
@@ -244,12 +252,11 @@ def _balanced_device_map(module, layer_names, devices, balance, capacities) -> D
             raise ValueError(f"split: device {d} ({devices[d]}) gets {count} layers of {load} bytes but its "
                              f"max_memory is {capacities[d]} bytes")
         for _ in range(count):
-            device_map[layer_names[layer]] = devices[d]
-            for extra in extras[layer]:
-                device_map[extra] = devices[d]
+            for name in [layer_names[layer]] + extras[layer]:
+                device_map[name], stage_of[name] = devices[d], d
             layer += 1
     order = {name: i for i, (name, _) in enumerate(module.named_modules())}
-    return dict(sorted(device_map.items(), key=lambda item: order[item[0]]))
+    return dict(sorted(device_map.items(), key=lambda item: order[item[0]])), stage_of
 
 
 def _check_counts(balance, num_devices: int, num_layers: int) -> List[int]:

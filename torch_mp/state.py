@@ -4,6 +4,7 @@ Sources for loading: a state_dict, a ``.safetensors`` file or a folder of them (
 rank reads only its slice of each sharded tensor), or a ``torch.save`` file (loaded with
 ``weights_only=True``, memory-mapped).
 """
+import contextlib
 import json
 import os
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
@@ -38,10 +39,39 @@ def full_state_dict(module: nn.Module) -> Dict[str, torch.Tensor]:
     return result
 
 
-def load_full_state_dict(module: nn.Module, state_dict_or_path: StateSource, strict: bool = True) -> nn.Module:
+@contextlib.contextmanager
+def init_empty_weights():
+    """Builds modules with their parameters on the meta device (no memory, no initialization) and
+    their buffers as usual. Shard the model with ``tensor_parallel``, then ``load_full_state_dict``
+    materializes only this rank's slices:
+
+        with torch_mp.init_empty_weights():
+            model = LlamaForCausalLM(config)
+        torch_mp.tensor_parallel(model)
+        torch_mp.load_full_state_dict(model, "checkpoint/")
+    """
+    register = nn.Module.register_parameter
+
+    def register_on_meta(self, name, param):
+        register(self, name, param)
+        if param is not None and param.device.type != "meta":
+            self._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def load_full_state_dict(module: nn.Module, state_dict_or_path: StateSource, strict: bool = True,
+                         device: Union[str, torch.device, None] = None) -> nn.Module:
     """Loads a stock state_dict (or checkpoint file or folder) into a model sharded by
     ``tensor_parallel`` or split by ``split``: each rank takes its slices, read slice by slice from
-    safetensors files. The inverse of ``full_state_dict``."""
+    safetensors files. The inverse of ``full_state_dict``.
+
+    Parameters still on the meta device (``init_empty_weights``) are materialized on ``device``
+    (default: the CPU), holding only this rank's slice; tied parameters stay tied."""
     specs, _, world = _tp_state(module)
     rank = resolve_group(getattr(module, "_torch_mp_group", None)).rank if specs else 0
     keys, read_full, read_slices = _open_source(state_dict_or_path)
@@ -50,6 +80,13 @@ def load_full_state_dict(module: nn.Module, state_dict_or_path: StateSource, str
     if strict and (missing or unexpected):
         raise ValueError(f"load_full_state_dict: missing keys {missing[:10]}, unexpected keys {unexpected[:10]}; "
                          "expected the stock state_dict of this model (or strict=False)")
+    _check_no_meta_outside(module, targets, keys)
+    owners: Dict[int, List[Tuple[nn.Module, str]]] = {}
+    for owner in module.modules():
+        for name, param in owner._parameters.items():
+            if param is not None and param.device.type == "meta":
+                owners.setdefault(id(param), []).append((owner, name))
+    materialized: Dict[int, nn.Parameter] = {}
     total = sum(t.numel() * t.element_size() for k, t in targets.items() if k in keys)
     with _progress(total, rank) as progress, torch.no_grad():
         for key, target in targets.items():
@@ -67,9 +104,31 @@ def load_full_state_dict(module: nn.Module, state_dict_or_path: StateSource, str
             if value.shape != target.shape:
                 raise ValueError(f"load_full_state_dict: {key!r} has shape {tuple(value.shape)} in the source but "
                                  f"{tuple(target.shape)} is expected on this rank")
-            target.copy_(value)
+            if target.device.type == "meta":
+                _materialize(target, value, device, owners, materialized)
+            else:
+                target.copy_(value)
             progress(target.numel() * target.element_size())
     return module
+
+
+def _materialize(target, value, device, owners, materialized) -> None:
+    """Puts a real parameter holding ``value`` wherever the meta parameter ``target`` is: a parameter
+    tied to several modules is replaced in each by the same new one."""
+    if id(target) in materialized:
+        return
+    materialized[id(target)] = nn.Parameter(value.to(device or "cpu", copy=True), requires_grad=target.requires_grad)
+    for owner, name in owners[id(target)]:
+        owner._parameters[name] = materialized[id(target)]
+
+
+def _check_no_meta_outside(module, targets, keys) -> None:
+    left = [key for key, tensor in targets.items() if tensor.device.type == "meta" and key not in keys]
+    left += [f"{name} (buffer)" for name, buffer in module.named_buffers() if buffer.device.type == "meta"]
+    if left:
+        raise ValueError(f"load_full_state_dict: {left[:10]} are on the meta device and the source does not hold "
+                         "them; expected a source with every parameter, and buffers built for real (build the "
+                         "model under torch_mp.init_empty_weights(), which keeps buffers off the meta device)")
 
 
 def _tp_state(module: nn.Module):

@@ -141,6 +141,17 @@ def test_max_memory_shifts_layers(devices):
         [devices[0], devices[0], devices[1], devices[1]]
 
 
+def test_memory_report_per_stage(tmp_path):
+    model = torch_mp.split(GPT(), ["cpu", "cpu"], balance=[1, 3])
+    report = torch_mp.memory_report(model, png=str(tmp_path / "split.png"))
+    assert [row.where for row in report.rows] == ["stage 0 (cpu)", "stage 1 (cpu)"]
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert sum(row.parameters for row in report.rows) == total
+    assert report.rows[0].parameters > report.rows[1].parameters / 3  # the embeddings sit on stage 0
+    assert "stage 1 (cpu)" in str(report)
+    assert (tmp_path / "split.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_resplitting_replaces_the_hooks():
     model = mlp()
     torch_mp.split(model, ["cpu", "cpu"])

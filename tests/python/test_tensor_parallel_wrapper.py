@@ -112,11 +112,36 @@ def check_models(rank, world, folder):
                 from safetensors.torch import save_file
                 save_file({k: v.contiguous() for k, v in reference.items()}, path)
             dist.barrier()
-            fresh = torch_mp.load_full_state_dict(torch_mp.tensor_parallel(make()), path)
+            # Built without memory for its weights, sharded, then only this rank's slices read.
+            with torch_mp.init_empty_weights():
+                empty = make()
+            assert all(p.is_meta for p in empty.parameters())
+            fresh = torch_mp.load_full_state_dict(torch_mp.tensor_parallel(empty), path)
+            assert not any(p.is_meta for p in fresh.parameters())
+            torch.testing.assert_close(logits_of(fresh, ids), logits_of(dense, ids), rtol=1e-4, atol=1e-5)
+        if name == "gpt2":  # tied lm_head and wte stay one parameter through materialization
+            with torch_mp.init_empty_weights():
+                empty = make()
+            fresh = torch_mp.load_full_state_dict(torch_mp.tensor_parallel(empty), reference)
+            assert fresh.lm_head.weight is fresh.transformer.wte.weight
             torch.testing.assert_close(logits_of(fresh, ids), logits_of(dense, ids), rtol=1e-4, atol=1e-5)
 
 
     check_multihead_attention(rank, world)
+    check_memory_report(rank, world, folder)
+
+
+def check_memory_report(rank, world, folder):
+    dense = gpt()
+    sharded = torch_mp.tensor_parallel(copy.deepcopy(dense))
+    report = torch_mp.memory_report(sharded, png=os.path.join(folder, f"tp{rank}.png"))
+    assert [row.where for row in report.rows] == [f"rank {r}" for r in range(world)]
+    dense_bytes = sum(p.numel() * p.element_size() for p in dense.parameters())
+    local_bytes = sum(p.numel() * p.element_size() for p in sharded.parameters())
+    assert report.rows[rank].parameters == local_bytes < dense_bytes  # split layers divided, the rest replicated
+    assert len({row.parameters for row in report.rows}) == 1
+    with open(os.path.join(folder, f"tp{rank}.png"), "rb") as handle:
+        assert handle.read(4) == b"\x89PNG"
 
 
 def check_multihead_attention(rank, world):

@@ -1,0 +1,135 @@
+"""Where a model's parameters and buffers live, and how many bytes each rank or device holds."""
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from torch_mp._group import resolve_group
+
+
+@dataclass
+class MemoryRow:
+    where: str          # "rank 1", "stage 0 (cuda:0)", "cpu"
+    parameters: int     # bytes
+    buffers: int        # bytes
+    modules: int        # placed or sharded modules there
+
+    @property
+    def total(self) -> int:
+        return self.parameters + self.buffers
+
+
+@dataclass
+class MemoryReport:
+    title: str
+    rows: List[MemoryRow]
+
+    def __str__(self) -> str:
+        model_total = sum(row.total for row in self.rows) or 1
+        lines = [self.title, f"{'':<22} {'parameters':>12} {'buffers':>12} {'total':>12} {'share':>6} {'modules':>7}"]
+        for row in self.rows:
+            lines.append(f"{row.where:<22} {_mib(row.parameters):>12} {_mib(row.buffers):>12} {_mib(row.total):>12} "
+                         f"{row.total / model_total:>6.1%} {row.modules:>7}")
+        return "\n".join(lines)
+
+    def save_png(self, path: str) -> None:
+        """A bar chart of the bytes per rank or device (needs matplotlib: pip install torch_mp[plot])."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            from matplotlib import pyplot
+        except ImportError as error:
+            raise ImportError("memory_report(png=...) needs matplotlib: pip install matplotlib "
+                              "(or torch_mp[plot])") from error
+        labels = [row.where for row in self.rows]
+        parameters = [row.parameters / 2**20 for row in self.rows]
+        buffers = [row.buffers / 2**20 for row in self.rows]
+        figure, axes = pyplot.subplots(figsize=(8, 1.2 + 0.5 * len(labels)))
+        axes.barh(labels, parameters, label="parameters")
+        axes.barh(labels, buffers, left=parameters, label="buffers")
+        for y, row in enumerate(self.rows):
+            axes.text(row.total / 2**20, y, f" {_mib(row.total)}, {row.modules} modules", va="center", fontsize=8)
+        axes.set_xlim(0, max((row.total for row in self.rows), default=1) / 2**20 * 1.45)
+        axes.invert_yaxis()
+        axes.set_xlabel("MiB")
+        axes.set_title(self.title)
+        axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        figure.tight_layout()
+        figure.savefig(path, dpi=100)
+        pyplot.close(figure)
+
+
+def memory_report(module: nn.Module, png: Optional[str] = None) -> MemoryReport:
+    """Parameters and buffers per rank (a ``tensor_parallel`` model; a collective: every rank calls
+    it and gets the whole report), per stage (a ``split`` model) or per device (any other model).
+    ``png``: also save a chart there (matplotlib needed)."""
+    specs = getattr(module, "_torch_mp_specs", None)
+    if specs is not None:
+        report = _per_rank(module, specs)
+    elif hasattr(module, "device_map"):
+        report = _per_stage(module)
+    else:
+        report = _per_device(module)
+    if png is not None:
+        report.save_png(png)
+    return report
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.2f} MiB"
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _unique_tensors(module: nn.Module, seen: set, parameters: bool):
+    tensors = module.parameters() if parameters else module.buffers()
+    for tensor in tensors:
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            yield tensor
+
+
+def _per_rank(module: nn.Module, specs: Dict) -> MemoryReport:
+    group = getattr(module, "_torch_mp_group", None)
+    info = resolve_group(group)
+    mine = (_bytes(module.parameters()), _bytes(module.buffers()), len(specs))
+    everyone = [mine]
+    if info.size > 1:
+        everyone = [None] * info.size
+        process_group = group.get_group() if isinstance(group, dist.device_mesh.DeviceMesh) else group
+        dist.all_gather_object(everyone, mine, group=process_group)
+    rows = [MemoryRow(f"rank {rank}", *entry) for rank, entry in enumerate(everyone)]
+    return MemoryReport(f"{type(module).__name__}: tensor parallel over {info.size} ranks", rows)
+
+
+def _per_stage(module: nn.Module) -> MemoryReport:
+    stage_of = getattr(module, "_torch_mp_stage_of", {})
+    rows: Dict[int, MemoryRow] = {}
+    seen: set = set()
+    for name, device in module.device_map.items():
+        stage = stage_of.get(name, 0)
+        row = rows.setdefault(stage, MemoryRow(f"stage {stage} ({device})", 0, 0, 0))
+        placed = module.get_submodule(name)
+        row.parameters += _bytes(_unique_tensors(placed, seen, parameters=True))
+        row.buffers += _bytes(_unique_tensors(placed, seen, parameters=False))
+        row.modules += 1
+    return MemoryReport(f"{type(module).__name__}: split into {len(rows)} stages",
+                        [rows[stage] for stage in sorted(rows)])
+
+
+def _per_device(module: nn.Module) -> MemoryReport:
+    rows: Dict[str, MemoryRow] = {}
+    for parameters in (True, False):
+        for tensor in (module.parameters() if parameters else module.buffers()):
+            row = rows.setdefault(str(tensor.device), MemoryRow(str(tensor.device), 0, 0, 0))
+            nbytes = tensor.numel() * tensor.element_size()
+            if parameters:
+                row.parameters += nbytes
+            else:
+                row.buffers += nbytes
+    return MemoryReport(f"{type(module).__name__}: {len(rows)} device(s)", list(rows.values()))
