@@ -1,11 +1,9 @@
-// Two ranks as two threads, each with its own Gloo group made by torch_mp::init_process_group over
-// a shared store, check the C++ tensor-parallel layers against the dense torch::nn layers.
-#include <thread>
-
+// The C++ tensor-parallel layers on two ranks against the dense torch::nn layers.
 #include <gtest/gtest.h>
-#include <torch/csrc/distributed/c10d/HashStore.hpp>
 #include <torch/torch.h>
 #include <torch_mp/torch_mp.h>
+
+#include "two_ranks.h"
 
 namespace {
 
@@ -29,16 +27,8 @@ struct Dense {
   at::Tensor logits = torch::randn({3, 5, 10});
 };
 
-void check_rank(int64_t rank, const Dense& shared, c10::intrusive_ptr<c10d::Store> store) {
-  torch_mp::ProcessGroupOptions options;
-  options.rank = rank;
-  options.world_size = kWorld;
-  options.store = store;
-  options.group_name = "tp_thread_" + std::to_string(rank);
-  options.store_prefix = "tp_test";
-  options.timeout = std::chrono::seconds(60);
-  const auto group = torch_mp::init_process_group(options);
-  ASSERT_EQ(group.rank, rank);
+void check_rank(const torch_mp::Group& group, const Dense& shared) {
+  const auto rank = group.rank;
 
   // Private copies: the threads must not accumulate gradients into shared modules.
   auto up = std::dynamic_pointer_cast<torch::nn::LinearImpl>(shared.up->clone());
@@ -78,17 +68,6 @@ void check_rank(int64_t rank, const Dense& shared, c10::intrusive_ptr<c10d::Stor
   loss_dense.backward();
   loss_parallel.backward();
   expect_close(logits_parallel.grad(), shard(logits_dense.grad(), -1, rank), "cross entropy grad");
-
-  torch_mp::destroy_process_group(group);
-}
-
-// Turns an exception into a test failure: one escaping a thread would end the whole test binary.
-void run_rank(int64_t rank, const Dense& shared, c10::intrusive_ptr<c10d::Store> store) {
-  try {
-    check_rank(rank, shared, std::move(store));
-  } catch (const std::exception& error) {
-    ADD_FAILURE() << "rank " << rank << ": " << error.what();
-  }
 }
 
 } // namespace
@@ -96,10 +75,7 @@ void run_rank(int64_t rank, const Dense& shared, c10::intrusive_ptr<c10d::Store>
 TEST(TensorParallel, TwoRanksMatchDenseLayers) {
   torch::manual_seed(0);
   const Dense shared;
-  auto store = c10::make_intrusive<c10d::HashStore>();
-  std::thread rank1(run_rank, 1, std::cref(shared), store);
-  run_rank(0, shared, store);
-  rank1.join();
+  torch_mp::testing::run_two_ranks("layers", [&](const torch_mp::Group& group) { check_rank(group, shared); });
 }
 
 TEST(TensorParallel, GroupOfOneIsLocal) {

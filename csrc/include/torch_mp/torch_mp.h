@@ -5,3 +5,4 @@
 #include <torch_mp/ops.h>
 #include <torch_mp/nn.h>
 #include <torch_mp/split.h>
+#include <torch_mp/tensor_parallel.h>

@@ -1,0 +1,28 @@
+#pragma once
+
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <torch/nn/modules/container/sequential.h>
+
+#include <torch_mp/comm.h>
+
+namespace torch_mp {
+
+// Glob patterns over module names ("0", "[13]", "*") to styles: "colwise" (output features
+// split), "rowwise" (input features split, one all-reduce), "vocab" (an embedding's rows split) or
+// "replicate". The first pattern that matches a module decides its style.
+using TensorParallelPlan = std::vector<std::pair<std::string, std::string>>;
+
+// The C++ face of torch_mp.tensor_parallel, for torch::nn::Sequential (the C++ container whose
+// forward torch_mp can rebuild: a LibTorch module's own forward calls its members directly): a
+// Sequential with the same layers, where each torch::nn::Linear or Embedding that the plan names is
+// replaced by its parallel counterpart holding this rank's slice. Module and parameter names are
+// unchanged, so state dicts map one to one.
+torch::nn::Sequential tensor_parallel(
+    const torch::nn::Sequential& module,
+    const TensorParallelPlan& plan,
+    const Group& group);
+
+} // namespace torch_mp
