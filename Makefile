@@ -20,17 +20,18 @@ all: install
 
 # A venv counts only once its marker exists, so an interrupted install is redone from scratch. The
 # hash in its name already tracks the requirements: no file-time prerequisite (a fresh clone is newer).
+# A lock keeps two builds (two clones, two make runs) from making the same venv at once.
+define make_venv
+	mkdir -p $(CACHE_DIR)
+	flock $(1).lock sh -c 'test -f $(1)/.ready || { rm -rf $(1) && $(PYTHON) -m venv $(1) && \
+	    $(1)/bin/pip install --quiet -r $(2) && touch $(1)/.ready; }'
+endef
+
 $(VENV)/.ready:
-	rm -rf $(VENV)
-	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet -r requirements/cuda.txt
-	touch $@
+	$(call make_venv,$(VENV),requirements/cuda.txt)
 
 $(CPU_VENV)/.ready:
-	rm -rf $(CPU_VENV)
-	$(PYTHON) -m venv $(CPU_VENV)
-	$(CPU_VENV)/bin/pip install --quiet -r requirements/cpu.txt
-	touch $@
+	$(call make_venv,$(CPU_VENV),requirements/cpu.txt)
 
 venv: $(VENV)/.ready
 
@@ -68,6 +69,7 @@ test-cpu-smoke: cpu-venv sysdeps
 bench: install
 	$(PY) bench/bench_to_device.py
 	$(PY) bench/bench_tensor_parallel.py
+	$(PY) bench/bench_sharded_loading.py
 
 clean:
 	rm -rf build torch_mp/lib torch_mp/include torch_mp/share torch_mp/_C*.so *.egg-info

@@ -3,6 +3,7 @@ then the small Python module torch_mp._C (torch.utils.cpp_extension) on top of i
 
 Install with `pip install --no-build-isolation .` so the build uses the torch already installed.
 """
+import hashlib
 import os
 import subprocess
 from pathlib import Path
@@ -21,8 +22,9 @@ class BuildWithLibrary(BuildExtension):
 
     def run(self):
         package_dir = Path(self.get_ext_fullpath("torch_mp._C")).parent
-        # One CMake build folder per torch, so CPU and CUDA builds of torch never share a cache.
-        build_dir = ROOT / "build" / f"cmake-torch-{torch.__version__}"
+        # One CMake build folder per torch installation, so no two torches share a CMake cache.
+        where = hashlib.sha256(torch.__file__.encode()).hexdigest()[:8]
+        build_dir = ROOT / "build" / f"cmake-torch-{torch.__version__}-{where}"
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
         subprocess.check_call([
             "cmake", "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",

@@ -75,6 +75,8 @@ def load_full_state_dict(module: nn.Module, state_dict_or_path: StateSource, str
     specs, _, world = _tp_state(module)
     rank = resolve_group(getattr(module, "_torch_mp_group", None)).rank if specs else 0
     keys, read_full, read_slices = _open_source(state_dict_or_path)
+    # Tensors read from files are this call's own; a caller's state_dict is copied, never aliased.
+    borrowed = isinstance(state_dict_or_path, Mapping)
     targets = module.state_dict(keep_vars=True)
     missing, unexpected = sorted(set(targets) - set(keys)), sorted(set(keys) - set(targets))
     if strict and (missing or unexpected):
@@ -105,19 +107,20 @@ def load_full_state_dict(module: nn.Module, state_dict_or_path: StateSource, str
                 raise ValueError(f"load_full_state_dict: {key!r} has shape {tuple(value.shape)} in the source but "
                                  f"{tuple(target.shape)} is expected on this rank")
             if target.device.type == "meta":
-                _materialize(target, value, device, owners, materialized)
+                _materialize(target, value, device, borrowed, owners, materialized)
             else:
                 target.copy_(value)
             progress(target.numel() * target.element_size())
     return module
 
 
-def _materialize(target, value, device, owners, materialized) -> None:
+def _materialize(target, value, device, borrowed, owners, materialized) -> None:
     """Puts a real parameter holding ``value`` wherever the meta parameter ``target`` is: a parameter
     tied to several modules is replaced in each by the same new one."""
     if id(target) in materialized:
         return
-    materialized[id(target)] = nn.Parameter(value.to(device or "cpu", copy=True), requires_grad=target.requires_grad)
+    value = value.to(device or "cpu", copy=borrowed).contiguous()
+    materialized[id(target)] = nn.Parameter(value, requires_grad=target.requires_grad)
     for owner, name in owners[id(target)]:
         owner._parameters[name] = materialized[id(target)]
 
