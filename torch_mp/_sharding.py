@@ -18,6 +18,7 @@ class ShardSpec:
     transposed: bool = False    # the dense weight is stored [in, out] (transformers' Conv1D)
     weight_name: str = "weight"  # the parameter names in the module (nn.MultiheadAttention: in_proj_*)
     bias_name: str = "bias"
+    gather_output: bool = False  # colwise only: all-gather the output (an LM head whose logits stay whole)
 
     @property
     def dim(self) -> int:

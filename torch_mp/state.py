@@ -1,8 +1,8 @@
 """Stock state dicts for sharded models: gather one the unsharded model loads, load one into shards.
 
-Sources for loading: a state_dict, a ``.safetensors`` file or a folder of them (read lazily: each
-rank reads only its slice of each sharded tensor), or a ``torch.save`` file (loaded with
-``weights_only=True``, memory-mapped).
+Sources for loading: a state_dict, a ``.safetensors`` file or a folder of them (each rank reads only
+its slice of each sharded tensor, with positioned reads into its own memory), or a ``torch.save``
+file (loaded with ``weights_only=True``, memory-mapped).
 """
 import contextlib
 import json
@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from torch_mp._group import resolve_group
+from torch_mp._safetensors import SafetensorsFile
 from torch_mp._sharding import ShardSpec, shard, slice_bounds, unshard
 
 StateSource = Union[Mapping[str, torch.Tensor], str, os.PathLike]
@@ -174,20 +175,9 @@ def _open_source(source: StateSource) -> Tuple[Iterable[str], Reader, SliceReade
     if files is None:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return _open_source(state)
-    from safetensors import safe_open
-
-    handles = {file: safe_open(file, framework="pt") for file in set(files.values())}
-
-    def read_slices(key, dim, bounds):
-        tensor_slice = handles[files[key]].get_slice(key)
-        index = [slice(None)] * len(tensor_slice.get_shape())
-        pieces = []
-        for start, stop in bounds:
-            index[dim] = slice(start, stop)
-            pieces.append(tensor_slice[tuple(index)])
-        return torch.cat(pieces, dim)
-
-    return set(files), lambda key: handles[files[key]].get_tensor(key), read_slices
+    handles = {file: SafetensorsFile(file) for file in set(files.values())}
+    return (set(files), lambda key: handles[files[key]].read(key),
+            lambda key, dim, bounds: handles[files[key]].read_slices(key, dim, bounds))
 
 
 def _safetensors_files(path: str) -> Optional[Dict[str, str]]:
@@ -206,12 +196,11 @@ def _safetensors_files(path: str) -> Optional[Dict[str, str]]:
         files = [path]
     else:
         return None
-    from safetensors import safe_open
-
     mapping = {}
     for file in files:
-        with safe_open(file, framework="pt") as handle:
-            mapping.update({key: file for key in handle.keys()})
+        reader = SafetensorsFile(file)
+        mapping.update({key: file for key in reader.keys()})
+        reader.close()
     return mapping
 
 

@@ -5,6 +5,7 @@ A plan maps module-name patterns (globs: ``"layers.*.mlp.up_proj"``) to styles:
 
 - ``colwise``: output features split (q, k, v, MLP up/gate); the output is this rank's slice. On an
   ``nn.MultiheadAttention``: its heads split (q, k, v by heads, the output projection rowwise).
+- ``colwise_gather``: colwise, the output all-gathered (an LM head whose logits must stay whole).
 - ``qkv``: a fused q|k|v projection; each of q, k and v is split by heads.
 - ``rowwise``: input features split (attention output, MLP down); one all-reduce, full output.
 - ``vocab``: an embedding's rows split; full embeddings out.
@@ -31,8 +32,11 @@ from torch_mp.nn import (
 
 logger = logging.getLogger("torch_mp")
 
-QKV, REPLICATE = "qkv", "replicate"
-STYLES = (COLWISE, QKV, ROWWISE, VOCAB, REPLICATE)
+QKV, COLWISE_GATHER, REPLICATE = "qkv", "colwise_gather", "replicate"
+STYLES = (COLWISE, COLWISE_GATHER, QKV, ROWWISE, VOCAB, REPLICATE)
+# transformers' tp_plan styles that mean one of ours; the others stay replicated.
+_TRANSFORMERS_STYLES = {"colwise": COLWISE, "rowwise": ROWWISE, "embedding_rowwise": VOCAB,
+                        "colwise_gather_output": COLWISE_GATHER}
 Plan = Mapping[str, str]
 
 # Attributes holding a width that the split divides, when they equal a sharded projection's width.
@@ -42,7 +46,7 @@ _WIDTH_ATTRIBUTES = ("split_size", "all_head_size", "inner_dim")
 def tensor_parallel(module: nn.Module, plan: Union[str, Plan] = "auto", group: GroupLike = None) -> nn.Module:
     """Shards ``module`` in place across ``group`` and returns it.
 
-    ``plan="auto"`` uses the model's own ``config.base_model_tp_plan`` where it has one, and otherwise
+    ``plan="auto"`` uses the model's own ``tp_plan`` where it has one (transformers models), and otherwise
     finds, inside each repeated block, attention (separate q, k, v or a fused qkv, then the output
     projection) and MLPs (up and gate, then down) from the order and shapes of their linear layers.
     What it does not shard stays replicated; ``module.torch_mp_replicated`` lists those layers.
@@ -69,13 +73,14 @@ def tensor_parallel(module: nn.Module, plan: Union[str, Plan] = "auto", group: G
     _check_same_plan_on_every_rank(specs, group, info.size)
 
     attentions = [name for name in specs if isinstance(module.get_submodule(name), nn.MultiheadAttention)]
+    shared: Dict[Tuple, nn.Parameter] = {}
     for name, spec in specs.items():
         if name in attentions:
             parent_name, _, child_name = name.rpartition(".")
             setattr(module.get_submodule(parent_name), child_name,
                     TensorParallelMultiheadAttention(module.get_submodule(name), group))
         elif not any(_inside(name, attention) for attention in attentions):
-            _swap(module, name, spec, group)
+            _swap(module, name, spec, group, shared)
     _fix_split_attributes(module, specs, info.size)
     module.torch_mp_plan = {name: _style_name(spec) for name, spec in specs.items()}
     module._torch_mp_specs = specs
@@ -127,15 +132,14 @@ def _resolve_patterns(module: nn.Module, plan: Plan) -> Dict[str, str]:
 
 
 def _auto_plan(module: nn.Module) -> Dict[str, str]:
-    config = getattr(module, "config", None)
-    hf_plan = getattr(config, "base_model_tp_plan", None)
-    if hf_plan:
-        prefix = getattr(module, "base_model_prefix", "")
-        prefix = f"{prefix}." if prefix and hasattr(module, prefix) else ""
-        known = {f"{prefix}{pattern}": style for pattern, style in hf_plan.items() if style in (COLWISE, ROWWISE)}
-        skipped = sorted(set(hf_plan.values()) - {COLWISE, ROWWISE})
+    # transformers models carry their own plan (tp_plan: full names, their base model's prefixed).
+    hf_plan = getattr(module, "tp_plan", None)
+    if isinstance(hf_plan, Mapping) and hf_plan:
+        known = {pattern: _TRANSFORMERS_STYLES[style] for pattern, style in hf_plan.items()
+                 if style in _TRANSFORMERS_STYLES}
+        skipped = sorted(set(hf_plan.values()) - set(_TRANSFORMERS_STYLES))
         if skipped:
-            logger.info("tensor_parallel: styles %s of the model's tp plan are left replicated", skipped)
+            logger.info("tensor_parallel: styles %s of the model's tp_plan are left replicated", skipped)
         return _resolve_patterns(module, known)
 
     from torch_mp.split import _find_layers  # the same notion of "repeated blocks" as split
@@ -207,6 +211,8 @@ def _specs(module: nn.Module, name: str, style: str) -> Dict[str, ShardSpec]:
     transposed = _is_conv1d(child)
     if style == ROWWISE:
         return {name: ShardSpec(ROWWISE, (in_features,), transposed)}
+    if style == COLWISE_GATHER:
+        return {name: ShardSpec(COLWISE, (out_features,), transposed, gather_output=True)}
     if style == QKV:
         if out_features % 3:
             raise ValueError(f"tensor_parallel: style 'qkv' for {name!r} with {out_features} outputs; expected "
@@ -217,7 +223,7 @@ def _specs(module: nn.Module, name: str, style: str) -> Dict[str, ShardSpec]:
 
 def _style_name(spec: ShardSpec) -> str:
     fused = len(spec.parts) == 3 and spec.style == COLWISE and spec.weight_name == "weight"
-    return QKV if fused else spec.style
+    return QKV if fused else COLWISE_GATHER if spec.gather_output else spec.style
 
 
 # --- checks ------------------------------------------------------------------------------------
@@ -256,7 +262,8 @@ def _check_divisible(module: nn.Module, specs: Dict[str, ShardSpec], world: int)
 def _owners_of_splits(module: nn.Module, specs: Dict[str, ShardSpec]):
     """The parents of column-split layers (attention modules, MLPs): the modules whose head counts
     and widths the split divides."""
-    parents = dict.fromkeys(name.rpartition(".")[0] for name, spec in specs.items() if spec.style == COLWISE)
+    parents = dict.fromkeys(name.rpartition(".")[0] for name, spec in specs.items()
+                            if spec.style == COLWISE and not spec.gather_output)
     for name in parents:
         yield name, module.get_submodule(name)
 
@@ -278,32 +285,39 @@ def _check_same_plan_on_every_rank(specs: Dict[str, ShardSpec], group: GroupLike
 
 # --- swapping ----------------------------------------------------------------------------------
 
-def _swap(module: nn.Module, name: str, spec: ShardSpec, group: GroupLike) -> None:
+def _swap(module: nn.Module, name: str, spec: ShardSpec, group: GroupLike, shared: Dict[Tuple, nn.Parameter]) -> None:
+    """Replaces the dense layer ``name`` by its parallel counterpart. A weight the dense model ties
+    between layers (an embedding and its LM head) and that both split alike stays one parameter."""
     dense = module.get_submodule(name)
     parent_name, _, child_name = name.rpartition(".")
-    parent = module.get_submodule(parent_name)
     info = resolve_group(group)
+
+    def local(tensor: torch.Tensor, dim: int, transposed: bool = False) -> nn.Parameter:
+        key = (id(tensor), dim, spec.parts, transposed)
+        if key not in shared:
+            full = tensor.detach().t() if transposed else tensor.detach()
+            shared[key] = nn.Parameter(shard(full, dim, spec.parts, info.rank, info.size),
+                                       requires_grad=tensor.requires_grad)
+        return shared[key]
+
     if spec.style == VOCAB:
         layer = VocabParallelEmbedding(dense.num_embeddings, dense.embedding_dim, group, device="meta",
                                        dtype=dense.weight.dtype)
-        layer.weight = nn.Parameter(shard(dense.weight.detach(), 0, spec.parts, info.rank, info.size),
-                                    requires_grad=dense.weight.requires_grad)
+        layer.weight = local(dense.weight, 0)
     else:
-        weight = dense.weight.detach()
-        weight = weight.t() if spec.transposed else weight
-        out_features, in_features = weight.shape
+        in_features, out_features = _linear_dims(dense)
         bias = getattr(dense, "bias", None)
-        cls = ColumnParallelLinear if spec.style == COLWISE else RowParallelLinear
-        layer = cls(in_features, out_features, bias is not None, False if spec.style == COLWISE else True, group,
-                    device="meta", dtype=weight.dtype)
-        layer.weight = nn.Parameter(shard(weight, spec.dim, spec.parts, info.rank, info.size),
-                                    requires_grad=dense.weight.requires_grad)
+        if spec.style == COLWISE:
+            layer = ColumnParallelLinear(in_features, out_features, bias is not None, spec.gather_output, group,
+                                         device="meta", dtype=dense.weight.dtype)
+        else:
+            layer = RowParallelLinear(in_features, out_features, bias is not None, True, group, device="meta",
+                                      dtype=dense.weight.dtype)
+        layer.weight = local(dense.weight, spec.dim, spec.transposed)
         if bias is not None:
-            local_bias = shard(bias.detach(), 0, spec.parts, info.rank, info.size) if spec.shards_bias() \
-                else bias.detach().clone()
-            layer.bias = nn.Parameter(local_bias, requires_grad=bias.requires_grad)
+            layer.bias = local(bias, 0) if spec.shards_bias() else bias
     layer.tp_spec = spec
-    setattr(parent, child_name, layer)
+    setattr(module.get_submodule(parent_name), child_name, layer)
 
 
 def _fix_split_attributes(module: nn.Module, specs: Dict[str, ShardSpec], world: int) -> None:

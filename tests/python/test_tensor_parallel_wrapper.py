@@ -24,12 +24,17 @@ def gpt2():
     return transformers.GPT2LMHeadModel(config)
 
 
-def llama():
+def llama(tie_word_embeddings=False):
     # Grouped-query attention: 8 query heads share 4 key/value heads.
     config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=32,
-                                      use_cache=False, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+                                      use_cache=False, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                                      tie_word_embeddings=tie_word_embeddings)
     return transformers.LlamaForCausalLM(config)
+
+
+def llama_tied():
+    return llama(tie_word_embeddings=True)
 
 
 def bert():
@@ -53,7 +58,7 @@ class Encoder(nn.Module):
         return self.head(self.encoder(self.embed(ids)))
 
 
-MODELS = {"gpt": gpt, "encoder": Encoder, "gpt2": gpt2, "llama": llama, "bert": bert}
+MODELS = {"gpt": gpt, "encoder": Encoder, "gpt2": gpt2, "llama": llama, "llama_tied": llama_tied, "bert": bert}
 EXPECTED_SHARDED = {  # a few layers auto must find, per model
     "gpt": {"blocks.0.attn.qkv": "qkv", "blocks.0.attn.proj": "rowwise", "blocks.1.mlp.0": "colwise",
             "blocks.1.mlp.2": "rowwise"},
@@ -61,8 +66,9 @@ EXPECTED_SHARDED = {  # a few layers auto must find, per model
                 "encoder.layers.1.linear1": "colwise", "encoder.layers.1.linear2": "rowwise"},
     "gpt2": {"transformer.h.0.attn.c_attn": "qkv", "transformer.h.0.attn.c_proj": "rowwise",
              "transformer.h.1.mlp.c_fc": "colwise", "transformer.h.1.mlp.c_proj": "rowwise"},
-    "llama": {"model.layers.0.self_attn.k_proj": "colwise", "model.layers.0.self_attn.o_proj": "rowwise",
+    "llama": {"model.embed_tokens": "vocab", "lm_head": "colwise_gather", "model.layers.0.self_attn.k_proj": "colwise", "model.layers.0.self_attn.o_proj": "rowwise",
               "model.layers.1.mlp.gate_proj": "colwise", "model.layers.1.mlp.down_proj": "rowwise"},
+    "llama_tied": {"model.embed_tokens": "vocab", "lm_head": "colwise_gather"},
     "bert": {"bert.encoder.layer.0.attention.self.query": "colwise",
              "bert.encoder.layer.0.attention.output.dense": "rowwise",
              "bert.encoder.layer.1.intermediate.dense": "colwise", "bert.encoder.layer.1.output.dense": "rowwise"},
@@ -83,6 +89,8 @@ def check_models(rank, world, folder):
         for layer, style in EXPECTED_SHARDED[name].items():
             assert sharded.torch_mp_plan.get(layer) == style, (name, layer, sharded.torch_mp_plan.get(layer))
         assert list(sharded.state_dict()) == list(dense.state_dict())
+        if name == "llama_tied":  # the embedding and the LM head split alike and stay one parameter
+            assert sharded.lm_head.weight is sharded.model.embed_tokens.weight
 
         # Same outputs, and the same outputs again after one optimizer step on each.
         for step in range(2):
