@@ -10,6 +10,12 @@ A plan maps module-name patterns (globs: ``"layers.*.mlp.up_proj"``) to styles:
 - ``rowwise``: input features split (attention output, MLP down); one all-reduce, full output.
 - ``vocab``: an embedding's rows split; full embeddings out.
 - ``replicate``: left as it is.
+- ``sequence_parallel``: on a block (a pre-norm transformer layer): outside its attention and MLP the
+  activations are split along the sequence, so norms, dropout and residual adds hold 1 / group size
+  of them (Megatron's sequence parallelism). The attention and the MLP all-gather their input along
+  the sequence and reduce-scatter their output; consecutive such blocks pass the split activations
+  on, the first splits its input and the last gathers its output; the gradients of the parameters
+  that see only this rank's tokens (norms, rowwise biases) are summed over the ranks.
 """
 import fnmatch
 import hashlib
@@ -32,8 +38,9 @@ from torch_mp.nn import (
 
 logger = logging.getLogger("torch_mp")
 
-QKV, COLWISE_GATHER, REPLICATE = "qkv", "colwise_gather", "replicate"
-STYLES = (COLWISE, COLWISE_GATHER, QKV, ROWWISE, VOCAB, REPLICATE)
+QKV, COLWISE_GATHER, REPLICATE, SEQUENCE_PARALLEL = "qkv", "colwise_gather", "replicate", "sequence_parallel"
+STYLES = (COLWISE, COLWISE_GATHER, QKV, ROWWISE, VOCAB, REPLICATE, SEQUENCE_PARALLEL)
+SEQUENCE_DIM = 1  # activations are [batch, sequence, features]
 # transformers' tp_plan styles that mean one of ours; the others stay replicated.
 _TRANSFORMERS_STYLES = {"colwise": COLWISE, "rowwise": ROWWISE, "embedding_rowwise": VOCAB,
                         "colwise_gather_output": COLWISE_GATHER}
@@ -43,13 +50,15 @@ Plan = Mapping[str, str]
 _WIDTH_ATTRIBUTES = ("split_size", "all_head_size", "inner_dim")
 
 
-def tensor_parallel(module: nn.Module, plan: Union[str, Plan] = "auto", group: GroupLike = None) -> nn.Module:
+def tensor_parallel(module: nn.Module, plan: Union[str, Plan] = "auto", group: GroupLike = None,
+                    sequence_parallel: bool = False) -> nn.Module:
     """Shards ``module`` in place across ``group`` and returns it.
 
     ``plan="auto"`` uses the model's own ``tp_plan`` where it has one (transformers models), and otherwise
     finds, inside each repeated block, attention (separate q, k, v or a fused qkv, then the output
     projection) and MLPs (up and gate, then down) from the order and shapes of their linear layers.
     What it does not shard stays replicated; ``module.torch_mp_replicated`` lists those layers.
+    ``sequence_parallel=True`` adds the ``sequence_parallel`` style to the repeated blocks.
 
     The result has ``torch_mp_plan`` ({module name: style}) and keeps the stock parameter names;
     ``torch_mp.full_state_dict`` gathers a stock state_dict from it.
@@ -65,9 +74,14 @@ def tensor_parallel(module: nn.Module, plan: Union[str, Plan] = "auto", group: G
         resolved = _resolve_patterns(module, plan)
     else:
         raise TypeError(f"tensor_parallel: expected plan to be 'auto' or a dict, got {type(plan).__name__}")
+    if sequence_parallel:
+        from torch_mp.split import _find_layers
+
+        resolved.update({name: SEQUENCE_PARALLEL for name in _find_layers(module)})
+    sequence_blocks = [name for name, style in resolved.items() if style == SEQUENCE_PARALLEL]
     specs: Dict[str, ShardSpec] = {}
     for name, style in resolved.items():
-        if style != REPLICATE:
+        if style not in (REPLICATE, SEQUENCE_PARALLEL):
             specs.update(_specs(module, name, style))
     _check_divisible(module, specs, info.size)
     _check_same_plan_on_every_rank(specs, group, info.size)
@@ -82,7 +96,10 @@ def tensor_parallel(module: nn.Module, plan: Union[str, Plan] = "auto", group: G
         elif not any(_inside(name, attention) for attention in attentions):
             _swap(module, name, spec, group, shared)
     _fix_split_attributes(module, specs, info.size)
+    if sequence_blocks:
+        _sequence_parallel(module, sequence_blocks, info)
     module.torch_mp_plan = {name: _style_name(spec) for name, spec in specs.items()}
+    module.torch_mp_plan.update({name: SEQUENCE_PARALLEL for name in sequence_blocks})
     module._torch_mp_specs = specs
     module._torch_mp_group = group
     module.torch_mp_replicated = [name for name, child in module.named_modules()
@@ -331,3 +348,80 @@ def _fix_split_attributes(module: nn.Module, specs: Dict[str, ShardSpec], world:
             value = getattr(owner, key, None)
             if isinstance(value, int) and value in widths:
                 setattr(owner, key, value // world)
+
+
+# --- sequence parallelism ----------------------------------------------------------------------
+
+def _sequence_parallel(module: nn.Module, blocks: List[str], info) -> None:
+    for name in blocks:
+        block = module.get_submodule(name)
+        layers = [(child_name, child) for child_name, child in block.named_modules()
+                  if isinstance(child, (ColumnParallelLinear, RowParallelLinear, TensorParallelMultiheadAttention))]
+        if any(isinstance(child, TensorParallelMultiheadAttention) for _, child in layers):
+            raise ValueError(f"tensor_parallel: sequence_parallel for {name!r}, which holds an "
+                             "nn.MultiheadAttention; expected blocks with separate projections")
+        # Each rowwise layer closes a parallel region opened by the colwise layers before it; the
+        # module holding both (an attention, an MLP) gathers its input along the sequence.
+        owners, opened = {}, None
+        for child_name, child in layers:
+            child.sequence_dim = SEQUENCE_DIM
+            if isinstance(child, ColumnParallelLinear):
+                opened = opened or child_name
+            elif opened is not None:
+                owner = _common_prefix(opened, child_name)
+                owners[owner] = block.get_submodule(owner) if owner else block
+                opened = None
+        for owner in owners.values():
+            owner.register_forward_pre_hook(_gather_input(info), with_kwargs=True)
+        # Parameters other than this rank's slices see only this rank's tokens: sum their gradients.
+        sliced = set()
+        for _, child in layers:
+            sliced.update(id(p) for p in (child.weight, child.bias if isinstance(child, ColumnParallelLinear) else None)
+                          if p is not None)
+        for parameter in block.parameters():
+            if id(parameter) not in sliced and parameter.requires_grad:
+                parameter.register_hook(_sum_over_ranks(info))
+    first, last = module.get_submodule(blocks[0]), module.get_submodule(blocks[-1])
+    first.register_forward_pre_hook(_map_hidden_states(_split(info)), with_kwargs=True)
+    last.register_forward_hook(_gather_output(info))
+
+
+def _common_prefix(a: str, b: str) -> str:
+    common = []
+    for x, y in zip(a.split("."), b.split(".")):
+        if x != y:
+            break
+        common.append(x)
+    return ".".join(common)
+
+
+def _sum_over_ranks(info):
+    return lambda grad: torch.ops.torch_mp._all_reduce(grad, "sum", info.name, info.size)
+
+
+def _split(info):
+    return lambda t: torch.ops.torch_mp.scatter_to_tp(t, SEQUENCE_DIM, info.name, info.size)
+
+
+def _map_hidden_states(fn):
+    """A pre-hook applying ``fn`` to a module's activations: its first argument, or ``hidden_states``."""
+    def hook(owner, args, kwargs):
+        if args:
+            return (fn(args[0]),) + tuple(args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
+    return hook
+
+
+def _gather_input(info):
+    return _map_hidden_states(
+        lambda t: torch.ops.torch_mp.gather_from_sp(t, SEQUENCE_DIM, info.name, info.size))
+
+
+def _gather_output(info):
+    """Gathers the block's activations (its output, or the output's first element) along the sequence."""
+    def hook(block, args, output):
+        gather = lambda t: torch.ops.torch_mp.gather_from_tp(t, SEQUENCE_DIM, info.name, info.size)  # noqa: E731
+        if isinstance(output, torch.Tensor):
+            return gather(output)
+        return (gather(output[0]),) + tuple(output[1:])
+    return hook

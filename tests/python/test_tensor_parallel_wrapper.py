@@ -137,6 +137,28 @@ def check_models(rank, world, folder):
 
     check_multihead_attention(rank, world)
     check_memory_report(rank, world, folder)
+    check_sequence_parallel(rank, world)
+
+
+def check_sequence_parallel(rank, world):
+    """Sequence-parallel blocks: the same outputs and the same step as the unsharded model."""
+    for make in (llama, gpt2, gpt):
+        torch.manual_seed(0)
+        dense = make().train()
+        ids = torch.randint(0, 97, (2, 4 * world))
+        sharded = torch_mp.tensor_parallel(copy.deepcopy(dense), sequence_parallel=True)
+        assert "sequence_parallel" in sharded.torch_mp_plan.values()
+        for step in range(2):
+            torch.testing.assert_close(logits_of(sharded, ids), logits_of(dense, ids), rtol=1e-4, atol=1e-5,
+                                       msg=f"{make.__name__} step {step}")
+            if step == 0:
+                for model in (dense, sharded):
+                    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+                    logits_of(model, ids).square().mean().backward()
+                    optimizer.step()
+        gathered = torch_mp.full_state_dict(sharded)
+        for key, value in dense.state_dict().items():
+            torch.testing.assert_close(gathered[key], value, rtol=1e-4, atol=1e-5, msg=f"{make.__name__} {key}")
 
 
 def check_memory_report(rank, world, folder):

@@ -24,6 +24,11 @@ def _init_linear(weight: torch.Tensor, bias: Optional[torch.Tensor], fan_in: int
 
 
 class _TensorParallel(nn.Module):
+    # Sequence parallel (Megatron): the activations around the module holding this layer are split
+    # along this dim (None: they are not). That module all-gathers its input, so a colwise layer
+    # computes locally and a rowwise one reduce-scatters. Set by tensor_parallel.
+    sequence_dim: Optional[int] = None
+
     def _set_group(self, group: GroupLike) -> None:
         info = resolve_group(group, f"{type(self).__name__}(group=...)")
         # Plain attributes, so the forward hands the operators constants (nothing for compile to trace).
@@ -58,6 +63,10 @@ class ColumnParallelLinear(_TensorParallel):
         return layer
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.sequence_dim is not None:
+            # The input was all-gathered along the sequence; that gather's backward (a reduce-scatter)
+            # sums the input gradient's partial products across ranks.
+            return torch.nn.functional.linear(input, self.weight, self.bias)
         return torch.ops.torch_mp.column_parallel_linear(
             input, self.weight, self.bias, self.gather_output, self.group_name, self.group_size)
 
@@ -94,6 +103,14 @@ class RowParallelLinear(_TensorParallel):
         return layer
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.sequence_dim is not None:
+            # The output leaves split along the sequence: reduce-scatter instead of all-reduce.
+            if not self.input_is_parallel:
+                input = torch.ops.torch_mp.scatter_to_tp(input, -1, self.group_name, self.group_size)
+            partial = torch.nn.functional.linear(input, self.weight)
+            output = torch.ops.torch_mp.reduce_scatter_to_sp(partial, self.sequence_dim, self.group_name,
+                                                             self.group_size)
+            return output if self.bias is None else output + self.bias
         return torch.ops.torch_mp.row_parallel_linear(
             input, self.weight, self.bias, self.input_is_parallel, self.group_name, self.group_size)
 
