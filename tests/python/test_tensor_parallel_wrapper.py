@@ -80,6 +80,24 @@ def logits_of(model, ids):
     return output if isinstance(output, torch.Tensor) else output.logits
 
 
+def assert_same_step_and_state(dense, sharded, ids, name):
+    """Same outputs, the same outputs again after one optimizer step on each, and a gathered
+    full_state_dict with the stock names and shapes and the unsharded model's values."""
+    for step in range(2):
+        torch.testing.assert_close(logits_of(sharded, ids), logits_of(dense, ids), rtol=1e-4, atol=1e-5,
+                                   msg=f"{name} step {step}")
+        if step == 0:
+            for model in (dense, sharded):
+                optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+                logits_of(model, ids).square().mean().backward()
+                optimizer.step()
+    gathered = torch_mp.full_state_dict(sharded)
+    reference = dense.state_dict()
+    assert {k: tuple(v.shape) for k, v in gathered.items()} == {k: tuple(v.shape) for k, v in reference.items()}
+    for key in reference:
+        torch.testing.assert_close(gathered[key], reference[key], rtol=1e-4, atol=1e-5, msg=f"{name} {key}")
+
+
 def check_models(rank, world, folder):
     for name, make in MODELS.items():
         torch.manual_seed(0)
@@ -92,23 +110,9 @@ def check_models(rank, world, folder):
         if name == "llama_tied":  # the embedding and the LM head split alike and stay one parameter
             assert sharded.lm_head.weight is sharded.model.embed_tokens.weight
 
-        # Same outputs, and the same outputs again after one optimizer step on each.
-        for step in range(2):
-            expected, actual = logits_of(dense, ids), logits_of(sharded, ids)
-            torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5, msg=f"{name} step {step}")
-            if step == 0:
-                for model in (dense, sharded):
-                    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-                    logits_of(model, ids).square().mean().backward()
-                    optimizer.step()
-
-        # full_state_dict gathers the stock state_dict, which the unsharded model loads strictly.
-        gathered = torch_mp.full_state_dict(sharded)
+        assert_same_step_and_state(dense, sharded, ids, name)
         reference = dense.state_dict()
-        assert {k: tuple(v.shape) for k, v in gathered.items()} == {k: tuple(v.shape) for k, v in reference.items()}
-        for key in reference:
-            torch.testing.assert_close(gathered[key], reference[key], rtol=1e-4, atol=1e-5, msg=f"{name} {key}")
-        make().load_state_dict(gathered, strict=True)
+        make().load_state_dict(torch_mp.full_state_dict(sharded), strict=True)
 
         # load_full_state_dict is its inverse, from a state_dict and from a safetensors file read by slices.
         fresh = torch_mp.tensor_parallel(make())
@@ -148,17 +152,7 @@ def check_sequence_parallel(rank, world):
         ids = torch.randint(0, 97, (2, 4 * world))
         sharded = torch_mp.tensor_parallel(copy.deepcopy(dense), sequence_parallel=True)
         assert "sequence_parallel" in sharded.torch_mp_plan.values()
-        for step in range(2):
-            torch.testing.assert_close(logits_of(sharded, ids), logits_of(dense, ids), rtol=1e-4, atol=1e-5,
-                                       msg=f"{make.__name__} step {step}")
-            if step == 0:
-                for model in (dense, sharded):
-                    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-                    logits_of(model, ids).square().mean().backward()
-                    optimizer.step()
-        gathered = torch_mp.full_state_dict(sharded)
-        for key, value in dense.state_dict().items():
-            torch.testing.assert_close(gathered[key], value, rtol=1e-4, atol=1e-5, msg=f"{make.__name__} {key}")
+        assert_same_step_and_state(dense, sharded, ids, make.__name__)
 
 
 def check_memory_report(rank, world, folder):
