@@ -19,6 +19,7 @@ from torch_mp._ops import (
     scatter_to_tp,
     to_device,
 )
+from torch_mp.mesh import init_mesh
 from torch_mp.report import memory_report
 from torch_mp.split import split
 from torch_mp.state import full_state_dict, init_empty_weights, load_full_state_dict
@@ -38,6 +39,7 @@ __all__ = [
     "gather_from_sp",
     "gather_from_tp",
     "init_empty_weights",
+    "init_mesh",
     "load_full_state_dict",
     "memory_report",
     "nn",
