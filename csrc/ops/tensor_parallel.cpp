@@ -171,9 +171,11 @@ at::Tensor row_parallel_linear_impl(
   detail::check_same_device_and_dtype("torch_mp.row_parallel_linear", input, weight, bias);
   const auto group = group_of(name, size);
   const auto local_input = input_is_parallel ? input : scatter_to_tp(input, -1, group);
-  TORCH_CHECK_VALUE(
-      local_input.size(-1) == weight.size(1), "torch_mp.row_parallel_linear: input has ", local_input.size(-1),
-      " features on this rank but weight has ", weight.size(1), " columns; expected them equal");
+  // Symbolic sizes: a check on concrete ones would specialize dynamic shapes under torch.compile.
+  TORCH_SYM_CHECK(
+      local_input.sym_size(-1).sym_eq(weight.sym_size(1)), "torch_mp.row_parallel_linear: input has ",
+      local_input.sym_size(-1), " features on this rank but weight has ", weight.sym_size(1),
+      " columns; expected them equal");
   auto output = reduce_from_tp(at::linear(local_input, weight), group);
   return bias.has_value() && bias->defined() ? output + *bias : output;
 }
@@ -203,16 +205,21 @@ at::Tensor vocab_parallel_cross_entropy_impl(
     int64_t ignore_index,
     c10::string_view name,
     int64_t size) {
-  TORCH_CHECK_VALUE(
-      logits.dim() == target.dim() + 1 && logits.sizes().slice(0, target.dim()) == target.sizes(),
-      "torch_mp.vocab_parallel_cross_entropy: logits of shape ", logits.sizes(), " and target of shape ",
-      target.sizes(), "; expected logits of shape [*target.shape, vocab on this rank]");
+  c10::SymBool shapes_fit(logits.dim() == target.dim() + 1);
+  for (int64_t d = 0; d < target.dim() && d + 1 < logits.dim(); ++d) {
+    shapes_fit = shapes_fit.sym_and(logits.sym_size(d).sym_eq(target.sym_size(d)));
+  }
+  TORCH_SYM_CHECK(
+      shapes_fit, "torch_mp.vocab_parallel_cross_entropy: logits of shape ", logits.sym_sizes(),
+      " and target of shape ", target.sym_sizes(), "; expected logits of shape [*target.shape, vocab on this rank]");
+  // The vocabulary shard is as wide as the weight it came from: a static size.
+  const auto local_vocab = logits.sym_size(-1).guard_int(__FILE__, __LINE__);
   const auto group = group_of(name, size);
   // Reduced-precision logits are summed in float32, as torch's cross entropy does internally.
   const auto values = at::isReducedFloatingType(logits.scalar_type()) ? logits.to(at::kFloat) : logits;
   const auto max = primitives::all_reduce(std::get<0>(values.detach().max(-1, true)), "max", group);
   const auto shifted = values - max;
-  const auto in_shard = (target >= vocab_start) & (target < vocab_start + logits.size(-1));
+  const auto in_shard = (target >= vocab_start) & (target < vocab_start + local_vocab);
   const auto local_target = (target - vocab_start).masked_fill(~in_shard, 0);
   const auto target_logit = reduce_from_tp(
       shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1).masked_fill(~in_shard, 0), group);

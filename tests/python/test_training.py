@@ -46,3 +46,73 @@ def test_bad_mesh_is_a_clear_error():
     run_ranks(2, check_bad_mesh)
     with pytest.raises(RuntimeError, match="torch.distributed is not initialized"):
         torch_mp.init_mesh(dp=1)
+
+
+def compile_checks(model, eager, ids, step_inputs):
+    """Compiled (inductor, fullgraph) against eager: zero graph breaks, the same losses and steps, no
+    recompilation after the first step, dynamic sizes, inference mode and compiled autograd."""
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(lambda x: model(x, targets=x))(ids)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(model, fullgraph=True)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, eager)]
+    for step in range(3):
+        with torch._dynamo.config.patch(error_on_recompile=step > 0):
+            _, loss = compiled(ids, targets=ids)
+        _, expected = eager(ids, targets=ids)
+        torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5, msg=f"loss at step {step}")
+        for value, optimizer in ((loss, optimizers[0]), (expected, optimizers[1])):
+            value.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for (name, a), (_, b) in zip(model.named_parameters(), eager.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+    # Dynamic batch and sequence sizes: marked once, no recompilation for new sizes.
+    torch._dynamo.reset()
+    dynamic = torch.compile(model, fullgraph=True)
+    first = step_inputs[0].clone()
+    torch._dynamo.mark_dynamic(first, 0)
+    torch._dynamo.mark_dynamic(first, 1)
+    dynamic(first)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for other in step_inputs[1:]:
+            torch.testing.assert_close(dynamic(other), eager(other), rtol=1e-4, atol=1e-5)
+
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(ids), eager(ids), rtol=1e-4, atol=1e-5)
+
+    # Compiled autograd traces the C++ autograd formulas into the backward graph.
+    model.zero_grad()
+    eager.zero_grad()
+    from torch._dynamo import compiled_autograd
+
+    with compiled_autograd._enable(torch.compile(backend="aot_eager", fullgraph=True)):
+        compiled(ids, targets=ids)[1].backward()
+    eager(ids, targets=ids)[1].backward()
+    for (name, a), (_, b) in zip(model.named_parameters(), eager.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=f"compiled autograd {name}")
+
+
+def gpt_and_inputs():
+    torch.manual_seed(0)
+    dense = GPT(vocab=97, dim=32, heads=4, depth=2)
+    ids = torch.randint(0, 97, (2, 8))
+    sizes = [torch.randint(0, 97, shape) for shape in ((2, 8), (3, 5), (5, 12))]
+    return dense, ids, sizes
+
+
+def check_compiled_tensor_parallel(rank, world):
+    dense, ids, sizes = gpt_and_inputs()
+    compile_checks(torch_mp.tensor_parallel(copy.deepcopy(dense)), torch_mp.tensor_parallel(copy.deepcopy(dense)),
+                   ids, sizes)
+
+
+def test_compiled_tensor_parallel_training():
+    run_ranks(2, check_compiled_tensor_parallel, timeout=600)
+
+
+def test_compiled_split_training():
+    dense, ids, sizes = gpt_and_inputs()
+    compile_checks(torch_mp.split(copy.deepcopy(dense), ["cpu", "cpu"]),
+                   torch_mp.split(copy.deepcopy(dense), ["cpu", "cpu"]), ids, sizes)
