@@ -116,3 +116,24 @@ def test_compiled_split_training():
     dense, ids, sizes = gpt_and_inputs()
     compile_checks(torch_mp.split(copy.deepcopy(dense), ["cpu", "cpu"]),
                    torch_mp.split(copy.deepcopy(dense), ["cpu", "cpu"]), ids, sizes)
+
+
+def test_train_compile_example_under_torchrun(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    checkpoint = str(tmp_path / "gpt2.safetensors")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29537",
+         os.path.join(root, "examples", "python", "train_compile.py"), "--tp", "2", "--compile", "--steps", "3",
+         "--layers", "2", "--hidden", "64", "--seq", "32", "--save", checkpoint],
+        capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "tokens/s" in result.stdout and "tensor parallel over 2 ranks" in result.stdout, result.stdout
+    config = transformers.GPT2Config(vocab_size=512, n_positions=32, n_embd=64, n_layer=2, n_head=8, use_cache=False)
+    transformers.GPT2LMHeadModel(config).load_state_dict(load_file(checkpoint), strict=True)
