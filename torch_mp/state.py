@@ -12,6 +12,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Uni
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from torch_mp._group import resolve_group
 from torch_mp._safetensors import SafetensorsFile
@@ -22,14 +23,16 @@ _PROGRESS_BYTES = 256 * 2**20  # show a progress bar for loads larger than this
 
 
 def full_state_dict(module: nn.Module) -> Dict[str, torch.Tensor]:
-    """The stock state_dict of a model sharded by ``tensor_parallel`` (or split by ``split``): stock
-    names and shapes, on the CPU, loadable by the unsharded model with ``strict=True``. A collective:
-    every rank of the model's group must call it."""
+    """The stock state_dict of a model sharded by ``tensor_parallel`` (or split by ``split``), with
+    FSDP2's ``fully_shard`` on top or not: stock names and shapes, on the CPU, loadable by the
+    unsharded model with ``strict=True``. A collective: every rank of the model's groups must call it."""
     specs, group, world = _tp_state(module)
     result = {}
     for key, value in module.state_dict().items():
         spec, attr = _spec_of(key, specs)
         value = value.detach()
+        if isinstance(value, DTensor):  # sharded again by FSDP2 (fully_shard) over a data-parallel mesh
+            value = value.full_tensor()
         if spec is not None and _is_sharded(spec, attr) and world > 1:
             pieces = [torch.empty_like(value) for _ in range(world)]
             dist.all_gather(pieces, value.contiguous(), group=group)

@@ -33,8 +33,36 @@ def check_dp_by_tp(rank, world):
         torch.testing.assert_close(gathered[key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
+def check_fsdp_by_tp(rank, world):
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = torch_mp.init_mesh(dp=2, tp=2)
+    dp_rank = mesh["dp"].get_local_rank()
+    torch.manual_seed(0)
+    dense = GPT(vocab=97, dim=32, heads=4, depth=2)
+    ids = torch.randint(0, 97, (4, 8))
+    model = torch_mp.tensor_parallel(copy.deepcopy(dense), group=mesh["tp"])
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (dense, model)]
+    for step in range(2):
+        for m, optimizer, batch in ((dense, optimizers[0], ids), (model, optimizers[1], ids.chunk(2)[dp_rank])):
+            optimizer.zero_grad()
+            _, loss = m(batch, targets=batch)
+            loss.backward()
+            optimizer.step()
+    gathered = torch_mp.full_state_dict(model)
+    for key, value in dense.state_dict().items():
+        torch.testing.assert_close(gathered[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
 def test_dp_by_tp_matches_dense():
     run_ranks(4, check_dp_by_tp)
+
+
+def test_fsdp2_by_tp_matches_dense():
+    run_ranks(4, check_fsdp_by_tp)
 
 
 def check_bad_mesh(rank, world):
