@@ -12,15 +12,14 @@ from distributed import run_ranks
 from models import GPT
 
 
-def check_dp_by_tp(rank, world):
-    mesh = torch_mp.init_mesh(dp=2, tp=2)
-    dp_rank = mesh["dp"].get_local_rank()
+def dense_gpt_and_batch():
     torch.manual_seed(0)
-    dense = GPT(vocab=97, dim=32, heads=4, depth=2)
-    ids = torch.randint(0, 97, (4, 8))  # the global batch: each data-parallel rank takes half
+    return GPT(vocab=97, dim=32, heads=4, depth=2), torch.randint(0, 97, (4, 8))
 
-    model = torch_mp.tensor_parallel(copy.deepcopy(dense), group=mesh["tp"])
-    model = DistributedDataParallel(model, process_group=mesh["dp"].get_group())
+
+def assert_trains_like_dense(model, sharded, dense, ids, dp_rank):
+    """Two SGD steps: the dense model on the global batch, the data-parallel replicas on halves of it;
+    then the gathered stock state_dict equals the dense one."""
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (dense, model)]
     for step in range(2):
         for m, optimizer, batch in ((dense, optimizers[0], ids), (model, optimizers[1], ids.chunk(2)[dp_rank])):
@@ -28,33 +27,29 @@ def check_dp_by_tp(rank, world):
             _, loss = m(batch, targets=batch)
             loss.backward()
             optimizer.step()
-    gathered = torch_mp.full_state_dict(model.module)
+    gathered = torch_mp.full_state_dict(sharded)
     for key, value in dense.state_dict().items():
         torch.testing.assert_close(gathered[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def check_dp_by_tp(rank, world):
+    mesh = torch_mp.init_mesh(dp=2, tp=2)
+    dense, ids = dense_gpt_and_batch()
+    sharded = torch_mp.tensor_parallel(copy.deepcopy(dense), group=mesh["tp"])
+    model = DistributedDataParallel(sharded, process_group=mesh["dp"].get_group())
+    assert_trains_like_dense(model, sharded, dense, ids, mesh["dp"].get_local_rank())
 
 
 def check_fsdp_by_tp(rank, world):
     from torch.distributed.fsdp import fully_shard
 
     mesh = torch_mp.init_mesh(dp=2, tp=2)
-    dp_rank = mesh["dp"].get_local_rank()
-    torch.manual_seed(0)
-    dense = GPT(vocab=97, dim=32, heads=4, depth=2)
-    ids = torch.randint(0, 97, (4, 8))
+    dense, ids = dense_gpt_and_batch()
     model = torch_mp.tensor_parallel(copy.deepcopy(dense), group=mesh["tp"])
     for block in model.blocks:
         fully_shard(block, mesh=mesh["dp"])
     fully_shard(model, mesh=mesh["dp"])
-    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (dense, model)]
-    for step in range(2):
-        for m, optimizer, batch in ((dense, optimizers[0], ids), (model, optimizers[1], ids.chunk(2)[dp_rank])):
-            optimizer.zero_grad()
-            _, loss = m(batch, targets=batch)
-            loss.backward()
-            optimizer.step()
-    gathered = torch_mp.full_state_dict(model)
-    for key, value in dense.state_dict().items():
-        torch.testing.assert_close(gathered[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert_trains_like_dense(model, model, dense, ids, mesh["dp"].get_local_rank())
 
 
 def test_dp_by_tp_matches_dense():
