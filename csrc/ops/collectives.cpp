@@ -57,10 +57,7 @@ at::Tensor all_reduce_kernel(
     return output;
   }
   auto group = detail::resolve_group("torch_mp.all_reduce", group_name, group_size);
-  std::vector<at::Tensor> tensors{output};
-  c10d::AllreduceOptions options;
-  options.reduceOp = reduction;
-  group->allreduce(tensors, options)->wait();
+  detail::start_all_reduce(*group, output, reduction)->wait();
   return output;
 }
 

@@ -6,6 +6,7 @@
 
 #include <torch_mp/ops.h>
 
+#include "comm/collectives.h"
 #include "comm/group.h"
 #include "ops/checks.h"
 
@@ -142,8 +143,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> column_parallel_linear_backward_k
     grad_input = at::matmul(grad_output, weight).contiguous();
     if (size > 1) {
       auto group = detail::resolve_group("torch_mp.column_parallel_linear (backward)", name, size);
-      std::vector<at::Tensor> tensors{grad_input};
-      pending = group->allreduce(tensors);
+      pending = detail::start_all_reduce(*group, grad_input);
     }
   }
   const auto grad_2d = grad_output.reshape({-1, grad_output.size(-1)});

@@ -21,7 +21,7 @@ if(NOT run_result EQUAL 0)
 endif()
 if(TORCHRUN)
   execute_process(
-    COMMAND ${TORCHRUN} --nproc-per-node 2 --master-port 29517 --no-python ${BINARY_DIR}/tensor_parallel_mlp
+    COMMAND ${TORCHRUN} --standalone --nproc-per-node 2 --no-python ${BINARY_DIR}/tensor_parallel_mlp
     RESULT_VARIABLE torchrun_result TIMEOUT 300)
   if(NOT torchrun_result EQUAL 0)
     message(FATAL_ERROR "torchrun of the tensor-parallel example failed: ${torchrun_result}")

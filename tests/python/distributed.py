@@ -1,6 +1,5 @@
 """Runs a test body on several Gloo ranks, each a process, bounded by a timeout so a hang fails."""
 import datetime
-import gc
 import os
 import tempfile
 import time
@@ -21,10 +20,6 @@ def _worker(rank: int, world_size: int, store_path: str, fn, args) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
-        # Frees what reference cycles still hold (autograd graphs, tensors lent to Gloo's worker
-        # threads) while the interpreter is whole: a Gloo thread that must take the GIL to release a
-        # tensor during interpreter shutdown ends the process with std::terminate.
-        gc.collect()
 
 
 def run_ranks(world_size: int, fn, *args, timeout: float = 240.0) -> None:

@@ -152,7 +152,7 @@ def test_train_compile_example_under_torchrun(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     checkpoint = str(tmp_path / "gpt2.safetensors")
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29537",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          os.path.join(root, "examples", "python", "train_compile.py"), "--tp", "2", "--compile", "--steps", "3",
          "--layers", "2", "--hidden", "64", "--seq", "32", "--save", checkpoint],
         capture_output=True, text=True, timeout=400)
