@@ -34,6 +34,7 @@ def main():
     print("device map:")
     for name, device in split.device_map.items():
         print(f"  {name:<24} {device}")
+    print(torch_mp.memory_report(split))
 
     data = torch.randint(0, config.vocab_size, (args.steps, 8, 32))
     dense_optimizer = torch.optim.AdamW(dense.parameters(), lr=1e-3)
