@@ -4,7 +4,7 @@ Importing the package loads libtorch_mp, which registers the operators under tor
 """
 import os
 
-import torch
+import torch  # noqa: F401  (loads torch's libraries before libtorch_mp)
 
 from torch_mp import _C  # noqa: F401  (links libtorch_mp: registers torch.ops.torch_mp.*)
 from torch_mp import nn

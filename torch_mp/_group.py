@@ -13,6 +13,13 @@ class GroupInfo(NamedTuple):
 GroupLike = Union[None, "dist.ProcessGroup", "dist.device_mesh.DeviceMesh"]
 
 
+def process_group_of(group: GroupLike):
+    """The ProcessGroup behind ``group`` for torch.distributed calls (None: the default group)."""
+    if dist.is_available() and isinstance(group, dist.device_mesh.DeviceMesh):
+        return group.get_group()
+    return group
+
+
 def resolve_group(group: GroupLike, what: str = "group") -> GroupInfo:
     """``None``: the default group, or a group of one when torch.distributed is not initialized
     (every operator then is a local computation); a ProcessGroup; or a 1-D DeviceMesh."""

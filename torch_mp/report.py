@@ -2,11 +2,10 @@
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-import torch
 import torch.distributed as dist
 from torch import nn
 
-from torch_mp._group import resolve_group
+from torch_mp._group import process_group_of, resolve_group
 
 
 @dataclass
@@ -101,8 +100,7 @@ def _per_rank(module: nn.Module, specs: Dict) -> MemoryReport:
     everyone = [mine]
     if info.size > 1:
         everyone = [None] * info.size
-        process_group = group.get_group() if isinstance(group, dist.device_mesh.DeviceMesh) else group
-        dist.all_gather_object(everyone, mine, group=process_group)
+        dist.all_gather_object(everyone, mine, group=process_group_of(group))
     rows = [MemoryRow(f"rank {rank}", *entry) for rank, entry in enumerate(everyone)]
     return MemoryReport(f"{type(module).__name__}: tensor parallel over {info.size} ranks", rows)
 

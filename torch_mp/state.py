@@ -14,9 +14,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from torch_mp._group import resolve_group
+from torch_mp._group import process_group_of, resolve_group
 from torch_mp._safetensors import SafetensorsFile
-from torch_mp._sharding import ShardSpec, shard, slice_bounds, unshard
+from torch_mp._sharding import ShardSpec, slice_bounds, unshard
 
 StateSource = Union[Mapping[str, torch.Tensor], str, os.PathLike]
 _PROGRESS_BYTES = 256 * 2**20  # show a progress bar for loads larger than this
@@ -140,9 +140,7 @@ def _check_no_meta_outside(module, targets, keys) -> None:
 
 def _tp_state(module: nn.Module):
     specs = getattr(module, "_torch_mp_specs", {})
-    group = getattr(module, "_torch_mp_group", None)
-    if isinstance(group, dist.device_mesh.DeviceMesh):
-        group = group.get_group()
+    group = process_group_of(getattr(module, "_torch_mp_group", None))
     world = resolve_group(group).size if specs else 1
     return specs, group, world
 

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from torch_mp._group import GroupLike, resolve_group
+from torch_mp._group import GroupLike, process_group_of, resolve_group
 from torch_mp._sharding import COLWISE, ROWWISE, VOCAB, ShardSpec, shard
 from torch_mp.nn import (
     ColumnParallelLinear,
@@ -35,6 +35,8 @@ from torch_mp.nn import (
     TensorParallelMultiheadAttention,
     VocabParallelEmbedding,
 )
+# The same notions of "repeated blocks" and "inside a module" as split.
+from torch_mp.split import _find_layers, _inside
 
 logger = logging.getLogger("torch_mp")
 
@@ -75,8 +77,6 @@ def tensor_parallel(module: nn.Module, plan: Union[str, Plan] = "auto", group: G
     else:
         raise TypeError(f"tensor_parallel: expected plan to be 'auto' or a dict, got {type(plan).__name__}")
     if sequence_parallel:
-        from torch_mp.split import _find_layers
-
         resolved.update({name: SEQUENCE_PARALLEL for name in _find_layers(module)})
     sequence_blocks = [name for name, style in resolved.items() if style == SEQUENCE_PARALLEL]
     specs: Dict[str, ShardSpec] = {}
@@ -110,10 +110,6 @@ def tensor_parallel(module: nn.Module, plan: Union[str, Plan] = "auto", group: G
 
 
 # --- plans -------------------------------------------------------------------------------------
-
-def _inside(name: str, prefix: str) -> bool:
-    return name == prefix or name.startswith(prefix + ".")
-
 
 def _is_conv1d(module: nn.Module) -> bool:
     """transformers' Conv1D: a linear layer whose weight is stored [in, out] (``nf`` outputs)."""
@@ -158,8 +154,6 @@ def _auto_plan(module: nn.Module) -> Dict[str, str]:
         if skipped:
             logger.info("tensor_parallel: styles %s of the model's tp_plan are left replicated", skipped)
         return _resolve_patterns(module, known)
-
-    from torch_mp.split import _find_layers  # the same notion of "repeated blocks" as split
 
     plan: Dict[str, str] = {}
     for block_name in _find_layers(module):
@@ -291,9 +285,8 @@ def _check_same_plan_on_every_rank(specs: Dict[str, ShardSpec], group: GroupLike
     if world == 1:
         return
     digest = hashlib.sha256(repr(sorted(specs.items())).encode()).hexdigest()
-    process_group = group.get_group() if isinstance(group, dist.device_mesh.DeviceMesh) else group
     digests: List[Optional[str]] = [None] * world
-    dist.all_gather_object(digests, digest, group=process_group)
+    dist.all_gather_object(digests, digest, group=process_group_of(group))
     differing = [rank for rank, other in enumerate(digests) if other != digests[0]]
     if differing:
         raise ValueError(f"tensor_parallel: ranks {differing} resolved a different plan than rank 0; expected the "

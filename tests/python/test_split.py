@@ -108,6 +108,7 @@ def test_balance_list_and_output_device(devices):
     split = assert_split_matches_dense(lambda: mlp(), lambda: ((torch.randn(4, 16),), {}), devices,
                                        balance=[2, 5], output_device=devices[1])
     assert [str(d) for d in split.device_map.values()] == [devices[0]] * 2 + [devices[1]] * 5
+    assert [row.modules for row in torch_mp.memory_report(split).rows] == [2, 5]
 
 
 def test_explicit_device_map(devices):
@@ -128,9 +129,10 @@ def test_explicit_layers(devices):
 def test_auto_balance_evens_out_bytes():
     model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 256), nn.Linear(256, 64))
     split = torch_mp.split(model, ["cpu", "cpu"])
-    # 4160, 4160, 16640, 16448 bytes: the two small layers and the first large one cannot share a device
-    # with the last without exceeding 16640 + 16448, so the cut goes after layer 2.
+    # 4160, 4160, 16640, 16448 parameters (4 bytes each): the two small layers and the first large one
+    # cannot share a device with the last without exceeding 16640 + 16448, so the cut goes after layer 2.
     assert list(split.device_map) == ["0", "1", "2", "3"]
+    assert [row.parameters for row in torch_mp.memory_report(split).rows] == [4 * (4160 + 4160 + 16640), 4 * 16448]
     assert torch_mp._C._balance_by_size([4160, 4160, 16640, 16448], [2**63 - 1] * 2) == [3, 1]
 
 
@@ -139,6 +141,7 @@ def test_max_memory_shifts_layers(devices):
     split = torch_mp.split(model, devices, max_memory=[4352 + 16640, "1MB"])
     assert [str(split.device_map[name]) for name in ("0", "2", "4", "6")] == \
         [devices[0], devices[0], devices[1], devices[1]]
+    assert torch_mp.memory_report(split).rows[0].parameters == 4352 + 16640
 
 
 def test_memory_report_per_stage(tmp_path):
