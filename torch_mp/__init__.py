@@ -20,6 +20,7 @@ from torch_mp._ops import (
     to_device,
 )
 from torch_mp.mesh import init_mesh
+from torch_mp.pipeline import pipeline
 from torch_mp.report import memory_report
 from torch_mp.split import split
 from torch_mp.state import full_state_dict, init_empty_weights, load_full_state_dict
@@ -48,6 +49,7 @@ __all__ = [
     "row_parallel_linear",
     "scatter_to_tp",
     "split",
+    "pipeline",
     "tensor_parallel",
     "to_device",
 ]

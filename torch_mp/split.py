@@ -29,6 +29,11 @@ def split(
     max_memory: Optional[Union[Sequence[MemoryLike], Mapping[DeviceLike, MemoryLike]]] = None,
     layers: Optional[Sequence[str]] = None,
     output_device: Optional[DeviceLike] = None,
+    chunks: int = 1,
+    schedule: str = "gpipe",
+    checkpoint: str = "never",
+    batch_dim: int = 0,
+    sample=None,
 ) -> nn.Module:
     """Places the layers of ``module`` on ``devices``, in place, and returns it.
 
@@ -36,24 +41,43 @@ def split(
         module: any ``nn.Module``; its forward is kept as it is.
         devices: the devices, in layer order; one may appear several times (``["cpu", "cpu"]``).
         balance: ``"auto"``: contiguous runs of layers that even out parameter and buffer bytes,
-            within ``max_memory``; a list of layer counts per device; or a ``{module name: device}``
-            map that places modules explicitly and must cover every parameter and buffer.
+            within ``max_memory``; ``"time"``: runs that even out forward+backward time measured on
+            ``sample``; a list of layer counts per device; or a ``{module name: device}`` map that
+            places modules explicitly and must cover every parameter and buffer.
         max_memory: the most bytes each device may hold (ints, or strings such as ``"2GiB"``), as
             a list aligned with ``devices`` or a ``{device: bytes}`` map.
         layers: the names of the modules that are the layers, in order. By default: the largest
             group of repeated blocks (a ``ModuleList`` of transformer blocks, a ResNet's stages).
         output_device: where the output lands; by default the first device.
+        chunks: micro-batches per batch. Above 1 the devices work at once: each stage runs in a
+            thread of its own (on its own CUDA stream on a GPU) and micro-batches flow through them.
+            ``model(inputs)`` then returns the merged output (backward through it works, as one
+            GPipe pass), and ``model.train_step(inputs, target=..., loss_fn=...)`` runs forward and
+            backward by ``schedule`` and returns the loss.
+        schedule: ``"gpipe"`` or ``"1f1b"``, for ``train_step``.
+        checkpoint: ``"never"``, ``"except_last"`` or ``"always"``: which micro-batches recompute
+            their forward during backward instead of keeping activations.
+        batch_dim: the dimension of the inputs (and targets) cut into micro-batches.
+        sample: inputs to time the layers on for ``balance="time"`` (a tuple, or a dict of keywords).
 
     The result has ``device_map``: ``{module name: device}`` for every placed module. Parameter
     names, and so the state_dict, are the stock ones. Modules outside the layers (embeddings, final
     norms, heads) go with the layer nearest before them (the first layer for those before any);
     parameters tied between modules stay on the device of their first owner, and the later owners run
     there too.
+
+    With ``chunks > 1`` the forward is cut into stages with torch.fx (the layers are not traced, the
+    code between them is), micro-batches go through a stage in order, and the gradients equal the
+    unpipelined ones up to summation order. Modules that look at the whole batch see a micro-batch:
+    batch norm normalizes with micro-batch statistics (its running statistics are updated once per
+    micro-batch); prefer group or layer norm, or chunks=1, where that matters.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"split: expected module to be a torch.nn.Module, got {type(module).__name__}")
     devices = _parse_devices(devices)
     output_device = devices[0] if output_device is None else _parse_device(output_device, "output_device")
+    from torch_mp.pipeline import LocalPipe, check_options, install_pipe, layer_costs
+    check_options(chunks, schedule, checkpoint, batch_dim, allowed=("gpipe", "1f1b"))
     _remove_split_hooks(module)
 
     if isinstance(balance, Mapping):
@@ -64,13 +88,22 @@ def split(
         stage_of = {name: distinct.index(device) for name, device in device_map.items()}
     else:
         layer_names = _check_layers(module, layers) if layers is not None else _find_layers(module)
+        costs = layer_costs(module, layer_names, sample) if balance == "time" else None
         device_map, stage_of = _balanced_device_map(module, layer_names, devices, balance,
-                                                    _parse_max_memory(max_memory, devices))
+                                                    _parse_max_memory(max_memory, devices), costs)
 
     device_map = _place(module, device_map)
     for name, device in device_map.items():  # modules moved to a tied parameter's device
         stage_of.setdefault(name, min(stage_of[other] for other, d in device_map.items()
                                       if d == device and other in stage_of))
+    module.device_map = device_map
+    module._torch_mp_stage_of = stage_of
+    module.output_device = output_device
+    if chunks > 1:
+        stages = {name: stage for name, stage in stage_of.items() if name in device_map}
+        install_pipe(module, LocalPipe(module, stages, len(devices), chunks, schedule, checkpoint, batch_dim,
+                                       devices=devices, output_device=output_device))
+        return module
     # A device named more than once holds several stages; inputs entering them are copied all the
     # same, so the split behaves (and is tested) as it would across distinct devices.
     repeated = {device for device in devices if devices.count(device) > 1}
@@ -81,9 +114,6 @@ def split(
     ]
     handles.append(module.register_forward_hook(_outputs_to(output_device, output_device in repeated)))
     module._torch_mp_split_handles = handles
-    module.device_map = device_map
-    module._torch_mp_stage_of = stage_of
-    module.output_device = output_device
     return module
 
 
@@ -214,10 +244,10 @@ def _inside(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
 
-def _balanced_device_map(module, layer_names, devices, balance, capacities):
-    """Layers get devices by ``balance``; every other module owning tensors goes with the layer
-    before it (or the first layer), and its bytes count towards that layer's device. Returns the
-    device map and the stage (index into devices) of each entry."""
+def _balanced_device_map(module, layer_names, devices, balance, capacities, layer_costs=None):
+    """Layers get devices by ``balance`` (``"time"``: by ``layer_costs``); every other module owning
+    tensors goes with the layer before it (or the first layer), and its bytes count towards that
+    layer's device. Returns the device map and the stage (index into devices) of each entry."""
     layer_index = {name: i for i, name in enumerate(layer_names)}
     extras: Dict[int, List[str]] = defaultdict(list)
     sizes = [0] * len(layer_names)
@@ -236,10 +266,11 @@ def _balanced_device_map(module, layer_names, devices, balance, capacities):
             sizes[current] += _unique_bytes([child], seen)
 
     if isinstance(balance, str):
-        if balance != "auto":
-            raise ValueError(f"split: balance={balance!r}; expected 'auto', a list of layer counts per "
+        if balance not in ("auto", "time"):
+            raise ValueError(f"split: balance={balance!r}; expected 'auto', 'time', a list of layer counts per "
                              "device, or a {module name: device} map")
-        counts = _C._balance_by_size(sizes, capacities)
+        counts = (_C._balance_by_size(sizes, capacities) if balance == "auto"
+                  else _C._balance_by_size(layer_costs, [_UNLIMITED] * len(devices)))
     else:
         counts = _check_counts(balance, len(devices), len(layer_names))
 
@@ -364,3 +395,6 @@ def _outputs_to(device: torch.device, always: bool):
 def _remove_split_hooks(module: nn.Module) -> None:
     for handle in getattr(module, "_torch_mp_split_handles", []):
         handle.remove()
+    module._torch_mp_split_handles = []
+    for name in ("forward", "train_step", "_torch_mp_pipe"):  # a pipelined split's
+        module.__dict__.pop(name, None)

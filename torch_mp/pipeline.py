@@ -1,0 +1,348 @@
+"""Pipeline parallelism: micro-batches flowing through the stages of a split model, in one process
+(``split(..., chunks=M)``) or with one stage per rank (``pipeline``)."""
+import datetime
+import os
+import time
+import zlib
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from torch_mp import _C
+from torch_mp._group import GroupLike, process_group_of, resolve_group
+from torch_mp._pipeline_engine import (CHECKPOINTS, GroupTransport, StageRunner, batch_size_of, cut_batch,
+                                       merge_outputs, micro_batch_sizes, run_local, signature_of)
+from torch_mp._pipeline_graph import bind_inputs, forward_signature, trace_stages
+from torch_mp._ops import to_device
+from torch_mp.split import (_UNLIMITED, Balance, _balanced_device_map, _check_layers, _find_layers,
+                            _map_tensors, _parse_device)
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+
+
+def check_options(chunks: int, schedule: str, checkpoint: str, batch_dim: int, allowed=SCHEDULES) -> None:
+    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+        raise ValueError(f"pipeline: chunks = {chunks!r}; expected an int >= 1 (micro-batches per batch)")
+    if schedule not in allowed:
+        raise ValueError(f"pipeline: schedule = {schedule!r}; expected one of {list(allowed)}")
+    if checkpoint not in CHECKPOINTS:
+        raise ValueError(f"pipeline: checkpoint = {checkpoint!r}; expected one of {list(CHECKPOINTS)}")
+    if isinstance(batch_dim, bool) or not isinstance(batch_dim, int) or batch_dim < 0:
+        raise ValueError(f"pipeline: batch_dim = {batch_dim!r}; expected an int >= 0")
+
+
+class _Pipe:
+    """What a pipelined module runs instead of its own forward: its forward cut into stages, run on
+    micro-batches by a schedule. Subclasses say where the stages run."""
+
+    def __init__(self, module: nn.Module, stage_of: Dict[str, int], num_stages: int, chunks: int,
+                 schedule: str, checkpoint: str, batch_dim: int):
+        self.module, self.stage_of, self.num_stages = module, stage_of, num_stages
+        self.chunks, self.schedule, self.checkpoint, self.batch_dim = chunks, schedule, checkpoint, batch_dim
+        self._graphs: Dict[frozenset, list] = {}
+
+    def stages(self, given) -> list:
+        key = frozenset(given)
+        if key not in self._graphs:
+            self._graphs[key] = trace_stages(self.module, self.stage_of, self.num_stages, set(given))
+        return self._graphs[key]
+
+    def _micro_batches(self, args, kwargs, target=None):
+        values, given = bind_inputs(self.module, args, kwargs)
+        sizes = micro_batch_sizes(batch_size_of(values, self.batch_dim), self.chunks)
+        inputs = cut_batch(values, sizes, self.batch_dim)
+        targets = cut_batch(target, sizes, self.batch_dim) if target is not None else None
+        return self.stages(given), inputs, targets, sizes
+
+    def forward(self, *args, **kwargs):
+        stages, inputs, _, sizes = self._micro_batches(args, kwargs)
+        forwards = [[(False, s, m) for m in range(self.chunks)] for s in range(self.num_stages)]
+        outputs = self._run(stages, forwards, inputs, None, None, sizes, cut=False)
+        return None if outputs is None else merge_outputs([outputs[m] for m in range(self.chunks)], sizes,
+                                                          self.batch_dim)
+
+    def train_step(self, *args, target, loss_fn: Callable, **kwargs) -> torch.Tensor:
+        """One training step over the batch: forward and backward of every micro-batch in the
+        schedule's order, gradients accumulated in ``.grad`` as one backward of the whole batch
+        would (``loss_fn(output, target)`` returns each micro-batch's mean loss; they are weighted
+        by micro-batch size). Returns the batch's loss, detached. The optimizer step is the caller's."""
+        if not callable(loss_fn):
+            raise TypeError(f"pipeline: loss_fn = {loss_fn!r}; expected a callable (output, target) -> loss")
+        stages, inputs, targets, sizes = self._micro_batches(args, kwargs, target)
+        weights = [size / sum(sizes) for size in sizes]
+        losses = self._run(stages, None, inputs, targets, loss_fn, sizes, cut=True, weights=weights)
+        return self._loss(None if losses is None else sum(losses[m] * weights[m] for m in range(self.chunks)))
+
+
+class LocalPipe(_Pipe):
+    """One process: a thread per stage, each on its stage's device."""
+
+    def __init__(self, *args, devices: List[torch.device], output_device: torch.device):
+        super().__init__(*args)
+        self.devices, self.output_device = devices, output_device
+
+    def stages(self, given) -> list:
+        graphs = super().stages(given)
+        for stage, graph in enumerate(graphs):
+            for name in sorted(graph.tensors):
+                tensor = _tensor(self.module, name)
+                if tensor.device != self.devices[stage]:
+                    raise ValueError(
+                        f"split: with chunks > 1, stage {stage} ({self.devices[stage]}) uses {name!r}, which "
+                        f"lives on {tensor.device}; expected every stage's tensors on its device (tied "
+                        "parameters across devices need chunks=1, or the tied modules on one device)")
+        return graphs
+
+    def _run(self, stages, actions, inputs, targets, loss_fn, sizes, cut, weights=None):
+        if actions is None:
+            actions = _C._pipeline_schedule(self.schedule, self.num_stages, 1, self.chunks)
+        return run_local(stages, self.devices, actions, inputs, targets, loss_fn, weights, self.checkpoint, cut)
+
+    def forward(self, *args, **kwargs):
+        output = super().forward(*args, **kwargs)
+        return _map_tensors(output, lambda t: t if t.device == self.output_device else to_device(t, self.output_device))
+
+    def _loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss
+
+
+class DistributedPipe(_Pipe):
+    """One rank per stage (several with an interleaved schedule), over c10d send/recv."""
+
+    def __init__(self, *args, group, stages_per_rank: int, device: torch.device, timeout: datetime.timedelta):
+        super().__init__(*args)
+        self.group = group
+        info = resolve_group(group, "pipeline(group=...)")
+        self.world, self.rank = info.size, info.rank
+        self.stages_per_rank, self.device = stages_per_rank, device
+        self.transport = GroupTransport(group, self.rank, lambda stage: stage % self.world, device, timeout)
+        self.plan_checksum = zlib.crc32(repr(sorted(self.stage_of.items())).encode())
+        self.ties: List = []
+
+    def local_stages(self) -> List[int]:
+        return list(range(self.rank, self.num_stages, self.world))
+
+    def _check_agreement(self, signature: int) -> None:
+        """Every rank runs the same schedule on the same shapes, or none runs anything."""
+        fields = ["schedule", "stages", "stages_per_rank", "chunks", "input shapes", "stage plan"]
+        mine = [SCHEDULES.index(self.schedule), self.num_stages, self.stages_per_rank, self.chunks, signature,
+                self.plan_checksum]
+        gathered = [torch.zeros(len(mine), dtype=torch.int64, device=self.device) for _ in range(self.world)]
+        dist.all_gather(gathered, torch.tensor(mine, dtype=torch.int64, device=self.device), group=self.group)
+        rows = [row.tolist() for row in gathered]
+        differ = [(field, [row[i] for row in rows]) for i, field in enumerate(fields)
+                  if any(row[i] != rows[0][i] for row in rows)]
+        if differ:
+            described = "; ".join(f"{field}: {_describe(field, values)}" for field, values in differ)
+            raise ValueError(f"pipeline: the ranks disagree before running the schedule ({described}); "
+                             "expected every rank to call with the same options and the same batch shapes")
+
+    def _run(self, stages, actions, inputs, targets, loss_fn, sizes, cut, weights=None):
+        signature = zlib.crc32(repr((signature_of(inputs), signature_of(targets), sizes)).encode())
+        self._check_agreement(signature)
+        if actions is None:
+            schedule = _C._pipeline_schedule(self.schedule, self.world, self.stages_per_rank, self.chunks)
+        else:
+            schedule = [[a for s in range(r, self.num_stages, self.world) for a in actions[s]]
+                        for r in range(self.world)]
+        runner = StageRunner({s: stages[s] for s in self.local_stages()}, {s: self.device for s in self.local_stages()},
+                             self.num_stages, self.transport, self.checkpoint, self.chunks)
+        self.transport.begin(schedule, self.num_stages, signature)
+        with torch.set_grad_enabled(cut and torch.is_grad_enabled()):
+            results = runner.run(schedule[self.rank], inputs, targets, loss_fn, weights or [], cut)
+        self.transport.finish()
+        if cut:
+            for params, group in self.ties:
+                for param in params:
+                    if param.grad is not None:
+                        dist.all_reduce(param.grad, group=group)
+        return results if self.num_stages - 1 in self.local_stages() else None
+
+    def _loss(self, loss: Optional[torch.Tensor]) -> torch.Tensor:
+        """The batch's loss on every rank, sent from the rank holding the last stage."""
+        buffer = loss.reshape(1).float() if loss is not None else torch.zeros(1, device=self.device)
+        last = (self.num_stages - 1) % self.world
+        dist.broadcast(buffer, dist.get_global_rank(self.group, last) if self.group is not None else last,
+                       group=self.group)
+        return buffer[0]
+
+
+def _describe(field: str, values: List[int]) -> str:
+    if field == "schedule":
+        values = [SCHEDULES[v] for v in values]
+    return ", ".join(f"rank {rank} has {value}" for rank, value in enumerate(values))
+
+
+def pipeline(
+    module: nn.Module,
+    group: GroupLike = None,
+    balance: Balance = "auto",
+    chunks: int = 1,
+    schedule: str = "1f1b",
+    stages_per_rank: Optional[int] = None,
+    checkpoint: str = "never",
+    layers: Optional[Sequence[str]] = None,
+    device: Optional[Union[str, torch.device]] = None,
+    batch_dim: int = 0,
+    sample=None,
+    timeout: float = 300.0,
+) -> nn.Module:
+    """Runs ``module`` as a pipeline with one stage per rank of ``group``, in place, and returns it.
+
+    Every rank calls this with the same full model (built from the same seed or loaded from the
+    same checkpoint); each keeps the parameters its stages use and frees the others (they stay as
+    meta tensors of the stock shapes). Then, on every rank with the same batch:
+
+        loss = model.train_step(inputs, target=labels, loss_fn=F.cross_entropy)
+        optimizer.step()
+
+    Args:
+        group: a ProcessGroup or 1-D DeviceMesh; None: the default group.
+        balance: ``"auto"`` (even parameter bytes), ``"time"`` (even forward+backward time measured on
+            ``sample``), or a list of layer counts per stage.
+        chunks: micro-batches per batch; fewer than the stages works (with a larger bubble).
+        schedule: ``"gpipe"``, ``"1f1b"`` (default) or ``"interleaved_1f1b"``.
+        stages_per_rank: stages on each rank (stage s on rank s % ranks); 2 by default for the
+            interleaved schedule, 1 otherwise.
+        checkpoint: ``"never"``, ``"except_last"`` or ``"always"``: recompute the forward of those
+            micro-batches during their backward instead of keeping their activations.
+        layers: the names of the layers to cut between, as for ``split``.
+        device: this rank's device; by default ``cuda:<LOCAL_RANK % device count>`` for an NCCL group
+            and the CPU otherwise.
+        batch_dim: the dimension of the inputs (and targets) cut into micro-batches.
+        sample: inputs (a tuple of positional ones, or a dict) for ``balance="time"``.
+        timeout: seconds a rank waits for a peer's activations or gradients before raising.
+
+    The schedule is computed on every rank and checked (every message has its receiver, no
+    deadlock) and the ranks compare their options and batch shapes before each step, so a mismatch
+    is an error, not a hang. ``model(inputs)`` runs the forward only and returns the output on the
+    rank holding the last stage, None on the others. The forward is traced with torch.fx outside the
+    layers, so it must not branch on tensor values there. Parameters used by stages on several ranks
+    (a head tied to the embedding) live on each of them, and their gradients are summed across
+    those ranks after each step.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"pipeline: expected module to be a torch.nn.Module, got {type(module).__name__}")
+    info = resolve_group(group, "pipeline(group=...)")
+    group = process_group_of(group)
+    if schedule not in SCHEDULES:
+        raise ValueError(f"pipeline: schedule = {schedule!r}; expected one of {list(SCHEDULES)}")
+    if stages_per_rank is None:
+        stages_per_rank = 2 if schedule == "interleaved_1f1b" else 1
+    if isinstance(stages_per_rank, bool) or not isinstance(stages_per_rank, int) or stages_per_rank < 1:
+        raise ValueError(f"pipeline: stages_per_rank = {stages_per_rank!r}; expected an int >= 1")
+    check_options(chunks, schedule, checkpoint, batch_dim)
+    device = _default_device(group) if device is None else _parse_device(device, "device")
+    num_stages = info.size * stages_per_rank
+
+    layer_names = _check_layers(module, layers) if layers is not None else _find_layers(module)
+    costs = layer_costs(module, layer_names, sample, group, device) if balance == "time" else None
+    _, stage_of = _balanced_device_map(module, layer_names, [device] * num_stages, balance,
+                                       [_UNLIMITED] * num_stages, costs)
+    pipe = DistributedPipe(module, stage_of, num_stages, chunks, schedule, checkpoint, batch_dim, group=group,
+                           stages_per_rank=stages_per_rank, device=device,
+                           timeout=datetime.timedelta(seconds=timeout))
+    given = {name for name, p in forward_signature(module).parameters.items() if p.default is p.empty}
+    graphs = pipe.stages(given)
+    pipe.ties = _keep_local_tensors(module, graphs, pipe, device)
+    install_pipe(module, pipe)
+    return module
+
+
+def _default_device(group) -> torch.device:
+    backend = dist.get_backend(group) if dist.is_available() and dist.is_initialized() else "gloo"
+    if "nccl" in str(backend) and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def _keep_local_tensors(module: nn.Module, graphs, pipe: DistributedPipe, device: torch.device) -> List:
+    """Moves the tensors this rank's stages use to ``device`` and the others to the meta device.
+    Returns the tied parameters (used on several ranks), each rank set with a group of its own."""
+    ranks_using: Dict[int, set] = {}
+    for stage, graph in enumerate(graphs):
+        for name in graph.tensors:
+            ranks_using.setdefault(id(_tensor(module, name)), set()).add(stage % pipe.world)
+    # Parameters by their first stock name: the same on every rank, so tied ones pair up in order.
+    canonical = {id(param): name for name, param in module.named_parameters()}
+    replaced: Dict[int, torch.Tensor] = {}
+    tied: Dict[tuple, List] = {}
+    for submodule in module.modules():
+        for table in (submodule._parameters, submodule._buffers):
+            for name, tensor in table.items():
+                if tensor is None:
+                    continue
+                if id(tensor) not in replaced:
+                    ranks = tuple(sorted(ranks_using.get(id(tensor), ())))
+                    with torch.no_grad():
+                        new = tensor.to(device if pipe.rank in ranks else torch.device("meta"))
+                    if isinstance(tensor, nn.Parameter):
+                        new = nn.Parameter(new, tensor.requires_grad)
+                        if len(ranks) > 1:
+                            tied.setdefault(ranks, []).append((canonical[id(tensor)], new))
+                    replaced[id(tensor)] = new
+                table[name] = replaced[id(tensor)]
+    ties = []
+    for ranks in sorted(tied):  # every rank creates every group, in the same order
+        global_ranks = [dist.get_global_rank(pipe.group, r) if pipe.group is not None else r for r in ranks]
+        group = dist.new_group(global_ranks)
+        if pipe.rank in ranks:
+            ties.append(([param for _, param in sorted(tied[ranks], key=lambda item: item[0])], group))
+    return ties
+
+
+def _tensor(module: nn.Module, name: str) -> torch.Tensor:
+    owner, _, attr = name.rpartition(".")
+    return getattr(module.get_submodule(owner), attr)
+
+
+def install_pipe(module: nn.Module, pipe: _Pipe) -> None:
+    """The module's calls go through the pipeline from now on; ``train_step`` runs a schedule."""
+    module.forward = pipe.forward
+    module.train_step = pipe.train_step
+    module._torch_mp_pipe = pipe
+
+
+def layer_costs(module: nn.Module, layer_names: List[str], sample, group=None,
+                 device: torch.device = torch.device("cpu")) -> List[int]:
+    """Each layer's forward+backward time in microseconds on ``sample``, measured twice after one
+    warm-up run and summed over the ranks of ``group`` so that every rank balances alike."""
+    if sample is None:
+        raise ValueError("balance='time' needs sample=: inputs to time the layers on (a tuple of positional "
+                         "inputs or a dict of keyword inputs)")
+    args, kwargs = (sample, {}) if isinstance(sample, tuple) else ((), sample) if isinstance(sample, dict) \
+        else ((sample,), {})
+    layers = [module.get_submodule(name) for name in layer_names]
+    spent = [0.0] * len(layers)
+    started: Dict[int, float] = {}
+    handles = []
+    for i, layer in enumerate(layers):
+        def start(*_, i=i):
+            started[i] = time.perf_counter()
+
+        def stop(*_, i=i):
+            spent[i] += time.perf_counter() - started[i]
+
+        handles += [layer.register_forward_pre_hook(start), layer.register_forward_hook(stop),
+                    layer.register_full_backward_pre_hook(start), layer.register_full_backward_hook(stop)]
+    try:
+        for run in range(3):
+            if run == 1:
+                spent = [0.0] * len(layers)
+            output = module(*args, **kwargs)
+            floats: List[torch.Tensor] = []
+            _map_tensors(output, lambda t: floats.append(t) if t.is_floating_point() and t.requires_grad else None)
+            if not floats:
+                raise ValueError("balance='time': the model's output on sample has no tensor that requires grad; "
+                                 "expected a differentiable output to time the backward")
+            sum(t.float().sum() for t in floats).backward()
+        module.zero_grad(set_to_none=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    costs = torch.tensor([max(1, int(s / 2 * 1e6)) for s in spent], dtype=torch.int64, device=device)
+    if group is not None or (dist.is_available() and dist.is_initialized()):
+        dist.all_reduce(costs, group=group)
+    return costs.tolist()
