@@ -11,7 +11,6 @@ import inspect
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
-import torch
 from torch import fx, nn
 
 from torch_mp.split import _join
