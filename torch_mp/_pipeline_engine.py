@@ -8,7 +8,6 @@ to the previous stage.
 """
 import datetime
 import threading
-import zlib
 from collections import deque
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -76,11 +75,11 @@ def merge_outputs(outputs: List, sizes: List[int], batch_dim: int):
     return first
 
 
-def signature_of(values) -> int:
-    """A checksum of the shapes and dtypes of every tensor in ``values``, the same in every process."""
+def shapes_of(values) -> str:
+    """The shapes and dtypes of every tensor in ``values``, in order."""
     described: List[str] = []
-    _map_tensors(values, lambda t: described.append(f"{tuple(t.shape)}{t.dtype}"))
-    return zlib.crc32(";".join(described).encode())
+    _map_tensors(values, lambda t: described.append(f"{list(t.shape)} {str(t.dtype).replace('torch.', '')}"))
+    return ", ".join(described)
 
 
 # --- one rank's actions ---------------------------------------------------------------------

@@ -3,6 +3,7 @@
 import datetime
 import os
 import time
+import warnings
 import zlib
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
@@ -13,7 +14,7 @@ from torch import nn
 from torch_mp import _C
 from torch_mp._group import GroupLike, process_group_of, resolve_group
 from torch_mp._pipeline_engine import (CHECKPOINTS, GroupTransport, StageRunner, batch_size_of, cut_batch,
-                                       merge_outputs, micro_batch_sizes, run_local, signature_of)
+                                       merge_outputs, micro_batch_sizes, run_local, shapes_of)
 from torch_mp._pipeline_graph import bind_inputs, forward_signature, trace_stages
 from torch_mp._ops import to_device
 from torch_mp.split import (_UNLIMITED, Balance, _balanced_device_map, _check_layers, _find_layers,
@@ -124,7 +125,7 @@ class DistributedPipe(_Pipe):
     def local_stages(self) -> List[int]:
         return list(range(self.rank, self.num_stages, self.world))
 
-    def _check_agreement(self, signature: int) -> None:
+    def _check_agreement(self, signature: int, shapes: str) -> None:
         """Every rank runs the same schedule on the same shapes, or none runs anything."""
         fields = ["schedule", "stages", "stages_per_rank", "chunks", "input shapes", "stage plan"]
         mine = [SCHEDULES.index(self.schedule), self.num_stages, self.stages_per_rank, self.chunks, signature,
@@ -135,13 +136,15 @@ class DistributedPipe(_Pipe):
         differ = [(field, [row[i] for row in rows]) for i, field in enumerate(fields)
                   if any(row[i] != rows[0][i] for row in rows)]
         if differ:
-            described = "; ".join(f"{field}: {_describe(field, values)}" for field, values in differ)
+            described = "; ".join(f"{field}: {_describe(field, values, shapes, self.rank)}" for field, values in differ)
             raise ValueError(f"pipeline: the ranks disagree before running the schedule ({described}); "
                              "expected every rank to call with the same options and the same batch shapes")
 
     def _run(self, stages, actions, inputs, targets, loss_fn, sizes, cut, weights=None):
-        signature = zlib.crc32(repr((signature_of(inputs), signature_of(targets), sizes)).encode())
-        self._check_agreement(signature)
+        shapes = f"inputs {shapes_of(inputs[0])}" + (f", targets {shapes_of(targets[0])}" if targets else "")
+        # Forward-only runs send activations that need no grad: their headers differ from training's.
+        signature = zlib.crc32(repr((shapes_of(inputs), shapes_of(targets), cut)).encode())
+        self._check_agreement(signature, shapes)
         if actions is None:
             schedule = _C._pipeline_schedule(self.schedule, self.world, self.stages_per_rank, self.chunks)
         else:
@@ -169,10 +172,16 @@ class DistributedPipe(_Pipe):
         return buffer[0]
 
 
-def _describe(field: str, values: List[int]) -> str:
+def _describe(field: str, values: List[int], shapes: str, rank: int) -> str:
+    if field == "input shapes":
+        groups = {}
+        for r, value in enumerate(values):
+            groups.setdefault(value, []).append(r)
+        return (" / ".join(f"ranks {ranks}" for ranks in groups.values()) + f" differ; rank {rank}'s first "
+                f"micro-batch has {shapes}")
     if field == "schedule":
         values = [SCHEDULES[v] for v in values]
-    return ", ".join(f"rank {rank} has {value}" for rank, value in enumerate(values))
+    return ", ".join(f"rank {r} has {value}" for r, value in enumerate(values))
 
 
 def pipeline(
@@ -328,17 +337,21 @@ def layer_costs(module: nn.Module, layer_names: List[str], sample, group=None,
         handles += [layer.register_forward_pre_hook(start), layer.register_forward_hook(stop),
                     layer.register_full_backward_pre_hook(start), layer.register_full_backward_hook(stop)]
     try:
-        for run in range(3):
-            if run == 1:
-                spent = [0.0] * len(layers)
-            output = module(*args, **kwargs)
-            floats: List[torch.Tensor] = []
-            _map_tensors(output, lambda t: floats.append(t) if t.is_floating_point() and t.requires_grad else None)
-            if not floats:
-                raise ValueError("balance='time': the model's output on sample has no tensor that requires grad; "
-                                 "expected a differentiable output to time the backward")
-            sum(t.float().sum() for t in floats).backward()
-        module.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():
+            # Backward hooks on a first layer whose inputs need no grad fire on its outputs' grads, which
+            # is what is timed; the warning about it says nothing to the user.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            for run in range(3):
+                if run == 1:
+                    spent = [0.0] * len(layers)
+                output = module(*args, **kwargs)
+                floats: List[torch.Tensor] = []
+                _map_tensors(output, lambda t: floats.append(t) if t.is_floating_point() and t.requires_grad else None)
+                if not floats:
+                    raise ValueError("balance='time': the model's output on sample has no tensor that requires grad; "
+                                     "expected a differentiable output to time the backward")
+                sum(t.float().sum() for t in floats).backward()
+            module.zero_grad(set_to_none=True)
     finally:
         for handle in handles:
             handle.remove()

@@ -1,0 +1,294 @@
+"""Pipelines against the dense model: same weights, same loss, gradients and optimizer step, for
+every schedule, in one process (split with chunks) and across Gloo ranks (pipeline)."""
+import copy
+import random
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import torch_mp
+from distributed import run_ranks
+from models import GPT, mlp
+
+
+def gpt_loss(logits, targets):
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def mlp_case(batch=12):
+    return mlp((16, 32, 32, 32, 32, 32, 32, 32, 8)), torch.randn(batch, 16), torch.randn(batch, 8), F.mse_loss
+
+
+def gpt_case(batch=6):
+    return GPT(depth=4), torch.randint(0, 97, (batch, 16)), torch.randint(0, 97, (batch, 16)), gpt_loss
+
+
+def dense_step(model, inputs, target, loss_fn):
+    """Loss, gradients and parameters after one SGD step of the unpipelined model."""
+    loss = loss_fn(model(inputs), target)
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    return loss.detach(), grads, {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def assert_step_matches(piped, dense, inputs, target, loss_fn):
+    """One train_step and SGD step of ``piped`` against ``dense``; parameters this rank does not hold
+    (meta tensors) are skipped."""
+    expected_loss, expected_grads, expected_params = dense_step(dense, inputs, target, loss_fn)
+    loss = piped.train_step(inputs, target=target, loss_fn=loss_fn)
+    torch.optim.SGD([p for p in piped.parameters() if not p.is_meta], lr=0.1).step()
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-6)
+    checked = 0
+    for name, param in piped.named_parameters():
+        if param.is_meta:
+            continue
+        torch.testing.assert_close(param.grad, expected_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(param.detach(), expected_params[name], rtol=1e-5, atol=1e-6, msg=name)
+        checked += 1
+    assert checked > 0
+
+
+# --- one process ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", [mlp_case, gpt_case], ids=["mlp", "gpt"])
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("checkpoint", ["never", "except_last", "always"])
+def test_split_train_step_matches_dense(case, schedule, checkpoint):
+    torch.manual_seed(0)
+    model, inputs, target, loss_fn = case()
+    piped = torch_mp.split(copy.deepcopy(model), ["cpu", "cpu", "cpu"], chunks=4, schedule=schedule,
+                           checkpoint=checkpoint)
+    assert_step_matches(piped, model, inputs, target, loss_fn)
+
+
+@pytest.mark.parametrize("chunks", [1, 2, 3, 5, 10])
+def test_split_forward_with_uneven_micro_batches(chunks):
+    """Batches that chunks do not divide, and more chunks than stages; backward through the merged
+    output (one GPipe pass driven by the caller's loss.backward()) gives the dense gradients."""
+    torch.manual_seed(0)
+    model, inputs, target, loss_fn = mlp_case(batch=10)
+    piped = torch_mp.split(copy.deepcopy(model), ["cpu", "cpu"], chunks=chunks, checkpoint="except_last")
+    output = piped(inputs)
+    torch.testing.assert_close(output, model(inputs))
+    loss_fn(output, target).backward()
+    loss_fn(model(inputs), target).backward()
+    for (name, p), (_, q) in zip(piped.named_parameters(), model.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_split_merges_structured_outputs():
+    """A forward that returns (logits, loss) when given targets: logits are concatenated, the loss is
+    averaged over micro-batches by their sizes."""
+    torch.manual_seed(0)
+    model, ids, targets, _ = gpt_case(batch=5)
+    piped = torch_mp.split(copy.deepcopy(model), ["cpu", "cpu"], chunks=2)
+    logits, loss = piped(ids, targets=targets)
+    expected_logits, expected_loss = model(ids, targets=targets)
+    torch.testing.assert_close(logits, expected_logits)
+    # The model's loss is a mean over tokens; micro-batches of 3 and 2 sequences weigh 3/5 and 2/5.
+    torch.testing.assert_close(loss, expected_loss)
+
+
+def test_split_pipelined_keeps_stock_state_dict_and_can_be_resplit():
+    torch.manual_seed(0)
+    model, inputs, _, _ = gpt_case()
+    piped = torch_mp.split(copy.deepcopy(model), ["cpu", "cpu"], chunks=2)
+    assert list(piped.state_dict()) == list(model.state_dict())
+    torch_mp.split(piped, ["cpu", "cpu"])  # back to the plain split: its own forward again
+    assert "forward" not in vars(piped)
+    torch.testing.assert_close(piped(inputs), model(inputs))
+
+
+class Repeat(nn.Module):
+    """A linear layer applied ``times`` times: the same bytes, ``times`` the compute."""
+
+    def __init__(self, width: int, times: int):
+        super().__init__()
+        self.linear, self.times = nn.Linear(width, width), times
+
+    def forward(self, x):
+        for _ in range(self.times):
+            x = torch.tanh(self.linear(x))
+        return x
+
+
+def test_balance_by_time_follows_compute_not_bytes():
+    torch.manual_seed(0)
+    model = nn.Sequential(Repeat(256, 24), Repeat(256, 1), Repeat(256, 1), Repeat(256, 1))
+    sample = (torch.randn(64, 256),)
+    by_bytes = torch_mp.split(copy.deepcopy(model), ["cpu", "cpu"], balance="auto")
+    by_time = torch_mp.split(copy.deepcopy(model), ["cpu", "cpu"], balance="time", sample=sample, chunks=2)
+    assert sorted(by_bytes._torch_mp_stage_of.items()) == [("0", 0), ("1", 0), ("2", 1), ("3", 1)]
+    assert sorted(by_time._torch_mp_stage_of.items()) == [("0", 0), ("1", 1), ("2", 1), ("3", 1)]
+    torch.testing.assert_close(by_time(*sample), model(*sample))
+
+
+def test_batch_norm_sees_micro_batches():
+    """Documented behaviour: in training, batch norm normalizes each micro-batch with its own
+    statistics; in eval mode (running statistics) the pipeline equals the dense model."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 8), nn.Linear(8, 8))
+    inputs = torch.randn(8, 8)
+    piped = torch_mp.split(copy.deepcopy(model), ["cpu", "cpu"], chunks=2, layers=["0", "1", "2", "3"])
+    expected = torch.cat([model(part) for part in inputs.chunk(2)])
+    torch.testing.assert_close(piped(inputs), expected)
+    piped.eval(), model.eval()
+    torch.testing.assert_close(piped(inputs), model(inputs))
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+
+    def forward(self, x):
+        x = self.layers[0](x)
+        if x.sum() > 0:  # control flow on a tensor value between layers: not traceable
+            x = -x
+        return self.layers[1](x)
+
+
+@pytest.mark.parametrize("call, error, pattern", [
+    (lambda m, x: torch_mp.split(m, ["cpu", "cpu"], chunks=0), ValueError, r"chunks = 0; expected an int >= 1"),
+    (lambda m, x: torch_mp.split(m, ["cpu", "cpu"], chunks=2, schedule="zigzag"), ValueError,
+     r"schedule = 'zigzag'; expected one of \['gpipe', '1f1b'\]"),
+    (lambda m, x: torch_mp.split(m, ["cpu", "cpu"], chunks=2, checkpoint="sometimes"), ValueError,
+     r"checkpoint = 'sometimes'; expected one of"),
+    (lambda m, x: torch_mp.split(m, ["cpu", "cpu"], chunks=20)(x), ValueError,
+     r"chunks = 20 but the batch holds 12 samples; expected chunks <= the batch size"),
+    (lambda m, x: torch_mp.split(m, ["cpu", "cpu"], chunks=2).train_step(
+        x, target=torch.randn(12, 8), loss_fn=lambda o, t: o - t), ValueError,
+     r"loss_fn returned \[6, 8\]; expected a scalar tensor"),
+    (lambda m, x: torch_mp.split(m, ["cpu", "cpu"], chunks=2).train_step(x, target=x, loss_fn="mse"), TypeError,
+     r"loss_fn = 'mse'; expected a callable"),
+    (lambda m, x: torch_mp.split(m, ["cpu", "cpu"], balance="time"), ValueError, r"balance='time' needs sample="),
+    (lambda m, x: torch_mp.split(Branchy(), ["cpu", "cpu"], chunks=2)(torch.randn(4, 4)), ValueError,
+     r"torch.fx cannot trace Branchy.forward"),
+])
+def test_pipelined_split_rejects_bad_input(call, error, pattern):
+    torch.manual_seed(0)
+    model, inputs, _, _ = mlp_case()
+    with pytest.raises(error, match=pattern):
+        call(model, inputs)
+
+
+def test_schedule_checker_rejects_broken_schedules():
+    check = torch_mp._C._check_pipeline_schedule
+    good = torch_mp._C._pipeline_schedule("1f1b", 2, 1, 2)
+    check(good, 2, 2)
+    missing = [good[0], good[1][:-1]]
+    with pytest.raises(ValueError, match=r"no rank runs B\(stage 1, micro-batch 1\); expected rank 1"):
+        check(missing, 2, 2)
+    with pytest.raises(ValueError, match=r"rank 0 runs F\(stage 1, micro-batch 0\) but stage 1 lives on rank 1"):
+        check([good[0] + [(False, 1, 0)], good[1]], 2, 2)
+    with pytest.raises(ValueError, match=r"runs F\(stage 0, micro-batch 0\) twice"):
+        check([good[0] + [(False, 0, 0)], good[1]], 2, 2)
+    # Rank 0 waits for micro-batch 0's gradient before sending micro-batch 1's activation, which rank
+    # 1 needs before it runs micro-batch 0's backward.
+    deadlock = [[(False, 0, 0), (True, 0, 0), (False, 0, 1), (True, 0, 1)],
+                [(False, 1, 0), (False, 1, 1), (True, 1, 0), (True, 1, 1)]]
+    with pytest.raises(ValueError, match=r"deadlocks:\n  rank 0 waits in B\(stage 0, micro-batch 0\) for "
+                                         r"B\(stage 1, micro-batch 0\) on rank 1\n  rank 1 waits in "
+                                         r"F\(stage 1, micro-batch 1\) for F\(stage 0, micro-batch 1\) on rank 0"):
+        check(deadlock, 2, 2)
+    with pytest.raises(ValueError, match=r"'1f1b' runs one stage per rank"):
+        torch_mp._C._pipeline_schedule("1f1b", 2, 2, 4)
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved_1f1b"])
+@pytest.mark.parametrize("ranks, stages_per_rank, chunks", [(2, 1, 1), (4, 1, 3), (3, 2, 2), (4, 2, 8), (1, 3, 4)])
+def test_schedules_cover_every_action_without_deadlock(schedule, ranks, stages_per_rank, chunks):
+    if schedule == "1f1b" and stages_per_rank > 1:
+        pytest.skip("1f1b has one stage per rank (interleaved_1f1b has several)")
+    actions = torch_mp._C._pipeline_schedule(schedule, ranks, stages_per_rank, chunks)
+    torch_mp._C._check_pipeline_schedule(actions, ranks * stages_per_rank, chunks)
+    if schedule != "gpipe":  # 1F1B keeps at most (stages - stage) micro-batches in flight per stage
+        for rank, rank_actions in enumerate(actions):
+            in_flight, most = 0, 0
+            for backward, _, _ in rank_actions:
+                in_flight += -1 if backward else 1
+                most = max(most, in_flight)
+            if stages_per_rank == 1:
+                assert most <= min(ranks - rank, chunks)
+
+
+# --- one stage per rank -------------------------------------------------------------------------
+
+def _parity_on_ranks(rank, world, configs):
+    for case_name, schedule, stages_per_rank, chunks, checkpoint in configs:
+        torch.manual_seed(0)
+        model, inputs, target, loss_fn = {"mlp": mlp_case, "gpt": gpt_case}[case_name]()
+        piped = torch_mp.pipeline(copy.deepcopy(model), chunks=chunks, schedule=schedule,
+                                  stages_per_rank=stages_per_rank, checkpoint=checkpoint)
+        assert_step_matches(piped, model, inputs, target, loss_fn)
+        output = piped(inputs)  # forward only: the output on the rank of the last stage
+        if rank == (world * stages_per_rank - 1) % world:
+            torch.testing.assert_close(output, model(inputs))
+        else:
+            assert output is None
+
+
+def _random_configs(world, count, seed):
+    rng = random.Random(seed)
+    configs = []
+    for _ in range(count):
+        schedule = rng.choice(["gpipe", "1f1b", "interleaved_1f1b"])
+        stages_per_rank = 1 if schedule == "1f1b" else rng.choice([1, 2])
+        if world * stages_per_rank > 8:  # the mlp has 8 layers
+            stages_per_rank = 1
+        chunks = rng.randint(1, 6)  # fewer chunks than stages too
+        configs.append((rng.choice(["mlp", "gpt"]) if world * stages_per_rank <= 4 else "mlp", schedule,
+                        stages_per_rank, chunks, rng.choice(["never", "except_last", "always"])))
+    return configs
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_pipeline_matches_dense_on_random_configs(world):
+    configs = _random_configs(world, count=4, seed=world)
+    if world == 2:  # every schedule at least once, and the tied GPT head across ranks
+        configs += [("gpt", "gpipe", 1, 3, "never"), ("gpt", "1f1b", 1, 1, "never"),
+                    ("gpt", "interleaved_1f1b", 2, 4, "except_last")]
+    run_ranks(world, _parity_on_ranks, configs, timeout=300)
+
+
+def _disagreeing_chunks(rank, world):
+    torch.manual_seed(0)
+    model, inputs, target, loss_fn = mlp_case()
+    piped = torch_mp.pipeline(model, chunks=2 + rank, timeout=20)
+    with pytest.raises(ValueError, match=r"ranks disagree before running the schedule \(chunks: rank 0 has 2, "
+                                         r"rank 1 has 3"):
+        piped.train_step(inputs, target=target, loss_fn=loss_fn)
+
+
+def test_pipeline_ranks_that_disagree_fail_fast():
+    run_ranks(2, _disagreeing_chunks, timeout=120)
+
+
+def _different_batches(rank, world):
+    torch.manual_seed(0)
+    model, inputs, target, loss_fn = mlp_case(batch=12 + 2 * rank)
+    piped = torch_mp.pipeline(model, chunks=2, timeout=20)
+    with pytest.raises(ValueError, match=r"input shapes: ranks \[0\] / ranks \[1\] differ; rank \d's first "
+                                         r"micro-batch has inputs \[\d+, 16\] float32, targets \[\d+, 8\] float32"):
+        piped.train_step(inputs, target=target, loss_fn=loss_fn)
+
+
+def test_pipeline_ranks_with_different_batch_shapes_fail_fast():
+    run_ranks(2, _different_batches, timeout=120)
+
+
+def _time_balanced(rank, world):
+    torch.manual_seed(0)
+    model = nn.Sequential(Repeat(128, 16), Repeat(128, 1), Repeat(128, 1), Repeat(128, 1))
+    sample = (torch.randn(32, 128),)
+    piped = torch_mp.pipeline(copy.deepcopy(model), balance="time", sample=sample, chunks=2)
+    assert sorted(piped._torch_mp_pipe.stage_of.items()) == [("0", 0), ("1", 1), ("2", 1), ("3", 1)]
+    held = {name.split(".")[0] for name, p in piped.named_parameters() if not p.is_meta}
+    assert held == ({"0"} if rank == 0 else {"1", "2", "3"})
+
+
+def test_pipeline_balance_by_time_is_the_same_on_every_rank():
+    run_ranks(2, _time_balanced, timeout=120)
