@@ -118,7 +118,7 @@ SplitSequentialImpl::SplitSequentialImpl(
     torch::nn::Sequential sequential,
     std::vector<c10::Device> devices,
     SplitOptions options)
-    : output_device_(c10::kCPU) {
+    : output_device_(c10::kCPU), options_(options) {
   TORCH_CHECK_VALUE(!sequential.is_empty(), "split: the Sequential is null; expected a module to split");
   TORCH_CHECK_VALUE(!devices.empty(), "split: no devices given; expected at least one device");
   const auto num_layers = sequential->size();
@@ -127,6 +127,14 @@ SplitSequentialImpl::SplitSequentialImpl(
     detail::check_device_available(device, "split(devices=...)");
     device = detail::normalize_device(device);
   }
+  TORCH_CHECK_VALUE(
+      options.chunks() >= 1, "split: chunks = ", options.chunks(), "; expected >= 1 micro-batches");
+  TORCH_CHECK_VALUE(
+      options.schedule() == "gpipe" || options.schedule() == "1f1b", "split: schedule = '", options.schedule(),
+      "'; expected 'gpipe' or '1f1b'");
+  TORCH_CHECK_VALUE(
+      options.checkpoint() == "never" || options.checkpoint() == "except_last" || options.checkpoint() == "always",
+      "split: checkpoint = '", options.checkpoint(), "'; expected 'never', 'except_last' or 'always'");
   if (options.output_device()) {
     detail::check_device_available(*options.output_device(), "split(output_device=...)");
   }
@@ -169,12 +177,18 @@ SplitSequentialImpl::SplitSequentialImpl(
         load <= capacities[d],
         "split: device ", d, " ('", devices[d], "') gets ", counts[d], " layers of ", load,
         " bytes but its max_memory is ", capacities[d], " bytes");
+    if (counts[d] > 0) {
+      stages_.emplace_back(layer - static_cast<size_t>(counts[d]), layer);
+    }
   }
 }
 
 // Activations are copied at every stage boundary, also between stages on the same device, so a
 // split across {cpu, cpu} runs the same transfers (and their backward) as one across two devices.
 at::Tensor SplitSequentialImpl::forward(at::Tensor input) {
+  if (options_.chunks() > 1) {
+    return pipelined_forward(input);
+  }
   for (size_t i = 0; i < layers_.size(); ++i) {
     const bool boundary = i > 0 && stage_of_layer_[i] != stage_of_layer_[i - 1];
     if (boundary || input.device() != layer_devices_[i]) {

@@ -94,3 +94,103 @@ TEST(Split, BadInputIsAClearError) {
               std::string::npos);
   }
 }
+
+namespace {
+
+// Dense and pipelined copies from the same weights: one training step each, the same loss,
+// gradients and parameters after an SGD step.
+void expect_train_step_matches(const std::string& schedule, const std::string& checkpoint, int64_t chunks) {
+  torch::manual_seed(0);
+  auto dense = make_mlp();
+  auto piped = torch_mp::split(
+      torch::nn::Sequential(std::dynamic_pointer_cast<torch::nn::SequentialImpl>(dense->clone())),
+      {torch::kCPU, torch::kCPU, torch::kCPU},
+      torch_mp::SplitOptions().balance({2, 2, 1}).chunks(chunks).schedule(schedule).checkpoint(checkpoint));
+  auto input = torch::randn({10, 8});
+  auto target = torch::randn({10, 4});
+  auto loss_fn = [](const at::Tensor& output, const at::Tensor& target) {
+    return torch::mse_loss(output, target);
+  };
+
+  auto expected = loss_fn(dense->forward(input), target);
+  expected.backward();
+  auto loss = piped->train_step(input, target, loss_fn);
+  EXPECT_TRUE(torch::allclose(loss, expected.detach(), 1e-5, 1e-6)) << loss << " vs " << expected;
+  torch::optim::SGD(dense->parameters(), 0.1).step();
+  torch::optim::SGD(piped->parameters(), 0.1).step();
+  auto dense_params = dense->named_parameters();
+  for (const auto& item : piped->named_parameters()) {
+    EXPECT_TRUE(torch::allclose(item.value().grad(), dense_params[item.key()].grad(), 1e-5, 1e-6))
+        << schedule << " " << checkpoint << " " << item.key();
+    EXPECT_TRUE(torch::allclose(item.value(), dense_params[item.key()], 1e-5, 1e-6)) << item.key();
+  }
+}
+
+} // namespace
+
+TEST(PipelinedSplit, TrainStepMatchesDenseForEveryScheduleAndCheckpoint) {
+  for (const auto* schedule : {"gpipe", "1f1b"}) {
+    for (const auto* checkpoint : {"never", "except_last", "always"}) {
+      for (const int64_t chunks : {2, 3, 10}) {
+        expect_train_step_matches(schedule, checkpoint, chunks);
+      }
+    }
+  }
+}
+
+TEST(PipelinedSplit, ForwardMergesMicroBatchesAndBackwardReachesEveryStage) {
+  torch::manual_seed(0);
+  auto dense = make_mlp();
+  auto piped = torch_mp::split(
+      torch::nn::Sequential(std::dynamic_pointer_cast<torch::nn::SequentialImpl>(dense->clone())),
+      two_stages(), torch_mp::SplitOptions().chunks(4));
+  auto input = torch::randn({9, 8});
+  auto output = piped->forward(input);
+  auto expected = dense->forward(input);
+  ASSERT_TRUE(torch::allclose(output, expected, 1e-5, 1e-6));
+  output.pow(2).mean().backward();
+  expected.pow(2).mean().backward();
+  auto dense_params = dense->named_parameters();
+  for (const auto& item : piped->named_parameters()) {
+    EXPECT_TRUE(torch::allclose(item.value().grad(), dense_params[item.key()].grad(), 1e-5, 1e-6)) << item.key();
+  }
+}
+
+TEST(PipelinedSplit, RejectsBadOptionsWithClearErrors) {
+  auto make = [](torch_mp::SplitOptions options) { return torch_mp::split(make_mlp(), two_stages(), options); };
+  EXPECT_NE(
+      error_of([&] { make(torch_mp::SplitOptions().chunks(0)); }).find("chunks = 0; expected >= 1"),
+      std::string::npos);
+  EXPECT_NE(
+      error_of([&] { make(torch_mp::SplitOptions().chunks(2).schedule("zigzag")); })
+          .find("schedule = 'zigzag'; expected 'gpipe' or '1f1b'"),
+      std::string::npos);
+  EXPECT_NE(
+      error_of([&] { make(torch_mp::SplitOptions().checkpoint("sometimes")); })
+          .find("checkpoint = 'sometimes'; expected"),
+      std::string::npos);
+  auto piped = make(torch_mp::SplitOptions().chunks(8));
+  EXPECT_NE(
+      error_of([&] { piped->forward(torch::randn({4, 8})); })
+          .find("chunks = 8 but the input batch holds 4 samples"),
+      std::string::npos);
+  auto loss_fn = [](const at::Tensor& output, const at::Tensor&) { return output; };
+  EXPECT_NE(
+      error_of([&] { piped->train_step(torch::randn({8, 8}), torch::randn({8, 4}), loss_fn); })
+          .find("loss_fn returned a tensor of shape [1, 4]; expected a scalar"),
+      std::string::npos);
+}
+
+TEST(PipelineSchedule, EveryKindPassesTheCheckerAndBrokenOnesFail) {
+  namespace pp = torch_mp::pipeline;
+  for (const auto kind : {pp::ScheduleKind::GPipe, pp::ScheduleKind::OneFOneB, pp::ScheduleKind::Interleaved1F1B}) {
+    for (const int64_t chunks : {1, 2, 5}) {
+      const int64_t per_rank = kind == pp::ScheduleKind::Interleaved1F1B ? 2 : 1;
+      auto schedule = pp::make_schedule(kind, 3, per_rank, chunks);
+      EXPECT_NO_THROW(pp::check_schedule(schedule, 3 * per_rank, chunks));
+    }
+  }
+  auto schedule = pp::make_schedule(pp::ScheduleKind::OneFOneB, 2, 1, 2);
+  std::swap(schedule[1].front(), schedule[1].back());
+  EXPECT_NE(error_of([&] { pp::check_schedule(schedule, 2, 2); }).find("before its forward"), std::string::npos);
+}

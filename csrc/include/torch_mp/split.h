@@ -1,6 +1,8 @@
 #pragma once
 
+#include <functional>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include <torch/arg.h>
@@ -18,7 +20,18 @@ struct SplitOptions {
   TORCH_ARG(std::vector<int64_t>, max_memory);
   // Where the output lands; unset: the first device.
   TORCH_ARG(std::optional<c10::Device>, output_device) = std::nullopt;
+  // Micro-batches per batch (along dim 0). Above 1, each stage runs on a thread of its own (on its
+  // own stream on a GPU) and micro-batches flow through the stages.
+  TORCH_ARG(int64_t, chunks) = 1;
+  // The order of train_step's forwards and backwards: "gpipe" or "1f1b".
+  TORCH_ARG(std::string, schedule) = "gpipe";
+  // "never", "except_last" or "always": which micro-batches train_step recomputes in their backward
+  // instead of keeping their activations.
+  TORCH_ARG(std::string, checkpoint) = "never";
 };
+
+// The mean loss of a micro-batch from its output and target.
+using LossFunction = std::function<at::Tensor(const at::Tensor& output, const at::Tensor& target)>;
 
 // Splits the layers of `sequential` into contiguous runs, the run i on devices[i]. Devices may repeat
 // (several "cpu" entries split a model within one device, as the tests do).
@@ -35,7 +48,14 @@ class SplitSequentialImpl : public torch::nn::Module {
       std::vector<c10::Device> devices,
       SplitOptions options = {});
 
+  // With chunks > 1 the micro-batches go through the stages at once and the outputs are
+  // concatenated; backward through the result works as one GPipe pass.
   at::Tensor forward(at::Tensor input);
+
+  // One training step: forward and backward of every micro-batch in the schedule's order, the
+  // gradients accumulated in .grad() as the backward of loss_fn over the whole batch would (each
+  // micro-batch's mean loss weighted by its size). Returns the batch's loss, detached.
+  at::Tensor train_step(const at::Tensor& input, const at::Tensor& target, const LossFunction& loss_fn);
 
   // The device of each layer, in order.
   const std::vector<c10::Device>& device_map() const {
@@ -50,6 +70,13 @@ class SplitSequentialImpl : public torch::nn::Module {
   std::vector<c10::Device> layer_devices_;
   std::vector<size_t> stage_of_layer_;
   c10::Device output_device_;
+  SplitOptions options_;
+  // Layer index ranges [first, last) of each non-empty stage, in order.
+  std::vector<std::pair<size_t, size_t>> stages_;
+
+  at::Tensor run_stage(size_t stage, at::Tensor input);
+  std::vector<at::Tensor> micro_batches(const at::Tensor& tensor, const char* what) const;
+  at::Tensor pipelined_forward(const at::Tensor& input);
 };
 TORCH_MODULE(SplitSequential);
 
