@@ -71,6 +71,7 @@ bench: install
 	$(PY) bench/bench_tensor_parallel.py
 	$(PY) bench/bench_sharded_loading.py
 	$(PY) bench/bench_compile.py
+	$(PY) bench/bench_pipeline.py
 
 clean:
 	rm -rf build torch_mp/lib torch_mp/include torch_mp/share torch_mp/_C*.so *.egg-info

@@ -292,3 +292,24 @@ def _time_balanced(rank, world):
 
 def test_pipeline_balance_by_time_is_the_same_on_every_rank():
     run_ranks(2, _time_balanced, timeout=120)
+
+
+def test_pipeline_example_in_one_process_and_under_torchrun():
+    """The example trains in one process (a thread per stage) and on two ranks (interleaved 1F1B):
+    the loss falls, and both print the same losses, since both run the same arithmetic."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "python", "pipeline_train.py")
+    common = [script, "--steps", "8", "--chunks", "4"]
+    local = subprocess.run([sys.executable, *common], capture_output=True, text=True, timeout=300)
+    ranks = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                            *common, "--schedule", "interleaved_1f1b"], capture_output=True, text=True, timeout=300)
+    for result in (local, ranks):
+        assert result.returncode == 0, result.stderr[-3000:]
+    first, last = map(float, re.search(r"loss ([\d.]+) -> ([\d.]+)", local.stdout).groups())
+    assert last < first / 2, local.stdout
+    assert "rank 0 of 2, stages [0, 2]" in ranks.stdout
+    assert re.search(r"loss [\d.]+ -> [\d.]+", ranks.stdout).group() == f"loss {first:.3f} -> {last:.3f}"
