@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 from torch_mp import _C
+from torch_mp._batch_norm import defer_batch_norms
 from torch_mp._group import GroupLike, process_group_of, resolve_group
 from torch_mp._pipeline_engine import (CHECKPOINTS, GroupTransport, StageRunner, batch_size_of, cut_batch,
                                        merge_outputs, micro_batch_sizes, run_local, shapes_of)
@@ -43,6 +44,7 @@ class _Pipe:
         self.module, self.stage_of, self.num_stages = module, stage_of, num_stages
         self.chunks, self.schedule, self.checkpoint, self.batch_dim = chunks, schedule, checkpoint, batch_dim
         self._graphs: Dict[frozenset, list] = {}
+        self.batch_norms = defer_batch_norms(module)
 
     def stages(self, given) -> list:
         key = frozenset(given)
@@ -57,10 +59,20 @@ class _Pipe:
         targets = cut_batch(target, sizes, self.batch_dim) if target is not None else None
         return self.stages(given), inputs, targets, sizes
 
+    def _run_batch(self, *args, **kwargs):
+        """Runs one batch; batch norms see its micro-batches and update their running statistics
+        once, from all of them."""
+        for batch_norm in self.batch_norms:
+            batch_norm.reset_batch()
+        results = self._run(*args, **kwargs)
+        for batch_norm in self.batch_norms:
+            batch_norm.finish_batch()
+        return results
+
     def forward(self, *args, **kwargs):
         stages, inputs, _, sizes = self._micro_batches(args, kwargs)
         forwards = [[(False, s, m) for m in range(self.chunks)] for s in range(self.num_stages)]
-        outputs = self._run(stages, forwards, inputs, None, None, sizes, cut=False)
+        outputs = self._run_batch(stages, forwards, inputs, None, None, sizes, cut=False)
         return None if outputs is None else merge_outputs([outputs[m] for m in range(self.chunks)], sizes,
                                                           self.batch_dim)
 
@@ -73,7 +85,7 @@ class _Pipe:
             raise TypeError(f"pipeline: loss_fn = {loss_fn!r}; expected a callable (output, target) -> loss")
         stages, inputs, targets, sizes = self._micro_batches(args, kwargs, target)
         weights = [size / sum(sizes) for size in sizes]
-        losses = self._run(stages, None, inputs, targets, loss_fn, sizes, cut=True, weights=weights)
+        losses = self._run_batch(stages, None, inputs, targets, loss_fn, sizes, cut=True, weights=weights)
         return self._loss(None if losses is None else sum(losses[m] * weights[m] for m in range(self.chunks)))
 
 

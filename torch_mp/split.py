@@ -68,9 +68,9 @@ def split(
 
     With ``chunks > 1`` the forward is cut into stages with torch.fx (the layers are not traced, the
     code between them is), micro-batches go through a stage in order, and the gradients equal the
-    unpipelined ones up to summation order. Modules that look at the whole batch see a micro-batch:
-    batch norm normalizes with micro-batch statistics (its running statistics are updated once per
-    micro-batch); prefer group or layer norm, or chunks=1, where that matters.
+    unpipelined ones up to summation order. Batch norm normalizes each micro-batch with its own
+    statistics in training (what a layer sees of the batch), while its running statistics are
+    updated once per batch from the whole batch's statistics, as without a pipeline.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"split: expected module to be a torch.nn.Module, got {type(module).__name__}")
@@ -396,5 +396,8 @@ def _remove_split_hooks(module: nn.Module) -> None:
     for handle in getattr(module, "_torch_mp_split_handles", []):
         handle.remove()
     module._torch_mp_split_handles = []
-    for name in ("forward", "train_step", "_torch_mp_pipe"):  # a pipelined split's
-        module.__dict__.pop(name, None)
+    if "_torch_mp_pipe" in module.__dict__:  # a pipelined split's
+        from torch_mp._batch_norm import restore_batch_norms
+        restore_batch_norms(module)
+        for name in ("forward", "train_step", "_torch_mp_pipe"):
+            module.__dict__.pop(name, None)

@@ -126,17 +126,27 @@ def test_balance_by_time_follows_compute_not_bytes():
     torch.testing.assert_close(by_time(*sample), model(*sample))
 
 
-def test_batch_norm_sees_micro_batches():
-    """Documented behaviour: in training, batch norm normalizes each micro-batch with its own
-    statistics; in eval mode (running statistics) the pipeline equals the dense model."""
+@pytest.mark.parametrize("checkpoint", ["never", "always"])
+def test_batch_norm_normalizes_micro_batches_and_tracks_whole_batch_statistics(checkpoint):
+    """In training each micro-batch is normalized with its own statistics; the running statistics
+    are updated once per batch, from the whole batch, as the dense model updates them (a
+    recomputed forward does not count twice); in eval mode the pipeline equals the dense model."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 8), nn.Linear(8, 8))
-    inputs = torch.randn(8, 8)
-    piped = torch_mp.split(copy.deepcopy(model), ["cpu", "cpu"], chunks=2, layers=["0", "1", "2", "3"])
-    expected = torch.cat([model(part) for part in inputs.chunk(2)])
+    inputs, target = torch.randn(12, 8) * 3 + 1, torch.randn(12, 8)
+    piped = torch_mp.split(copy.deepcopy(model), ["cpu", "cpu"], chunks=3, layers=["0", "1", "2", "3"],
+                           checkpoint=checkpoint)
+    for _ in range(2):
+        piped.train_step(inputs, target=target, loss_fn=F.mse_loss)
+        model(inputs)  # the dense model's running statistics, from the whole batch
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(piped[1], name), getattr(model[1], name), msg=name)
+    expected = torch.cat([copy.deepcopy(model)(part) for part in inputs.chunk(3)])
     torch.testing.assert_close(piped(inputs), expected)
+    model(inputs)
     piped.eval(), model.eval()
     torch.testing.assert_close(piped(inputs), model(inputs))
+    assert list(piped.state_dict()) == list(model.state_dict())
 
 
 class Branchy(nn.Module):
