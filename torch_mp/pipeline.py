@@ -328,8 +328,8 @@ def install_pipe(module: nn.Module, pipe: _Pipe) -> None:
 
 def layer_costs(module: nn.Module, layer_names: List[str], sample, group=None,
                  device: torch.device = torch.device("cpu")) -> List[int]:
-    """Each layer's forward+backward time in microseconds on ``sample``, measured twice after one
-    warm-up run and summed over the ranks of ``group`` so that every rank balances alike."""
+    """Each layer's forward+backward time in microseconds on ``sample`` (the fastest of three runs
+    after a warm-up), summed over the ranks of ``group`` so that every rank balances alike."""
     if sample is None:
         raise ValueError("balance='time' needs sample=: inputs to time the layers on (a tuple of positional "
                          "inputs or a dict of keyword inputs)")
@@ -348,14 +348,14 @@ def layer_costs(module: nn.Module, layer_names: List[str], sample, group=None,
 
         handles += [layer.register_forward_pre_hook(start), layer.register_forward_hook(stop),
                     layer.register_full_backward_pre_hook(start), layer.register_full_backward_hook(stop)]
+    best = [float("inf")] * len(layers)
     try:
         with warnings.catch_warnings():
             # Backward hooks on a first layer whose inputs need no grad fire on its outputs' grads, which
             # is what is timed; the warning about it says nothing to the user.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            for run in range(3):
-                if run == 1:
-                    spent = [0.0] * len(layers)
+            for run in range(4):  # a warm-up, then the fastest of three: a preempted run does not count
+                spent[:] = [0.0] * len(layers)
                 output = module(*args, **kwargs)
                 floats: List[torch.Tensor] = []
                 _map_tensors(output, lambda t: floats.append(t) if t.is_floating_point() and t.requires_grad else None)
@@ -363,11 +363,13 @@ def layer_costs(module: nn.Module, layer_names: List[str], sample, group=None,
                     raise ValueError("balance='time': the model's output on sample has no tensor that requires grad; "
                                      "expected a differentiable output to time the backward")
                 sum(t.float().sum() for t in floats).backward()
+                if run > 0:
+                    best = [min(b, s) for b, s in zip(best, spent)]
             module.zero_grad(set_to_none=True)
     finally:
         for handle in handles:
             handle.remove()
-    costs = torch.tensor([max(1, int(s / 2 * 1e6)) for s in spent], dtype=torch.int64, device=device)
+    costs = torch.tensor([max(1, int(s * 1e6)) for s in best], dtype=torch.int64, device=device)
     if group is not None or (dist.is_available() and dist.is_initialized()):
         dist.all_reduce(costs, group=group)
     return costs.tolist()

@@ -292,8 +292,8 @@ def test_pipeline_ranks_with_different_batch_shapes_fail_fast():
 
 def _time_balanced(rank, world):
     torch.manual_seed(0)
-    model = nn.Sequential(Repeat(128, 16), Repeat(128, 1), Repeat(128, 1), Repeat(128, 1))
-    sample = (torch.randn(32, 128),)
+    model = nn.Sequential(Repeat(256, 24), Repeat(256, 1), Repeat(256, 1), Repeat(256, 1))
+    sample = (torch.randn(64, 256),)
     piped = torch_mp.pipeline(copy.deepcopy(model), balance="time", sample=sample, chunks=2)
     assert sorted(piped._torch_mp_pipe.stage_of.items()) == [("0", 0), ("1", 1), ("2", 1), ("3", 1)]
     held = {name.split(".")[0] for name, p in piped.named_parameters() if not p.is_meta}
