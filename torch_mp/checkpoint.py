@@ -386,6 +386,7 @@ def _restore_rng(reader: CheckpointReader) -> None:
         logger.warning("torch_mp.load: %s was saved by %d ranks, not %d: random states left as they are",
                        reader.folder, reader.index["world_size"], world)
         return
-    torch.set_rng_state(reader.read_full(f"rng/cpu/{rank}"))
+    if f"rng/cpu/{rank}" in reader.tensors:
+        torch.set_rng_state(reader.read_full(f"rng/cpu/{rank}"))
     if f"rng/cuda/{rank}" in reader.tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(reader.read_full(f"rng/cuda/{rank}"))
