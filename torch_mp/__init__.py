@@ -19,6 +19,7 @@ from torch_mp._ops import (
     scatter_to_tp,
     to_device,
 )
+from torch_mp.checkpoint import load, save
 from torch_mp.mesh import init_mesh
 from torch_mp.pipeline import pipeline
 from torch_mp.report import memory_report
@@ -41,12 +42,14 @@ __all__ = [
     "gather_from_tp",
     "init_empty_weights",
     "init_mesh",
+    "load",
     "load_full_state_dict",
     "memory_report",
     "nn",
     "reduce_from_tp",
     "reduce_scatter_to_sp",
     "row_parallel_linear",
+    "save",
     "scatter_to_tp",
     "split",
     "pipeline",

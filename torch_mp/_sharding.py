@@ -50,3 +50,8 @@ def slice_bounds(parts: Sequence[int], rank: int, world: int) -> List[Tuple[int,
         bounds.append((offset + rank * block, offset + (rank + 1) * block))
         offset += part
     return bounds
+
+
+def take_slices(tensor: torch.Tensor, dim: int, bounds: List[Tuple[int, int]]) -> torch.Tensor:
+    """The ranges ``bounds`` of ``tensor`` along ``dim``, concatenated: what ``slice_bounds`` names."""
+    return torch.cat([tensor.narrow(dim, start, stop - start) for start, stop in bounds], dim)

@@ -1,8 +1,8 @@
 """Stock state dicts for sharded models: gather one the unsharded model loads, load one into shards.
 
 Sources for loading: a state_dict, a ``.safetensors`` file or a folder of them (each rank reads only
-its slice of each sharded tensor, with positioned reads into its own memory), or a ``torch.save``
-file (loaded with ``weights_only=True``, memory-mapped).
+its slice of each sharded tensor, with positioned reads into its own memory), a ``torch_mp.save``
+checkpoint, or a ``torch.save`` file (loaded with ``weights_only=True``, memory-mapped).
 """
 import contextlib
 import json
@@ -14,9 +14,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from torch_mp._checkpoint_format import CheckpointReader, find_checkpoint
 from torch_mp._group import process_group_of, resolve_group
 from torch_mp._safetensors import SafetensorsFile
-from torch_mp._sharding import ShardSpec, slice_bounds, unshard
+from torch_mp._sharding import ShardSpec, slice_bounds, take_slices, unshard
 
 StateSource = Union[Mapping[str, torch.Tensor], str, os.PathLike]
 _PROGRESS_BYTES = 256 * 2**20  # show a progress bar for loads larger than this
@@ -98,15 +99,7 @@ def load_full_state_dict(module: nn.Module, state_dict_or_path: StateSource, str
         for key, target in targets.items():
             if key not in keys:
                 continue
-            spec, attr = _spec_of(key, specs)
-            if spec is not None and _is_sharded(spec, attr):
-                dim = spec.dim if attr == "weight" else 0
-                stored_dim = 1 - dim if spec.transposed and attr == "weight" else dim
-                value = read_slices(key, stored_dim, slice_bounds(spec.parts, rank, world))
-            else:
-                value = read_full(key)
-            if spec is not None and spec.transposed and attr == "weight":
-                value = value.t()
+            value = read_local(key, *_spec_of(key, specs), rank, world, read_full, read_slices)
             if value.shape != target.shape:
                 raise ValueError(f"load_full_state_dict: {key!r} has shape {tuple(value.shape)} in the source but "
                                  f"{tuple(target.shape)} is expected on this rank")
@@ -116,6 +109,25 @@ def load_full_state_dict(module: nn.Module, state_dict_or_path: StateSource, str
                 target.copy_(value)
             progress(target.numel() * target.element_size())
     return module
+
+
+def read_local(key: str, spec: Optional[ShardSpec], role: str, rank: int, world: int, read_full: "Reader",
+               read_slices: "SliceReader") -> torch.Tensor:
+    """This rank's part of the stock tensor ``key``, in the layout of the parameter with ``spec`` and
+    ``role`` (see ``_spec_of``): its slices when that parameter is sharded, else the whole tensor."""
+    dim, transposed = stock_layout(spec, role)
+    value = read_full(key) if dim is None else read_slices(key, dim, slice_bounds(spec.parts, rank, world))
+    return value.t() if transposed else value
+
+
+def stock_layout(spec: Optional[ShardSpec], role: str) -> Tuple[Optional[int], bool]:
+    """The dim of the stock tensor along which a parameter with ``spec`` and ``role`` is cut (None:
+    it holds the whole tensor), and whether it holds it transposed (transformers' Conv1D weights)."""
+    if spec is None or not _is_sharded(spec, role):
+        return None, False
+    transposed = spec.transposed and role == "weight"
+    dim = spec.dim if role == "weight" else 0
+    return (1 - dim if transposed else dim), transposed
 
 
 def _materialize(target, value, device, borrowed, owners, materialized) -> None:
@@ -164,14 +176,13 @@ Reader = Callable[[str], torch.Tensor]
 SliceReader = Callable[[str, int, List[Tuple[int, int]]], torch.Tensor]
 
 
-def _slices_of(tensor: torch.Tensor, dim: int, bounds: List[Tuple[int, int]]) -> torch.Tensor:
-    return torch.cat([tensor.narrow(dim, start, stop - start) for start, stop in bounds], dim)
-
-
 def _open_source(source: StateSource) -> Tuple[Iterable[str], Reader, SliceReader]:
     if isinstance(source, Mapping):
-        return set(source), lambda key: source[key], lambda key, dim, bounds: _slices_of(source[key], dim, bounds)
+        return set(source), lambda key: source[key], lambda key, dim, bounds: take_slices(source[key], dim, bounds)
     path = os.fspath(source)
+    if find_checkpoint(path) is not None:
+        reader = CheckpointReader(path)
+        return reader.model_keys, reader.read_full, reader.read_slices
     files = _safetensors_files(path)
     if files is None:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

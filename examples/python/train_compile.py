@@ -6,6 +6,11 @@ parallelism on top, and torch.compile; prints loss and tokens/s and saves a stoc
     torchrun --nproc-per-node 8 examples/python/train_compile.py --tp 8 --compile --backend nccl   # GPUs
 
 The checkpoint (--save, safetensors) has the stock names and shapes: GPT2LMHeadModel loads it as is.
+--checkpoint DIR saves a torch_mp checkpoint (model, optimizer, random state) to resume from with
+--resume, at any tensor-parallel size:
+
+    torchrun --nproc-per-node 2 examples/python/train_compile.py --tp 2 --steps 10 --checkpoint ckpt
+    torchrun --nproc-per-node 2 examples/python/train_compile.py --tp 2 --steps 20 --checkpoint ckpt --resume
 """
 import argparse
 import os
@@ -33,7 +38,12 @@ def parse_args():
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--save", default=None, help="where to save the stock checkpoint (.safetensors)")
-    return parser.parse_args()
+    parser.add_argument("--checkpoint", default=None, help="a torch_mp checkpoint folder, saved after training")
+    parser.add_argument("--resume", action="store_true", help="continue from --checkpoint up to --steps")
+    args = parser.parse_args()
+    if args.resume and not args.checkpoint:
+        parser.error("--resume needs --checkpoint, the folder to resume from")
+    return args
 
 
 def main():
@@ -64,25 +74,35 @@ def main():
 
     step_loss = torch.compile(loss_of, fullgraph=True) if args.compile else loss_of
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    # Tensor-parallel ranks of one replica see the same batch; replicas see different ones.
-    data = torch.Generator().manual_seed(1000 + dp_rank)
-    progress = _progress_bar(args.steps, rank)
+    first_step = 0
+    if args.resume:
+        first_step = torch_mp.load(sharded, args.checkpoint, optimizer=optimizer)["step"]
+        if first_step >= args.steps:
+            raise SystemExit(f"--resume: {args.checkpoint} is at step {first_step}; expected --steps above it")
+    progress = _progress_bar(args.steps - first_step, rank)
     tokens_per_step = args.batch * args.seq * args.dp
     start = None
-    for step in range(args.steps):
+    for step in range(first_step, args.steps):
+        # Tensor-parallel ranks of one replica see the same batch; replicas see different ones. A
+        # generator per step gives a resumed run the batches the uninterrupted one would have seen.
+        data = torch.Generator().manual_seed(1000 + 100_003 * dp_rank + step)
         ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=data).to(device)
         loss = step_loss(ids)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         value = loss.item()
-        if step == 0:
+        if step == first_step:
             start = time.perf_counter()  # the first step compiles: rate from the second on
-        rate = tokens_per_step * step / (time.perf_counter() - start) if step else 0.0
-        progress(step, value, rate)
+        rate = tokens_per_step * (step - first_step) / (time.perf_counter() - start) if step > first_step else 0.0
+        progress(step - first_step, value, rate)
     if rank == 0:
         print(f"final loss {value:.4f}, {rate:.0f} tokens/s")
 
+    if args.checkpoint:
+        torch_mp.save(sharded, args.checkpoint, optimizer=optimizer, extra={"step": args.steps})
+        if rank == 0:
+            print(f"saved a torch_mp checkpoint at step {args.steps} to {args.checkpoint}")
     state = torch_mp.full_state_dict(sharded)  # a collective: stock names and shapes on every rank
     if args.save and rank == 0:
         from safetensors.torch import save_file

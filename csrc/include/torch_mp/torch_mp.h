@@ -1,6 +1,7 @@
 #pragma once
 
 // The public C++ API of torch_mp. Link with TorchMP::torch_mp (CMake: find_package(TorchMP)).
+#include <torch_mp/checkpoint.h>
 #include <torch_mp/comm.h>
 #include <torch_mp/ops.h>
 #include <torch_mp/nn.h>

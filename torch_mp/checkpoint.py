@@ -1,0 +1,392 @@
+"""Sharded checkpoints: ``torch_mp.save`` and ``torch_mp.load``.
+
+Each rank writes only what it holds, in the stock layout (stock names; slices of the stock tensors
+with the ranges they cover), into one safetensors file; rank 0 then writes a JSON index and renames
+the folder into place. Loading cuts each rank's slices out of those pieces whatever the
+tensor-parallel size that wrote them, so a checkpoint saved on 2 ranks loads on 1 or 4, and no rank
+ever holds more than its own slices and one piece. No pickle: tensors in safetensors, everything
+else (optimizer hyperparameters, step counts that are not tensors, ``extra``) in JSON. The format is
+described in ``torch_mp/_checkpoint_format.py``.
+"""
+import json
+import logging
+import os
+import shutil
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    List,
+    Mapping,
+    NamedTuple,
+    Optional,
+    Tuple,
+    Union,
+)
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from torch_mp._checkpoint_format import (
+    FORMAT,
+    INCOMPLETE,
+    INDEX,
+    OLD,
+    VERSION,
+    CheckpointReader,
+    find_checkpoint,
+    rank_file,
+)
+from torch_mp._group import resolve_group
+from torch_mp._safetensors import dtype_name, write_file
+from torch_mp._sharding import ShardSpec, slice_bounds
+from torch_mp.state import (
+    _spec_of,
+    _tp_state,
+    load_full_state_dict,
+    read_local,
+    stock_layout,
+)
+
+logger = logging.getLogger("torch_mp")
+PathLike = Union[str, os.PathLike]
+
+
+def save(module: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Optimizer] = None,
+         extra: Optional[Mapping[str, Any]] = None) -> None:
+    """Saves ``module`` (plain, ``split`` or ``tensor_parallel``), and ``optimizer``'s state if given,
+    to the folder ``path``, atomically: written as ``path.incomplete``, every file fsynced, then
+    renamed to ``path``, replacing an earlier checkpoint there only once the new one is complete.
+
+    Also saved: each rank's CPU random number generator state (and the current CUDA device's, once
+    CUDA is initialized), which ``load`` restores, and ``extra``: JSON values (a step count, a
+    scheduler's ``state_dict()``), which ``load`` returns.
+
+    With torch.distributed initialized, a collective over the default group: every rank calls it
+    with the same ``path``, on a file system all ranks share. A tensor-parallel rank writes its own
+    slices, rank 0 the replicated tensors; data-parallel replicas other than rank 0's write only
+    their random state.
+    """
+    rank, world = _world()
+    final = os.path.abspath(os.fspath(path))
+    temp = final + INCOMPLETE
+    mine, meta = _on_every_rank("preparing the save", lambda: _prepare(module, optimizer, extra, final, temp, rank))
+    _on_every_rank("writing its checkpoint file", lambda: _write_rank(temp, mine, rank, world))
+    _on_every_rank("writing the index and renaming the checkpoint into place",
+                   lambda: rank == 0 and _finish(temp, final, world, meta))
+
+
+def load(module: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Optimizer] = None,
+         strict: bool = True, restore_rng: bool = True) -> Dict[str, Any]:
+    """Loads a ``torch_mp.save`` checkpoint into ``module`` (plain, ``split`` or ``tensor_parallel``,
+    at any tensor-parallel size that divides the model; parameters on the meta device are
+    materialized with this rank's slices, and ``optimizer`` is given the new ones), and into
+    ``optimizer`` if given. Returns the ``extra`` saved with it.
+
+    Checks before loading: every key present (``strict``: and no other), stock shapes equal; and
+    while reading, the shape and CRC-32 of every piece. ``restore_rng`` restores this rank's random
+    state when the checkpoint was saved by as many ranks. Needs no collective.
+    """
+    _check_module(module, "load")
+    reader = CheckpointReader(os.fspath(path))
+    specs, group, tp_world = _tp_state(module)
+    tp_rank = resolve_group(group).rank if specs else 0
+    targets = module.state_dict(keep_vars=True)
+    if strict:
+        missing = [key for key in targets if key not in reader.model_keys]
+        unexpected = [key for key in reader.model_keys if key not in targets]
+        if missing or unexpected:
+            raise ValueError(f"torch_mp.load: the checkpoint at {reader.folder} lacks keys {missing[:10]} of the model"
+                             f" and holds keys {unexpected[:10]} the model does not have; expected a checkpoint of "
+                             "this model (or strict=False)")
+    for key, target in targets.items():
+        if key in reader.model_keys:
+            expected = _stock_shape(target, *_spec_of(key, specs))
+            if reader.shape(key) != expected:
+                raise ValueError(f"torch_mp.load: {key!r} has shape {reader.shape(key)} in the checkpoint at "
+                                 f"{reader.folder}; the model expects {expected} (the stock shape)")
+    names = {id(param): name for name, param in module.named_parameters()}
+    load_full_state_dict(module, reader.folder, strict=strict)
+    if optimizer is not None:
+        # Parameters that were on the meta device are new objects now: the optimizer takes them.
+        params = dict(module.named_parameters())
+        for group in optimizer.param_groups:
+            group["params"] = [params[names[id(p)]] if id(p) in names else p for p in group["params"]]
+        _load_optimizer(reader, module, optimizer, specs, tp_rank, tp_world)
+    if restore_rng:
+        _restore_rng(reader)
+    return reader.index["extra"]
+
+
+# --- saving --------------------------------------------------------------------------------------
+
+class _Piece(NamedTuple):
+    name: str                      # the stock name (or optimizer/<parameter>/<key>, rng/<device>/<rank>)
+    tensor: torch.Tensor           # what this rank holds, in the stock layout
+    shape: List[int]               # the stock tensor's shape
+    dim: Optional[int]             # the dim it is cut along; None: the tensor is whole
+    bounds: Optional[List[Tuple[int, int]]]  # the ranges of the stock tensor along dim it concatenates
+
+
+def _world() -> Tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _check_module(module: nn.Module, what: str) -> None:
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"torch_mp.{what}: expected module to be a torch.nn.Module, got {type(module).__name__}")
+
+
+def _stock_shape(value: torch.Tensor, spec: Optional[ShardSpec], role: str) -> Tuple[int, ...]:
+    dim, transposed = stock_layout(spec, role)
+    shape = list(value.t().shape if transposed else value.shape)
+    if dim is not None:
+        shape[dim] = sum(spec.parts)
+    return tuple(shape)
+
+
+def _stock_piece(name: str, value: torch.Tensor, spec: Optional[ShardSpec], role: str, rank: int,
+                 world: int) -> _Piece:
+    if isinstance(value, DTensor):
+        raise TypeError(f"torch_mp.save: {name!r} is a DTensor (FSDP2's fully_shard); expected plain tensors: "
+                        "torch_mp.save does not save FSDP2-sharded models yet")
+    if value.device.type == "meta":
+        raise ValueError(f"torch_mp.save: {name!r} is on the meta device; expected real tensors (load weights first)")
+    dim, transposed = stock_layout(spec, role)
+    value = value.detach()
+    return _Piece(name, value.t() if transposed else value, list(_stock_shape(value, spec, role)), dim,
+                  None if dim is None else slice_bounds(spec.parts, rank, world))
+
+
+def _pieces_of_this_rank(module: nn.Module, optimizer, rank: int) -> List[_Piece]:
+    specs, group, tp_world = _tp_state(module)
+    tp_rank = resolve_group(group).rank if specs else 0
+    pieces = [_stock_piece(key, value, *_spec_of(key, specs), tp_rank, tp_world)
+              for key, value in module.state_dict().items()]
+    if optimizer is not None:
+        params = dict(module.named_parameters())
+        for name, state in _optimizer_state_by_name(module, optimizer).items():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    # State shaped like its parameter (Adam's moments) is cut like it; the rest is whole.
+                    like = value.shape == params[name].shape
+                    spec, role = _spec_of(name, specs) if like else (None, "")
+                    pieces.append(_stock_piece(f"optimizer/{name}/{key}", value, spec, role, tp_rank, tp_world))
+    # One copy of each tensor: the shards from the tensor-parallel group that holds rank 0 (the other
+    # data-parallel replicas hold the same), the whole tensors from rank 0.
+    writes_shards = not specs or rank in _ranks_of_group_with_rank_0(group)
+    mine = [piece for piece in pieces if (piece.dim is not None and writes_shards) or (piece.dim is None and rank == 0)]
+    # Every rank's own random state, for a resume that draws the same numbers.
+    mine.append(_stock_piece(f"rng/cpu/{rank}", torch.get_rng_state(), None, "", 0, 1))
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        mine.append(_stock_piece(f"rng/cuda/{rank}", torch.cuda.get_rng_state(), None, "", 0, 1))
+    return mine
+
+
+def _ranks_of_group_with_rank_0(group) -> List[int]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return [0]
+    ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
+    return ranks if 0 in ranks else []
+
+
+def _optimizer_state_by_name(module: nn.Module, optimizer) -> Dict[str, Dict[str, Any]]:
+    names = _parameter_names(module, optimizer, "save")
+    return {names[i]: state for i, state in optimizer.state_dict()["state"].items()}
+
+
+def _parameter_names(module: nn.Module, optimizer, what: str) -> List[str]:
+    """The module's names of the optimizer's parameters, in the order ``state_dict()`` numbers them."""
+    names = {id(param): name for name, param in module.named_parameters()}
+    result = []
+    for number, group in enumerate(optimizer.param_groups):
+        for param in group["params"]:
+            if id(param) not in names:
+                raise ValueError(f"torch_mp.{what}: optimizer.param_groups[{number}] holds a parameter of shape "
+                                 f"{tuple(param.shape)} that module does not have; expected an optimizer over "
+                                 "module's parameters")
+            result.append(names[id(param)])
+    return result
+
+
+def _optimizer_meta(module: nn.Module, optimizer) -> Dict[str, Any]:
+    names = _parameter_names(module, optimizer, "save")
+    state = optimizer.state_dict()
+    groups = [{**{k: v for k, v in group.items() if k != "params"}, "params": [names[i] for i in group["params"]]}
+              for group in state["param_groups"]]
+    values = {names[i]: {"values": {k: v for k, v in entries.items() if not isinstance(v, torch.Tensor)},
+                         "tensors": {k: f"optimizer/{names[i]}/{k}" for k, v in entries.items()
+                                     if isinstance(v, torch.Tensor)}}
+              for i, entries in state["state"].items()}
+    return {"param_groups": groups, "state": values}
+
+
+def _json(value: Any, what: str) -> str:
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"torch_mp.save: {what} must hold only JSON values (dicts with string keys, lists, "
+                        f"strings, numbers, booleans, None); {error}") from None
+
+
+def _on_every_rank(step: str, action: Callable[[], Any]) -> Any:
+    """Runs ``action``, then every rank learns whether any rank failed, so that none waits forever
+    for the others at the next step."""
+    failure, result = None, None
+    try:
+        result = action()
+    except Exception as error:  # noqa: BLE001  (raised below, once every rank knows)
+        failure = error
+    rank, world = _world()
+    failed = [rank] if failure is not None else []
+    if world > 1:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        flags = torch.zeros(world, dtype=torch.int32, device=device)
+        flags[rank] = int(failure is not None)
+        dist.all_reduce(flags)
+        failed = flags.nonzero().flatten().tolist()
+    if failure is not None:
+        raise failure
+    if failed:
+        raise RuntimeError(f"torch_mp.save: rank(s) {failed} failed {step}; see their errors")
+    return result
+
+
+def _prepare(module: nn.Module, optimizer, extra, final: str, temp: str, rank: int):
+    """Checks the arguments and collects this rank's pieces and the JSON metadata; rank 0 makes the
+    temporary folder."""
+    _check_module(module, "save")
+    if extra is not None and not isinstance(extra, Mapping):
+        raise TypeError(f"torch_mp.save: expected extra to be a dict of JSON values, got {type(extra).__name__}")
+    mine = _pieces_of_this_rank(module, optimizer, rank)
+    meta = {"model": list(module.state_dict().keys()),
+            "optimizer": None if optimizer is None else _optimizer_meta(module, optimizer), "extra": dict(extra or {})}
+    _json(meta["optimizer"], "optimizer.state_dict() (everything but tensors)")
+    _json(meta["extra"], "extra")
+    if rank == 0:
+        if os.path.lexists(final) and find_checkpoint(final) != final and not (os.path.isdir(final) and
+                                                                               not os.listdir(final)):
+            raise FileExistsError(f"torch_mp.save: {final!r} exists and is not a torch_mp checkpoint; expected a new "
+                                  "path, an empty folder or an earlier checkpoint, which the save replaces")
+        shutil.rmtree(temp, ignore_errors=True)  # left by a save that did not finish
+        os.makedirs(temp)
+    return mine, meta
+
+
+def _write_rank(temp: str, pieces: List[_Piece], rank: int, world: int) -> None:
+    """This rank's safetensors file, and a JSON manifest of its pieces for rank 0 to merge. Tensors
+    held under several names (tied weights) are written once."""
+    keys, seen, unique = {}, {}, []
+    for piece in pieces:
+        tensor = piece.tensor
+        identity = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+        if tensor.numel() == 0 or identity not in seen:
+            seen[identity] = piece.name
+            unique.append((piece.name, tensor))
+        keys[piece.name] = seen[identity] if tensor.numel() else piece.name
+    file = rank_file(rank, world)
+    checksums = write_file(os.path.join(temp, file), unique)
+    manifest = {piece.name: {"dtype": dtype_name(piece.tensor.dtype), "shape": piece.shape, "dim": piece.dim,
+                             "pieces": [{"file": file, "key": keys[piece.name], "bounds": piece.bounds,
+                                         "crc32": checksums[keys[piece.name]]}]}
+                for piece in pieces}
+    with open(os.path.join(temp, f"rank-{rank:05d}.json"), "w") as handle:
+        json.dump(manifest, handle)
+
+
+def _finish(temp: str, final: str, world: int, meta: Dict[str, Any]) -> None:
+    """Rank 0, once every rank wrote its file: merges the manifests into the index, then renames."""
+    tensors: Dict[str, dict] = {}
+    for rank in range(world):
+        manifest_path = os.path.join(temp, f"rank-{rank:05d}.json")
+        with open(manifest_path) as handle:
+            for name, entry in json.load(handle).items():
+                tensors.setdefault(name, {**entry, "pieces": []})["pieces"].extend(entry["pieces"])
+        os.remove(manifest_path)
+    for name, entry in tensors.items():
+        if entry["dim"] is not None:
+            covered = sorted(tuple(bounds) for piece in entry["pieces"] for bounds in piece["bounds"])
+            if [stop for _, stop in covered[:-1]] != [start for start, _ in covered[1:]] or \
+                    covered[0][0] != 0 or covered[-1][1] != entry["shape"][entry["dim"]]:
+                raise RuntimeError(f"torch_mp.save: the ranks' pieces of {name!r} cover {covered} along dim "
+                                   f"{entry['dim']}; expected each range of [0, {entry['shape'][entry['dim']]}) once")
+    index = {"format": FORMAT, "version": VERSION, "checksum": "crc32 (zlib) of each piece's bytes",
+             "world_size": world, "tensors": tensors, **meta}
+    with open(os.path.join(temp, INDEX), "w") as handle:
+        json.dump(index, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+    _fsync_folder(temp)
+    _replace(temp, final)
+
+
+def _replace(temp: str, final: str) -> None:
+    """Renames the complete ``temp`` to ``final``. rename(2) cannot replace a non-empty folder, so an
+    earlier checkpoint is first renamed to ``final.old``, which loading falls back to until the
+    second rename, and removed after it."""
+    old = final + OLD
+    if os.path.isdir(final) and os.listdir(final):
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+    elif os.path.isdir(final):
+        os.rmdir(final)
+    os.rename(temp, final)
+    _fsync_folder(os.path.dirname(final))
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_folder(folder: str) -> None:
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+def _load_optimizer(reader: CheckpointReader, module: nn.Module, optimizer, specs, rank: int, world: int) -> None:
+    meta = reader.index["optimizer"]
+    if meta is None:
+        raise ValueError(f"torch_mp.load: the checkpoint at {reader.folder} holds no optimizer state; expected one "
+                         "saved with torch_mp.save(..., optimizer=...), or load without optimizer=")
+    names = iter(_parameter_names(module, optimizer, "load"))
+    current = [[next(names) for _ in group["params"]] for group in optimizer.param_groups]
+    saved = [group["params"] for group in meta["param_groups"]]
+    if current != saved:
+        raise ValueError(f"torch_mp.load: the optimizer's param_groups hold {[len(g) for g in current]} parameters "
+                         f"({current[0][:3]}...); the checkpoint's hold {[len(g) for g in saved]} "
+                         f"({saved[0][:3] if saved else []}...); expected the same parameters in the same groups")
+    number = {name: i for i, name in enumerate(name for group in current for name in group)}
+    params = dict(module.named_parameters())
+    state = {}
+    for name, entries in meta["state"].items():
+        spec, role = _spec_of(name, specs)
+        loaded = dict(entries["values"])
+        for key, tensor_key in entries["tensors"].items():
+            like = reader.shape(tensor_key) == _stock_shape(params[name], spec, role)
+            loaded[key] = read_local(tensor_key, *((spec, role) if like else (None, "")), rank, world,
+                                     reader.read_full, reader.read_slices)
+        state[number[name]] = loaded
+    groups = []
+    for group, saved_group in zip(optimizer.param_groups, meta["param_groups"]):
+        # JSON has no tuples: give back the optimizer's own type (Adam's betas).
+        restored = {k: tuple(v) if isinstance(group.get(k), tuple) else v for k, v in saved_group.items()}
+        groups.append({**restored, "params": [number[name] for name in saved_group["params"]]})
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _restore_rng(reader: CheckpointReader) -> None:
+    rank, world = _world()
+    if reader.index["world_size"] != world:
+        logger.warning("torch_mp.load: %s was saved by %d ranks, not %d: random states left as they are",
+                       reader.folder, reader.index["world_size"], world)
+        return
+    if f"rng/cpu/{rank}" in reader.tensors:
+        torch.set_rng_state(reader.read_full(f"rng/cpu/{rank}"))
+    if f"rng/cuda/{rank}" in reader.tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(reader.read_full(f"rng/cuda/{rank}"))
