@@ -6,6 +6,7 @@ A stage's forward cuts the autograd graph at its inputs (leaves that require gra
 is its own call, run when the schedule says, and what it leaves in those leaves' ``.grad`` is sent
 to the previous stage.
 """
+import contextlib
 import datetime
 import threading
 from collections import deque
@@ -113,7 +114,7 @@ class StageRunner:
             model_inputs = _map_tensors(inputs[microbatch], lambda t: t if t.device == device else
                                         to_device(t, device) if t.requires_grad and not cut else t.to(device))
             run = self.stages[stage].module
-            if loss_fn is not None and self._checkpointed(microbatch):
+            if torch.is_grad_enabled() and self._checkpointed(microbatch):
                 out = checkpointed(run, *model_inputs, *received, use_reentrant=False)
             else:
                 out = run(*model_inputs, *received)
@@ -219,7 +220,8 @@ def run_local(stages: List[StageGraph], devices: List[torch.device], schedule: L
             runner = StageRunner({stage: stages[stage]}, device_of, len(stages), transport, checkpoint,
                                  len(inputs))
             stream = torch.cuda.Stream(devices[stage]) if devices[stage].type == "cuda" else None
-            with torch.set_grad_enabled(grad_enabled), torch.cuda.stream(stream):
+            on_stream = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+            with torch.set_grad_enabled(grad_enabled), on_stream:
                 results.update(runner.run(schedule[stage], inputs, targets, loss_fn, weights, cut))
             if stream is not None:
                 stream.synchronize()
@@ -362,6 +364,9 @@ class GroupTransport:
 def _encode_header(spec, device: torch.device) -> torch.Tensor:
     values = [len(spec)]
     for shape, dtype, requires_grad in spec:
+        if dtype not in _DTYPES:
+            raise TypeError(f"pipeline: a stage sends a {dtype} tensor to the next; expected one of "
+                            f"{[str(d) for d in _DTYPES]}")
         values += [_DTYPES.index(dtype), int(requires_grad), len(shape), *shape]
     if len(values) > _HEADER_SLOTS:
         raise ValueError(f"pipeline: a stage sends {len(spec)} tensors with {len(values)} header entries; "

@@ -137,6 +137,17 @@ class DistributedPipe(_Pipe):
     def local_stages(self) -> List[int]:
         return list(range(self.rank, self.num_stages, self.world))
 
+    def stages(self, given) -> list:
+        graphs = super().stages(given)
+        for stage in self.local_stages():
+            for name in sorted(graphs[stage].tensors):
+                if _tensor(self.module, name).is_meta:
+                    raise ValueError(
+                        f"pipeline: called with inputs {sorted(given)}, stage {stage} on rank {self.rank} uses "
+                        f"{name!r}, which this rank freed when the pipeline was made for the inputs without "
+                        "defaults; expected calls whose layers use the same parameters")
+        return graphs
+
     def _check_agreement(self, signature: int, shapes: str) -> None:
         """Every rank runs the same schedule on the same shapes, or none runs anything."""
         fields = ["schedule", "stages", "stages_per_rank", "chunks", "input shapes", "stage plan"]
