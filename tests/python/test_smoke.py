@@ -27,3 +27,16 @@ def test_split_matches_unsplit():
     dense(x).sum().backward()
     for (name, a), (_, b) in zip(split.named_parameters(), dense.named_parameters()):
         torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+def test_pipelined_split_train_step_matches_unsplit():
+    torch.manual_seed(0)
+    dense = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    piped = torch_mp.split(copy.deepcopy(dense), ["cpu", "cpu"], chunks=3, schedule="1f1b")
+    x, y = torch.randn(7, 8), torch.randn(7, 4)
+    loss = piped.train_step(x, target=y, loss_fn=torch.nn.functional.mse_loss)
+    expected = torch.nn.functional.mse_loss(dense(x), y)
+    expected.backward()
+    torch.testing.assert_close(loss, expected.detach())
+    for (name, a), (_, b) in zip(piped.named_parameters(), dense.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
