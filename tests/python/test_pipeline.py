@@ -264,30 +264,21 @@ def test_pipeline_matches_dense_on_random_configs(world):
     run_ranks(world, _parity_on_ranks, configs, timeout=300)
 
 
-def _disagreeing_chunks(rank, world):
+def _disagreeing(rank, world, chunks, batches, pattern):
     torch.manual_seed(0)
-    model, inputs, target, loss_fn = mlp_case()
-    piped = torch_mp.pipeline(model, chunks=2 + rank, timeout=20)
-    with pytest.raises(ValueError, match=r"ranks disagree before running the schedule \(chunks: rank 0 has 2, "
-                                         r"rank 1 has 3"):
+    model, inputs, target, loss_fn = mlp_case(batch=batches[rank])
+    piped = torch_mp.pipeline(model, chunks=chunks[rank], timeout=20)
+    with pytest.raises(ValueError, match=pattern):
         piped.train_step(inputs, target=target, loss_fn=loss_fn)
 
 
-def test_pipeline_ranks_that_disagree_fail_fast():
-    run_ranks(2, _disagreeing_chunks, timeout=120)
-
-
-def _different_batches(rank, world):
-    torch.manual_seed(0)
-    model, inputs, target, loss_fn = mlp_case(batch=12 + 2 * rank)
-    piped = torch_mp.pipeline(model, chunks=2, timeout=20)
-    with pytest.raises(ValueError, match=r"input shapes: ranks \[0\] / ranks \[1\] differ; rank \d's first "
-                                         r"micro-batch has inputs \[\d+, 16\] float32, targets \[\d+, 8\] float32"):
-        piped.train_step(inputs, target=target, loss_fn=loss_fn)
-
-
-def test_pipeline_ranks_with_different_batch_shapes_fail_fast():
-    run_ranks(2, _different_batches, timeout=120)
+@pytest.mark.parametrize("chunks, batches, pattern", [
+    ((2, 3), (12, 12), r"ranks disagree before running the schedule \(chunks: rank 0 has 2, rank 1 has 3"),
+    ((2, 2), (12, 14), r"input shapes: ranks \[0\] / ranks \[1\] differ; rank \d's first micro-batch has "
+                       r"inputs \[\d+, 16\] float32, targets \[\d+, 8\] float32"),
+], ids=["chunks", "batch shapes"])
+def test_pipeline_ranks_that_disagree_fail_fast(chunks, batches, pattern):
+    run_ranks(2, _disagreeing, chunks, batches, pattern, timeout=120)
 
 
 def _time_balanced(rank, world):
