@@ -7,6 +7,7 @@ import os
 import torch  # noqa: F401  (loads torch's libraries before libtorch_mp)
 
 from torch_mp import _C  # noqa: F401  (links libtorch_mp: registers torch.ops.torch_mp.*)
+from torch_mp._C import CollectiveError
 from torch_mp import nn
 from torch_mp._ops import (
     column_parallel_linear,
@@ -34,6 +35,7 @@ __version__ = "0.1.0"
 cmake_prefix_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "share", "cmake")
 
 __all__ = [
+    "CollectiveError",
     "cmake_prefix_path",
     "column_parallel_linear",
     "copy_to_tp",

@@ -8,6 +8,42 @@ from torch_mp._group import GroupLike, resolve_group
 DeviceLike = Union[torch.device, str, int]
 
 
+def check_arg(op: str, name: str, value, kind, expected: str) -> None:
+    """A TypeError naming ``op``, the argument and what was expected unless ``value`` is a ``kind``
+    (bools do not count as ints)."""
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        shown = type(value).__name__ if isinstance(value, torch.Tensor) else f"{type(value).__name__} {value!r:.60}"
+        raise TypeError(f"{op}: expected {name} to be {expected}, got {shown}")
+
+
+def parse_device(device: DeviceLike, op: str, name: str) -> torch.device:
+    """``device`` as a torch.device, or an error naming ``op`` and ``name``. Whether this process has
+    that device is the kernels' check (a call into _C here would break torch.compile graphs)."""
+    check_arg(op, name, device, (torch.device, str, int), "a torch.device, a string such as 'cuda:1' or an index")
+    try:
+        return torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"{op}: {name} = {device!r} is not a device ({error}); expected a torch.device, "
+                         "a string such as 'cpu' or 'cuda:1', or a device index") from None
+
+
+def _check_tensor(op: str, tensor, name: str = "tensor") -> None:
+    check_arg(op, name, tensor, torch.Tensor, "a torch.Tensor")
+
+
+def _check_dim(op: str, tensor: torch.Tensor, dim) -> None:
+    _check_tensor(op, tensor)
+    check_arg(op, "dim", dim, int, "an int")
+
+
+def _check_linear(op: str, input, weight, bias, flag: str, flag_value) -> None:
+    _check_tensor(op, input, "input")
+    _check_tensor(op, weight, "weight")
+    if bias is not None:
+        _check_tensor(op, bias, "bias")
+    check_arg(op, flag, flag_value, bool, "a bool")
+
+
 @torch.library.register_fake("torch_mp::to_device")
 def _to_device_fake(self: torch.Tensor, device: torch.device, non_blocking: bool = False) -> torch.Tensor:
     # The output lives on `device`, not on the input's device: only a Python fake kernel can say so.
@@ -21,9 +57,9 @@ def to_device(tensor: torch.Tensor, device: DeviceLike, non_blocking: bool = Fal
     device ``tensor`` came from. Works in eager mode, under ``torch.compile(fullgraph=True)`` and is
     ``torch_mp::to_device`` in C++.
     """
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"to_device: expected tensor to be a torch.Tensor, got {type(tensor).__name__}")
-    return torch.ops.torch_mp.to_device(tensor, torch.device(device), non_blocking)
+    _check_tensor("to_device", tensor)
+    check_arg("to_device", "non_blocking", non_blocking, bool, "a bool")
+    return torch.ops.torch_mp.to_device(tensor, parse_device(device, "to_device", "device"), non_blocking)
 
 
 # --- tensor parallelism: conjugate pairs --------------------------------------------------------
@@ -31,36 +67,42 @@ def to_device(tensor: torch.Tensor, device: DeviceLike, non_blocking: bool = Fal
 
 def copy_to_tp(tensor: torch.Tensor, group: GroupLike = None) -> torch.Tensor:
     """forward: identity; backward: all-reduce (sum). A replicated input entering the parallel region."""
+    _check_tensor("copy_to_tp", tensor)
     name, size, _ = resolve_group(group, "copy_to_tp(group=...)")
     return torch.ops.torch_mp.copy_to_tp(tensor, name, size)
 
 
 def reduce_from_tp(tensor: torch.Tensor, group: GroupLike = None) -> torch.Tensor:
     """forward: all-reduce (sum); backward: identity. Partial results leaving the parallel region."""
+    _check_tensor("reduce_from_tp", tensor)
     name, size, _ = resolve_group(group, "reduce_from_tp(group=...)")
     return torch.ops.torch_mp.reduce_from_tp(tensor, name, size)
 
 
 def gather_from_tp(tensor: torch.Tensor, dim: int = -1, group: GroupLike = None) -> torch.Tensor:
     """forward: all-gather along ``dim``; backward: this rank's slice."""
+    _check_dim("gather_from_tp", tensor, dim)
     name, size, _ = resolve_group(group, "gather_from_tp(group=...)")
     return torch.ops.torch_mp.gather_from_tp(tensor, dim, name, size)
 
 
 def scatter_to_tp(tensor: torch.Tensor, dim: int = -1, group: GroupLike = None) -> torch.Tensor:
     """forward: this rank's slice along ``dim``; backward: all-gather."""
+    _check_dim("scatter_to_tp", tensor, dim)
     name, size, _ = resolve_group(group, "scatter_to_tp(group=...)")
     return torch.ops.torch_mp.scatter_to_tp(tensor, dim, name, size)
 
 
 def reduce_scatter_to_sp(tensor: torch.Tensor, dim: int = 0, group: GroupLike = None) -> torch.Tensor:
     """Sequence parallel. forward: reduce-scatter along ``dim``; backward: all-gather."""
+    _check_dim("reduce_scatter_to_sp", tensor, dim)
     name, size, _ = resolve_group(group, "reduce_scatter_to_sp(group=...)")
     return torch.ops.torch_mp.reduce_scatter_to_sp(tensor, dim, name, size)
 
 
 def gather_from_sp(tensor: torch.Tensor, dim: int = 0, group: GroupLike = None) -> torch.Tensor:
     """Sequence parallel. forward: all-gather along ``dim``; backward: reduce-scatter."""
+    _check_dim("gather_from_sp", tensor, dim)
     name, size, _ = resolve_group(group, "gather_from_sp(group=...)")
     return torch.ops.torch_mp.gather_from_sp(tensor, dim, name, size)
 
@@ -70,6 +112,7 @@ def column_parallel_linear(input: torch.Tensor, weight: torch.Tensor, bias: Opti
     """``input @ weight.T + bias`` with ``weight`` holding this rank's output features; ``input`` is
     replicated. ``gather_output``: all-gather the result along its last dim. The backward overlaps the
     all-reduce of the input gradient with the weight-gradient matmul."""
+    _check_linear("column_parallel_linear", input, weight, bias, "gather_output", gather_output)
     name, size, _ = resolve_group(group, "column_parallel_linear(group=...)")
     return torch.ops.torch_mp.column_parallel_linear(input, weight, bias, gather_output, name, size)
 
@@ -79,5 +122,6 @@ def row_parallel_linear(input: torch.Tensor, weight: torch.Tensor, bias: Optiona
     """``all_reduce(input @ weight.T) + bias`` with ``weight`` holding this rank's input features; the
     bias is added once, after the reduction. ``input_is_parallel=False``: ``input`` is replicated and
     this rank takes its slice of the last dim first."""
+    _check_linear("row_parallel_linear", input, weight, bias, "input_is_parallel", input_is_parallel)
     name, size, _ = resolve_group(group, "row_parallel_linear(group=...)")
     return torch.ops.torch_mp.row_parallel_linear(input, weight, bias, input_is_parallel, name, size)

@@ -2,10 +2,11 @@
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-import torch.distributed as dist
+import torch
 from torch import nn
 
-from torch_mp._group import process_group_of, resolve_group
+from torch_mp._group import all_gather_rows, resolve_group
+from torch_mp._ops import check_arg
 
 
 @dataclass
@@ -65,6 +66,7 @@ def memory_report(module: nn.Module, png: Optional[str] = None) -> MemoryReport:
     """Parameters and buffers per rank (a ``tensor_parallel`` model; a collective: every rank calls
     it and gets the whole report), per stage (a ``split`` model) or per device (any other model).
     ``png``: also save a chart there (matplotlib needed)."""
+    check_arg("memory_report", "module", module, nn.Module, "a torch.nn.Module")
     specs = getattr(module, "_torch_mp_specs", None)
     if specs is not None:
         report = _per_rank(module, specs)
@@ -96,11 +98,8 @@ def _unique_tensors(module: nn.Module, seen: set, parameters: bool):
 def _per_rank(module: nn.Module, specs: Dict) -> MemoryReport:
     group = getattr(module, "_torch_mp_group", None)
     info = resolve_group(group)
-    mine = (_bytes(module.parameters()), _bytes(module.buffers()), len(specs))
-    everyone = [mine]
-    if info.size > 1:
-        everyone = [None] * info.size
-        dist.all_gather_object(everyone, mine, group=process_group_of(group))
+    mine = torch.tensor([_bytes(module.parameters()), _bytes(module.buffers()), len(specs)])
+    everyone = all_gather_rows(mine, group, "torch_mp.memory_report").tolist()
     rows = [MemoryRow(f"rank {rank}", *entry) for rank, entry in enumerate(everyone)]
     return MemoryReport(f"{type(module).__name__}: tensor parallel over {info.size} ranks", rows)
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from torch_mp import _C
-from torch_mp._ops import DeviceLike, to_device
+from torch_mp._ops import DeviceLike, parse_device, to_device
 
 Balance = Union[str, Sequence[int], Mapping[str, DeviceLike]]
 MemoryLike = Union[int, str]
@@ -120,11 +120,7 @@ def split(
 # --- devices and sizes -------------------------------------------------------------------------
 
 def _parse_device(device: DeviceLike, what: str) -> torch.device:
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise ValueError(f"split: {what} = {device!r} is not a device ({error}); expected a torch.device, "
-                         "a string such as 'cpu' or 'cuda:1', or a device index") from None
+    parsed = parse_device(device, "split", what)
     _C._check_device_available(parsed, f"split({what})")
     return _C._normalize_device(parsed)
 

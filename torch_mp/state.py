@@ -10,12 +10,12 @@ import os
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
 from torch_mp._checkpoint_format import CheckpointReader, find_checkpoint
-from torch_mp._group import process_group_of, resolve_group
+from torch_mp._group import all_gather_rows, process_group_of, resolve_group
+from torch_mp._ops import check_arg
 from torch_mp._safetensors import SafetensorsFile
 from torch_mp._sharding import ShardSpec, slice_bounds, take_slices, unshard
 
@@ -27,6 +27,7 @@ def full_state_dict(module: nn.Module) -> Dict[str, torch.Tensor]:
     """The stock state_dict of a model sharded by ``tensor_parallel`` (or split by ``split``), with
     FSDP2's ``fully_shard`` on top or not: stock names and shapes, on the CPU, loadable by the
     unsharded model with ``strict=True``. A collective: every rank of the model's groups must call it."""
+    check_arg("full_state_dict", "module", module, nn.Module, "a torch.nn.Module")
     specs, group, world = _tp_state(module)
     result = {}
     for key, value in module.state_dict().items():
@@ -35,8 +36,7 @@ def full_state_dict(module: nn.Module) -> Dict[str, torch.Tensor]:
         if isinstance(value, DTensor):  # sharded again by FSDP2 (fully_shard) over a data-parallel mesh
             value = value.full_tensor()
         if spec is not None and _is_sharded(spec, attr) and world > 1:
-            pieces = [torch.empty_like(value) for _ in range(world)]
-            dist.all_gather(pieces, value.contiguous(), group=group)
+            pieces = all_gather_rows(value, group, "torch_mp.full_state_dict").unbind(0)
             value = unshard(pieces, spec.dim if attr == "weight" else 0, spec.parts)
         if spec is not None and spec.transposed and attr == "weight":
             value = value.t()
@@ -77,6 +77,9 @@ def load_full_state_dict(module: nn.Module, state_dict_or_path: StateSource, str
 
     Parameters still on the meta device (``init_empty_weights``) are materialized on ``device``
     (default: the CPU), holding only this rank's slice; tied parameters stay tied."""
+    check_arg("load_full_state_dict", "module", module, nn.Module, "a torch.nn.Module")
+    check_arg("load_full_state_dict", "state_dict_or_path", state_dict_or_path, (Mapping, str, os.PathLike),
+              "a state_dict or the path of a checkpoint file or folder")
     specs, _, world = _tp_state(module)
     rank = resolve_group(getattr(module, "_torch_mp_group", None)).rank if specs else 0
     keys, read_full, read_slices = _open_source(state_dict_or_path)
@@ -183,6 +186,9 @@ def _open_source(source: StateSource) -> Tuple[Iterable[str], Reader, SliceReade
     if find_checkpoint(path) is not None:
         reader = CheckpointReader(path)
         return reader.model_keys, reader.read_full, reader.read_slices
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"load_full_state_dict: state_dict_or_path={path!r} does not exist; expected a "
+                                "checkpoint file or folder")
     files = _safetensors_files(path)
     if files is None:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

@@ -24,10 +24,9 @@ import re
 from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from torch_mp._group import GroupLike, process_group_of, resolve_group
+from torch_mp._group import GroupLike, all_gather_rows, resolve_group
 from torch_mp._sharding import COLWISE, ROWWISE, VOCAB, ShardSpec, shard
 from torch_mp.nn import (
     ColumnParallelLinear,
@@ -77,7 +76,12 @@ def tensor_parallel(module: nn.Module, plan: Union[str, Plan] = "auto", group: G
     else:
         raise TypeError(f"tensor_parallel: expected plan to be 'auto' or a dict, got {type(plan).__name__}")
     if sequence_parallel:
-        resolved.update({name: SEQUENCE_PARALLEL for name in _find_layers(module)})
+        blocks = _repeated_blocks(module)
+        if not blocks:
+            raise ValueError(f"tensor_parallel: sequence_parallel=True but {type(module).__name__} has no repeated "
+                             "blocks to make sequence parallel; expected transformer blocks, or plan={name: "
+                             "'sequence_parallel'}")
+        resolved.update({name: SEQUENCE_PARALLEL for name in blocks})
     sequence_blocks = [name for name, style in resolved.items() if style == SEQUENCE_PARALLEL]
     specs: Dict[str, ShardSpec] = {}
     for name, style in resolved.items():
@@ -156,7 +160,7 @@ def _auto_plan(module: nn.Module) -> Dict[str, str]:
         return _resolve_patterns(module, known)
 
     plan: Dict[str, str] = {}
-    for block_name in _find_layers(module):
+    for block_name in _repeated_blocks(module):
         block = module.get_submodule(block_name)
         attentions = [name for name, child in block.named_modules() if isinstance(child, nn.MultiheadAttention)]
         plan.update({f"{block_name}.{name}": COLWISE for name in attentions})
@@ -167,6 +171,15 @@ def _auto_plan(module: nn.Module) -> Dict[str, str]:
         raise ValueError(f"tensor_parallel: found no attention or MLP to shard in {type(module).__name__}; "
                          "pass plan={pattern: style}")
     return plan
+
+
+def _repeated_blocks(module: nn.Module) -> List[str]:
+    """split's repeated blocks, or none: the caller's error then says what tensor_parallel looked for
+    instead of split's advice."""
+    try:
+        return _find_layers(module)
+    except ValueError:
+        return []
 
 
 def _match_block(linears: List[Tuple[str, int, int]]) -> Dict[str, str]:
@@ -284,10 +297,10 @@ def _check_same_plan_on_every_rank(specs: Dict[str, ShardSpec], group: GroupLike
     collective, so ranks compare a digest of their plans before any layer runs."""
     if world == 1:
         return
-    digest = hashlib.sha256(repr(sorted(specs.items())).encode()).hexdigest()
-    digests: List[Optional[str]] = [None] * world
-    dist.all_gather_object(digests, digest, group=process_group_of(group))
-    differing = [rank for rank, other in enumerate(digests) if other != digests[0]]
+    digest = torch.frombuffer(bytearray(hashlib.sha256(repr(sorted(specs.items())).encode()).digest()),
+                              dtype=torch.uint8)
+    digests = all_gather_rows(digest, group, "torch_mp.tensor_parallel (plan check)").cpu()
+    differing = [rank for rank, other in enumerate(digests) if not torch.equal(other, digests[0])]
     if differing:
         raise ValueError(f"tensor_parallel: ranks {differing} resolved a different plan than rank 0; expected the "
                          "same model and plan on every rank")

@@ -1,13 +1,134 @@
-// The flat collectives under the primitive ops, in one place across PyTorch versions.
+// The flat collectives under the primitive ops, in one place across PyTorch versions, and how they
+// wait: never longer than the group's timeout, failing with an error that names who was waiting.
 #include "comm/collectives.h"
 
-namespace torch_mp::detail {
+#include <iomanip>
+#include <optional>
+#include <sstream>
 
-c10::intrusive_ptr<c10d::Work> start_all_reduce(c10d::ProcessGroup& group, const at::Tensor& tensor, c10d::ReduceOp op) {
+#include <torch_mp/comm.h>
+
+namespace torch_mp::detail {
+namespace {
+
+thread_local std::string_view scope_op;
+thread_local bool scope_backward = false;
+
+[[noreturn]] void throw_default(const std::string& message) {
+  throw CollectiveError({__func__, __FILE__, static_cast<uint32_t>(__LINE__)}, message);
+}
+
+CollectiveErrorThrower thrower = &throw_default;
+
+// The backend's own timeout for `group`; none where the wait must not be bounded here: NCCL work on
+// a GPU completes asynchronously (a bounded wait would block the CPU until the GPU is done) and
+// NCCL's watchdog enforces the same timeout. A backend too old to report its options bounds its
+// collectives itself (Gloo does).
+std::optional<std::chrono::milliseconds> timeout_of(c10d::ProcessGroup& group, c10::DeviceType device) {
+  if (device != c10::DeviceType::CPU) {
+    return std::nullopt;
+  }
+  try {
+    return group.getBackend(device)->getBackendOptions()->timeout;
+  } catch (const c10::Error&) {
+    return std::nullopt;
+  }
+}
+
+// The backend's message without its source location ("[.../pair.cc:545] ") or backtrace.
+std::string cause_of(const std::exception& error) {
+  const auto* c10_error = dynamic_cast<const c10::Error*>(&error);
+  std::string cause = c10_error ? c10_error->what_without_backtrace() : error.what();
+  if (!cause.empty() && cause.front() == '[') {
+    const auto end = cause.find("] ");
+    cause = end == std::string::npos ? cause : cause.substr(end + 2);
+  }
+  return cause.substr(0, cause.find('\n'));
+}
+
+std::string seconds(std::chrono::duration<double> duration) {
+  std::ostringstream out;
+  out << std::fixed << std::setprecision(1) << duration.count() << " s";
+  return out.str();
+}
+
+} // namespace
+
+OpScope::OpScope(std::string_view op, bool backward) : outermost_(scope_op.empty()) {
+  if (outermost_) {
+    scope_op = op;
+    scope_backward = backward;
+  }
+}
+
+OpScope::~OpScope() {
+  if (outermost_) {
+    scope_op = {};
+    scope_backward = false;
+  }
+}
+
+std::string scoped_op(std::string_view fallback) {
+  if (scope_op.empty()) {
+    return std::string(fallback);
+  }
+  return std::string(scope_op) + (scope_backward ? " backward" : "");
+}
+
+Pending::Pending(
+    std::string_view op,
+    const char* collective,
+    c10::intrusive_ptr<c10d::ProcessGroup> group,
+    c10::DeviceType device,
+    c10::intrusive_ptr<c10d::Work> work)
+    : op_(scoped_op(op)),
+      collective_(collective),
+      group_(std::move(group)),
+      device_(device),
+      work_(std::move(work)),
+      start_(std::chrono::steady_clock::now()) {}
+
+void Pending::wait() {
+  const auto timeout = timeout_of(*group_, device_);
+  std::string cause;
+  try {
+    work_->wait(timeout.value_or(kNoTimeout));
+    return;
+  } catch (const std::exception& error) {
+    cause = cause_of(error);
+  }
+  const std::chrono::duration<double> waited = std::chrono::steady_clock::now() - start_;
+  std::ostringstream message;
+  message << op_ << ": " << collective_ << " on group '" << group_->getGroupName() << "' (";
+  const auto& description = group_->getGroupDesc();
+  if (!description.empty() && description != "undefined" && description != group_->getGroupName()) {
+    message << description << ", ";
+  }
+  message << "rank " << group_->getRank() << " of " << group_->getSize() << ") ";
+  if (timeout && waited >= *timeout) {
+    message << "got no answer within " << seconds(*timeout)
+            << ": a peer rank has died or did not reach this collective";
+  } else {
+    message << "failed after " << seconds(waited) << ": a peer rank has died or left the group";
+  }
+  message << " (" << group_->getBackendName() << ": " << cause << ")";
+  thrower(message.str());
+  TORCH_INTERNAL_ASSERT(false, "the collective error thrower returned");
+}
+
+void set_collective_error_thrower(CollectiveErrorThrower new_thrower) {
+  thrower = new_thrower ? new_thrower : &throw_default;
+}
+
+Pending start_all_reduce(
+    std::string_view op,
+    const c10::intrusive_ptr<c10d::ProcessGroup>& group,
+    const at::Tensor& tensor,
+    c10d::ReduceOp reduce_op) {
   std::vector<at::Tensor> tensors{tensor.view({-1})};
   c10d::AllreduceOptions options;
-  options.reduceOp = op;
-  return group.allreduce(tensors, options);
+  options.reduceOp = reduce_op;
+  return Pending(op, "all_reduce", group, tensor.device().type(), group->allreduce(tensors, options));
 }
 
 // c10d's flat all-gather and reduce-scatter carry deprecation notes in recent releases; their
@@ -18,16 +139,25 @@ c10::intrusive_ptr<c10d::Work> start_all_reduce(c10d::ProcessGroup& group, const
 
 // Both run on flat views (views of their own, see start_all_reduce): backends split the larger
 // buffer into group-size pieces along dim 0.
-void all_gather_into(c10d::ProcessGroup& group, at::Tensor& output, at::Tensor& input) {
+void all_gather_into(
+    std::string_view op,
+    const c10::intrusive_ptr<c10d::ProcessGroup>& group,
+    at::Tensor& output,
+    at::Tensor& input) {
   auto flat_output = output.view({-1});
   auto flat_input = input.view({-1});
-  group._allgather_base(flat_output, flat_input)->wait();
+  Pending(op, "all_gather", group, input.device().type(), group->_allgather_base(flat_output, flat_input)).wait();
 }
 
-void reduce_scatter_into(c10d::ProcessGroup& group, at::Tensor& output, at::Tensor& input) {
+void reduce_scatter_into(
+    std::string_view op,
+    const c10::intrusive_ptr<c10d::ProcessGroup>& group,
+    at::Tensor& output,
+    at::Tensor& input) {
   auto flat_output = output.view({-1});
   auto flat_input = input.view({-1});
-  group._reduce_scatter_base(flat_output, flat_input)->wait();
+  Pending(op, "reduce_scatter", group, input.device().type(), group->_reduce_scatter_base(flat_output, flat_input))
+      .wait();
 }
 
 #pragma GCC diagnostic pop

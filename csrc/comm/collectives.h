@@ -1,22 +1,81 @@
 #pragma once
 
+#include <chrono>
+#include <string>
+#include <string_view>
+
 #include <ATen/core/Tensor.h>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
 namespace torch_mp::detail {
 
+// Names the torch_mp operator whose collectives run on this thread while the scope lives, for the
+// errors they raise. The outermost scope wins: a layer's name tells the user more than the name of
+// the conjugate op it calls. `op` must outlive the scope.
+class OpScope {
+ public:
+  explicit OpScope(std::string_view op, bool backward = false);
+  ~OpScope();
+  OpScope(const OpScope&) = delete;
+  OpScope& operator=(const OpScope&) = delete;
+
+ private:
+  bool outermost_;
+};
+
+// The operator named by this thread's OpScope ("torch_mp.gather_from_tp backward"), or `fallback`
+// outside any: what checks and errors deep in the primitives call the operator the user called.
+std::string scoped_op(std::string_view fallback);
+
+// A collective in flight on `group`. wait() bounds it by the group's timeout and turns a timeout or
+// a backend failure into a CollectiveError naming the operator (the innermost OpScope's or `op`),
+// the collective, the group and this rank.
+class Pending {
+ public:
+  Pending(
+      std::string_view op,
+      const char* collective,
+      c10::intrusive_ptr<c10d::ProcessGroup> group,
+      c10::DeviceType device,
+      c10::intrusive_ptr<c10d::Work> work);
+  void wait();
+
+ private:
+  std::string op_;
+  const char* collective_;
+  c10::intrusive_ptr<c10d::ProcessGroup> group_;
+  c10::DeviceType device_;
+  c10::intrusive_ptr<c10d::Work> work_;
+  std::chrono::steady_clock::time_point start_;
+};
+
 // Starts an all-reduce (sum, or `op`) of `tensor` in place. Like the flat collectives below it hands
 // the backend a view of its own: the backend's worker thread keeps the last collective's tensors
 // until its next one, and a tensor Python has seen and dropped meanwhile would be released on that
 // thread, which must then take the GIL (fatal during interpreter shutdown).
-c10::intrusive_ptr<c10d::Work> start_all_reduce(
-    c10d::ProcessGroup& group,
+Pending start_all_reduce(
+    std::string_view op,
+    const c10::intrusive_ptr<c10d::ProcessGroup>& group,
     const at::Tensor& tensor,
-    c10d::ReduceOp op = c10d::ReduceOp::SUM);
+    c10d::ReduceOp reduce_op = c10d::ReduceOp::SUM);
 
 // output[r] = rank r's input, for output of shape [group size, *input.shape]; blocks until done.
-void all_gather_into(c10d::ProcessGroup& group, at::Tensor& output, at::Tensor& input);
+void all_gather_into(
+    std::string_view op,
+    const c10::intrusive_ptr<c10d::ProcessGroup>& group,
+    at::Tensor& output,
+    at::Tensor& input);
 // output = sum over ranks of input[this rank], for input of shape [group size, *output.shape].
-void reduce_scatter_into(c10d::ProcessGroup& group, at::Tensor& output, at::Tensor& input);
+void reduce_scatter_into(
+    std::string_view op,
+    const c10::intrusive_ptr<c10d::ProcessGroup>& group,
+    at::Tensor& output,
+    at::Tensor& input);
+
+// How a failed collective is thrown: CollectiveError by default. The Python module installs a
+// thrower whose exception Python sees as torch_mp.CollectiveError, also when it is raised inside a
+// backward pass, where no exception translator of ours runs.
+using CollectiveErrorThrower = void (*)(const std::string& message);
+void set_collective_error_thrower(CollectiveErrorThrower thrower);
 
 } // namespace torch_mp::detail

@@ -14,20 +14,27 @@
 namespace torch_mp {
 namespace detail {
 
+namespace {
+
+c10::intrusive_ptr<c10d::ProcessGroup> lookup_group(std::string_view op, std::string_view group_name) {
+  try {
+    return c10d::resolve_process_group(std::string(group_name));
+  } catch (const c10::Error&) {
+    TORCH_CHECK_VALUE(
+        false, op, ": no process group named '", group_name,
+        "' is registered in this process (never made, or destroyed); expected a group made by "
+        "torch.distributed (init_process_group / new_group) or torch_mp::init_process_group");
+  }
+}
+
+} // namespace
+
 c10::intrusive_ptr<c10d::ProcessGroup> resolve_group(
     std::string_view op,
     std::string_view group_name,
     int64_t group_size) {
   TORCH_CHECK_VALUE(group_size >= 1, op, ": group_size is ", group_size, "; expected at least 1");
-  c10::intrusive_ptr<c10d::ProcessGroup> group;
-  try {
-    group = c10d::resolve_process_group(std::string(group_name));
-  } catch (const c10::Error&) {
-    TORCH_CHECK_VALUE(
-        false, op, ": no process group named '", group_name,
-        "' is registered in this process; expected a group made by torch.distributed "
-        "(init_process_group / new_group) or torch_mp::init_process_group");
-  }
+  auto group = lookup_group(op, group_name);
   TORCH_CHECK_VALUE(
       group->getSize() == group_size, op, ": process group '", group_name, "' has ",
       group->getSize(), " members but group_size is ", group_size);
@@ -37,7 +44,7 @@ c10::intrusive_ptr<c10d::ProcessGroup> resolve_group(
 } // namespace detail
 
 Group Group::named(const std::string& name) {
-  auto group = c10d::resolve_process_group(name);
+  auto group = detail::lookup_group("Group::named", name);
   return Group{name, group->getSize(), group->getRank()};
 }
 

@@ -8,7 +8,17 @@
 namespace torch_mp::nn {
 namespace {
 
-int64_t shard_size(const char* layer, const char* what, int64_t total, int64_t group_size) {
+void check_size(const char* layer, const char* what, int64_t value) {
+  TORCH_CHECK_VALUE(value >= 0, layer, ": ", what, " is ", value, "; expected a size >= 0");
+}
+
+// This rank's share of `total` (`what`: the option split across the group), checking the group too.
+int64_t shard_size(const char* layer, const char* what, int64_t total, const Group& group) {
+  TORCH_CHECK_VALUE(
+      group.size >= 1 && group.rank >= 0 && group.rank < group.size, layer, ": group '", group.name, "' has size ",
+      group.size, " and rank ", group.rank, "; expected size >= 1 and 0 <= rank < size");
+  check_size(layer, what, total);
+  const auto group_size = group.size;
   TORCH_CHECK_VALUE(
       total % group_size == 0, layer, ": ", what, " ", total, " is not divisible by the group size ", group_size,
       "; expected a multiple of ", group_size);
@@ -39,7 +49,8 @@ ColumnParallelLinearImpl::ColumnParallelLinearImpl(ColumnParallelLinearOptions o
 
 void ColumnParallelLinearImpl::reset() {
   const auto local = shard_size(
-      "ColumnParallelLinear", "out_features", options.out_features(), options.group().size);
+      "ColumnParallelLinear", "out_features", options.out_features(), options.group());
+  check_size("ColumnParallelLinear", "in_features", options.in_features());
   weight = register_parameter("weight", torch::empty({local, options.in_features()}));
   bias = register_parameter("bias", options.bias() ? torch::empty({local}) : at::Tensor(), options.bias());
   init_linear(weight, bias, options.in_features());
@@ -57,7 +68,8 @@ RowParallelLinearImpl::RowParallelLinearImpl(RowParallelLinearOptions options_) 
 
 void RowParallelLinearImpl::reset() {
   const auto local =
-      shard_size("RowParallelLinear", "in_features", options.in_features(), options.group().size);
+      shard_size("RowParallelLinear", "in_features", options.in_features(), options.group());
+  check_size("RowParallelLinear", "out_features", options.out_features());
   weight = register_parameter("weight", torch::empty({options.out_features(), local}));
   bias = register_parameter(
       "bias", options.bias() ? torch::empty({options.out_features()}) : at::Tensor(), options.bias());
@@ -77,7 +89,8 @@ VocabParallelEmbeddingImpl::VocabParallelEmbeddingImpl(VocabParallelEmbeddingOpt
 
 void VocabParallelEmbeddingImpl::reset() {
   const auto local = shard_size(
-      "VocabParallelEmbedding", "num_embeddings", options.num_embeddings(), options.group().size);
+      "VocabParallelEmbedding", "num_embeddings", options.num_embeddings(), options.group());
+  check_size("VocabParallelEmbedding", "embedding_dim", options.embedding_dim());
   weight = register_parameter("weight", torch::empty({local, options.embedding_dim()}));
   torch::nn::init::normal_(weight);
 }
@@ -132,17 +145,18 @@ at::Tensor vocab_parallel_cross_entropy(
     const Group& group,
     int64_t ignore_index,
     const std::string& reduction) {
-  auto losses = torch_mp::vocab_parallel_cross_entropy(
-      logits, target, group.rank * logits.size(-1), ignore_index, group);
+  TORCH_CHECK_VALUE(
+      reduction == "mean" || reduction == "sum" || reduction == "none", "vocab_parallel_cross_entropy: reduction '",
+      reduction, "'; expected 'mean', 'sum' or 'none'");
+  // A 0-dim logits has no vocabulary dim: the operator's shape check says so.
+  const auto local_vocab = logits.dim() > 0 ? logits.size(-1) : 0;
+  auto losses = torch_mp::vocab_parallel_cross_entropy(logits, target, group.rank * local_vocab, ignore_index, group);
   if (reduction == "none") {
     return losses;
   }
   if (reduction == "sum") {
     return losses.sum();
   }
-  TORCH_CHECK_VALUE(
-      reduction == "mean", "vocab_parallel_cross_entropy: reduction '", reduction,
-      "'; expected 'mean', 'sum' or 'none'");
   return losses.sum() / (target != ignore_index).sum();
 }
 

@@ -1,16 +1,32 @@
 #include "ops/checks.h"
 
-#include <ATen/WrapDimUtils.h>
 #include <c10/util/Exception.h>
+
+#include "comm/collectives.h"
 
 namespace torch_mp::detail {
 
+void check_group_size(std::string_view op, int64_t group_size) {
+  TORCH_CHECK_VALUE(group_size >= 1, scoped_op(op), ": group_size is ", group_size, "; expected at least 1");
+}
+
+int64_t wrap_dim(std::string_view op, const at::Tensor& self, int64_t dim) {
+  // A 0-dim tensor has no dim to split or gather along.
+  const auto ndim = self.dim();
+  TORCH_CHECK_INDEX(
+      ndim > 0 && dim >= -ndim && dim < ndim, scoped_op(op), ": dim ", dim, " is out of range for an input with ", ndim,
+      " dims; expected ", ndim > 0 ? "a dim in [" + std::to_string(-ndim) + ", " + std::to_string(ndim - 1) + "]"
+                                   : std::string("an input with at least one dim"));
+  return dim < 0 ? dim + ndim : dim;
+}
+
 int64_t check_divisible(std::string_view op, const at::Tensor& self, int64_t dim, int64_t group_size) {
-  const auto wrapped = at::maybe_wrap_dim(dim, self.dim());
+  check_group_size(op, group_size);
+  const auto wrapped = wrap_dim(op, self, dim);
   const auto size = self.sym_size(wrapped);
   if (const auto concrete = size.maybe_as_int()) {
     TORCH_CHECK_VALUE(
-        *concrete % group_size == 0, op, ": input size ", *concrete, " along dim ", dim,
+        *concrete % group_size == 0, scoped_op(op), ": input size ", *concrete, " along dim ", dim,
         " is not divisible by the group size ", group_size, "; expected a multiple of ", group_size);
   }
   return wrapped;
@@ -29,15 +45,29 @@ void check_matches(std::string_view op, const char* name, const at::Tensor& inpu
 
 } // namespace
 
-void check_same_device_and_dtype(
+void check_linear(
     std::string_view op,
     const at::Tensor& input,
     const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias) {
+    const std::optional<at::Tensor>& bias,
+    std::string_view layout) {
+  TORCH_CHECK_VALUE(
+      input.dim() >= 1, op, ": input is a 0-dim tensor; expected input of shape [*, in_features]");
+  const bool has_bias = bias.has_value() && bias->defined();
   check_matches(op, "weight", input, weight);
-  if (bias.has_value() && bias->defined()) {
+  if (has_bias) {
     check_matches(op, "bias", input, *bias);
   }
+  TORCH_CHECK_VALUE(
+      weight.dim() == 2, op, ": weight has shape ", weight.sym_sizes(), "; expected a matrix ", layout);
+  TORCH_CHECK_VALUE(
+      input.sym_size(-1).sym_eq(weight.sym_size(1)).expect_true(__FILE__, __LINE__), op, ": input has ",
+      input.sym_size(-1), " features (its last dim) but weight has shape ", weight.sym_sizes(),
+      "; expected weight ", layout);
+  TORCH_CHECK_VALUE(
+      !has_bias || (bias->dim() == 1 && bias->sym_size(0).sym_eq(weight.sym_size(0)).expect_true(__FILE__, __LINE__)),
+      op, ": bias has shape ", has_bias ? bias->sym_sizes() : c10::SymIntArrayRef(), "; expected [",
+      weight.sym_size(0), "], one entry per row of weight");
 }
 
 } // namespace torch_mp::detail

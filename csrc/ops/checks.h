@@ -7,15 +7,25 @@
 
 namespace torch_mp::detail {
 
+// Checks that `group_size` is at least 1, naming `op`.
+void check_group_size(std::string_view op, int64_t group_size);
+
+// `dim` wrapped into [0, self.dim()); an IndexError naming `op` and the valid range otherwise.
+int64_t wrap_dim(std::string_view op, const at::Tensor& self, int64_t dim);
+
 // Checks that `self` splits evenly along `dim` into `group_size` blocks (symbolic sizes pass);
 // returns the wrapped dim.
 int64_t check_divisible(std::string_view op, const at::Tensor& self, int64_t dim, int64_t group_size);
 
-// Checks that `weight` (and `bias`, when given) share `input`'s device and dtype, naming the argument.
-void check_same_device_and_dtype(
+// Checks the arguments of a linear layer's matmul, naming each: `input` [*, features], `weight` a
+// matrix [rows, features] (`layout` says which slice of the layer it holds), `bias` [rows] when
+// given, all on one device with one dtype. Sizes compare symbolically (no specialization under
+// torch.compile).
+void check_linear(
     std::string_view op,
     const at::Tensor& input,
     const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias);
+    const std::optional<at::Tensor>& bias,
+    std::string_view layout);
 
 } // namespace torch_mp::detail

@@ -2,7 +2,6 @@
 // Their kernels call c10d::ProcessGroup; their Meta kernels live in meta/collectives.cpp.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/WrapDimUtils.h>
 #include <torch/csrc/distributed/c10d/Types.hpp>
 #include <torch/library.h>
 
@@ -52,18 +51,20 @@ at::Tensor all_reduce_kernel(
     c10::string_view group_name,
     int64_t group_size) {
   const auto reduction = parse_reduce_op(reduce_op);
+  detail::check_group_size("torch_mp.all_reduce", group_size);
   auto output = self.clone(at::MemoryFormat::Contiguous);
   if (group_size == 1) {
     return output;
   }
   auto group = detail::resolve_group("torch_mp.all_reduce", group_name, group_size);
-  detail::start_all_reduce(*group, output, reduction)->wait();
+  detail::start_all_reduce("torch_mp.all_reduce", group, output, reduction).wait();
   return output;
 }
 
 // Gathers into [group_size, *self.shape] with one flat collective, then lays the blocks along dim.
 at::Tensor all_gather_kernel(const at::Tensor& self, int64_t dim, c10::string_view group_name, int64_t group_size) {
-  const auto wrapped = at::maybe_wrap_dim(dim, self.dim());
+  detail::check_group_size("torch_mp.all_gather", group_size);
+  const auto wrapped = detail::wrap_dim("torch_mp.all_gather", self, dim);
   if (group_size == 1) {
     return self.clone(at::MemoryFormat::Contiguous);
   }
@@ -72,7 +73,7 @@ at::Tensor all_gather_kernel(const at::Tensor& self, int64_t dim, c10::string_vi
   std::vector<int64_t> stacked_shape{group_size};
   stacked_shape.insert(stacked_shape.end(), input.sizes().begin(), input.sizes().end());
   auto stacked = at::empty(stacked_shape, input.options());
-  detail::all_gather_into(*group, stacked, input);
+  detail::all_gather_into("torch_mp.all_gather", group, stacked, input);
   auto sizes = input.sizes().vec();
   sizes[wrapped] *= group_size;
   return stacked.movedim(0, wrapped).reshape(sizes).contiguous();
@@ -96,7 +97,7 @@ at::Tensor reduce_scatter_kernel(
   // [.., group_size, size / group_size, ..] with the rank blocks moved first and made contiguous.
   auto blocks = self.reshape(blocks_shape).movedim(wrapped, 0).contiguous();
   auto output = at::empty(sizes, self.options());
-  detail::reduce_scatter_into(*group, output, blocks);
+  detail::reduce_scatter_into("torch_mp.reduce_scatter", group, output, blocks);
   return output;
 }
 

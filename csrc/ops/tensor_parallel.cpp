@@ -97,7 +97,12 @@ Group group_of(c10::string_view name, int64_t size) {
 
 // --- forward kernels of the conjugate pairs: one primitive each ----------------------------------
 
-at::Tensor copy_to_tp_kernel(const at::Tensor& self, c10::string_view, int64_t) {
+// The forward needs no group, but a group that does not exist should fail here, not in backward.
+at::Tensor copy_to_tp_kernel(const at::Tensor& self, c10::string_view name, int64_t size) {
+  detail::check_group_size("torch_mp.copy_to_tp", size);
+  if (size > 1) {
+    detail::resolve_group("torch_mp.copy_to_tp", name, size);
+  }
   return self.clone();
 }
 at::Tensor reduce_from_tp_kernel(const at::Tensor& self, c10::string_view name, int64_t size) {
@@ -122,7 +127,8 @@ at::Tensor column_parallel_linear_kernel(
     bool gather_output,
     c10::string_view name,
     int64_t size) {
-  detail::check_same_device_and_dtype("torch_mp.column_parallel_linear", input, weight, bias);
+  detail::check_linear(
+      "torch_mp.column_parallel_linear", input, weight, bias, "[out_features / group size, in_features]");
   auto output = at::linear(input, weight, bias);
   return gather_output ? primitives::all_gather(output, -1, group_of(name, size)) : output;
 }
@@ -138,12 +144,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> column_parallel_linear_backward_k
     int64_t size) {
   const auto none = at::empty({0}, grad_output.options());
   at::Tensor grad_input = none, grad_weight = none, grad_bias = none;
-  c10::intrusive_ptr<c10d::Work> pending;
+  std::optional<detail::Pending> pending;
   if (output_mask[0]) {
     grad_input = at::matmul(grad_output, weight).contiguous();
     if (size > 1) {
-      auto group = detail::resolve_group("torch_mp.column_parallel_linear (backward)", name, size);
-      pending = detail::start_all_reduce(*group, grad_input);
+      constexpr auto op = "torch_mp.column_parallel_linear backward";
+      pending = detail::start_all_reduce(op, detail::resolve_group(op, name, size), grad_input);
     }
   }
   const auto grad_2d = grad_output.reshape({-1, grad_output.size(-1)});
@@ -168,14 +174,13 @@ at::Tensor row_parallel_linear_impl(
     bool input_is_parallel,
     c10::string_view name,
     int64_t size) {
-  detail::check_same_device_and_dtype("torch_mp.row_parallel_linear", input, weight, bias);
+  detail::OpScope scope("torch_mp.row_parallel_linear");
   const auto group = group_of(name, size);
   const auto local_input = input_is_parallel ? input : scatter_to_tp(input, -1, group);
-  // Symbolic sizes: a check on concrete ones would specialize dynamic shapes under torch.compile.
-  TORCH_SYM_CHECK(
-      local_input.sym_size(-1).sym_eq(weight.sym_size(1)), "torch_mp.row_parallel_linear: input has ",
-      local_input.sym_size(-1), " features on this rank but weight has ", weight.sym_size(1),
-      " columns; expected them equal");
+  detail::check_linear(
+      "torch_mp.row_parallel_linear", local_input, weight, bias,
+      input_is_parallel ? "[out_features, in_features / group size] (input holds this rank's features)"
+                        : "[out_features, in_features / group size] (this rank's slice of the input's features)");
   auto output = reduce_from_tp(at::linear(local_input, weight), group);
   return bias.has_value() && bias->defined() ? output + *bias : output;
 }
@@ -186,8 +191,9 @@ at::Tensor vocab_parallel_embedding_impl(
     int64_t vocab_start,
     c10::string_view name,
     int64_t size) {
+  detail::OpScope scope("torch_mp.vocab_parallel_embedding");
   TORCH_CHECK_TYPE(
-      !at::isFloatingType(input.scalar_type()) && !at::isComplexType(input.scalar_type()),
+      at::isIntegralType(input.scalar_type(), /*includeBool=*/false),
       "torch_mp.vocab_parallel_embedding: input has dtype ", input.scalar_type(), "; expected integer indices");
   TORCH_CHECK_VALUE(
       weight.dim() == 2, "torch_mp.vocab_parallel_embedding: weight has ", weight.dim(),
@@ -205,12 +211,20 @@ at::Tensor vocab_parallel_cross_entropy_impl(
     int64_t ignore_index,
     c10::string_view name,
     int64_t size) {
+  detail::OpScope scope("torch_mp.vocab_parallel_cross_entropy");
+  TORCH_CHECK_TYPE(
+      at::isFloatingType(logits.scalar_type()), "torch_mp.vocab_parallel_cross_entropy: logits has dtype ",
+      logits.scalar_type(), "; expected a floating point dtype");
+  TORCH_CHECK_TYPE(
+      at::isIntegralType(target.scalar_type(), /*includeBool=*/false),
+      "torch_mp.vocab_parallel_cross_entropy: target has dtype ", target.scalar_type(),
+      "; expected integer class indices");
   c10::SymBool shapes_fit(logits.dim() == target.dim() + 1);
   for (int64_t d = 0; d < target.dim() && d + 1 < logits.dim(); ++d) {
     shapes_fit = shapes_fit.sym_and(logits.sym_size(d).sym_eq(target.sym_size(d)));
   }
-  TORCH_SYM_CHECK(
-      shapes_fit, "torch_mp.vocab_parallel_cross_entropy: logits of shape ", logits.sym_sizes(),
+  TORCH_CHECK_VALUE(
+      shapes_fit.expect_true(__FILE__, __LINE__), "torch_mp.vocab_parallel_cross_entropy: logits of shape ", logits.sym_sizes(),
       " and target of shape ", target.sym_sizes(), "; expected logits of shape [*target.shape, vocab on this rank]");
   // The vocabulary shard is as wide as the weight it came from: a static size.
   const auto local_vocab = logits.sym_size(-1).guard_int(__FILE__, __LINE__);

@@ -1,10 +1,15 @@
 // torch_mp._C: the few C++ helpers the Python package calls directly. The operators themselves live
 // in libtorch_mp, which this module links, and are reached through torch.ops.torch_mp.
+#include <optional>
+#include <string>
+
+#include <torch/csrc/Exceptions.h>
 #include <torch/extension.h>
 
 #include <torch_mp/pipeline.h>
 #include <torch_mp/split.h>
 
+#include "comm/collectives.h"
 #include "detail/device.h"
 
 namespace {
@@ -36,6 +41,38 @@ void check_pipeline_schedule(const PySchedule& schedule, int64_t num_stages, int
   torch_mp::pipeline::check_schedule(actions, num_stages, chunks);
 }
 
+PyObject* collective_error_type = nullptr;
+
+// torch's error translation (also at the end of a backward pass) raises a PyTorchError as its
+// python_type(): the one way a C++ error reaches Python as a class of ours.
+struct PythonCollectiveError : torch::PyTorchError {
+  using PyTorchError::PyTorchError;
+  PyObject* python_type() override {
+    return collective_error_type;
+  }
+};
+
+[[noreturn]] void throw_python_collective_error(const std::string& message) {
+  throw PythonCollectiveError(message);
+}
+
+// `with _op_scope("torch_mp.tensor_parallel"):` names that function in the errors of the
+// collectives it runs through the operators.
+class PythonOpScope {
+ public:
+  explicit PythonOpScope(std::string op) : op_(std::move(op)) {}
+  void enter() {
+    scope_.emplace(op_);
+  }
+  void exit(const py::args&) {
+    scope_.reset();
+  }
+
+ private:
+  std::string op_;
+  std::optional<torch_mp::detail::OpScope> scope_;
+};
+
 } // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -47,6 +84,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_check_device_available", &torch_mp::detail::check_device_available, py::arg("device"),
         py::arg("what"));
   m.def("_normalize_device", &torch_mp::detail::normalize_device, py::arg("device"));
+
+  const auto base = py::module_::import("torch.distributed").attr("DistBackendError");
+  collective_error_type = PyErr_NewExceptionWithDoc(
+      "torch_mp.CollectiveError",
+      "A collective of torch_mp's did not complete: no answer within the group's timeout, or a peer rank "
+      "died or left. The message names the operator, the collective, the group and this rank.",
+      base.ptr(), nullptr);
+  m.attr("CollectiveError") = py::handle(collective_error_type);
+  torch_mp::detail::set_collective_error_thrower(&throw_python_collective_error);
+
+  py::class_<PythonOpScope>(m, "_op_scope")
+      .def(py::init<std::string>(), py::arg("op"))
+      .def("__enter__", &PythonOpScope::enter)
+      .def("__exit__", &PythonOpScope::exit);
 #ifdef TORCH_MP_WITH_CUDA
   m.attr("_with_cuda") = true;
 #else

@@ -8,7 +8,7 @@ import torch_mp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # MiB per 100 steps: a leak of one activation-sized tensor per step (8 x 32 x 64 floats, 64 KiB) gives
-# about 6; allocator noise over the sampled steps stays well under 1.
+# about 6; steps 20 to 60, where the allocator still settles, measured about 1 (1,000 steps: 0.1).
 DRIFT_BOUND = 4.0
 
 

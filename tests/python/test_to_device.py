@@ -84,7 +84,7 @@ def test_unavailable_device_is_a_clear_error():
 
 
 def test_unknown_device_is_a_clear_error():
-    with pytest.raises(RuntimeError, match="tpu"):
+    with pytest.raises(ValueError, match="device = .tpu. is not a device"):
         torch_mp.to_device(torch.randn(2), "tpu")
 
 

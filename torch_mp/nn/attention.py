@@ -6,6 +6,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from torch_mp._group import GroupLike
+from torch_mp._ops import check_arg
 from torch_mp._sharding import shard
 from torch_mp.nn.layers import RowParallelLinear, _TensorParallel
 
@@ -22,6 +23,7 @@ class TensorParallelMultiheadAttention(_TensorParallel):
 
     def __init__(self, dense: nn.MultiheadAttention, group: GroupLike = None):
         super().__init__()
+        check_arg(type(self).__name__, "dense", dense, nn.MultiheadAttention, "an nn.MultiheadAttention")
         self._set_group(group)
         if not dense._qkv_same_embed_dim:
             raise ValueError("TensorParallelMultiheadAttention: kdim/vdim other than embed_dim are not supported; "

@@ -5,10 +5,18 @@ import torch
 from torch import nn
 
 from torch_mp._group import GroupLike, resolve_group
+from torch_mp._ops import check_arg
 from torch_mp._sharding import shard
 
 
+def _check_size(layer: str, what: str, value) -> None:
+    check_arg(layer, what, value, int, "an int")
+    if value < 0:
+        raise ValueError(f"{layer}: {what}={value}; expected a size >= 0")
+
+
 def _shard_size(layer: str, what: str, total: int, group_size: int) -> int:
+    _check_size(layer, what, total)
     if total % group_size:
         raise ValueError(f"{layer}: {what} {total} is not divisible by the group size {group_size}; "
                          f"expected a multiple of {group_size}")
@@ -46,6 +54,7 @@ class ColumnParallelLinear(_TensorParallel):
         self._set_group(group)
         self.in_features, self.out_features, self.gather_output = in_features, out_features, gather_output
         local = _shard_size(type(self).__name__, "out_features", out_features, self.group_size)
+        _check_size(type(self).__name__, "in_features", in_features)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(local, in_features, **factory))
         self.bias = nn.Parameter(torch.empty(local, **factory)) if bias else None
@@ -54,6 +63,7 @@ class ColumnParallelLinear(_TensorParallel):
     @classmethod
     def from_dense(cls, linear: nn.Linear, group: GroupLike = None, gather_output: bool = False):
         """This rank's rows of ``linear``: the layer computes this rank's slice of ``linear(x)``."""
+        check_arg(f"{cls.__name__}.from_dense", "linear", linear, nn.Linear, "an nn.Linear")
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, gather_output, group,
                     device="meta", dtype=linear.weight.dtype)
         parts, rank, world = (linear.out_features,), layer.rank, layer.group_size
@@ -86,6 +96,7 @@ class RowParallelLinear(_TensorParallel):
         self._set_group(group)
         self.in_features, self.out_features, self.input_is_parallel = in_features, out_features, input_is_parallel
         local = _shard_size(type(self).__name__, "in_features", in_features, self.group_size)
+        _check_size(type(self).__name__, "out_features", out_features)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_features, local, **factory))
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
@@ -94,6 +105,7 @@ class RowParallelLinear(_TensorParallel):
     @classmethod
     def from_dense(cls, linear: nn.Linear, group: GroupLike = None, input_is_parallel: bool = True):
         """This rank's columns of ``linear``, and its whole bias."""
+        check_arg(f"{cls.__name__}.from_dense", "linear", linear, nn.Linear, "an nn.Linear")
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, input_is_parallel, group,
                     device="meta", dtype=linear.weight.dtype)
         layer.weight = nn.Parameter(shard(linear.weight.detach(), 1, (linear.in_features,), layer.rank,
@@ -128,12 +140,14 @@ class VocabParallelEmbedding(_TensorParallel):
         self._set_group(group)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         local = _shard_size(type(self).__name__, "num_embeddings", num_embeddings, self.group_size)
+        _check_size(type(self).__name__, "embedding_dim", embedding_dim)
         self.vocab_start = self.rank * local
         self.weight = nn.Parameter(torch.empty(local, embedding_dim, device=device, dtype=dtype))
         nn.init.normal_(self.weight)
 
     @classmethod
     def from_dense(cls, embedding: nn.Embedding, group: GroupLike = None):
+        check_arg(f"{cls.__name__}.from_dense", "embedding", embedding, nn.Embedding, "an nn.Embedding")
         layer = cls(embedding.num_embeddings, embedding.embedding_dim, group, device="meta",
                     dtype=embedding.weight.dtype)
         layer.weight = nn.Parameter(shard(embedding.weight.detach(), 0, (embedding.num_embeddings,), layer.rank,
@@ -153,13 +167,17 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, gro
     """Cross entropy over logits sharded on the vocabulary (last) dim, equal shards in rank order,
     as ColumnParallelLinear produces them; the full logits are never gathered. ``reduction``:
     "mean" (over targets that are not ``ignore_index``), "sum" or "none"."""
+    check_arg("vocab_parallel_cross_entropy", "logits", logits, torch.Tensor, "a torch.Tensor")
+    check_arg("vocab_parallel_cross_entropy", "target", target, torch.Tensor, "a torch.Tensor")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"vocab_parallel_cross_entropy: reduction={reduction!r}; expected 'mean', 'sum' or 'none'")
     name, size, rank = resolve_group(group, "vocab_parallel_cross_entropy(group=...)")
+    # A 0-dim logits has no vocabulary dim: the operator's shape check says so.
+    local_vocab = logits.shape[-1] if logits.dim() else 0
     losses = torch.ops.torch_mp.vocab_parallel_cross_entropy(
-        logits, target, rank * logits.shape[-1], ignore_index, name, size)
+        logits, target, rank * local_vocab, ignore_index, name, size)
     if reduction == "none":
         return losses
     if reduction == "sum":
         return losses.sum()
-    if reduction == "mean":
-        return losses.sum() / (target != ignore_index).sum()
-    raise ValueError(f"vocab_parallel_cross_entropy: reduction={reduction!r}; expected 'mean', 'sum' or 'none'")
+    return losses.sum() / (target != ignore_index).sum()

@@ -4,10 +4,21 @@
 #include <optional>
 #include <string>
 
+#include <c10/util/Exception.h>
 #include <c10/util/intrusive_ptr.h>
 #include <torch/csrc/distributed/c10d/Store.hpp>
 
 namespace torch_mp {
+
+// A collective that did not complete: no answer within the group's timeout, or the backend failed
+// (a peer rank died, a connection closed). The message names the torch_mp operator, the collective,
+// the group and this rank; the group is not usable afterwards. In a Python process the same failure
+// is raised as torch_mp.CollectiveError instead (a torch.distributed.DistBackendError), which this
+// C++ type cannot be.
+class CollectiveError : public c10::DistBackendError {
+ public:
+  using c10::DistBackendError::DistBackendError;
+};
 
 // A process group as the operators see it: its name in c10d's group registry, its size, and this
 // process's rank in it. A group of size 1 needs no registered process group at all.

@@ -3,6 +3,8 @@
 
 #include <torch_mp/ops.h>
 
+#include "comm/collectives.h"
+
 namespace torch_mp {
 namespace {
 
@@ -16,9 +18,10 @@ Group saved_group(AutogradContext* ctx) {
 }
 
 // forward: Forward below autograd; backward: Backward, the conjugate op (itself differentiable,
-// so double backward works). `dim` is ignored by the pairs that do not take one.
-template <DimOp Forward, DimOp Backward>
-class Conjugate : public torch::autograd::Function<Conjugate<Forward, Backward>> {
+// so double backward works). `dim` is ignored by the pairs that do not take one. `Name` names the
+// op in the errors of the collectives either direction runs.
+template <const char* Name, DimOp Forward, DimOp Backward>
+class Conjugate : public torch::autograd::Function<Conjugate<Name, Forward, Backward>> {
  public:
   static constexpr bool is_traceable = true;
 
@@ -31,6 +34,7 @@ class Conjugate : public torch::autograd::Function<Conjugate<Forward, Backward>>
     ctx->saved_data["dim"] = dim;
     ctx->saved_data["group_name"] = std::string(group_name);
     ctx->saved_data["group_size"] = group_size;
+    detail::OpScope scope(Name);
     at::AutoDispatchBelowADInplaceOrView guard;
     return Forward(self, dim, Group{std::string(group_name), group_size, 0});
   }
@@ -38,6 +42,7 @@ class Conjugate : public torch::autograd::Function<Conjugate<Forward, Backward>>
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     auto grad = grad_outputs[0];
     if (grad.defined()) {
+      detail::OpScope scope(Name, /*backward=*/true);
       grad = Backward(grad, ctx->saved_data["dim"].toInt(), saved_group(ctx));
     }
     return {grad, at::Tensor(), at::Tensor(), at::Tensor()};
@@ -55,15 +60,17 @@ at::Tensor identity(const at::Tensor& grad, int64_t, const Group&) {
   return grad;
 }
 
-template <DimOp Forward, DimOp Backward>
+template <const char* Name, DimOp Forward, DimOp Backward>
 at::Tensor group_autograd(const at::Tensor& self, c10::string_view group_name, int64_t group_size) {
-  return Conjugate<Forward, Backward>::apply(self, 0, group_name, group_size);
+  return Conjugate<Name, Forward, Backward>::apply(self, 0, group_name, group_size);
 }
 
-template <DimOp Forward, DimOp Backward>
+template <const char* Name, DimOp Forward, DimOp Backward>
 at::Tensor dim_group_autograd(const at::Tensor& self, int64_t dim, c10::string_view group_name, int64_t group_size) {
-  return Conjugate<Forward, Backward>::apply(self, dim, group_name, group_size);
+  return Conjugate<Name, Forward, Backward>::apply(self, dim, group_name, group_size);
 }
+
+constexpr char kColumnParallelLinear[] = "torch_mp.column_parallel_linear";
 
 // forward: x @ weight.T + bias (then all-gather when gather_output); backward: one fused op that
 // overlaps the input-gradient all-reduce with the weight-gradient matmul.
@@ -84,6 +91,7 @@ class ColumnParallelLinear : public torch::autograd::Function<ColumnParallelLine
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     ctx->saved_data["group_name"] = std::string(group_name);
     ctx->saved_data["group_size"] = group_size;
+    detail::OpScope scope(kColumnParallelLinear);
     at::AutoDispatchBelowADInplaceOrView guard;
     return column_parallel_linear(input, weight, bias, gather_output, Group{std::string(group_name), group_size, 0});
   }
@@ -95,6 +103,7 @@ class ColumnParallelLinear : public torch::autograd::Function<ColumnParallelLine
     if (!grad.defined()) {
       return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     }
+    detail::OpScope scope(kColumnParallelLinear, /*backward=*/true);
     if (ctx->saved_data["gather_output"].toBool()) {
       grad = primitives::split(grad, -1, group);
     }
@@ -130,13 +139,20 @@ at::Tensor column_parallel_linear_autograd(
 
 } // namespace
 
+constexpr char kCopyToTp[] = "torch_mp.copy_to_tp";
+constexpr char kReduceFromTp[] = "torch_mp.reduce_from_tp";
+constexpr char kGatherFromTp[] = "torch_mp.gather_from_tp";
+constexpr char kScatterToTp[] = "torch_mp.scatter_to_tp";
+constexpr char kReduceScatterToSp[] = "torch_mp.reduce_scatter_to_sp";
+constexpr char kGatherFromSp[] = "torch_mp.gather_from_sp";
+
 TORCH_LIBRARY_IMPL(torch_mp, Autograd, m) {
-  m.impl("copy_to_tp", &group_autograd<copy_to, reduce_from>);
-  m.impl("reduce_from_tp", &group_autograd<reduce_from, identity>);
-  m.impl("gather_from_tp", &dim_group_autograd<gather_from_tp, scatter_to_tp>);
-  m.impl("scatter_to_tp", &dim_group_autograd<scatter_to_tp, gather_from_tp>);
-  m.impl("reduce_scatter_to_sp", &dim_group_autograd<reduce_scatter_to_sp, gather_from_sp>);
-  m.impl("gather_from_sp", &dim_group_autograd<gather_from_sp, reduce_scatter_to_sp>);
+  m.impl("copy_to_tp", &group_autograd<kCopyToTp, copy_to, reduce_from>);
+  m.impl("reduce_from_tp", &group_autograd<kReduceFromTp, reduce_from, identity>);
+  m.impl("gather_from_tp", &dim_group_autograd<kGatherFromTp, gather_from_tp, scatter_to_tp>);
+  m.impl("scatter_to_tp", &dim_group_autograd<kScatterToTp, scatter_to_tp, gather_from_tp>);
+  m.impl("reduce_scatter_to_sp", &dim_group_autograd<kReduceScatterToSp, reduce_scatter_to_sp, gather_from_sp>);
+  m.impl("gather_from_sp", &dim_group_autograd<kGatherFromSp, gather_from_sp, reduce_scatter_to_sp>);
   m.impl("column_parallel_linear", &column_parallel_linear_autograd);
 }
 

@@ -1,7 +1,6 @@
 // Meta kernels of the primitive collectives, in symbolic sizes so dynamic shapes trace. They never
 // look up the group: its size is an argument.
 #include <ATen/ATen.h>
-#include <ATen/WrapDimUtils.h>
 #include <torch/library.h>
 
 #include "ops/checks.h"
@@ -14,8 +13,9 @@ at::Tensor all_reduce_meta(const at::Tensor& self, c10::string_view, c10::string
 }
 
 at::Tensor all_gather_meta(const at::Tensor& self, int64_t dim, c10::string_view, int64_t group_size) {
+  detail::check_group_size("torch_mp.all_gather", group_size);
   auto sizes = self.sym_sizes().vec();
-  sizes[at::maybe_wrap_dim(dim, self.dim())] *= group_size;
+  sizes[detail::wrap_dim("torch_mp.all_gather", self, dim)] *= group_size;
   return at::empty_symint(sizes, self.options());
 }
 

@@ -1,0 +1,216 @@
+// Bad input to the C++ API, as a table: each case names the c10 error type it must raise (ValueError,
+// TypeError and IndexError become Python's) and the substrings its message must hold. Then a
+// collective nobody answers: a CollectiveError naming the op, the group and the rank.
+#include <functional>
+#include <future>
+
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+#include <torch_mp/torch_mp.h>
+
+#include "two_ranks.h"
+
+namespace {
+
+enum class Kind { Value, Type, Index };
+
+struct Case {
+  std::string name;
+  std::function<void()> call;
+  Kind kind;
+  std::vector<std::string> substrings;
+};
+
+bool is_kind(const c10::Error& error, Kind kind) {
+  switch (kind) {
+    case Kind::Value:
+      return dynamic_cast<const c10::ValueError*>(&error) != nullptr;
+    case Kind::Type:
+      return dynamic_cast<const c10::TypeError*>(&error) != nullptr;
+    case Kind::Index:
+      return dynamic_cast<const c10::IndexError*>(&error) != nullptr;
+  }
+  return false;
+}
+
+void expect_error(const Case& entry) {
+  try {
+    entry.call();
+  } catch (const c10::Error& error) {
+    const std::string message = error.what_without_backtrace();
+    EXPECT_TRUE(is_kind(error, entry.kind)) << entry.name << ": wrong error type for: " << message;
+    for (const auto& expected : entry.substrings) {
+      EXPECT_NE(message.find(expected), std::string::npos)
+          << entry.name << ": '" << expected << "' is not in: " << message;
+    }
+    return;
+  }
+  ADD_FAILURE() << entry.name << ": no error";
+}
+
+at::Tensor x(at::IntArrayRef shape = {2, 4}) {
+  return torch::randn(shape);
+}
+
+const torch_mp::Group kMissing{"missing", 2, 0};
+const torch_mp::Group kSingle = torch_mp::Group::single();
+
+torch::nn::Sequential mlp() {
+  return torch::nn::Sequential(torch::nn::Linear(4, 8), torch::nn::ReLU(), torch::nn::Linear(8, 4));
+}
+
+std::vector<Case> cases() {
+  using torch_mp::nn::ColumnParallelLinear;
+  using torch_mp::nn::ColumnParallelLinearOptions;
+  using torch_mp::nn::RowParallelLinear;
+  using torch_mp::nn::RowParallelLinearOptions;
+  using torch_mp::nn::VocabParallelEmbedding;
+  using torch_mp::nn::VocabParallelEmbeddingOptions;
+  const auto ids = torch::zeros({3}, torch::kLong);
+  return {
+      // --- ops
+      {"to_device/unavailable device", [] { torch_mp::to_device(x(), torch::Device("cuda:99")); }, Kind::Value,
+       {"torch_mp.to_device(device=...): device 'cuda:99' is not available"}},
+      {"copy_to_tp/missing group", [] { torch_mp::copy_to_tp(x(), kMissing); }, Kind::Value,
+       {"torch_mp.copy_to_tp: no process group named 'missing' is registered"}},
+      {"reduce_from_tp/missing group", [] { torch_mp::reduce_from_tp(x(), kMissing); }, Kind::Value,
+       {"no process group named 'missing'", "(never made, or destroyed)"}},
+      {"gather_from_tp/dim out of range", [] { torch_mp::gather_from_tp(x(), 5, kSingle); }, Kind::Index,
+       {"torch_mp.gather_from_tp: dim 5 is out of range for an input with 2 dims", "[-2, 1]"}},
+      {"scatter_to_tp/0-dim input", [] { torch_mp::scatter_to_tp(torch::tensor(1.0), -1, kSingle); }, Kind::Index,
+       {"torch_mp.scatter_to_tp: dim -1", "expected an input with at least one dim"}},
+      {"reduce_scatter_to_sp/indivisible", [] { torch_mp::reduce_scatter_to_sp(x({3, 4}), 0, kMissing); },
+       Kind::Value, {"input size 3 along dim 0 is not divisible by the group size 2; expected a multiple of 2"}},
+      {"column_parallel_linear/weight a vector",
+       [] { torch_mp::column_parallel_linear(x(), x({6}), std::nullopt, false, kSingle); }, Kind::Value,
+       {"torch_mp.column_parallel_linear: weight has shape [6]", "expected a matrix [out_features / group size"}},
+      {"column_parallel_linear/features differ",
+       [] { torch_mp::column_parallel_linear(x(), x({6, 5}), std::nullopt, false, kSingle); }, Kind::Value,
+       {"input has 4 features (its last dim) but weight has shape [6, 5]"}},
+      {"column_parallel_linear/bias shape", [] { torch_mp::column_parallel_linear(x(), x({6, 4}), x({5}), false, kSingle); },
+       Kind::Value, {"bias has shape [5]", "expected [6], one entry per row of weight"}},
+      {"column_parallel_linear/weight dtype",
+       [] { torch_mp::column_parallel_linear(x(), x({6, 4}).to(torch::kDouble), std::nullopt, false, kSingle); },
+       Kind::Type, {"weight has dtype Double but input has dtype Float"}},
+      {"row_parallel_linear/features differ",
+       [] { torch_mp::row_parallel_linear(x(), x({6, 3}), std::nullopt, true, kSingle); }, Kind::Value,
+       {"torch_mp.row_parallel_linear: input has 4 features", "expected weight [out_features, in_features / group size]"}},
+      {"vocab_parallel_embedding/float ids", [] { torch_mp::vocab_parallel_embedding(x({3}), x({10, 4}), 0, kSingle); },
+       Kind::Type, {"input has dtype Float; expected integer indices"}},
+      {"vocab_parallel_cross_entropy/shapes differ",
+       [] { torch_mp::vocab_parallel_cross_entropy(x({3, 10}), torch::zeros({4}, torch::kLong), 0, -100, kSingle); },
+       Kind::Value, {"logits of shape [3, 10] and target of shape [4]"}},
+      {"vocab_parallel_cross_entropy/float target",
+       [] { torch_mp::vocab_parallel_cross_entropy(x({3, 10}), x({3}), 0, -100, kSingle); }, Kind::Type,
+       {"target has dtype Float; expected integer class indices"}},
+      {"primitives::all_reduce/reduce_op", [] { torch_mp::primitives::all_reduce(x(), "mean", kSingle); },
+       Kind::Value, {"reduce_op 'mean'; expected sum, max, min or product"}},
+      {"primitives::split/group size 0", [] { torch_mp::primitives::split(x(), 0, torch_mp::Group{"", 0, 0}); },
+       Kind::Value, {"torch_mp.split: group_size is 0; expected at least 1"}},
+      // --- layers
+      {"ColumnParallelLinear/indivisible", [] { ColumnParallelLinear(ColumnParallelLinearOptions(4, 6).group({"g", 4, 0})); },
+       Kind::Value, {"ColumnParallelLinear: out_features 6 is not divisible by the group size 4"}},
+      {"ColumnParallelLinear/negative in_features", [] { ColumnParallelLinear(ColumnParallelLinearOptions(-1, 6)); },
+       Kind::Value, {"ColumnParallelLinear: in_features is -1; expected a size >= 0"}},
+      {"ColumnParallelLinear/rank outside the group",
+       [] { ColumnParallelLinear(ColumnParallelLinearOptions(4, 6).group({"g", 2, 5})); }, Kind::Value,
+       {"ColumnParallelLinear: group 'g' has size 2 and rank 5; expected size >= 1 and 0 <= rank < size"}},
+      {"ColumnParallelLinear/group size 0", [] { ColumnParallelLinear(ColumnParallelLinearOptions(4, 6).group({"g", 0, 0})); },
+       Kind::Value, {"group 'g' has size 0"}},
+      {"ColumnParallelLinear/wrong input features", [] { ColumnParallelLinear(ColumnParallelLinearOptions(4, 6))(x({2, 5})); },
+       Kind::Value, {"input has 5 features"}},
+      {"RowParallelLinear/negative out_features", [] { RowParallelLinear(RowParallelLinearOptions(4, -2)); },
+       Kind::Value, {"RowParallelLinear: out_features is -2; expected a size >= 0"}},
+      {"VocabParallelEmbedding/negative embedding_dim",
+       [] { VocabParallelEmbedding(VocabParallelEmbeddingOptions(10, -4)); }, Kind::Value,
+       {"VocabParallelEmbedding: embedding_dim is -4; expected a size >= 0"}},
+      {"nn::vocab_parallel_cross_entropy/reduction",
+       [ids] { torch_mp::nn::vocab_parallel_cross_entropy(x({3, 10}), ids, kSingle, -100, "avg"); }, Kind::Value,
+       {"reduction 'avg'; expected 'mean', 'sum' or 'none'"}},
+      {"nn::vocab_parallel_cross_entropy/0-dim logits",
+       [] { torch_mp::nn::vocab_parallel_cross_entropy(torch::tensor(1.0), torch::tensor(0), kSingle); }, Kind::Value,
+       {"logits of shape [] and target of shape []"}},
+      // --- groups
+      {"Group::named/missing", [] { torch_mp::Group::named("missing"); }, Kind::Value,
+       {"Group::named: no process group named 'missing'"}},
+      {"init_process_group/backend", [] {
+         torch_mp::ProcessGroupOptions options;
+         options.backend = "mpi";
+         options.rank = 0;
+         options.world_size = 1;
+         options.store = c10::make_intrusive<c10d::HashStore>();
+         options.group_name = "bad_backend";
+         torch_mp::init_process_group(options);
+       }, Kind::Value, {"init_process_group: backend 'mpi' is not available; expected 'gloo'"}},
+      {"init_process_group/rank", [] {
+         torch_mp::ProcessGroupOptions options;
+         options.rank = 3;
+         options.world_size = 2;
+         torch_mp::init_process_group(options);
+       }, Kind::Value, {"init_process_group: rank 3 and world size 2; expected 0 <= rank < world size"}},
+      {"destroy_process_group/unknown", [] { torch_mp::destroy_process_group(kMissing); }, Kind::Value,
+       {"destroy_process_group: no group named 'missing' was made by torch_mp::init_process_group"}},
+      // --- split
+      {"split/null Sequential", [] { torch_mp::split(torch::nn::Sequential(nullptr), {torch::kCPU}); }, Kind::Value,
+       {"split: the Sequential is null; expected a module to split"}},
+      {"split/no devices", [] { torch_mp::split(mlp(), {}); }, Kind::Value,
+       {"split: no devices given; expected at least one device"}},
+      {"split/unavailable device", [] { torch_mp::split(mlp(), {torch::kCPU, torch::Device("cuda:99")}); },
+       Kind::Value, {"split(devices=...): device 'cuda:99' is not available"}},
+      {"split/balance", [] { torch_mp::split(mlp(), {torch::kCPU, torch::kCPU}, torch_mp::SplitOptions().balance({1, 1})); },
+       Kind::Value, {"split: balance [1, 1] adds up to 2 layers but the model has 3 layers"}},
+      {"split/max_memory entries",
+       [] { torch_mp::split(mlp(), {torch::kCPU, torch::kCPU}, torch_mp::SplitOptions().max_memory({1 << 20})); },
+       Kind::Value, {"split: max_memory has 1 entries but there are 2 devices"}},
+      {"split/max_memory too small",
+       [] { torch_mp::split(mlp(), {torch::kCPU, torch::kCPU}, torch_mp::SplitOptions().max_memory({8, 8})); },
+       Kind::Value, {"cannot hold the model"}},
+      // --- tensor_parallel
+      {"tensor_parallel/null Sequential", [] { torch_mp::tensor_parallel(torch::nn::Sequential(nullptr), {}, kSingle); },
+       Kind::Value, {"tensor_parallel: the Sequential is null"}},
+      {"tensor_parallel/pattern matches nothing", [] { torch_mp::tensor_parallel(mlp(), {{"9", "colwise"}}, kSingle); },
+       Kind::Value, {"tensor_parallel: plan pattern '9' matches no module"}},
+      {"tensor_parallel/unknown style", [] { torch_mp::tensor_parallel(mlp(), {{"0", "diagonal"}}, kSingle); },
+       Kind::Value, {"tensor_parallel: style 'diagonal' for '0'; expected colwise, rowwise, vocab or replicate"}},
+      {"tensor_parallel/style for another layer", [] { torch_mp::tensor_parallel(mlp(), {{"0", "vocab"}}, kSingle); },
+       Kind::Value, {"style 'vocab' for '0', a torch::nn::LinearImpl; expected a torch::nn::Embedding"}},
+      {"tensor_parallel/indivisible", [] { torch_mp::tensor_parallel(mlp(), {{"0", "colwise"}}, {"g", 3, 0}); },
+       Kind::Value, {"out_features 8 is not divisible by the group size 3"}},
+  };
+}
+
+} // namespace
+
+TEST(BadInput, EveryCaseRaisesANamedError) {
+  for (const auto& entry : cases()) {
+    SCOPED_TRACE(entry.name);
+    expect_error(entry);
+  }
+}
+
+// Rank 1 never reaches the all-reduce: rank 0 fails after the group's timeout, naming who waited.
+TEST(BadInput, UnansweredCollectiveIsACollectiveError) {
+  std::promise<void> rank0_done;
+  auto done = rank0_done.get_future().share();
+  torch_mp::testing::run_two_ranks(
+      "unanswered",
+      [&](const torch_mp::Group& group) {
+        if (group.rank == 1) {
+          done.wait();
+          return;
+        }
+        try {
+          torch_mp::reduce_from_tp(x(), group);
+          ADD_FAILURE() << "the all-reduce completed without rank 1";
+        } catch (const torch_mp::CollectiveError& error) {
+          EXPECT_NE(
+              std::string(error.what()).find("torch_mp.reduce_from_tp: all_reduce on group 'unanswered_rank0' "
+                                             "(rank 0 of 2) got no answer within 1.0 s: a peer rank has died or "
+                                             "did not reach this collective"),
+              std::string::npos)
+              << error.what();
+        }
+        rank0_done.set_value();
+      },
+      std::chrono::seconds(1));
+}
