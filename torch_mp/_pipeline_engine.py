@@ -8,6 +8,7 @@ to the previous stage.
 """
 import contextlib
 import datetime
+import re
 import threading
 from collections import deque
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -16,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint as checkpointed
 
+from torch_mp import _C
+from torch_mp._group import resolve_group
 from torch_mp._ops import to_device
 from torch_mp._pipeline_graph import StageGraph
 from torch_mp.split import _map_tensors
@@ -258,6 +261,8 @@ class GroupTransport:
     def __init__(self, group, rank: int, rank_of_stage: Callable[[int], int], device: torch.device,
                  timeout: datetime.timedelta):
         self.group, self.rank, self.rank_of_stage = group, rank, rank_of_stage
+        info = resolve_group(group, "pipeline(group=...)")
+        self.group_name, self.group_size = info.name, info.size
         self.device, self.timeout = device, timeout
         self._specs: Dict[Tuple[int, Key], List[Tuple[torch.Size, torch.dtype, bool]]] = {}
         self._known_signatures: set = set()
@@ -343,14 +348,18 @@ class GroupTransport:
         self._wait(work, f"receiving the {what} of micro-batch {key[2]} for stage {key[1]} from rank {src}")
 
     def _wait(self, work, doing: str) -> None:
+        where = f"rank {self.rank} of {self.group_size} in group '{self.group_name}'"
         try:
             completed = work.wait(self.timeout)
         except RuntimeError as error:
-            raise RuntimeError(f"pipeline: rank {self.rank} failed {doing} ({error}); the peer rank may have "
-                               "died") from error
+            # The backend's first line, without its source location ("[.../pair.cc:561] ").
+            cause = re.sub(r"^\[[^\]]*\]\s*", "", (str(error) or type(error).__name__).splitlines()[0])
+            raise _C.CollectiveError(f"torch_mp.pipeline: {where} failed {doing}: a peer rank has died or left "
+                                     f"the group ({dist.get_backend(self.group)}: {cause})") from error
         if completed is False:
-            raise RuntimeError(f"pipeline: rank {self.rank} waited {self.timeout.total_seconds():g} s "
-                               f"{doing}; the peer rank died or runs a different schedule")
+            raise _C.CollectiveError(f"torch_mp.pipeline: {where} got no answer within "
+                                     f"{self.timeout.total_seconds():g} s {doing}: a peer rank has died or "
+                                     "runs a different schedule")
 
     def finish(self) -> None:
         for work, _, dst in self._pending:

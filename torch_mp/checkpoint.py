@@ -39,7 +39,7 @@ from torch_mp._checkpoint_format import (
     find_checkpoint,
     rank_file,
 )
-from torch_mp._group import resolve_group
+from torch_mp._group import all_reduce_sum, resolve_group
 from torch_mp._safetensors import dtype_name, write_file
 from torch_mp._sharding import ShardSpec, slice_bounds
 from torch_mp.state import (
@@ -247,8 +247,7 @@ def _on_every_rank(step: str, action: Callable[[], Any]) -> Any:
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
         flags = torch.zeros(world, dtype=torch.int32, device=device)
         flags[rank] = int(failure is not None)
-        dist.all_reduce(flags)
-        failed = flags.nonzero().flatten().tolist()
+        failed = all_reduce_sum(flags, None, "torch_mp.save").nonzero().flatten().tolist()
     if failure is not None:
         raise failure
     if failed:

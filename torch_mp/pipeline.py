@@ -13,7 +13,7 @@ from torch import nn
 
 from torch_mp import _C
 from torch_mp._batch_norm import defer_batch_norms
-from torch_mp._group import GroupLike, process_group_of, resolve_group
+from torch_mp._group import GroupLike, all_gather_rows, all_reduce_sum, process_group_of, resolve_group
 from torch_mp._pipeline_engine import (CHECKPOINTS, GroupTransport, StageRunner, batch_size_of, cut_batch,
                                        merge_outputs, micro_batch_sizes, run_local, shapes_of)
 from torch_mp._pipeline_graph import bind_inputs, forward_signature, trace_stages
@@ -153,9 +153,8 @@ class DistributedPipe(_Pipe):
         fields = ["schedule", "stages", "stages_per_rank", "chunks", "input shapes", "stage plan"]
         mine = [SCHEDULES.index(self.schedule), self.num_stages, self.stages_per_rank, self.chunks, signature,
                 self.plan_checksum]
-        gathered = [torch.zeros(len(mine), dtype=torch.int64, device=self.device) for _ in range(self.world)]
-        dist.all_gather(gathered, torch.tensor(mine, dtype=torch.int64, device=self.device), group=self.group)
-        rows = [row.tolist() for row in gathered]
+        rows = all_gather_rows(torch.tensor(mine, dtype=torch.int64, device=self.device), self.group,
+                               "torch_mp.pipeline").tolist()
         differ = [(field, [row[i] for row in rows]) for i, field in enumerate(fields)
                   if any(row[i] != rows[0][i] for row in rows)]
         if differ:
@@ -183,16 +182,13 @@ class DistributedPipe(_Pipe):
             for params, group in self.ties:
                 for param in params:
                     if param.grad is not None:
-                        dist.all_reduce(param.grad, group=group)
+                        param.grad.copy_(all_reduce_sum(param.grad, group, "torch_mp.pipeline (tied gradients)"))
         return results if self.num_stages - 1 in self.local_stages() else None
 
     def _loss(self, loss: Optional[torch.Tensor]) -> torch.Tensor:
         """The batch's loss on every rank, sent from the rank holding the last stage."""
         buffer = loss.reshape(1).float() if loss is not None else torch.zeros(1, device=self.device)
-        last = (self.num_stages - 1) % self.world
-        dist.broadcast(buffer, dist.get_global_rank(self.group, last) if self.group is not None else last,
-                       group=self.group)
-        return buffer[0]
+        return all_reduce_sum(buffer, self.group, "torch_mp.pipeline")[0]
 
 
 def _describe(field: str, values: List[int], shapes: str, rank: int) -> str:
@@ -219,7 +215,7 @@ def pipeline(
     device: Optional[Union[str, torch.device]] = None,
     batch_dim: int = 0,
     sample=None,
-    timeout: float = 300.0,
+    timeout: Optional[float] = None,
 ) -> nn.Module:
     """Runs ``module`` as a pipeline with one stage per rank of ``group``, in place, and returns it.
 
@@ -245,7 +241,9 @@ def pipeline(
             and the CPU otherwise.
         batch_dim: the dimension of the inputs (and targets) cut into micro-batches.
         sample: inputs (a tuple of positional ones, or a dict) for ``balance="time"``.
-        timeout: seconds a rank waits for a peer's activations or gradients before raising.
+        timeout: seconds a rank waits for a peer's activations or gradients before raising
+            ``torch_mp.CollectiveError``; by default the group's timeout (10 minutes for NCCL,
+            whose own watchdog bounds its work).
 
     The schedule is computed on every rank and checked (every message has its receiver, no
     deadlock) and the ranks compare their options and batch shapes before each step, so a mismatch
@@ -275,12 +273,17 @@ def pipeline(
                                        [_UNLIMITED] * num_stages, costs)
     pipe = DistributedPipe(module, stage_of, num_stages, chunks, schedule, checkpoint, batch_dim, group=group,
                            stages_per_rank=stages_per_rank, device=device,
-                           timeout=datetime.timedelta(seconds=timeout))
+                           timeout=datetime.timedelta(seconds=_timeout_of(info, device) if timeout is None else timeout))
     given = {name for name, p in forward_signature(module).parameters.items() if p.default is p.empty}
     graphs = pipe.stages(given)
     pipe.ties = _keep_local_tensors(module, graphs, pipe, device)
     install_pipe(module, pipe)
     return module
+
+
+def _timeout_of(info, device: torch.device) -> float:
+    seconds = _C._group_timeout(info.name, info.size, device) if info.size > 1 else None
+    return 600.0 if seconds is None else seconds
 
 
 def _default_device(group) -> torch.device:
@@ -381,6 +384,4 @@ def layer_costs(module: nn.Module, layer_names: List[str], sample, group=None,
         for handle in handles:
             handle.remove()
     costs = torch.tensor([max(1, int(s * 1e6)) for s in best], dtype=torch.int64, device=device)
-    if group is not None or (dist.is_available() and dist.is_initialized()):
-        dist.all_reduce(costs, group=group)
-    return costs.tolist()
+    return all_reduce_sum(costs, group, "torch_mp.pipeline(balance='time')").tolist()

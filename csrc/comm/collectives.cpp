@@ -20,21 +20,6 @@ thread_local bool scope_backward = false;
 
 CollectiveErrorThrower thrower = &throw_default;
 
-// The backend's own timeout for `group`; none where the wait must not be bounded here: NCCL work on
-// a GPU completes asynchronously (a bounded wait would block the CPU until the GPU is done) and
-// NCCL's watchdog enforces the same timeout. A backend too old to report its options bounds its
-// collectives itself (Gloo does).
-std::optional<std::chrono::milliseconds> timeout_of(c10d::ProcessGroup& group, c10::DeviceType device) {
-  if (device != c10::DeviceType::CPU) {
-    return std::nullopt;
-  }
-  try {
-    return group.getBackend(device)->getBackendOptions()->timeout;
-  } catch (const c10::Error&) {
-    return std::nullopt;
-  }
-}
-
 // The backend's message without its source location ("[.../pair.cc:545] ") or backtrace.
 std::string cause_of(const std::exception& error) {
   const auto* c10_error = dynamic_cast<const c10::Error*>(&error);
@@ -53,6 +38,21 @@ std::string seconds(std::chrono::duration<double> duration) {
 }
 
 } // namespace
+
+// The backend's own timeout for `group`; none where the wait must not be bounded here: NCCL work on
+// a GPU completes asynchronously (a bounded wait would block the CPU until the GPU is done) and
+// NCCL's watchdog enforces the same timeout. A backend too old to report its options bounds its
+// collectives itself (Gloo does).
+std::optional<std::chrono::milliseconds> timeout_of(c10d::ProcessGroup& group, c10::DeviceType device) {
+  if (device != c10::DeviceType::CPU) {
+    return std::nullopt;
+  }
+  try {
+    return group.getBackend(device)->getBackendOptions()->timeout;
+  } catch (const c10::Error&) {
+    return std::nullopt;
+  }
+}
 
 OpScope::OpScope(std::string_view op, bool backward) : outermost_(scope_op.empty()) {
   if (outermost_) {

@@ -1,6 +1,7 @@
 #pragma once
 
 #include <chrono>
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -26,6 +27,9 @@ class OpScope {
 // The operator named by this thread's OpScope ("torch_mp.gather_from_tp backward"), or `fallback`
 // outside any: what checks and errors deep in the primitives call the operator the user called.
 std::string scoped_op(std::string_view fallback);
+
+// The backend's own timeout for `group`'s work on `device`, where torch_mp bounds waits itself.
+std::optional<std::chrono::milliseconds> timeout_of(c10d::ProcessGroup& group, c10::DeviceType device);
 
 // A collective in flight on `group`. wait() bounds it by the group's timeout and turns a timeout or
 // a backend failure into a CollectiveError naming the operator (the innermost OpScope's or `op`),

@@ -10,6 +10,7 @@
 #include <torch_mp/split.h>
 
 #include "comm/collectives.h"
+#include "comm/group.h"
 #include "detail/device.h"
 
 namespace {
@@ -84,6 +85,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_check_device_available", &torch_mp::detail::check_device_available, py::arg("device"),
         py::arg("what"));
   m.def("_normalize_device", &torch_mp::detail::normalize_device, py::arg("device"));
+  // Seconds the group's backend waits for work on `device`; None where torch_mp leaves the bound to it.
+  m.def("_group_timeout", [](const std::string& group_name, int64_t group_size, c10::Device device) {
+    const auto group = torch_mp::detail::resolve_group("torch_mp.pipeline", group_name, group_size);
+    const auto timeout = torch_mp::detail::timeout_of(*group, device.type());
+    return timeout ? std::optional<double>(static_cast<double>(timeout->count()) / 1000.0) : std::nullopt;
+  }, py::arg("group_name"), py::arg("group_size"), py::arg("device"));
 
   const auto base = py::module_::import("torch.distributed").attr("DistBackendError");
   collective_error_type = PyErr_NewExceptionWithDoc(

@@ -65,3 +65,52 @@ def test_survivors_fail_with_a_clear_error_within_the_timeout(how):
             assert " backward: " in message, message
         else:
             assert "got no answer within 5.0 s" in message and waited >= GROUP_TIMEOUT - 0.5, message
+
+
+def pipeline_until_a_peer_fails(rank, world, how):
+    """A 3-stage pipeline; in the second step the middle stage dies (killed) or stalls in its third
+    micro-batch's forward. Returns the survivor's error message and how long its step ran."""
+    from torch.nn import functional as F
+
+    from models import mlp
+
+    torch.manual_seed(0)
+    model = torch_mp.pipeline(mlp((8, 16, 16, 16, 16, 16, 4)), chunks=4)
+    calls = []
+
+    def die_in_step_two(module, args):
+        calls.append(None)
+        if len(calls) == 4 + 3 and how == "dies":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if len(calls) == 4 + 3:
+            time.sleep(GROUP_TIMEOUT + 1)  # the others give up meanwhile; this rank then just ends
+            os._exit(0)
+
+    if rank == VICTIM:
+        next(p for p in model.modules() if isinstance(p, torch.nn.Linear) and not p.weight.is_meta) \
+            .register_forward_pre_hook(die_in_step_two)
+    inputs, target = torch.randn(8, 8), torch.randn(8, 4)
+    for _ in range(2):
+        start = time.monotonic()
+        try:
+            model.train_step(inputs, target=target, loss_fn=F.mse_loss)
+        except torch_mp.CollectiveError as error:
+            return str(error), time.monotonic() - start
+    return None
+
+
+@pytest.mark.parametrize("how", ["dies", "stalls"])
+def test_pipeline_survivors_name_the_rank_stage_and_micro_batch_they_waited_for(how):
+    results = run_ranks_until_death(WORLD, pipeline_until_a_peer_fails, how, group_timeout=GROUP_TIMEOUT,
+                                    timeout=90)
+    assert sorted(results) == [r for r in range(WORLD) if r != VICTIM], results
+    for rank, outcome in results.items():
+        assert outcome is not None, f"rank {rank} finished its steps although rank {VICTIM} was gone"
+        message, waited = outcome
+        pattern = (rf"^torch_mp\.pipeline: rank {rank} of {WORLD} in group '0' (failed|got no answer within 5 s) "
+                   rf"receiving the (activations|gradients) of micro-batch \d for stage \d from rank {VICTIM}: "
+                   r"a peer rank has died")
+        assert re.match(pattern, message), message
+        assert waited < GROUP_TIMEOUT + 2, f"rank {rank} waited {waited:.1f} s: {message}"
+        if how == "stalls":
+            assert "got no answer within 5 s" in message and waited >= GROUP_TIMEOUT - 0.5, message
