@@ -2,6 +2,8 @@
 #include <torch/torch.h>
 #include <torch_mp/torch_mp.h>
 
+#include "error_of.h"
+
 #include <unistd.h>
 
 #include <filesystem>
@@ -30,16 +32,6 @@ struct TempFolder {
     fs::remove_all(path);
   }
 };
-
-template <typename Fn>
-std::string error_of(Fn&& fn) {
-  try {
-    fn();
-  } catch (const c10::ValueError& error) {
-    return error.what();
-  }
-  return "no error";
-}
 
 std::vector<std::string> entries(const fs::path& folder) {
   std::vector<std::string> names;

@@ -2,6 +2,8 @@
 #include <torch/torch.h>
 #include <torch_mp/torch_mp.h>
 
+#include "error_of.h"
+
 namespace {
 
 torch::nn::Sequential make_mlp() {
@@ -12,16 +14,6 @@ torch::nn::Sequential make_mlp() {
 
 std::vector<torch::Device> two_stages() {
   return {torch::kCPU, torch::kCPU};
-}
-
-template <typename Fn>
-std::string error_of(Fn&& fn) {
-  try {
-    fn();
-  } catch (const c10::ValueError& error) {
-    return error.what();
-  }
-  return "no error";
 }
 
 } // namespace
