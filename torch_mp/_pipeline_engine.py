@@ -11,7 +11,7 @@ import datetime
 import re
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -250,6 +250,7 @@ def run_local(stages: List[StageGraph], devices: List[torch.device], schedule: L
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
            torch.int16, torch.int8, torch.uint8, torch.bool]
 _HEADER_SLOTS = 64
+_KEPT_SIGNATURES = 8
 
 
 class GroupTransport:
@@ -266,18 +267,25 @@ class GroupTransport:
         self.group_name, self.group_size = info.name, info.size
         self.device, self.timeout = device, timeout
         self._specs: Dict[Tuple[int, Key], List[Tuple[torch.Size, torch.dtype, bool]]] = {}
-        self._known_signatures: set = set()
+        self._known_signatures: "OrderedDict[int, None]" = OrderedDict()
 
-    def begin(self, schedule: List[List[Action]], num_stages: int, signature: int) -> None:
-        self._signature = signature
-        self._headers = signature not in self._known_signatures
-        self._known_signatures.add(signature)
+    def knows(self, signature: int) -> bool:
+        """Whether a step with this batch signature completed here: its messages' shapes are known."""
+        return signature in self._known_signatures
+
+    def begin(self, schedule: List[List[Action]], num_stages: int, signature: int, headers: bool) -> None:
+        """Starts a step. ``headers`` (agreed by every rank) says whether activations carry their
+        shapes; without, each side takes them from the last step with the same signature."""
+        self._signature, self._headers = signature, headers
+        if headers:
+            self._specs = {key: spec for key, spec in self._specs.items() if key[0] != signature}
         self._expected: Dict[int, deque] = {}
         for src, actions in enumerate(schedule):
             for key in (self._sent_key(a, num_stages) for a in actions):
                 if key is not None and src != self.rank and self._rank_of_key(key) == self.rank:
                     self._expected.setdefault(src, deque()).append(key)
         self._inbox: Dict[Key, List[torch.Tensor]] = {}
+        self._posted: Dict[int, Tuple[Key, List[torch.Tensor], List]] = {}
         self._pending: List = []
         self._sequence_out: Dict[int, int] = {}
         self._sequence_in: Dict[int, int] = {}
@@ -326,27 +334,50 @@ class GroupTransport:
         return self._inbox.pop(key)
 
     def _read_next(self, src: int, wanted: Key) -> None:
-        key = self._expected[src].popleft()
-        if key[0] == "act":
-            if self._headers:
-                header = torch.empty(_HEADER_SLOTS, dtype=torch.int64, device=self.device)
-                self._wait_recv(header, src, key)
-                self._specs[(self._signature, key)] = _decode_header(header)
-            spec = self._specs[(self._signature, key)]
-        else:  # the gradients of the activations this rank sent, those that require grad
-            answered = ("act", key[1] + 1, key[2])
-            spec = [s for s in self._specs[(self._signature, answered)] if s[2]]
-        tensors = []
-        for shape, dtype, requires_grad in spec:
-            buffer = torch.empty(shape, dtype=dtype, device=self.device)
-            self._wait_recv(buffer, src, key)
-            tensors.append(buffer.requires_grad_(requires_grad and key[0] == "act"))
-        self._inbox[key] = tensors
+        """Receives the next message from ``src``; once its shapes are known (after a batch
+        signature's first step) the one after it is posted at once, so its transfer overlaps the
+        compute until it is needed."""
+        self._post_next(src)
+        if src in self._posted:
+            key, buffers, works = self._posted.pop(src)
+            for work in works:
+                self._wait(work, self._receiving(key, src))
+        else:  # a header comes first: read it, then the tensors it describes
+            key = self._expected[src].popleft()
+            header = torch.empty(_HEADER_SLOTS, dtype=torch.int64, device=self.device)
+            self._wait(self._irecv(header, src), self._receiving(key, src))
+            self._specs[(self._signature, key)] = _decode_header(header)
+            buffers = [torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype, _ in self._spec(key)]
+            for buffer in buffers:
+                self._wait(self._irecv(buffer, src), self._receiving(key, src))
+        self._inbox[key] = [buffer.requires_grad_(requires_grad and key[0] == "act")
+                            for buffer, (_, _, requires_grad) in zip(buffers, self._spec(key))]
+        self._post_next(src)
 
-    def _wait_recv(self, buffer: torch.Tensor, src: int, key: Key) -> None:
-        work = dist.irecv(buffer, self._global(src), group=self.group, tag=self._tag(self._sequence_in, src))
+    def _spec(self, key: Key):
+        """The shapes, dtypes and requires-grad flags of message ``key``, where known: activations
+        from their header (this step's or an earlier step's with the same signature), gradients from
+        the activations they answer (those that require grad)."""
+        if key[0] == "act":
+            return self._specs.get((self._signature, key))
+        answered = self._specs.get((self._signature, ("act", key[1] + 1, key[2])))
+        return None if answered is None else [s for s in answered if s[2]]
+
+    def _post_next(self, src: int) -> None:
+        expected = self._expected.get(src)
+        if src in self._posted or not expected or self._spec(expected[0]) is None:  # its header is to come
+            return
+        key = expected.popleft()
+        buffers = [torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype, _ in self._spec(key)]
+        self._posted[src] = (key, buffers, [self._irecv(buffer, src) for buffer in buffers])
+
+    def _irecv(self, buffer: torch.Tensor, src: int):
+        return dist.irecv(buffer, self._global(src), group=self.group, tag=self._tag(self._sequence_in, src))
+
+    @staticmethod
+    def _receiving(key: Key, src: int) -> str:
         what = "activations" if key[0] == "act" else "gradients"
-        self._wait(work, f"receiving the {what} of micro-batch {key[2]} for stage {key[1]} from rank {src}")
+        return f"receiving the {what} of micro-batch {key[2]} for stage {key[1]} from rank {src}"
 
     def _wait(self, work, doing: str) -> None:
         where = f"rank {self.rank} of {self.group_size} in group '{self.group_name}'"
@@ -370,6 +401,13 @@ class GroupTransport:
         for work, _, dst in self._pending:
             self._wait(work, f"sending to rank {dst}")
         self._pending = []
+        # Shapes are kept for the last few signatures only: batches of ever new shapes (sequence
+        # lengths) must not grow this cache without end.
+        self._known_signatures[self._signature] = None
+        self._known_signatures.move_to_end(self._signature)
+        while len(self._known_signatures) > _KEPT_SIGNATURES:
+            old, _ = self._known_signatures.popitem(last=False)
+            self._specs = {key: spec for key, spec in self._specs.items() if key[0] != old}
 
     def _global(self, rank: int) -> int:
         return dist.get_global_rank(self.group, rank) if self.group is not None else rank

@@ -148,11 +148,13 @@ class DistributedPipe(_Pipe):
                         "defaults; expected calls whose layers use the same parameters")
         return graphs
 
-    def _check_agreement(self, signature: int, shapes: str) -> None:
-        """Every rank runs the same schedule on the same shapes, or none runs anything."""
+    def _check_agreement(self, signature: int, shapes: str) -> bool:
+        """Every rank runs the same schedule on the same shapes, or none runs anything. Returns
+        whether activations need shape headers this step: unless every rank completed a step with
+        these shapes before."""
         fields = ["schedule", "stages", "stages_per_rank", "chunks", "input shapes", "stage plan"]
         mine = [SCHEDULES.index(self.schedule), self.num_stages, self.stages_per_rank, self.chunks, signature,
-                self.plan_checksum]
+                self.plan_checksum, int(self.transport.knows(signature))]
         rows = all_gather_rows(torch.tensor(mine, dtype=torch.int64, device=self.device), self.group,
                                "torch_mp.pipeline").tolist()
         differ = [(field, [row[i] for row in rows]) for i, field in enumerate(fields)
@@ -161,12 +163,13 @@ class DistributedPipe(_Pipe):
             described = "; ".join(f"{field}: {_describe(field, values, shapes, self.rank)}" for field, values in differ)
             raise ValueError(f"pipeline: the ranks disagree before running the schedule ({described}); "
                              "expected every rank to call with the same options and the same batch shapes")
+        return not all(row[-1] for row in rows)
 
     def _run(self, stages, actions, inputs, targets, loss_fn, sizes, cut, weights=None):
         shapes = f"inputs {shapes_of(inputs[0])}" + (f", targets {shapes_of(targets[0])}" if targets else "")
         # Forward-only runs send activations that need no grad: their headers differ from training's.
         signature = zlib.crc32(repr((shapes_of(inputs), shapes_of(targets), cut)).encode())
-        self._check_agreement(signature, shapes)
+        headers = self._check_agreement(signature, shapes)
         if actions is None:
             schedule = _C._pipeline_schedule(self.schedule, self.world, self.stages_per_rank, self.chunks)
         else:
@@ -174,15 +177,23 @@ class DistributedPipe(_Pipe):
                         for r in range(self.world)]
         runner = StageRunner({s: stages[s] for s in self.local_stages()}, {s: self.device for s in self.local_stages()},
                              self.num_stages, self.transport, self.checkpoint, self.chunks)
-        self.transport.begin(schedule, self.num_stages, signature)
+        # Tied parameters sum this step's gradients across their ranks; what earlier steps left in
+        # .grad (gradient accumulation) was summed already and is set aside meanwhile.
+        tied = [param for params, _ in self.ties for param in params] if cut else []
+        earlier = [param.grad for param in tied]
+        for param in tied:
+            param.grad = None
+        self.transport.begin(schedule, self.num_stages, signature, headers)
         with torch.set_grad_enabled(cut and torch.is_grad_enabled()):
             results = runner.run(schedule[self.rank], inputs, targets, loss_fn, weights or [], cut)
         self.transport.finish()
-        if cut:
-            for params, group in self.ties:
-                for param in params:
-                    if param.grad is not None:
-                        param.grad.copy_(all_reduce_sum(param.grad, group, "torch_mp.pipeline (tied gradients)"))
+        for (params, group) in self.ties if cut else []:
+            for param in params:
+                grad = param.grad if param.grad is not None else torch.zeros_like(param)
+                param.grad = all_reduce_sum(grad, group, "torch_mp.pipeline (tied gradients)")
+        for param, grad in zip(tied, earlier):
+            if grad is not None:
+                param.grad = grad + param.grad
         return results if self.num_stages - 1 in self.local_stages() else None
 
     def _loss(self, loss: Optional[torch.Tensor]) -> torch.Tensor:
