@@ -14,7 +14,8 @@ from torch import nn
 from torch_mp import _C
 from torch_mp._batch_norm import defer_batch_norms
 from torch_mp._group import GroupLike, all_gather_rows, all_reduce_sum, process_group_of, resolve_group
-from torch_mp._pipeline_engine import (CHECKPOINTS, GroupTransport, StageRunner, batch_size_of, cut_batch,
+from torch_mp._pipeline_comm import GroupTransport
+from torch_mp._pipeline_engine import (CHECKPOINTS, StageRunner, batch_size_of, cut_batch,
                                        merge_outputs, micro_batch_sizes, run_local, shapes_of)
 from torch_mp._pipeline_graph import bind_inputs, forward_signature, trace_stages
 from torch_mp._ops import to_device
