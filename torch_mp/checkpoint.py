@@ -89,7 +89,7 @@ def load(module: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Opti
     while reading, the shape and CRC-32 of every piece. ``restore_rng`` restores this rank's random
     state when the checkpoint was saved by as many ranks. Needs no collective.
     """
-    _check_module(module, "load")
+    _check_module(module, "load", optimizer)
     reader = CheckpointReader(os.fspath(path))
     specs, group, tp_world = _tp_state(module)
     tp_rank = resolve_group(group).rank if specs else 0
@@ -136,9 +136,12 @@ def _world() -> Tuple[int, int]:
     return 0, 1
 
 
-def _check_module(module: nn.Module, what: str) -> None:
+def _check_module(module: nn.Module, what: str, optimizer=None) -> None:
     if not isinstance(module, nn.Module):
         raise TypeError(f"torch_mp.{what}: expected module to be a torch.nn.Module, got {type(module).__name__}")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"torch_mp.{what}: expected optimizer to be a torch.optim.Optimizer or None, got "
+                        f"{type(optimizer).__name__}")
 
 
 def _stock_shape(value: torch.Tensor, spec: Optional[ShardSpec], role: str) -> Tuple[int, ...]:
@@ -258,7 +261,7 @@ def _on_every_rank(step: str, action: Callable[[], Any]) -> Any:
 def _prepare(module: nn.Module, optimizer, extra, final: str, temp: str, rank: int):
     """Checks the arguments and collects this rank's pieces and the JSON metadata; rank 0 makes the
     temporary folder."""
-    _check_module(module, "save")
+    _check_module(module, "save", optimizer)
     if extra is not None and not isinstance(extra, Mapping):
         raise TypeError(f"torch_mp.save: expected extra to be a dict of JSON values, got {type(extra).__name__}")
     mine = _pieces_of_this_rank(module, optimizer, rank)

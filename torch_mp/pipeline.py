@@ -275,9 +275,15 @@ def pipeline(
         stages_per_rank = 2 if schedule == "interleaved_1f1b" else 1
     if isinstance(stages_per_rank, bool) or not isinstance(stages_per_rank, int) or stages_per_rank < 1:
         raise ValueError(f"pipeline: stages_per_rank = {stages_per_rank!r}; expected an int >= 1")
+    if schedule == "1f1b" and stages_per_rank != 1:
+        raise ValueError(f"pipeline: schedule '1f1b' runs one stage per rank but stages_per_rank = "
+                         f"{stages_per_rank}; expected 1, or schedule 'interleaved_1f1b'")
     check_options(chunks, schedule, checkpoint, batch_dim)
-    device = _default_device(group) if device is None else _parse_device(device, "device")
+    device = _default_device(group) if device is None else _parse_device(device, "device", "pipeline")
     num_stages = info.size * stages_per_rank
+    if not isinstance(balance, str) and isinstance(balance, Sequence) and len(balance) != num_stages:
+        raise ValueError(f"pipeline: balance {list(balance)} has {len(balance)} entries but there are {num_stages} "
+                         f"stages ({info.size} ranks x {stages_per_rank}); expected one layer count per stage")
 
     layer_names = _check_layers(module, layers) if layers is not None else _find_layers(module)
     costs = layer_costs(module, layer_names, sample, group, device) if balance == "time" else None

@@ -119,9 +119,9 @@ def split(
 
 # --- devices and sizes -------------------------------------------------------------------------
 
-def _parse_device(device: DeviceLike, what: str) -> torch.device:
-    parsed = parse_device(device, "split", what)
-    _C._check_device_available(parsed, f"split({what})")
+def _parse_device(device: DeviceLike, what: str, who: str = "split") -> torch.device:
+    parsed = parse_device(device, who, what)
+    _C._check_device_available(parsed, f"{who}({what})")
     return _C._normalize_device(parsed)
 
 

@@ -36,6 +36,20 @@ def x(*shape, dtype=torch.float32):
 
 MISSING = os.path.join(os.sep, "nonexistent", "model.pt")
 
+
+class Branchy(nn.Module):
+    """Branches on a tensor's value between its layers: torch.fx cannot cut it into stages."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+
+    def forward(self, x):
+        x = self.layers[0](x)
+        if x.sum() > 0:
+            x = -x
+        return self.layers[1](x)
+
 CASES = [
     # --- to_device
     Case("to_device/tensor is a list", lambda: torch_mp.to_device([1.0], "cpu"), TypeError,
@@ -200,6 +214,54 @@ CASES = [
          ["no process group named 'nope' is registered in this process"]),
     Case("copy_to_tp/no such group, found in forward", lambda: torch.ops.torch_mp.copy_to_tp(x(), "nope", 2),
          ValueError, ["torch_mp.copy_to_tp: no process group named 'nope'"]),
+    # --- pipelines: split(chunks=M), pipeline (a group of one outside torch.distributed), train_step
+    Case("split/chunks 0", lambda: torch_mp.split(mlp(), ["cpu", "cpu"], chunks=0), ValueError,
+         [r"chunks = 0; expected an int >= 1"]),
+    Case("split/unknown schedule", lambda: torch_mp.split(mlp(), ["cpu", "cpu"], chunks=2, schedule="zigzag"),
+         ValueError, [r"schedule = 'zigzag'; expected one of \['gpipe', '1f1b'\]"]),
+    Case("split/unknown checkpoint", lambda: torch_mp.split(mlp(), ["cpu", "cpu"], checkpoint="sometimes"),
+         ValueError, [r"checkpoint = 'sometimes'; expected one of \['never', 'except_last', 'always'\]"]),
+    Case("split/balance by time without a sample", lambda: torch_mp.split(mlp(), ["cpu", "cpu"], balance="time"),
+         ValueError, [r"balance='time' needs sample="]),
+    Case("split/more chunks than samples", lambda: torch_mp.split(mlp(), ["cpu", "cpu"], chunks=8)(x(4, 16)),
+         ValueError, [r"chunks = 8 but the batch holds 4 samples; expected chunks <= the batch size"]),
+    Case("split/empty batch", lambda: torch_mp.split(mlp(), ["cpu", "cpu"], chunks=2)(x(0, 16)),
+         ValueError, [r"chunks = 2 but the batch holds 0 samples"]),
+    Case("train_step/loss_fn not callable", lambda: torch_mp.split(mlp(), ["cpu", "cpu"], chunks=2).train_step(
+        x(4, 16), target=x(4, 8), loss_fn="mse"), TypeError, [r"loss_fn = 'mse'; expected a callable"]),
+    Case("train_step/loss not a scalar", lambda: torch_mp.split(mlp(), ["cpu", "cpu"], chunks=2).train_step(
+        x(4, 16), target=x(4, 8), loss_fn=lambda output, target: output - target), ValueError,
+         [r"loss_fn returned \[2, 8\]; expected a scalar tensor"]),
+    Case("split/forward that branches on a tensor", lambda: torch_mp.split(Branchy(), ["cpu", "cpu"], chunks=2)(
+        x(4, 4)), ValueError, [r"torch.fx cannot trace Branchy.forward outside its layers",
+                               "expected a forward without control flow on tensor values"]),
+    Case("split/tied parameters across devices", lambda: torch_mp.split(GPT(), ["cpu", "meta"], chunks=2)(
+        torch.zeros(2, 4, dtype=torch.long)), ValueError,
+         [r"stage 1 \(meta\) uses 'head.weight', which lives on cpu; expected every stage's tensors on its device"]),
+    Case("pipeline/module is a string", lambda: torch_mp.pipeline("model"), TypeError,
+         [r"pipeline: expected module to be a torch.nn.Module, got str"]),
+    Case("pipeline/group is a string", lambda: torch_mp.pipeline(mlp(), group="pp"), TypeError,
+         [r"pipeline\(group=\.\.\.\): expected a ProcessGroup, a 1-D DeviceMesh or None, got str"]),
+    Case("pipeline/unknown schedule", lambda: torch_mp.pipeline(mlp(), schedule="zigzag"), ValueError,
+         [r"pipeline: schedule = 'zigzag'; expected one of \['gpipe', '1f1b', 'interleaved_1f1b'\]"]),
+    Case("pipeline/1f1b with two stages per rank", lambda: torch_mp.pipeline(mlp(), stages_per_rank=2), ValueError,
+         [r"schedule '1f1b' runs one stage per rank but stages_per_rank = 2; expected 1, or schedule "
+          "'interleaved_1f1b'"]),
+    Case("pipeline/stages_per_rank 0", lambda: torch_mp.pipeline(mlp(), schedule="gpipe", stages_per_rank=0),
+         ValueError, [r"pipeline: stages_per_rank = 0; expected an int >= 1"]),
+    Case("pipeline/balance for other stages", lambda: torch_mp.pipeline(mlp(), balance=[1, 2]), ValueError,
+         [r"pipeline: balance \[1, 2\] has 2 entries but there are 1 stages \(1 ranks x 1\); expected one layer "
+          "count per stage"]),
+    Case("pipeline/unknown device", lambda: torch_mp.pipeline(mlp(), device="tpu"), ValueError,
+         [r"pipeline: device = 'tpu' is not a device"]),
+    # --- checkpoints
+    Case("save/module is a string", lambda: torch_mp.save("model", MISSING), TypeError,
+         [r"torch_mp.save: expected module to be a torch.nn.Module, got str"]),
+    Case("save/optimizer is a string", lambda: torch_mp.save(mlp(), MISSING, optimizer="adam"), TypeError,
+         [r"torch_mp.save: expected optimizer to be a torch.optim.Optimizer or None, got str"]),
+    Case("load/no checkpoint there", lambda: torch_mp.load(mlp(), MISSING), FileNotFoundError,
+         [r"torch_mp.load: no complete checkpoint found at '.*model.pt'; expected a folder written by "
+          "torch_mp.save"]),
 ]
 
 
