@@ -282,3 +282,13 @@ def test_pipeline_example_in_one_process_and_under_torchrun():
     assert last < first / 2, local.stdout
     assert "rank 0 of 2, stages [0, 2]" in ranks.stdout
     assert re.search(r"loss [\d.]+ -> [\d.]+", ranks.stdout).group() == f"loss {first:.3f} -> {last:.3f}"
+
+
+def test_split_pipeline_on_each_device_list(devices):
+    """["cpu", "cpu"] everywhere; ["cuda:0", "cpu"] where a GPU exists (stage threads on their own
+    CUDA stream, activations and gradients crossing between the GPU and the CPU)."""
+    torch.manual_seed(0)
+    model, inputs, target, loss_fn = mlp_case()
+    piped = torch_mp.split(copy.deepcopy(model), devices, chunks=4, schedule="1f1b", checkpoint="except_last")
+    assert_step_matches(piped, model, inputs, target.to(piped.output_device), loss_fn)
+    torch.testing.assert_close(piped(inputs).cpu(), model(inputs))
