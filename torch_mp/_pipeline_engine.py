@@ -118,7 +118,8 @@ class StageRunner:
                 if loss_fn is None:
                     results[microbatch] = out
                     continue
-                loss = loss_fn(out, targets[microbatch])
+                target = _map_tensors(targets[microbatch], lambda t: t.to(device))
+                loss = loss_fn(out, target)
                 if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
                     shape = list(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
                     raise ValueError(f"pipeline: loss_fn returned {shape}; expected a scalar tensor, the "
