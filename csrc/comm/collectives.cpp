@@ -2,6 +2,10 @@
 // wait: never longer than the group's timeout, failing with an error that names who was waiting.
 #include "comm/collectives.h"
 
+#include <ATen/SavedTensorHooks.h>
+#include <ATen/ThreadLocalPythonObjects.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+
 #include <iomanip>
 #include <optional>
 #include <sstream>
@@ -36,6 +40,40 @@ std::string seconds(std::chrono::duration<double> duration) {
   out << std::fixed << std::setprecision(1) << duration.count() << " s";
   return out.str();
 }
+
+// A flat view of `tensor` for the backend, made below autograd so that it records no base: the
+// backend's worker thread keeps the last collective's tensors until its next one, and the last
+// reference it drops must not be a tensor Python has seen (its release would need the GIL, fatal
+// while the interpreter shuts down). The view shares only the storage.
+at::Tensor flat_view(const at::Tensor& tensor) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return tensor.view({-1});
+}
+
+// While alive, this thread's state holds no Python objects: c10d's work objects capture the
+// thread-local state when a collective starts and are released on the backend's thread, where
+// dropping a Python object needs the GIL, fatal once the interpreter is shutting down. (A backward
+// pass stashes a Python context there in recent torch releases, and checkpointing its saved-tensor
+// hooks.) The backend's thread runs no Python, so it needs none of them.
+class NoPythonState {
+ public:
+  NoPythonState()
+      : objects_(at::impl::ThreadLocalPythonObjects::get_state()),
+        hooks_(at::SavedTensorDefaultHooks::get_tls_state()) {
+    at::impl::ThreadLocalPythonObjects::set_state({});
+    at::SavedTensorDefaultHooks::set_tls_state({});
+  }
+  ~NoPythonState() {
+    at::impl::ThreadLocalPythonObjects::set_state(std::move(objects_));
+    at::SavedTensorDefaultHooks::set_tls_state(hooks_);
+  }
+  NoPythonState(const NoPythonState&) = delete;
+  NoPythonState& operator=(const NoPythonState&) = delete;
+
+ private:
+  at::impl::ThreadLocalPythonObjects objects_;
+  at::impl::SavedTensorDefaultHooksTLS hooks_;
+};
 
 } // namespace
 
@@ -125,10 +163,14 @@ Pending start_all_reduce(
     const c10::intrusive_ptr<c10d::ProcessGroup>& group,
     const at::Tensor& tensor,
     c10d::ReduceOp reduce_op) {
-  std::vector<at::Tensor> tensors{tensor.view({-1})};
+  std::vector<at::Tensor> tensors{flat_view(tensor)};
   c10d::AllreduceOptions options;
   options.reduceOp = reduce_op;
-  return Pending(op, "all_reduce", group, tensor.device().type(), group->allreduce(tensors, options));
+  auto work = [&] {
+    NoPythonState no_python;
+    return group->allreduce(tensors, options);
+  }();
+  return Pending(op, "all_reduce", group, tensor.device().type(), std::move(work));
 }
 
 // c10d's flat all-gather and reduce-scatter carry deprecation notes in recent releases; their
@@ -144,9 +186,13 @@ void all_gather_into(
     const c10::intrusive_ptr<c10d::ProcessGroup>& group,
     at::Tensor& output,
     at::Tensor& input) {
-  auto flat_output = output.view({-1});
-  auto flat_input = input.view({-1});
-  Pending(op, "all_gather", group, input.device().type(), group->_allgather_base(flat_output, flat_input)).wait();
+  auto flat_output = flat_view(output);
+  auto flat_input = flat_view(input);
+  auto work = [&] {
+    NoPythonState no_python;
+    return group->_allgather_base(flat_output, flat_input);
+  }();
+  Pending(op, "all_gather", group, input.device().type(), std::move(work)).wait();
 }
 
 void reduce_scatter_into(
@@ -154,10 +200,13 @@ void reduce_scatter_into(
     const c10::intrusive_ptr<c10d::ProcessGroup>& group,
     at::Tensor& output,
     at::Tensor& input) {
-  auto flat_output = output.view({-1});
-  auto flat_input = input.view({-1});
-  Pending(op, "reduce_scatter", group, input.device().type(), group->_reduce_scatter_base(flat_output, flat_input))
-      .wait();
+  auto flat_output = flat_view(output);
+  auto flat_input = flat_view(input);
+  auto work = [&] {
+    NoPythonState no_python;
+    return group->_reduce_scatter_base(flat_output, flat_input);
+  }();
+  Pending(op, "reduce_scatter", group, input.device().type(), std::move(work)).wait();
 }
 
 #pragma GCC diagnostic pop
