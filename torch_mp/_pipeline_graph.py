@@ -46,8 +46,10 @@ def bind_inputs(module: nn.Module, args: Sequence, kwargs: Dict) -> Tuple[List, 
     signature = forward_signature(module)
     for parameter in signature.parameters.values():
         if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
-            raise ValueError(f"pipeline: {type(module).__name__}.forward takes *{parameter.name}; expected a "
-                             "forward with named parameters only, so its inputs can be cut into micro-batches")
+            stars = "*" if parameter.kind == parameter.VAR_POSITIONAL else "**"
+            raise ValueError(f"pipeline: {type(module).__name__}.forward takes {stars}{parameter.name}; expected a "
+                             "forward with named parameters only, which torch.fx can cut into stages "
+                             "(transformers models take **kwargs: split them with chunks=1)")
     try:
         bound = signature.bind(*args, **kwargs)
     except TypeError as error:

@@ -37,6 +37,17 @@ def x(*shape, dtype=torch.float32):
 MISSING = os.path.join(os.sep, "nonexistent", "model.pt")
 
 
+class KeywordsOnly(nn.Module):
+    """Takes **extra, as transformers models do: torch.fx cannot trace such a forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+
+    def forward(self, x, **extra):
+        return self.layers[1](self.layers[0](x))
+
+
 class Branchy(nn.Module):
     """Branches on a tensor's value between its layers: torch.fx cannot cut it into stages."""
 
@@ -238,6 +249,8 @@ CASES = [
     Case("split/tied parameters across devices", lambda: torch_mp.split(GPT(), ["cpu", "meta"], chunks=2)(
         torch.zeros(2, 4, dtype=torch.long)), ValueError,
          [r"stage 1 \(meta\) uses 'head.weight', which lives on cpu; expected every stage's tensors on its device"]),
+    Case("split/forward taking **kwargs", lambda: torch_mp.split(KeywordsOnly(), ["cpu", "cpu"], chunks=2)(x(4, 4)),
+         ValueError, [r"KeywordsOnly.forward takes \*\*extra; expected a forward with named parameters only"]),
     Case("pipeline/module is a string", lambda: torch_mp.pipeline("model"), TypeError,
          [r"pipeline: expected module to be a torch.nn.Module, got str"]),
     Case("pipeline/group is a string", lambda: torch_mp.pipeline(mlp(), group="pp"), TypeError,
