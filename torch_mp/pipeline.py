@@ -50,8 +50,13 @@ class _Pipe:
     def stages(self, given) -> list:
         key = frozenset(given)
         if key not in self._graphs:
-            self._graphs[key] = trace_stages(self.module, self.stage_of, self.num_stages, set(given))
+            graphs = trace_stages(self.module, self.stage_of, self.num_stages, set(given))
+            self._check_stages(graphs, given)
+            self._graphs[key] = graphs
         return self._graphs[key]
+
+    def _check_stages(self, graphs, given) -> None:
+        """Where the stages run decides what they may use: checked once per traced signature."""
 
     def _micro_batches(self, args, kwargs, target=None):
         values, given = bind_inputs(self.module, args, kwargs)
@@ -97,8 +102,7 @@ class LocalPipe(_Pipe):
         super().__init__(*args)
         self.devices, self.output_device = devices, output_device
 
-    def stages(self, given) -> list:
-        graphs = super().stages(given)
+    def _check_stages(self, graphs, given) -> None:
         for stage, graph in enumerate(graphs):
             for name in sorted(graph.tensors):
                 tensor = _tensor(self.module, name)
@@ -107,7 +111,6 @@ class LocalPipe(_Pipe):
                         f"split: with chunks > 1, stage {stage} ({self.devices[stage]}) uses {name!r}, which "
                         f"lives on {tensor.device}; expected every stage's tensors on its device (tied "
                         "parameters across devices need chunks=1, or the tied modules on one device)")
-        return graphs
 
     def _run(self, stages, actions, inputs, targets, loss_fn, sizes, cut, weights=None):
         if actions is None:
@@ -138,8 +141,7 @@ class DistributedPipe(_Pipe):
     def local_stages(self) -> List[int]:
         return list(range(self.rank, self.num_stages, self.world))
 
-    def stages(self, given) -> list:
-        graphs = super().stages(given)
+    def _check_stages(self, graphs, given) -> None:
         for stage in self.local_stages():
             for name in sorted(graphs[stage].tensors):
                 if _tensor(self.module, name).is_meta:
@@ -147,7 +149,6 @@ class DistributedPipe(_Pipe):
                         f"pipeline: called with inputs {sorted(given)}, stage {stage} on rank {self.rank} uses "
                         f"{name!r}, which this rank freed when the pipeline was made for the inputs without "
                         "defaults; expected calls whose layers use the same parameters")
-        return graphs
 
     def _check_agreement(self, signature: int, shapes: str) -> bool:
         """Every rank runs the same schedule on the same shapes, or none runs anything. Returns

@@ -75,6 +75,21 @@ class NoPythonState {
   at::impl::SavedTensorDefaultHooksTLS hooks_;
 };
 
+// Starts a collective (start() returns its c10d work) with no Python objects in this thread's state.
+template <typename Start>
+Pending start_collective(
+    std::string_view op,
+    const char* collective,
+    const c10::intrusive_ptr<c10d::ProcessGroup>& group,
+    c10::DeviceType device,
+    Start start) {
+  auto work = [&] {
+    NoPythonState no_python;
+    return start();
+  }();
+  return Pending(op, collective, group, device, std::move(work));
+}
+
 } // namespace
 
 // The backend's own timeout for `group`; none where the wait must not be bounded here: NCCL work on
@@ -166,11 +181,8 @@ Pending start_all_reduce(
   std::vector<at::Tensor> tensors{flat_view(tensor)};
   c10d::AllreduceOptions options;
   options.reduceOp = reduce_op;
-  auto work = [&] {
-    NoPythonState no_python;
-    return group->allreduce(tensors, options);
-  }();
-  return Pending(op, "all_reduce", group, tensor.device().type(), std::move(work));
+  return start_collective(
+      op, "all_reduce", group, tensor.device().type(), [&] { return group->allreduce(tensors, options); });
 }
 
 // c10d's flat all-gather and reduce-scatter carry deprecation notes in recent releases; their
@@ -188,11 +200,9 @@ void all_gather_into(
     at::Tensor& input) {
   auto flat_output = flat_view(output);
   auto flat_input = flat_view(input);
-  auto work = [&] {
-    NoPythonState no_python;
+  start_collective(op, "all_gather", group, input.device().type(), [&] {
     return group->_allgather_base(flat_output, flat_input);
-  }();
-  Pending(op, "all_gather", group, input.device().type(), std::move(work)).wait();
+  }).wait();
 }
 
 void reduce_scatter_into(
@@ -202,11 +212,9 @@ void reduce_scatter_into(
     at::Tensor& input) {
   auto flat_output = flat_view(output);
   auto flat_input = flat_view(input);
-  auto work = [&] {
-    NoPythonState no_python;
+  start_collective(op, "reduce_scatter", group, input.device().type(), [&] {
     return group->_reduce_scatter_base(flat_output, flat_input);
-  }();
-  Pending(op, "reduce_scatter", group, input.device().type(), std::move(work)).wait();
+  }).wait();
 }
 
 #pragma GCC diagnostic pop

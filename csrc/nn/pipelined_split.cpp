@@ -138,6 +138,14 @@ at::Tensor SplitSequentialImpl::run_stage(size_t stage, at::Tensor input) {
   return input;
 }
 
+std::vector<c10::Device> SplitSequentialImpl::stage_devices() const {
+  std::vector<c10::Device> devices;
+  for (const auto& stage : stages_) {
+    devices.push_back(layer_devices_[stage.first]);
+  }
+  return devices;
+}
+
 std::vector<at::Tensor> SplitSequentialImpl::micro_batches(const at::Tensor& tensor, const char* what) const {
   TORCH_CHECK_VALUE(tensor.dim() >= 1, "split: ", what, " is a scalar; expected a batch along dim 0");
   TORCH_CHECK_VALUE(
@@ -149,10 +157,7 @@ std::vector<at::Tensor> SplitSequentialImpl::micro_batches(const at::Tensor& ten
 at::Tensor SplitSequentialImpl::pipelined_forward(const at::Tensor& input) {
   const auto inputs = micro_batches(input, "input");
   const auto num_stages = stages_.size();
-  std::vector<c10::Device> devices;
-  for (const auto& stage : stages_) {
-    devices.push_back(layer_devices_[stage.first]);
-  }
+  const auto devices = stage_devices();
   std::vector<at::Tensor> outputs(inputs.size());
   Mailbox mailbox;
   on_stage_threads(num_stages, devices, mailbox, [&](size_t stage) {
@@ -188,10 +193,7 @@ at::Tensor SplitSequentialImpl::train_step(
       " targets; expected one target per sample along dim 0");
   const auto chunks = static_cast<int64_t>(inputs.size());
   const auto num_stages = stages_.size();
-  std::vector<c10::Device> devices;
-  for (const auto& stage : stages_) {
-    devices.push_back(layer_devices_[stage.first]);
-  }
+  const auto devices = stage_devices();
   const auto schedule = pipeline::make_schedule(
       pipeline::parse_schedule_kind(options_.schedule()), static_cast<int64_t>(num_stages), 1, chunks);
   const auto& policy = options_.checkpoint();

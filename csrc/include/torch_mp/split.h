@@ -75,6 +75,7 @@ class SplitSequentialImpl : public torch::nn::Module {
   std::vector<std::pair<size_t, size_t>> stages_;
 
   at::Tensor run_stage(size_t stage, at::Tensor input);
+  std::vector<c10::Device> stage_devices() const;
   std::vector<at::Tensor> micro_batches(const at::Tensor& tensor, const char* what) const;
   at::Tensor pipelined_forward(const at::Tensor& input);
 };
