@@ -14,7 +14,8 @@ CPU_PY   := $(CPU_VENV)/bin/python
 # The venv's tools (ninja among them) come first for the CMake builds.
 export PATH := $(VENV)/bin:$(PATH)
 
-.PHONY: all venv cpu-venv sysdeps install demo test test-python test-cpp test-cpu-smoke bench clean
+.PHONY: all venv cpu-venv sysdeps install demo docs test test-python test-cpp test-cpu-smoke test-multinode \
+        gpu-check bench clean
 
 all: install
 
@@ -48,7 +49,26 @@ install: venv sysdeps
 demo: install
 	$(PY) examples/python/split_demo.py
 
-test: test-python test-cpp test-cpu-smoke
+# The API reference (Sphinx, furo theme) from the installed package's docstrings, into
+# build/docs/html; a warning (a broken docstring, a missing name) fails it.
+docs: install
+	$(PY) -m sphinx -W --keep-going -q -b html docs build/docs/html
+	@echo "API reference: build/docs/html/index.html"
+
+# The parts of `make test`; a suite of its own adds itself with `TEST_PARTS += test-<name>`.
+TEST_PARTS := test-python test-cpp test-cpu-smoke docs
+
+# Every part runs, even after one fails, and `make test` fails at the end if any did, naming them.
+# The set-up (install) runs once, first; when it fails no part can run.
+test:
+	@rm -f build/test-failed; mkdir -p build
+	@$(MAKE) --keep-going $(addprefix test-part/,$(TEST_PARTS)) || echo "install (no part ran)" >> build/test-failed
+	@if [ -s build/test-failed ]; then echo "make test: FAILED: $$(paste -sd ' ' build/test-failed)"; exit 1; fi
+	@echo "make test: passed: $(TEST_PARTS)"
+
+# One part of `make test`, in a make of its own (install already done): a failure is recorded, not fatal.
+test-part/%: install
+	@$(MAKE) -o install $* || { echo $* >> build/test-failed; echo "make test: $* failed; going on"; }
 
 test-python: install
 	$(PY) -m pytest -q tests/python
@@ -65,6 +85,13 @@ test-cpp: install
 test-cpu-smoke: cpu-venv sysdeps
 	MAX_JOBS=$(JOBS) $(CPU_PY) -m pip install --quiet --no-build-isolation --no-deps .
 	cd $$(mktemp -d) && $(CPU_PY) -m pytest -q -p no:cacheprovider $(CURDIR)/tests/python/test_smoke.py
+
+# On a machine with a GPU: build, then the CUDA tests and the GPU benchmarks in under 8 minutes, and
+# one table of figures and pass/fail (scripts/gpu_check.py). Without a GPU: says so, exits 0.
+gpu-check:
+	@if ! nvidia-smi -L >/dev/null 2>&1; then \
+	    echo "gpu-check: this machine has no GPU (nvidia-smi lists none): nothing to check"; exit 0; fi; \
+	$(MAKE) install && $(PY) scripts/gpu_check.py
 
 bench: install
 	$(PY) bench/bench_to_device.py

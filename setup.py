@@ -2,9 +2,12 @@
 then the small Python module torch_mp._C (torch.utils.cpp_extension) on top of it.
 
 Install with `pip install --no-build-isolation .` so the build uses the torch already installed.
+Extra CMake arguments come from the CMAKE_ARGS environment variable (for instance
+CMAKE_ARGS="-DTORCH_MP_GLOO_INCLUDE_DIR=" builds without Gloo's headers even where they are installed).
 """
 import hashlib
 import os
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -32,6 +35,7 @@ class BuildWithLibrary(BuildExtension):
             f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
             f"-DCMAKE_INSTALL_PREFIX={package_dir}",
             f"-DTORCH_MP_WITH_CUDA={'ON' if WITH_CUDA else 'OFF'}",
+            *shlex.split(os.environ.get("CMAKE_ARGS", "")),
         ])
         subprocess.check_call(["cmake", "--build", str(build_dir), "-j", jobs])
         subprocess.check_call(["cmake", "--install", str(build_dir)])

@@ -48,7 +48,7 @@ def full_state_dict(module: nn.Module) -> Dict[str, torch.Tensor]:
 def init_empty_weights():
     """Builds modules with their parameters on the meta device (no memory, no initialization) and
     their buffers as usual. Shard the model with ``tensor_parallel``, then ``load_full_state_dict``
-    materializes only this rank's slices:
+    materializes only this rank's slices::
 
         with torch_mp.init_empty_weights():
             model = LlamaForCausalLM(config)
