@@ -114,9 +114,9 @@ std::vector<std::vector<Action>> make_schedule(
 
   std::vector<std::vector<Action>> schedule(p);
   for (int64_t r = 0; r < p; ++r) {
-    // Forwards before the first backward. GPipe: all of them. 1F1B: one per later stage, so that
-    // the last stage's first backward is due as this rank finishes its forwards in flight.
-    // Interleaved: Megatron-LM's (p - r - 1) * 2 + (v - 1) * group, with the largest group.
+    // Forwards before the first backward. GPipe: all of them. 1F1B: one per later stage, whose
+    // first gradient comes back while this rank runs one more forward. Interleaved: Megatron-Core's
+    // (p - r - 1) * 2 + (v - 1) * group, with the largest group.
     int64_t warm_up = total;
     if (kind != ScheduleKind::GPipe) {
       warm_up = v == 1 ? p - r - 1 : (p - r - 1) * 2 + (v - 1) * largest_group;

@@ -3,6 +3,8 @@ interleaved 1F1B on four Gloo ranks with 16 micro-batches matches the dense mode
 import copy
 
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.nn import functional as F
 
 import torch_mp
@@ -32,6 +34,30 @@ def test_every_shape_gives_a_valid_schedule():
                         assert len(actions) == len(expected) and set(actions) == expected, where
                     shapes += 1
     assert shapes == 8 * 32 * (4 + 1 + 4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(kind=st.sampled_from(KINDS), ranks=st.integers(1, 16), per_rank=st.integers(1, 6), chunks=st.integers(1, 80))
+def test_larger_shapes_give_valid_schedules(kind, ranks, per_rank, chunks):
+    """Beyond the grid: up to 16 ranks, 6 stages per rank and 80 micro-batches. A rank keeps at most
+    the warm-up plus one micro-batch in flight (interleaved: Megatron-Core's warm-up with the largest
+    micro-batch group, num_ranks + chunks % num_ranks, or all chunks when fewer than 2 * num_ranks)."""
+    per_rank = 1 if kind == "1f1b" else per_rank
+    schedule = _C._pipeline_schedule(kind, ranks, per_rank, chunks)
+    _C._check_pipeline_schedule(schedule, ranks * per_rank, chunks)
+    group = chunks if chunks < 2 * ranks else ranks + chunks % ranks
+    for rank, actions in enumerate(schedule):
+        in_flight, most = 0, 0
+        for backward, _, _ in actions:
+            in_flight += -1 if backward else 1
+            most = max(most, in_flight)
+        if kind == "gpipe":
+            bound = per_rank * chunks
+        elif per_rank == 1:
+            bound = ranks - rank
+        else:
+            bound = (ranks - rank - 1) * 2 + (per_rank - 1) * group + 1
+        assert most == min(bound, per_rank * chunks), (rank, most, bound)
 
 
 def _interleaved_parity(rank, world):

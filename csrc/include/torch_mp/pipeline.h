@@ -28,21 +28,22 @@ struct Action {
 // B(s, m) receives from stage s + 1 and sends to stage s - 1, stage s living on rank s % num_ranks.
 //
 // Each rank runs W forwards (the warm-up), then alternates one forward and one backward, then runs
-// the backwards left: W = every forward for GPipe, num_ranks - rank - 1 for 1F1B (and for
-// interleaved 1F1B with one stage per rank), and for interleaved 1F1B Megatron-Core's
-// (num_ranks - rank - 1) * 2 + (stages_per_rank - 1) * G, capped at the rank's forward count; so a
-// rank holds the activations of at most W + 1 forwards (over all its stages) whose backward has
-// not run. Forwards go micro-batch group by group; inside a group, stage by stage of the rank, every micro-batch of the group per stage;
-// backwards in the same order with the rank's stages reversed. Groups hold num_ranks micro-batches,
-// and G is the largest group.
+// the backwards left. W = every forward for GPipe; num_ranks - rank - 1 for 1F1B (and interleaved
+// 1F1B with one stage per rank); for interleaved 1F1B Megatron-Core's (num_ranks - rank - 1) * 2 +
+// (stages_per_rank - 1) * G; at most the rank's forward count. So a rank keeps the activations of
+// at most W + 1 forwards (over all its stages) whose backward has not run. Forwards go micro-batch
+// group by group, inside a group stage by stage of the rank, every micro-batch of the group per
+// stage; backwards in the same order with the rank's stages reversed. Groups hold num_ranks
+// micro-batches; G is the largest group.
 //
-// Any micro-batch count works for every kind. Megatron-Core requires chunks >= num_ranks for
-// interleaving and puts the remainder of chunks / num_ranks into a last, smaller group; here the
-// remainder joins the last full group instead (G = num_ranks + chunks % num_ranks; all chunks in
-// one group, G = chunks, when chunks < 2 * num_ranks): with a smaller last group its warm-up
-// deadlocks under blocking receives (4 ranks x 3 stages, 5 micro-batches). The price is a longer
-// warm-up, (stages_per_rank - 1) * (chunks % num_ranks) more micro-batches in flight, none when
-// chunks is a multiple of num_ranks. Every schedule made passes check_schedule before it is
+// Any micro-batch count works for every kind. Megatron-Core's interleaving, with its default group
+// of num_ranks micro-batches, requires chunks to be a multiple of num_ranks: it refuses fewer
+// micro-batches than ranks, and a last group smaller than num_ranks, whose forwards would wait on
+// backwards still to come (with blocking receives and its warm-up, a deadlock: 4 ranks x 3
+// stages, 5 micro-batches). Here the remainder joins the last full group instead (G = num_ranks +
+// chunks % num_ranks; one group of all the micro-batches, G = chunks, when chunks < 2 * num_ranks):
+// a longer warm-up, (stages_per_rank - 1) * (chunks % num_ranks) more micro-batches in flight, none
+// when chunks is a multiple of num_ranks. Every schedule made passes check_schedule before it is
 // returned (tests run it over ranks 1-8, stages per rank 1-4, chunks 1-32, every kind).
 // Throws c10::ValueError for sizes < 1, or for '1f1b' with stages_per_rank != 1.
 std::vector<std::vector<Action>> make_schedule(
