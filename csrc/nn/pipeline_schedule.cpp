@@ -3,20 +3,14 @@
 #include <torch_mp/pipeline.h>
 
 #include <algorithm>
-#include <limits>
 #include <optional>
 #include <sstream>
-#include <tuple>
+#include <utility>
 
 #include <c10/util/Exception.h>
 
 namespace torch_mp::pipeline {
 namespace {
-
-constexpr int64_t kNever = std::numeric_limits<int64_t>::max();
-// Simulated costs: a backward computes two matmuls for each of the forward's one.
-constexpr int64_t kForwardCost = 1;
-constexpr int64_t kBackwardCost = 2;
 
 std::string describe(const Action& action) {
   std::ostringstream out;
@@ -99,68 +93,53 @@ std::vector<std::vector<Action>> make_schedule(
   const auto p = num_ranks;
   const auto v = stages_per_rank;
   const auto num_stages = p * v;
+  const auto total = v * chunks; // forwards (and backwards) on each rank
 
-  // Micro-batches in flight (forward done, backward not yet) that each rank may hold. 1F1B: stage s
-  // warms up with (stages - s - 1) forwards; interleaved: Megatron-LM's warm-up for rank r.
-  std::vector<int64_t> limit(p, kNever);
-  for (int64_t r = 0; r < p; ++r) {
-    if (kind == ScheduleKind::GPipe) {
-      continue;
+  // Micro-batch groups: `p` micro-batches each, the remainder joining the last group (all of them
+  // in one group when chunks < 2p). Each rank runs a group's forwards stage by stage (its first
+  // stage for every micro-batch of the group, then its second, ...) and its backwards likewise,
+  // its stages taken in reverse.
+  const auto num_groups = std::max<int64_t>(1, chunks / p);
+  const auto largest_group = chunks - (num_groups - 1) * p;
+  std::vector<std::pair<int64_t, int64_t>> order; // (virtual stage, micro-batch)
+  for (int64_t group = 0; group < num_groups; ++group) {
+    const auto first = group * p;
+    const auto last = group + 1 == num_groups ? chunks : first + p;
+    for (int64_t virtual_stage = 0; virtual_stage < v; ++virtual_stage) {
+      for (int64_t m = first; m < last; ++m) {
+        order.emplace_back(virtual_stage, m);
+      }
     }
-    limit[r] = v == 1 ? num_stages - r : (p - r - 1) * 2 + (v - 1) * p + 1;
   }
-  // Forwards go micro-batch group by group (groups of p), virtual stage by virtual stage inside a
-  // group; backwards the same way with the virtual stages reversed.
-  auto order = [&](const Action& a) {
-    const auto virtual_stage = a.stage / p;
-    return std::make_tuple(a.microbatch / p, a.backward ? -virtual_stage : virtual_stage, a.microbatch % p);
-  };
 
-  ActionTable finish(num_stages, chunks, kNever);
   std::vector<std::vector<Action>> schedule(p);
-  std::vector<int64_t> busy_until(p, 0), in_flight(p, 0), forwards_left(p, v * chunks);
-  int64_t remaining = 2 * num_stages * chunks;
-  const int64_t horizon = (kForwardCost + kBackwardCost) * num_stages * chunks * 2 + 16;
-  for (int64_t t = 0; remaining > 0; ++t) {
-    TORCH_CHECK(t < horizon, "pipeline schedule: the simulation made no progress (internal error)");
-    for (int64_t r = 0; r < p; ++r) {
-      if (busy_until[r] > t) {
-        continue;
-      }
-      std::optional<Action> best_forward, best_backward;
-      for (int64_t stage = r; stage < num_stages; stage += p) {
-        for (int64_t m = 0; m < chunks; ++m) {
-          for (const bool backward : {false, true}) {
-            const Action a{backward, stage, m};
-            if (finish[a] != kNever) {
-              continue;
-            }
-            const auto producer = producer_of(a, num_stages);
-            if (producer && finish[*producer] > t) {
-              continue;
-            }
-            auto& best = backward ? best_backward : best_forward;
-            if (!best || order(a) < order(*best)) {
-              best = a;
-            }
-          }
-        }
-      }
-      std::optional<Action> pick;
-      if (kind == ScheduleKind::GPipe) {
-        pick = best_forward ? best_forward : (forwards_left[r] == 0 ? best_backward : std::nullopt);
-      } else {
-        pick = best_backward ? best_backward : (in_flight[r] < limit[r] ? best_forward : std::nullopt);
-      }
-      if (!pick) {
-        continue;
-      }
-      busy_until[r] = t + (pick->backward ? kBackwardCost : kForwardCost);
-      finish[*pick] = busy_until[r];
-      in_flight[r] += pick->backward ? -1 : 1;
-      forwards_left[r] -= pick->backward ? 0 : 1;
-      schedule[r].push_back(*pick);
-      --remaining;
+  for (int64_t r = 0; r < p; ++r) {
+    // Forwards before the first backward. GPipe: all of them. 1F1B: one per later stage, whose
+    // first gradient comes back while this rank runs one more forward. Interleaved: Megatron-Core's
+    // (p - r - 1) * 2 + (v - 1) * group, with the largest group.
+    int64_t warm_up = total;
+    if (kind != ScheduleKind::GPipe) {
+      warm_up = v == 1 ? p - r - 1 : (p - r - 1) * 2 + (v - 1) * largest_group;
+    }
+    warm_up = std::min(warm_up, total);
+    auto forward = [&](int64_t i) {
+      const auto [virtual_stage, m] = order[i];
+      return Action{false, virtual_stage * p + r, m};
+    };
+    auto backward = [&](int64_t i) {
+      const auto [virtual_stage, m] = order[i];
+      return Action{true, (v - 1 - virtual_stage) * p + r, m};
+    };
+    auto& actions = schedule[r];
+    for (int64_t i = 0; i < warm_up; ++i) {
+      actions.push_back(forward(i));
+    }
+    for (int64_t i = 0; i < total - warm_up; ++i) {
+      actions.push_back(forward(warm_up + i));
+      actions.push_back(backward(i));
+    }
+    for (int64_t i = total - warm_up; i < total; ++i) {
+      actions.push_back(backward(i));
     }
   }
   check_schedule(schedule, num_stages, chunks);
