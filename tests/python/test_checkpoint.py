@@ -375,10 +375,27 @@ def train(rank, world, folder, phase):
             json.dump(losses, handle)
 
 
-def test_resume_gives_bit_identical_losses(tmp_path):
-    for phase in ("whole", "first", "second"):
-        run_ranks(2, train, str(tmp_path), phase)
-    whole = json.loads((tmp_path / "whole.json").read_text())
-    resumed = json.loads((tmp_path / "second.json").read_text())
-    assert len(whole) == 2 * STEPS
+def train_whole_then_first(rank, world, folder):
+    train(rank, world, folder, "whole")
+    train(rank, world, folder, "first")
+
+
+@pytest.fixture(scope="module")
+def saved_mid_run(tmp_path_factory):
+    """2 * STEPS steps uninterrupted, and STEPS steps then a save, in the same two processes (each
+    phase starts from its seeds); the resume runs in new ones."""
+    folder = tmp_path_factory.mktemp("resume")
+    run_ranks(2, train_whole_then_first, str(folder))
+    return folder
+
+
+def test_uninterrupted_and_saved_runs(saved_mid_run):
+    assert len(json.loads((saved_mid_run / "whole.json").read_text())) == 2 * STEPS
+    assert len(torch_mp.load(gpt(), saved_mid_run / "ckpt", restore_rng=False)["losses"]) == STEPS
+
+
+def test_resume_gives_bit_identical_losses(saved_mid_run):
+    run_ranks(2, train, str(saved_mid_run), "second")
+    whole = json.loads((saved_mid_run / "whole.json").read_text())
+    resumed = json.loads((saved_mid_run / "second.json").read_text())
     assert resumed == whole  # exact: JSON keeps every bit of a float
