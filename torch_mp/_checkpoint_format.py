@@ -54,7 +54,7 @@ def file_in_folder(folder: str, name, what: str) -> str:
                          "(no absolute path, no '..')")
     root = os.path.realpath(folder)
     path = os.path.realpath(os.path.join(root, name))
-    if os.path.commonpath([root, path]) != root:
+    if path == root or os.path.commonpath([root, path]) != root:
         raise ValueError(f"{what} names the file {name!r}, which resolves to {path}, outside the checkpoint "
                          f"folder {root}; expected a file inside it")
     return path
@@ -126,7 +126,8 @@ class CheckpointReader:
         path = self._paths[piece["file"]]
         if piece["file"] not in self._files:
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"{self.what}: {path} is missing; the index of {self.folder} names it")
+                raise ValueError(f"{self.what}: {path} is missing; the index of {self.folder} names it: the checkpoint "
+                                 "is incomplete")
             self._files[piece["file"]] = SafetensorsFile(path, self.what)
         tensor = self._files[piece["file"]].read(piece["key"])
         expected = list(entry["shape"])

@@ -87,6 +87,8 @@ class SafetensorsFile:
             self._handle = safe_open(path, framework="pt")
         except SafetensorError as error:
             raise ValueError(f"{what}: {path} is not a valid safetensors file: {error}") from None
+        except OSError as error:  # a name an index gave: missing, a folder, unreadable
+            raise ValueError(f"{what}: cannot read {path}: {error}") from None
         self._keys = set(self._handle.keys())
 
     def keys(self):

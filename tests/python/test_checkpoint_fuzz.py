@@ -192,7 +192,7 @@ def checkpoints():
 
 
 ESCAPES = ["../outside/rank-00000-of-00001.safetensors", "/etc/passwd", "link.safetensors", "a/../../outside/x",
-           "", ".", "rank-00000-of-00001.safetensors/..", "\0"]
+           "", ".", "rank-00000-of-00001.safetensors/..", "\0", "missing.safetensors", "sub/"]
 
 
 @SETTINGS
