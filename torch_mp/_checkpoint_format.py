@@ -198,8 +198,8 @@ def _check_index(index, folder: str, where: str) -> Dict[str, str]:
                 paths[piece["file"]] = file_in_folder(folder, piece["file"], f"{where}: {piece_at}")
         if dim is not None:
             ranges = sorted(tuple(b) for b in ranges if b[0] < b[1])
-            if [start for start, _ in ranges] != [0] + [stop for _, stop in ranges[:-1]] or \
-                    (ranges[-1][1] if ranges else 0) != shape[dim]:
+            ends = [0] + [stop for _, stop in ranges]
+            if [start for start, _ in ranges] != ends[:-1] or ends[-1] != shape[dim]:
                 fail(f"{at}: its pieces cover {ranges} along dim {dim}; expected each range of [0, {shape[dim]}) once")
     _check_optimizer(index.get("optimizer"), tensors, fail)
     return paths
