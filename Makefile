@@ -36,11 +36,11 @@ $(CPU_VENV)/.ready:
 
 venv: $(VENV)/.ready
 
-# From Debian's packages: Gloo's headers for the build (the torch wheel lacks them), GoogleTest for
-# the C++ tests.
+# From Debian's packages: Gloo's headers for the build (the torch wheel lacks them), nlohmann/json
+# for reading checkpoints, GoogleTest for the C++ tests.
 sysdeps:
-	@test -f /usr/include/gloo/context.h -a -f /usr/include/gtest/gtest.h || \
-	    { apt-get update -qq && apt-get install -y -qq libgloo-dev libgtest-dev; }
+	@test -f /usr/include/gloo/context.h -a -f /usr/include/gtest/gtest.h -a -f /usr/include/nlohmann/json.hpp || \
+	    { apt-get update -qq && apt-get install -y -qq libgloo-dev libgtest-dev nlohmann-json3-dev; }
 cpu-venv: $(CPU_VENV)/.ready
 
 install: venv sysdeps
@@ -111,3 +111,17 @@ bench: install
 
 clean:
 	rm -rf build torch_mp/lib torch_mp/include torch_mp/share torch_mp/_C*.so *.egg-info
+
+# The libFuzzer target of the C++ checkpoint reader (tests/fuzz: safetensors headers and checkpoint
+# indexes), built with clang and run for FUZZ_SECONDS from the seeds and the corpus found so far.
+# A single allocation over 1 MiB (the inputs are at most 4 KiB) counts as a finding.
+FUZZ_SECONDS ?= 60
+.PHONY: test-fuzz
+test-fuzz: venv sysdeps
+	@command -v clang++ >/dev/null || { apt-get update -qq && apt-get install -y -qq clang; }
+	cmake -S tests/fuzz -B build/fuzz -G Ninja -DCMAKE_CXX_COMPILER=clang++ \
+	    -DTORCH_DIR="$$($(PY) -c 'import os, torch; print(os.path.dirname(torch.__file__))')"
+	cmake --build build/fuzz
+	mkdir -p build/fuzz/corpus
+	build/fuzz/fuzz_checkpoint_reader -max_total_time=$(FUZZ_SECONDS) -max_len=4096 -malloc_limit_mb=1 \
+	    -timeout=10 -print_final_stats=1 -dict=tests/fuzz/checkpoint.dict build/fuzz/corpus tests/fuzz/seeds

@@ -1,7 +1,10 @@
-"""Reads tensors, or slices of them, from a .safetensors file with positioned reads into the
-destination tensors' memory: nothing is memory-mapped, so a rank's resident memory grows by the
-slices it keeps and not by the pages of the checkpoint it passes over. Writes them one tensor at a
-time, with a CRC-32 of each tensor's bytes, and fsyncs the file.
+"""Reads tensors, or slices of them, from .safetensors files through the safetensors library
+(``safe_open``; ``get_slice`` reads only a rank's slices), which checks each header before anything
+is read: its length against the file's, valid JSON, known dtypes, shapes whose byte sizes do not
+overflow, and data_offsets that tile the data exactly. Any such fault is a ValueError naming the
+file. Writes them ours: one tensor at a time through the CPU, with a CRC-32 of each tensor's bytes,
+then an fsync (the library's ``save_file`` needs every tensor in CPU memory at once); the library
+reads what this writes.
 
 The format: an 8-byte little-endian header length, a JSON header {name: {dtype, shape,
 data_offsets}}, then the data, row-major.
@@ -14,8 +17,7 @@ import zlib
 from typing import Dict, List, Sequence, Tuple
 
 import torch
-
-from torch_mp._sharding import take_slices
+from safetensors import SafetensorError, safe_open
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -23,7 +25,6 @@ _DTYPES = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 _NAMES = {dtype: name for name, dtype in _DTYPES.items()}
-_BLOCK_BYTES = 8 * 2**20  # rows read at once when taking columns
 _ALIGN = 8  # the safetensors package pads the header so that the data starts 8-byte aligned
 
 
@@ -34,7 +35,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def dtype_of(name: str) -> torch.dtype:
-    if name not in _DTYPES:
+    if not isinstance(name, str) or name not in _DTYPES:
         raise ValueError(f"safetensors: dtype {name!r} is not one torch_mp reads; expected one of {sorted(_DTYPES)}")
     return _DTYPES[name]
 
@@ -78,67 +79,46 @@ def write_file(path: str, tensors: Sequence[Tuple[str, torch.Tensor]]) -> Dict[s
 
 
 class SafetensorsFile:
-    def __init__(self, path: str):
-        self.path = path
-        self._fd = -1
-        self._fd = os.open(path, os.O_RDONLY)
-        (length,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
-        header = json.loads(os.pread(self._fd, length, 8))
-        header.pop("__metadata__", None)
-        self._data_start = 8 + length
-        self._entries: Dict[str, Tuple[torch.dtype, List[int], int]] = {}
-        for name, entry in header.items():
-            if entry["dtype"] not in _DTYPES:
-                raise ValueError(f"{path}: tensor {name!r} has dtype {entry['dtype']}, which torch_mp cannot read")
-            self._entries[name] = (_DTYPES[entry["dtype"]], entry["shape"], entry["data_offsets"][0])
+    """A .safetensors file opened through the safetensors library; ``what`` begins every error."""
+
+    def __init__(self, path: str, what: str = "torch_mp"):
+        self.path, self.what = path, what
+        try:
+            self._handle = safe_open(path, framework="pt")
+        except SafetensorError as error:
+            raise ValueError(f"{what}: {path} is not a valid safetensors file: {error}") from None
+        except OSError as error:  # a name an index gave: missing, a folder, unreadable
+            raise ValueError(f"{what}: cannot read {path}: {error}") from None
+        self._keys = set(self._handle.keys())
 
     def keys(self):
-        return self._entries.keys()
+        return self._keys
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._handle = None
 
-    def __del__(self):
-        self.close()
-
-    def _read_into(self, tensor: torch.Tensor, offset: int) -> None:
-        view = bytes_of(tensor)
-        nbytes = len(view)
-        done = 0
-        while done < nbytes:  # a positioned read may return less than asked
-            count = os.preadv(self._fd, [view[done:]], self._data_start + offset + done)
-            if count == 0:
-                raise ValueError(f"{self.path}: the file ends inside tensor data")
-            done += count
+    def _slice(self, name: str):
+        if name not in self._keys:
+            raise ValueError(f"{self.what}: {self.path} holds no tensor {name!r}; expected one of "
+                             f"{sorted(self._keys)[:10]}")
+        return self._handle.get_slice(name)
 
     def read(self, name: str) -> torch.Tensor:
-        dtype, shape, offset = self._entries[name]
-        tensor = torch.empty(shape, dtype=dtype)
-        self._read_into(tensor, offset)
-        return tensor
+        part = self._slice(name)
+        return self._read(name, part, (Ellipsis,))
 
     def read_slices(self, name: str, dim: int, bounds: List[Tuple[int, int]]) -> torch.Tensor:
-        """The ranges ``bounds`` of dim ``dim`` (0 or 1), concatenated along it."""
-        dtype, shape, offset = self._entries[name]
-        widths = [stop - start for start, stop in bounds]
-        out_shape = list(shape)
-        out_shape[dim] = sum(widths)
-        output = torch.empty(out_shape, dtype=dtype)
-        row_bytes = (torch.Size(shape[1:]).numel() if len(shape) > 1 else 1) * output.element_size()
-        if dim == 0:
-            at = 0
-            for (start, _), width in zip(bounds, widths):
-                self._read_into(output.narrow(0, at, width), offset + start * row_bytes)
-                at += width
-            return output
-        if dim != 1 or len(shape) != 2:
-            return take_slices(self.read(name), dim, bounds)
-        rows_per_block = max(1, _BLOCK_BYTES // max(row_bytes, 1))
-        for first in range(0, shape[0], rows_per_block):
-            rows = min(rows_per_block, shape[0] - first)
-            block = torch.empty(rows, shape[1], dtype=dtype)
-            self._read_into(block, offset + first * row_bytes)
-            output[first:first + rows] = torch.cat([block[:, start:stop] for start, stop in bounds], 1)
-        return output
+        """The ranges ``bounds`` of dim ``dim``, concatenated along it; only their bytes are read."""
+        part = self._slice(name)
+        shape = part.get_shape()
+        if not 0 <= dim < len(shape) or any(not 0 <= start <= stop <= shape[dim] for start, stop in bounds):
+            raise ValueError(f"{self.what}: {self.path} holds {name!r} with shape {tuple(shape)}; expected one with "
+                             f"the ranges {bounds} along dim {dim}")
+        lead = (slice(None),) * dim
+        return torch.cat([self._read(name, part, lead + (slice(start, stop),)) for start, stop in bounds], dim)
+
+    def _read(self, name: str, part, index: tuple) -> torch.Tensor:
+        try:
+            return part[index]
+        except (SafetensorError, TypeError) as error:  # a dtype the library knows but this torch lacks
+            raise ValueError(f"{self.what}: cannot read {name!r} from {self.path}: {error}") from None

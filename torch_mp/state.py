@@ -1,7 +1,8 @@
 """Stock state dicts for sharded models: gather one the unsharded model loads, load one into shards.
 
-Sources for loading: a state_dict, a ``.safetensors`` file or a folder of them (each rank reads only
-its slice of each sharded tensor, with positioned reads into its own memory), a ``torch_mp.save``
+Sources for loading: a state_dict, a ``.safetensors`` file or a folder of them, or a transformers
+index (each rank reads only its slice of each sharded tensor, through the safetensors library; every
+file a folder or an index names must lie inside the folder), a ``torch_mp.save``
 checkpoint, or a ``torch.save`` file (loaded with ``weights_only=True``, memory-mapped).
 """
 import contextlib
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from torch_mp._checkpoint_format import CheckpointReader, find_checkpoint
+from torch_mp._checkpoint_format import CheckpointReader, file_in_folder, find_checkpoint
 from torch_mp._group import all_gather_rows, process_group_of, resolve_group
 from torch_mp._ops import check_arg
 from torch_mp._safetensors import SafetensorsFile
@@ -193,30 +194,42 @@ def _open_source(source: StateSource) -> Tuple[Iterable[str], Reader, SliceReade
     if files is None:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return _open_source(state)
-    handles = {file: SafetensorsFile(file) for file in set(files.values())}
+    handles = {file: SafetensorsFile(file, "load_full_state_dict") for file in set(files.values())}
     return (set(files), lambda key: handles[files[key]].read(key),
             lambda key, dim, bounds: handles[files[key]].read_slices(key, dim, bounds))
 
 
 def _safetensors_files(path: str) -> Optional[Dict[str, str]]:
     """{tensor name: file} for a .safetensors file, a folder of them, or a transformers index; None
-    for any other file."""
+    for any other file. Every file the index or the folder names must lie inside the folder."""
+    what = "load_full_state_dict"
     if os.path.isdir(path):
-        index = [f for f in os.listdir(path) if f.endswith(".safetensors.index.json")]
+        index = sorted(f for f in os.listdir(path) if f.endswith(".safetensors.index.json"))
         if index:
-            with open(os.path.join(path, index[0])) as handle:
-                weight_map = json.load(handle)["weight_map"]
-            return {key: os.path.join(path, file) for key, file in weight_map.items()}
-        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+            index_path = file_in_folder(path, index[0], f"{what}: the listing of {path}")
+            with open(index_path, "rb") as handle:
+                text = handle.read()
+            try:
+                weight_map = json.loads(text)["weight_map"]
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, TypeError, KeyError) as error:
+                raise ValueError(f"{what}: {index_path} is not a transformers index ({type(error).__name__}: "
+                                 f"{error}); expected JSON holding a 'weight_map'") from None
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{what}: {index_path} has a weight_map that is a {type(weight_map).__name__}; "
+                                 "expected an object {tensor name: file}")
+            return {key: file_in_folder(path, file, f"{what}: {index_path}: weight_map[{key!r}]")
+                    for key, file in weight_map.items()}
+        files = sorted(file_in_folder(path, f, f"{what}: the listing of {path}")
+                       for f in os.listdir(path) if f.endswith(".safetensors"))
         if not files:
-            raise ValueError(f"load_full_state_dict: folder {path!r} holds no .safetensors files")
+            raise ValueError(f"{what}: folder {path!r} holds no .safetensors files")
     elif path.endswith(".safetensors"):
         files = [path]
     else:
         return None
     mapping = {}
     for file in files:
-        reader = SafetensorsFile(file)
+        reader = SafetensorsFile(file, what)
         mapping.update({key: file for key in reader.keys()})
         reader.close()
     return mapping

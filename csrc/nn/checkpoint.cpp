@@ -21,18 +21,16 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
+#include <nlohmann/json.hpp>
 #include <torch/csrc/autograd/grad_mode.h>
 
-#include "detail/json.h"
+#include "detail/checkpoint_format.h"
 
 namespace torch_mp {
 namespace {
 
 namespace fs = std::filesystem;
-using detail::Json;
-using detail::json_list;
-using detail::parse_json;
-using detail::quoted;
+using Json = nlohmann::json;
 
 constexpr const char* kIndex = "torch_mp_checkpoint.json";
 constexpr const char* kFormat = "torch_mp.checkpoint";
@@ -42,30 +40,13 @@ constexpr const char* kRng = "rng/cpu/0";
 
 // --- safetensors, CRC-32, files -----------------------------------------------------------------
 
-const std::vector<std::pair<std::string, at::ScalarType>>& dtypes() {
-  static const std::vector<std::pair<std::string, at::ScalarType>> table = {
-      {"F64", at::kDouble}, {"F32", at::kFloat}, {"F16", at::kHalf}, {"BF16", at::kBFloat16},
-      {"I64", at::kLong},   {"I32", at::kInt},   {"I16", at::kShort}, {"I8", at::kChar},
-      {"U8", at::kByte},    {"BOOL", at::kBool}};
-  return table;
-}
-
 std::string dtype_name(at::ScalarType dtype, const std::string& key) {
-  for (const auto& [name, type] : dtypes()) {
+  for (const auto& [name, type] : detail::safetensors_dtypes()) {
     if (type == dtype) {
       return name;
     }
   }
   TORCH_CHECK_VALUE(false, "torch_mp::save: '", key, "' has dtype ", dtype, ", which the checkpoint format does not hold");
-}
-
-at::ScalarType dtype_of(const std::string& name, const std::string& where) {
-  for (const auto& [known, type] : dtypes()) {
-    if (known == name) {
-      return type;
-    }
-  }
-  TORCH_CHECK_VALUE(false, "torch_mp::load: ", where, " has dtype ", name, ", which torch_mp::load cannot read");
 }
 
 uint32_t crc32(const at::Tensor& tensor) { // zlib's CRC-32, as Python's zlib.crc32
@@ -119,17 +100,19 @@ void fsync_folder(const fs::path& folder) {
   TORCH_CHECK(synced, "torch_mp::save: fsync of the folder ", folder, " failed: ", error);
 }
 
+// A safetensors file whose header is checked whole on opening (detail::read_safetensors_header):
+// every read then lies inside the file, and no tensor is larger than the file.
 class SafetensorsReader {
  public:
   explicit SafetensorsReader(fs::path path) : path_(std::move(path)) {
     fd_ = ::open(path_.c_str(), O_RDONLY);
     TORCH_CHECK_VALUE(fd_ >= 0, "torch_mp::load: cannot open ", path_, ": ", error_text());
-    uint64_t length = 0;
-    read_at(&length, sizeof(length), 0);
-    std::string header(length, ' ');
-    read_at(header.data(), length, sizeof(length));
-    header_ = parse_json(header);
-    data_start_ = sizeof(length) + length;
+    const off_t size = ::lseek(fd_, 0, SEEK_END);
+    TORCH_CHECK_VALUE(size >= 0, "torch_mp::load: cannot seek in ", path_, ": ", error_text());
+    header_ = detail::read_safetensors_header(path_.string(), static_cast<uint64_t>(size),
+                                              [this](void* data, uint64_t count, uint64_t offset) {
+                                                read_at(data, count, offset);
+                                              });
   }
   ~SafetensorsReader() {
     ::close(fd_);
@@ -137,23 +120,32 @@ class SafetensorsReader {
   SafetensorsReader(const SafetensorsReader&) = delete;
   SafetensorsReader& operator=(const SafetensorsReader&) = delete;
 
+  // The header's entry `key`; a c10::ValueError when the file lacks it.
+  const detail::SafetensorsEntry& entry(const std::string& key) const {
+    auto found = header_.find(key);
+    TORCH_CHECK_VALUE(found != header_.end(), "torch_mp::load: ", path_, " lacks '", key, "', which the index names");
+    return found->second;
+  }
+
   at::Tensor read(const std::string& key) const {
-    const Json* entry = header_.find(key);
-    TORCH_CHECK_VALUE(entry != nullptr, "torch_mp::load: ", path_, " lacks '", key, "', which the index names");
-    std::vector<int64_t> shape;
-    for (const auto& size : entry->at("shape").items) {
-      shape.push_back(size.integer());
-    }
-    auto tensor = at::empty(shape, at::TensorOptions().dtype(dtype_of(entry->at("dtype").text, path_.string())));
-    read_at(tensor.data_ptr(), tensor.nbytes(), data_start_ + entry->at("data_offsets").items.at(0).integer());
+    const auto& found = entry(key);
+    auto tensor = at::empty(found.shape, at::TensorOptions().dtype(found.dtype));
+    read_at(tensor.data_ptr(), found.end - found.begin, found.begin);
     return tensor;
   }
 
+  const fs::path& path() const {
+    return path_;
+  }
+
  private:
-  void read_at(void* data, size_t size, size_t offset) const {
-    size_t done = 0;
+  void read_at(void* data, uint64_t size, uint64_t offset) const {
+    uint64_t done = 0;
     while (done < size) {
       ssize_t count = ::pread(fd_, static_cast<char*>(data) + done, size - done, offset + done);
+      if (count < 0 && errno == EINTR) {
+        continue;
+      }
       TORCH_CHECK_VALUE(count > 0, "torch_mp::load: ", path_, " ends before its data does: the file is truncated");
       done += count;
     }
@@ -161,56 +153,48 @@ class SafetensorsReader {
 
   fs::path path_;
   int fd_ = -1;
-  Json header_;
-  size_t data_start_ = 0;
+  std::map<std::string, detail::SafetensorsEntry> header_;
 };
 
-// The whole stock tensor of an index entry, joined from its pieces, each checked.
-at::Tensor read_entry(const fs::path& folder, const std::string& name, const Json& entry,
-                      std::map<std::string, std::unique_ptr<SafetensorsReader>>& files) {
-  std::vector<int64_t> shape;
-  for (const auto& size : entry.at("shape").items) {
-    shape.push_back(size.integer());
-  }
-  const Json& dim_value = entry.at("dim");
-  const bool whole = dim_value.kind == Json::Kind::Null;
-  const int64_t dim = whole ? 0 : dim_value.integer();
-  auto full = at::empty(shape, at::TensorOptions().dtype(dtype_of(entry.at("dtype").text, name)));
-  int64_t covered = 0;
-  for (const auto& piece : entry.at("pieces").items) {
-    const std::string& file = piece.at("file").text;
-    if (!files.count(file)) {
-      TORCH_CHECK_VALUE(fs::exists(folder / file), "torch_mp::load: ", folder / file, " is missing; the index names it");
-      files[file] = std::make_unique<SafetensorsReader>(folder / file);
+// The whole stock tensor of an index entry, joined from its pieces. Each piece's dtype and shape are
+// checked against the file's header before anything is read or allocated (so the tensor is no larger
+// than the files), and its CRC-32 once read.
+at::Tensor read_entry(const std::string& name, const detail::IndexEntry& entry,
+                      std::map<fs::path, std::unique_ptr<SafetensorsReader>>& files) {
+  std::vector<const SafetensorsReader*> readers;
+  for (const auto& piece : entry.pieces) {
+    if (!files.count(piece.path)) {
+      TORCH_CHECK_VALUE(fs::exists(piece.path), "torch_mp::load: ", piece.path, " is missing; the index names it");
+      files[piece.path] = std::make_unique<SafetensorsReader>(piece.path);
     }
-    auto tensor = files[file]->read(piece.at("key").text);
-    std::vector<int64_t> expected = shape;
-    if (!whole) {
-      expected[dim] = 0;
-      for (const auto& bounds : piece.at("bounds").items) {
-        expected[dim] += bounds.items.at(1).integer() - bounds.items.at(0).integer();
+    readers.push_back(files[piece.path].get());
+    std::vector<int64_t> expected = entry.shape;
+    if (entry.dim) {
+      expected[*entry.dim] = 0;
+      for (const auto& [start, stop] : piece.bounds) {
+        expected[*entry.dim] += stop - start;
       }
     }
-    TORCH_CHECK_VALUE(tensor.sizes() == c10::IntArrayRef(expected) && tensor.scalar_type() == full.scalar_type(),
-                      "torch_mp::load: ", folder / file, " holds '", piece.at("key").text, "' as ", tensor.scalar_type(),
-                      " ", tensor.sizes(), "; the index says ", full.scalar_type(), " ", c10::IntArrayRef(expected),
-                      ": the checkpoint is corrupted");
-    uint32_t found = crc32(tensor);
-    TORCH_CHECK_VALUE(found == static_cast<uint32_t>(piece.at("crc32").integer()), "torch_mp::load: checksum mismatch in ",
-                      folder / file, " for '", piece.at("key").text, "': the file is corrupted");
-    if (whole) {
+    const auto& stored = readers.back()->entry(piece.key);
+    TORCH_CHECK_VALUE(stored.shape == expected && stored.dtype == entry.dtype, "torch_mp::load: ", piece.path,
+                      " holds '", piece.key, "' as ", stored.dtype, " ", c10::IntArrayRef(stored.shape),
+                      "; the index says ", entry.dtype, " ", c10::IntArrayRef(expected), ": the checkpoint is corrupted");
+  }
+  at::Tensor full = entry.dim ? at::empty(entry.shape, at::TensorOptions().dtype(entry.dtype)) : at::Tensor();
+  for (size_t i = 0; i < entry.pieces.size(); ++i) {
+    const auto& piece = entry.pieces[i];
+    auto tensor = readers[i]->read(piece.key);
+    TORCH_CHECK_VALUE(crc32(tensor) == piece.crc32, "torch_mp::load: checksum mismatch in ", piece.path, " for '",
+                      piece.key, "': the file is corrupted");
+    if (!entry.dim) {
       return tensor;
     }
     int64_t at = 0;
-    for (const auto& bounds : piece.at("bounds").items) {
-      int64_t start = bounds.items.at(0).integer(), length = bounds.items.at(1).integer() - start;
-      full.narrow(dim, start, length).copy_(tensor.narrow(dim, at, length));
-      at += length;
-      covered += length;
+    for (const auto& [start, stop] : piece.bounds) {
+      full.narrow(*entry.dim, start, stop - start).copy_(tensor.narrow(*entry.dim, at, stop - start));
+      at += stop - start;
     }
   }
-  TORCH_CHECK_VALUE(covered == shape[dim], "torch_mp::load: the pieces of '", name, "' in ", folder, " cover ", covered,
-                    " of its ", shape[dim], " entries along dim ", dim);
   return full;
 }
 
@@ -249,12 +233,11 @@ void save(const torch::nn::Module& module, const std::string& path) {
     tensors.emplace_back(kRng, generator.get_state());
   }
   // Header first (it needs only shapes), then each tensor through the CPU; tied tensors once.
-  std::ostringstream header;
+  Json header = Json::object();
   std::vector<std::string> file_keys;
   std::vector<at::Tensor> stored;
   std::map<std::tuple<const void*, at::ScalarType, std::vector<int64_t>>, std::string> seen;
   int64_t offset = 0;
-  header << '{';
   for (const auto& [name, tensor] : tensors) {
     auto identity = std::make_tuple(tensor.data_ptr(), tensor.scalar_type(), tensor.sizes().vec());
     if (tensor.numel() > 0 && seen.count(identity)) {
@@ -264,14 +247,13 @@ void save(const torch::nn::Module& module, const std::string& path) {
     seen[identity] = name;
     file_keys.push_back(name);
     int64_t nbytes = tensor.numel() * tensor.element_size();
-    header << (stored.empty() ? "" : ",") << quoted(name) << ":{\"dtype\":\"" << dtype_name(tensor.scalar_type(), name)
-           << "\",\"shape\":" << json_list(tensor.sizes()) << ",\"data_offsets\":[" << offset << ',' << offset + nbytes
-           << "]}";
+    header[name] = {{"dtype", dtype_name(tensor.scalar_type(), name)},
+                    {"shape", tensor.sizes().vec()},
+                    {"data_offsets", {offset, offset + nbytes}}};
     offset += nbytes;
     stored.push_back(tensor);
   }
-  header << '}';
-  std::string header_text = header.str();
+  std::string header_text = header.dump();
   header_text.append((8 - (8 + header_text.size()) % 8) % 8, ' '); // data 8-byte aligned, as the safetensors package does
   uint64_t length = header_text.size();
 
@@ -294,21 +276,22 @@ void save(const torch::nn::Module& module, const std::string& path) {
     }
   }
 
-  std::ostringstream index;
-  index << "{\"format\":" << quoted(kFormat) << ",\"version\":" << kVersion
-        << ",\"checksum\":\"crc32 (zlib) of each piece's bytes\",\"world_size\":1,\"model\":[";
+  Json model = Json::array(), entries = Json::object();
   for (size_t i = 0; i + 1 < tensors.size(); ++i) { // every name but the random state's
-    index << (i ? "," : "") << quoted(tensors[i].first);
+    model.push_back(tensors[i].first);
   }
-  index << "],\"tensors\":{";
   for (size_t i = 0; i < tensors.size(); ++i) {
     const auto& [name, tensor] = tensors[i];
-    index << (i ? "," : "") << quoted(name) << ":{\"dtype\":\"" << dtype_name(tensor.scalar_type(), name)
-          << "\",\"shape\":" << json_list(tensor.sizes()) << ",\"dim\":null,\"pieces\":[{\"file\":" << quoted(kRankFile)
-          << ",\"key\":" << quoted(file_keys[i]) << ",\"bounds\":null,\"crc32\":" << checksums[file_keys[i]] << "}]}";
+    entries[name] = {{"dtype", dtype_name(tensor.scalar_type(), name)},
+                     {"shape", tensor.sizes().vec()},
+                     {"dim", nullptr},
+                     {"pieces", Json::array({{{"file", kRankFile}, {"key", file_keys[i]}, {"bounds", nullptr},
+                                              {"crc32", checksums[file_keys[i]]}}})}};
   }
-  index << "},\"optimizer\":null,\"extra\":{}}";
-  const std::string index_text = index.str();
+  const Json index = {{"format", kFormat}, {"version", kVersion}, {"checksum", "crc32 (zlib) of each piece's bytes"},
+                      {"world_size", 1}, {"model", model}, {"tensors", entries}, {"optimizer", nullptr},
+                      {"extra", Json::object()}};
+  const std::string index_text = index.dump(1);
   write_synced(temp / kIndex, {{index_text.data(), index_text.size()}});
   fsync_folder(temp);
 
@@ -335,18 +318,13 @@ void load(torch::nn::Module& module, const std::string& path) {
   TORCH_CHECK_VALUE(!folder.empty(), "torch_mp::load: no complete checkpoint found at \"", path, "\"",
                     fs::exists(path + ".incomplete") ? " (found a save that did not finish: " + path + ".incomplete)" : "",
                     "; expected a folder written by torch_mp::save or torch_mp.save, holding ", kIndex);
-  std::ifstream stream(folder / kIndex);
+  const fs::path index_path = detail::file_in_folder(folder, kIndex, "torch_mp::load: the checkpoint folder " +
+                                                       folder.string());
+  std::ifstream stream(index_path, std::ios::binary);
   std::stringstream text;
   text << stream.rdbuf();
-  const Json index = parse_json(text.str());
-  TORCH_CHECK_VALUE(index.at("format").text == kFormat && index.at("version").integer() == kVersion,
-                    "torch_mp::load: ", folder / kIndex, " is format \"", index.at("format").text, "\" version ",
-                    index.at("version").text, "; expected \"", kFormat, "\" version ", kVersion);
-  const Json& entries = index.at("tensors");
-  std::set<std::string> stored;
-  for (const auto& name : index.at("model").items) {
-    stored.insert(name.text);
-  }
+  const auto index = detail::parse_checkpoint_index(folder, index_path.string(), text.str());
+  const std::set<std::string> stored(index.model.begin(), index.model.end());
   auto targets = named_tensors(module);
   std::vector<std::string> missing, unexpected;
   std::set<std::string> wanted;
@@ -365,22 +343,24 @@ void load(torch::nn::Module& module, const std::string& path) {
                     " lacks keys ", names_of(missing), " of the module and holds keys ", names_of(unexpected),
                     " the module does not have; expected a checkpoint of this module");
   for (const auto& [name, tensor] : targets) {
-    std::vector<int64_t> shape;
-    for (const auto& size : entries.at(name).at("shape").items) {
-      shape.push_back(size.integer());
-    }
+    const auto& shape = index.tensors.at(name).shape;
     TORCH_CHECK_VALUE(tensor.sizes() == c10::IntArrayRef(shape), "torch_mp::load: '", name, "' has shape ",
                       c10::IntArrayRef(shape), " in the checkpoint at ", folder, "; the module expects ", tensor.sizes());
   }
-  std::map<std::string, std::unique_ptr<SafetensorsReader>> files;
+  std::map<fs::path, std::unique_ptr<SafetensorsReader>> files;
   torch::NoGradGuard no_grad;
   for (auto& [name, tensor] : targets) {
-    tensor.copy_(read_entry(folder, name, entries.at(name), files));
+    tensor.copy_(read_entry(name, index.tensors.at(name), files));
   }
-  if (index.at("world_size").integer() == 1 && entries.find(kRng) != nullptr) {
-    auto state = read_entry(folder, kRng, entries.at(kRng), files);
+  auto rng = index.tensors.find(kRng);
+  if (index.world_size == 1 && rng != index.tensors.end()) {
+    auto state = read_entry(kRng, rng->second, files);
     at::Generator generator = at::detail::getDefaultCPUGenerator();
     std::lock_guard<std::mutex> lock(generator.mutex());
+    const auto current = generator.get_state();
+    TORCH_CHECK_VALUE(state.scalar_type() == current.scalar_type() && state.sizes() == current.sizes(),
+                      "torch_mp::load: '", kRng, "' in ", folder, " is ", state.scalar_type(), " ", state.sizes(),
+                      "; expected a CPU random state, ", current.scalar_type(), " ", current.sizes());
     generator.set_state(state);
   }
 }

@@ -1,10 +1,17 @@
 // Bad input to the C++ API, as a table: each case names the c10 error type it must raise (ValueError,
 // TypeError and IndexError become Python's) and the substrings its message must hold. Then a
 // collective nobody answers: a CollectiveError naming the op, the group and the rank.
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
 #include <functional>
 #include <future>
+#include <optional>
+#include <sstream>
 
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 #include <torch/torch.h>
 #include <torch_mp/torch_mp.h>
 
@@ -57,6 +64,135 @@ const torch_mp::Group kSingle = torch_mp::Group::single();
 
 torch::nn::Sequential mlp() {
   return torch::nn::Sequential(torch::nn::Linear(4, 8), torch::nn::ReLU(), torch::nn::Linear(8, 4));
+}
+
+// --- checkpoints from strangers: each case writes its own bad checkpoint, then loads it.
+
+namespace fs = std::filesystem;
+using Json = nlohmann::json;
+
+// A folder for the bad checkpoints, removed when the tests end.
+const fs::path& bad_files() {
+  static const struct Folder {
+    fs::path path = fs::temp_directory_path() / ("torch_mp_bad_input_" + std::to_string(::getpid()));
+    Folder() {
+      fs::remove_all(path);
+      fs::create_directories(path);
+    }
+    ~Folder() {
+      fs::remove_all(path);
+    }
+  } folder;
+  return folder.path;
+}
+
+std::string read_text(const fs::path& path) {
+  std::ifstream stream(path, std::ios::binary);
+  std::stringstream text;
+  text << stream.rdbuf();
+  return text.str();
+}
+
+void write_text(const fs::path& path, const std::string& text) {
+  std::ofstream(path, std::ios::binary | std::ios::trunc) << text;
+}
+
+// A torch_mp::save checkpoint of mlp() at bad_files()/name whose index is edit(index, outside):
+// `outside` is a valid checkpoint beside it, which a name leaving the folder would reach.
+std::string bad_checkpoint(const std::string& name, const std::function<std::string(Json, const fs::path&)>& edit) {
+  const fs::path outside = bad_files() / "outside", path = bad_files() / name;
+  if (!fs::exists(outside)) {
+    torch_mp::save(*mlp(), outside.string());
+  }
+  torch_mp::save(*mlp(), path.string());
+  const fs::path index = path / "torch_mp_checkpoint.json";
+  write_text(index, edit(Json::parse(read_text(index)), outside));
+  return path.string();
+}
+
+// Every piece of `index` in the file `file`.
+std::string with_file(Json index, const std::string& file) {
+  for (auto& entry : index["tensors"]) {
+    entry["pieces"][0]["file"] = file;
+  }
+  return index.dump();
+}
+
+// A checkpoint of mlp() whose safetensors file holds `header` (its length: `length` if given), then `data`.
+std::string bad_rank_file(const std::string& name, const std::string& header, const std::string& data,
+                          std::optional<uint64_t> length = std::nullopt) {
+  const auto path = bad_checkpoint(name, [](Json index, const fs::path&) { return index.dump(); });
+  const uint64_t claimed = length.value_or(header.size());
+  write_text(fs::path(path) / "rank-00000-of-00001.safetensors",
+             std::string(reinterpret_cast<const char*>(&claimed), sizeof(claimed)) + header + data);
+  return path;
+}
+
+void load_into_mlp(const std::string& path) {
+  auto model = mlp();
+  torch_mp::load(*model, path);
+}
+
+std::vector<Case> checkpoint_cases() {
+  const std::string offsets_1 = R"({"0.bias":{"dtype":"F32","shape":[1],"data_offsets":[-4,0]}})";
+  return {
+      {"load/piece file with ..", [] {
+         load_into_mlp(bad_checkpoint("dotdot", [](Json index, const fs::path&) {
+           return with_file(index, "../outside/rank-00000-of-00001.safetensors");
+         }));
+       }, Kind::Value, {"torch_mp::load: ", "dotdot/torch_mp_checkpoint.json: tensor '0.bias' piece 0 names the file "
+                        "\"../outside/rank-00000-of-00001.safetensors\"; expected a relative path inside",
+                        "(no absolute path, no '..')"}},
+      {"load/piece file absolute", [] {
+         load_into_mlp(bad_checkpoint("absolute", [](Json index, const fs::path& outside) {
+           return with_file(index, (outside / "rank-00000-of-00001.safetensors").string());
+         }));
+       }, Kind::Value, {"piece 0 names the file \"/", "outside/rank-00000-of-00001.safetensors\"; expected a relative path"}},
+      {"load/piece file a symlink out of the folder", [] {
+         load_into_mlp(bad_checkpoint("symlink", [](Json index, const fs::path& outside) {
+           fs::create_symlink(outside / "rank-00000-of-00001.safetensors", bad_files() / "symlink" / "link.safetensors");
+           return with_file(index, "link.safetensors");
+         }));
+       }, Kind::Value, {"piece 0 names the file \"link.safetensors\", which resolves to ",
+                        "outside the checkpoint folder", "expected a file inside it"}},
+      {"load/index not JSON", [] {
+         load_into_mlp(bad_checkpoint("index_not_json", [](Json, const fs::path&) { return "{not json"; }));
+       }, Kind::Value, {"index_not_json/torch_mp_checkpoint.json is not valid JSON: [json.exception.parse_error"}},
+      {"load/piece bounds beyond the shape", [] {
+         load_into_mlp(bad_checkpoint("bounds", [](Json index, const fs::path&) {
+           index["tensors"]["0.weight"]["dim"] = 0;
+           index["tensors"]["0.weight"]["pieces"][0]["bounds"] = Json::array({Json::array({0, 99})});
+           return index.dump();
+         }));
+       }, Kind::Value, {"bounds/torch_mp_checkpoint.json: tensor '0.weight' piece 0 has bounds [[0,99]]; expected null "
+                        "for a whole tensor, else [start, stop] ranges within [0, 8]"}},
+      {"load/shape 2^40 x 2^40 x 2^40 in the index", [] {
+         load_into_mlp(bad_checkpoint("index_huge_shape", [](Json index, const fs::path&) {
+           index["tensors"]["0.weight"]["shape"] = Json::array({1ULL << 40, 1ULL << 40, 1ULL << 40});
+           return index.dump();
+         }));
+       }, Kind::Value, {"tensor '0.weight' has dtype \"F32\" and shape [1099511627776,1099511627776,1099511627776]; "
+                        "expected a safetensors dtype and sizes >= 0 that do not overflow"}},
+      {"load/header claims 10^12 bytes", [] { load_into_mlp(bad_rank_file("huge_header", "{}", "", 1000000000000ULL)); },
+       Kind::Value, {"huge_header/rank-00000-of-00001.safetensors claims a header of 1000000000000 bytes but has 2"}},
+      {"load/negative data_offsets", [offsets_1] { load_into_mlp(bad_rank_file("negative_offsets", offsets_1, "1234")); },
+       Kind::Value, {"negative_offsets/rank-00000-of-00001.safetensors: tensor '0.bias' has data_offsets that are not "
+                     "[begin, end] with 0 <= begin"}},
+      {"load/header not JSON", [] { load_into_mlp(bad_rank_file("header_not_json", "not json", "")); }, Kind::Value,
+       {"header_not_json/rank-00000-of-00001.safetensors is not valid JSON"}},
+      {"load/shape 2^40 x 2^40 in the header", [] {
+         load_into_mlp(bad_rank_file("huge_shape", R"({"0.bias":{"dtype":"F32","shape":[1099511627776,1099511627776],)"
+                                     R"("data_offsets":[0,4]}})", "1234"));
+       }, Kind::Value, {"huge_shape/rank-00000-of-00001.safetensors: tensor '0.bias' has a shape whose byte size overflows"}},
+      {"load/truncated data", [] {
+         load_into_mlp(bad_rank_file("truncated", R"({"0.bias":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}})", "1234"));
+       }, Kind::Value, {"truncated/rank-00000-of-00001.safetensors: tensor '0.bias' has data_offsets [0, 16) for 16 bytes "
+                        "in a data section of 4"}},
+      {"load/data_offsets leaving a gap", [] {
+         load_into_mlp(bad_rank_file("gap", R"({"0.bias":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})", "12345678"));
+       }, Kind::Value, {"gap/rank-00000-of-00001.safetensors: tensor data at byte 4 of the data section; expected the "
+                        "next tensor at byte 0"}},
+  };
 }
 
 std::vector<Case> cases() {
@@ -183,6 +319,13 @@ std::vector<Case> cases() {
 
 TEST(BadInput, EveryCaseRaisesANamedError) {
   for (const auto& entry : cases()) {
+    SCOPED_TRACE(entry.name);
+    expect_error(entry);
+  }
+}
+
+TEST(BadInput, CheckpointsFromStrangersRaiseNamedErrors) {
+  for (const auto& entry : checkpoint_cases()) {
     SCOPED_TRACE(entry.name);
     expect_error(entry);
   }

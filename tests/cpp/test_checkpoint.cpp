@@ -6,6 +6,7 @@
 
 #include <unistd.h>
 
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -42,6 +43,17 @@ std::vector<std::string> entries(const fs::path& folder) {
   return names;
 }
 
+// Every parameter and buffer of `loaded` equals `saved`'s.
+void expect_same_state(const torch::nn::Module& saved, const torch::nn::Module& loaded) {
+  auto parameters = loaded.named_parameters(), buffers = loaded.named_buffers();
+  for (const auto& item : saved.named_parameters()) {
+    EXPECT_TRUE(torch::equal(item.value(), parameters[item.key()])) << item.key();
+  }
+  for (const auto& item : saved.named_buffers()) {
+    EXPECT_TRUE(torch::equal(item.value(), buffers[item.key()])) << item.key();
+  }
+}
+
 } // namespace
 
 TEST(Checkpoint, RoundTripWithRandomStateAndReplacement) {
@@ -57,14 +69,7 @@ TEST(Checkpoint, RoundTripWithRandomStateAndReplacement) {
   auto other = make_mlp();
   torch_mp::load(*other, path);
   EXPECT_TRUE(torch::equal(torch::rand({3}), expected_draw)); // the random state came back
-  auto saved = model->named_parameters(), loaded = other->named_parameters();
-  for (const auto& item : saved) {
-    EXPECT_TRUE(torch::equal(item.value(), loaded[item.key()])) << item.key();
-  }
-  auto saved_buffers = model->named_buffers(), loaded_buffers = other->named_buffers();
-  for (const auto& item : saved_buffers) {
-    EXPECT_TRUE(torch::equal(item.value(), loaded_buffers[item.key()])) << item.key();
-  }
+  expect_same_state(*model, *other);
 
   // A second save replaces the first, through a temporary folder that does not stay behind.
   torch_mp::save(*other, path);
@@ -117,4 +122,32 @@ TEST(Checkpoint, ErrorsNameWhatIsWrong) {
   std::ofstream(folder.path / "file") << "not a checkpoint";
   message = error_of([&] { torch_mp::save(*model, (folder.path / "file").string()); });
   EXPECT_NE(message.find("exists and is not a torch_mp checkpoint"), std::string::npos) << message;
+}
+
+// Across languages: Python's torch_mp.load reads what torch_mp::save wrote (through the safetensors
+// library) and saves it again with torch_mp.save; torch_mp::load reads that back here, equal to the
+// saved module. The interpreter: $TORCH_MP_PYTHON, else python3 on PATH (make test-cpp puts the
+// project's virtual environment first).
+TEST(Checkpoint, CrossLanguageRoundTrip) {
+  TempFolder folder;
+  torch::manual_seed(0);
+  auto model = make_mlp();
+  model->forward(torch::randn({4, 8}));
+  torch_mp::save(*model, (folder.path / "from_cpp").string());
+  const fs::path script = folder.path / "resave.py";
+  std::ofstream(script) << "import sys, torch, torch_mp\n"
+                           "from torch import nn\n"
+                           "model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.BatchNorm1d(16), nn.Linear(16, 4))\n"
+                           "torch_mp.load(model, sys.argv[1] + '/from_cpp')\n"
+                           "assert model[2].num_batches_tracked.item() == 1\n"
+                           "torch_mp.save(model, sys.argv[1] + '/from_python', extra={'by': 'python'})\n";
+  const char* python = std::getenv("TORCH_MP_PYTHON");
+  const std::string command =
+      std::string(python ? python : "python3") + " " + script.string() + " " + folder.path.string();
+  ASSERT_EQ(std::system(command.c_str()), 0) << "failed: " << command;
+
+  torch::manual_seed(1);
+  auto other = make_mlp();
+  torch_mp::load(*other, (folder.path / "from_python").string());
+  expect_same_state(*model, *other);
 }

@@ -1,8 +1,11 @@
 """Bad input to every public function: the exception type, and a message naming the argument and
 what was expected. A table of cases at world size 1 (in this process), one of cases that need a
 group of two (Gloo ranks), and zero-size batches, which are not bad input: they work."""
+import json
 import os
 import re
+import struct
+import tempfile
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -14,6 +17,7 @@ from models import GPT, mlp
 from torch import nn
 
 import torch_mp
+from torch_mp._safetensors import write_file
 from torch_mp.nn import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -21,6 +25,68 @@ from torch_mp.nn import (
     VocabParallelEmbedding,
     vocab_parallel_cross_entropy,
 )
+
+
+BAD_FILES = tempfile.TemporaryDirectory(prefix="torch_mp_bad_input_")  # removed at exit
+
+
+def bad_checkpoint(name: str, edit, link_to_outside=False) -> str:
+    """A torch_mp.save checkpoint of mlp() at BAD_FILES/name whose index is ``edit(index, outside)``
+    (a dict, or the bytes to write); ``outside``: a valid checkpoint beside it, which an escaping
+    name would read; ``link_to_outside``: link.safetensors in the folder points at its file."""
+    outside = os.path.join(BAD_FILES.name, "outside")
+    if not os.path.isdir(outside):
+        torch_mp.save(mlp(), outside)
+    path = os.path.join(BAD_FILES.name, name)
+    torch_mp.save(mlp(), path)
+    if link_to_outside:
+        os.symlink(os.path.join(outside, "rank-00000-of-00001.safetensors"), os.path.join(path, "link.safetensors"))
+    index_path = os.path.join(path, "torch_mp_checkpoint.json")
+    with open(index_path) as handle:
+        index = edit(json.load(handle), outside)
+    with open(index_path, "wb") as handle:
+        handle.write(index if isinstance(index, bytes) else json.dumps(index).encode())
+    return path
+
+
+def with_files(index: dict, file: str) -> dict:
+    for entry in index["tensors"].values():
+        entry["pieces"][0]["file"] = file
+    return index
+
+
+def with_entry(index: dict, key: str, **fields) -> dict:
+    index["tensors"][key].update(fields)
+    return index
+
+
+def bad_safetensors(name: str, header: bytes, data: bytes = b"", length=None) -> str:
+    """BAD_FILES/name/model.safetensors holding the raw ``header`` (its length: ``length`` if given)."""
+    folder = os.path.join(BAD_FILES.name, name)
+    os.makedirs(folder)
+    with open(os.path.join(folder, "model.safetensors"), "wb") as handle:
+        handle.write(struct.pack("<Q", len(header) if length is None else length) + header + data)
+    return os.path.join(folder, "model.safetensors")
+
+
+def bad_folder(name: str, files: dict, links: dict = None) -> str:
+    """BAD_FILES/name holding ``files`` ({name: bytes}) and symlinks ``links`` ({name: target})."""
+    folder = os.path.join(BAD_FILES.name, name)
+    os.makedirs(folder)
+    for file, data in files.items():
+        with open(os.path.join(folder, file), "wb") as handle:
+            handle.write(data)
+    for link, target in (links or {}).items():
+        os.symlink(target, os.path.join(folder, link))
+    return folder
+
+
+def saved_file() -> str:
+    """A valid safetensors file of mlp(), outside the folders that name it."""
+    path = os.path.join(BAD_FILES.name, "elsewhere.safetensors")
+    if not os.path.exists(path):
+        write_file(path, list(mlp().state_dict().items()))
+    return path
 
 
 class Case(NamedTuple):
@@ -275,6 +341,67 @@ CASES = [
     Case("load/no checkpoint there", lambda: torch_mp.load(mlp(), MISSING), FileNotFoundError,
          [r"torch_mp.load: no complete checkpoint found at '.*model.pt'; expected a folder written by "
           "torch_mp.save"]),
+    # --- checkpoints from strangers: names leaving the folder, malformed files (issue 16)
+    Case("load/piece file with ..", lambda: torch_mp.load(mlp(), bad_checkpoint(
+        "dotdot", lambda index, _: with_files(index, "../outside/rank-00000-of-00001.safetensors"))),
+         ValueError, [r"torch_mp.load: .*dotdot/torch_mp_checkpoint.json: tensor '0.weight' piece 0 names the file "
+                      r"'../outside/rank-00000-of-00001.safetensors'; expected a relative path inside .*dotdot "
+                      r"\(no absolute path, no '..'\)"]),
+    Case("load/piece file absolute", lambda: torch_mp.load(mlp(), bad_checkpoint(
+        "absolute", lambda index, outside: with_files(index, os.path.join(outside, "rank-00000-of-00001.safetensors")))),
+         ValueError, [r"tensor '0.weight' piece 0 names the file '/.*outside/rank-00000-of-00001.safetensors'; "
+                      "expected a relative path"]),
+    Case("load/piece file a symlink out of the folder", lambda: torch_mp.load(mlp(), bad_checkpoint(
+        "symlink", lambda index, _: with_files(index, "link.safetensors"), link_to_outside=True)), ValueError,
+         [r"piece 0 names the file 'link.safetensors', which resolves to .*outside/rank-00000-of-00001.safetensors, "
+          r"outside the checkpoint folder .*symlink; expected a file inside it"]),
+    Case("load/index not JSON", lambda: torch_mp.load(mlp(), bad_checkpoint(
+        "index_not_json", lambda index, _: b"{not json")), ValueError,
+         [r"torch_mp.load: .*index_not_json/torch_mp_checkpoint.json is not valid JSON \(Expecting"]),
+    Case("load/piece bounds beyond the shape", lambda: torch_mp.load(mlp(), bad_checkpoint(
+        "bounds", lambda index, _: with_entry(index, "0.weight", dim=0, pieces=[
+            {**index["tensors"]["0.weight"]["pieces"][0], "bounds": [[0, 99]]}]))), ValueError,
+         [r"bounds/torch_mp_checkpoint.json: tensor '0.weight' piece 0 has bounds \[\[0, 99\]\]; expected null "
+          r"for a whole tensor, else \[start, stop\] ranges within \[0, 32\]"]),
+    Case("load/shape 2^40 x 2^40 in the index", lambda: torch_mp.load(mlp(), bad_checkpoint(
+        "index_huge_shape", lambda index, _: with_entry(index, "0.weight", shape=[2**40, 2**40]))), ValueError,
+         [r"torch_mp.load: '0.weight' has shape \(1099511627776, 1099511627776\) in the checkpoint at "
+          r".*index_huge_shape; the model expects \(32, 16\)"]),
+    Case("load_full_state_dict/header claims 10^12 bytes",
+         lambda: torch_mp.load_full_state_dict(mlp(), bad_safetensors("huge_header", b"{}", length=10**12)),
+         ValueError, [r"load_full_state_dict: .*huge_header/model.safetensors is not a valid safetensors file: "
+                      r".*header too large"]),
+    Case("load_full_state_dict/negative data_offsets",
+         lambda: torch_mp.load_full_state_dict(mlp(), bad_safetensors("negative_offsets", json.dumps(
+             {"0.bias": {"dtype": "F32", "shape": [1], "data_offsets": [-4, 0]}}).encode(), b"1234")),
+         ValueError, [r"negative_offsets/model.safetensors is not a valid safetensors file: .*integer `-4`"]),
+    Case("load_full_state_dict/header not JSON",
+         lambda: torch_mp.load_full_state_dict(mlp(), bad_safetensors("header_not_json", b"not json")),
+         ValueError, [r"header_not_json/model.safetensors is not a valid safetensors file: .*invalid JSON"]),
+    Case("load_full_state_dict/shape 2^40 x 2^40",
+         lambda: torch_mp.load_full_state_dict(mlp(), bad_safetensors("huge_shape", json.dumps(
+             {"0.bias": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 4]}}).encode(), b"1234")),
+         ValueError, [r"huge_shape/model.safetensors is not a valid safetensors file: .*overflow"]),
+    Case("load_full_state_dict/truncated file",
+         lambda: torch_mp.load_full_state_dict(mlp(), bad_safetensors("truncated", json.dumps(
+             {"0.bias": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode(), b"1234")),
+         ValueError, [r"truncated/model.safetensors is not a valid safetensors file"]),
+    Case("load_full_state_dict/transformers index naming ..",
+         lambda: torch_mp.load_full_state_dict(mlp(), bad_folder("hf_dotdot", {
+             "model.safetensors.index.json": json.dumps({"weight_map": {"0.weight": "../elsewhere.safetensors"}})
+             .encode()})), ValueError,
+         [r"load_full_state_dict: .*hf_dotdot/model.safetensors.index.json: weight_map\['0.weight'\] names the "
+          r"file '../elsewhere.safetensors'; expected a relative path inside"]),
+    Case("load_full_state_dict/transformers index not JSON",
+         lambda: torch_mp.load_full_state_dict(mlp(), bad_folder("hf_not_json", {
+             "model.safetensors.index.json": b"{"})), ValueError,
+         [r"load_full_state_dict: .*hf_not_json/model.safetensors.index.json is not a transformers index "
+          r"\(JSONDecodeError"]),
+    Case("load_full_state_dict/folder listing a symlink out of the folder",
+         lambda: torch_mp.load_full_state_dict(mlp(), bad_folder("listing_symlink", {}, {
+             "model.safetensors": saved_file()})), ValueError,
+         [r"load_full_state_dict: the listing of .*listing_symlink names the file 'model.safetensors', which "
+          r"resolves to .*elsewhere.safetensors, outside the checkpoint folder"]),
 ]
 
 

@@ -1,5 +1,6 @@
 """torch_mp.save / torch_mp.load: round trips (plain, split, tensor parallel), resharding to other
-tensor-parallel sizes, atomicity under SIGKILL, clear errors, and a bit-identical resume."""
+tensor-parallel sizes, atomicity (under SIGKILL, and a failed final rename), files the safetensors
+library reads, clear errors, and a bit-identical resume. Malformed files: test_checkpoint_fuzz.py."""
 import copy
 import json
 import os
@@ -168,23 +169,36 @@ def check_load_at_tp4(rank, world, folder):
     assert_equals_file(torch_mp.full_state_dict(hf), os.path.join(folder, "full_gpt2.safetensors"))
 
 
-def test_tensor_parallel_round_trip_and_reshard(tmp_path):
+@pytest.fixture(scope="module")
+def tp2_checkpoint(tmp_path_factory):
+    """Checkpoints of GPT and transformers' GPT-2 saved at TP=2 (and loaded back there), with the
+    stock tensors they hold, for the tests that load them at other sizes."""
     pytest.importorskip("transformers")
-    run_ranks(2, check_save_at_tp2, str(tmp_path))
-    files = sorted(os.listdir(tmp_path / "gpt"))
+    folder = tmp_path_factory.mktemp("tp2")
+    run_ranks(2, check_save_at_tp2, str(folder))
+    return folder
+
+
+def test_tensor_parallel_round_trip(tp2_checkpoint):
+    files = sorted(os.listdir(tp2_checkpoint / "gpt"))
     assert files == ["rank-00000-of-00002.safetensors", "rank-00001-of-00002.safetensors",
                      "torch_mp_checkpoint.json"]
-    # TP=1: the plain models.
+
+
+def test_reshard_tp2_to_tp1(tp2_checkpoint):
     dense = gpt(seed=2)
     optimizer = torch.optim.Adam(dense.parameters(), lr=1e-2)
-    torch_mp.load(dense, tmp_path / "gpt", optimizer=optimizer)
-    assert_equals_file(dense.state_dict(), str(tmp_path / "full.safetensors"))
-    assert_equals_file(full_moments(dense, optimizer), str(tmp_path / "moments.safetensors"))
+    torch_mp.load(dense, tp2_checkpoint / "gpt", optimizer=optimizer)
+    assert_equals_file(dense.state_dict(), str(tp2_checkpoint / "full.safetensors"))
+    assert_equals_file(full_moments(dense, optimizer), str(tp2_checkpoint / "moments.safetensors"))
     assert all(state["step"] == 1 for state in optimizer.state.values())
     hf = gpt2(seed=2)
-    torch_mp.load(hf, tmp_path / "gpt2")
-    assert_equals_file(hf.state_dict(), str(tmp_path / "full_gpt2.safetensors"))
-    run_ranks(4, check_load_at_tp4, str(tmp_path))
+    torch_mp.load(hf, tp2_checkpoint / "gpt2")
+    assert_equals_file(hf.state_dict(), str(tp2_checkpoint / "full_gpt2.safetensors"))
+
+
+def test_reshard_tp2_to_tp4(tp2_checkpoint):
+    run_ranks(4, check_load_at_tp4, str(tp2_checkpoint))
 
 
 # --- atomicity ---------------------------------------------------------------------------------
@@ -231,6 +245,34 @@ def test_killed_saver_leaves_the_previous_checkpoint(tmp_path, delay):
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
 
 
+def test_failed_final_rename_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    """The guarantee itself: the save's last step (renaming the complete new checkpoint into place)
+    fails, and the previous checkpoint still loads, whole."""
+    path = str(tmp_path / "ckpt")
+    previous = mlp()
+    torch_mp.save(previous, path, extra={"version": 1})
+    rename, replace = os.rename, os.replace
+
+    def failing(move):
+        def call(source, target, *args, **kwargs):
+            if os.fspath(source).endswith(".incomplete"):
+                raise OSError(28, "No space left on device (simulated)")
+            return move(source, target, *args, **kwargs)
+        return call
+
+    monkeypatch.setattr(os, "rename", failing(rename))
+    monkeypatch.setattr(os, "replace", failing(replace))
+    with pytest.raises(OSError, match="simulated"):
+        torch_mp.save(mlp(), path, extra={"version": 2})
+    monkeypatch.undo()
+    loaded = mlp()
+    assert torch_mp.load(loaded, path) == {"version": 1}
+    assert_same_state(previous, loaded)
+    torch_mp.save(loaded, path, extra={"version": 3})  # and the next save cleans up
+    assert torch_mp.load(mlp(), path) == {"version": 3}
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+
 def test_crash_between_the_two_renames(tmp_path):
     path = str(tmp_path / "ckpt")
     model = mlp()
@@ -241,6 +283,31 @@ def test_crash_between_the_two_renames(tmp_path):
     torch_mp.save(model, path, extra={"version": 2})
     assert torch_mp.load(mlp(), path) == {"version": 2}
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+
+def test_written_files_read_back_by_the_safetensors_library(tmp_path):
+    safetensors = pytest.importorskip("safetensors")
+    tensors = [("f32", torch.randn(3, 5)), ("bf16", torch.randn(4).bfloat16()), ("i64", torch.arange(6).view(2, 3)),
+               ("bool", torch.tensor([True, False])), ("u8", torch.arange(3, dtype=torch.uint8)),
+               ("scalar", torch.tensor(2.5)), ("empty", torch.zeros(0, 3)), ("strided", torch.randn(4, 6).t())]
+    write_file(str(tmp_path / "t.safetensors"), tensors)
+    with safetensors.safe_open(str(tmp_path / "t.safetensors"), "pt") as handle:
+        assert sorted(handle.keys()) == sorted(name for name, _ in tensors)
+        for name, tensor in tensors:
+            assert torch.equal(handle.get_tensor(name), tensor), name
+    reader = SafetensorsFile(str(tmp_path / "t.safetensors"))
+    assert torch.equal(reader.read_slices("strided", 1, [(0, 1), (3, 4)]), tensors[-1][1][:, [0, 3]])
+
+
+def test_checkpoint_reached_through_a_symlink_loads(tmp_path):
+    """A symlink to the checkpoint folder itself ("latest" -> a step's folder) is no escape: its
+    files lie inside the folder it resolves to."""
+    model = mlp()
+    torch_mp.save(model, tmp_path / "step-100")
+    os.symlink(tmp_path / "step-100", tmp_path / "latest")
+    loaded = mlp()
+    torch_mp.load(loaded, tmp_path / "latest")
+    assert_same_state(model, loaded)
 
 
 # --- errors ------------------------------------------------------------------------------------
@@ -308,10 +375,27 @@ def train(rank, world, folder, phase):
             json.dump(losses, handle)
 
 
-def test_resume_gives_bit_identical_losses(tmp_path):
-    for phase in ("whole", "first", "second"):
-        run_ranks(2, train, str(tmp_path), phase)
-    whole = json.loads((tmp_path / "whole.json").read_text())
-    resumed = json.loads((tmp_path / "second.json").read_text())
-    assert len(whole) == 2 * STEPS
+def train_whole_then_first(rank, world, folder):
+    train(rank, world, folder, "whole")
+    train(rank, world, folder, "first")
+
+
+@pytest.fixture(scope="module")
+def saved_mid_run(tmp_path_factory):
+    """2 * STEPS steps uninterrupted, and STEPS steps then a save, in the same two processes (each
+    phase starts from its seeds); the resume runs in new ones."""
+    folder = tmp_path_factory.mktemp("resume")
+    run_ranks(2, train_whole_then_first, str(folder))
+    return folder
+
+
+def test_uninterrupted_and_saved_runs(saved_mid_run):
+    assert len(json.loads((saved_mid_run / "whole.json").read_text())) == 2 * STEPS
+    assert len(torch_mp.load(gpt(), saved_mid_run / "ckpt", restore_rng=False)["losses"]) == STEPS
+
+
+def test_resume_gives_bit_identical_losses(saved_mid_run):
+    run_ranks(2, train, str(saved_mid_run), "second")
+    whole = json.loads((saved_mid_run / "whole.json").read_text())
+    resumed = json.loads((saved_mid_run / "second.json").read_text())
     assert resumed == whole  # exact: JSON keeps every bit of a float
