@@ -117,6 +117,7 @@ clean:
 # A single allocation over 1 MiB (the inputs are at most 4 KiB) counts as a finding.
 FUZZ_SECONDS ?= 60
 .PHONY: test-fuzz
+TEST_PARTS += test-fuzz
 test-fuzz: venv sysdeps
 	@command -v clang++ >/dev/null || { apt-get update -qq && apt-get install -y -qq clang; }
 	cmake -S tests/fuzz -B build/fuzz -G Ninja -DCMAKE_CXX_COMPILER=clang++ \
