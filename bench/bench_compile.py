@@ -7,27 +7,13 @@ DTensor's parallelize_module under torch.compile; each one's graph-break count.
 import argparse
 import datetime
 import os
-import statistics
 import tempfile
-import time
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from bench_tensor_parallel import _copy, build, shard_dtensor, shard_torch_mp
-
-
-def median_step(step, steps):
-    for _ in range(3):  # compiles on the first
-        step()
-    times = []
-    for _ in range(steps):
-        dist.barrier()
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from bench_tensor_parallel import _copy, build, shard_dtensor, shard_torch_mp, step_times
 
 
 def worker(rank, world, store_path, args, queue):
@@ -37,15 +23,14 @@ def worker(rank, world, store_path, args, queue):
     torch.manual_seed(0)
     dense = build("block", args.dim, args.depth)
     x = torch.randn(4, 64, args.dim)
-    results = {}
+    models, breaks = {}, {}
     for name, shard in (("torch_mp", shard_torch_mp), ("DTensor", shard_dtensor)):
         model = shard(_copy(dense, "block", args.dim, args.depth), "block", args.depth, world)
-        torch._dynamo.reset()
-        breaks = torch._dynamo.explain(lambda t: model(t).sum())(x).graph_break_count
-        compiled = torch.compile(model)
-        eager_time = median_step(lambda: model(x).sum().backward(), args.steps)
-        compiled_time = median_step(lambda: compiled(x).sum().backward(), args.steps)
-        results[name] = (eager_time, compiled_time, breaks)
+        breaks[name] = torch._dynamo.explain(lambda t: model(t).sum())(x).graph_break_count
+        models[name] = (model, torch.compile(model))
+    # All four take turns step by step (compiling in the warm-up), so that they see the same load.
+    times = step_times([m for pair in models.values() for m in pair], x, args.steps)
+    results = {name: (times[2 * i], times[2 * i + 1], breaks[name]) for i, name in enumerate(models)}
     if rank == 0:
         queue.put(results)
     dist.destroy_process_group()
@@ -62,7 +47,7 @@ def main():
         mp.spawn(worker, args=(2, os.path.join(folder, "store"), args, queue), nprocs=2)
     results = queue.get()
     print(f"transformer blocks (dim {args.dim}, depth {args.depth}, 4x64 tokens), 2 Gloo ranks, "
-          f"forward+backward, median of {args.steps} steps")
+          f"forward+backward, median of {args.steps} steps taken in turns")
     print(f"{'':<10} {'eager ms':>9} {'compiled ms':>11} {'compiled/eager':>14} {'graph breaks':>12}")
     for name, (eager, compiled, breaks) in results.items():
         print(f"{name:<10} {eager * 1e3:>9.2f} {compiled * 1e3:>11.2f} {compiled / eager:>14.2f} {breaks:>12}")

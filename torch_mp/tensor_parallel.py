@@ -33,6 +33,7 @@ from torch_mp.nn import (
     RowParallelLinear,
     TensorParallelMultiheadAttention,
     VocabParallelEmbedding,
+    share_input_copy,
 )
 # The same notions of "repeated blocks" and "inside a module" as split.
 from torch_mp.split import _find_layers, _inside
@@ -102,6 +103,7 @@ def tensor_parallel(module: nn.Module, plan: Union[str, Plan] = "auto", group: G
     _fix_split_attributes(module, specs, info.size)
     if sequence_blocks:
         _sequence_parallel(module, sequence_blocks, info)
+    _share_input_copies(module)
     module.torch_mp_plan = {name: _style_name(spec) for name, spec in specs.items()}
     module.torch_mp_plan.update({name: SEQUENCE_PARALLEL for name in sequence_blocks})
     module._torch_mp_specs = specs
@@ -390,6 +392,19 @@ def _sequence_parallel(module: nn.Module, blocks: List[str], info) -> None:
     first, last = module.get_submodule(blocks[0]), module.get_submodule(blocks[-1])
     first.register_forward_pre_hook(_map_hidden_states(_split(info)), with_kwargs=True)
     last.register_forward_hook(_gather_output(info))
+
+
+def _share_input_copies(module: nn.Module) -> None:
+    """One copy_to_tp for each set of column-parallel siblings (one parent, one input size, one
+    group; q, k and v, or gate and up): their input gradient is all-reduced once, not once each.
+    Siblings that turn out to read different inputs copy each their own (share_input_copy)."""
+    siblings: Dict[Tuple, List[ColumnParallelLinear]] = {}
+    for name, child in module.named_modules():
+        if isinstance(child, ColumnParallelLinear) and child.sequence_dim is None and not child.input_is_copied:
+            key = (name.rpartition(".")[0], child.in_features, child.group_name, child.group_size)
+            siblings.setdefault(key, []).append(child)
+    for layers in siblings.values():
+        share_input_copy(layers)
 
 
 def _common_prefix(a: str, b: str) -> str:

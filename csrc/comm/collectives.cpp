@@ -7,8 +7,10 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 
 #include <iomanip>
+#include <mutex>
 #include <optional>
 #include <sstream>
+#include <unordered_map>
 
 #include <torch_mp/comm.h>
 
@@ -171,6 +173,52 @@ void Pending::wait() {
 
 void set_collective_error_thrower(CollectiveErrorThrower new_thrower) {
   thrower = new_thrower ? new_thrower : &throw_default;
+}
+
+namespace {
+
+struct Registered {
+  c10::weak_intrusive_ptr<c10::StorageImpl> storage;
+  Pending pending;
+};
+
+std::mutex registry_mutex;
+// Keyed by the storage's address; the weak pointer tells a live entry from one whose storage was
+// freed (and whose address may have been reused).
+std::unordered_map<const c10::StorageImpl*, Registered> registry;
+
+} // namespace
+
+void start_pending(const at::Tensor& tensor, std::string_view op, const std::function<Pending()>& start) {
+  const auto* key = tensor.storage().unsafeGetStorageImpl();
+  std::lock_guard<std::mutex> lock(registry_mutex);
+  for (auto it = registry.begin(); it != registry.end();) {
+    it = it->second.storage.expired() ? registry.erase(it) : std::next(it);
+  }
+  TORCH_CHECK(
+      registry.count(key) == 0, op,
+      ": a collective is already in flight on this tensor's storage; wait on it before starting another");
+  registry.emplace(key, Registered{tensor.storage().getWeakStorageImpl(), start()});
+}
+
+bool wait_registered(const at::Tensor& tensor) {
+  std::optional<Pending> pending;
+  {
+    const auto* key = tensor.storage().unsafeGetStorageImpl();
+    std::lock_guard<std::mutex> lock(registry_mutex);
+    const auto it = registry.find(key);
+    if (it == registry.end()) {
+      return false;
+    }
+    if (!it->second.storage.expired()) {
+      pending.emplace(std::move(it->second.pending));
+    }
+    registry.erase(it);
+  }
+  if (pending) {
+    pending->wait();
+  }
+  return pending.has_value();
 }
 
 Pending start_all_reduce(

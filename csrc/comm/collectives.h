@@ -1,6 +1,7 @@
 #pragma once
 
 #include <chrono>
+#include <functional>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -62,6 +63,17 @@ Pending start_all_reduce(
     const c10::intrusive_ptr<c10d::ProcessGroup>& group,
     const at::Tensor& tensor,
     c10d::ReduceOp reduce_op = c10d::ReduceOp::SUM);
+
+// The registry behind the start/wait pairs of primitive ops (the way c10d's functional collectives
+// pair a collective with wait_tensor): a started collective is registered against the storage of the
+// tensor it writes, and waiting on that tensor completes it. Weakly keyed: a tensor dropped
+// without a wait leaves nothing behind once its storage is freed.
+// start_pending starts the collective with `start` (which returns its Pending) unless one is already in
+// flight on `tensor`'s storage (an error naming `op`), and registers it.
+void start_pending(const at::Tensor& tensor, std::string_view op, const std::function<Pending()>& start);
+// Waits for the collective registered against `tensor`'s storage (bounded as Pending::wait) and
+// forgets it. False when none is registered.
+bool wait_registered(const at::Tensor& tensor);
 
 // output[r] = rank r's input, for output of shape [group size, *input.shape]; blocks until done.
 void all_gather_into(

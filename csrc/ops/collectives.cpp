@@ -21,6 +21,20 @@ at::Tensor all_reduce(const at::Tensor& self, c10::string_view reduce_op, const 
   return op.call(self, reduce_op, group.name, group.size);
 }
 
+void all_reduce_start_(at::Tensor& self, c10::string_view reduce_op, const Group& group) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("torch_mp::_all_reduce_start_", "")
+                       .typed<void(at::Tensor&, c10::string_view, c10::string_view, int64_t)>();
+  op.call(self, reduce_op, group.name, group.size);
+}
+
+void wait_(at::Tensor& self, at::TensorList meanwhile, const Group& group) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("torch_mp::_wait_", "")
+                       .typed<void(at::Tensor&, at::TensorList, c10::string_view, int64_t)>();
+  op.call(self, meanwhile, group.name, group.size);
+}
+
 #define TORCH_MP_DIM_PRIMITIVE(op_name)                                                                 \
   at::Tensor op_name(const at::Tensor& self, int64_t dim, const Group& group) {                        \
     static auto op = c10::Dispatcher::singleton()                                                   \
@@ -45,6 +59,8 @@ c10d::ReduceOp parse_reduce_op(c10::string_view name) {
   TORCH_CHECK_VALUE(false, "torch_mp._all_reduce: reduce_op '", name, "'; expected sum, max, min or product");
 }
 
+// The functional all-reduce: its output is a fresh tensor, the one copy of `self` it makes, reduced
+// in place. Formulas that own their tensor reduce it in place with the start/wait pair instead.
 at::Tensor all_reduce_kernel(
     const at::Tensor& self,
     c10::string_view reduce_op,
@@ -59,6 +75,42 @@ at::Tensor all_reduce_kernel(
   auto group = detail::resolve_group("torch_mp.all_reduce", group_name, group_size);
   detail::start_all_reduce("torch_mp.all_reduce", group, output, reduction).wait();
   return output;
+}
+
+// Starts reducing `self` in place and returns at once; _wait_ on the same tensor completes it. The
+// backend writes `self` until then, so `self` must be contiguous and read by nothing before the wait.
+void all_reduce_start_kernel(
+    at::Tensor& self,
+    c10::string_view reduce_op,
+    c10::string_view group_name,
+    int64_t group_size) {
+  constexpr auto op = "torch_mp._all_reduce_start_";
+  const auto reduction = parse_reduce_op(reduce_op);
+  detail::check_group_size(op, group_size);
+  TORCH_CHECK_VALUE(
+      self.is_contiguous(), op, ": the tensor reduced in place must be contiguous (it has strides ",
+      self.strides(), ")");
+  if (group_size == 1) {
+    return;
+  }
+  auto group = detail::resolve_group(op, group_name, group_size);
+  detail::start_pending(
+      self, op, [&] { return detail::start_all_reduce("torch_mp.all_reduce", group, self, reduction); });
+}
+
+// Completes the collective started on `self`, bounded by the group's timeout (a CollectiveError after
+// it). With a group of one nothing was started. Declared as mutating `self` so that the compiler
+// orders every read of `self` after it; `meanwhile`, the tensors computed while the collective runs,
+// are read by nothing here: as inputs they keep a compiler's reordering (inductor's, for peak memory)
+// from moving their computation after the wait.
+void wait_kernel(at::Tensor& self, at::TensorList, c10::string_view, int64_t group_size) {
+  constexpr auto op = "torch_mp._wait_";
+  detail::check_group_size(op, group_size);
+  TORCH_CHECK(
+      detail::wait_registered(self) || group_size == 1, op,
+      ": no collective is in flight on this tensor: it was never started, was already waited on, or "
+      "the tensor was copied between the start and the wait (a compiler backend that does not "
+      "reinplace mutating custom ops would copy it; use inductor)");
 }
 
 // Gathers into [group_size, *self.shape] with one flat collective, then lays the blocks along dim.
@@ -115,6 +167,8 @@ at::Tensor split_kernel(const at::Tensor& self, int64_t dim, c10::string_view gr
 
 TORCH_LIBRARY_FRAGMENT(torch_mp, m) {
   m.def("_all_reduce(Tensor self, str reduce_op, str group_name, int group_size) -> Tensor");
+  m.def("_all_reduce_start_(Tensor(a!) self, str reduce_op, str group_name, int group_size) -> ()");
+  m.def("_wait_(Tensor(a!) self, Tensor[] meanwhile, str group_name, int group_size) -> ()");
   m.def("_all_gather(Tensor self, int dim, str group_name, int group_size) -> Tensor");
   m.def("_reduce_scatter(Tensor self, int dim, str group_name, int group_size) -> Tensor");
   m.def("_split(Tensor self, int dim, str group_name, int group_size) -> Tensor");
@@ -122,6 +176,8 @@ TORCH_LIBRARY_FRAGMENT(torch_mp, m) {
 
 TORCH_LIBRARY_IMPL(torch_mp, CompositeExplicitAutograd, m) {
   m.impl("_all_reduce", &all_reduce_kernel);
+  m.impl("_all_reduce_start_", &all_reduce_start_kernel);
+  m.impl("_wait_", &wait_kernel);
   m.impl("_all_gather", &all_gather_kernel);
   m.impl("_reduce_scatter", &reduce_scatter_kernel);
   m.impl("_split", &split_kernel);

@@ -133,36 +133,24 @@ at::Tensor column_parallel_linear_kernel(
   return gather_output ? primitives::all_gather(output, -1, group_of(name, size)) : output;
 }
 
-// The whole backward of column_parallel_linear in one op, so that the all-reduce of the input
-// gradient overlaps the weight-gradient matmul in eager mode and under torch.compile alike.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> column_parallel_linear_backward_kernel(
-    const at::Tensor& grad_output,
+// --- row-parallel linear -------------------------------------------------------------------------
+
+// all_reduce(input @ weight.T) + bias, reduced in place in the matmul's own output: no copy.
+at::Tensor row_parallel_linear_kernel(
     const at::Tensor& input,
     const at::Tensor& weight,
-    std::array<bool, 3> output_mask,
+    const std::optional<at::Tensor>& bias,
     c10::string_view name,
     int64_t size) {
-  const auto none = at::empty({0}, grad_output.options());
-  at::Tensor grad_input = none, grad_weight = none, grad_bias = none;
-  std::optional<detail::Pending> pending;
-  if (output_mask[0]) {
-    grad_input = at::matmul(grad_output, weight).contiguous();
-    if (size > 1) {
-      constexpr auto op = "torch_mp.column_parallel_linear backward";
-      pending = detail::start_all_reduce(op, detail::resolve_group(op, name, size), grad_input);
-    }
+  detail::check_group_size("torch_mp.row_parallel_linear", size);
+  auto output = at::linear(input, weight).contiguous();
+  const auto group = group_of(name, size);
+  primitives::all_reduce_start_(output, "sum", group);
+  primitives::wait_(output, {}, group);
+  if (bias.has_value() && bias->defined()) {
+    output.add_(*bias);
   }
-  const auto grad_2d = grad_output.reshape({-1, grad_output.size(-1)});
-  if (output_mask[1]) {
-    grad_weight = grad_2d.t().mm(input.reshape({-1, input.size(-1)}));
-  }
-  if (output_mask[2]) {
-    grad_bias = grad_2d.sum(0);
-  }
-  if (pending) {
-    pending->wait();
-  }
-  return {grad_input, grad_weight, grad_bias};
+  return output;
 }
 
 // --- compositions: autograd comes from the ops they call ---------------------------------------
@@ -181,8 +169,12 @@ at::Tensor row_parallel_linear_impl(
       "torch_mp.row_parallel_linear", local_input, weight, bias,
       input_is_parallel ? "[out_features, in_features / group size] (input holds this rank's features)"
                         : "[out_features, in_features / group size] (this rank's slice of the input's features)");
-  auto output = reduce_from_tp(at::linear(local_input, weight), group);
-  return bias.has_value() && bias->defined() ? output + *bias : output;
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("torch_mp::_row_parallel_linear", "")
+                       .typed<at::Tensor(
+                           const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, c10::string_view,
+                           int64_t)>();
+  return op.call(local_input, weight, bias, name, size);
 }
 
 at::Tensor vocab_parallel_embedding_impl(
@@ -253,9 +245,7 @@ TORCH_LIBRARY_FRAGMENT(torch_mp, m) {
   m.def(
       "column_parallel_linear(Tensor input, Tensor weight, Tensor? bias, bool gather_output, "
       "str group_name, int group_size) -> Tensor");
-  m.def(
-      "_column_parallel_linear_backward(Tensor grad_output, Tensor input, Tensor weight, "
-      "bool[3] output_mask, str group_name, int group_size) -> (Tensor, Tensor, Tensor)");
+  m.def("_row_parallel_linear(Tensor input, Tensor weight, Tensor? bias, str group_name, int group_size) -> Tensor");
   m.def(
       "row_parallel_linear(Tensor input, Tensor weight, Tensor? bias, bool input_is_parallel, "
       "str group_name, int group_size) -> Tensor");
@@ -275,7 +265,7 @@ TORCH_LIBRARY_IMPL(torch_mp, CompositeExplicitAutograd, m) {
   m.impl("reduce_scatter_to_sp", &reduce_scatter_kernel);
   m.impl("gather_from_sp", &all_gather_kernel);
   m.impl("column_parallel_linear", &column_parallel_linear_kernel);
-  m.impl("_column_parallel_linear_backward", &column_parallel_linear_backward_kernel);
+  m.impl("_row_parallel_linear", &row_parallel_linear_kernel);
 }
 
 TORCH_LIBRARY_IMPL(torch_mp, CompositeImplicitAutograd, m) {

@@ -245,8 +245,7 @@ def opcheck_every_op(group_name, world, rank):
         ("gather_from_sp", (leaf(x), 0, group_name, world)),
         ("column_parallel_linear", (leaf(x), leaf(w), leaf(torch.randn(3)), True, group_name, world)),
         ("column_parallel_linear", (leaf(x), leaf(w), None, False, group_name, world)),
-        ("_column_parallel_linear_backward", (torch.randn(world * 2, 3), x, w, [True, True, True], group_name,
-                                              world)),
+        ("_row_parallel_linear", (leaf(x), leaf(w), leaf(torch.randn(3)), group_name, world)),
         ("row_parallel_linear", (leaf(x), leaf(w), leaf(torch.randn(3)), True, group_name, world)),
         ("vocab_parallel_embedding", (torch.randint(0, 4 * world, (5,)), leaf(torch.randn(4, 3)), rank * 4,
                                       group_name, world)),
@@ -257,8 +256,14 @@ def opcheck_every_op(group_name, world, rank):
         ("_reduce_scatter", (x, 0, group_name, world)),
         ("_split", (x, 0, group_name, world)),
     ]
+    # column_parallel_linear's backward reduces the input gradient in place with the start/wait pair:
+    # opcheck's aot_eager run copies mutated tensors instead of reinplacing them, which the wait
+    # refuses with an error (test_async_collectives checks that); inductor reinplaces them.
+    not_under_aot_eager = {"column_parallel_linear"} if world > 1 else set()
     for op, args in cases:
-        opcheck(getattr(torch.ops.torch_mp, op).default, args)
+        utils = ("test_schema", "test_autograd_registration", "test_faketensor") if op in not_under_aot_eager \
+            else ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+        opcheck(getattr(torch.ops.torch_mp, op).default, args, test_utils=utils)
 
 
 def check_opcheck(rank, world):

@@ -5,6 +5,7 @@ from torch_mp.nn.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    share_input_copy,
     vocab_parallel_cross_entropy,
 )
 
@@ -13,5 +14,6 @@ __all__ = [
     "RowParallelLinear",
     "TensorParallelMultiheadAttention",
     "VocabParallelEmbedding",
+    "share_input_copy",
     "vocab_parallel_cross_entropy",
 ]

@@ -43,16 +43,77 @@ class _TensorParallel(nn.Module):
         self.group_name, self.group_size, self.rank = info.name, info.size, info.rank
 
 
+class _SharedInputCopy:
+    """One ``copy_to_tp`` for column-parallel siblings that read one input (q, k and v; gate and up),
+    Megatron's byte minimum: each sibling's input gradient is a partial sum on each rank; autograd
+    adds them up in the gradient of the one copy, whose backward all-reduces them once instead of
+    once per layer.
+
+    The first sibling called with an input copies it; the others reuse that copy while they are
+    called with the same tensor, unchanged since (its version counter). Another input gets a copy of
+    its own, so siblings that do not share their input stay correct. The copy is dropped after as
+    many calls as there are siblings (one forward). Under torch.compile the version counter cannot be read, so a stale
+    copy could not be told apart: there each sibling reduces its own input gradient (None)."""
+
+    def __init__(self, members: int, group_name: str, group_size: int):
+        self.members, self.group_name, self.group_size = members, group_name, group_size
+        self.calls, self.entry = 0, None
+
+    def __call__(self, input: torch.Tensor) -> Optional[torch.Tensor]:
+        if not torch.is_grad_enabled():
+            return input  # copy_to_tp is the identity forward; without a backward it has nothing to do
+        if torch.compiler.is_compiling():
+            return None
+        entry = self.entry
+        if entry is None or entry[0] is not input or entry[1] != input._version:
+            entry = self.entry = (input, input._version,
+                                  torch.ops.torch_mp.copy_to_tp(input, self.group_name, self.group_size))
+        self.calls += 1
+        if self.calls == self.members:
+            self.entry, self.calls = None, 0
+        return entry[2]
+
+
+def share_input_copy(layers) -> None:
+    """Makes column-parallel ``layers`` that read one input (q, k and v of an attention; gate and up
+    of an MLP) all-reduce its gradient once in backward, instead of once each: the first layer
+    called applies ``copy_to_tp`` to the input and the others reuse it (see ``_SharedInputCopy``).
+    A layer called with another input copies that one itself, so the result is the same either way.
+    Raises ValueError for layers of different groups or sequence-parallel ones."""
+    layers = list(layers)
+    for layer in layers:
+        check_arg("share_input_copy", "layers", layer, ColumnParallelLinear, "ColumnParallelLinear layers")
+        if layer.sequence_dim is not None or layer.input_is_copied:
+            raise ValueError("share_input_copy: a layer is sequence parallel or has input_is_copied=True; its "
+                             "input gradient is already reduced elsewhere")
+    if len({(layer.group_name, layer.group_size) for layer in layers}) > 1:
+        raise ValueError("share_input_copy: the layers belong to different groups; expected one group")
+    if len(layers) > 1:
+        shared = _SharedInputCopy(len(layers), layers[0].group_name, layers[0].group_size)
+        for layer in layers:
+            layer.shared_input_copy = shared
+
+
 class ColumnParallelLinear(_TensorParallel):
     """``nn.Linear`` with the output features split across the group: ``weight`` is
     ``[out_features / group size, in_features]``. The input is replicated; the output is this rank's
-    slice of the features, or all of them with ``gather_output=True``."""
+    slice of the features, or all of them with ``gather_output=True``.
+
+    ``input_is_copied=True``: the input is already the output of ``copy_to_tp`` (whose backward
+    all-reduces the input gradient), so the layer reduces nothing itself: one ``copy_to_tp`` then
+    serves several layers that read the same input (Megatron's mappings). ``share_input_copy``
+    arranges the same for sibling layers of a stock model."""
+
+    # Set by share_input_copy: the copy_to_tp this layer shares with its siblings.
+    shared_input_copy: Optional[_SharedInputCopy] = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, gather_output: bool = False,
-                 group: GroupLike = None, device=None, dtype=None):
+                 group: GroupLike = None, device=None, dtype=None, input_is_copied: bool = False):
         super().__init__()
         self._set_group(group)
+        check_arg(type(self).__name__, "input_is_copied", input_is_copied, bool, "a bool")
         self.in_features, self.out_features, self.gather_output = in_features, out_features, gather_output
+        self.input_is_copied = input_is_copied
         local = _shard_size(type(self).__name__, "out_features", out_features, self.group_size)
         _check_size(type(self).__name__, "in_features", in_features)
         factory = {"device": device, "dtype": dtype}
@@ -77,12 +138,22 @@ class ColumnParallelLinear(_TensorParallel):
             # The input was all-gathered along the sequence; that gather's backward (a reduce-scatter)
             # sums the input gradient's partial products across ranks.
             return torch.nn.functional.linear(input, self.weight, self.bias)
+        copied = input if self.input_is_copied else None
+        if self.shared_input_copy is not None:
+            copied = self.shared_input_copy(input)
+        if copied is not None:
+            # copy_to_tp's backward all-reduces the input gradient: a local matmul here.
+            output = torch.nn.functional.linear(copied, self.weight, self.bias)
+            if self.gather_output:
+                output = torch.ops.torch_mp.gather_from_tp(output, -1, self.group_name, self.group_size)
+            return output
         return torch.ops.torch_mp.column_parallel_linear(
             input, self.weight, self.bias, self.gather_output, self.group_name, self.group_size)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"gather_output={self.gather_output}, group_size={self.group_size}")
+                f"gather_output={self.gather_output}, input_is_copied={self.input_is_copied}, "
+                f"group_size={self.group_size}")
 
 
 class RowParallelLinear(_TensorParallel):

@@ -71,6 +71,14 @@ namespace primitives {
 // The collectives under the ops above, without autograd. Each returns a fresh tensor.
 // reduce_op: "sum", "max", "min" or "product".
 at::Tensor all_reduce(const at::Tensor& self, c10::string_view reduce_op, const Group& group);
+// The asynchronous pair (c10d's functional collectives and wait_tensor, copy-free): all_reduce_start_
+// starts reducing the contiguous `self` in place and returns at once; wait_(self) completes it,
+// bounded by the group's timeout (CollectiveError). Nothing may read `self` in between. Under
+// torch.compile both are mutating ops that inductor reinplaces, so independent compute can run
+// between them; `meanwhile` names the tensors computed in between, which the compiler then keeps
+// before the wait.
+void all_reduce_start_(at::Tensor& self, c10::string_view reduce_op, const Group& group);
+void wait_(at::Tensor& self, at::TensorList meanwhile, const Group& group);
 at::Tensor all_gather(const at::Tensor& self, int64_t dim, const Group& group);
 at::Tensor reduce_scatter(const at::Tensor& self, int64_t dim, const Group& group);
 // This rank's slice of `self` along dim.

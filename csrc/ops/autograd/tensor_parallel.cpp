@@ -70,10 +70,24 @@ at::Tensor dim_group_autograd(const at::Tensor& self, int64_t dim, c10::string_v
   return Conjugate<Name, Forward, Backward>::apply(self, dim, group_name, group_size);
 }
 
+// The gradients of weight and bias (autograd inputs 1 and 2; undefined where not needed) of a linear
+// layer's local matmul, input @ weight.T + bias, whose output has gradient `grad`.
+std::pair<at::Tensor, at::Tensor> weight_and_bias_grads(
+    AutogradContext* ctx,
+    const at::Tensor& grad,
+    const at::Tensor& input,
+    bool has_bias) {
+  const auto grad_2d = grad.reshape({-1, grad.size(-1)});
+  return {
+      ctx->needs_input_grad(1) ? grad_2d.t().mm(input.reshape({-1, input.size(-1)})) : at::Tensor(),
+      has_bias && ctx->needs_input_grad(2) ? grad_2d.sum(0) : at::Tensor()};
+}
+
 constexpr char kColumnParallelLinear[] = "torch_mp.column_parallel_linear";
 
-// forward: x @ weight.T + bias (then all-gather when gather_output); backward: one fused op that
-// overlaps the input-gradient all-reduce with the weight-gradient matmul.
+// forward: x @ weight.T + bias (then all-gather when gather_output); backward: the input-gradient
+// all-reduce starts, in place, before the weight-gradient matmul and is waited on after it: the two
+// overlap in eager mode, and under torch.compile inductor sees the start/wait pair around the matmul.
 class ColumnParallelLinear : public torch::autograd::Function<ColumnParallelLinear> {
  public:
   static constexpr bool is_traceable = true;
@@ -107,25 +121,79 @@ class ColumnParallelLinear : public torch::autograd::Function<ColumnParallelLine
     if (ctx->saved_data["gather_output"].toBool()) {
       grad = primitives::split(grad, -1, group);
     }
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("torch_mp::_column_parallel_linear_backward", "")
-                         .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                             const at::Tensor&, const at::Tensor&, const at::Tensor&, std::array<bool, 3>,
-                             c10::string_view, int64_t)>();
+    const auto& input = saved[0];
+    const auto& weight = saved[1];
     // Without a bias the autograd inputs are only input and weight.
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    const std::array<bool, 3> mask{
-        ctx->needs_input_grad(0), ctx->needs_input_grad(1), has_bias && ctx->needs_input_grad(2)};
-    auto [grad_input, grad_weight, grad_bias] = op.call(grad, saved[0], saved[1], mask, group.name, group.size);
-    return {
-        mask[0] ? grad_input : at::Tensor(),
-        mask[1] ? grad_weight : at::Tensor(),
-        mask[2] ? grad_bias : at::Tensor(),
-        at::Tensor(),
-        at::Tensor(),
-        at::Tensor()};
+    at::Tensor grad_input;
+    if (ctx->needs_input_grad(0)) {
+      grad_input = at::matmul(grad, weight).contiguous();
+      primitives::all_reduce_start_(grad_input, "sum", group);
+    }
+    const auto [grad_weight, grad_bias] = weight_and_bias_grads(ctx, grad, input, has_bias);
+    if (grad_input.defined()) {
+      std::vector<at::Tensor> meanwhile;
+      for (const auto& tensor : {grad_weight, grad_bias}) {
+        if (tensor.defined()) {
+          meanwhile.push_back(tensor);
+        }
+      }
+      primitives::wait_(grad_input, meanwhile, group);
+    }
+    return {grad_input, grad_weight, grad_bias, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
+
+constexpr char kRowParallelLinear[] = "torch_mp.row_parallel_linear";
+
+// forward: all_reduce(input @ weight.T) + bias, reduced in place in the matmul's output; backward:
+// the gradient of a replicated output needs no collective.
+class RowParallelLinear : public torch::autograd::Function<RowParallelLinear> {
+ public:
+  static constexpr bool is_traceable = true;
+
+  static at::Tensor forward(
+      AutogradContext* ctx,
+      const at::Tensor& input,
+      const at::Tensor& weight,
+      const std::optional<at::Tensor>& bias,
+      c10::string_view group_name,
+      int64_t group_size) {
+    ctx->save_for_backward({input, weight});
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    detail::OpScope scope(kRowParallelLinear);
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("torch_mp::_row_parallel_linear", "")
+                         .typed<at::Tensor(
+                             const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                             c10::string_view, int64_t)>();
+    return op.call(input, weight, bias, group_name, group_size);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const auto& grad = grad_outputs[0];
+    if (!grad.defined()) {
+      return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    }
+    const auto saved = ctx->get_saved_variables();
+    const auto& input = saved[0];
+    const auto& weight = saved[1];
+    const auto grad_input = ctx->needs_input_grad(0) ? at::matmul(grad, weight) : at::Tensor();
+    const auto [grad_weight, grad_bias] =
+        weight_and_bias_grads(ctx, grad, input, ctx->saved_data["has_bias"].toBool());
+    return {grad_input, grad_weight, grad_bias, at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor row_parallel_linear_autograd(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias,
+    c10::string_view group_name,
+    int64_t group_size) {
+  return RowParallelLinear::apply(input, weight, bias, group_name, group_size);
+}
 
 at::Tensor column_parallel_linear_autograd(
     const at::Tensor& input,
@@ -154,6 +222,7 @@ TORCH_LIBRARY_IMPL(torch_mp, Autograd, m) {
   m.impl("reduce_scatter_to_sp", &dim_group_autograd<kReduceScatterToSp, reduce_scatter_to_sp, gather_from_sp>);
   m.impl("gather_from_sp", &dim_group_autograd<kGatherFromSp, gather_from_sp, reduce_scatter_to_sp>);
   m.impl("column_parallel_linear", &column_parallel_linear_autograd);
+  m.impl("_row_parallel_linear", &row_parallel_linear_autograd);
 }
 
 } // namespace torch_mp

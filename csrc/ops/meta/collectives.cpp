@@ -12,6 +12,10 @@ at::Tensor all_reduce_meta(const at::Tensor& self, c10::string_view, c10::string
   return at::empty_symint(self.sym_sizes(), self.options());
 }
 
+// The start/wait pair writes its tensor in place: nothing to compute under a fake tensor.
+void all_reduce_start_meta(at::Tensor&, c10::string_view, c10::string_view, int64_t) {}
+void wait_meta(at::Tensor&, at::TensorList, c10::string_view, int64_t) {}
+
 at::Tensor all_gather_meta(const at::Tensor& self, int64_t dim, c10::string_view, int64_t group_size) {
   detail::check_group_size("torch_mp.all_gather", group_size);
   auto sizes = self.sym_sizes().vec();
@@ -30,6 +34,8 @@ at::Tensor shard_meta(const at::Tensor& self, int64_t dim, c10::string_view, int
 
 TORCH_LIBRARY_IMPL(torch_mp, Meta, m) {
   m.impl("_all_reduce", &all_reduce_meta);
+  m.impl("_all_reduce_start_", &all_reduce_start_meta);
+  m.impl("_wait_", &wait_meta);
   m.impl("_all_gather", &all_gather_meta);
   m.impl("_reduce_scatter", &shard_meta);
   m.impl("_split", &shard_meta);

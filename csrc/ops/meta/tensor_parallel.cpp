@@ -4,25 +4,21 @@
 namespace torch_mp {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> column_parallel_linear_backward_meta(
-    const at::Tensor& grad_output,
+at::Tensor row_parallel_linear_meta(
     const at::Tensor& input,
     const at::Tensor& weight,
-    std::array<bool, 3> output_mask,
+    const std::optional<at::Tensor>&,
     c10::string_view,
     int64_t) {
-  const auto options = grad_output.options();
-  const auto none = at::empty({0}, options);
-  return {
-      output_mask[0] ? at::empty_symint(input.sym_sizes(), options) : none,
-      output_mask[1] ? at::empty_symint(weight.sym_sizes(), options) : none,
-      output_mask[2] ? at::empty_symint({weight.sym_size(0)}, options) : none};
+  auto sizes = input.sym_sizes().vec();
+  sizes.back() = weight.sym_size(0);
+  return at::empty_symint(sizes, input.options());
 }
 
 } // namespace
 
 TORCH_LIBRARY_IMPL(torch_mp, Meta, m) {
-  m.impl("_column_parallel_linear_backward", &column_parallel_linear_backward_meta);
+  m.impl("_row_parallel_linear", &row_parallel_linear_meta);
 }
 
 } // namespace torch_mp
