@@ -162,7 +162,7 @@ def _stock_piece(name: str, value: torch.Tensor, spec: Optional[ShardSpec], role
     dim, transposed = stock_layout(spec, role)
     value = value.detach()
     return _Piece(name, value.t() if transposed else value, list(_stock_shape(value, spec, role)), dim,
-                  None if dim is None else slice_bounds(spec.parts, rank, world))
+                  None if dim is None else slice_bounds(spec.parts, rank, world, spec.replicas))
 
 
 def _pieces_of_this_rank(module: nn.Module, optimizer, rank: int) -> List[_Piece]:
