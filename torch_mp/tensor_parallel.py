@@ -76,6 +76,12 @@ def tensor_parallel(module: nn.Module, plan: Union[str, Plan] = "auto", group: G
     divisible by the group size, mixture-of-experts blocks (for now), embeddings with ``max_norm``,
     styles it does not implement.
 
+    Before the first collective, the sharded model runs once on fake tensors (an input built from
+    its config or first layer). A module whose own forward fails on this rank's shards (code that
+    reshapes with a full-width attribute, ``x.split(self.n_embd)``) is kept whole: its layers join
+    ``module.torch_mp_replicated`` and ``module.torch_mp_kept_whole`` says why ({module: error});
+    ``plan=`` can name its layers to shard them another way.
+
     The result has ``torch_mp_plan`` ({module name: style}) and keeps the stock parameter names;
     ``torch_mp.full_state_dict`` gathers a stock state_dict from it.
     """
@@ -105,8 +111,8 @@ def tensor_parallel(module: nn.Module, plan: Union[str, Plan] = "auto", group: G
             specs.update(_specs(module, name, style, info.size))
     kv_replicas = _replicate_kv_heads(module, specs, info.size)
     _check_divisible(module, specs, info.size, kv_replicas)
-    _check_same_plan_on_every_rank(specs, group, info.size)
 
+    saved = _Saved(module, specs)
     attentions = [name for name in specs if isinstance(module.get_submodule(name), nn.MultiheadAttention)]
     shared: Dict[Tuple, nn.Parameter] = {}
     for name, spec in specs.items():
@@ -117,6 +123,9 @@ def tensor_parallel(module: nn.Module, plan: Union[str, Plan] = "auto", group: G
         elif not any(_inside(name, attention) for attention in attentions):
             _swap(module, name, spec, group, info, shared)
     _fix_split_attributes(module, specs, info.size, kv_replicas)
+    kept_whole = _dry_run(module, specs, saved)
+    grad_sums = [name for name in grad_sums if not any(_inside(name, owner) for owner in kept_whole)]
+    _check_same_plan_on_every_rank(specs, group, info.size)
     if info.size > 1:
         for name in grad_sums:
             child = module.get_submodule(name)
@@ -130,6 +139,7 @@ def tensor_parallel(module: nn.Module, plan: Union[str, Plan] = "auto", group: G
     module._torch_mp_group = group
     module.torch_mp_replicated = [name for name, child in module.named_modules()
                                   if _is_shardable(child) and not any(_inside(name, s) for s in specs)]
+    module.torch_mp_kept_whole = kept_whole
     logger.info("tensor_parallel: %d layers sharded across %d ranks; replicated: %s", len(specs), info.size,
                 module.torch_mp_replicated)
     return module
@@ -455,6 +465,128 @@ def _fix_split_attributes(module: nn.Module, specs: Dict[str, ShardSpec], world:
             value = getattr(owner, key, None)
             if isinstance(value, int) and value in widths:
                 setattr(owner, key, value // world)
+
+
+# --- the dry run on fake tensors ---------------------------------------------------------------
+
+class _Saved:
+    """The state of every module a plan changes, to put a module back as it was (kept whole)."""
+
+    def __init__(self, module: nn.Module, specs: Dict[str, ShardSpec]):
+        self.module = module
+        self.layers = {name: self._state(module.get_submodule(name)) for name in specs}
+        self.owners = {name: self._state(owner) for name, owner in _owners_of_splits(module, specs)}
+
+    @staticmethod
+    def _state(module: nn.Module):
+        return module, type(module), dict(module.__dict__), dict(module._parameters)
+
+    @staticmethod
+    def _restore(state) -> nn.Module:
+        module, cls, attributes, parameters = state
+        module.__class__ = cls
+        module.__dict__.update(attributes)
+        module._parameters = parameters
+        return module
+
+    def keep_whole(self, owner: str, specs: Dict[str, ShardSpec]) -> None:
+        """Puts back the layers inside ``owner`` and its attributes; drops their specs."""
+        for name in [name for name in specs if _inside(name, owner)]:
+            parent_name, _, child_name = name.rpartition(".")
+            setattr(self.module.get_submodule(parent_name), child_name, self._restore(self.layers[name]))
+            del specs[name]
+        self._restore(self.owners[owner])
+
+
+def _dry_run(module: nn.Module, specs: Dict[str, ShardSpec], saved: _Saved) -> Dict[str, str]:
+    """Runs the sharded model once on fake tensors (no memory, no compute, no collective). A failure
+    inside a module holding split layers keeps that module whole, and the run is repeated; a
+    failure elsewhere, or no input to try, leaves the plan as it is. Returns {kept module: error}."""
+    inputs = _example_inputs(module)
+    kept: Dict[str, str] = {}
+    if inputs is None:
+        logger.info("tensor_parallel: no example input for %s; the dry run on fake tensors is skipped",
+                    type(module).__name__)
+        return kept
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    while True:
+        owners = dict(_owners_of_splits(module, specs))
+        active: List[str] = []
+        handles = []
+
+        def leave(*_):
+            active.pop()
+
+        for name, owner in owners.items():
+            handles.append(owner.register_forward_pre_hook(lambda *_, name=name: active.append(name)))
+            handles.append(owner.register_forward_hook(leave))
+        training = {child: child.training for child in module.modules()}
+        module.eval()
+        try:
+            with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+                args, kwargs = inputs
+                module(*args, **kwargs)
+            return kept
+        except Exception as error:  # noqa: BLE001 (the failing module decides what happens)
+            if not active or _data_dependent(error):
+                logger.info("tensor_parallel: the dry run of %s on fake tensors was inconclusive: %s",
+                            type(module).__name__, error)
+                return kept
+            owner = active[-1]
+            kept[owner] = f"{type(error).__name__}: {error}"
+            logger.warning("tensor_parallel: %r fails on this rank's shards (%s: %s), probably reshaping with a "
+                           "full-width attribute; it stays whole (replicated). Pass plan={...} naming its layers "
+                           "to shard it another way.", owner, type(error).__name__, error)
+            saved.keep_whole(owner, specs)
+        finally:
+            for handle in handles:
+                handle.remove()
+            for child, mode in training.items():
+                child.training = mode
+
+
+def _data_dependent(error: Exception) -> bool:
+    """Errors of fake tensors themselves (a value read on data), not of the sharded shapes."""
+    from torch._subclasses import fake_tensor
+
+    kinds = tuple(getattr(fake_tensor, kind) for kind in
+                  ("DataDependentOutputException", "DynamicOutputShapeException", "UnsupportedOperatorException")
+                  if hasattr(fake_tensor, kind))
+    return isinstance(error, kinds) or "data-dependent" in str(error).lower()
+
+
+def _example_inputs(module: nn.Module):
+    """(args, kwargs) for a dry run: a transformers model's dummy inputs (pixels for vision models),
+    else token ids, images or features for its first embedding, convolution or linear layer; None
+    when its forward needs more than one positional argument."""
+    config = getattr(module, "config", None)
+    if getattr(module, "main_input_name", None) == "pixel_values" and config is not None:
+        size = getattr(config, "image_size", 224)
+        size = size if isinstance(size, int) else size[0]
+        return (), {"pixel_values": torch.zeros(1, getattr(config, "num_channels", 3), size, size)}
+    dummy = getattr(module, "dummy_inputs", None)
+    if isinstance(dummy, Mapping) and dummy:
+        return (), dict(dummy)
+    import inspect
+
+    try:
+        parameters = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    required = [p for p in parameters if p.default is inspect.Parameter.empty
+                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(required) != 1:
+        return None
+    for child in module.modules():
+        if isinstance(child, nn.Embedding):
+            return (torch.zeros(1, 4, dtype=torch.long),), {}
+        if isinstance(child, nn.Conv2d):
+            size = getattr(module, "image_size", 64)
+            return (torch.zeros(1, child.in_channels, size, size),), {}
+        if linear_dims(child) is not None:
+            return (torch.zeros(1, 4, linear_dims(child)[0]),), {}
+    return None
 
 
 # --- sequence parallelism ----------------------------------------------------------------------
