@@ -131,7 +131,10 @@ def tensor_parallel(module: nn.Module, plan: Union[str, Plan] = "auto", group: G
             child = module.get_submodule(name)
             _hook_gradients(child, {p: _sum_over_ranks(info) for p, _ in child.named_parameters(recurse=False)})
     if sequence_blocks:
-        _sequence_parallel(module, sequence_blocks, info)
+        # Norms applied per head inside the attention see every token (its input is gathered): their
+        # gradients are summed once, over the heads.
+        summed = {id(p) for name in grad_sums for p in module.get_submodule(name).parameters()}
+        _sequence_parallel(module, sequence_blocks, info, summed)
     module.torch_mp_plan = {name: _style_name(spec) for name, spec in specs.items()}
     module.torch_mp_plan.update({name: GRAD_SUM for name in grad_sums})
     module.torch_mp_plan.update({name: SEQUENCE_PARALLEL for name in sequence_blocks})
@@ -591,7 +594,7 @@ def _example_inputs(module: nn.Module):
 
 # --- sequence parallelism ----------------------------------------------------------------------
 
-def _sequence_parallel(module: nn.Module, blocks: List[str], info) -> None:
+def _sequence_parallel(module: nn.Module, blocks: List[str], info, summed=frozenset()) -> None:
     for name in blocks:
         block = module.get_submodule(name)
         layers = [(child_name, child) for child_name, child in block.named_modules()
@@ -613,7 +616,7 @@ def _sequence_parallel(module: nn.Module, blocks: List[str], info) -> None:
         for owner in owners.values():
             owner.register_forward_pre_hook(_gather_input(info), with_kwargs=True)
         # Parameters other than this rank's slices see only this rank's tokens: sum their gradients.
-        sliced = set()
+        sliced = set(summed)
         for _, child in layers:
             sliced.update(id(p) for p in (child.weight, child.bias if isinstance(child, ColumnParallelLinear) else None)
                           if p is not None)

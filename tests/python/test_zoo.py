@@ -76,6 +76,12 @@ def check_each_kind_is_handled_as_documented(rank, world):
     model = zoo.build("qwen3")
     assert torch_mp.tensor_parallel(copy.deepcopy(model)).torch_mp_plan["model.layers.0.self_attn.q_norm"] == \
         "replicated_with_grad_allreduce"
+    # ... once, also under sequence parallelism (which sums the norms outside the attention).
+    sequence_parallel = torch_mp.tensor_parallel(copy.deepcopy(model), sequence_parallel=True)
+    dense, inputs = copy.deepcopy(model), zoo.batch("qwen3")
+    zoo._step(dense, inputs)
+    zoo._step(sequence_parallel, inputs)
+    zoo.close(zoo.output_of(sequence_parallel, inputs), zoo.output_of(dense, inputs), "qwen3 sequence parallel step")
     model.tp_plan = {**model.tp_plan, "model.layers.*.post_attention_layernorm": "embedding_colwise"}
     with pytest.raises(ValueError, match="gives 'model.layers.\\*.post_attention_layernorm' the style "
                                          "'embedding_colwise', which torch_mp does not implement"):
