@@ -528,7 +528,7 @@ def _dry_run(module: nn.Module, specs: Dict[str, ShardSpec], saved: _Saved) -> D
         module.eval()
         try:
             with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
-                args, kwargs = inputs
+                args, kwargs = _as_constants(inputs)
                 module(*args, **kwargs)
             return kept
         except Exception as error:  # noqa: BLE001 (the failing module decides what happens)
@@ -547,6 +547,17 @@ def _dry_run(module: nn.Module, specs: Dict[str, ShardSpec], saved: _Saved) -> D
                 handle.remove()
             for child, mode in training.items():
                 child.training = mode
+
+
+def _as_constants(inputs):
+    """Integer inputs (token ids, masks) made inside the fake mode from their values, so that code
+    reading them (``mask.all()`` deciding on a causal mask) sees those values; others stay as they are."""
+    def constant(value):
+        if isinstance(value, torch.Tensor) and not value.is_floating_point():
+            return torch.tensor(value.tolist(), dtype=value.dtype)
+        return value
+    args, kwargs = inputs
+    return [constant(value) for value in args], {key: constant(value) for key, value in kwargs.items()}
 
 
 def _data_dependent(error: Exception) -> bool:
