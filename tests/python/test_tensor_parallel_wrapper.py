@@ -266,8 +266,9 @@ def test_shard_and_unshard_are_inverse_with_replicated_parts():
 
 
 def check_kv_heads_kept_whole_save_and_load(rank, world, folder):
-    """Llama with 2 KV heads on 4 ranks: each KV head is held by 2 ranks; torch_mp.save writes it once
-    in the index, and loading at TP=4 and into the dense model gives the dense numbers."""
+    """Llama with 2 KV heads on 4 ranks: each KV head is held by 2 ranks; load_full_state_dict reads
+    each rank's, torch_mp.save writes it once in the index, and loading at TP=4 and into the dense
+    model gives the dense numbers."""
     import zoo
 
     dense = zoo.build("llama")
@@ -279,6 +280,8 @@ def check_kv_heads_kept_whole_save_and_load(rank, world, folder):
     inputs = zoo.batch("llama")
     fresh = torch_mp.tensor_parallel(zoo.build("llama", seed=5))
     torch_mp.load(fresh, folder)
+    torch.testing.assert_close(zoo.output_of(fresh, inputs), zoo.output_of(dense, inputs), rtol=1e-5, atol=1e-5)
+    fresh = torch_mp.load_full_state_dict(torch_mp.tensor_parallel(zoo.build("llama", seed=5)), dense.state_dict())
     torch.testing.assert_close(zoo.output_of(fresh, inputs), zoo.output_of(dense, inputs), rtol=1e-5, atol=1e-5)
     whole = zoo.build("llama", seed=5)
     torch_mp.load(whole, folder)
