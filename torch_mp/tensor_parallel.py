@@ -76,11 +76,12 @@ def tensor_parallel(module: nn.Module, plan: Union[str, Plan] = "auto", group: G
     divisible by the group size, mixture-of-experts blocks (for now), embeddings with ``max_norm``,
     styles it does not implement.
 
-    Before the first collective, the sharded model runs once on fake tensors (an input built from
-    its config or first layer). A module whose own forward fails on this rank's shards (code that
-    reshapes with a full-width attribute, ``x.split(self.n_embd)``) is kept whole: its layers join
+    Once the ranks have compared their plans (one small all-gather), and before any layer runs,
+    the sharded model runs once on fake tensors (an input built from its config or first layer). A
+    module whose own forward fails on this rank's shards (code that reshapes with a full-width
+    attribute, ``x.split(self.n_embd)``) is kept whole under ``plan="auto"``: its layers join
     ``module.torch_mp_replicated`` and ``module.torch_mp_kept_whole`` says why ({module: error});
-    ``plan=`` can name its layers to shard them another way.
+    under a plan given as a dict it is a ValueError naming the module and the error.
 
     The result has ``torch_mp_plan`` ({module name: style}) and keeps the stock parameter names;
     ``torch_mp.full_state_dict`` gathers a stock state_dict from it.
@@ -111,6 +112,7 @@ def tensor_parallel(module: nn.Module, plan: Union[str, Plan] = "auto", group: G
             specs.update(_specs(module, name, style, info.size))
     kv_replicas = _replicate_kv_heads(module, specs, info.size)
     _check_divisible(module, specs, info.size, kv_replicas)
+    _check_same_plan_on_every_rank(specs, group, info.size)
 
     saved = _Saved(module, specs)
     attentions = [name for name in specs if isinstance(module.get_submodule(name), nn.MultiheadAttention)]
@@ -123,9 +125,9 @@ def tensor_parallel(module: nn.Module, plan: Union[str, Plan] = "auto", group: G
         elif not any(_inside(name, attention) for attention in attentions):
             _swap(module, name, spec, group, info, shared)
     _fix_split_attributes(module, specs, info.size, kv_replicas)
-    kept_whole = _dry_run(module, specs, saved)
-    grad_sums = [name for name in grad_sums if not any(_inside(name, owner) for owner in kept_whole)]
-    _check_same_plan_on_every_rank(specs, group, info.size)
+    # The same plan on every rank fails the same way on each: what it keeps whole is the same too.
+    kept_whole = _dry_run(module, specs, saved, explicit=not isinstance(plan, str))
+    grad_sums = [name for name in grad_sums if not any(_within(name, owner) for owner in kept_whole)]
     if info.size > 1:
         for name in grad_sums:
             child = module.get_submodule(name)
@@ -494,17 +496,22 @@ class _Saved:
 
     def keep_whole(self, owner: str, specs: Dict[str, ShardSpec]) -> None:
         """Puts back the layers inside ``owner`` and its attributes; drops their specs."""
-        for name in [name for name in specs if _inside(name, owner)]:
+        for name in [name for name in specs if _within(name, owner)]:
             parent_name, _, child_name = name.rpartition(".")
             setattr(self.module.get_submodule(parent_name), child_name, self._restore(self.layers[name]))
             del specs[name]
         self._restore(self.owners[owner])
 
 
-def _dry_run(module: nn.Module, specs: Dict[str, ShardSpec], saved: _Saved) -> Dict[str, str]:
+def _within(name: str, owner: str) -> bool:
+    return owner == "" or _inside(name, owner)
+
+
+def _dry_run(module: nn.Module, specs: Dict[str, ShardSpec], saved: _Saved, explicit: bool) -> Dict[str, str]:
     """Runs the sharded model once on fake tensors (no memory, no compute, no collective). A failure
-    inside a module holding split layers keeps that module whole, and the run is repeated; a
-    failure elsewhere, or no input to try, leaves the plan as it is. Returns {kept module: error}."""
+    inside a module holding split layers keeps that module whole (an ``explicit`` plan, the
+    caller's: raises ValueError naming it instead), and the run is repeated; a failure elsewhere, or
+    no input to try, leaves the plan as it is. Returns {kept module: error}."""
     inputs = _example_inputs(module)
     kept: Dict[str, str] = {}
     if inputs is None:
@@ -537,6 +544,12 @@ def _dry_run(module: nn.Module, specs: Dict[str, ShardSpec], saved: _Saved) -> D
                             type(module).__name__, error)
                 return kept
             owner = active[-1]
+            if explicit or owner == "":
+                raise ValueError(f"tensor_parallel: {owner or type(module).__name__!r} fails on this rank's shards "
+                                 f"in a dry run on fake tensors ({type(error).__name__}: {error}); its forward "
+                                 "probably reshapes with a full-width attribute or expects whole layers; expected "
+                                 "a plan={pattern: style} that keeps it whole ('replicate') or shards all of its "
+                                 "layers as its forward reads them") from error
             kept[owner] = f"{type(error).__name__}: {error}"
             logger.warning("tensor_parallel: %r fails on this rank's shards (%s: %s), probably reshaping with a "
                            "full-width attribute; it stays whole (replicated). Pass plan={...} naming its layers "

@@ -106,6 +106,10 @@ def check_each_kind_is_handled_as_documented(rank, world):
     assert set(model.torch_mp_kept_whole) == {"h.0.attn", "h.1.attn"}
     assert "expected 3, got 2" in model.torch_mp_kept_whole["h.0.attn"]
     assert "h.0.attn.c_attn" in model.torch_mp_replicated and model.torch_mp_plan["h.0.mlp.0"] == "colwise"
+    # ... and a plan the caller gives that cannot run is an error naming the module.
+    with pytest.raises(ValueError, match="'h.0.attn' fails on this rank's shards in a dry run on fake tensors "
+                                         "\\(ValueError: not enough values to unpack"):
+        torch_mp.tensor_parallel(zoo.build("nanogpt"), plan={"h.*.attn.c_attn": "qkv", "h.*.attn.c_proj": "rowwise"})
 
 
 def test_each_kind_is_handled_as_documented():
