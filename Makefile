@@ -14,7 +14,7 @@ CPU_PY   := $(CPU_VENV)/bin/python
 # The venv's tools (ninja among them) come first for the CMake builds.
 export PATH := $(VENV)/bin:$(PATH)
 
-.PHONY: all venv cpu-venv sysdeps install demo docs test test-python test-cpp test-cpu-smoke test-multinode \
+.PHONY: all venv cpu-venv sysdeps install demo docs test test-python test-cpp test-cpu-smoke test-multinode test-zoo \
         gpu-check bench clean
 
 all: install
@@ -72,6 +72,11 @@ test-part/%: install
 
 test-python: install
 	$(PY) -m pytest -q tests/python
+
+# The whole model zoo (tensor_parallel and split against the dense models); `make test` runs the part
+# that covers every kind of failure. `tests/python/zoo_table.py` prints the README's table.
+test-zoo: install
+	$(PY) -m pytest -q tests/python/test_zoo.py -m "zoo_full or not zoo_full"
 
 # The C++ tests build against the installed package, as a LibTorch user's project would.
 test-cpp: install

@@ -115,10 +115,16 @@ class CheckpointReader:
                             pieces[number] = self._piece(key, piece)
                         found.append((low, pieces[number].narrow(dim, at + low - first, high - low)))
                     at += last - first
-            if sum(part.shape[dim] for _, part in found) != stop - start:
+            # A range several ranks wrote (KV heads each of them kept whole) is taken once.
+            kept, end = [], start
+            for low, part in sorted(found, key=lambda item: item[0]):
+                if low >= end:
+                    kept.append(part)
+                    end = low + part.shape[dim]
+            if sum(part.shape[dim] for part in kept) != stop - start:
                 raise ValueError(f"{self.what}: {self.folder} holds no complete range [{start}, {stop}) of {key!r} "
                                  f"along dim {dim}; the index's pieces do not cover it")
-            out.extend(part for _, part in sorted(found, key=lambda item: item[0]))
+            out.extend(kept)
         return torch.cat(out, dim)
 
     def _piece(self, key: str, piece: dict) -> torch.Tensor:

@@ -162,7 +162,7 @@ def _stock_piece(name: str, value: torch.Tensor, spec: Optional[ShardSpec], role
     dim, transposed = stock_layout(spec, role)
     value = value.detach()
     return _Piece(name, value.t() if transposed else value, list(_stock_shape(value, spec, role)), dim,
-                  None if dim is None else slice_bounds(spec.parts, rank, world))
+                  None if dim is None else slice_bounds(spec.parts, rank, world, spec.replicas))
 
 
 def _pieces_of_this_rank(module: nn.Module, optimizer, rank: int) -> List[_Piece]:
@@ -311,7 +311,8 @@ def _finish(temp: str, final: str, world: int, meta: Dict[str, Any]) -> None:
         os.remove(manifest_path)
     for name, entry in tensors.items():
         if entry["dim"] is not None:
-            covered = sorted(tuple(bounds) for piece in entry["pieces"] for bounds in piece["bounds"])
+            # A range held by several ranks (KV heads kept whole by each of them) is the same bytes each time.
+            covered = sorted({tuple(bounds) for piece in entry["pieces"] for bounds in piece["bounds"]})
             if [stop for _, stop in covered[:-1]] != [start for start, _ in covered[1:]] or \
                     covered[0][0] != 0 or covered[-1][1] != entry["shape"][entry["dim"]]:
                 raise RuntimeError(f"torch_mp.save: the ranks' pieces of {name!r} cover {covered} along dim "

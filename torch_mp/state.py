@@ -38,7 +38,7 @@ def full_state_dict(module: nn.Module) -> Dict[str, torch.Tensor]:
             value = value.full_tensor()
         if spec is not None and _is_sharded(spec, attr) and world > 1:
             pieces = all_gather_rows(value, group, "torch_mp.full_state_dict").unbind(0)
-            value = unshard(pieces, spec.dim if attr == "weight" else 0, spec.parts)
+            value = unshard(pieces, spec.dim if attr == "weight" else 0, spec.parts, spec.replicas)
         if spec is not None and spec.transposed and attr == "weight":
             value = value.t()
         result[key] = value.cpu().contiguous().clone()
@@ -120,7 +120,7 @@ def read_local(key: str, spec: Optional[ShardSpec], role: str, rank: int, world:
     """This rank's part of the stock tensor ``key``, in the layout of the parameter with ``spec`` and
     ``role`` (see ``_spec_of``): its slices when that parameter is sharded, else the whole tensor."""
     dim, transposed = stock_layout(spec, role)
-    value = read_full(key) if dim is None else read_slices(key, dim, slice_bounds(spec.parts, rank, world))
+    value = read_full(key) if dim is None else read_slices(key, dim, slice_bounds(spec.parts, rank, world, spec.replicas))
     return value.t() if transposed else value
 
 

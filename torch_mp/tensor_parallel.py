@@ -5,10 +5,21 @@ A plan maps module-name patterns (globs: ``"layers.*.mlp.up_proj"``) to styles:
 
 - ``colwise``: output features split (q, k, v, MLP up/gate); the output is this rank's slice. On an
   ``nn.MultiheadAttention``: its heads split (q, k, v by heads, the output projection rowwise).
+  Key/value projections with fewer heads than ranks keep whole heads: each rank holds the KV heads
+  its query heads use (replicated over ``ranks / kv heads`` ranks, their gradients summed).
 - ``colwise_gather``: colwise, the output all-gathered (an LM head whose logits must stay whole).
-- ``qkv``: a fused q|k|v projection; each of q, k and v is split by heads.
+- ``qkv``: a fused q, k, v projection, cut by heads in the layout the attention reads it: q|k|v in
+  thirds (GPT-2), interleaved per head ``[heads, 3, head_dim]`` (Falcon, BLOOM), per KV group (Falcon's
+  new decoder), or q heads then one shared k and v (Falcon multi-query: k and v replicated).
+- ``packed_colwise``: a fused gate|up projection; each half split on its own.
 - ``rowwise``: input features split (attention output, MLP down); one all-reduce, full output.
-- ``vocab``: an embedding's rows split; full embeddings out.
+  ``rowwise_split_input``: the same, its input arriving whole (split here).
+- ``vocab``: an embedding's rows split; full embeddings out. The embedding's own forward runs (a
+  scaled embedding keeps its scale); ``padding_idx`` keeps its row's gradient at zero.
+- ``heads``: an embedding whose columns are per-head values (T5's relative attention bias), cut with
+  the heads; the output stays this rank's heads.
+- ``replicated_with_grad_allreduce``: left whole, its parameters' gradients summed over the ranks (a
+  norm applied per head, Qwen 3's q_norm / k_norm, sees only this rank's heads).
 - ``replicate``: left as it is.
 - ``sequence_parallel``: on a block (a pre-norm transformer layer): outside its attention and MLP the
   activations are split along the sequence, so norms, dropout and residual adds hold 1 / group size
@@ -17,17 +28,20 @@ A plan maps module-name patterns (globs: ``"layers.*.mlp.up_proj"``) to styles:
   on, the first splits its input and the last gathers its output; the gradients of the parameters
   that see only this rank's tokens (norms, rowwise biases) are summed over the ranks.
 """
-import fnmatch
+import dataclasses
 import hashlib
 import logging
-import re
-from typing import Dict, List, Mapping, Optional, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Tuple, Union
 
 import torch
 from torch import nn
 
-from torch_mp._group import GroupLike, all_gather_rows, resolve_group
-from torch_mp._sharding import COLWISE, ROWWISE, VOCAB, ShardSpec, shard
+from torch_mp._group import GroupInfo, GroupLike, all_gather_rows, resolve_group
+from torch_mp._sharding import COLWISE, HEADS, ROWWISE, VOCAB, ShardSpec, shard
+from torch_mp._tp_plan import (
+    COLWISE_GATHER, GRAD_SUM, PACKED_COLWISE, QKV, REPLICATE, ROWWISE_SPLIT_INPUT, SEQUENCE_PARALLEL, Plan,
+    auto_plan, head_count_attributes, is_conv1d, linear_dims, repeated_blocks, resolve_patterns,
+)
 from torch_mp.nn import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -35,32 +49,40 @@ from torch_mp.nn import (
     VocabParallelEmbedding,
     share_input_copy,
 )
-# The same notions of "repeated blocks" and "inside a module" as split.
-from torch_mp.split import _find_layers, _inside
+from torch_mp.split import _inside
 
 logger = logging.getLogger("torch_mp")
 
-QKV, COLWISE_GATHER, REPLICATE, SEQUENCE_PARALLEL = "qkv", "colwise_gather", "replicate", "sequence_parallel"
-STYLES = (COLWISE, COLWISE_GATHER, QKV, ROWWISE, VOCAB, REPLICATE, SEQUENCE_PARALLEL)
 SEQUENCE_DIM = 1  # activations are [batch, sequence, features]
-# transformers' tp_plan styles that mean one of ours; the others stay replicated.
-_TRANSFORMERS_STYLES = {"colwise": COLWISE, "rowwise": ROWWISE, "embedding_rowwise": VOCAB,
-                        "colwise_gather_output": COLWISE_GATHER}
-Plan = Mapping[str, str]
 
 # Attributes holding a width that the split divides, when they equal a sharded projection's width.
 _WIDTH_ATTRIBUTES = ("split_size", "all_head_size", "inner_dim")
+# Models whose fused q, k, v projection is laid out per head, [heads, 3, head_dim]: cut by heads.
+_PER_HEAD_QKV = ("bloom", "falcon", "gpt_neox", "gpt_neox_japanese", "persimmon")
 
 
 def tensor_parallel(module: nn.Module, plan: Union[str, Plan] = "auto", group: GroupLike = None,
                     sequence_parallel: bool = False) -> nn.Module:
     """Shards ``module`` in place across ``group`` and returns it.
 
-    ``plan="auto"`` uses the model's own ``tp_plan`` where it has one (transformers models), and otherwise
-    finds, inside each repeated block, attention (separate q, k, v or a fused qkv, then the output
-    projection) and MLPs (up and gate, then down) from the order and shapes of their linear layers.
-    What it does not shard stays replicated; ``module.torch_mp_replicated`` lists those layers.
-    ``sequence_parallel=True`` adds the ``sequence_parallel`` style to the repeated blocks.
+    ``plan="auto"`` uses the model's own ``tp_plan`` where it has one (transformers models; every
+    style transformers' plans use maps onto one of ours, others raise), and otherwise finds, inside
+    each block of every stack of repeated blocks (an encoder's and a decoder's), attention (separate
+    q, k, v or a fused qkv, then the output projection) and MLPs (up and gate, then down) from the
+    order and shapes of their linear layers. What it does not shard stays replicated;
+    ``module.torch_mp_replicated`` lists those layers. ``sequence_parallel=True`` adds the
+    ``sequence_parallel`` style to the repeated blocks.
+
+    Raises ValueError, before any collective, for what it cannot shard exactly: head counts not
+    divisible by the group size, mixture-of-experts blocks (for now), embeddings with ``max_norm``,
+    styles it does not implement.
+
+    Once the ranks have compared their plans (one small all-gather), and before any layer runs,
+    the sharded model runs once on fake tensors (an input built from its config or first layer). A
+    module whose own forward fails on this rank's shards (code that reshapes with a full-width
+    attribute, ``x.split(self.n_embd)``) is kept whole under ``plan="auto"``: its layers join
+    ``module.torch_mp_replicated`` and ``module.torch_mp_kept_whole`` says why ({module: error});
+    under a plan given as a dict it is a ValueError naming the module and the error.
 
     The result has ``torch_mp_plan`` ({module name: style}) and keeps the stock parameter names;
     ``torch_mp.full_state_dict`` gathers a stock state_dict from it.
@@ -71,26 +93,29 @@ def tensor_parallel(module: nn.Module, plan: Union[str, Plan] = "auto", group: G
     if isinstance(plan, str):
         if plan != "auto":
             raise ValueError(f"tensor_parallel: plan={plan!r}; expected 'auto' or a {{pattern: style}} dict")
-        resolved = _auto_plan(module)
+        resolved = auto_plan(module)
     elif isinstance(plan, Mapping):
-        resolved = _resolve_patterns(module, plan)
+        resolved = resolve_patterns(module, plan)
     else:
         raise TypeError(f"tensor_parallel: expected plan to be 'auto' or a dict, got {type(plan).__name__}")
     if sequence_parallel:
-        blocks = _repeated_blocks(module)
+        blocks = repeated_blocks(module)
         if not blocks:
             raise ValueError(f"tensor_parallel: sequence_parallel=True but {type(module).__name__} has no repeated "
                              "blocks to make sequence parallel; expected transformer blocks, or plan={name: "
                              "'sequence_parallel'}")
         resolved.update({name: SEQUENCE_PARALLEL for name in blocks})
     sequence_blocks = [name for name, style in resolved.items() if style == SEQUENCE_PARALLEL]
+    grad_sums = [name for name, style in resolved.items() if style == GRAD_SUM]
     specs: Dict[str, ShardSpec] = {}
     for name, style in resolved.items():
-        if style not in (REPLICATE, SEQUENCE_PARALLEL):
-            specs.update(_specs(module, name, style))
-    _check_divisible(module, specs, info.size)
+        if style not in (REPLICATE, SEQUENCE_PARALLEL, GRAD_SUM):
+            specs.update(_specs(module, name, style, info.size))
+    kv_replicas = _replicate_kv_heads(module, specs, info.size)
+    _check_divisible(module, specs, info.size, kv_replicas)
     _check_same_plan_on_every_rank(specs, group, info.size)
 
+    saved = _Saved(module, specs)
     attentions = [name for name in specs if isinstance(module.get_submodule(name), nn.MultiheadAttention)]
     shared: Dict[Tuple, nn.Parameter] = {}
     for name, spec in specs.items():
@@ -99,123 +124,41 @@ def tensor_parallel(module: nn.Module, plan: Union[str, Plan] = "auto", group: G
             setattr(module.get_submodule(parent_name), child_name,
                     TensorParallelMultiheadAttention(module.get_submodule(name), group))
         elif not any(_inside(name, attention) for attention in attentions):
-            _swap(module, name, spec, group, shared)
-    _fix_split_attributes(module, specs, info.size)
+            _swap(module, name, spec, group, info, shared)
+    _fix_split_attributes(module, specs, info.size, kv_replicas)
+    # The same plan on every rank fails the same way on each: what it keeps whole is the same too.
+    kept_whole = _dry_run(module, specs, saved, explicit=not isinstance(plan, str))
+    grad_sums = [name for name in grad_sums if not any(_within(name, owner) for owner in kept_whole)]
+    if info.size > 1:
+        for name in grad_sums:
+            child = module.get_submodule(name)
+            _hook_gradients(child, {p: _sum_over_ranks(info) for p, _ in child.named_parameters(recurse=False)})
     if sequence_blocks:
-        _sequence_parallel(module, sequence_blocks, info)
+        # Norms applied per head inside the attention see every token (its input is gathered): their
+        # gradients are summed once, over the heads.
+        summed = {id(p) for name in grad_sums for p in module.get_submodule(name).parameters()}
+        _sequence_parallel(module, sequence_blocks, info, summed)
     _share_input_copies(module)
     module.torch_mp_plan = {name: _style_name(spec) for name, spec in specs.items()}
+    module.torch_mp_plan.update({name: GRAD_SUM for name in grad_sums})
     module.torch_mp_plan.update({name: SEQUENCE_PARALLEL for name in sequence_blocks})
     module._torch_mp_specs = specs
     module._torch_mp_group = group
     module.torch_mp_replicated = [name for name, child in module.named_modules()
-                            if _is_shardable(child) and not any(_inside(name, s) for s in specs)]
+                                  if _is_shardable(child) and not any(_inside(name, s) for s in specs)]
+    module.torch_mp_kept_whole = kept_whole
     logger.info("tensor_parallel: %d layers sharded across %d ranks; replicated: %s", len(specs), info.size,
                 module.torch_mp_replicated)
     return module
 
 
-# --- plans -------------------------------------------------------------------------------------
-
-def _is_conv1d(module: nn.Module) -> bool:
-    """transformers' Conv1D: a linear layer whose weight is stored [in, out] (``nf`` outputs)."""
-    weight = getattr(module, "weight", None)
-    return isinstance(weight, torch.Tensor) and weight.dim() == 2 and getattr(module, "nf", None) == weight.shape[1]
-
-
-def _linear_dims(module: nn.Module) -> Optional[Tuple[int, int]]:
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    if _is_conv1d(module):
-        return module.weight.shape[0], module.weight.shape[1]
-    return None
-
+# --- specs -------------------------------------------------------------------------------------
 
 def _is_shardable(module: nn.Module) -> bool:
-    return _linear_dims(module) is not None or isinstance(module, (nn.Embedding, nn.MultiheadAttention))
+    return linear_dims(module) is not None or isinstance(module, (nn.Embedding, nn.MultiheadAttention))
 
 
-def _resolve_patterns(module: nn.Module, plan: Plan) -> Dict[str, str]:
-    names = [name for name, _ in module.named_modules() if name]
-    resolved: Dict[str, str] = {}
-    for pattern, style in plan.items():
-        if style not in STYLES:
-            raise ValueError(f"tensor_parallel: plan[{pattern!r}] = {style!r}; expected one of {', '.join(STYLES)}")
-        matched = [name for name in names if fnmatch.fnmatchcase(name, pattern)]
-        if not matched:
-            raise ValueError(f"tensor_parallel: plan pattern {pattern!r} matches no module of "
-                             f"{type(module).__name__}; expected a glob over names from named_modules()")
-        for name in matched:
-            resolved[name] = style
-    return resolved
-
-
-def _auto_plan(module: nn.Module) -> Dict[str, str]:
-    # transformers models carry their own plan (tp_plan: full names, their base model's prefixed).
-    hf_plan = getattr(module, "tp_plan", None)
-    if isinstance(hf_plan, Mapping) and hf_plan:
-        known = {pattern: _TRANSFORMERS_STYLES[style] for pattern, style in hf_plan.items()
-                 if style in _TRANSFORMERS_STYLES}
-        skipped = sorted(set(hf_plan.values()) - set(_TRANSFORMERS_STYLES))
-        if skipped:
-            logger.info("tensor_parallel: styles %s of the model's tp_plan are left replicated", skipped)
-        return _resolve_patterns(module, known)
-
-    plan: Dict[str, str] = {}
-    for block_name in _repeated_blocks(module):
-        block = module.get_submodule(block_name)
-        attentions = [name for name, child in block.named_modules() if isinstance(child, nn.MultiheadAttention)]
-        plan.update({f"{block_name}.{name}": COLWISE for name in attentions})
-        linears = [(f"{block_name}.{name}", *_linear_dims(child)) for name, child in block.named_modules()
-                   if _linear_dims(child) is not None and not any(_inside(name, a) for a in attentions)]
-        plan.update(_match_block(linears))
-    if not plan:
-        raise ValueError(f"tensor_parallel: found no attention or MLP to shard in {type(module).__name__}; "
-                         "pass plan={pattern: style}")
-    return plan
-
-
-def _repeated_blocks(module: nn.Module) -> List[str]:
-    """split's repeated blocks, or none: the caller's error then says what tensor_parallel looked for
-    instead of split's advice."""
-    try:
-        return _find_layers(module)
-    except ValueError:
-        return []
-
-
-def _match_block(linears: List[Tuple[str, int, int]]) -> Dict[str, str]:
-    """Attention and MLPs from the linears of one block, in registration order (name, in, out)."""
-    plan: Dict[str, str] = {}
-    i = 0
-    while i < len(linears):
-        name, d, out = linears[i]
-        nxt = linears[i + 1: i + 4]
-        if (len(nxt) == 3 and nxt[0][1] == d and nxt[1][1] == d and nxt[0][2] == nxt[1][2]
-                and nxt[2][1] == out and nxt[2][2] == d):
-            # q, k, v (k and v alike, fewer heads under grouped-query attention), then the output.
-            plan.update({name: COLWISE, nxt[0][0]: COLWISE, nxt[1][0]: COLWISE, nxt[2][0]: ROWWISE})
-            i += 4
-            continue
-        if nxt and nxt[0][2] == d and d <= nxt[0][1] < out and (out - nxt[0][1]) % 2 == 0:
-            # a fused q|k|v projection (q as wide as the output projection's input), then the output.
-            plan.update({name: QKV, nxt[0][0]: ROWWISE})
-            i += 2
-            continue
-        j = i
-        while j < len(linears) and linears[j][1] == d and linears[j][2] == out:
-            j += 1
-        if j < len(linears) and j > i and linears[j][1] == out and linears[j][2] == d and out != d:
-            # an MLP: up (and gate), then down.
-            plan.update({linears[k][0]: COLWISE for k in range(i, j)})
-            plan[linears[j][0]] = ROWWISE
-            i = j + 1
-            continue
-        i += 1
-    return plan
-
-
-def _specs(module: nn.Module, name: str, style: str) -> Dict[str, ShardSpec]:
+def _specs(module: nn.Module, name: str, style: str, world: int) -> Dict[str, ShardSpec]:
     child = module.get_submodule(name)
     if isinstance(child, nn.MultiheadAttention):
         if style not in (COLWISE, QKV):
@@ -224,46 +167,129 @@ def _specs(module: nn.Module, name: str, style: str) -> Dict[str, ShardSpec]:
         width = child.embed_dim
         return {name: ShardSpec(COLWISE, (width,) * 3, weight_name="in_proj_weight", bias_name="in_proj_bias"),
                 f"{name}.out_proj": ShardSpec(ROWWISE, (width,))}
-    if style == VOCAB:
+    if style in (VOCAB, HEADS):
         if not isinstance(child, nn.Embedding):
-            raise ValueError(f"tensor_parallel: style 'vocab' for {name!r}, a {type(child).__name__}; "
+            raise ValueError(f"tensor_parallel: style {style!r} for {name!r}, a {type(child).__name__}; "
                              "expected an nn.Embedding")
+        if child.max_norm is not None or child.scale_grad_by_freq or child.sparse:
+            raise ValueError(f"tensor_parallel: {name!r} ({type(child).__name__}) has max_norm, scale_grad_by_freq "
+                             "or sparse set, which need every row of the table; expected a plain embedding, or "
+                             f"plan={{{name!r}: 'replicate'}}")
+        if style == HEADS:
+            return {name: ShardSpec(HEADS, (child.embedding_dim,))}
         return {name: ShardSpec(VOCAB, (child.num_embeddings,))}
-    dims = _linear_dims(child)
+    dims = linear_dims(child)
     if dims is None:
         raise ValueError(f"tensor_parallel: style {style!r} for {name!r}, a {type(child).__name__}; expected "
                          "an nn.Linear or transformers' Conv1D")
+    if isinstance(child, nn.Linear) and not _computes_linear(child):
+        raise ValueError(f"tensor_parallel: {name!r} is a {type(child).__name__}, an nn.Linear whose own forward "
+                         f"computes something else than x @ weight.T + bias, which sharding would drop; expected an "
+                         f"nn.Linear, or plan={{{name!r}: 'replicate'}}")
     in_features, out_features = dims
-    transposed = _is_conv1d(child)
-    if style == ROWWISE:
-        return {name: ShardSpec(ROWWISE, (in_features,), transposed)}
+    transposed = is_conv1d(child)
+    if style in (ROWWISE, ROWWISE_SPLIT_INPUT):
+        return {name: ShardSpec(ROWWISE, (in_features,), transposed, input_is_parallel=style == ROWWISE)}
     if style == COLWISE_GATHER:
         return {name: ShardSpec(COLWISE, (out_features,), transposed, gather_output=True)}
+    if style == PACKED_COLWISE:
+        return {name: ShardSpec(COLWISE, (out_features // 2,) * 2, transposed)}
     if style == QKV:
-        if out_features % 3:
-            raise ValueError(f"tensor_parallel: style 'qkv' for {name!r} with {out_features} outputs; expected "
-                             "q, k and v of equal width (a multiple of 3); give q, k, v as separate layers")
-        return {name: ShardSpec(COLWISE, (out_features // 3,) * 3, transposed)}
+        return {name: _fused_qkv_spec(module, name, out_features, transposed, world)}
     return {name: ShardSpec(COLWISE, (out_features,), transposed)}
 
 
+def _computes_linear(layer: nn.Linear) -> bool:
+    """Whether ``layer``'s forward is nn.Linear's computation (subclasses such as FalconLinear that
+    only rewrite it are): checked on a copy with random weights, so meta weights do too."""
+    if type(layer).forward is nn.Linear.forward:
+        return True
+    probe = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None, dtype=torch.float64)
+    copy = type(layer).__new__(type(layer))
+    copy.__dict__.update({**layer.__dict__, "_parameters": dict(probe._parameters)})
+    x = torch.randn(2, 3, layer.in_features, dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            return torch.allclose(copy(x), probe(x))
+    except Exception:  # noqa: BLE001 (any failure means: not a linear layer we can shard)
+        return False
+
+
+def _fused_qkv_spec(module: nn.Module, name: str, out_features: int, transposed: bool, world: int) -> ShardSpec:
+    """The cut of a fused q, k, v projection, from the layout its attention reads (its attributes,
+    the model's config)."""
+    owner = module.get_submodule(name.rpartition(".")[0])
+    model_type = getattr(getattr(module, "config", None), "model_type", None)
+    if getattr(owner, "multi_query", False) and not getattr(owner, "new_decoder_architecture", False):
+        # Falcon multi-query: q heads, then one k and one v head that every rank keeps.
+        head_dim = owner.head_dim
+        return ShardSpec(COLWISE, (out_features - 2 * head_dim, head_dim, head_dim), transposed,
+                         replicas=(1, world, world))
+    if model_type in _PER_HEAD_QKV or hasattr(owner, "new_decoder_architecture"):
+        # [heads, 3, head_dim] (or [kv groups, q per group + 2, head_dim]): whole heads in order.
+        return ShardSpec(COLWISE, (out_features,), transposed)
+    if out_features % 3:
+        raise ValueError(f"tensor_parallel: style 'qkv' for {name!r} with {out_features} outputs; expected "
+                         "q, k and v of equal width (a multiple of 3); give q, k, v as separate layers")
+    return ShardSpec(COLWISE, (out_features // 3,) * 3, transposed)
+
+
 def _style_name(spec: ShardSpec) -> str:
-    fused = len(spec.parts) == 3 and spec.style == COLWISE and spec.weight_name == "weight"
-    return QKV if fused else COLWISE_GATHER if spec.gather_output else spec.style
+    if spec.style == ROWWISE:
+        return ROWWISE if spec.input_is_parallel else ROWWISE_SPLIT_INPUT
+    if spec.style != COLWISE or spec.weight_name != "weight":
+        return spec.style
+    return {3: QKV, 2: PACKED_COLWISE}.get(len(spec.parts), COLWISE_GATHER if spec.gather_output else COLWISE)
+
+
+def _head_dim(owner: nn.Module, config) -> int:
+    for key in ("head_dim", "head_size", "key_value_proj_dim", "attention_head_size"):
+        value = getattr(owner, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(config, "head_dim", None)
+    if isinstance(value, int) and value > 0:
+        return value
+    hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+    return hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads else 0
+
+
+def _replicate_kv_heads(module: nn.Module, specs: Dict[str, ShardSpec], world: int) -> Dict[str, int]:
+    """Key/value projections of an attention with fewer heads than ranks (a divisor of the group
+    size): each of their heads kept whole by ``world / kv heads`` ranks, those whose query heads use
+    it (as serving engines do). Returns {attention owner: ranks per KV head}."""
+    config = getattr(module, "config", None)
+    replicas: Dict[str, int] = {}
+    for name, spec in list(specs.items()):
+        owner_name = name.rpartition(".")[0]
+        if spec.replicas is not None:  # a fused layout that already keeps its KV heads whole
+            replicas[owner_name] = max(spec.replicas)
+            continue
+        if spec.style != COLWISE or spec.gather_output or len(spec.parts) != 1 or spec.weight_name != "weight":
+            continue
+        owner = module.get_submodule(owner_name)
+        if not (head_count_attributes(owner) or "Attention" in type(owner).__name__):
+            continue
+        head_dim = _head_dim(owner, config)
+        if not head_dim or spec.parts[0] % head_dim:
+            continue
+        heads = spec.parts[0] // head_dim
+        if heads % world and world % heads == 0:
+            specs[name] = dataclasses.replace(spec, replicas=(world // heads,))
+            replicas[owner_name] = world // heads
+    return replicas
+
+
+def _is_kv_count(key: str) -> bool:
+    return "kv" in key or "key_value" in key
 
 
 # --- checks ------------------------------------------------------------------------------------
 
-def _head_attributes(module: nn.Module) -> Dict[str, int]:
-    return {key: value for key, value in vars(module).items()
-            if isinstance(value, int) and not isinstance(value, bool) and "head" in key
-            and not re.search(r"dim|size", key)}
-
-
-def _check_divisible(module: nn.Module, specs: Dict[str, ShardSpec], world: int) -> None:
+def _check_divisible(module: nn.Module, specs: Dict[str, ShardSpec], world: int, kv_replicas: Dict[str, int]) -> None:
     for name, spec in specs.items():
-        for part in spec.parts:
-            if part % world:
+        for part, replicas in zip(spec.parts, spec.replicas or (1,) * len(spec.parts)):
+            if (part * replicas) % world:
                 raise ValueError(f"tensor_parallel: {name!r} ({spec.style}) has {part} "
                                  f"{'rows' if spec.style == VOCAB else 'features'} to split, not divisible by the "
                                  f"group size {world}")
@@ -273,16 +299,23 @@ def _check_divisible(module: nn.Module, specs: Dict[str, ShardSpec], world: int)
             raise ValueError(f"tensor_parallel: {name!r} has num_heads={child.num_heads}, not divisible by the "
                              f"group size {world}; expected a multiple of {world}")
     for name, owner in _owners_of_splits(module, specs):
-        for key, heads in _head_attributes(owner).items():
-            if heads % world:
+        replicas = kv_replicas.get(name, 1)
+        for key, heads in head_count_attributes(owner).items():
+            kept = heads * replicas if replicas > 1 and _is_kv_count(key) else heads
+            if kept % world:
                 raise ValueError(f"tensor_parallel: {name or type(module).__name__!r} has {key}={heads}, not "
-                                 f"divisible by the group size {world}; expected a multiple of {world}")
+                                 f"divisible by the group size {world}; expected a multiple of {world}"
+                                 + ("" if _is_kv_count(key) or heads >= world else
+                                    " (key/value heads fewer than the ranks are kept whole when they divide it)"))
     config = getattr(module, "config", None)
     for key in ("num_attention_heads", "num_key_value_heads", "n_head"):
         heads = getattr(config, key, None)
+        if key == "num_key_value_heads" and isinstance(heads, int) and heads and kv_replicas and world % heads == 0:
+            continue
         if specs and isinstance(heads, int) and heads % world:
             raise ValueError(f"tensor_parallel: the model's config has {key}={heads}, not divisible by the group "
-                             f"size {world}; expected a multiple of {world}")
+                             f"size {world}; expected a multiple of {world}"
+                             + (" or a divisor of it (key/value heads kept whole)" if "key_value" in key else ""))
 
 
 def _owners_of_splits(module: nn.Module, specs: Dict[str, ShardSpec]):
@@ -310,57 +343,284 @@ def _check_same_plan_on_every_rank(specs: Dict[str, ShardSpec], group: GroupLike
 
 # --- swapping ----------------------------------------------------------------------------------
 
-def _swap(module: nn.Module, name: str, spec: ShardSpec, group: GroupLike, shared: Dict[Tuple, nn.Parameter]) -> None:
+def _swap(module: nn.Module, name: str, spec: ShardSpec, group: GroupLike, info: GroupInfo,
+          shared: Dict[Tuple, nn.Parameter]) -> None:
     """Replaces the dense layer ``name`` by its parallel counterpart. A weight the dense model ties
     between layers (an embedding and its LM head) and that both split alike stays one parameter."""
     dense = module.get_submodule(name)
     parent_name, _, child_name = name.rpartition(".")
-    info = resolve_group(group)
 
-    def local(tensor: torch.Tensor, dim: int, transposed: bool = False) -> nn.Parameter:
-        key = (id(tensor), dim, spec.parts, transposed)
+    def local(tensor: torch.Tensor, dim: int, transposed: bool = False, replicas=None) -> nn.Parameter:
+        key = (id(tensor), dim, spec.parts, transposed, replicas)
         if key not in shared:
             full = tensor.detach().t() if transposed else tensor.detach()
-            shared[key] = nn.Parameter(shard(full, dim, spec.parts, info.rank, info.size),
+            shared[key] = nn.Parameter(shard(full, dim, spec.parts, info.rank, info.size, replicas),
                                        requires_grad=tensor.requires_grad)
         return shared[key]
 
+    if spec.style == HEADS:
+        dense.weight = local(dense.weight, 1)
+        dense.embedding_dim = dense.weight.shape[1]
+        return
     if spec.style == VOCAB:
-        layer = VocabParallelEmbedding(dense.num_embeddings, dense.embedding_dim, group, device="meta",
-                                       dtype=dense.weight.dtype)
-        layer.weight = local(dense.weight, 0)
+        layer = _vocab_parallel(dense, local(dense.weight, 0), group, info)
     else:
-        in_features, out_features = _linear_dims(dense)
+        in_features, out_features = linear_dims(dense)
         bias = getattr(dense, "bias", None)
+        factory = {"device": "meta", "dtype": dense.weight.dtype}
         if spec.style == COLWISE:
-            layer = ColumnParallelLinear(in_features, out_features, bias is not None, spec.gather_output, group,
-                                         device="meta", dtype=dense.weight.dtype)
+            # The layer's shapes come from the parameters set below (fewer KV heads than ranks: whole heads).
+            layer = ColumnParallelLinear(in_features, sum(spec.local_parts(info.size)) * info.size, bias is not None,
+                                         spec.gather_output, group, **factory)
+            layer.out_features = out_features
         else:
-            layer = RowParallelLinear(in_features, out_features, bias is not None, True, group, device="meta",
-                                      dtype=dense.weight.dtype)
-        layer.weight = local(dense.weight, spec.dim, spec.transposed)
+            layer = RowParallelLinear(in_features, out_features, bias is not None, spec.input_is_parallel,
+                                      group, **factory)
+        layer.weight = local(dense.weight, spec.dim, spec.transposed, spec.replicas)
         if bias is not None:
-            layer.bias = local(bias, 0) if spec.shards_bias() else bias
+            layer.bias = local(bias, 0, replicas=spec.replicas) if spec.shards_bias() else bias
+        if spec.replicas is not None and max(spec.replicas) > 1 and info.size > 1:
+            _hook_gradients(layer, {"weight": _sum_replicated(spec, info), "bias": _sum_replicated(spec, info)})
     layer.tp_spec = spec
     setattr(module.get_submodule(parent_name), child_name, layer)
 
 
-def _fix_split_attributes(module: nn.Module, specs: Dict[str, ShardSpec], world: int) -> None:
+class _VocabParallelLookup(nn.Embedding):
+    """Placed between an embedding's own class and ``nn.Embedding`` (or standing for a plain
+    ``nn.Embedding`` with ``padding_idx``): the class's own forward runs, and its lookup reads this
+    rank's rows of the vocabulary. ``padding_idx``'s row gets no gradient, as in ``nn.Embedding``."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        row = -1 if self.padding_idx is None else self.padding_idx - self.vocab_start
+        if 0 <= row < weight.shape[0]:
+            keep = torch.ones(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
+            keep[row] = 0
+            weight = weight * keep + (weight * (1 - keep)).detach()
+        return torch.ops.torch_mp.vocab_parallel_embedding(input, weight, self.vocab_start, self.group_name,
+                                                           self.group_size)
+
+
+_VOCAB_PARALLEL_CLASSES: Dict[type, type] = {nn.Embedding: _VocabParallelLookup}
+
+
+def _vocab_parallel(dense: nn.Embedding, weight: nn.Parameter, group: GroupLike, info: GroupInfo) -> nn.Module:
+    """``dense`` with its rows split: a VocabParallelEmbedding for a plain nn.Embedding; otherwise the
+    module itself, its class given the vocab-parallel lookup under its own forward."""
+    if type(dense) is nn.Embedding and dense.padding_idx is None:
+        layer = VocabParallelEmbedding(dense.num_embeddings, dense.embedding_dim, group, device="meta",
+                                       dtype=dense.weight.dtype)
+        layer.weight = weight
+        return layer
+    cls = type(dense)
+    if cls not in _VOCAB_PARALLEL_CLASSES:
+        _VOCAB_PARALLEL_CLASSES[cls] = type(f"VocabParallel{cls.__name__}", (cls, _VocabParallelLookup),
+                                            {"__module__": __name__})
+    dense.__class__ = _VOCAB_PARALLEL_CLASSES[cls]
+    dense.weight = weight
+    dense.group_name, dense.group_size, dense.rank = info.name, info.size, info.rank
+    dense.vocab_start = info.rank * weight.shape[0]
+    return dense
+
+
+def _hook_gradients(owner: nn.Module, hooks: Dict[str, Callable]) -> None:
+    """Registers ``hooks[name]`` on ``owner``'s parameter ``name``, now and on each forward for the
+    parameter then holding that name (load_full_state_dict materializes new ones)."""
+    def install(*_):
+        for name, hook in hooks.items():
+            parameter = owner._parameters.get(name)
+            if parameter is not None and parameter.requires_grad and \
+                    getattr(parameter, "_torch_mp_hooked_by", None) is not owner:
+                parameter.register_hook(hook)
+                parameter._torch_mp_hooked_by = owner
+    install()
+    owner.register_forward_pre_hook(install)
+
+
+def _sum_replicated(spec: ShardSpec, info: GroupInfo):
+    """A gradient hook for a colwise parameter holding replicated parts (KV heads kept whole by
+    several ranks): each such block's gradient summed over the ranks holding it."""
+    local_parts = spec.local_parts(info.size)
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        pieces = list(grad.split(local_parts, 0))
+        for i, replicas in enumerate(spec.replicas):
+            if replicas > 1:
+                slot = info.rank // replicas
+                slots = grad.new_zeros((info.size // replicas,) + tuple(pieces[i].shape))
+                slots[slot] = pieces[i]
+                pieces[i] = torch.ops.torch_mp._all_reduce(slots, "sum", info.name, info.size)[slot]
+        return torch.cat(pieces, 0)
+    return hook
+
+
+def _fix_split_attributes(module: nn.Module, specs: Dict[str, ShardSpec], world: int,
+                          kv_replicas: Dict[str, int]) -> None:
     """Divides the head counts, and the widths equal to a split projection's, of the modules that
-    hold split layers, so the stock forward reshapes this rank's heads correctly."""
+    hold split layers, so the stock forward reshapes this rank's heads correctly. Where KV heads are
+    kept whole by several ranks, KV counts become this rank's and query-per-KV group sizes shrink."""
     widths = {part for spec in specs.values() if spec.style == COLWISE for part in spec.parts}
     for name, owner in list(_owners_of_splits(module, specs)):
-        for key in _head_attributes(owner):
-            setattr(owner, key, getattr(owner, key) // world)
+        replicas = kv_replicas.get(name, 1)
+        for key, heads in head_count_attributes(owner).items():
+            setattr(owner, key, heads * replicas // world if replicas > 1 and _is_kv_count(key) else heads // world)
+        if replicas > 1:
+            for key, value in list(vars(owner).items()):
+                if "group" in key and isinstance(value, int) and not isinstance(value, bool):
+                    setattr(owner, key, value // replicas)
         for key in _WIDTH_ATTRIBUTES:
             value = getattr(owner, key, None)
             if isinstance(value, int) and value in widths:
                 setattr(owner, key, value // world)
 
 
+# --- the dry run on fake tensors ---------------------------------------------------------------
+
+class _Saved:
+    """The state of every module a plan changes, to put a module back as it was (kept whole)."""
+
+    def __init__(self, module: nn.Module, specs: Dict[str, ShardSpec]):
+        self.module = module
+        self.layers = {name: self._state(module.get_submodule(name)) for name in specs}
+        self.owners = {name: self._state(owner) for name, owner in _owners_of_splits(module, specs)}
+
+    @staticmethod
+    def _state(module: nn.Module):
+        return module, type(module), dict(module.__dict__), dict(module._parameters)
+
+    @staticmethod
+    def _restore(state) -> nn.Module:
+        module, cls, attributes, parameters = state
+        module.__class__ = cls
+        module.__dict__.update(attributes)
+        module._parameters = parameters
+        return module
+
+    def keep_whole(self, owner: str, specs: Dict[str, ShardSpec]) -> None:
+        """Puts back the layers inside ``owner`` and its attributes; drops their specs."""
+        for name in [name for name in specs if _within(name, owner)]:
+            parent_name, _, child_name = name.rpartition(".")
+            setattr(self.module.get_submodule(parent_name), child_name, self._restore(self.layers[name]))
+            del specs[name]
+        self._restore(self.owners[owner])
+
+
+def _within(name: str, owner: str) -> bool:
+    return owner == "" or _inside(name, owner)
+
+
+def _dry_run(module: nn.Module, specs: Dict[str, ShardSpec], saved: _Saved, explicit: bool) -> Dict[str, str]:
+    """Runs the sharded model once on fake tensors (no memory, no compute, no collective). A failure
+    inside a module holding split layers keeps that module whole (an ``explicit`` plan, the
+    caller's: raises ValueError naming it instead), and the run is repeated; a failure elsewhere, or
+    no input to try, leaves the plan as it is. Returns {kept module: error}."""
+    inputs = _example_inputs(module)
+    kept: Dict[str, str] = {}
+    if inputs is None:
+        logger.info("tensor_parallel: no example input for %s; the dry run on fake tensors is skipped",
+                    type(module).__name__)
+        return kept
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    while True:
+        owners = dict(_owners_of_splits(module, specs))
+        active: List[str] = []
+        handles = []
+
+        def leave(*_):
+            active.pop()
+
+        for name, owner in owners.items():
+            handles.append(owner.register_forward_pre_hook(lambda *_, name=name: active.append(name)))
+            handles.append(owner.register_forward_hook(leave))
+        training = {child: child.training for child in module.modules()}
+        module.eval()
+        try:
+            with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+                args, kwargs = _as_constants(inputs)
+                module(*args, **kwargs)
+            return kept
+        except Exception as error:  # noqa: BLE001 (the failing module decides what happens)
+            if not active or _data_dependent(error):
+                logger.info("tensor_parallel: the dry run of %s on fake tensors was inconclusive: %s",
+                            type(module).__name__, error)
+                return kept
+            owner = active[-1]
+            if explicit or owner == "":
+                raise ValueError(f"tensor_parallel: {owner or type(module).__name__!r} fails on this rank's shards "
+                                 f"in a dry run on fake tensors ({type(error).__name__}: {error}); its forward "
+                                 "probably reshapes with a full-width attribute or expects whole layers; expected "
+                                 "a plan={pattern: style} that keeps it whole ('replicate') or shards all of its "
+                                 "layers as its forward reads them") from error
+            kept[owner] = f"{type(error).__name__}: {error}"
+            logger.warning("tensor_parallel: %r fails on this rank's shards (%s: %s), probably reshaping with a "
+                           "full-width attribute; it stays whole (replicated). Pass plan={...} naming its layers "
+                           "to shard it another way.", owner, type(error).__name__, error)
+            saved.keep_whole(owner, specs)
+        finally:
+            for handle in handles:
+                handle.remove()
+            for child, mode in training.items():
+                child.training = mode
+
+
+def _as_constants(inputs):
+    """Integer inputs (token ids, masks) made inside the fake mode from their values, so that code
+    reading them (``mask.all()`` deciding on a causal mask) sees those values; others stay as they are."""
+    def constant(value):
+        if isinstance(value, torch.Tensor) and not value.is_floating_point():
+            return torch.tensor(value.tolist(), dtype=value.dtype)
+        return value
+    args, kwargs = inputs
+    return [constant(value) for value in args], {key: constant(value) for key, value in kwargs.items()}
+
+
+def _data_dependent(error: Exception) -> bool:
+    """Errors of fake tensors themselves (a value read on data), not of the sharded shapes."""
+    from torch._subclasses import fake_tensor
+
+    kinds = tuple(getattr(fake_tensor, kind) for kind in
+                  ("DataDependentOutputException", "DynamicOutputShapeException", "UnsupportedOperatorException")
+                  if hasattr(fake_tensor, kind))
+    return isinstance(error, kinds) or "data-dependent" in str(error).lower()
+
+
+def _example_inputs(module: nn.Module):
+    """(args, kwargs) for a dry run: a transformers model's dummy inputs (pixels for vision models),
+    else token ids, images or features for its first embedding, convolution or linear layer; None
+    when its forward needs more than one positional argument."""
+    config = getattr(module, "config", None)
+    if getattr(module, "main_input_name", None) == "pixel_values" and config is not None:
+        size = getattr(config, "image_size", 224)
+        size = size if isinstance(size, int) else size[0]
+        return (), {"pixel_values": torch.zeros(1, getattr(config, "num_channels", 3), size, size)}
+    dummy = getattr(module, "dummy_inputs", None)
+    if isinstance(dummy, Mapping) and dummy:
+        return (), dict(dummy)
+    import inspect
+
+    try:
+        parameters = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    required = [p for p in parameters if p.default is inspect.Parameter.empty
+                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(required) != 1:
+        return None
+    for child in module.modules():
+        if isinstance(child, nn.Embedding):
+            return (torch.zeros(1, 4, dtype=torch.long),), {}
+        if isinstance(child, nn.Conv2d):
+            size = getattr(module, "image_size", 64)
+            return (torch.zeros(1, child.in_channels, size, size),), {}
+        if linear_dims(child) is not None:
+            return (torch.zeros(1, 4, linear_dims(child)[0]),), {}
+    return None
+
+
 # --- sequence parallelism ----------------------------------------------------------------------
 
-def _sequence_parallel(module: nn.Module, blocks: List[str], info) -> None:
+def _sequence_parallel(module: nn.Module, blocks: List[str], info, summed=frozenset()) -> None:
     for name in blocks:
         block = module.get_submodule(name)
         layers = [(child_name, child) for child_name, child in block.named_modules()
@@ -382,7 +642,7 @@ def _sequence_parallel(module: nn.Module, blocks: List[str], info) -> None:
         for owner in owners.values():
             owner.register_forward_pre_hook(_gather_input(info), with_kwargs=True)
         # Parameters other than this rank's slices see only this rank's tokens: sum their gradients.
-        sliced = set()
+        sliced = set(summed)
         for _, child in layers:
             sliced.update(id(p) for p in (child.weight, child.bias if isinstance(child, ColumnParallelLinear) else None)
                           if p is not None)

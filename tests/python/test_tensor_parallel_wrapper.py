@@ -236,3 +236,57 @@ def test_world_of_one_keeps_the_model():
     assert isinstance(sharded.blocks[0].attn.qkv, torch_mp.nn.ColumnParallelLinear)
     for key, value in torch_mp.full_state_dict(sharded).items():
         torch.testing.assert_close(value, dense.state_dict()[key])
+
+
+def test_shard_and_unshard_are_inverse_with_replicated_parts():
+    """Parts cut over the ranks, or held whole by several (KV heads fewer than the ranks): every
+    rank's slice is what slice_bounds names, and unshard puts the ranks' slices back together."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from torch_mp._sharding import shard, slice_bounds, take_slices, unshard
+
+    @settings(max_examples=60, deadline=None)
+    @given(world_log=st.integers(0, 3), data=st.data())
+    def check(world_log, data):
+        world = 2 ** world_log
+        count = data.draw(st.integers(1, 3))
+        replicas = tuple(2 ** data.draw(st.integers(0, world_log)) for _ in range(count))
+        parts = tuple(world // r * data.draw(st.integers(1, 3)) for r in replicas)
+        dim = data.draw(st.integers(0, 1))
+        shape = [sum(parts), 3] if dim == 0 else [3, sum(parts)]
+        full = torch.randn(shape)
+        slices = [shard(full, dim, parts, rank, world, replicas) for rank in range(world)]
+        for rank, local in enumerate(slices):
+            assert torch.equal(local, take_slices(full, dim, slice_bounds(parts, rank, world, replicas)))
+            assert local.shape[dim] == sum(p * r // world for p, r in zip(parts, replicas))
+        assert torch.equal(unshard(slices, dim, parts, replicas), full)
+
+    check()
+
+
+def check_kv_heads_kept_whole_save_and_load(rank, world, folder):
+    """Llama with 2 KV heads on 4 ranks: each KV head is held by 2 ranks; load_full_state_dict reads
+    each rank's, torch_mp.save writes it once in the index, and loading at TP=4 and into the dense
+    model gives the dense numbers."""
+    import zoo
+
+    dense = zoo.build("llama")
+    sharded = torch_mp.tensor_parallel(copy.deepcopy(dense))
+    assert sharded.model.layers[0].self_attn.k_proj.tp_spec.replicas == (2,)
+    assert sharded.model.layers[0].self_attn.num_key_value_groups == 1  # 1 query head, 1 KV head here
+    torch_mp.save(sharded, folder)
+    dist.barrier()
+    inputs = zoo.batch("llama")
+    fresh = torch_mp.tensor_parallel(zoo.build("llama", seed=5))
+    torch_mp.load(fresh, folder)
+    torch.testing.assert_close(zoo.output_of(fresh, inputs), zoo.output_of(dense, inputs), rtol=1e-5, atol=1e-5)
+    fresh = torch_mp.load_full_state_dict(torch_mp.tensor_parallel(zoo.build("llama", seed=5)), dense.state_dict())
+    torch.testing.assert_close(zoo.output_of(fresh, inputs), zoo.output_of(dense, inputs), rtol=1e-5, atol=1e-5)
+    whole = zoo.build("llama", seed=5)
+    torch_mp.load(whole, folder)
+    torch.testing.assert_close(zoo.output_of(whole, inputs), zoo.output_of(dense, inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_kv_heads_kept_whole_save_and_load(tmp_path):
+    run_ranks(4, check_kv_heads_kept_whole_save_and_load, str(tmp_path / "checkpoint"), timeout=200)
