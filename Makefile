@@ -89,7 +89,7 @@ test-cpp: install
 # Gloo's headers (libgloo-dev): Python's Gloo groups (torch.distributed's) work all the same, which
 # the tensor-parallel layers on 2 Gloo ranks check. It installs a regular (not editable) package and
 # runs from outside the clone, so it never touches the in-place CUDA build.
-test-cpu-smoke: cpu-venv
+test-cpu-smoke: cpu-venv sysdeps
 	CMAKE_ARGS="-DTORCH_MP_GLOO_INCLUDE_DIR=" MAX_JOBS=$(JOBS) $(CPU_PY) -m pip install --quiet --no-build-isolation --no-deps .
 	cd $$(mktemp -d) && $(CPU_PY) -m pytest -q -p no:cacheprovider $(CURDIR)/tests/python/test_smoke.py \
 	    $(CURDIR)/tests/python/test_tensor_parallel.py::test_linear_layers_match_dense
