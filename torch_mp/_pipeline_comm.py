@@ -3,7 +3,7 @@ group's timeout."""
 import datetime
 import re
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -16,14 +16,13 @@ from torch_mp._pipeline_engine import Action, Key
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
            torch.int16, torch.int8, torch.uint8, torch.bool]
 _HEADER_SLOTS = 64
-_KEPT_SIGNATURES = 8
 
 
 class GroupTransport:
     """Activations and gradients between ranks with c10d send/recv. Messages on each pair of ranks
-    are received in the order they were sent (what NCCL requires; tags number them for Gloo). The
-    first time a batch signature is seen, each activation message is preceded by a header giving
-    the shapes and dtypes; later steps with the same signature reuse them, and gradients always take
+    are received in the order they were sent (what NCCL requires; tags number them for Gloo). Each
+    activation message is preceded by a header giving the shapes and dtypes of what crosses this
+    time (they may change with the forward's Python arguments or with the data); gradients take
     the shapes of the activations they answer."""
 
     def __init__(self, group, rank: int, rank_of_stage: Callable[[int], int], device: torch.device,
@@ -32,19 +31,10 @@ class GroupTransport:
         info = resolve_group(group, "pipeline(group=...)")
         self.group_name, self.group_size = info.name, info.size
         self.device, self.timeout = device, timeout
-        self._specs: Dict[Tuple[int, Key], List[Tuple[torch.Size, torch.dtype, bool]]] = {}
-        self._known_signatures: "OrderedDict[int, None]" = OrderedDict()
 
-    def knows(self, signature: int) -> bool:
-        """Whether a step with this batch signature completed here: its messages' shapes are known."""
-        return signature in self._known_signatures
-
-    def begin(self, schedule: List[List[Action]], num_stages: int, signature: int, headers: bool) -> None:
-        """Starts a step. ``headers`` (agreed by every rank) says whether activations carry their
-        shapes; without, each side takes them from the last step with the same signature."""
-        self._signature, self._headers = signature, headers
-        if headers:
-            self._specs = {key: spec for key, spec in self._specs.items() if key[0] != signature}
+    def begin(self, schedule: List[List[Action]], num_stages: int) -> None:
+        """Starts a step."""
+        self._specs: Dict[Key, List[Tuple[torch.Size, torch.dtype, bool]]] = {}
         self._expected: Dict[int, deque] = {}
         for src, actions in enumerate(schedule):
             for key in (self._sent_key(a, num_stages) for a in actions):
@@ -80,9 +70,8 @@ class GroupTransport:
             return
         if key[0] == "act":
             spec = [(t.shape, t.dtype, t.requires_grad) for t in tensors]
-            self._specs[(self._signature, key)] = spec
-            if self._headers:
-                self._post_send(_encode_header(spec, self.device), dst)
+            self._specs[key] = spec
+            self._post_send(_encode_header(spec, self.device), dst)
         for tensor in tensors:
             self._post_send(tensor.detach().contiguous(), dst)
 
@@ -100,9 +89,8 @@ class GroupTransport:
         return self._inbox.pop(key)
 
     def _read_next(self, src: int, wanted: Key) -> None:
-        """Receives the next message from ``src``; once its shapes are known (after a batch
-        signature's first step) the one after it is posted at once, so its transfer overlaps the
-        compute until it is needed."""
+        """Receives the next message from ``src``; when its shapes are known already (gradients) the
+        one after it is posted at once, so its transfer overlaps the compute until it is needed."""
         self._post_next(src)
         if src in self._posted:
             key, buffers, works = self._posted.pop(src)
@@ -112,7 +100,7 @@ class GroupTransport:
             key = self._expected[src].popleft()
             header = torch.empty(_HEADER_SLOTS, dtype=torch.int64, device=self.device)
             self._wait(self._irecv(header, src), self._receiving(key, src))
-            self._specs[(self._signature, key)] = _decode_header(header)
+            self._specs[key] = _decode_header(header)
             buffers = [torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype, _ in self._spec(key)]
             for buffer in buffers:
                 self._wait(self._irecv(buffer, src), self._receiving(key, src))
@@ -122,11 +110,10 @@ class GroupTransport:
 
     def _spec(self, key: Key):
         """The shapes, dtypes and requires-grad flags of message ``key``, where known: activations
-        from their header (this step's or an earlier step's with the same signature), gradients from
-        the activations they answer (those that require grad)."""
+        from their header, gradients from the activations they answer (those that require grad)."""
         if key[0] == "act":
-            return self._specs.get((self._signature, key))
-        answered = self._specs.get((self._signature, ("act", key[1] + 1, key[2])))
+            return self._specs.get(key)
+        answered = self._specs.get(("act", key[1] + 1, key[2]))
         return None if answered is None else [s for s in answered if s[2]]
 
     def _post_next(self, src: int) -> None:
@@ -167,13 +154,6 @@ class GroupTransport:
         for work, _, dst in self._pending:
             self._wait(work, f"sending to rank {dst}")
         self._pending = []
-        # Shapes are kept for the last few signatures only: batches of ever new shapes (sequence
-        # lengths) must not grow this cache without end.
-        self._known_signatures[self._signature] = None
-        self._known_signatures.move_to_end(self._signature)
-        while len(self._known_signatures) > _KEPT_SIGNATURES:
-            old, _ = self._known_signatures.popitem(last=False)
-            self._specs = {key: spec for key, spec in self._specs.items() if key[0] != old}
 
     def _global(self, rank: int) -> int:
         return dist.get_global_rank(self.group, rank) if self.group is not None else rank

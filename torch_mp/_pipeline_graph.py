@@ -13,7 +13,8 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from torch import fx, nn
 
-from torch_mp.split import _join
+from torch_mp._pipeline_batch import forward_signature
+from torch_mp.split import _join, _map_tensors
 
 
 @dataclass
@@ -35,12 +36,6 @@ class _Tracer(fx.Tracer):
         return name in self.leaves or super().is_leaf_module(module, name)
 
 
-def forward_signature(module: nn.Module) -> inspect.Signature:
-    """The signature of the class's forward (the instance's may be a pipelined wrapper), less self."""
-    signature = inspect.signature(type(module).forward)
-    return signature.replace(parameters=list(signature.parameters.values())[1:])
-
-
 def bind_inputs(module: nn.Module, args: Sequence, kwargs: Dict) -> Tuple[List, Set[str]]:
     """The value of every forward parameter, defaults included, in order, and the names given."""
     signature = forward_signature(module)
@@ -60,12 +55,26 @@ def bind_inputs(module: nn.Module, args: Sequence, kwargs: Dict) -> Tuple[List, 
     return list(bound.arguments.values()), given
 
 
-def trace_stages(module: nn.Module, stage_of: Dict[str, int], num_stages: int, given: Set[str]) -> List[StageGraph]:
+def concrete_inputs(module: nn.Module, values: Sequence, given: Set[str]) -> Dict[str, object]:
+    """The forward parameters traced as constants: those left to their defaults, and those given
+    values that hold no tensor (Python flags, sizes, strings)."""
+    concrete = {}
+    for (name, parameter), value in zip(forward_signature(module).parameters.items(), values):
+        if name not in given or not _holds_tensor(value):
+            concrete[name] = value
+    return concrete
+
+
+def _holds_tensor(value) -> bool:
+    found = []
+    _map_tensors(value, lambda t: found.append(t))
+    return bool(found)
+
+
+def trace_stages(module: nn.Module, stage_of: Dict[str, int], num_stages: int,
+                 concrete: Dict[str, object]) -> List[StageGraph]:
     """Splits ``module``'s forward into ``num_stages`` graphs. ``stage_of`` maps each placed module
-    to its stage; ``given`` names the forward parameters the caller passes (the others keep their
-    defaults and are traced as constants)."""
-    parameters = forward_signature(module).parameters
-    concrete = {name: p.default for name, p in parameters.items() if name not in given}
+    to its stage; ``concrete`` gives the forward parameters traced as constants."""
     try:
         graph = _Tracer(set(stage_of)).trace(module, concrete_args=concrete)
     except Exception as error:

@@ -33,6 +33,7 @@ def split(
     schedule: str = "gpipe",
     checkpoint: str = "never",
     batch_dim: int = 0,
+    chunk_spec=None,
     sample=None,
 ) -> nn.Module:
     """Places the layers of ``module`` on ``devices``, in place, and returns it.
@@ -101,7 +102,7 @@ def split(
     module.output_device = output_device
     if chunks > 1:
         stages = {name: stage for name, stage in stage_of.items() if name in device_map}
-        install_pipe(module, LocalPipe(module, stages, len(devices), chunks, schedule, checkpoint, batch_dim,
+        install_pipe(module, LocalPipe(module, stages, len(devices), chunks, schedule, checkpoint, batch_dim, chunk_spec,
                                        devices=devices, output_device=output_device))
         return module
     # A device named more than once holds several stages; inputs entering them are copied all the
@@ -294,8 +295,9 @@ def _check_counts(balance, num_devices: int, num_layers: int) -> List[int]:
     if len(balance) != num_devices:
         raise ValueError(f"split: balance {list(balance)} has {len(balance)} entries but there are "
                          f"{num_devices} devices; expected one layer count per device")
-    if any(c < 0 for c in balance):
-        raise ValueError(f"split: balance {list(balance)} has a negative layer count; expected counts >= 0")
+    if any(c < 1 for c in balance):
+        raise ValueError(f"split: balance {list(balance)} leaves a stage without layers; expected a count >= 1 "
+                         "for every device (name a device fewer instead)")
     if sum(balance) != num_layers:
         raise ValueError(f"split: balance {list(balance)} adds up to {sum(balance)} layers but the model has "
                          f"{num_layers} layers; expected the counts to add up to {num_layers}")
@@ -364,6 +366,31 @@ def _map_tensors(value, fn):
     return value
 
 
+def _move_tensors(value, fn):
+    """``value`` with ``fn`` applied to every tensor in it. Lists and dicts are updated in place, so
+    what the callee writes into them (a KV cache, a list of auxiliary losses) reaches the caller;
+    tuples are rebuilt."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(_move_tensors(item, fn) for item in value))
+    if isinstance(value, tuple):
+        return type(value)(_move_tensors(item, fn) for item in value)
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            moved = _move_tensors(item, fn)
+            if moved is not item:
+                value[i] = moved
+        return value
+    if isinstance(value, dict):
+        for key in list(value.keys()):
+            moved = _move_tensors(value[key], fn)
+            if moved is not value[key]:
+                value[key] = moved
+        return value
+    return value
+
+
 def _mover(device: torch.device, always: bool):
     if always:
         return lambda tensor: to_device(tensor, device)
@@ -374,7 +401,7 @@ def _inputs_to(device: torch.device, always: bool):
     move = _mover(device, always)
 
     def hook(module, args, kwargs):
-        return _map_tensors(args, move), _map_tensors(kwargs, move)
+        return _move_tensors(args, move), _move_tensors(kwargs, move)
 
     return hook
 
@@ -383,7 +410,7 @@ def _outputs_to(device: torch.device, always: bool):
     move = _mover(device, always)
 
     def hook(module, args, output):
-        return _map_tensors(output, move)
+        return _move_tensors(output, move)
 
     return hook
 
@@ -395,5 +422,8 @@ def _remove_split_hooks(module: nn.Module) -> None:
     if "_torch_mp_pipe" in module.__dict__:  # a pipelined split's
         from torch_mp._batch_norm import restore_batch_norms
         restore_batch_norms(module)
+        for submodule in module.modules():
+            if getattr(submodule.__dict__.get("forward"), "_torch_mp_gated", False):
+                del submodule.forward
         for name in ("forward", "train_step", "_torch_mp_pipe"):
             module.__dict__.pop(name, None)
