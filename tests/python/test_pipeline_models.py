@@ -45,11 +45,12 @@ def assert_outputs_close(actual, expected):
 
 
 def check_parity(model, kwargs, loss_of, chunks=2, schedule="1f1b", checkpoint="never", layers=None,
-                 normalizer=None):
+                 normalizer=None, chunk_spec=None):
     """Forward, train_step (loss, gradients) and an SGD step of ``split(model, ["cpu", "cpu"],
     chunks=...)`` against ``model``."""
+    model.zero_grad(set_to_none=True)
     piped = torch_mp.split(copy.deepcopy(model), ["cpu", "cpu"], chunks=chunks, schedule=schedule,
-                           checkpoint=checkpoint, layers=layers)
+                           checkpoint=checkpoint, layers=layers, chunk_spec=chunk_spec)
     assert len(set(piped._torch_mp_stage_of.values())) == 2
     assert_outputs_close(piped(**kwargs), model(**kwargs))
 
@@ -154,21 +155,23 @@ def test_vit():
 
 
 def test_torch_transformer_encoder():
-    """nn.TransformerEncoder branches on is_nested and on its inputs' dtypes and flags; a padding
-    mask is batched, the causal mask [S, S] is not (named in the chunk spec: with S == batch)."""
+    """nn.TransformerEncoder branches on is_nested and on its inputs' dtypes and flags; the padding
+    mask [B, S] is cut, the causal mask [S, S] passed whole; with S == B the chunk spec says which."""
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
     model = _non_trivial(nn.TransformerEncoder(layer, 4, enable_nested_tensor=False))
-    src = torch.randn(5, 5, 16)
-    padding = torch.zeros(5, 5, dtype=torch.bool)
-    padding[1, 3:] = True
-    causal = nn.Transformer.generate_square_subsequent_mask(5)
-    kwargs = dict(src=src, mask=causal, src_key_padding_mask=padding)
-    piped = torch_mp.split(copy.deepcopy(model), ["cpu", "cpu"], chunks=2, chunk_spec={"mask": None})
-    torch.testing.assert_close(piped(**kwargs), model(**kwargs), rtol=1e-5, atol=1e-5)
+    for length, spec in ((7, None), (5, {"mask": None, "src_key_padding_mask": 0})):
+        padding = torch.zeros(5, length, dtype=torch.bool)
+        padding[1, 3:] = True
+        kwargs = dict(src=torch.randn(5, length, 16), mask=nn.Transformer.generate_square_subsequent_mask(length),
+                      src_key_padding_mask=padding)
+        check_parity(model, kwargs, lambda out, _: out.square().mean(), chunks=2, chunk_spec=spec)
     with pytest.raises(ValueError, match=r"cannot tell whether input mask \[5, 5\] is batched"):
         torch_mp.split(copy.deepcopy(model), ["cpu", "cpu"], chunks=2)(**kwargs)
-    model.eval(), piped.eval()  # the fast path for inference, as without a pipeline
+    model.eval()  # the fast path for inference, as without a pipeline
+    piped = torch_mp.split(copy.deepcopy(model), ["cpu", "cpu"], chunks=2)
+    src, padding = torch.randn(5, 7, 16), torch.zeros(5, 7, dtype=torch.bool)
+    padding[2, 4:] = True
     with torch.no_grad():
         torch.testing.assert_close(piped(src, src_key_padding_mask=padding), model(src, src_key_padding_mask=padding),
                                    rtol=1e-5, atol=1e-5)
