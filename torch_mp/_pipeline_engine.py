@@ -25,12 +25,14 @@ class StageRunner:
     """Runs a list of actions for the stages in ``stages``, talking through ``transport``."""
 
     def __init__(self, stages: Dict[int, StageGraph], devices: Dict[int, torch.device], num_stages: int,
-                 transport, checkpoint: str, chunks: int):
+                 transport, checkpoint: str, chunks: int, training: bool):
         self.stages, self.devices, self.num_stages = stages, devices, num_stages
-        self.transport, self.checkpoint, self.chunks = transport, checkpoint, chunks
+        self.transport, self.checkpoint, self.chunks, self.training = transport, checkpoint, chunks, training
 
     def _checkpointed(self, microbatch: int) -> bool:
-        return self.checkpoint == "always" or (self.checkpoint == "except_last" and microbatch < self.chunks - 1)
+        """Whether the micro-batch's forward is recomputed in its backward: in training only."""
+        return self.training and (self.checkpoint == "always" or
+                                  (self.checkpoint == "except_last" and microbatch < self.chunks - 1))
 
     def run(self, actions: Sequence[Action], inputs: List[List], targets: Optional[List],
             loss_fn: Optional[Callable], weights: List[float], cut: bool) -> Dict[int, object]:

@@ -42,9 +42,10 @@ def bind_inputs(module: nn.Module, args: Sequence, kwargs: Dict) -> Tuple[List, 
     for parameter in signature.parameters.values():
         if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
             stars = "*" if parameter.kind == parameter.VAR_POSITIONAL else "**"
-            raise ValueError(f"pipeline: {type(module).__name__}.forward takes {stars}{parameter.name}; expected a "
-                             "forward with named parameters only, which torch.fx can cut into stages "
-                             "(transformers models take **kwargs: split them with chunks=1)")
+            raise ValueError(f"pipeline: {type(module).__name__}.forward takes {stars}{parameter.name}; across ranks "
+                             "the forward is cut into stages with torch.fx, which needs named parameters only "
+                             "(transformers models take **kwargs: pipeline them in one process with "
+                             "split(model, devices, chunks=M))")
     try:
         bound = signature.bind(*args, **kwargs)
     except TypeError as error:

@@ -216,7 +216,7 @@ class DistributedPipe(_Pipe):
             schedule = [[a for s in range(r, self.num_stages, self.world) for a in actions[s]]
                         for r in range(self.world)]
         runner = StageRunner({s: stages[s] for s in self.local_stages()}, {s: self.device for s in self.local_stages()},
-                             self.num_stages, self.transport, self.checkpoint, count)
+                             self.num_stages, self.transport, self.checkpoint, count, self.module.training)
         # Tied parameters sum this step's gradients across their ranks; what earlier steps left in
         # .grad (gradient accumulation) was summed already and is set aside meanwhile.
         tied = [param for params, _ in self.ties for param in params] if cut else []
@@ -287,6 +287,7 @@ def pipeline(
         device: this rank's device; by default ``cuda:<LOCAL_RANK % device count>`` for an NCCL group
             and the CPU otherwise.
         batch_dim: the dimension of the inputs (and targets) cut into micro-batches.
+        chunk_spec: ``{forward input name: dim or None}``, as for ``split``.
         sample: inputs (a tuple of positional ones, or a dict) for ``balance="time"``.
         timeout: seconds a rank waits for a peer's activations or gradients before raising
             ``torch_mp.CollectiveError``; by default the group's timeout (10 minutes for NCCL,
@@ -296,7 +297,9 @@ def pipeline(
     deadlock) and the ranks compare their options and batch shapes before each step, so a mismatch
     is an error, not a hang. ``model(inputs)`` runs the forward only and returns the output on the
     rank holding the last stage, None on the others. The forward is traced with torch.fx outside the
-    layers, so it must not branch on tensor values there. Parameters used by stages on several ranks
+    layers (Python arguments as constants, traced again for other values), so it must not take
+    ``**kwargs`` nor branch on tensor values there (ValueError). ``train_step`` takes
+    ``normalizer=`` as ``split``'s does. Parameters used by stages on several ranks
     (a head tied to the embedding) live on each of them, and their gradients are summed across
     those ranks after each step.
     """
@@ -387,6 +390,24 @@ def _keep_local_tensors(module: nn.Module, graphs, pipe: DistributedPipe, device
 def _tensor(module: nn.Module, name: str) -> torch.Tensor:
     owner, _, attr = name.rpartition(".")
     return getattr(module.get_submodule(owner), attr)
+
+
+def plain_train_step(module: nn.Module) -> Callable:
+    """``train_step`` of a split without micro-batches: one forward and backward, with the loss
+    conventions of the pipelined one."""
+
+    def train_step(*args, target=None, loss_fn: Callable, normalizer=None, **kwargs) -> torch.Tensor:
+        if not callable(loss_fn):
+            raise TypeError(f"pipeline: loss_fn = {loss_fn!r}; expected a callable (output, target) -> loss")
+        output = module(*args, **kwargs)
+        found = tensors_in(output)
+        if target is not None and found:
+            target = _map_tensors(target, lambda t: t.to(found[0].device))
+        loss = check_loss(loss_fn(output, target)) * loss_weights([1], target, normalizer)[0]
+        loss.backward()
+        return loss.detach()
+
+    return train_step
 
 
 def install_pipe(module: nn.Module, pipe: _Pipe) -> None:
