@@ -7,7 +7,6 @@ inputs alone (masks, positions) belong to no stage: every stage that needs one c
 value made on stage s and used past it travels s -> s + 1 -> ... as part of the stage's outputs,
 so each stage talks only to its neighbours.
 """
-import inspect
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
