@@ -116,7 +116,7 @@ class BatchPlan:
         """One copy of ``values`` per micro-batch (containers copied, the caller's left as they are)."""
         parts, start = [], 0
         for size in sizes:
-            parts.append(_copy_tensors(values, lambda t, start=start, size=size: self._narrow(t, start, size)))
+            parts.append(copy_tensors(values, lambda t, start=start, size=size: self._narrow(t, start, size)))
             start += size
         return parts
 
@@ -130,7 +130,7 @@ def cut_target(target, sizes: List[int], batch_dim: int) -> List:
     batch = sum(sizes)
     parts, start = [], 0
     for size in sizes:
-        parts.append(_copy_tensors(target, lambda t, start=start, size=size: t.narrow(batch_dim, start, size)
+        parts.append(copy_tensors(target, lambda t, start=start, size=size: t.narrow(batch_dim, start, size)
                                    if t.dim() > batch_dim and t.shape[batch_dim] == batch else t))
         start += size
     return parts
@@ -138,23 +138,26 @@ def cut_target(target, sizes: List[int], batch_dim: int) -> List:
 
 def tensors_in(value) -> List[torch.Tensor]:
     found: List[torch.Tensor] = []
-    _copy_tensors(value, lambda t: found.append(t) or t)
+    copy_tensors(value, lambda t: found.append(t) or t)
     return found
 
 
-def _copy_tensors(value, fn):
+def copy_tensors(value, fn):
     """``value`` with ``fn`` applied to every tensor in it; containers are copies, dataclasses too."""
     if isinstance(value, torch.Tensor):
         return fn(value)
     if isinstance(value, tuple) and hasattr(value, "_fields"):
-        return type(value)(*(_copy_tensors(item, fn) for item in value))
+        return type(value)(*(copy_tensors(item, fn) for item in value))
     if isinstance(value, (list, tuple)):
-        return type(value)(_copy_tensors(item, fn) for item in value)
+        return type(value)(copy_tensors(item, fn) for item in value)
     if isinstance(value, dict):
         copied = copy.copy(value)
         for key in list(value.keys()):
-            copied[key] = _copy_tensors(value[key], fn)
+            copied[key] = copy_tensors(value[key], fn)
         return copied
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{field.name: copy_tensors(getattr(value, field.name), fn)
+                                             for field in dataclasses.fields(value) if field.init})
     return value
 
 

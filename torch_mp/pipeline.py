@@ -16,12 +16,11 @@ from torch_mp._batch_norm import defer_batch_norms
 from torch_mp._group import GroupLike, all_gather_rows, all_reduce_sum, process_group_of, resolve_group
 from torch_mp._pipeline_comm import GroupTransport
 from torch_mp._pipeline_batch import (BatchPlan, ChunkSpec, check_chunk_spec, check_loss, cut_target,
-                                      forward_signature, loss_weights, merge_outputs, micro_batch_sizes,
+                                      loss_weights, merge_outputs, micro_batch_sizes,
                                       shapes_of, tensors_in, write_back)
-from torch_mp._pipeline_engine import CHECKPOINTS, StageRunner
-from torch_mp._pipeline_graph import bind_inputs, concrete_inputs
-from torch_mp._pipeline_graph import trace_stages
-from torch_mp._pipeline_local import gated_forward, run_micro_batches
+from torch_mp._pipeline_engine import CHECKPOINTS, RankStep, placed_forward
+from torch_mp._pipeline_engine import current as current_micro_batch
+from torch_mp._pipeline_local import ThreadState, gated_forward, run_micro_batches
 from torch_mp.split import (_UNLIMITED, Balance, _balanced_device_map, _check_layers, _find_layers,
                             _map_tensors, _move_tensors, _mover, _parse_device)
 
@@ -129,8 +128,9 @@ class LocalPipe(_Pipe):
 
 
 class DistributedPipe(_Pipe):
-    """One rank per stage (several with an interleaved schedule), over c10d send/recv. The forward
-    is cut into stages with torch.fx (``_pipeline_graph``)."""
+    """One rank per stage (several with an interleaved schedule), over c10d send/recv. Every rank
+    runs the model's own forward per micro-batch, other ranks' stages as meta stand-ins
+    (``_pipeline_engine``)."""
 
     def __init__(self, *args, group, stages_per_rank: int, device: torch.device, timeout: datetime.timedelta):
         super().__init__(*args)
@@ -138,56 +138,67 @@ class DistributedPipe(_Pipe):
         info = resolve_group(group, "pipeline(group=...)")
         self.world, self.rank = info.size, info.rank
         self.stages_per_rank, self.device = stages_per_rank, device
-        self.transport = GroupTransport(group, self.rank, lambda stage: stage % self.world, device, timeout)
+        self.transport = GroupTransport(group, self.rank, device, timeout)
         self.plan_checksum = zlib.crc32(repr(sorted(self.stage_of.items())).encode())
         self.ties: List = []
-        self._graphs: Dict[tuple, list] = {}
+        for name, stage in self.stage_of.items():
+            if name:
+                submodule = self.module.get_submodule(name)
+                submodule.forward = placed_forward(self, submodule.forward, stage, submodule)
+
+    def rank_of(self, stage: int) -> int:
+        return stage % self.world
 
     def local_stages(self) -> List[int]:
         return list(range(self.rank, self.num_stages, self.world))
 
-    def stages(self, values, given) -> list:
-        """The stage graphs for a call: traced once per set of given inputs and Python values."""
-        concrete = concrete_inputs(self.module, values, given)
-        key = (frozenset(given), repr(sorted(concrete.items(), key=lambda item: item[0])))
-        if key not in self._graphs:
-            graphs = trace_stages(self.module, self.stage_of, self.num_stages, concrete)
-            self._check_stages(graphs, given)
-            self._graphs[key] = graphs
-        return self._graphs[key]
-
-    def _check_stages(self, graphs, given) -> None:
-        for stage in self.local_stages():
-            for name in sorted(graphs[stage].tensors):
-                if _tensor(self.module, name).is_meta:
-                    raise ValueError(
-                        f"pipeline: called with inputs {sorted(given)}, stage {stage} on rank {self.rank} uses "
-                        f"{name!r}, which this rank freed when the pipeline was made for the inputs without "
-                        "defaults; expected calls whose layers use the same parameters")
-
-    def _micro_batches(self, args, kwargs, target=None):
-        sizes, parts = self._plan(args, kwargs)
-        values, given = bind_inputs(self.module, args, kwargs)
-        inputs = [bind_inputs(self.module, *part)[0] for part in parts]
-        targets = cut_target(target, sizes, self.batch_dim) if target is not None else None
-        return self.stages(values, given), inputs, targets, sizes
+    def _own_forward(self, args, kwargs):
+        return current_micro_batch().to_last_stage(type(self.module).forward(self.module, *args, **kwargs))
 
     def forward(self, *args, **kwargs):
-        stages, inputs, _, sizes = self._micro_batches(args, kwargs)
+        sizes, parts = self._plan(args, kwargs)
         count = len(sizes)
-        forwards = [[(False, s, m) for m in range(count)] for s in range(self.num_stages)]
-        outputs = self._batch(lambda: self._run(stages, forwards, inputs, None, None, count, cut=False))
-        return None if outputs is None else merge_outputs([outputs[m] for m in range(count)], sizes, self.batch_dim)
+        actions = [(False, s, m) for s in self.local_stages() for m in range(count)]
+        works = [lambda m=m: self._own_forward(*parts[m]) for m in range(count)]
+        with torch.no_grad():
+            micro_batches = self._batch(lambda: self._run(actions, works, parts, None, count, train=False))
+        if self.rank_of(self.num_stages - 1) != self.rank:
+            return None
+        return merge_outputs([self._output(mb.result, mb.index) for mb in micro_batches], sizes, self.batch_dim)
+
+    def _output(self, output, microbatch: int):
+        for tensor in tensors_in(output):
+            if tensor.is_meta:
+                raise ValueError(
+                    f"pipeline: micro-batch {microbatch}'s output holds a {list(tensor.shape)} tensor that no stage "
+                    f"made (made on the meta device from another rank's value); expected outputs made from the "
+                    "inputs, parameters or stages' outputs")
+        return output
 
     def train_step(self, *args, target=None, loss_fn: Callable, normalizer=None, **kwargs) -> torch.Tensor:
         """As ``LocalPipe.train_step``; the loss is returned on every rank."""
         if not callable(loss_fn):
             raise TypeError(f"pipeline: loss_fn = {loss_fn!r}; expected a callable (output, target) -> loss")
-        stages, inputs, targets, sizes = self._micro_batches(args, kwargs, target)
+        sizes, parts = self._plan(args, kwargs)
+        count = len(sizes)
+        targets = cut_target(target, sizes, self.batch_dim) if target is not None else [None] * count
         weights = loss_weights(sizes, target, normalizer)
-        losses = self._batch(lambda: self._run(stages, None, inputs, targets, loss_fn, len(sizes), cut=True,
-                                               weights=weights))
-        loss = None if losses is None else sum(losses[m] * weights[m] for m in range(len(sizes)))
+        last = self.rank_of(self.num_stages - 1) == self.rank
+        losses: List = [None] * count
+
+        def work(m: int):
+            output = self._own_forward(*parts[m])
+            if last:
+                output = self._output(output, m)
+                target_m = _map_tensors(targets[m], lambda t: t.to(self.device))
+                losses[m] = check_loss(loss_fn(output, target_m)) * weights[m]
+            return output
+
+        actions = _C._pipeline_schedule(self.schedule, self.world, self.stages_per_rank, count)[self.rank]
+        works = [lambda m=m: work(m) for m in range(count)]
+        with torch.enable_grad():
+            self._batch(lambda: self._run(actions, works, (parts, targets), losses, count, train=True))
+        loss = sum(loss.detach() for loss in losses) if last else None
         # The batch's loss on every rank, sent from the rank holding the last stage.
         buffer = loss.reshape(1).float() if loss is not None else torch.zeros(1, device=self.device)
         return all_reduce_sum(buffer, self.group, "torch_mp.pipeline")[0]
@@ -206,35 +217,33 @@ class DistributedPipe(_Pipe):
             raise ValueError(f"pipeline: the ranks disagree before running the schedule ({described}); "
                              "expected every rank to call with the same options and the same batch shapes")
 
-    def _run(self, stages, actions, inputs, targets, loss_fn, count, cut, weights=None):
-        shapes = f"inputs {shapes_of(inputs[0])}" + (f", targets {shapes_of(targets[0])}" if targets else "")
-        signature = zlib.crc32(repr((shapes_of(inputs), shapes_of(targets), cut)).encode())
-        self._check_agreement(signature, shapes)
-        if actions is None:
-            schedule = _C._pipeline_schedule(self.schedule, self.world, self.stages_per_rank, count)
+    def _run(self, actions, works, inputs, losses, count, train):
+        if train:
+            parts, targets = inputs
+            shapes = f"inputs {shapes_of(parts[0])}, targets {shapes_of(targets[0])}"
+            signature = zlib.crc32(repr((shapes_of(parts), shapes_of(targets), True)).encode())
         else:
-            schedule = [[a for s in range(r, self.num_stages, self.world) for a in actions[s]]
-                        for r in range(self.world)]
-        runner = StageRunner({s: stages[s] for s in self.local_stages()}, {s: self.device for s in self.local_stages()},
-                             self.num_stages, self.transport, self.checkpoint, count, self.module.training)
+            shapes = f"inputs {shapes_of(inputs[0])}"
+            signature = zlib.crc32(repr((shapes_of(inputs), False)).encode())
+        self._check_agreement(signature, shapes)
         # Tied parameters sum this step's gradients across their ranks; what earlier steps left in
         # .grad (gradient accumulation) was summed already and is set aside meanwhile.
-        tied = [param for params, _ in self.ties for param in params] if cut else []
+        tied = [param for params, _ in self.ties for param in params] if train else []
         earlier = [param.grad for param in tied]
         for param in tied:
             param.grad = None
-        self.transport.begin(schedule, self.num_stages)
-        with torch.set_grad_enabled(cut and torch.is_grad_enabled()):
-            results = runner.run(schedule[self.rank], inputs, targets, loss_fn, weights or [], cut)
+        self.transport.begin()
+        step = RankStep(self, ThreadState(), lambda m: train and self._recompute(m, count))
+        micro_batches = step.run(actions, works, losses)
         self.transport.finish()
-        for (params, group) in self.ties if cut else []:
+        for (params, group) in self.ties if train else []:
             for param in params:
                 grad = param.grad if param.grad is not None else torch.zeros_like(param)
                 param.grad = all_reduce_sum(grad, group, "torch_mp.pipeline (tied gradients)")
         for param, grad in zip(tied, earlier):
             if grad is not None:
                 param.grad = grad + param.grad
-        return results if self.num_stages - 1 in self.local_stages() else None
+        return micro_batches
 
 
 def _describe(field: str, values: List[int], shapes: str, rank: int) -> str:
@@ -295,12 +304,13 @@ def pipeline(
 
     The schedule is computed on every rank and checked (every message has its receiver, no
     deadlock) and the ranks compare their options and batch shapes before each step, so a mismatch
-    is an error, not a hang. ``model(inputs)`` runs the forward only and returns the output on the
-    rank holding the last stage, None on the others. The forward is traced with torch.fx outside the
-    layers (Python arguments as constants, traced again for other values), so it must not take
-    ``**kwargs`` nor branch on tensor values there (ValueError). ``train_step`` takes
-    ``normalizer=`` as ``split``'s does. Parameters used by stages on several ranks
-    (a head tied to the embedding) live on each of them, and their gradients are summed across
+    is an error, not a hang. ``model(inputs)`` runs the forward only (without grad) and returns the
+    output on the rank holding the last stage, None on the others. Nothing is traced: every rank
+    runs the model's own forward per micro-batch, other ranks' layers as stand-ins on meta tensors
+    (``_pipeline_engine``), so ``**kwargs``, Python flags and branches on shapes work; a branch on
+    the value of a tensor another rank computes raises ValueError. ``train_step`` takes
+    ``normalizer=`` as ``split``'s does. Parameters outside the layers (embeddings, heads, norms)
+    live on every rank, and their gradients are summed across
     those ranks after each step.
     """
     if not isinstance(module, nn.Module):
@@ -330,12 +340,7 @@ def pipeline(
     pipe = DistributedPipe(module, stage_of, num_stages, chunks, schedule, checkpoint, batch_dim, chunk_spec, group=group,
                            stages_per_rank=stages_per_rank, device=device,
                            timeout=datetime.timedelta(seconds=_timeout_of(info, device) if timeout is None else timeout))
-    parameters = forward_signature(module).parameters.values()
-    given = {p.name for p in parameters if p.default is p.empty}
-    # Which tensors each stage uses, from a trace with the inputs that have no default as tensors.
-    graphs = pipe.stages([torch.empty(0) if p.name in given else p.default for p in parameters], given)
-    pipe.ties = _keep_local_tensors(module, graphs, pipe, device)
-    pipe._graphs.clear()  # traced again on use: graphs hold the parameters they use, now replaced
+    pipe.ties = _keep_local_tensors(module, _ranks_using(module, stage_of, layer_names, info.size), pipe, device)
     install_pipe(module, pipe)
     return module
 
@@ -352,13 +357,28 @@ def _default_device(group) -> torch.device:
     return torch.device("cpu")
 
 
-def _keep_local_tensors(module: nn.Module, graphs, pipe: DistributedPipe, device: torch.device) -> List:
-    """Moves the tensors this rank's stages use to ``device`` and the others to the meta device.
-    Returns the tied parameters (used on several ranks), each rank set with a group of its own."""
+def _ranks_using(module: nn.Module, stage_of: Dict[str, int], layer_names: List[str], world: int) -> Dict[int, set]:
+    """The ranks holding each parameter and buffer (by id): a layer's, the rank of its stage; every
+    rank for the others (embeddings, heads, norms, the root's own), which the forward may also use
+    outside their modules (a head tied to the embedding): the ranks that compute with them sum
+    their gradients."""
     ranks_using: Dict[int, set] = {}
-    for stage, graph in enumerate(graphs):
-        for name in graph.tensors:
-            ranks_using.setdefault(id(_tensor(module, name)), set()).add(stage % pipe.world)
+    for name in layer_names:
+        stage = stage_of[name]
+        if name:
+            submodule = module.get_submodule(name)
+            for tensor in [*submodule.parameters(), *submodule.buffers()]:
+                ranks_using.setdefault(id(tensor), set()).add(stage % world)
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if id(tensor) not in ranks_using:
+            ranks_using[id(tensor)] = set(range(world))
+    return ranks_using
+
+
+def _keep_local_tensors(module: nn.Module, ranks_using: Dict[int, set], pipe: DistributedPipe,
+                        device: torch.device) -> List:
+    """Moves the tensors this rank's stages use to ``device`` and the others to the meta device.
+    Returns the tied parameters (held on several ranks), each rank set with a group of its own."""
     # Parameters by their first stock name: the same on every rank, so tied ones pair up in order.
     canonical = {id(param): name for name, param in module.named_parameters()}
     replaced: Dict[int, torch.Tensor] = {}
@@ -385,11 +405,6 @@ def _keep_local_tensors(module: nn.Module, graphs, pipe: DistributedPipe, device
         if pipe.rank in ranks:
             ties.append(([param for _, param in sorted(tied[ranks], key=lambda item: item[0])], group))
     return ties
-
-
-def _tensor(module: nn.Module, name: str) -> torch.Tensor:
-    owner, _, attr = name.rpartition(".")
-    return getattr(module.get_submodule(owner), attr)
 
 
 def plain_train_step(module: nn.Module) -> Callable:

@@ -10,6 +10,8 @@ from torch import nn
 from torch.nn import functional as F
 
 import torch_mp
+from distributed import run_ranks, run_ranks_until_death
+from test_pipeline_numbers import Pair
 
 transformers = pytest.importorskip("transformers")
 
@@ -79,30 +81,35 @@ def _model_loss(output, _target):
     return output.loss
 
 
-def test_gpt2():
+def gpt2_case():
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_layer=4, n_embd=32, n_head=4, vocab_size=97, n_positions=32,
                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     model = _non_trivial(transformers.GPT2LMHeadModel(config))
     ids = torch.randint(0, 97, (5, 12))
-    check_parity(model, dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, use_cache=False),
-                 _model_loss, chunks=2, checkpoint="except_last")
+    return model, dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, use_cache=False)
 
 
-def test_llama_with_grouped_query_attention():
+def llama_case():
     torch.manual_seed(0)
     config = transformers.LlamaConfig(num_hidden_layers=4, hidden_size=32, intermediate_size=64,
                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=97,
                                       max_position_embeddings=32)
     model = _non_trivial(transformers.LlamaForCausalLM(config))
     ids = torch.randint(0, 97, (5, 12))
-    check_parity(model, dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, use_cache=False),
-                 _model_loss, chunks=3, schedule="gpipe")
+    return model, dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, use_cache=False)
 
 
-def test_bert_masked_lm_with_token_normalized_loss():
-    """Masked positions differ per sample: the loss is summed per micro-batch and divided by the
-    batch's count of masked tokens, so micro-batches add up to the whole batch's mean."""
+def test_gpt2():
+    check_parity(*gpt2_case(), _model_loss, chunks=2, checkpoint="except_last")
+
+
+def test_llama_with_grouped_query_attention():
+    check_parity(*llama_case(), _model_loss, chunks=3, schedule="gpipe")
+
+
+def bert_case():
+    """A masked LM whose masked positions differ per sample, and a padded sample."""
     torch.manual_seed(0)
     config = transformers.BertConfig(num_hidden_layers=4, hidden_size=32, intermediate_size=64,
                                      num_attention_heads=4, vocab_size=97, max_position_embeddings=32,
@@ -115,12 +122,19 @@ def test_bert_masked_lm_with_token_normalized_loss():
     labels[masked] = ids[masked]
     mask = torch.ones_like(ids)
     mask[3, 9:] = 0
+    return model, dict(input_ids=ids, attention_mask=mask), labels
 
-    def summed(output, target):
-        return F.cross_entropy(output.logits.flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum")
 
+def summed_token_loss(output, target):
+    return F.cross_entropy(output.logits.flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum")
+
+
+def test_bert_masked_lm_with_token_normalized_loss():
+    """Masked positions differ per sample: the loss is summed per micro-batch and divided by the
+    batch's count of masked tokens, so micro-batches add up to the whole batch's mean."""
+    model, kwargs, labels = bert_case()
+    summed = summed_token_loss
     piped = torch_mp.split(copy.deepcopy(model), ["cpu", "cpu"], chunks=2, schedule="1f1b")
-    kwargs = dict(input_ids=ids, attention_mask=mask)
     assert_outputs_close(piped(**kwargs), model(**kwargs))
     count = int((labels != -100).sum())
     dense = F.cross_entropy(model(**kwargs).logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
@@ -133,25 +147,33 @@ def test_bert_masked_lm_with_token_normalized_loss():
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_t5_encoder_decoder():
+T5_LAYERS = [f"encoder.block.{i}" for i in range(2)] + [f"decoder.block.{i}" for i in range(2)]
+
+
+def t5_case():
     torch.manual_seed(0)
     config = transformers.T5Config(num_layers=2, num_decoder_layers=2, d_model=32, d_kv=8, d_ff=64, num_heads=4,
                                    vocab_size=97, dropout_rate=0.0, decoder_start_token_id=0)
     model = _non_trivial(transformers.T5ForConditionalGeneration(config))
     ids, labels = torch.randint(0, 97, (5, 10)), torch.randint(0, 97, (5, 7))
-    layers = [f"encoder.block.{i}" for i in range(2)] + [f"decoder.block.{i}" for i in range(2)]
-    check_parity(model, dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, use_cache=False),
-                 _model_loss, chunks=2, layers=layers)
+    return model, dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, use_cache=False)
 
 
-def test_vit():
+def test_t5_encoder_decoder():
+    check_parity(*t5_case(), _model_loss, chunks=2, layers=T5_LAYERS)
+
+
+def vit_case():
     torch.manual_seed(0)
     config = transformers.ViTConfig(num_hidden_layers=4, hidden_size=32, intermediate_size=64, num_attention_heads=4,
                                     image_size=16, patch_size=4, num_labels=3, hidden_dropout_prob=0.0,
                                     attention_probs_dropout_prob=0.0)
     model = _non_trivial(transformers.ViTForImageClassification(config))
-    check_parity(model, dict(pixel_values=torch.randn(5, 3, 16, 16), labels=torch.randint(0, 3, (5,))),
-                 _model_loss, chunks=2, checkpoint="always")
+    return model, dict(pixel_values=torch.randn(5, 3, 16, 16), labels=torch.randint(0, 3, (5,)))
+
+
+def test_vit():
+    check_parity(*vit_case(), _model_loss, chunks=2, checkpoint="always")
 
 
 def test_torch_transformer_encoder():
@@ -228,3 +250,136 @@ def test_forward_with_kwargs_python_flags_and_branches(flags):
     model = Flagged()
     x = torch.randn(5, 8, dtype=torch.float64)
     check_parity(model, dict(x=x, **flags), lambda out, _: out.logits.square().mean() + out.extra["mean"], chunks=3)
+
+
+# --- across ranks: pipeline() runs the same forward on every rank, other ranks' stages on meta ------
+
+def check_parity_across_ranks(rank, world, model, kwargs, loss_of, target=None, normalizer=None, **options):
+    """Forward (on the last stage's rank), train_step (loss on every rank, every gradient this rank
+    holds) and an SGD step of ``pipeline(model, ...)`` against ``model``."""
+    model.zero_grad(set_to_none=True)
+    piped = torch_mp.pipeline(copy.deepcopy(model), timeout=60, **options)
+    last = rank == world - 1
+    with torch.no_grad():
+        output, dense_output = piped(**kwargs), model(**kwargs)
+    if last:
+        assert_outputs_close(output, dense_output)
+    else:
+        assert output is None
+    dense_loss = loss_of(model(**kwargs), target)
+    if normalizer is not None:
+        dense_loss = dense_loss / normalizer(target)
+    dense_loss.backward()
+    loss = piped.train_step(**kwargs, target=target, loss_fn=loss_of, normalizer=normalizer)
+    torch.testing.assert_close(loss, dense_loss.detach(), rtol=1e-5, atol=1e-6)
+    checked = 0
+    for (name, p), (_, q) in zip(piped.named_parameters(), model.named_parameters()):
+        if p.is_meta:
+            continue
+        if q.grad is None:
+            assert p.grad is None or not p.grad.any(), name
+            continue
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+        checked += 1
+    assert checked > 0
+    for m in (piped, model):
+        torch.optim.SGD([p for p in m.parameters() if not p.is_meta], lr=0.5).step()
+    for (name, p), (_, q) in zip(piped.named_parameters(), model.named_parameters()):
+        if not p.is_meta:
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5, msg=name)
+    with torch.no_grad():
+        output, dense_output = piped(**kwargs), model(**kwargs)
+    if last:
+        assert_outputs_close(output, dense_output)
+    held = [name for name, p in piped.named_parameters() if not p.is_meta]
+    assert 0 < len(held) < len(list(piped.named_parameters())), "each rank holds a part of the model"
+
+
+def _transformers_across_ranks(rank, world):
+    check_parity_across_ranks(rank, world, *gpt2_case(), _model_loss, chunks=2, checkpoint="except_last")
+    check_parity_across_ranks(rank, world, *llama_case(), _model_loss, chunks=3, schedule="gpipe")
+    model, kwargs, labels = bert_case()
+    check_parity_across_ranks(rank, world, model, kwargs, summed_token_loss, target=labels,
+                              normalizer=lambda t: (t != -100).sum(), chunks=2)
+    check_parity_across_ranks(rank, world, *vit_case(), _model_loss, chunks=2, checkpoint="always")
+    check_parity_across_ranks(rank, world, *t5_case(), _model_loss, chunks=2, layers=T5_LAYERS)
+
+
+def test_transformers_models_across_ranks():
+    """GPT-2, Llama (GQA), BERT MLM with a token-normalized loss, ViT, T5: called the usual way
+    (keywords, labels=, the model's own loss) under pipeline() on 2 Gloo ranks."""
+    run_ranks(2, _transformers_across_ranks, timeout=240)
+
+
+def _torch_transformers_across_ranks(rank, world):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+    model = _non_trivial(nn.TransformerEncoder(layer, 4, enable_nested_tensor=False))
+    padding = torch.zeros(5, 7, dtype=torch.bool)
+    padding[1, 3:] = True
+    kwargs = dict(src=torch.randn(5, 7, 16), mask=nn.Transformer.generate_square_subsequent_mask(7),
+                  src_key_padding_mask=padding)
+    check_parity_across_ranks(rank, world, model, kwargs, lambda out, _: out.square().mean(), chunks=2,
+                              schedule="interleaved_1f1b")
+    torch.manual_seed(0)
+    model = _non_trivial(nn.Transformer(16, 4, 2, 2, 32, dropout=0.0, batch_first=True))
+    kwargs = dict(src=torch.randn(5, 7, 16), tgt=torch.randn(5, 6, 16),
+                  tgt_mask=nn.Transformer.generate_square_subsequent_mask(6), tgt_is_causal=True)
+    check_parity_across_ranks(rank, world, model, kwargs, lambda out, _: out.square().mean(), chunks=2,
+                              layers=[f"encoder.layers.{i}" for i in range(2)] +
+                              [f"decoder.layers.{i}" for i in range(2)])
+
+
+def test_torch_transformers_across_ranks():
+    """nn.TransformerEncoder (branches on is_nested, an interleaved schedule) and nn.Transformer."""
+    run_ranks(2, _torch_transformers_across_ranks, timeout=240)
+
+
+class BranchOnValues(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(4))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i == 1 and x.sum() > 0:  # a value rank 1 does not compute
+                x = -x
+        return x
+
+
+def _structured_across_ranks(rank, world):
+    # A dataclass output with lists and dicts, values made by both ranks' stages, **kwargs and flags.
+    torch.manual_seed(0)
+    flags = dict(scale=0.5, residual=False, mode="relu", collect=True)
+    check_parity_across_ranks(rank, world, Flagged(), dict(x=torch.randn(5, 8, dtype=torch.float64), **flags),
+                              lambda out, _: out.logits.square().mean() + out.extra["mean"] + out.hidden[0].mean(),
+                              chunks=3, layers=[f"layers.{i}" for i in range(4)])
+    # Tuples crossing the stage boundary: gradients reach both of their tensors.
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 6), torch.randn(5, 6)
+    check_parity_across_ranks(rank, world, nn.Sequential(*(Pair() for _ in range(4))), dict(input=(x, y)),
+                              lambda out, _: out[0].square().mean() + out[1].square().mean(), chunks=2)
+
+
+def _branch_on_values(rank, world):
+    torch.manual_seed(0)
+    piped = torch_mp.pipeline(BranchOnValues(), chunks=2, timeout=5)
+    try:
+        piped(torch.randn(4, 4))
+    except (ValueError, torch_mp.CollectiveError) as error:
+        return type(error).__name__, str(error)
+    return None
+
+
+def test_structured_outputs_and_tuples_across_ranks():
+    run_ranks(2, _structured_across_ranks, timeout=120)
+
+
+def test_a_branch_on_values_another_rank_computes_is_an_error():
+    """Rank 1 follows stage 0's output on meta: reading its value is a clear error there; rank 0,
+    whose activations are never received, fails with a CollectiveError instead of hanging."""
+    results = run_ranks_until_death(2, _branch_on_values, timeout=120)
+    assert results[1][0] == "ValueError"
+    assert "reads the value of a tensor (__bool__) that rank 1 does not compute" in results[1][1]
+    assert results[0][0] == "CollectiveError" and "sending to rank 1" in results[0][1]
