@@ -4,7 +4,7 @@ batch's, and the weight of each micro-batch's loss."""
 import copy
 import dataclasses
 import inspect
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -12,6 +12,9 @@ from torch import nn
 from torch_mp.split import _map_tensors
 
 ChunkSpec = Optional[Mapping[str, Optional[int]]]
+ScalarMerge = Union[str, Callable[[List[torch.Tensor], List[int]], torch.Tensor]]
+OutputMerge = Optional[Union[ScalarMerge, Mapping[str, ScalarMerge]]]
+SCALAR_MERGES = ("mean", "sum")
 
 
 def forward_signature(module: nn.Module) -> inspect.Signature:
@@ -29,6 +32,43 @@ def check_chunk_spec(chunk_spec: ChunkSpec) -> Dict[str, Optional[int]]:
         raise TypeError(f"pipeline: chunk_spec = {chunk_spec!r}; expected a {{forward parameter name: batch dim "
                         "(an int >= 0) or None (passed whole to every micro-batch)}} map")
     return dict(chunk_spec)
+
+
+def check_output_merge(output_merge: OutputMerge) -> OutputMerge:
+    def valid(how) -> bool:
+        return (isinstance(how, str) and how in SCALAR_MERGES) or (callable(how) and not isinstance(how, str))
+
+    if output_merge is None or valid(output_merge):
+        return output_merge
+    if isinstance(output_merge, Mapping) and all(isinstance(path, str) and valid(how)
+                                                 for path, how in output_merge.items()):
+        return dict(output_merge)
+    raise TypeError(f"pipeline: output_merge = {output_merge!r}; expected 'mean', 'sum', a callable (values, "
+                    "micro-batch sizes) -> value, or a {output path ('loss', 'extra.mean', '0'): one of those} map")
+
+
+def _merge_scalars(outputs: List[torch.Tensor], sizes: List[int], merge: OutputMerge, path: str) -> torch.Tensor:
+    """The batch's value of a scalar output, as ``merge`` says; without a word on it, an error: a
+    mean over samples is wrong for a sum, or for a mean over tokens with padding."""
+    how = merge.get(path) if isinstance(merge, dict) else merge
+    if how is None:
+        name = repr(path) if path else "(the whole output)"
+        example = f"{{{path!r}: 'mean'}}" if path else "'mean'"
+        raise ValueError(
+            f"pipeline: output {name} is a scalar in each micro-batch, and the batch's value cannot be told from "
+            "them without knowing what it is (a mean over samples, a sum, a mean over tokens with padding); "
+            f"pass output_merge={example} (weighted by micro-batch sizes), 'sum', or a callable (values, "
+            "micro-batch sizes) -> value; for a loss to train on, use train_step(..., normalizer=...)")
+    if how == "mean":
+        batch = sum(sizes)
+        return sum(out * (size / batch) for out, size in zip(outputs, sizes))
+    if how == "sum":
+        return sum(outputs)
+    return how(outputs, list(sizes))
+
+
+def _path(path: str, key) -> str:
+    return f"{path}.{key}" if path else str(key)
 
 
 def _named_inputs(module: nn.Module, args: Sequence, kwargs: Mapping) -> List[Tuple[str, object]]:
@@ -169,18 +209,19 @@ def micro_batch_sizes(batch: int, chunks: int) -> List[int]:
     return [base + (1 if m < extra else 0) for m in range(count)]
 
 
-def merge_outputs(outputs: List, sizes: List[int], batch_dim: int):
+def merge_outputs(outputs: List, sizes: List[int], batch_dim: int, merge: OutputMerge = None, path: str = ""):
     """The batch's output from its micro-batches': tensors with one row per sample are concatenated,
-    scalars (a loss the model computes itself) averaged with the micro-batch sizes as weights,
-    values equal in every micro-batch taken once; tuples, lists, dicts (transformers' ModelOutput
-    too) and dataclasses field by field. Anything else is an error (ValueError, TypeError)."""
+    scalars (a loss the model computes itself) merged as ``merge`` says for their path (``"loss"``,
+    ``"extra.mean"``, ``"0"``: "mean" weighted by micro-batch sizes, "sum", or a callable (values,
+    sizes) -> value; ValueError without it), values equal in every micro-batch taken once; tuples,
+    lists, dicts (transformers' ModelOutput too) and dataclasses field by field. Anything else is
+    an error (ValueError, TypeError)."""
     first = outputs[0]
     if len(outputs) == 1:
         return first
     if isinstance(first, torch.Tensor):
         if first.dim() == 0:
-            batch = sum(sizes)
-            return sum(out * (size / batch) for out, size in zip(outputs, sizes))
+            return _merge_scalars(outputs, sizes, merge, path)
         if first.dim() > batch_dim and all(out.shape[batch_dim] == size for out, size in zip(outputs, sizes)):
             return torch.cat(outputs, dim=batch_dim)
         if all(out is first or (out.shape == first.shape and torch.equal(out, first)) for out in outputs):
@@ -189,17 +230,20 @@ def merge_outputs(outputs: List, sizes: List[int], batch_dim: int):
                          f"{sizes} samples: neither one row per sample along batch_dim {batch_dim} nor the same in "
                          "every micro-batch, so the batch's cannot be told; expected outputs with a batch dimension")
     if isinstance(first, tuple) and hasattr(first, "_fields"):
-        return type(first)(*(merge_outputs(list(parts), sizes, batch_dim) for parts in zip(*outputs)))
+        return type(first)(*(merge_outputs(list(parts), sizes, batch_dim, merge, _path(path, name))
+                             for name, parts in zip(first._fields, zip(*outputs))))
     if isinstance(first, (list, tuple)):
-        return type(first)(merge_outputs(list(parts), sizes, batch_dim) for parts in zip(*outputs))
+        return type(first)(merge_outputs(list(parts), sizes, batch_dim, merge, _path(path, i))
+                           for i, parts in enumerate(zip(*outputs)))
     if isinstance(first, dict):
         merged = copy.copy(first)
         for key in first:
-            merged[key] = merge_outputs([out[key] for out in outputs], sizes, batch_dim)
+            merged[key] = merge_outputs([out[key] for out in outputs], sizes, batch_dim, merge, _path(path, key))
         return merged
     if dataclasses.is_dataclass(first) and not isinstance(first, type):
         return dataclasses.replace(first, **{
-            field.name: merge_outputs([getattr(out, field.name) for out in outputs], sizes, batch_dim)
+            field.name: merge_outputs([getattr(out, field.name) for out in outputs], sizes, batch_dim, merge,
+                                      _path(path, field.name))
             for field in dataclasses.fields(first) if field.init})
     if all(_same(out, first) for out in outputs):  # Python values: flags, sizes, strings, None
         return first
@@ -215,31 +259,33 @@ def _same(a, b) -> bool:
         return False
 
 
-def write_back(original, parts: List, sizes: List[int], batch_dim: int) -> None:
+def write_back(original, parts: List, sizes: List[int], batch_dim: int, merge: OutputMerge = None,
+               path: str = "") -> None:
     """What the micro-batches wrote into their copies of the caller's lists and dicts (a KV cache,
-    a list collecting auxiliary losses) goes into the caller's, merged as outputs are."""
+    a list collecting auxiliary losses) goes into the caller's, merged as outputs are (scalars by
+    ``merge`` at paths such as ``"args.2.0"``, ``"kwargs.aux.0"``)."""
     if len(parts) == 1 and parts[0] is original:
         return
     if isinstance(original, dict):
         for key in parts[0]:
             values = [part[key] for part in parts]
             if key in original and isinstance(original[key], (dict, list, tuple)):
-                write_back(original[key], values, sizes, batch_dim)
+                write_back(original[key], values, sizes, batch_dim, merge, _path(path, key))
             else:
-                original[key] = merge_outputs(values, sizes, batch_dim)
+                original[key] = merge_outputs(values, sizes, batch_dim, merge, _path(path, key))
     elif isinstance(original, list):
         for i in range(len(parts[0])):
             values = [part[i] for part in parts]
             if i < len(original) and isinstance(original[i], (dict, list, tuple)):
-                write_back(original[i], values, sizes, batch_dim)
+                write_back(original[i], values, sizes, batch_dim, merge, _path(path, i))
             elif i < len(original):
-                original[i] = merge_outputs(values, sizes, batch_dim)
+                original[i] = merge_outputs(values, sizes, batch_dim, merge, _path(path, i))
             else:
-                original.append(merge_outputs(values, sizes, batch_dim))
+                original.append(merge_outputs(values, sizes, batch_dim, merge, _path(path, i)))
     elif isinstance(original, tuple):
         for i, item in enumerate(original):
             if isinstance(item, (dict, list, tuple)):
-                write_back(item, [part[i] for part in parts], sizes, batch_dim)
+                write_back(item, [part[i] for part in parts], sizes, batch_dim, merge, _path(path, i))
 
 
 def loss_weights(sizes: List[int], target, normalizer) -> List[float]:

@@ -15,7 +15,7 @@ from torch_mp import _C
 from torch_mp._batch_norm import defer_batch_norms
 from torch_mp._group import GroupLike, all_gather_rows, all_reduce_sum, process_group_of, resolve_group
 from torch_mp._pipeline_comm import GroupTransport
-from torch_mp._pipeline_batch import (BatchPlan, ChunkSpec, check_chunk_spec, check_loss, cut_target,
+from torch_mp._pipeline_batch import (BatchPlan, ChunkSpec, OutputMerge, check_chunk_spec, check_output_merge, check_loss, cut_target,
                                       loss_weights, merge_outputs, micro_batch_sizes,
                                       shapes_of, tensors_in, write_back)
 from torch_mp._pipeline_engine import CHECKPOINTS, RankStep, placed_forward
@@ -43,10 +43,11 @@ class _Pipe:
     schedule. Subclasses say where the stages run."""
 
     def __init__(self, module: nn.Module, stage_of: Dict[str, int], num_stages: int, chunks: int,
-                 schedule: str, checkpoint: str, batch_dim: int, chunk_spec: ChunkSpec):
+                 schedule: str, checkpoint: str, batch_dim: int, chunk_spec: ChunkSpec, output_merge: OutputMerge):
         self.module, self.stage_of, self.num_stages = module, stage_of, num_stages
         self.chunks, self.schedule, self.checkpoint, self.batch_dim = chunks, schedule, checkpoint, batch_dim
         self.chunk_spec = check_chunk_spec(chunk_spec)
+        self.output_merge = check_output_merge(output_merge)
         self.batch_norms = defer_batch_norms(module)
 
     def _plan(self, args, kwargs):
@@ -54,6 +55,10 @@ class _Pipe:
         plan = BatchPlan(self.module, args, kwargs, self.batch_dim, self.chunk_spec)
         sizes = micro_batch_sizes(plan.batch, self.chunks)
         return sizes, plan.cut((args, kwargs), sizes)
+
+    def _write_back(self, args, kwargs, parts, sizes) -> None:
+        for i, name in enumerate(("args", "kwargs")):
+            write_back((args, kwargs)[i], [part[i] for part in parts], sizes, self.batch_dim, self.output_merge, name)
 
     def _recompute(self, microbatch: int, count: int) -> bool:
         return self.checkpoint == "always" or (self.checkpoint == "except_last" and microbatch < count - 1)
@@ -95,8 +100,8 @@ class LocalPipe(_Pipe):
         outputs = self._batch(lambda: run_micro_batches(
             self, forwards, count, lambda m: self._own_forward(*parts[m]), None,
             lambda m: self._recompute(m, count)))
-        write_back((args, kwargs), parts, sizes, self.batch_dim)
-        return _move_tensors(merge_outputs(outputs, sizes, self.batch_dim), self._to_output)
+        self._write_back(args, kwargs, parts, sizes)
+        return _move_tensors(merge_outputs(outputs, sizes, self.batch_dim, self.output_merge), self._to_output)
 
     def train_step(self, *args, target=None, loss_fn: Callable, normalizer=None, **kwargs) -> torch.Tensor:
         """One training step over the batch: forward and backward of every micro-batch in the
@@ -123,7 +128,7 @@ class LocalPipe(_Pipe):
         losses = self._batch(lambda: run_micro_batches(
             self, schedule, count, forward, lambda m, loss: (loss * weights[m]).backward(),
             lambda m: self._recompute(m, count)))
-        write_back((args, kwargs), parts, sizes, self.batch_dim)
+        self._write_back(args, kwargs, parts, sizes)
         return sum(loss.detach() * weight for loss, weight in zip(losses, weights))
 
 
@@ -164,7 +169,8 @@ class DistributedPipe(_Pipe):
             micro_batches = self._batch(lambda: self._run(actions, works, parts, None, count, train=False))
         if self.rank_of(self.num_stages - 1) != self.rank:
             return None
-        return merge_outputs([self._output(mb.result, mb.index) for mb in micro_batches], sizes, self.batch_dim)
+        return merge_outputs([self._output(mb.result, mb.index) for mb in micro_batches], sizes, self.batch_dim,
+                             self.output_merge)
 
     def _output(self, output, microbatch: int):
         for tensor in tensors_in(output):
@@ -270,6 +276,7 @@ def pipeline(
     device: Optional[Union[str, torch.device]] = None,
     batch_dim: int = 0,
     chunk_spec: ChunkSpec = None,
+    output_merge: OutputMerge = None,
     sample=None,
     timeout: Optional[float] = None,
 ) -> nn.Module:
@@ -297,6 +304,7 @@ def pipeline(
             and the CPU otherwise.
         batch_dim: the dimension of the inputs (and targets) cut into micro-batches.
         chunk_spec: ``{forward input name: dim or None}``, as for ``split``.
+        output_merge: how scalar outputs merge over micro-batches, as for ``split``.
         sample: inputs (a tuple of positional ones, or a dict) for ``balance="time"``.
         timeout: seconds a rank waits for a peer's activations or gradients before raising
             ``torch_mp.CollectiveError``; by default the group's timeout (10 minutes for NCCL,
@@ -337,7 +345,8 @@ def pipeline(
     costs = layer_costs(module, layer_names, sample, group, device) if balance == "time" else None
     _, stage_of = _balanced_device_map(module, layer_names, [device] * num_stages, balance,
                                        [_UNLIMITED] * num_stages, costs)
-    pipe = DistributedPipe(module, stage_of, num_stages, chunks, schedule, checkpoint, batch_dim, chunk_spec, group=group,
+    pipe = DistributedPipe(module, stage_of, num_stages, chunks, schedule, checkpoint, batch_dim, chunk_spec, output_merge,
+                           group=group,
                            stages_per_rank=stages_per_rank, device=device,
                            timeout=datetime.timedelta(seconds=_timeout_of(info, device) if timeout is None else timeout))
     pipe.ties = _keep_local_tensors(module, _ranks_using(module, stage_of, layer_names, info.size), pipe, device)

@@ -34,6 +34,7 @@ def split(
     checkpoint: str = "never",
     batch_dim: int = 0,
     chunk_spec=None,
+    output_merge=None,
     sample=None,
 ) -> nn.Module:
     """Places the layers of ``module`` on ``devices``, in place, and returns it.
@@ -64,6 +65,11 @@ def split(
         chunk_spec: ``{forward input name: dim or None}``: inputs cut along another dimension, or
             passed whole to every micro-batch (None). Without it an input whose role is ambiguous
             (an ``[S, S]`` bias with S equal to the batch size) raises ValueError.
+        output_merge: how a scalar output (0-dim in each micro-batch: a loss the model computes)
+            merges into the batch's: ``"mean"`` (weighted by micro-batch sizes), ``"sum"``, or a
+            callable ``(values, sizes) -> value``; one for every scalar, or a ``{output path:
+            merge}`` map (``"loss"``, ``"extra.mean"``, ``"0"``). Without it a scalar output raises
+            ValueError naming its path: a mean over samples is wrong for a sum or a token mean.
         sample: inputs to time the layers on for ``balance="time"`` (a tuple, or a dict of keywords).
 
     The result has ``device_map``: ``{module name: device}`` for every placed module. Parameter
@@ -111,7 +117,7 @@ def split(
     if chunks > 1:
         stages = {name: stage for name, stage in stage_of.items() if name in device_map}
         install_pipe(module, LocalPipe(module, stages, len(devices), chunks, schedule, checkpoint, batch_dim, chunk_spec,
-                                       devices=devices, output_device=output_device))
+                                       output_merge, devices=devices, output_device=output_device))
         return module
     # A device named more than once holds several stages; inputs entering them are copied all the
     # same, so the split behaves (and is tested) as it would across distinct devices.

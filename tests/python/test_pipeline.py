@@ -80,16 +80,40 @@ def test_split_forward_with_uneven_micro_batches(chunks):
 
 
 def test_split_merges_structured_outputs():
-    """A forward that returns (logits, loss) when given targets: logits are concatenated, the loss is
-    averaged over micro-batches by their sizes."""
+    """A forward that returns (logits, loss) when given targets: logits are concatenated, the loss
+    merged as output_merge says, and without a word on it an error naming it."""
     torch.manual_seed(0)
     model, ids, targets, _ = gpt_case(batch=5)
-    piped = torch_mp.split(copy.deepcopy(model), ["cpu", "cpu"], chunks=2)
-    logits, loss = piped(ids, targets=targets)
     expected_logits, expected_loss = model(ids, targets=targets)
+    with pytest.raises(ValueError, match=r"output '1' is a scalar in each micro-batch.*pass output_merge=\{'1': "
+                                         r"'mean'\}"):
+        torch_mp.split(copy.deepcopy(model), ["cpu", "cpu"], chunks=2)(ids, targets=targets)
+    # The model's loss is a mean over tokens, as many in every sequence: micro-batches of 3 and 2
+    # sequences weigh 3/5 and 2/5.
+    piped = torch_mp.split(copy.deepcopy(model), ["cpu", "cpu"], chunks=2, output_merge={"1": "mean"})
+    logits, loss = piped(ids, targets=targets)
     torch.testing.assert_close(logits, expected_logits)
-    # The model's loss is a mean over tokens; micro-batches of 3 and 2 sequences weigh 3/5 and 2/5.
     torch.testing.assert_close(loss, expected_loss)
+    # A sum over samples merges by "sum", or by a callable given the values and micro-batch sizes.
+    model = SumOut()
+    x = torch.randn(5, 8)
+    for how in ("sum", lambda values, sizes: sum(values)):
+        piped = torch_mp.split(copy.deepcopy(model), ["cpu", "cpu"], chunks=3, output_merge={"total": how})
+        out = piped(x)
+        torch.testing.assert_close(out["total"], model(x)["total"])
+        torch.testing.assert_close(out["rows"], model(x)["rows"])
+    with pytest.raises(TypeError, match="output_merge = 'max'; expected 'mean', 'sum', a callable"):
+        torch_mp.split(copy.deepcopy(model), ["cpu", "cpu"], chunks=3, output_merge="max")
+
+
+class SumOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(*(nn.Linear(8, 8) for _ in range(4)))
+
+    def forward(self, x):
+        rows = self.layers(x)
+        return {"rows": rows, "total": rows.sum()}
 
 
 def test_split_pipelined_keeps_stock_state_dict_and_can_be_resplit():

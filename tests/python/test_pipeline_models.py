@@ -47,12 +47,13 @@ def assert_outputs_close(actual, expected):
 
 
 def check_parity(model, kwargs, loss_of, chunks=2, schedule="1f1b", checkpoint="never", layers=None,
-                 normalizer=None, chunk_spec=None):
+                 normalizer=None, chunk_spec=None, output_merge=None):
     """Forward, train_step (loss, gradients) and an SGD step of ``split(model, ["cpu", "cpu"],
     chunks=...)`` against ``model``."""
     model.zero_grad(set_to_none=True)
     piped = torch_mp.split(copy.deepcopy(model), ["cpu", "cpu"], chunks=chunks, schedule=schedule,
-                           checkpoint=checkpoint, layers=layers, chunk_spec=chunk_spec)
+                           checkpoint=checkpoint, layers=layers, chunk_spec=chunk_spec,
+                           output_merge=output_merge)
     assert len(set(piped._torch_mp_stage_of.values())) == 2
     assert_outputs_close(piped(**kwargs), model(**kwargs))
 
@@ -75,6 +76,11 @@ def check_parity(model, kwargs, loss_of, chunks=2, schedule="1f1b", checkpoint="
     for (name, p), (_, q) in zip(piped.named_parameters(), model.named_parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5, msg=name)
     assert_outputs_close(piped(**kwargs), model(**kwargs))
+
+
+# The models' own loss is a mean over samples here (as many tokens in every sequence, no padding),
+# so the micro-batches' means merge weighted by their sizes.
+MEAN_LOSS = {"loss": "mean"}
 
 
 def _model_loss(output, _target):
@@ -101,11 +107,11 @@ def llama_case():
 
 
 def test_gpt2():
-    check_parity(*gpt2_case(), _model_loss, chunks=2, checkpoint="except_last")
+    check_parity(*gpt2_case(), _model_loss, chunks=2, checkpoint="except_last", output_merge=MEAN_LOSS)
 
 
 def test_llama_with_grouped_query_attention():
-    check_parity(*llama_case(), _model_loss, chunks=3, schedule="gpipe")
+    check_parity(*llama_case(), _model_loss, chunks=3, schedule="gpipe", output_merge=MEAN_LOSS)
 
 
 def bert_case():
@@ -160,7 +166,7 @@ def t5_case():
 
 
 def test_t5_encoder_decoder():
-    check_parity(*t5_case(), _model_loss, chunks=2, layers=T5_LAYERS)
+    check_parity(*t5_case(), _model_loss, chunks=2, layers=T5_LAYERS, output_merge=MEAN_LOSS)
 
 
 def vit_case():
@@ -173,7 +179,7 @@ def vit_case():
 
 
 def test_vit():
-    check_parity(*vit_case(), _model_loss, chunks=2, checkpoint="always")
+    check_parity(*vit_case(), _model_loss, chunks=2, checkpoint="always", output_merge=MEAN_LOSS)
 
 
 def test_torch_transformer_encoder():
@@ -249,7 +255,8 @@ def test_forward_with_kwargs_python_flags_and_branches(flags):
     torch.manual_seed(0)
     model = Flagged()
     x = torch.randn(5, 8, dtype=torch.float64)
-    check_parity(model, dict(x=x, **flags), lambda out, _: out.logits.square().mean() + out.extra["mean"], chunks=3)
+    check_parity(model, dict(x=x, **flags), lambda out, _: out.logits.square().mean() + out.extra["mean"], chunks=3,
+                 output_merge={"extra.mean": "mean"})
 
 
 # --- across ranks: pipeline() runs the same forward on every rank, other ranks' stages on meta ------
@@ -296,13 +303,17 @@ def check_parity_across_ranks(rank, world, model, kwargs, loss_of, target=None, 
 
 
 def _transformers_across_ranks(rank, world):
-    check_parity_across_ranks(rank, world, *gpt2_case(), _model_loss, chunks=2, checkpoint="except_last")
-    check_parity_across_ranks(rank, world, *llama_case(), _model_loss, chunks=3, schedule="gpipe")
+    check_parity_across_ranks(rank, world, *gpt2_case(), _model_loss, chunks=2, checkpoint="except_last",
+                              output_merge=MEAN_LOSS)
+    check_parity_across_ranks(rank, world, *llama_case(), _model_loss, chunks=3, schedule="gpipe",
+                              output_merge=MEAN_LOSS)
     model, kwargs, labels = bert_case()
     check_parity_across_ranks(rank, world, model, kwargs, summed_token_loss, target=labels,
                               normalizer=lambda t: (t != -100).sum(), chunks=2)
-    check_parity_across_ranks(rank, world, *vit_case(), _model_loss, chunks=2, checkpoint="always")
-    check_parity_across_ranks(rank, world, *t5_case(), _model_loss, chunks=2, layers=T5_LAYERS)
+    check_parity_across_ranks(rank, world, *vit_case(), _model_loss, chunks=2, checkpoint="always",
+                              output_merge=MEAN_LOSS)
+    check_parity_across_ranks(rank, world, *t5_case(), _model_loss, chunks=2, layers=T5_LAYERS,
+                              output_merge=MEAN_LOSS)
 
 
 def test_transformers_models_across_ranks():
@@ -354,7 +365,7 @@ def _structured_across_ranks(rank, world):
     flags = dict(scale=0.5, residual=False, mode="relu", collect=True)
     check_parity_across_ranks(rank, world, Flagged(), dict(x=torch.randn(5, 8, dtype=torch.float64), **flags),
                               lambda out, _: out.logits.square().mean() + out.extra["mean"] + out.hidden[0].mean(),
-                              chunks=3, layers=[f"layers.{i}" for i in range(4)])
+                              chunks=3, layers=[f"layers.{i}" for i in range(4)], output_merge={"extra.mean": "mean"})
     # Tuples crossing the stage boundary: gradients reach both of their tensors.
     torch.manual_seed(0)
     x, y = torch.randn(5, 6), torch.randn(5, 6)

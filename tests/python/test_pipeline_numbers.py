@@ -56,7 +56,7 @@ def test_dataclass_and_nested_outputs_merge_over_micro_batches():
     torch.manual_seed(0)
     model = Structured()
     x = torch.randn(8, 6)
-    piped = split2(model, chunks=2)
+    piped = split2(model, chunks=2, output_merge={"notes.0": "mean"})
     out, expected = piped(x), model(x)
     assert isinstance(out, Output) and out.logits.shape == (8, 5) and out.name == "out"
     torch.testing.assert_close(out.logits, expected.logits)
@@ -175,7 +175,7 @@ class CacheLayer(nn.Module):
 def test_in_place_updates_of_the_callers_dict_and_list(chunks):
     torch.manual_seed(0)
     model = Cached()
-    piped = split2(model, chunks=chunks)
+    piped = split2(model, chunks=chunks, output_merge="mean")  # the auxiliary losses are means
     prompt, step = torch.randn(5, 4), torch.randn(5, 4)
     cache, aux, dense_cache, dense_aux = {}, [], {}, []
     torch.testing.assert_close(piped(prompt, cache, aux), model(prompt, dense_cache, dense_aux))
@@ -206,7 +206,7 @@ class Keep(nn.Module):
 def test_shapes_follow_python_arguments_and_data_in_split():
     torch.manual_seed(0)
     model = Keep()
-    piped = split2(model, chunks=2, layers=["layers.0", "layers.1", "layers.2", "layers.3"])
+    piped = split2(model, chunks=2, layers=["layers.0", "layers.1", "layers.2", "layers.3"], output_merge="mean")
     for keep in (4, 2, 5):
         x = torch.randn(4, 6, 6)
         torch.testing.assert_close(piped(x, keep), model(x, keep))
@@ -416,7 +416,8 @@ def _on_ranks(rank, world):
     # 5. shapes that change with a Python argument and with the data: headers follow what crosses.
     torch.manual_seed(0)
     model = Keep()
-    piped = torch_mp.pipeline(copy.deepcopy(model), chunks=2, layers=[f"layers.{i}" for i in range(4)])
+    piped = torch_mp.pipeline(copy.deepcopy(model), chunks=2, layers=[f"layers.{i}" for i in range(4)],
+                              output_merge="mean")
     for keep in (4, 2, 5):
         x = torch.randn(4, 6, 6)
         last(piped(x, keep), model(x, keep))
