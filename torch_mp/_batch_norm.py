@@ -1,6 +1,7 @@
 """Batch norm in a pipeline: each micro-batch is normalized with its own statistics (what a layer
 sees of the batch), while the running statistics are updated once per batch with the statistics of
 the whole batch, as the unpipelined model updates them."""
+import threading
 from typing import List
 
 import torch
@@ -15,6 +16,9 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+_counting = threading.Lock()
+
+
 class _DeferredStatistics:
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not (self.training and self.track_running_stats):
@@ -22,7 +26,7 @@ class _DeferredStatistics:
         self._check_input_dim(input)
         if not _in_backward():
             dims = [d for d in range(input.dim()) if d != 1]
-            with torch.no_grad():
+            with torch.no_grad(), _counting:  # micro-batches run in threads of their own
                 values = input.detach().double()
                 self._sum = self._sum + values.sum(dims)
                 self._squares = self._squares + values.square().sum(dims)

@@ -3,147 +3,69 @@ group's timeout."""
 import datetime
 import re
 import time
-from collections import OrderedDict, deque
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import torch.distributed as dist
 
 from torch_mp import _C
 from torch_mp._group import resolve_group
-from torch_mp._pipeline_engine import Action, Key
 
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
            torch.int16, torch.int8, torch.uint8, torch.bool]
-_HEADER_SLOTS = 64
-_KEPT_SIGNATURES = 8
+_HEADER_SLOTS = 32
+ACTIVATION, GRADIENT = 0, 1
+# (ACTIVATION | GRADIENT, micro-batch, stage that made the tensor, stage that uses it, index among
+# the tensors that pass between those two stages in that micro-batch)
+Key = Tuple[int, int, int, int, int]
 
 
 class GroupTransport:
-    """Activations and gradients between ranks with c10d send/recv. Messages on each pair of ranks
-    are received in the order they were sent (what NCCL requires; tags number them for Gloo). The
-    first time a batch signature is seen, each activation message is preceded by a header giving
-    the shapes and dtypes; later steps with the same signature reuse them, and gradients always take
-    the shapes of the activations they answer."""
+    """One tensor per message, with c10d send/recv. Each message is preceded by a header giving its
+    key, shape, dtype and whether it requires grad, so a receiver reads the messages of a peer in
+    the order they were sent (what NCCL requires; tags number them for Gloo) and keeps those it
+    does not need yet until it does."""
 
-    def __init__(self, group, rank: int, rank_of_stage: Callable[[int], int], device: torch.device,
-                 timeout: datetime.timedelta):
-        self.group, self.rank, self.rank_of_stage = group, rank, rank_of_stage
+    def __init__(self, group, rank: int, device: torch.device, timeout: datetime.timedelta):
+        self.group, self.rank = group, rank
         info = resolve_group(group, "pipeline(group=...)")
         self.group_name, self.group_size = info.name, info.size
         self.device, self.timeout = device, timeout
-        self._specs: Dict[Tuple[int, Key], List[Tuple[torch.Size, torch.dtype, bool]]] = {}
-        self._known_signatures: "OrderedDict[int, None]" = OrderedDict()
 
-    def knows(self, signature: int) -> bool:
-        """Whether a step with this batch signature completed here: its messages' shapes are known."""
-        return signature in self._known_signatures
-
-    def begin(self, schedule: List[List[Action]], num_stages: int, signature: int, headers: bool) -> None:
-        """Starts a step. ``headers`` (agreed by every rank) says whether activations carry their
-        shapes; without, each side takes them from the last step with the same signature."""
-        self._signature, self._headers = signature, headers
-        if headers:
-            self._specs = {key: spec for key, spec in self._specs.items() if key[0] != signature}
-        self._expected: Dict[int, deque] = {}
-        for src, actions in enumerate(schedule):
-            for key in (self._sent_key(a, num_stages) for a in actions):
-                if key is not None and src != self.rank and self._rank_of_key(key) == self.rank:
-                    self._expected.setdefault(src, deque()).append(key)
-        self._inbox: Dict[Key, List[torch.Tensor]] = {}
-        self._posted: Dict[int, Tuple[Key, List[torch.Tensor], List]] = {}
+    def begin(self) -> None:
+        """Starts a step."""
+        self._inbox: Dict[Tuple[int, Key], torch.Tensor] = {}
         self._pending: List = []
         self._sequence_out: Dict[int, int] = {}
         self._sequence_in: Dict[int, int] = {}
-
-    @staticmethod
-    def _sent_key(action: Action, num_stages: int) -> Optional[Key]:
-        backward, stage, microbatch = action
-        if backward:
-            return ("grad", stage - 1, microbatch) if stage > 0 else None
-        return ("act", stage + 1, microbatch) if stage < num_stages - 1 else None
-
-    def _rank_of_key(self, key: Key) -> int:
-        return self.rank_of_stage(key[1])
-
-    def _source_of(self, key: Key) -> int:
-        return self.rank_of_stage(key[1] - 1 if key[0] == "act" else key[1] + 1)
 
     def _tag(self, table: Dict[int, int], peer: int) -> int:
         table[peer] = table.get(peer, 0) + 1
         return table[peer]
 
-    def send(self, key: Key, tensors: List[torch.Tensor]) -> None:
-        dst = self._rank_of_key(key)
-        if dst == self.rank:
-            self._inbox[key] = [t.detach().requires_grad_(t.requires_grad) for t in tensors]
-            return
-        if key[0] == "act":
-            spec = [(t.shape, t.dtype, t.requires_grad) for t in tensors]
-            self._specs[(self._signature, key)] = spec
-            if self._headers:
-                self._post_send(_encode_header(spec, self.device), dst)
-        for tensor in tensors:
-            self._post_send(tensor.detach().contiguous(), dst)
+    def send(self, dst: int, key: Key, tensor: torch.Tensor) -> None:
+        self._post_send(_encode_header(key, tensor, self.device), dst)
+        self._post_send(tensor.detach().contiguous(), dst)
 
     def _post_send(self, tensor: torch.Tensor, dst: int) -> None:
         work = dist.isend(tensor, self._global(dst), group=self.group, tag=self._tag(self._sequence_out, dst))
         self._pending.append((work, tensor, dst))
 
-    def recv(self, key: Key) -> List[torch.Tensor]:
-        if key not in self._inbox:
-            src = self._source_of(key)
-            if src == self.rank:
-                raise RuntimeError(f"pipeline: {key} was never produced on this rank (internal error)")
-            while key not in self._inbox:
-                self._read_next(src, key)
-        return self._inbox.pop(key)
-
-    def _read_next(self, src: int, wanted: Key) -> None:
-        """Receives the next message from ``src``; once its shapes are known (after a batch
-        signature's first step) the one after it is posted at once, so its transfer overlaps the
-        compute until it is needed."""
-        self._post_next(src)
-        if src in self._posted:
-            key, buffers, works = self._posted.pop(src)
-            for work in works:
-                self._wait(work, self._receiving(key, src))
-        else:  # a header comes first: read it, then the tensors it describes
-            key = self._expected[src].popleft()
+    def recv(self, src: int, key: Key) -> torch.Tensor:
+        """The tensor of message ``key`` from rank ``src``; an activation is a leaf that requires
+        grad when the sender's tensor did."""
+        while (src, key) not in self._inbox:
+            doing = _receiving(key, src)
             header = torch.empty(_HEADER_SLOTS, dtype=torch.int64, device=self.device)
-            self._wait(self._irecv(header, src), self._receiving(key, src))
-            self._specs[(self._signature, key)] = _decode_header(header)
-            buffers = [torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype, _ in self._spec(key)]
-            for buffer in buffers:
-                self._wait(self._irecv(buffer, src), self._receiving(key, src))
-        self._inbox[key] = [buffer.requires_grad_(requires_grad and key[0] == "act")
-                            for buffer, (_, _, requires_grad) in zip(buffers, self._spec(key))]
-        self._post_next(src)
-
-    def _spec(self, key: Key):
-        """The shapes, dtypes and requires-grad flags of message ``key``, where known: activations
-        from their header (this step's or an earlier step's with the same signature), gradients from
-        the activations they answer (those that require grad)."""
-        if key[0] == "act":
-            return self._specs.get((self._signature, key))
-        answered = self._specs.get((self._signature, ("act", key[1] + 1, key[2])))
-        return None if answered is None else [s for s in answered if s[2]]
-
-    def _post_next(self, src: int) -> None:
-        expected = self._expected.get(src)
-        if src in self._posted or not expected or self._spec(expected[0]) is None:  # its header is to come
-            return
-        key = expected.popleft()
-        buffers = [torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype, _ in self._spec(key)]
-        self._posted[src] = (key, buffers, [self._irecv(buffer, src) for buffer in buffers])
+            self._wait(self._irecv(header, src), doing)
+            got, shape, dtype, requires_grad = _decode_header(header)
+            buffer = torch.empty(shape, dtype=dtype, device=self.device)
+            self._wait(self._irecv(buffer, src), doing)
+            self._inbox[(src, got)] = buffer.requires_grad_(requires_grad and got[0] == ACTIVATION)
+        return self._inbox.pop((src, key))
 
     def _irecv(self, buffer: torch.Tensor, src: int):
         return dist.irecv(buffer, self._global(src), group=self.group, tag=self._tag(self._sequence_in, src))
-
-    @staticmethod
-    def _receiving(key: Key, src: int) -> str:
-        what = "activations" if key[0] == "act" else "gradients"
-        return f"receiving the {what} of micro-batch {key[2]} for stage {key[1]} from rank {src}"
 
     def _wait(self, work, doing: str) -> None:
         where = f"rank {self.rank} of {self.group_size} in group '{self.group_name}'"
@@ -167,36 +89,30 @@ class GroupTransport:
         for work, _, dst in self._pending:
             self._wait(work, f"sending to rank {dst}")
         self._pending = []
-        # Shapes are kept for the last few signatures only: batches of ever new shapes (sequence
-        # lengths) must not grow this cache without end.
-        self._known_signatures[self._signature] = None
-        self._known_signatures.move_to_end(self._signature)
-        while len(self._known_signatures) > _KEPT_SIGNATURES:
-            old, _ = self._known_signatures.popitem(last=False)
-            self._specs = {key: spec for key, spec in self._specs.items() if key[0] != old}
 
     def _global(self, rank: int) -> int:
         return dist.get_global_rank(self.group, rank) if self.group is not None else rank
 
 
-def _encode_header(spec, device: torch.device) -> torch.Tensor:
-    values = [len(spec)]
-    for shape, dtype, requires_grad in spec:
-        if dtype not in _DTYPES:
-            raise TypeError(f"pipeline: a stage sends a {dtype} tensor to the next; expected one of "
-                            f"{[str(d) for d in _DTYPES]}")
-        values += [_DTYPES.index(dtype), int(requires_grad), len(shape), *shape]
+def _receiving(key: Key, src: int) -> str:
+    kind, microbatch, made_by, used_by, _ = key
+    if kind == ACTIVATION:
+        return f"receiving the activations of micro-batch {microbatch} for stage {used_by} from rank {src}"
+    return f"receiving the gradients of micro-batch {microbatch} for stage {made_by} from rank {src}"
+
+
+def _encode_header(key: Key, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if tensor.dtype not in _DTYPES:
+        raise TypeError(f"pipeline: a {tensor.dtype} tensor passes from stage {key[2]} to stage {key[3]}; expected "
+                        f"one of {[str(d) for d in _DTYPES]}")
+    values = [*key, _DTYPES.index(tensor.dtype), int(tensor.requires_grad), tensor.dim(), *tensor.shape]
     if len(values) > _HEADER_SLOTS:
-        raise ValueError(f"pipeline: a stage sends {len(spec)} tensors with {len(values)} header entries; "
-                         f"expected at most {_HEADER_SLOTS} (fewer or lower-rank tensors between stages)")
+        raise ValueError(f"pipeline: a tensor of {tensor.dim()} dims passes from stage {key[2]} to stage {key[3]}; "
+                         f"expected at most {_HEADER_SLOTS - 8}")
     return torch.tensor(values + [0] * (_HEADER_SLOTS - len(values)), dtype=torch.int64, device=device)
 
 
 def _decode_header(header: torch.Tensor):
     values = header.tolist()
-    spec, i = [], 1
-    for _ in range(values[0]):
-        dtype, requires_grad, ndim = values[i:i + 3]
-        spec.append((torch.Size(values[i + 3:i + 3 + ndim]), _DTYPES[dtype], bool(requires_grad)))
-        i += 3 + ndim
-    return spec
+    dtype, requires_grad, ndim = values[5:8]
+    return tuple(values[:5]), torch.Size(values[8:8 + ndim]), _DTYPES[dtype], bool(requires_grad)

@@ -1,238 +1,321 @@
-"""Runs pipeline schedules: micro-batches in and out, one rank's (or one stage worker's) actions,
-and the stage threads of a pipeline in one process (``_pipeline_comm`` moves tensors between ranks).
+"""One rank's share of a pipeline schedule, without tracing the forward.
 
-A stage's forward cuts the autograd graph at its inputs (leaves that require grad), so its backward
-is its own call, run when the schedule says, and what it leaves in those leaves' ``.grad`` is sent
-to the previous stage.
+Every rank runs the model's own forward once per micro-batch. The placed modules of this rank's
+stages compute; those of other ranks' stages run as stand-ins on meta tensors (their parameters
+are meta on this rank), so shapes flow and nothing is computed. A real tensor made by a local
+stage is sent when it flows into another rank's module; a local module handed a meta tensor
+receives the real one from the rank whose stage made it. Between the modules, an operation with
+a meta operand (``_Follow``) is computed by the rank of the latest stage that made one of its
+operands, which receives the others' real operands from the ranks that made them; the other
+ranks follow it on meta. Every rank runs the same program, so sends and receives pair up.
+
+Each micro-batch's forward runs in a thread of its own, used as a coroutine: it runs only when
+this rank's list of actions says ``F(stage, micro-batch)``, and pauses when it enters a later
+local stage. ``B(stage, micro-batch)`` runs the backward of what that stage sent (with the
+gradients its receivers send back) and sends the gradients of what it received.
 """
 import contextlib
 import threading
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+from torch.overrides import TorchFunctionMode, _pop_mode_temporarily
+from torch.utils import _pytree as pytree
 from torch.utils.checkpoint import checkpoint as checkpointed
+from torch.utils.weak import WeakIdKeyDictionary
 
-from torch_mp._ops import to_device
-from torch_mp._pipeline_graph import StageGraph
+from torch_mp._pipeline_batch import copy_tensors, tensors_in
+from torch_mp._pipeline_comm import ACTIVATION, GRADIENT
 from torch_mp.split import _map_tensors
 
+def current() -> "MicroBatch":
+    """The micro-batch whose forward runs in this thread."""
+    return _current.micro_batch
+
+
 Action = Tuple[bool, int, int]  # (backward, stage, micro-batch)
-Key = Tuple[str, int, int]  # ("act" | "grad", receiving stage, micro-batch)
 CHECKPOINTS = ("never", "except_last", "always")
+_current = threading.local()
+_VALUE_READS = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.tolist, torch.Tensor.__int__,
+                torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.numpy}
 
 
-# --- micro-batches --------------------------------------------------------------------------
-
-def batch_size_of(values: Sequence, batch_dim: int) -> int:
-    found: List[int] = []
-    _map_tensors(list(values), lambda t: found.append(t.shape[batch_dim]) if t.dim() > batch_dim else None)
-    if not found:
-        raise ValueError(f"pipeline: none of the inputs is a tensor with a batch dimension {batch_dim}; "
-                         "expected at least one, to cut into micro-batches")
-    return found[0]
+class Aborted(Exception):
+    """The step failed elsewhere; this micro-batch's forward stops."""
 
 
-def micro_batch_sizes(batch: int, chunks: int) -> List[int]:
-    if chunks > batch:
-        raise ValueError(f"pipeline: chunks = {chunks} but the batch holds {batch} samples; expected "
-                         f"chunks <= the batch size")
-    base, extra = divmod(batch, chunks)
-    return [base + (1 if m < extra else 0) for m in range(chunks)]
+def _to_meta(tensor: torch.Tensor) -> torch.Tensor:
+    with torch._C.DisableTorchFunction():  # a copy: no operation of the forward's
+        meta = tensor.detach().to("meta")
+    return meta.requires_grad_(tensor.requires_grad) if meta.is_floating_point() or meta.is_complex() else meta
 
 
-def cut_batch(values, sizes: List[int], batch_dim: int) -> List:
-    """One copy of ``values`` per micro-batch: tensors whose batch dimension has the batch size are
-    narrowed to the micro-batch, everything else is passed whole."""
-    batch = sum(sizes)
-    parts, start = [], 0
-    for size in sizes:
-        parts.append(_map_tensors(values, lambda t, start=start, size=size: t.narrow(batch_dim, start, size)
-                                  if t.dim() > batch_dim and t.shape[batch_dim] == batch else t))
-        start += size
-    return parts
+class _Follow(TorchFunctionMode):
+    """Between the placed modules: every result is marked with the latest stage that made one of
+    its operands (its origin). An operation with a meta operand is computed by that stage's rank,
+    which receives the meta operands' real values; the other ranks send it what they made and run
+    the operation on meta."""
 
+    def __init__(self, step: "RankStep"):
+        super().__init__()
+        self.step = step
 
-def merge_outputs(outputs: List, sizes: List[int], batch_dim: int):
-    """The inverse of cut_batch for a forward's outputs: batch-shaped tensors are concatenated,
-    scalars (a loss the model computes itself) averaged with the micro-batch sizes as weights."""
-    first = outputs[0]
-    if isinstance(first, torch.Tensor):
-        if first.dim() == 0:
-            return sum(out * (size / sum(sizes)) for out, size in zip(outputs, sizes))
-        if first.dim() > batch_dim and all(out.shape[batch_dim] == size for out, size in zip(outputs, sizes)):
-            return torch.cat(outputs, dim=batch_dim)
-        return first
-    if isinstance(first, tuple) and hasattr(first, "_fields"):
-        return type(first)(*(merge_outputs(list(parts), sizes, batch_dim) for parts in zip(*outputs)))
-    if isinstance(first, (list, tuple)):
-        return type(first)(merge_outputs(list(parts), sizes, batch_dim) for parts in zip(*outputs))
-    if isinstance(first, dict):
-        merged = {key: merge_outputs([out[key] for out in outputs], sizes, batch_dim) for key in first}
-        return merged if type(first) is dict else type(first)(**merged)
-    return first
-
-
-def shapes_of(values) -> str:
-    """The shapes and dtypes of every tensor in ``values``, in order."""
-    described: List[str] = []
-    _map_tensors(values, lambda t: described.append(f"{list(t.shape)} {str(t.dtype).replace('torch.', '')}"))
-    return ", ".join(described)
-
-
-# --- one rank's actions ---------------------------------------------------------------------
-
-class StageRunner:
-    """Runs a list of actions for the stages in ``stages``, talking through ``transport``."""
-
-    def __init__(self, stages: Dict[int, StageGraph], devices: Dict[int, torch.device], num_stages: int,
-                 transport, checkpoint: str, chunks: int):
-        self.stages, self.devices, self.num_stages = stages, devices, num_stages
-        self.transport, self.checkpoint, self.chunks = transport, checkpoint, chunks
-
-    def _checkpointed(self, microbatch: int) -> bool:
-        return self.checkpoint == "always" or (self.checkpoint == "except_last" and microbatch < self.chunks - 1)
-
-    def run(self, actions: Sequence[Action], inputs: List[List], targets: Optional[List],
-            loss_fn: Optional[Callable], weights: List[float], cut: bool) -> Dict[int, object]:
-        """Forward-only when ``loss_fn`` is None (the last stage's outputs are returned per
-        micro-batch); otherwise the last stage returns each micro-batch's loss."""
-        saved: Dict[Tuple[int, int], Tuple[List[torch.Tensor], List[torch.Tensor]]] = {}
-        results: Dict[int, object] = {}
-        last = self.num_stages - 1
-        for backward, stage, microbatch in actions:
-            if backward:
-                self._backward(stage, microbatch, saved.pop((stage, microbatch)))
-                continue
-            device = self.devices[stage]
-            received = self.transport.recv(("act", stage, microbatch)) if stage > 0 else []
-            if cut:
-                received = [t.detach().requires_grad_(t.requires_grad) for t in received]
-            model_inputs = _map_tensors(inputs[microbatch], lambda t: t if t.device == device else
-                                        to_device(t, device) if t.requires_grad and not cut else t.to(device))
-            run = self.stages[stage].module
-            if torch.is_grad_enabled() and self._checkpointed(microbatch):
-                out = checkpointed(run, *model_inputs, *received, use_reentrant=False)
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+        metas = any(t.is_meta for t in tensors)
+        if not metas and not _current.micro_batch.depth:
+            # A tensor made or moved to the device of one this rank follows on meta (``arange(...,
+            # device=hidden.device)``, ``mask.to(hidden.device)``) is made on this rank's device.
+            args, kwargs = pytree.tree_map(self._real_device, (args, kwargs))
+        if not tensors:
+            return func(*args, **kwargs)
+        origins = self.step.origin
+        if metas:
+            if func in _VALUE_READS:
+                raise ValueError(
+                    f"pipeline: the forward reads the value of a tensor ({getattr(func, '__name__', func)}) that "
+                    f"rank {self.step.rank} does not compute (a meta stand-in of another rank's stage made "
+                    "it); expected no Python branch on tensor values between the placed modules: move "
+                    "that code into a layer, or pass layers=[...] so that one stage holds it")
+            origin = max((o for o in map(origins.get, tensors) if o is not None), default=None)
+            micro_batch = _current.micro_batch
+            if origin is None:
+                args, kwargs = pytree.tree_map_only(torch.Tensor, _to_meta, (args, kwargs))
+            elif self.step.rank_of(origin) == self.step.rank:
+                args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: micro_batch.fetch(t, origin),
+                                                    (args, kwargs))
             else:
-                out = run(*model_inputs, *received)
-            if stage == last:
-                if loss_fn is None:
-                    results[microbatch] = out
-                    continue
-                target = _map_tensors(targets[microbatch], lambda t: t.to(device))
-                loss = loss_fn(out, target)
-                if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-                    shape = list(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-                    raise ValueError(f"pipeline: loss_fn returned {shape}; expected a scalar tensor, the "
-                                     "micro-batch's mean loss")
-                results[microbatch] = loss.detach()
-                saved[(stage, microbatch)] = (received, [loss * weights[microbatch]])
-            else:
-                self.transport.send(("act", stage + 1, microbatch), _tensors(out, self.stages[stage].sent, stage))
-                if loss_fn is not None:
-                    saved[(stage, microbatch)] = (received, list(out))
-        return results
-
-    def _backward(self, stage: int, microbatch: int, saved) -> None:
-        received, outputs = saved
-        if stage == self.num_stages - 1:
-            tensors, grads = outputs, [None]
+                args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: micro_batch.follow(t, origin),
+                                                    (args, kwargs))
         else:
-            grads = self.transport.recv(("grad", stage, microbatch))
-            tensors = [t for t in outputs if t.requires_grad]
-        if tensors:
-            torch.autograd.backward(tensors, grads)
-        if stage > 0:
-            self.transport.send(("grad", stage - 1, microbatch),
-                                [t.grad if t.grad is not None else torch.zeros_like(t)
-                                 for t in received if t.requires_grad])
+            origin = max((o for o in map(origins.get, tensors) if o is not None), default=None)
+        # A data-dependent shape (a boolean mask's selection) on meta takes every element: a
+        # placeholder, replaced by the real tensor where a stage receives it.
+        with _assume_all_nonzero():
+            out = func(*args, **kwargs)
+        if origin is not None:
+            for t in pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    origins[t] = origin
+        return out
+
+    def _real_device(self, value):
+        if isinstance(value, torch.device) and value.type == "meta":
+            return self.step.device
+        return self.step.device if isinstance(value, str) and value == "meta" else value
 
 
-def _tensors(values, names: List[str], stage: int) -> List[torch.Tensor]:
-    for name, value in zip(names, values):
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"pipeline: stage {stage} passes {name} = {type(value).__name__} on to the next "
-                            "stage; expected only tensors to cross stage boundaries")
-    return list(values)
+def _assume_all_nonzero():
+    from torch.fx.experimental import _config
+    return _config.patch(meta_nonzero_assume_all_nonzero=True)
 
 
-# --- one process, a thread per stage --------------------------------------------------------
+class MicroBatch:
+    """One micro-batch's forward in its thread, resumed by ``RankStep`` at each of its local
+    stages' turns."""
 
-class _Aborted(Exception):
-    """Another stage worker failed; its error is the one raised."""
+    def __init__(self, step: "RankStep", index: int, work: Callable[[], object]):
+        self.step, self.index, self.work = step, index, work
+        self.stage: Optional[int] = None  # the local stage whose turn it is
+        self.paused_at: Optional[int] = None
+        self.depth = 0
+        self.sent: List[Tuple[torch.Tensor, int, tuple]] = []  # (tensor, dst rank, key)
+        self.received: List[Tuple[torch.Tensor, int, tuple]] = []  # (leaf, src rank, key)
+        self._sent_to: set = set()
+        self._received: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._counts: Dict[tuple, int] = {}
+        self._go, self._back = threading.Semaphore(0), threading.Semaphore(0)
+        self.thread: Optional[threading.Thread] = None
+        self.done, self.aborted = False, False
+        self.result, self.error = None, None
 
+    # --- the thread ---
 
-class LocalTransport:
-    """Hands tensors between the stage threads of one process, moved to the receiver's device. On
-    CUDA the receiver's stream waits for the sender's work before using them."""
-
-    def __init__(self, devices: Dict[int, torch.device], cut: bool):
-        self.devices, self.cut = devices, cut
-        self._ready = threading.Condition()
-        self._box: Dict[Key, Tuple[List[torch.Tensor], Optional[torch.cuda.Event]]] = {}
-        self._failed = False
-
-    def send(self, key: Key, tensors: List[torch.Tensor]) -> None:
-        device = self.devices[key[1]]
-        if self.cut:
-            moved = [t.detach().to(device).requires_grad_(t.requires_grad) for t in tensors]
-        else:
-            moved = [t if t.device == device else to_device(t, device) for t in tensors]
-        event = None
-        if device.type == "cuda":
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(device))
-        with self._ready:
-            self._box[key] = (moved, event)
-            self._ready.notify_all()
-
-    def recv(self, key: Key) -> List[torch.Tensor]:
-        with self._ready:
-            self._ready.wait_for(lambda: key in self._box or self._failed)
-            if key not in self._box:
-                raise _Aborted()
-            tensors, event = self._box.pop(key)
-        if event is not None:
-            torch.cuda.current_stream(self.devices[key[1]]).wait_event(event)
-        return tensors
-
-    def fail(self) -> None:
-        with self._ready:
-            self._failed = True
-            self._ready.notify_all()
-
-
-def run_local(stages: List[StageGraph], devices: List[torch.device], schedule: List[List[Action]],
-              inputs: List[List], targets: Optional[List], loss_fn: Optional[Callable], weights: List[float],
-              checkpoint: str, cut: bool) -> Dict[int, object]:
-    """Runs ``schedule`` with one thread per stage (each on its own CUDA stream when its device is a
-    GPU); the caller's grad mode carries over into the threads."""
-    device_of = dict(enumerate(devices))
-    transport = LocalTransport(device_of, cut)
-    results: Dict[int, object] = {}
-    errors: List[BaseException] = []
-    grad_enabled = torch.is_grad_enabled()
-
-    def work(stage: int) -> None:
+    def _main(self) -> None:
+        self._go.acquire()
         try:
-            runner = StageRunner({stage: stages[stage]}, device_of, len(stages), transport, checkpoint,
-                                 len(inputs))
-            stream = torch.cuda.Stream(devices[stage]) if devices[stage].type == "cuda" else None
-            on_stream = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-            with torch.set_grad_enabled(grad_enabled), on_stream:
-                results.update(runner.run(schedule[stage], inputs, targets, loss_fn, weights, cut))
-            if stream is not None:
-                stream.synchronize()
-        except BaseException as error:  # noqa: B036 - every failure must stop the other workers
-            errors.append(error)
-            transport.fail()
+            if self.aborted:
+                raise Aborted()
+            with contextlib.ExitStack() as stack:
+                self.step.state.enter(stack)
+                _current.micro_batch = self
+                stack.callback(lambda: setattr(_current, "micro_batch", None))
+                stack.enter_context(_Follow(self.step))
+                self.result = self.work()
+        except BaseException as error:  # noqa: B036 - handed to the rank's thread, which raises it
+            self.error = error
+        self.done = True
+        self._back.release()
 
-    threads = [threading.Thread(target=work, args=(stage,), name=f"torch_mp-stage-{stage}")
-               for stage in range(len(stages))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    real = [error for error in errors if not isinstance(error, _Aborted)]
-    if real:
-        raise real[0]
-    return results
+    def _pause(self, stage: int) -> None:
+        self.paused_at = stage
+        self._back.release()
+        self._go.acquire()
+        if self.aborted:
+            raise Aborted()
+
+    def _key(self, kind: int, made_by: int, used_by: int) -> tuple:
+        pair = (made_by, used_by)
+        self._counts[pair] = self._counts.get(pair, -1) + 1
+        return (kind, self.index, made_by, used_by, self._counts[pair])
+
+    def enter_local(self, stage: int, values):
+        """A local module of ``stage`` is called with ``values``: waits for the stage's turn, and
+        receives the real tensors of the meta ones given."""
+        if stage > self.stage:
+            self._pause(stage)
+        elif stage < self.stage:
+            raise ValueError(f"pipeline: micro-batch {self.index}'s forward calls a module of stage {stage} after "
+                             f"those of stage {self.stage} on rank {self.step.rank}; across ranks the placed "
+                             "modules must be called in stage order (a module called twice must not be "
+                             "placed after a later stage's)")
+
+        return _map_tensors(values, lambda t: self.fetch(t, stage))
+
+    def fetch(self, tensor: torch.Tensor, stage: int) -> torch.Tensor:
+        """``tensor`` where local ``stage`` uses it: a meta one's real value, received from the rank
+        whose stage made it (once per micro-batch)."""
+        if not tensor.is_meta:
+            return tensor
+        if id(tensor) in self._received:
+            return self._received[id(tensor)][1]
+        origin = self.step.origin.get(tensor)
+        if origin is None or self.step.rank_of(origin) == self.step.rank:
+            raise ValueError(
+                f"pipeline: on rank {self.step.rank}, stage {stage} uses a {list(tensor.shape)} tensor that no "
+                "stage made (made on the meta device from another rank's value, e.g. by a factory given its "
+                "device); expected tensors made from the inputs, parameters or stages' outputs")
+        src = self.step.rank_of(origin)
+        key = self._key(ACTIVATION, origin, stage)
+        leaf = self.step.transport.recv(src, key)
+        self.received.append((leaf, src, key))
+        self._received[id(tensor)] = (tensor, leaf)
+        return leaf
+
+    def to_stand_in(self, stage: int, values):
+        """A module of another rank's ``stage`` is called with ``values``: what a local stage made
+        is sent to that rank, and the stand-in gets meta tensors."""
+        return _map_tensors(values, lambda t: self.follow(t, stage))
+
+    def follow(self, tensor: torch.Tensor, stage: int) -> torch.Tensor:
+        """``tensor`` where another rank's ``stage`` uses it: sent there if a local stage made it
+        (once per micro-batch and rank), and made meta."""
+        if tensor.is_meta:
+            return tensor
+        dst = self.step.rank_of(stage)
+        origin = self.step.origin.get(tensor)
+        if (origin is not None and self.step.rank_of(origin) == self.step.rank
+                and (id(tensor), dst) not in self._sent_to):
+            key = self._key(ACTIVATION, origin, stage)
+            self.step.transport.send(dst, key, tensor)
+            self.sent.append((tensor, dst, key))
+            self._sent_to.add((id(tensor), dst))
+        return _to_meta(tensor)
+
+    def to_last_stage(self, output):
+        """The forward's ``output`` where the last stage's rank returns it: what other ranks' stages
+        made (a T5 encoder's last hidden state) is sent there."""
+        last = self.step.last
+        with torch._C.DisableTorchFunction():
+            if self.step.rank_of(last) != self.step.rank:
+                return copy_tensors(output, lambda t: self.follow(t, last))
+            return copy_tensors(output, lambda t: self.fetch(t, last) if self.step.origin.get(t) is not None else t)
+
+    # --- the rank's thread ---
+
+    def resume(self, stage: int) -> None:
+        """Runs the forward until it enters a later local stage, or ends."""
+        if self.done or (self.paused_at is not None and self.paused_at > stage):
+            return  # no module of ``stage`` was called on this micro-batch
+        self.stage = stage
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._main, name=f"torch_mp-micro-batch-{self.index}", daemon=True)
+            self.thread.start()
+        self._go.release()
+        self._back.acquire()
+        if self.error is not None:
+            raise self.error
+
+    def abort(self) -> None:
+        if self.thread is not None and not self.done:
+            self.aborted = True
+            self._go.release()
+            self.thread.join()
+
+
+def placed_forward(pipe, original: Callable, stage: int, module: torch.nn.Module) -> Callable:
+    """The forward a placed module gets: on a micro-batch of ``pipe``, computed on this rank's
+    stages and a meta stand-in on the others'."""
+
+    def forward(*args, **kwargs):
+        micro_batch: Optional[MicroBatch] = getattr(_current, "micro_batch", None)
+        if micro_batch is None or micro_batch.step.pipe is not pipe or micro_batch.depth:
+            return original(*args, **kwargs)
+        step = micro_batch.step
+        micro_batch.depth += 1
+        try:
+            if step.rank_of(stage) == step.rank:
+                with torch._C.DisableTorchFunction():
+                    args, kwargs = micro_batch.enter_local(stage, (args, kwargs))
+                with _pop_mode_temporarily():
+                    if step.recompute(micro_batch.index) and module.training and torch.is_grad_enabled():
+                        out = checkpointed(original, *args, use_reentrant=False, **kwargs)
+                    else:
+                        out = original(*args, **kwargs)
+            else:
+                with torch._C.DisableTorchFunction():
+                    args, kwargs = micro_batch.to_stand_in(stage, (args, kwargs))
+                out = original(*args, **kwargs)
+                with torch._C.DisableTorchFunction():
+                    out = _map_tensors(out, lambda t: t if t.is_meta else _to_meta(t))
+            for tensor in tensors_in(out):
+                step.origin[tensor] = stage
+            return out
+        finally:
+            micro_batch.depth -= 1
+
+    return forward
+
+
+class RankStep:
+    """One step (a batch) on one rank: the forwards of its micro-batches and the backwards of its
+    stages, in the order of its list of actions."""
+
+    def __init__(self, pipe, state, recompute: Callable[[int], bool]):
+        self.pipe, self.rank, self.transport, self.device = pipe, pipe.rank, pipe.transport, pipe.device
+        self.rank_of, self.last = pipe.rank_of, pipe.num_stages - 1
+        self.state, self.recompute = state, recompute
+        self.origin = WeakIdKeyDictionary()
+
+    def run(self, actions: List[Action], works: List[Callable[[], object]],
+            losses: Optional[List[torch.Tensor]] = None) -> List[MicroBatch]:
+        """Runs ``actions``; ``works[m]()`` is micro-batch m's forward (returning its loss on the
+        last stage when ``losses`` is wanted, weighted in ``losses[m]`` by the caller)."""
+        micro_batches = [MicroBatch(self, m, work) for m, work in enumerate(works)]
+        try:
+            for backward, stage, m in actions:
+                if backward:
+                    self._backward(stage, micro_batches[m], losses)
+                else:
+                    micro_batches[m].resume(stage)
+        finally:
+            for micro_batch in micro_batches:
+                micro_batch.abort()
+        return micro_batches
+
+    def _backward(self, stage: int, micro_batch: MicroBatch, losses) -> None:
+        roots, grads = [], []
+        if stage == self.last:
+            roots.append(losses[micro_batch.index])
+            grads.append(None)
+        for tensor, dst, key in micro_batch.sent:
+            if key[2] == stage and tensor.requires_grad:
+                roots.append(tensor)
+                grads.append(self.transport.recv(dst, (GRADIENT,) + key[1:]))
+        if roots:
+            torch.autograd.backward(roots, grads)
+        for leaf, src, key in micro_batch.received:
+            if key[3] == stage and leaf.requires_grad:
+                self.transport.send(src, (GRADIENT,) + key[1:],
+                                    leaf.grad if leaf.grad is not None else torch.zeros_like(leaf))

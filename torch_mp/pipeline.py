@@ -15,12 +15,14 @@ from torch_mp import _C
 from torch_mp._batch_norm import defer_batch_norms
 from torch_mp._group import GroupLike, all_gather_rows, all_reduce_sum, process_group_of, resolve_group
 from torch_mp._pipeline_comm import GroupTransport
-from torch_mp._pipeline_engine import (CHECKPOINTS, StageRunner, batch_size_of, cut_batch,
-                                       merge_outputs, micro_batch_sizes, run_local, shapes_of)
-from torch_mp._pipeline_graph import bind_inputs, forward_signature, trace_stages
-from torch_mp._ops import to_device
+from torch_mp._pipeline_batch import (BatchPlan, ChunkSpec, OutputMerge, check_chunk_spec, check_output_merge, check_loss, cut_target,
+                                      loss_weights, merge_outputs, micro_batch_sizes,
+                                      shapes_of, tensors_in, write_back)
+from torch_mp._pipeline_engine import CHECKPOINTS, RankStep, placed_forward
+from torch_mp._pipeline_engine import current as current_micro_batch
+from torch_mp._pipeline_local import ThreadState, gated_forward, run_micro_batches
 from torch_mp.split import (_UNLIMITED, Balance, _balanced_device_map, _check_layers, _find_layers,
-                            _map_tensors, _parse_device)
+                            _map_tensors, _move_tensors, _mover, _parse_device)
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 
@@ -37,96 +39,103 @@ def check_options(chunks: int, schedule: str, checkpoint: str, batch_dim: int, a
 
 
 class _Pipe:
-    """What a pipelined module runs instead of its own forward: its forward cut into stages, run on
-    micro-batches by a schedule. Subclasses say where the stages run."""
+    """What a pipelined module runs instead of its own forward: its forward on micro-batches, by a
+    schedule. Subclasses say where the stages run."""
 
     def __init__(self, module: nn.Module, stage_of: Dict[str, int], num_stages: int, chunks: int,
-                 schedule: str, checkpoint: str, batch_dim: int):
+                 schedule: str, checkpoint: str, batch_dim: int, chunk_spec: ChunkSpec, output_merge: OutputMerge):
         self.module, self.stage_of, self.num_stages = module, stage_of, num_stages
         self.chunks, self.schedule, self.checkpoint, self.batch_dim = chunks, schedule, checkpoint, batch_dim
-        self._graphs: Dict[frozenset, list] = {}
+        self.chunk_spec = check_chunk_spec(chunk_spec)
+        self.output_merge = check_output_merge(output_merge)
         self.batch_norms = defer_batch_norms(module)
 
-    def stages(self, given) -> list:
-        key = frozenset(given)
-        if key not in self._graphs:
-            graphs = trace_stages(self.module, self.stage_of, self.num_stages, set(given))
-            self._check_stages(graphs, given)
-            self._graphs[key] = graphs
-        return self._graphs[key]
+    def _plan(self, args, kwargs):
+        """The micro-batches of a call: their sizes and their (args, kwargs)."""
+        plan = BatchPlan(self.module, args, kwargs, self.batch_dim, self.chunk_spec)
+        sizes = micro_batch_sizes(plan.batch, self.chunks)
+        return sizes, plan.cut((args, kwargs), sizes)
 
-    def _check_stages(self, graphs, given) -> None:
-        """Where the stages run decides what they may use: checked once per traced signature."""
+    def _write_back(self, args, kwargs, parts, sizes) -> None:
+        for i, name in enumerate(("args", "kwargs")):
+            write_back((args, kwargs)[i], [part[i] for part in parts], sizes, self.batch_dim, self.output_merge, name)
 
-    def _micro_batches(self, args, kwargs, target=None):
-        values, given = bind_inputs(self.module, args, kwargs)
-        sizes = micro_batch_sizes(batch_size_of(values, self.batch_dim), self.chunks)
-        inputs = cut_batch(values, sizes, self.batch_dim)
-        targets = cut_batch(target, sizes, self.batch_dim) if target is not None else None
-        return self.stages(given), inputs, targets, sizes
+    def _recompute(self, microbatch: int, count: int) -> bool:
+        return self.checkpoint == "always" or (self.checkpoint == "except_last" and microbatch < count - 1)
 
-    def _run_batch(self, *args, **kwargs):
+    def _batch(self, run: Callable):
         """Runs one batch; batch norms see its micro-batches and update their running statistics
         once, from all of them."""
         for batch_norm in self.batch_norms:
             batch_norm.reset_batch()
-        results = self._run(*args, **kwargs)
+        results = run()
         for batch_norm in self.batch_norms:
             batch_norm.finish_batch()
         return results
 
-    def forward(self, *args, **kwargs):
-        stages, inputs, _, sizes = self._micro_batches(args, kwargs)
-        forwards = [[(False, s, m) for m in range(self.chunks)] for s in range(self.num_stages)]
-        outputs = self._run_batch(stages, forwards, inputs, None, None, sizes, cut=False)
-        return None if outputs is None else merge_outputs([outputs[m] for m in range(self.chunks)], sizes,
-                                                          self.batch_dim)
-
-    def train_step(self, *args, target, loss_fn: Callable, **kwargs) -> torch.Tensor:
-        """One training step over the batch: forward and backward of every micro-batch in the
-        schedule's order, gradients accumulated in ``.grad`` as one backward of the whole batch
-        would (``loss_fn(output, target)`` returns each micro-batch's mean loss; they are weighted
-        by micro-batch size). Returns the batch's loss, detached. The optimizer step is the caller's."""
-        if not callable(loss_fn):
-            raise TypeError(f"pipeline: loss_fn = {loss_fn!r}; expected a callable (output, target) -> loss")
-        stages, inputs, targets, sizes = self._micro_batches(args, kwargs, target)
-        weights = [size / sum(sizes) for size in sizes]
-        losses = self._run_batch(stages, None, inputs, targets, loss_fn, sizes, cut=True, weights=weights)
-        return self._loss(None if losses is None else sum(losses[m] * weights[m] for m in range(self.chunks)))
-
 
 class LocalPipe(_Pipe):
-    """One process: a thread per stage, each on its stage's device."""
+    """One process: the model's own forward runs once per micro-batch, each in a thread of its own,
+    and each placed module's call waits for its stage's turn (``_pipeline_local``)."""
 
     def __init__(self, *args, devices: List[torch.device], output_device: torch.device):
         super().__init__(*args)
         self.devices, self.output_device = devices, output_device
+        repeated = {device for device in devices if devices.count(device) > 1}
+        for name, device in self.module.device_map.items():
+            submodule = self.module.get_submodule(name)
+            forward = gated_forward(self, submodule.forward, self.stage_of[name], device,
+                                    _mover(device, device in repeated), submodule)
+            forward._torch_mp_gated = True
+            submodule.forward = forward
+        self._to_output = _mover(output_device, output_device in repeated)
 
-    def _check_stages(self, graphs, given) -> None:
-        for stage, graph in enumerate(graphs):
-            for name in sorted(graph.tensors):
-                tensor = _tensor(self.module, name)
-                if tensor.device != self.devices[stage]:
-                    raise ValueError(
-                        f"split: with chunks > 1, stage {stage} ({self.devices[stage]}) uses {name!r}, which "
-                        f"lives on {tensor.device}; expected every stage's tensors on its device (tied "
-                        "parameters across devices need chunks=1, or the tied modules on one device)")
-
-    def _run(self, stages, actions, inputs, targets, loss_fn, sizes, cut, weights=None):
-        if actions is None:
-            actions = _C._pipeline_schedule(self.schedule, self.num_stages, 1, self.chunks)
-        return run_local(stages, self.devices, actions, inputs, targets, loss_fn, weights, self.checkpoint, cut)
+    def _own_forward(self, args, kwargs):
+        return type(self.module).forward(self.module, *args, **kwargs)
 
     def forward(self, *args, **kwargs):
-        output = super().forward(*args, **kwargs)
-        return _map_tensors(output, lambda t: t if t.device == self.output_device else to_device(t, self.output_device))
+        sizes, parts = self._plan(args, kwargs)
+        count = len(sizes)
+        forwards = [[(False, s, m) for m in range(count)] for s in range(self.num_stages)]
+        outputs = self._batch(lambda: run_micro_batches(
+            self, forwards, count, lambda m: self._own_forward(*parts[m]), None,
+            lambda m: self._recompute(m, count)))
+        self._write_back(args, kwargs, parts, sizes)
+        return _move_tensors(merge_outputs(outputs, sizes, self.batch_dim, self.output_merge), self._to_output)
 
-    def _loss(self, loss: torch.Tensor) -> torch.Tensor:
-        return loss
+    def train_step(self, *args, target=None, loss_fn: Callable, normalizer=None, **kwargs) -> torch.Tensor:
+        """One training step over the batch: forward and backward of every micro-batch in the
+        schedule's order, gradients accumulated in ``.grad`` as one backward of the whole batch
+        would. ``loss_fn(output, target)`` returns a micro-batch's mean loss (weighted by the
+        micro-batch sizes), or, with ``normalizer`` (a number, or a callable of the whole batch's
+        target: e.g. its count of tokens that are not ``ignore_index``), a micro-batch's summed
+        loss, every one divided by the normalizer. Returns the batch's loss, detached. The
+        optimizer step is the caller's."""
+        if not callable(loss_fn):
+            raise TypeError(f"pipeline: loss_fn = {loss_fn!r}; expected a callable (output, target) -> loss")
+        sizes, parts = self._plan(args, kwargs)
+        count = len(sizes)
+        targets = cut_target(target, sizes, self.batch_dim) if target is not None else [None] * count
+        weights = loss_weights(sizes, target, normalizer)
+        schedule = _C._pipeline_schedule(self.schedule, self.num_stages, 1, count)
+
+        def forward(m: int) -> torch.Tensor:
+            output = self._own_forward(*parts[m])
+            found = tensors_in(output)
+            device = found[0].device if found else self.output_device
+            return check_loss(loss_fn(output, _map_tensors(targets[m], lambda t: t.to(device))))
+
+        losses = self._batch(lambda: run_micro_batches(
+            self, schedule, count, forward, lambda m, loss: (loss * weights[m]).backward(),
+            lambda m: self._recompute(m, count)))
+        self._write_back(args, kwargs, parts, sizes)
+        return sum(loss.detach() * weight for loss, weight in zip(losses, weights))
 
 
 class DistributedPipe(_Pipe):
-    """One rank per stage (several with an interleaved schedule), over c10d send/recv."""
+    """One rank per stage (several with an interleaved schedule), over c10d send/recv. Every rank
+    runs the model's own forward per micro-batch, other ranks' stages as meta stand-ins
+    (``_pipeline_engine``)."""
 
     def __init__(self, *args, group, stages_per_rank: int, device: torch.device, timeout: datetime.timedelta):
         super().__init__(*args)
@@ -134,29 +143,77 @@ class DistributedPipe(_Pipe):
         info = resolve_group(group, "pipeline(group=...)")
         self.world, self.rank = info.size, info.rank
         self.stages_per_rank, self.device = stages_per_rank, device
-        self.transport = GroupTransport(group, self.rank, lambda stage: stage % self.world, device, timeout)
+        self.transport = GroupTransport(group, self.rank, device, timeout)
         self.plan_checksum = zlib.crc32(repr(sorted(self.stage_of.items())).encode())
         self.ties: List = []
+        for name, stage in self.stage_of.items():
+            if name:
+                submodule = self.module.get_submodule(name)
+                submodule.forward = placed_forward(self, submodule.forward, stage, submodule)
+
+    def rank_of(self, stage: int) -> int:
+        return stage % self.world
 
     def local_stages(self) -> List[int]:
         return list(range(self.rank, self.num_stages, self.world))
 
-    def _check_stages(self, graphs, given) -> None:
-        for stage in self.local_stages():
-            for name in sorted(graphs[stage].tensors):
-                if _tensor(self.module, name).is_meta:
-                    raise ValueError(
-                        f"pipeline: called with inputs {sorted(given)}, stage {stage} on rank {self.rank} uses "
-                        f"{name!r}, which this rank freed when the pipeline was made for the inputs without "
-                        "defaults; expected calls whose layers use the same parameters")
+    def _own_forward(self, args, kwargs):
+        return current_micro_batch().to_last_stage(type(self.module).forward(self.module, *args, **kwargs))
 
-    def _check_agreement(self, signature: int, shapes: str) -> bool:
-        """Every rank runs the same schedule on the same shapes, or none runs anything. Returns
-        whether activations need shape headers this step: unless every rank completed a step with
-        these shapes before."""
+    def forward(self, *args, **kwargs):
+        sizes, parts = self._plan(args, kwargs)
+        count = len(sizes)
+        actions = [(False, s, m) for s in self.local_stages() for m in range(count)]
+        works = [lambda m=m: self._own_forward(*parts[m]) for m in range(count)]
+        with torch.no_grad():
+            micro_batches = self._batch(lambda: self._run(actions, works, parts, None, count, train=False))
+        if self.rank_of(self.num_stages - 1) != self.rank:
+            return None
+        return merge_outputs([self._output(mb.result, mb.index) for mb in micro_batches], sizes, self.batch_dim,
+                             self.output_merge)
+
+    def _output(self, output, microbatch: int):
+        for tensor in tensors_in(output):
+            if tensor.is_meta:
+                raise ValueError(
+                    f"pipeline: micro-batch {microbatch}'s output holds a {list(tensor.shape)} tensor that no stage "
+                    f"made (made on the meta device from another rank's value); expected outputs made from the "
+                    "inputs, parameters or stages' outputs")
+        return output
+
+    def train_step(self, *args, target=None, loss_fn: Callable, normalizer=None, **kwargs) -> torch.Tensor:
+        """As ``LocalPipe.train_step``; the loss is returned on every rank."""
+        if not callable(loss_fn):
+            raise TypeError(f"pipeline: loss_fn = {loss_fn!r}; expected a callable (output, target) -> loss")
+        sizes, parts = self._plan(args, kwargs)
+        count = len(sizes)
+        targets = cut_target(target, sizes, self.batch_dim) if target is not None else [None] * count
+        weights = loss_weights(sizes, target, normalizer)
+        last = self.rank_of(self.num_stages - 1) == self.rank
+        losses: List = [None] * count
+
+        def work(m: int):
+            output = self._own_forward(*parts[m])
+            if last:
+                output = self._output(output, m)
+                target_m = _map_tensors(targets[m], lambda t: t.to(self.device))
+                losses[m] = check_loss(loss_fn(output, target_m)) * weights[m]
+            return output
+
+        actions = _C._pipeline_schedule(self.schedule, self.world, self.stages_per_rank, count)[self.rank]
+        works = [lambda m=m: work(m) for m in range(count)]
+        with torch.enable_grad():
+            self._batch(lambda: self._run(actions, works, (parts, targets), losses, count, train=True))
+        loss = sum(loss.detach() for loss in losses) if last else None
+        # The batch's loss on every rank, sent from the rank holding the last stage.
+        buffer = loss.reshape(1).float() if loss is not None else torch.zeros(1, device=self.device)
+        return all_reduce_sum(buffer, self.group, "torch_mp.pipeline")[0]
+
+    def _check_agreement(self, signature: int, shapes: str) -> None:
+        """Every rank runs the same schedule on the same shapes, or none runs anything."""
         fields = ["schedule", "stages", "stages_per_rank", "chunks", "input shapes", "stage plan"]
         mine = [SCHEDULES.index(self.schedule), self.num_stages, self.stages_per_rank, self.chunks, signature,
-                self.plan_checksum, int(self.transport.knows(signature))]
+                self.plan_checksum]
         rows = all_gather_rows(torch.tensor(mine, dtype=torch.int64, device=self.device), self.group,
                                "torch_mp.pipeline").tolist()
         differ = [(field, [row[i] for row in rows]) for i, field in enumerate(fields)
@@ -165,43 +222,34 @@ class DistributedPipe(_Pipe):
             described = "; ".join(f"{field}: {_describe(field, values, shapes, self.rank)}" for field, values in differ)
             raise ValueError(f"pipeline: the ranks disagree before running the schedule ({described}); "
                              "expected every rank to call with the same options and the same batch shapes")
-        return not all(row[-1] for row in rows)
 
-    def _run(self, stages, actions, inputs, targets, loss_fn, sizes, cut, weights=None):
-        shapes = f"inputs {shapes_of(inputs[0])}" + (f", targets {shapes_of(targets[0])}" if targets else "")
-        # Forward-only runs send activations that need no grad: their headers differ from training's.
-        signature = zlib.crc32(repr((shapes_of(inputs), shapes_of(targets), cut)).encode())
-        headers = self._check_agreement(signature, shapes)
-        if actions is None:
-            schedule = _C._pipeline_schedule(self.schedule, self.world, self.stages_per_rank, self.chunks)
+    def _run(self, actions, works, inputs, losses, count, train):
+        if train:
+            parts, targets = inputs
+            shapes = f"inputs {shapes_of(parts[0])}, targets {shapes_of(targets[0])}"
+            signature = zlib.crc32(repr((shapes_of(parts), shapes_of(targets), True)).encode())
         else:
-            schedule = [[a for s in range(r, self.num_stages, self.world) for a in actions[s]]
-                        for r in range(self.world)]
-        runner = StageRunner({s: stages[s] for s in self.local_stages()}, {s: self.device for s in self.local_stages()},
-                             self.num_stages, self.transport, self.checkpoint, self.chunks)
+            shapes = f"inputs {shapes_of(inputs[0])}"
+            signature = zlib.crc32(repr((shapes_of(inputs), False)).encode())
+        self._check_agreement(signature, shapes)
         # Tied parameters sum this step's gradients across their ranks; what earlier steps left in
         # .grad (gradient accumulation) was summed already and is set aside meanwhile.
-        tied = [param for params, _ in self.ties for param in params] if cut else []
+        tied = [param for params, _ in self.ties for param in params] if train else []
         earlier = [param.grad for param in tied]
         for param in tied:
             param.grad = None
-        self.transport.begin(schedule, self.num_stages, signature, headers)
-        with torch.set_grad_enabled(cut and torch.is_grad_enabled()):
-            results = runner.run(schedule[self.rank], inputs, targets, loss_fn, weights or [], cut)
+        self.transport.begin()
+        step = RankStep(self, ThreadState(), lambda m: train and self._recompute(m, count))
+        micro_batches = step.run(actions, works, losses)
         self.transport.finish()
-        for (params, group) in self.ties if cut else []:
+        for (params, group) in self.ties if train else []:
             for param in params:
                 grad = param.grad if param.grad is not None else torch.zeros_like(param)
                 param.grad = all_reduce_sum(grad, group, "torch_mp.pipeline (tied gradients)")
         for param, grad in zip(tied, earlier):
             if grad is not None:
                 param.grad = grad + param.grad
-        return results if self.num_stages - 1 in self.local_stages() else None
-
-    def _loss(self, loss: Optional[torch.Tensor]) -> torch.Tensor:
-        """The batch's loss on every rank, sent from the rank holding the last stage."""
-        buffer = loss.reshape(1).float() if loss is not None else torch.zeros(1, device=self.device)
-        return all_reduce_sum(buffer, self.group, "torch_mp.pipeline")[0]
+        return micro_batches
 
 
 def _describe(field: str, values: List[int], shapes: str, rank: int) -> str:
@@ -227,6 +275,8 @@ def pipeline(
     layers: Optional[Sequence[str]] = None,
     device: Optional[Union[str, torch.device]] = None,
     batch_dim: int = 0,
+    chunk_spec: ChunkSpec = None,
+    output_merge: OutputMerge = None,
     sample=None,
     timeout: Optional[float] = None,
 ) -> nn.Module:
@@ -253,6 +303,8 @@ def pipeline(
         device: this rank's device; by default ``cuda:<LOCAL_RANK % device count>`` for an NCCL group
             and the CPU otherwise.
         batch_dim: the dimension of the inputs (and targets) cut into micro-batches.
+        chunk_spec: ``{forward input name: dim or None}``, as for ``split``.
+        output_merge: how scalar outputs merge over micro-batches, as for ``split``.
         sample: inputs (a tuple of positional ones, or a dict) for ``balance="time"``.
         timeout: seconds a rank waits for a peer's activations or gradients before raising
             ``torch_mp.CollectiveError``; by default the group's timeout (10 minutes for NCCL,
@@ -260,10 +312,13 @@ def pipeline(
 
     The schedule is computed on every rank and checked (every message has its receiver, no
     deadlock) and the ranks compare their options and batch shapes before each step, so a mismatch
-    is an error, not a hang. ``model(inputs)`` runs the forward only and returns the output on the
-    rank holding the last stage, None on the others. The forward is traced with torch.fx outside the
-    layers, so it must not branch on tensor values there. Parameters used by stages on several ranks
-    (a head tied to the embedding) live on each of them, and their gradients are summed across
+    is an error, not a hang. ``model(inputs)`` runs the forward only (without grad) and returns the
+    output on the rank holding the last stage, None on the others. Nothing is traced: every rank
+    runs the model's own forward per micro-batch, other ranks' layers as stand-ins on meta tensors
+    (``_pipeline_engine``), so ``**kwargs``, Python flags and branches on shapes work; a branch on
+    the value of a tensor another rank computes raises ValueError. ``train_step`` takes
+    ``normalizer=`` as ``split``'s does. Parameters outside the layers (embeddings, heads, norms)
+    live on every rank, and their gradients are summed across
     those ranks after each step.
     """
     if not isinstance(module, nn.Module):
@@ -290,12 +345,11 @@ def pipeline(
     costs = layer_costs(module, layer_names, sample, group, device) if balance == "time" else None
     _, stage_of = _balanced_device_map(module, layer_names, [device] * num_stages, balance,
                                        [_UNLIMITED] * num_stages, costs)
-    pipe = DistributedPipe(module, stage_of, num_stages, chunks, schedule, checkpoint, batch_dim, group=group,
+    pipe = DistributedPipe(module, stage_of, num_stages, chunks, schedule, checkpoint, batch_dim, chunk_spec, output_merge,
+                           group=group,
                            stages_per_rank=stages_per_rank, device=device,
                            timeout=datetime.timedelta(seconds=_timeout_of(info, device) if timeout is None else timeout))
-    given = {name for name, p in forward_signature(module).parameters.items() if p.default is p.empty}
-    graphs = pipe.stages(given)
-    pipe.ties = _keep_local_tensors(module, graphs, pipe, device)
+    pipe.ties = _keep_local_tensors(module, _ranks_using(module, stage_of, layer_names, info.size), pipe, device)
     install_pipe(module, pipe)
     return module
 
@@ -312,13 +366,28 @@ def _default_device(group) -> torch.device:
     return torch.device("cpu")
 
 
-def _keep_local_tensors(module: nn.Module, graphs, pipe: DistributedPipe, device: torch.device) -> List:
-    """Moves the tensors this rank's stages use to ``device`` and the others to the meta device.
-    Returns the tied parameters (used on several ranks), each rank set with a group of its own."""
+def _ranks_using(module: nn.Module, stage_of: Dict[str, int], layer_names: List[str], world: int) -> Dict[int, set]:
+    """The ranks holding each parameter and buffer (by id): a layer's, the rank of its stage; every
+    rank for the others (embeddings, heads, norms, the root's own), which the forward may also use
+    outside their modules (a head tied to the embedding): the ranks that compute with them sum
+    their gradients."""
     ranks_using: Dict[int, set] = {}
-    for stage, graph in enumerate(graphs):
-        for name in graph.tensors:
-            ranks_using.setdefault(id(_tensor(module, name)), set()).add(stage % pipe.world)
+    for name in layer_names:
+        stage = stage_of[name]
+        if name:
+            submodule = module.get_submodule(name)
+            for tensor in [*submodule.parameters(), *submodule.buffers()]:
+                ranks_using.setdefault(id(tensor), set()).add(stage % world)
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if id(tensor) not in ranks_using:
+            ranks_using[id(tensor)] = set(range(world))
+    return ranks_using
+
+
+def _keep_local_tensors(module: nn.Module, ranks_using: Dict[int, set], pipe: DistributedPipe,
+                        device: torch.device) -> List:
+    """Moves the tensors this rank's stages use to ``device`` and the others to the meta device.
+    Returns the tied parameters (held on several ranks), each rank set with a group of its own."""
     # Parameters by their first stock name: the same on every rank, so tied ones pair up in order.
     canonical = {id(param): name for name, param in module.named_parameters()}
     replaced: Dict[int, torch.Tensor] = {}
@@ -347,9 +416,22 @@ def _keep_local_tensors(module: nn.Module, graphs, pipe: DistributedPipe, device
     return ties
 
 
-def _tensor(module: nn.Module, name: str) -> torch.Tensor:
-    owner, _, attr = name.rpartition(".")
-    return getattr(module.get_submodule(owner), attr)
+def plain_train_step(module: nn.Module) -> Callable:
+    """``train_step`` of a split without micro-batches: one forward and backward, with the loss
+    conventions of the pipelined one."""
+
+    def train_step(*args, target=None, loss_fn: Callable, normalizer=None, **kwargs) -> torch.Tensor:
+        if not callable(loss_fn):
+            raise TypeError(f"pipeline: loss_fn = {loss_fn!r}; expected a callable (output, target) -> loss")
+        output = module(*args, **kwargs)
+        found = tensors_in(output)
+        if target is not None and found:
+            target = _map_tensors(target, lambda t: t.to(found[0].device))
+        loss = check_loss(loss_fn(output, target)) * loss_weights([1], target, normalizer)[0]
+        loss.backward()
+        return loss.detach()
+
+    return train_step
 
 
 def install_pipe(module: nn.Module, pipe: _Pipe) -> None:
@@ -382,13 +464,19 @@ def layer_costs(module: nn.Module, layer_names: List[str], sample, group=None,
         handles += [layer.register_forward_pre_hook(start), layer.register_forward_hook(stop),
                     layer.register_full_backward_pre_hook(start), layer.register_full_backward_hook(stop)]
     best = [float("inf")] * len(layers)
+    # The model is left as found: its gradients, buffers (batch-norm statistics), modes, and the
+    # random generator's state.
+    grads = [(param, param.grad) for param in module.parameters()]
+    buffers = [(buffer, buffer.detach().clone()) for buffer in module.buffers()]
+    modes = [(submodule, submodule.training) for submodule in module.modules()]
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
             # Backward hooks on a first layer whose inputs need no grad fire on its outputs' grads, which
             # is what is timed; the warning about it says nothing to the user.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             for run in range(4):  # a warm-up, then the fastest of three: a preempted run does not count
                 spent[:] = [0.0] * len(layers)
+                module.zero_grad(set_to_none=True)
                 output = module(*args, **kwargs)
                 floats: List[torch.Tensor] = []
                 _map_tensors(output, lambda t: floats.append(t) if t.is_floating_point() and t.requires_grad else None)
@@ -398,9 +486,15 @@ def layer_costs(module: nn.Module, layer_names: List[str], sample, group=None,
                 sum(t.float().sum() for t in floats).backward()
                 if run > 0:
                     best = [min(b, s) for b, s in zip(best, spent)]
-            module.zero_grad(set_to_none=True)
     finally:
         for handle in handles:
             handle.remove()
+        with torch.no_grad():
+            for param, grad in grads:
+                param.grad = grad
+            for buffer, value in buffers:
+                buffer.copy_(value)
+        for submodule, training in modes:
+            submodule.training = training
     costs = torch.tensor([max(1, int(s * 1e6)) for s in best], dtype=torch.int64, device=device)
     return all_reduce_sum(costs, group, "torch_mp.pipeline(balance='time')").tolist()

@@ -33,6 +33,8 @@ def split(
     schedule: str = "gpipe",
     checkpoint: str = "never",
     batch_dim: int = 0,
+    chunk_spec=None,
+    output_merge=None,
     sample=None,
 ) -> nn.Module:
     """Places the layers of ``module`` on ``devices``, in place, and returns it.
@@ -49,15 +51,25 @@ def split(
         layers: the names of the modules that are the layers, in order. By default: the largest
             group of repeated blocks (a ``ModuleList`` of transformer blocks, a ResNet's stages).
         output_device: where the output lands; by default the first device.
-        chunks: micro-batches per batch. Above 1 the devices work at once: each stage runs in a
-            thread of its own (on its own CUDA stream on a GPU) and micro-batches flow through them.
-            ``model(inputs)`` then returns the merged output (backward through it works, as one
-            GPipe pass), and ``model.train_step(inputs, target=..., loss_fn=...)`` runs forward and
-            backward by ``schedule`` and returns the loss.
+        chunks: micro-batches per batch. Above 1 the devices work at once: the model's own forward
+            runs once per micro-batch, each in a thread of its own, and a placed module's call
+            waits for its stage's turn in the schedule. ``model(...)`` then returns the merged
+            output (backward through it works, as one GPipe pass), and ``model.train_step(...,
+            target=..., loss_fn=..., normalizer=None)`` runs forward and backward by ``schedule``
+            and returns the loss (with ``chunks=1`` too: one forward and backward).
         schedule: ``"gpipe"`` or ``"1f1b"``, for ``train_step``.
         checkpoint: ``"never"``, ``"except_last"`` or ``"always"``: which micro-batches recompute
-            their forward during backward instead of keeping activations.
+            their placed modules' forwards during backward instead of keeping activations (in
+            training; each recomputation replays the random numbers its forward drew).
         batch_dim: the dimension of the inputs (and targets) cut into micro-batches.
+        chunk_spec: ``{forward input name: dim or None}``: inputs cut along another dimension, or
+            passed whole to every micro-batch (None). Without it an input whose role is ambiguous
+            (an ``[S, S]`` bias with S equal to the batch size) raises ValueError.
+        output_merge: how a scalar output (0-dim in each micro-batch: a loss the model computes)
+            merges into the batch's: ``"mean"`` (weighted by micro-batch sizes), ``"sum"``, or a
+            callable ``(values, sizes) -> value``; one for every scalar, or a ``{output path:
+            merge}`` map (``"loss"``, ``"extra.mean"``, ``"0"``). Without it a scalar output raises
+            ValueError naming its path: a mean over samples is wrong for a sum or a token mean.
         sample: inputs to time the layers on for ``balance="time"`` (a tuple, or a dict of keywords).
 
     The result has ``device_map``: ``{module name: device}`` for every placed module. Parameter
@@ -66,17 +78,20 @@ def split(
     parameters tied between modules stay on the device of their first owner, and the later owners run
     there too.
 
-    With ``chunks > 1`` the forward is cut into stages with torch.fx (the layers are not traced, the
-    code between them is), micro-batches go through a stage in order, and the gradients equal the
-    unpipelined ones up to summation order. Batch norm normalizes each micro-batch with its own
-    statistics in training (what a layer sees of the batch), while its running statistics are
-    updated once per batch from the whole batch's statistics, as without a pipeline.
+    With ``chunks > 1`` outputs are merged field by field (tensors with one row per sample
+    concatenated, scalars averaged by micro-batch size; tuples, lists, dicts, ModelOutput,
+    dataclasses), what the forward writes into lists and dicts passed in reaches the caller's, and
+    the gradients equal the unpipelined ones up to summation order. The forward must treat samples
+    independently. Batch norm normalizes each micro-batch with its own statistics in training (what
+    a layer sees of the batch), while its running statistics are updated once per batch from the
+    whole batch's statistics, as without a pipeline. Pipelining after GPipe (Huang et al., 2019) and
+    PipeDream's 1F1B (Narayanan et al., 2019).
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"split: expected module to be a torch.nn.Module, got {type(module).__name__}")
     devices = _parse_devices(devices)
     output_device = devices[0] if output_device is None else _parse_device(output_device, "output_device")
-    from torch_mp.pipeline import LocalPipe, check_options, install_pipe, layer_costs
+    from torch_mp.pipeline import LocalPipe, check_options, install_pipe, layer_costs, plain_train_step
     check_options(chunks, schedule, checkpoint, batch_dim, allowed=("gpipe", "1f1b"))
     _remove_split_hooks(module)
 
@@ -101,8 +116,8 @@ def split(
     module.output_device = output_device
     if chunks > 1:
         stages = {name: stage for name, stage in stage_of.items() if name in device_map}
-        install_pipe(module, LocalPipe(module, stages, len(devices), chunks, schedule, checkpoint, batch_dim,
-                                       devices=devices, output_device=output_device))
+        install_pipe(module, LocalPipe(module, stages, len(devices), chunks, schedule, checkpoint, batch_dim, chunk_spec,
+                                       output_merge, devices=devices, output_device=output_device))
         return module
     # A device named more than once holds several stages; inputs entering them are copied all the
     # same, so the split behaves (and is tested) as it would across distinct devices.
@@ -114,6 +129,7 @@ def split(
     ]
     handles.append(module.register_forward_hook(_outputs_to(output_device, output_device in repeated)))
     module._torch_mp_split_handles = handles
+    module.train_step = plain_train_step(module)
     return module
 
 
@@ -294,8 +310,9 @@ def _check_counts(balance, num_devices: int, num_layers: int) -> List[int]:
     if len(balance) != num_devices:
         raise ValueError(f"split: balance {list(balance)} has {len(balance)} entries but there are "
                          f"{num_devices} devices; expected one layer count per device")
-    if any(c < 0 for c in balance):
-        raise ValueError(f"split: balance {list(balance)} has a negative layer count; expected counts >= 0")
+    if any(c < 1 for c in balance):
+        raise ValueError(f"split: balance {list(balance)} leaves a stage without layers; expected a count >= 1 "
+                         "for every device (name a device fewer instead)")
     if sum(balance) != num_layers:
         raise ValueError(f"split: balance {list(balance)} adds up to {sum(balance)} layers but the model has "
                          f"{num_layers} layers; expected the counts to add up to {num_layers}")
@@ -364,6 +381,31 @@ def _map_tensors(value, fn):
     return value
 
 
+def _move_tensors(value, fn):
+    """``value`` with ``fn`` applied to every tensor in it. Lists and dicts are updated in place, so
+    what the callee writes into them (a KV cache, a list of auxiliary losses) reaches the caller;
+    tuples are rebuilt."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(_move_tensors(item, fn) for item in value))
+    if isinstance(value, tuple):
+        return type(value)(_move_tensors(item, fn) for item in value)
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            moved = _move_tensors(item, fn)
+            if moved is not item:
+                value[i] = moved
+        return value
+    if isinstance(value, dict):
+        for key in list(value.keys()):
+            moved = _move_tensors(value[key], fn)
+            if moved is not value[key]:
+                value[key] = moved
+        return value
+    return value
+
+
 def _mover(device: torch.device, always: bool):
     if always:
         return lambda tensor: to_device(tensor, device)
@@ -374,7 +416,7 @@ def _inputs_to(device: torch.device, always: bool):
     move = _mover(device, always)
 
     def hook(module, args, kwargs):
-        return _map_tensors(args, move), _map_tensors(kwargs, move)
+        return _move_tensors(args, move), _move_tensors(kwargs, move)
 
     return hook
 
@@ -383,7 +425,7 @@ def _outputs_to(device: torch.device, always: bool):
     move = _mover(device, always)
 
     def hook(module, args, output):
-        return _map_tensors(output, move)
+        return _move_tensors(output, move)
 
     return hook
 
@@ -392,8 +434,12 @@ def _remove_split_hooks(module: nn.Module) -> None:
     for handle in getattr(module, "_torch_mp_split_handles", []):
         handle.remove()
     module._torch_mp_split_handles = []
+    module.__dict__.pop("train_step", None)
     if "_torch_mp_pipe" in module.__dict__:  # a pipelined split's
         from torch_mp._batch_norm import restore_batch_norms
         restore_batch_norms(module)
-        for name in ("forward", "train_step", "_torch_mp_pipe"):
+        for submodule in module.modules():
+            if getattr(submodule.__dict__.get("forward"), "_torch_mp_gated", False):
+                del submodule.forward
+        for name in ("forward", "_torch_mp_pipe"):
             module.__dict__.pop(name, None)

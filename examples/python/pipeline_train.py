@@ -1,6 +1,6 @@
 """Trains a small GPT as a pipeline: micro-batches flowing through stages that work at once.
 
-    python examples/python/pipeline_train.py                       # one process, a thread per stage
+    python examples/python/pipeline_train.py                       # one process, a thread per micro-batch
     torchrun --nproc-per-node 2 examples/python/pipeline_train.py  # one stage per rank (Gloo on CPU)
 
 The task is learnable from scratch (each token is followed by the next in a cycle), so the loss

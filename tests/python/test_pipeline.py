@@ -17,7 +17,7 @@ def gpt_loss(logits, targets):
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
-def mlp_case(batch=12):
+def mlp_case(batch=13):  # chunks of 2 to 6 do not divide it: micro-batches of unequal sizes
     return mlp((16, 32, 32, 32, 32, 32, 32, 32, 8)), torch.randn(batch, 16), torch.randn(batch, 8), F.mse_loss
 
 
@@ -80,16 +80,40 @@ def test_split_forward_with_uneven_micro_batches(chunks):
 
 
 def test_split_merges_structured_outputs():
-    """A forward that returns (logits, loss) when given targets: logits are concatenated, the loss is
-    averaged over micro-batches by their sizes."""
+    """A forward that returns (logits, loss) when given targets: logits are concatenated, the loss
+    merged as output_merge says, and without a word on it an error naming it."""
     torch.manual_seed(0)
     model, ids, targets, _ = gpt_case(batch=5)
-    piped = torch_mp.split(copy.deepcopy(model), ["cpu", "cpu"], chunks=2)
-    logits, loss = piped(ids, targets=targets)
     expected_logits, expected_loss = model(ids, targets=targets)
+    with pytest.raises(ValueError, match=r"output '1' is a scalar in each micro-batch.*pass output_merge=\{'1': "
+                                         r"'mean'\}"):
+        torch_mp.split(copy.deepcopy(model), ["cpu", "cpu"], chunks=2)(ids, targets=targets)
+    # The model's loss is a mean over tokens, as many in every sequence: micro-batches of 3 and 2
+    # sequences weigh 3/5 and 2/5.
+    piped = torch_mp.split(copy.deepcopy(model), ["cpu", "cpu"], chunks=2, output_merge={"1": "mean"})
+    logits, loss = piped(ids, targets=targets)
     torch.testing.assert_close(logits, expected_logits)
-    # The model's loss is a mean over tokens; micro-batches of 3 and 2 sequences weigh 3/5 and 2/5.
     torch.testing.assert_close(loss, expected_loss)
+    # A sum over samples merges by "sum", or by a callable given the values and micro-batch sizes.
+    model = SumOut()
+    x = torch.randn(5, 8)
+    for how in ("sum", lambda values, sizes: sum(values)):
+        piped = torch_mp.split(copy.deepcopy(model), ["cpu", "cpu"], chunks=3, output_merge={"total": how})
+        out = piped(x)
+        torch.testing.assert_close(out["total"], model(x)["total"])
+        torch.testing.assert_close(out["rows"], model(x)["rows"])
+    with pytest.raises(TypeError, match="output_merge = 'max'; expected 'mean', 'sum', a callable"):
+        torch_mp.split(copy.deepcopy(model), ["cpu", "cpu"], chunks=3, output_merge="max")
+
+
+class SumOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(*(nn.Linear(8, 8) for _ in range(4)))
+
+    def forward(self, x):
+        rows = self.layers(x)
+        return {"rows": rows, "total": rows.sum()}
 
 
 def test_split_pipelined_keeps_stock_state_dict_and_can_be_resplit():
@@ -115,10 +139,33 @@ class Repeat(nn.Module):
         return x
 
 
-def test_balance_by_time_follows_compute_not_bytes():
+class Costly(nn.Module):
+    """A linear layer whose forward takes ``units`` milliseconds on ``Costly.clock``, a fake timer
+    (shared by copies of the model)."""
+
+    clock = None
+
+    def __init__(self, units: int):
+        super().__init__()
+        self.linear, self.units = nn.Linear(16, 16), units
+
+    def forward(self, x):
+        Costly.clock.now += self.units * 1e-3
+        return self.linear(x)
+
+
+def test_balance_by_time_follows_compute_not_bytes(monkeypatch):
+    """Equal bytes, compute 24 : 8 : 8 : 8 on a fake clock (a shared machine's timings move by
+    orders of magnitude): by time the cut is [0 | 1 2 3], by bytes [0 1 | 2 3]."""
+    import sys
+    import types
+
+    clock = types.SimpleNamespace(now=0.0)
+    monkeypatch.setattr(Costly, "clock", clock)
+    monkeypatch.setattr(sys.modules["torch_mp.pipeline"], "time", types.SimpleNamespace(perf_counter=lambda: clock.now))
     torch.manual_seed(0)
-    model = nn.Sequential(Repeat(256, 24), Repeat(256, 1), Repeat(256, 1), Repeat(256, 1))
-    sample = (torch.randn(64, 256),)
+    model = nn.Sequential(*(Costly(units) for units in (24, 8, 8, 8)))
+    sample = (torch.randn(4, 16),)
     by_bytes = torch_mp.split(copy.deepcopy(model), ["cpu", "cpu"], balance="auto")
     by_time = torch_mp.split(copy.deepcopy(model), ["cpu", "cpu"], balance="time", sample=sample, chunks=2)
     assert sorted(by_bytes._torch_mp_stage_of.items()) == [("0", 0), ("1", 0), ("2", 1), ("3", 1)]
@@ -250,13 +297,20 @@ def test_pipeline_ranks_that_disagree_fail_fast(chunks, batches, pattern):
 
 
 def _time_balanced(rank, world):
+    """Each rank times the layers itself; the costs are summed over the ranks, so all cut alike
+    (whatever a busy machine's timings are) and each holds the parameters of its stage."""
+    import torch.distributed as dist
+
     torch.manual_seed(0)
-    model = nn.Sequential(Repeat(256, 24), Repeat(256, 1), Repeat(256, 1), Repeat(256, 1))
-    sample = (torch.randn(64, 256),)
+    model = nn.Sequential(Repeat(64, 24), Repeat(64, 8), Repeat(64, 8), Repeat(64, 8))
+    sample = (torch.randn(16, 64),)
     piped = torch_mp.pipeline(copy.deepcopy(model), balance="time", sample=sample, chunks=2)
-    assert sorted(piped._torch_mp_pipe.stage_of.items()) == [("0", 0), ("1", 1), ("2", 1), ("3", 1)]
+    stage_of = sorted(piped._torch_mp_pipe.stage_of.items())
+    every = [None] * world
+    dist.all_gather_object(every, stage_of)
+    assert all(cut == stage_of for cut in every)
     held = {name.split(".")[0] for name, p in piped.named_parameters() if not p.is_meta}
-    assert held == ({"0"} if rank == 0 else {"1", "2", "3"})
+    assert held == {name for name, stage in stage_of if stage == rank}
 
 
 def test_pipeline_balance_by_time_is_the_same_on_every_rank():

@@ -1,0 +1,317 @@
+"""Micro-batches: which inputs are batched (the chunk spec), cutting a batch into micro-batches,
+merging the micro-batches' outputs (and what they wrote into the caller's containers) back into the
+batch's, and the weight of each micro-batch's loss."""
+import copy
+import dataclasses
+import inspect
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from torch_mp.split import _map_tensors
+
+ChunkSpec = Optional[Mapping[str, Optional[int]]]
+ScalarMerge = Union[str, Callable[[List[torch.Tensor], List[int]], torch.Tensor]]
+OutputMerge = Optional[Union[ScalarMerge, Mapping[str, ScalarMerge]]]
+SCALAR_MERGES = ("mean", "sum")
+
+
+def forward_signature(module: nn.Module) -> inspect.Signature:
+    """The signature of the class's forward (the instance's may be a pipelined wrapper), less self."""
+    signature = inspect.signature(type(module).forward)
+    return signature.replace(parameters=list(signature.parameters.values())[1:])
+
+
+def check_chunk_spec(chunk_spec: ChunkSpec) -> Dict[str, Optional[int]]:
+    if chunk_spec is None:
+        return {}
+    if not isinstance(chunk_spec, Mapping) or not all(
+            isinstance(name, str) and (dim is None or (isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0))
+            for name, dim in chunk_spec.items()):
+        raise TypeError(f"pipeline: chunk_spec = {chunk_spec!r}; expected a {{forward parameter name: batch dim "
+                        "(an int >= 0) or None (passed whole to every micro-batch)}} map")
+    return dict(chunk_spec)
+
+
+def check_output_merge(output_merge: OutputMerge) -> OutputMerge:
+    def valid(how) -> bool:
+        return (isinstance(how, str) and how in SCALAR_MERGES) or (callable(how) and not isinstance(how, str))
+
+    if output_merge is None or valid(output_merge):
+        return output_merge
+    if isinstance(output_merge, Mapping) and all(isinstance(path, str) and valid(how)
+                                                 for path, how in output_merge.items()):
+        return dict(output_merge)
+    raise TypeError(f"pipeline: output_merge = {output_merge!r}; expected 'mean', 'sum', a callable (values, "
+                    "micro-batch sizes) -> value, or a {output path ('loss', 'extra.mean', '0'): one of those} map")
+
+
+def _merge_scalars(outputs: List[torch.Tensor], sizes: List[int], merge: OutputMerge, path: str) -> torch.Tensor:
+    """The batch's value of a scalar output, as ``merge`` says; without a word on it, an error: a
+    mean over samples is wrong for a sum, or for a mean over tokens with padding."""
+    how = merge.get(path) if isinstance(merge, dict) else merge
+    if how is None:
+        name = repr(path) if path else "(the whole output)"
+        example = f"{{{path!r}: 'mean'}}" if path else "'mean'"
+        raise ValueError(
+            f"pipeline: output {name} is a scalar in each micro-batch, and the batch's value cannot be told from "
+            "them without knowing what it is (a mean over samples, a sum, a mean over tokens with padding); "
+            f"pass output_merge={example} (weighted by micro-batch sizes), 'sum', or a callable (values, "
+            "micro-batch sizes) -> value; for a loss to train on, use train_step(..., normalizer=...)")
+    if how == "mean":
+        batch = sum(sizes)
+        return sum(out * (size / batch) for out, size in zip(outputs, sizes))
+    if how == "sum":
+        return sum(outputs)
+    return how(outputs, list(sizes))
+
+
+def _path(path: str, key) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _named_inputs(module: nn.Module, args: Sequence, kwargs: Mapping) -> List[Tuple[str, object]]:
+    """(forward parameter name, value) for every input given; the entries of **kwargs by their
+    keyword, those of *args as ``name[i]``."""
+    signature = forward_signature(module)
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as error:
+        raise TypeError(f"pipeline: the inputs do not match {type(module).__name__}.forward{signature}: "
+                        f"{error}") from None
+    named = []
+    for name, value in bound.arguments.items():
+        kind = signature.parameters[name].kind
+        if kind == inspect.Parameter.VAR_KEYWORD:
+            named += list(value.items())
+        elif kind == inspect.Parameter.VAR_POSITIONAL:
+            named += [(f"{name}[{i}]", item) for i, item in enumerate(value)]
+        else:
+            named.append((name, value))
+    return named
+
+
+class BatchPlan:
+    """Which tensors of a call are cut along which dimension, and the batch size.
+
+    A tensor named in the chunk spec is cut along the dimension it gives (None: passed whole).
+    Otherwise a tensor is passed whole when its ``batch_dim`` does not have the batch size, and
+    cut along it when it is the first such input, has the first one's shape, or has the batch size
+    in no other dimension; otherwise (an ``[S, S]`` bias with S equal to the batch size) its role
+    is ambiguous and the call an error. The batch size is that of the first tensor the chunk spec
+    cuts, else of the first tensor input along ``batch_dim``."""
+
+    def __init__(self, module: nn.Module, args: Sequence, kwargs: Mapping, batch_dim: int, chunk_spec: Dict):
+        self.batch_dim = batch_dim
+        named = _named_inputs(module, args, kwargs)
+        unknown = sorted(set(chunk_spec) - {name for name, _ in named}
+                         - set(forward_signature(module).parameters))
+        if unknown:
+            raise ValueError(f"pipeline: chunk_spec names {unknown}, which are not inputs of "
+                             f"{type(module).__name__}.forward; expected names of its parameters or keywords")
+        self.dims: Dict[int, Optional[int]] = {}  # id(tensor) -> dim to cut along, or None
+        unnamed = [(name, tensor) for name, value in named if name not in chunk_spec
+                   for tensor in tensors_in(value) if tensor.dim() > batch_dim]
+        # The first input not in the chunk spec is surely batched; the batch size comes from the
+        # inputs the chunk spec cuts, or else from it.
+        primary = unnamed[0] if unnamed else (None, None)
+        specified = [(name, tensor, chunk_spec[name]) for name, value in named
+                     if chunk_spec.get(name) is not None for tensor in tensors_in(value)]
+        if specified:
+            name, tensor, dim = specified[0]
+            if tensor.dim() <= dim:
+                raise ValueError(f"pipeline: chunk_spec cuts {name} {list(tensor.shape)} along dim {dim}, which it "
+                                 "does not have")
+            self.batch = tensor.shape[dim]
+        elif unnamed:
+            self.batch = primary[1].shape[batch_dim]
+        else:
+            raise ValueError(f"pipeline: none of the inputs is a tensor with a batch dimension {batch_dim}; "
+                             "expected at least one, to cut into micro-batches")
+        for name, value in named:
+            for tensor in tensors_in(value):
+                self.dims[id(tensor)] = self._role(name, tensor, chunk_spec, primary)
+
+    def _role(self, name: str, tensor: torch.Tensor, chunk_spec: Dict, primary) -> Optional[int]:
+        if name in chunk_spec:
+            dim = chunk_spec[name]
+            if dim is not None and (tensor.dim() <= dim or tensor.shape[dim] != self.batch):
+                raise ValueError(f"pipeline: chunk_spec cuts {name} {list(tensor.shape)} along dim {dim}, which does "
+                                 f"not have the batch size {self.batch}; expected a tensor batched along that dim")
+            return dim
+        dim = self.batch_dim
+        if tensor.dim() <= dim or tensor.shape[dim] != self.batch:
+            return None
+        others = [d for d in range(tensor.dim()) if d != dim and tensor.shape[d] == self.batch]
+        if others and tensor is not primary[1] and tensor.shape != primary[1].shape:
+            raise ValueError(
+                f"pipeline: cannot tell whether input {name} {list(tensor.shape)} is batched: dims {[dim] + others} "
+                f"all have the batch size {self.batch} (from {primary[0]} {list(primary[1].shape)}); pass "
+                f"chunk_spec={{'{name}': None}} if every sample shares it, or chunk_spec={{'{name}': {dim}}} if "
+                f"it holds one row per sample along dim {dim}")
+        return dim
+
+    def cut(self, values, sizes: List[int]) -> List:
+        """One copy of ``values`` per micro-batch (containers copied, the caller's left as they are)."""
+        parts, start = [], 0
+        for size in sizes:
+            parts.append(copy_tensors(values, lambda t, start=start, size=size: self._narrow(t, start, size)))
+            start += size
+        return parts
+
+    def _narrow(self, tensor: torch.Tensor, start: int, size: int) -> torch.Tensor:
+        dim = self.dims.get(id(tensor))
+        return tensor if dim is None else tensor.narrow(dim, start, size)
+
+
+def cut_target(target, sizes: List[int], batch_dim: int) -> List:
+    """The targets of each micro-batch: tensors whose ``batch_dim`` has the batch size are cut."""
+    batch = sum(sizes)
+    parts, start = [], 0
+    for size in sizes:
+        parts.append(copy_tensors(target, lambda t, start=start, size=size: t.narrow(batch_dim, start, size)
+                                   if t.dim() > batch_dim and t.shape[batch_dim] == batch else t))
+        start += size
+    return parts
+
+
+def tensors_in(value) -> List[torch.Tensor]:
+    found: List[torch.Tensor] = []
+    copy_tensors(value, lambda t: found.append(t) or t)
+    return found
+
+
+def copy_tensors(value, fn):
+    """``value`` with ``fn`` applied to every tensor in it; containers are copies, dataclasses too."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(copy_tensors(item, fn) for item in value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(copy_tensors(item, fn) for item in value)
+    if isinstance(value, dict):
+        copied = copy.copy(value)
+        for key in list(value.keys()):
+            copied[key] = copy_tensors(value[key], fn)
+        return copied
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{field.name: copy_tensors(getattr(value, field.name), fn)
+                                             for field in dataclasses.fields(value) if field.init})
+    return value
+
+
+def micro_batch_sizes(batch: int, chunks: int) -> List[int]:
+    """``chunks`` micro-batch sizes differing by at most one; fewer when the batch holds fewer
+    samples (one micro-batch for an empty batch)."""
+    count = max(1, min(chunks, batch))
+    base, extra = divmod(batch, count)
+    return [base + (1 if m < extra else 0) for m in range(count)]
+
+
+def merge_outputs(outputs: List, sizes: List[int], batch_dim: int, merge: OutputMerge = None, path: str = ""):
+    """The batch's output from its micro-batches': tensors with one row per sample are concatenated,
+    scalars (a loss the model computes itself) merged as ``merge`` says for their path (``"loss"``,
+    ``"extra.mean"``, ``"0"``: "mean" weighted by micro-batch sizes, "sum", or a callable (values,
+    sizes) -> value; ValueError without it), values equal in every micro-batch taken once; tuples,
+    lists, dicts (transformers' ModelOutput too) and dataclasses field by field. Anything else is
+    an error (ValueError, TypeError)."""
+    first = outputs[0]
+    if len(outputs) == 1:
+        return first
+    if isinstance(first, torch.Tensor):
+        if first.dim() == 0:
+            return _merge_scalars(outputs, sizes, merge, path)
+        if first.dim() > batch_dim and all(out.shape[batch_dim] == size for out, size in zip(outputs, sizes)):
+            return torch.cat(outputs, dim=batch_dim)
+        if all(out is first or (out.shape == first.shape and torch.equal(out, first)) for out in outputs):
+            return first  # the same in every micro-batch: not per sample
+        raise ValueError(f"pipeline: an output has shapes {[list(out.shape) for out in outputs]} in micro-batches of "
+                         f"{sizes} samples: neither one row per sample along batch_dim {batch_dim} nor the same in "
+                         "every micro-batch, so the batch's cannot be told; expected outputs with a batch dimension")
+    if isinstance(first, tuple) and hasattr(first, "_fields"):
+        return type(first)(*(merge_outputs(list(parts), sizes, batch_dim, merge, _path(path, name))
+                             for name, parts in zip(first._fields, zip(*outputs))))
+    if isinstance(first, (list, tuple)):
+        return type(first)(merge_outputs(list(parts), sizes, batch_dim, merge, _path(path, i))
+                           for i, parts in enumerate(zip(*outputs)))
+    if isinstance(first, dict):
+        merged = copy.copy(first)
+        for key in first:
+            merged[key] = merge_outputs([out[key] for out in outputs], sizes, batch_dim, merge, _path(path, key))
+        return merged
+    if dataclasses.is_dataclass(first) and not isinstance(first, type):
+        return dataclasses.replace(first, **{
+            field.name: merge_outputs([getattr(out, field.name) for out in outputs], sizes, batch_dim, merge,
+                                      _path(path, field.name))
+            for field in dataclasses.fields(first) if field.init})
+    if all(_same(out, first) for out in outputs):  # Python values: flags, sizes, strings, None
+        return first
+    raise TypeError(f"pipeline: the micro-batches' outputs hold {type(first).__name__} objects that differ, which "
+                    "cannot be merged into the batch's; expected tensors, tuples, lists, dicts, dataclasses or "
+                    "Python values equal in every micro-batch (for transformers models: use_cache=False)")
+
+
+def _same(a, b) -> bool:
+    try:
+        return a is b or bool(a == b)
+    except Exception:  # noqa: BLE001 - an object that cannot say: not the same
+        return False
+
+
+def write_back(original, parts: List, sizes: List[int], batch_dim: int, merge: OutputMerge = None,
+               path: str = "") -> None:
+    """What the micro-batches wrote into their copies of the caller's lists and dicts (a KV cache,
+    a list collecting auxiliary losses) goes into the caller's, merged as outputs are (scalars by
+    ``merge`` at paths such as ``"args.2.0"``, ``"kwargs.aux.0"``)."""
+    if len(parts) == 1 and parts[0] is original:
+        return
+    if isinstance(original, dict):
+        for key in parts[0]:
+            values = [part[key] for part in parts]
+            if key in original and isinstance(original[key], (dict, list, tuple)):
+                write_back(original[key], values, sizes, batch_dim, merge, _path(path, key))
+            else:
+                original[key] = merge_outputs(values, sizes, batch_dim, merge, _path(path, key))
+    elif isinstance(original, list):
+        for i in range(len(parts[0])):
+            values = [part[i] for part in parts]
+            if i < len(original) and isinstance(original[i], (dict, list, tuple)):
+                write_back(original[i], values, sizes, batch_dim, merge, _path(path, i))
+            elif i < len(original):
+                original[i] = merge_outputs(values, sizes, batch_dim, merge, _path(path, i))
+            else:
+                original.append(merge_outputs(values, sizes, batch_dim, merge, _path(path, i)))
+    elif isinstance(original, tuple):
+        for i, item in enumerate(original):
+            if isinstance(item, (dict, list, tuple)):
+                write_back(item, [part[i] for part in parts], sizes, batch_dim, merge, _path(path, i))
+
+
+def loss_weights(sizes: List[int], target, normalizer) -> List[float]:
+    """Each micro-batch's loss weight: with no normalizer, ``loss_fn`` returns a micro-batch's mean
+    and the weights are the micro-batch sizes over the batch size; with one (a number, or a callable
+    taking the whole batch's target, e.g. its count of real tokens), ``loss_fn`` returns a
+    micro-batch's sum and every weight is 1 / normalizer."""
+    if normalizer is None:
+        batch = sum(sizes)
+        return [size / batch if batch else 1.0 for size in sizes]
+    value = normalizer(target) if callable(normalizer) else normalizer
+    value = float(value.item() if isinstance(value, torch.Tensor) else value)
+    if value <= 0:
+        raise ValueError(f"pipeline: the normalizer is {value:g}; expected a positive count (of samples or tokens)")
+    return [1.0 / value] * len(sizes)
+
+
+def check_loss(loss) -> torch.Tensor:
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        shape = list(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(f"pipeline: loss_fn returned {shape}; expected a scalar tensor, the micro-batch's loss")
+    return loss
+
+
+def shapes_of(values) -> str:
+    """The shapes and dtypes of every tensor in ``values``, in order."""
+    described: List[str] = []
+    _map_tensors(values, lambda t: described.append(f"{list(t.shape)} {str(t.dtype).replace('torch.', '')}"))
+    return ", ".join(described)
