@@ -4,7 +4,7 @@ A ShardSpec says which dim of the weight, in nn.Linear layout ``[out, in]``, is 
 which consecutive parts (a fused q|k|v projection has three, each split by heads on its own).
 """
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -19,9 +19,12 @@ class ShardSpec:
     weight_name: str = "weight"  # the parameter names in the module (nn.MultiheadAttention: in_proj_*)
     bias_name: str = "bias"
     gather_output: bool = False  # colwise only: all-gather the output (an LM head whose logits stay whole)
+    split_dim: Optional[int] = None  # the split dim of a weight not in nn.Linear layout (3-D expert weights)
 
     @property
     def dim(self) -> int:
+        if self.split_dim is not None:
+            return self.split_dim
         return 1 if self.style == ROWWISE else 0
 
     def shards_bias(self) -> bool:

@@ -26,6 +26,7 @@ from typing import Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from torch_mp import _moe
 from torch_mp._group import GroupLike, all_gather_rows, resolve_group
 from torch_mp._sharding import COLWISE, ROWWISE, VOCAB, ShardSpec, shard
 from torch_mp.nn import (
@@ -100,6 +101,9 @@ def tensor_parallel(module: nn.Module, plan: Union[str, Plan] = "auto", group: G
         elif not any(_inside(name, attention) for attention in attentions):
             _swap(module, name, spec, group, shared)
     _fix_split_attributes(module, specs, info.size)
+    # Mixture-of-experts blocks (plan="auto"): their experts whole per rank or cut, by torch_mp._moe.
+    if isinstance(plan, str):
+        specs.update(_moe.parallelize_moe_blocks(module, group, sequence_parallel=bool(sequence_blocks)))
     if sequence_blocks:
         _sequence_parallel(module, sequence_blocks, info)
     module.torch_mp_plan = {name: _style_name(spec) for name, spec in specs.items()}
@@ -152,6 +156,7 @@ def _auto_plan(module: nn.Module) -> Dict[str, str]:
     # transformers models carry their own plan (tp_plan: full names, their base model's prefixed).
     hf_plan = getattr(module, "tp_plan", None)
     if isinstance(hf_plan, Mapping) and hf_plan:
+        hf_plan = _moe.without_expert_patterns(module, hf_plan)  # MoE experts: see tensor_parallel()
         known = {pattern: _TRANSFORMERS_STYLES[style] for pattern, style in hf_plan.items()
                  if style in _TRANSFORMERS_STYLES}
         skipped = sorted(set(hf_plan.values()) - set(_TRANSFORMERS_STYLES))
