@@ -34,8 +34,9 @@ def split_matrix(world):
     return [[(src + 2 * dst) % 3 for dst in range(world)] for src in range(world)]
 
 
-def check_all_to_all(rank, world):
-    sends = split_matrix(world)
+def check_values_and_gradients(rank, world, sends):
+    """Forward and backward of all_to_all for sends[src][dst] rows from rank src to rank dst; returns
+    this rank's input, output split sizes, input split sizes and output gradient."""
     # Every rank's input and output gradient, known to every rank (the same seed everywhere).
     inputs = [torch.randn(sum(sends[src]), 3, 2) for src in range(world)]
     grads = [torch.randn(sum(sends[src][rank_] for src in range(world)), 3, 2) for rank_ in range(world)]
@@ -51,14 +52,21 @@ def check_all_to_all(rank, world):
     expected_grad = torch.cat([grads[dst].split([sends[src][dst] for src in range(world)])[rank]
                                for dst in range(world)])
     close(x.grad, expected_grad, "all_to_all backward: the reverse all-to-all")
+    return inputs[rank], output_splits, input_splits, grads[rank]
+
+
+def check_all_to_all(rank, world):
+    for _ in range(4):  # random split matrices, the same on every rank
+        check_values_and_gradients(rank, world, torch.randint(0, 4, (world, world)).tolist())
+    x, output_splits, input_splits, grad = check_values_and_gradients(rank, world, split_matrix(world))
 
     # The primitive: the same values, no autograd.
-    close(torch.ops.torch_mp._all_to_all(inputs[rank], output_splits, input_splits,
-                                         dist.group.WORLD.group_name, world), expected)
+    close(torch.ops.torch_mp._all_to_all(x, output_splits, input_splits, dist.group.WORLD.group_name, world),
+          torch_mp.all_to_all(x, output_splits, input_splits))
 
     name = dist.group.WORLD.group_name
-    opcheck(torch.ops.torch_mp.all_to_all.default, (leaf(inputs[rank]), output_splits, input_splits, name, world))
-    opcheck(torch.ops.torch_mp._all_to_all.default, (inputs[rank], output_splits, input_splits, name, world))
+    opcheck(torch.ops.torch_mp.all_to_all.default, (leaf(x), output_splits, input_splits, name, world))
+    opcheck(torch.ops.torch_mp._all_to_all.default, (x, output_splits, input_splits, name, world))
 
     # torch.compile: no graph break, the same values and gradients.
     torch._dynamo.reset()
@@ -66,13 +74,13 @@ def check_all_to_all(rank, world):
     def route(t):
         return torch_mp.all_to_all(t * 2, output_splits, input_splits).sin()
 
-    explanation = torch._dynamo.explain(route)(inputs[rank])
+    explanation = torch._dynamo.explain(route)(x)
     assert explanation.graph_break_count == 0, explanation.break_reasons
-    xc, xe = leaf(inputs[rank]), leaf(inputs[rank])
+    xc, xe = leaf(x), leaf(x)
     yc, ye = torch.compile(route, fullgraph=True)(xc), route(xe)
     close(yc, ye, "compiled all_to_all")
-    yc.backward(grads[rank])
-    ye.backward(grads[rank])
+    yc.backward(grad)
+    ye.backward(grad)
     close(xc.grad, xe.grad, "compiled all_to_all backward")
 
 
@@ -199,7 +207,10 @@ def assert_moe_parity(make, rank, world, style):
         close(gathered_state[key], reference[key], f"full_state_dict {key}", MODEL_RTOL, MODEL_ATOL)
     fresh_dense = make()
     fresh_dense.load_state_dict(gathered_state, strict=True)
-    fresh = torch_mp.load_full_state_dict(torch_mp.tensor_parallel(make()), reference, strict=True)
+    with torch_mp.init_empty_weights():  # sharded on the meta device, then only this rank's slices loaded
+        empty = make()
+    fresh = torch_mp.load_full_state_dict(torch_mp.tensor_parallel(empty), reference, strict=True)
+    assert not any(p.is_meta for p in fresh.parameters())
     close(fresh(ids).logits, dense(ids).logits, "load_full_state_dict round trip", MODEL_RTOL, MODEL_ATOL)
 
 
