@@ -220,7 +220,7 @@ def _expert_parallel_forward(self, hidden_states: torch.Tensor, top_k_index: tor
 
     # Combine: the results back to the ranks that sent them, in their rows' order, weighted per token.
     returned = ops.all_to_all(outputs, input_splits, output_splits, info.name, info.size)
-    per_choice = returned[torch.argsort(order)].view(stop - start, k, -1)
+    per_choice = returned[torch.argsort(order)].view(stop - start, k, hidden_states.shape[-1])
     weights = ops.copy_to_tp(top_k_weights, info.name, info.size)[start:stop]
     combined = (per_choice * weights.unsqueeze(-1)).to(hidden_states.dtype).sum(1)
     whole = torch.nn.functional.pad(combined, (0, 0, start, tokens - stop))

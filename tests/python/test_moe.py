@@ -1,6 +1,7 @@
 """all_to_all and mixture-of-experts blocks (expert and tensor parallel) on Gloo ranks against the
 dense computation: Mixtral and Qwen2-MoE from tiny transformers configs with random weights."""
 import copy
+import itertools
 
 import pytest
 import torch
@@ -228,13 +229,30 @@ def test_mixtral_expert_parallel_on_4_ranks():
     run_ranks(4, check_models, [("mixtral_4_kv_heads", "ep")], timeout=280)
 
 
+def check_save_and_load(rank, world, folder):
+    for make in (mixtral, lambda: mixtral(num_experts=3)):  # experts whole per rank, then cut
+        torch.manual_seed(0)
+        dense = make()
+        ids = torch.randint(0, 96, (2, 7))
+        torch_mp.save(torch_mp.tensor_parallel(copy.deepcopy(dense)), folder)
+        torch.manual_seed(1)  # other weights, replaced by the checkpoint's
+        fresh = torch_mp.tensor_parallel(make())
+        torch_mp.load(fresh, folder)
+        close(fresh(ids).logits, dense(ids).logits, "torch_mp.save / load round trip", MODEL_RTOL, MODEL_ATOL)
+        dist.barrier()  # every rank has read the checkpoint before the next one overwrites it
+
+
+def test_moe_save_and_load(tmp_path):
+    run_ranks(2, check_save_and_load, str(tmp_path / "checkpoint"))
+
+
 # --- one block, both styles ------------------------------------------------------------------------
 
 def check_block_styles(rank, world):
     torch.manual_seed(0)
     dense = mixtral().model.layers[0].mlp
-    x = torch.randn(3, 5, 32)
-    for style in ("ep", "tp"):
+    # 15 tokens; then one (a decoding step of one sequence): rank 1 routes no tokens of its own.
+    for x, style in itertools.product((torch.randn(3, 5, 32), torch.randn(1, 1, 32)), ("ep", "tp")):
         block = copy.deepcopy(dense)
         specs = _moe.parallelize_moe_block(block, style=style)
         assert set(specs) == {"experts.gate_up_proj", "experts.down_proj"}
