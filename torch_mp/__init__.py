@@ -10,6 +10,7 @@ from torch_mp import _C  # noqa: F401  (links libtorch_mp: registers torch.ops.t
 from torch_mp._C import CollectiveError
 from torch_mp import nn
 from torch_mp._ops import (
+    all_to_all,
     column_parallel_linear,
     copy_to_tp,
     gather_from_sp,
@@ -36,6 +37,7 @@ cmake_prefix_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sh
 
 __all__ = [
     "CollectiveError",
+    "all_to_all",
     "cmake_prefix_path",
     "column_parallel_linear",
     "copy_to_tp",

@@ -203,7 +203,8 @@ def _check_index(index, folder: str, where: str) -> Dict[str, str]:
             if piece["file"] not in paths:
                 paths[piece["file"]] = file_in_folder(folder, piece["file"], f"{where}: {piece_at}")
         if dim is not None:
-            ranges = sorted(tuple(b) for b in ranges if b[0] < b[1])
+            # A range several ranks wrote (KV heads each of them kept whole) is listed once per rank.
+            ranges = sorted({tuple(b) for b in ranges if b[0] < b[1]})
             ends = [0] + [stop for _, stop in ranges]
             if [start for start, _ in ranges] != ends[:-1] or ends[-1] != shape[dim]:
                 fail(f"{at}: its pieces cover {ranges} along dim {dim}; expected each range of [0, {shape[dim]}) once")

@@ -1,5 +1,5 @@
 """Typed Python wrappers over torch.ops.torch_mp.*, and the fake kernels torch.compile traces with."""
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -125,3 +125,30 @@ def row_parallel_linear(input: torch.Tensor, weight: torch.Tensor, bias: Optiona
     _check_linear("row_parallel_linear", input, weight, bias, "input_is_parallel", input_is_parallel)
     name, size, _ = resolve_group(group, "row_parallel_linear(group=...)")
     return torch.ops.torch_mp.row_parallel_linear(input, weight, bias, input_is_parallel, name, size)
+
+
+# --- expert parallelism --------------------------------------------------------------------------
+
+def all_to_all(tensor: torch.Tensor, output_split_sizes: Sequence[int], input_split_sizes: Sequence[int],
+               group: GroupLike = None) -> torch.Tensor:
+    """All-to-all along dim 0 with uneven split sizes, counted in rows, one per rank of ``group``.
+
+    ``tensor``: ``[sum(input_split_sizes), *]``; its rows ``[sum(input_split_sizes[:r]),
+    +input_split_sizes[r])`` go to rank ``r``. Returns ``[sum(output_split_sizes), *]``: the rows from
+    each rank in rank order, ``output_split_sizes[r]`` of them from rank ``r`` (which must be what rank
+    ``r`` sends here). forward: this all-to-all; backward: the reverse all-to-all (the split sizes
+    swapped), each row's gradient back to the rank that sent it. Expert parallelism (GShard,
+    arXiv:2006.16668) dispatches tokens to their experts' ranks with it and combines them back.
+
+    Raises ValueError for a split list whose length is not the group size, a negative size, or input
+    split sizes that do not sum to ``tensor.shape[0]``; ``torch_mp.CollectiveError`` when a peer does
+    not answer within the group's timeout. ``torch.ops.torch_mp.all_to_all`` in ``torch.compile``
+    graphs (no graph break), ``torch_mp::all_to_all`` in C++.
+    """
+    _check_tensor("all_to_all", tensor)
+    for name, sizes in (("output_split_sizes", output_split_sizes), ("input_split_sizes", input_split_sizes)):
+        check_arg("all_to_all", name, sizes, (list, tuple), "a list of ints")
+        for size in sizes:
+            check_arg("all_to_all", name, size, int, "a list of ints")
+    name, size, _ = resolve_group(group, "all_to_all(group=...)")
+    return torch.ops.torch_mp.all_to_all(tensor, list(output_split_sizes), list(input_split_sizes), name, size)

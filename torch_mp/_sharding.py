@@ -28,9 +28,12 @@ class ShardSpec:
     gather_output: bool = False  # colwise only: all-gather the output (an LM head whose logits stay whole)
     replicas: Optional[Tuple[int, ...]] = None  # per part: how many ranks hold each block (None: 1 each)
     input_is_parallel: bool = True  # rowwise only: False when the input arrives whole (transformers' rowwise_split_input)
+    split_dim: Optional[int] = None  # the split dim of a weight not in nn.Linear layout (3-D expert weights)
 
     @property
     def dim(self) -> int:
+        if self.split_dim is not None:
+            return self.split_dim
         return 1 if self.style in (ROWWISE, HEADS) else 0
 
     def shards_bias(self) -> bool:

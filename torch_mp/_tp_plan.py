@@ -11,6 +11,7 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
+from torch_mp import _moe
 from torch_mp._sharding import COLWISE, HEADS, ROWWISE, VOCAB
 # The same notions of "repeated blocks" and "inside a module" as split.
 from torch_mp.split import _find_layers, _inside
@@ -21,8 +22,9 @@ QKV, COLWISE_GATHER, REPLICATE, SEQUENCE_PARALLEL = "qkv", "colwise_gather", "re
 PACKED_COLWISE = "packed_colwise"            # a fused gate|up projection: each half split on its own
 ROWWISE_SPLIT_INPUT = "rowwise_split_input"  # rowwise, its input arriving whole (split here)
 GRAD_SUM = "replicated_with_grad_allreduce"  # replicated, but sees only this rank's heads: gradients summed
+MOE = "moe"  # a mixture-of-experts block: experts sharded by torch_mp._moe, the router replicated
 STYLES = (COLWISE, COLWISE_GATHER, QKV, PACKED_COLWISE, ROWWISE, ROWWISE_SPLIT_INPUT, VOCAB, HEADS, GRAD_SUM,
-          REPLICATE, SEQUENCE_PARALLEL)
+          REPLICATE, SEQUENCE_PARALLEL, MOE)
 Plan = Mapping[str, str]
 
 # transformers' tp_plan styles (transformers/distributed/tensor_parallel.py, ParallelInterface), ours for each.
@@ -129,12 +131,18 @@ def _expert_blocks(module: nn.Module) -> List[str]:
 
 def _moe_plan(module: nn.Module, blocks: List[str], transformers_styles: Dict[str, str]) -> Dict[str, str]:
     """The plan for mixture-of-experts ``blocks`` (names of the modules holding the router and the
-    experts). ``transformers_styles``: the model's tp_plan entries for them ({pattern: style}), if any.
-    The one place MoE blocks are handed off; until expert sharding lands, they are refused."""
-    raise ValueError(f"tensor_parallel: mixture-of-experts blocks: {blocks[:4]}{' ...' if len(blocks) > 4 else ''} "
-                     f"of {type(module).__name__} (router and experts{', tp_plan ' if transformers_styles else ''}"
-                     f"{dict(list(transformers_styles.items())[:3]) if transformers_styles else ''}) cannot be "
-                     "sharded yet; expected a model without experts, or plan={pattern: style} that leaves them out")
+    experts): ``{block: "moe"}``, which tensor_parallel hands to ``torch_mp._moe`` (experts whole per
+    rank or cut within each, the router replicated). ``transformers_styles``, the model's tp_plan
+    entries for them ({pattern: style}), only locate the blocks: torch_mp picks the experts' split.
+    Raises ValueError naming the blocks whose experts are not one module of 3-D weights."""
+    unsupported = [name for name in blocks if not _moe.is_moe_block(module.get_submodule(name))]
+    if unsupported:
+        raise ValueError(f"tensor_parallel: mixture-of-experts blocks {unsupported[:4]}"
+                         f"{' ...' if len(unsupported) > 4 else ''} of {type(module).__name__} (tp_plan "
+                         f"{dict(list(transformers_styles.items())[:3])}) hold their experts in another layout; "
+                         "expected an `experts` module of 3-D gate_up_proj and down_proj weights, or "
+                         "plan={pattern: style} that leaves them out")
+    return {name: MOE for name in blocks}
 
 
 def stacks(module: nn.Module) -> List[List[str]]:

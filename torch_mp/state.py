@@ -162,7 +162,10 @@ def _tp_state(module: nn.Module):
 
 
 def _spec_of(key: str, specs: Mapping[str, ShardSpec]) -> Tuple[Optional[ShardSpec], str]:
-    """The spec of the module owning ``key`` and the parameter's role in it: "weight", "bias" or ""."""
+    """The spec of the module owning ``key`` and the parameter's role in it: "weight", "bias" or "".
+    A spec keyed by the parameter's own name (an MoE block's 3-D expert weights) makes it a weight."""
+    if key in specs:
+        return specs[key], "weight"
     owner, _, attr = key.rpartition(".")
     spec = specs.get(owner)
     if spec is None:

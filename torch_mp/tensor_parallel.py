@@ -36,10 +36,11 @@ from typing import Callable, Dict, List, Mapping, Tuple, Union
 import torch
 from torch import nn
 
+from torch_mp import _moe
 from torch_mp._group import GroupInfo, GroupLike, all_gather_rows, resolve_group
 from torch_mp._sharding import COLWISE, HEADS, ROWWISE, VOCAB, ShardSpec, shard
 from torch_mp._tp_plan import (
-    COLWISE_GATHER, GRAD_SUM, PACKED_COLWISE, QKV, REPLICATE, ROWWISE_SPLIT_INPUT, SEQUENCE_PARALLEL, Plan,
+    COLWISE_GATHER, GRAD_SUM, MOE, PACKED_COLWISE, QKV, REPLICATE, ROWWISE_SPLIT_INPUT, SEQUENCE_PARALLEL, Plan,
     auto_plan, head_count_attributes, is_conv1d, linear_dims, repeated_blocks, resolve_patterns,
 )
 from torch_mp.nn import (
@@ -71,11 +72,14 @@ def tensor_parallel(module: nn.Module, plan: Union[str, Plan] = "auto", group: G
     q, k, v or a fused qkv, then the output projection) and MLPs (up and gate, then down) from the
     order and shapes of their linear layers. What it does not shard stays replicated;
     ``module.torch_mp_replicated`` lists those layers. ``sequence_parallel=True`` adds the
-    ``sequence_parallel`` style to the repeated blocks.
+    ``sequence_parallel`` style to the repeated blocks. A mixture-of-experts block (style ``moe``:
+    transformers' Mixtral, Qwen2-MoE ...) keeps its router replicated and its 3-D experts whole per
+    rank, tokens routed with ``all_to_all``, or cut within each expert (``torch_mp._moe``).
 
     Raises ValueError, before any collective, for what it cannot shard exactly: head counts not
-    divisible by the group size, mixture-of-experts blocks (for now), embeddings with ``max_norm``,
-    styles it does not implement.
+    divisible by the group size, experts in another layout or neither their number nor their
+    intermediate size divisible by the group size, MoE blocks under ``sequence_parallel=True``,
+    embeddings with ``max_norm``, styles it does not implement.
 
     Once the ranks have compared their plans (one small all-gather), and before any layer runs,
     the sharded model runs once on fake tensors (an input built from its config or first layer). A
@@ -107,13 +111,20 @@ def tensor_parallel(module: nn.Module, plan: Union[str, Plan] = "auto", group: G
         resolved.update({name: SEQUENCE_PARALLEL for name in blocks})
     sequence_blocks = [name for name, style in resolved.items() if style == SEQUENCE_PARALLEL]
     grad_sums = [name for name, style in resolved.items() if style == GRAD_SUM]
+    moe_blocks = [name for name, style in resolved.items() if style == MOE]
+    if moe_blocks and sequence_blocks:
+        raise ValueError(f"tensor_parallel: sequence_parallel=True with mixture-of-experts blocks ({moe_blocks[0]!r} "
+                         "...); expected sequence_parallel=False: MoE blocks take every token on every rank")
     specs: Dict[str, ShardSpec] = {}
     for name, style in resolved.items():
-        if style not in (REPLICATE, SEQUENCE_PARALLEL, GRAD_SUM):
+        if style not in (REPLICATE, SEQUENCE_PARALLEL, GRAD_SUM, MOE):
             specs.update(_specs(module, name, style, info.size))
     kv_replicas = _replicate_kv_heads(module, specs, info.size)
     _check_divisible(module, specs, info.size, kv_replicas)
-    _check_same_plan_on_every_rank(specs, group, info.size)
+    # The experts' split, checked here (before any collective), applied after the dry run.
+    expert_specs = {f"{name}.{key}" if name else key: spec for name in moe_blocks
+                    for key, spec in _moe.expert_specs(module.get_submodule(name), info.size, name=name)[1].items()}
+    _check_same_plan_on_every_rank({**specs, **expert_specs}, group, info.size)
 
     saved = _Saved(module, specs)
     attentions = [name for name in specs if isinstance(module.get_submodule(name), nn.MultiheadAttention)]
@@ -127,8 +138,13 @@ def tensor_parallel(module: nn.Module, plan: Union[str, Plan] = "auto", group: G
             _swap(module, name, spec, group, info, shared)
     _fix_split_attributes(module, specs, info.size, kv_replicas)
     # The same plan on every rank fails the same way on each: what it keeps whole is the same too.
-    kept_whole = _dry_run(module, specs, saved, explicit=not isinstance(plan, str))
+    with _moe.shape_only(module, moe_blocks):
+        kept_whole = _dry_run(module, specs, saved, explicit=not isinstance(plan, str))
     grad_sums = [name for name in grad_sums if not any(_within(name, owner) for owner in kept_whole)]
+    # Mixture-of-experts blocks: experts whole per rank or cut within each (torch_mp._moe), keyed by
+    # parameter name; after the dry run, whose fake tensors have no split sizes to route tokens by.
+    moe_blocks = [name for name in moe_blocks if not any(_within(name, owner) for owner in kept_whole)]
+    specs.update(_moe.parallelize_moe_blocks(module, group, blocks=moe_blocks))
     if info.size > 1:
         for name in grad_sums:
             child = module.get_submodule(name)
@@ -141,6 +157,7 @@ def tensor_parallel(module: nn.Module, plan: Union[str, Plan] = "auto", group: G
     _share_input_copies(module)
     module.torch_mp_plan = {name: _style_name(spec) for name, spec in specs.items()}
     module.torch_mp_plan.update({name: GRAD_SUM for name in grad_sums})
+    module.torch_mp_plan.update({name: MOE for name in moe_blocks})
     module.torch_mp_plan.update({name: SEQUENCE_PARALLEL for name in sequence_blocks})
     module._torch_mp_specs = specs
     module._torch_mp_group = group

@@ -5,6 +5,7 @@
 #include <ATen/SavedTensorHooks.h>
 #include <ATen/ThreadLocalPythonObjects.h>
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <c10/util/accumulate.h>
 
 #include <iomanip>
 #include <mutex>
@@ -233,7 +234,7 @@ Pending start_all_reduce(
       op, "all_reduce", group, tensor.device().type(), [&] { return group->allreduce(tensors, options); });
 }
 
-// c10d's flat all-gather and reduce-scatter carry deprecation notes in recent releases; their
+// c10d's flat all-gather, reduce-scatter and all-to-all carry deprecation notes in recent releases; their
 // replacements do not exist in the oldest releases we support, and the flat forms are what the
 // backends implement natively.
 #pragma GCC diagnostic push
@@ -262,6 +263,25 @@ void reduce_scatter_into(
   auto flat_input = flat_view(input);
   start_collective(op, "reduce_scatter", group, input.device().type(), [&] {
     return group->_reduce_scatter_base(flat_output, flat_input);
+  }).wait();
+}
+
+// On flat views like the others: the split sizes, counted in rows, become counts of elements.
+void all_to_all_into(
+    std::string_view op,
+    const c10::intrusive_ptr<c10d::ProcessGroup>& group,
+    at::Tensor& output,
+    at::Tensor& input,
+    const std::vector<int64_t>& output_splits,
+    const std::vector<int64_t>& input_splits) {
+  const auto row = c10::multiply_integers(input.sizes().slice(1));
+  std::vector<int64_t> output_counts, input_counts;
+  for (const auto rows : output_splits) output_counts.push_back(rows * row);
+  for (const auto rows : input_splits) input_counts.push_back(rows * row);
+  auto flat_output = flat_view(output);
+  auto flat_input = flat_view(input);
+  start_collective(op, "all_to_all", group, input.device().type(), [&] {
+    return group->alltoall_base(flat_output, flat_input, output_counts, input_counts);
   }).wait();
 }
 

@@ -5,6 +5,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include <ATen/core/Tensor.h>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
@@ -87,6 +88,17 @@ void reduce_scatter_into(
     const c10::intrusive_ptr<c10d::ProcessGroup>& group,
     at::Tensor& output,
     at::Tensor& input);
+
+// Rank r receives rows [sum(input_splits[:r]), +input_splits[r]) of this rank's input and this rank's
+// output holds, in rank order, output_splits[r] rows from rank r; both tensors are contiguous and a
+// row is everything past dim 0. Blocks until done.
+void all_to_all_into(
+    std::string_view op,
+    const c10::intrusive_ptr<c10d::ProcessGroup>& group,
+    at::Tensor& output,
+    at::Tensor& input,
+    const std::vector<int64_t>& output_splits,
+    const std::vector<int64_t>& input_splits);
 
 // How a failed collective is thrown: CollectiveError by default. The Python module installs a
 // thrower whose exception Python sees as torch_mp.CollectiveError, also when it is raised inside a

@@ -1,6 +1,7 @@
 #include "ops/checks.h"
 
 #include <c10/util/Exception.h>
+#include <c10/util/accumulate.h>
 
 #include "comm/collectives.h"
 
@@ -30,6 +31,31 @@ int64_t check_divisible(std::string_view op, const at::Tensor& self, int64_t dim
         " is not divisible by the group size ", group_size, "; expected a multiple of ", group_size);
   }
   return wrapped;
+}
+
+void check_all_to_all(
+    std::string_view op,
+    const at::Tensor& self,
+    c10::IntArrayRef output_split_sizes,
+    c10::IntArrayRef input_split_sizes,
+    int64_t group_size) {
+  check_group_size(op, group_size);
+  TORCH_CHECK_VALUE(
+      self.dim() >= 1, scoped_op(op), ": input is a 0-dim tensor; expected rows along dim 0 to send");
+  for (const auto& [name, splits] :
+       {std::pair{"output_split_sizes", output_split_sizes}, std::pair{"input_split_sizes", input_split_sizes}}) {
+    TORCH_CHECK_VALUE(
+        static_cast<int64_t>(splits.size()) == group_size, scoped_op(op), ": ", name, " has ", splits.size(),
+        " entries; expected one per member of the group (", group_size, ")");
+    for (const auto rows : splits) {
+      TORCH_CHECK_VALUE(rows >= 0, scoped_op(op), ": ", name, " ", splits, " holds a negative size");
+    }
+  }
+  const auto sent = c10::sum_integers(input_split_sizes);
+  TORCH_CHECK_VALUE(
+      self.sym_size(0).sym_eq(sent).expect_true(__FILE__, __LINE__), scoped_op(op), ": input_split_sizes ",
+      input_split_sizes, " sum to ", sent, " but the input has ", self.sym_size(0),
+      " rows (dim 0); expected them to sum to the rows sent");
 }
 
 namespace {

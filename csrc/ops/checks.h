@@ -17,6 +17,16 @@ int64_t wrap_dim(std::string_view op, const at::Tensor& self, int64_t dim);
 // returns the wrapped dim.
 int64_t check_divisible(std::string_view op, const at::Tensor& self, int64_t dim, int64_t group_size);
 
+// Checks an all-to-all's split sizes: one per member of the group, none negative, and the input
+// split sizes summing to self's dim 0 (symbolic sizes compare without specializing). `self` has at
+// least one dim.
+void check_all_to_all(
+    std::string_view op,
+    const at::Tensor& self,
+    c10::IntArrayRef output_split_sizes,
+    c10::IntArrayRef input_split_sizes,
+    int64_t group_size);
+
 // Checks the arguments of a linear layer's matmul, naming each: `input` [*, features], `weight` a
 // matrix [rows, features] (`layout` says which slice of the layer it holds), `bias` [rows] when
 // given, all on one device with one dtype. Sizes compare symbolically (no specialization under

@@ -16,12 +16,13 @@ REPRESENTATIVE = ["gemma2",      # 1 a scaled embedding subclass; padding_idx
                   "falcon",      # 3 fused qkv interleaved per head
                   "t5",          # 4 a per-head relative position bias
                   "falcon_mqa",  # 5 one KV head, fewer than the ranks
-                  "mixtral",     # 6 mixture of experts: parity, or the named refusal until it lands
+                  "mixtral",     # 6 mixture of experts: experts whole per rank, tokens routed with all_to_all
                   "bart",        # 7 an encoder and a decoder stack
                   "nanogpt",     # 8 reshapes with a full-width attribute: that attention stays whole
                   "llama", "gpt2", "tv_vit_b_16"]
 FULL = [name for name in zoo.BUILDERS if name not in REPRESENTATIVE]
-FOUR_RANKS = ["llama", "falcon_mqa", "falcon_gqa", "t5", "qwen3", "gemma2"]
+FOUR_RANKS = ["llama", "falcon_mqa", "falcon_gqa", "t5", "qwen3", "gemma2",
+              "mixtral"]  # generate() on 4 ranks: a step of 2 tokens leaves 2 ranks none to route
 
 
 def check_models(rank, world, names):
@@ -95,9 +96,25 @@ def check_each_kind_is_handled_as_documented(rank, world):
     model = torch_mp.tensor_parallel(zoo.build("t5"))
     bias = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias"
     assert model.torch_mp_plan[bias] == "heads" and model.get_submodule(bias).weight.shape == (8, 4 // world)
-    # 6: the MoE refusal names the blocks.
-    with pytest.raises(ValueError, match="mixture-of-experts blocks: \\['model.layers.0.mlp'"):
-        torch_mp.tensor_parallel(zoo.build("mixtral"))
+    # 6: Mixtral's MoE blocks: the router replicated, the 4 experts whole per rank (2 each).
+    model = torch_mp.tensor_parallel(zoo.build("mixtral"))
+    plan, mlp = model.torch_mp_plan, model.model.layers[0].mlp
+    assert plan["model.layers.0.mlp"] == "moe" and plan["model.layers.1.mlp.experts.down_proj"] == "ep"
+    assert mlp.gate.weight.shape == (4, 32) and not model.torch_mp_kept_whole
+    assert mlp.experts.num_experts == 4 // world and mlp.experts.gate_up_proj.shape[0] == 4 // world
+    # ... the same from a plan the caller gives (attention then stays whole); "moe" elsewhere is refused.
+    model = torch_mp.tensor_parallel(zoo.build("mixtral"), plan={"model.layers.*.mlp": "moe"})
+    assert model.torch_mp_plan["model.layers.1.mlp"] == "moe"
+    assert "model.layers.0.self_attn.q_proj" not in model.torch_mp_plan
+    with pytest.raises(ValueError, match="'model.layers.0.self_attn' \\(MixtralAttention\\) is not a "
+                                         "mixture-of-experts block"):
+        torch_mp.tensor_parallel(zoo.build("mixtral"), plan={"model.layers.*.self_attn": "moe"})
+    # ... and experts in another layout are refused, naming the blocks.
+    model = zoo.build("mixtral")
+    model.model.layers[1].mlp.experts = torch.nn.ModuleList([torch.nn.Linear(32, 32) for _ in range(4)])
+    with pytest.raises(ValueError, match="mixture-of-experts blocks \\['model.layers.1.mlp'\\] of "
+                                         "MixtralForCausalLM .* hold their experts in another layout"):
+        torch_mp.tensor_parallel(model)
     # 7: both of BART's stacks.
     plan = torch_mp.tensor_parallel(zoo.build("bart")).torch_mp_plan
     assert plan["model.encoder.layers.0.fc1"] == plan["model.decoder.layers.1.self_attn.q_proj"] == "colwise"

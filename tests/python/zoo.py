@@ -211,9 +211,7 @@ def output_of(model, inputs):
 # embedding scale) fp32 logits of magnitude ~10 differ by a few 1e-6 (measured: at most 2.3e-6).
 RTOL, ATOL = 1e-5, 1e-5
 # Outcomes other than parity that the zoo expects: a named refusal before any collective.
-# Mixtral: until expert sharding lands (issue 12, item 6) either parity or the MoE refusal.
-REFUSALS = {("mixtral", 2): "mixture-of-experts blocks", ("mixtral", 4): "mixture-of-experts blocks",
-            ("falcon_gqa", 4): "num_kv_heads=2, not divisible by the group size 4"}
+REFUSALS = {("falcon_gqa", 4): "num_kv_heads=2, not divisible by the group size 4"}
 GENERATE_TOKENS = 4
 
 
@@ -273,7 +271,7 @@ def check_tensor_parallel(name, rank, world):
         if expected is None or expected not in str(error):
             raise
         return f"refused: {expected.split(',')[0]}", None
-    assert (name, world) not in REFUSALS or name == "mixtral", f"{name} was expected to be refused"
+    assert (name, world) not in REFUSALS, f"{name} was expected to be refused"
     local = sum(p.numel() for p in sharded.parameters())
     share = local / sum(p.numel() for p in dense.parameters())
     close(output_of(sharded, inputs), output_of(dense, inputs), f"{name} forward")

@@ -66,6 +66,20 @@ at::Tensor vocab_parallel_cross_entropy(
     int64_t ignore_index,
     const Group& group);
 
+// --- expert parallelism ---------------------------------------------------------------------
+
+// All-to-all along dim 0 with uneven split sizes (counted in rows, one per member of the group).
+// self: [sum(input_split_sizes), *]; rows [sum(input_split_sizes[:r]), +input_split_sizes[r]) go to
+// rank r. Result: [sum(output_split_sizes), *], output_split_sizes[r] rows from rank r, in rank order;
+// output_split_sizes[r] must equal what rank r sends here. forward: this all-to-all; backward: the
+// reverse all-to-all (the split sizes swapped), each row's gradient back to the rank that sent it.
+// Expert parallelism dispatches tokens to their experts' ranks with it and combines them back.
+at::Tensor all_to_all(
+    const at::Tensor& self,
+    c10::IntArrayRef output_split_sizes,
+    c10::IntArrayRef input_split_sizes,
+    const Group& group);
+
 namespace primitives {
 
 // The collectives under the ops above, without autograd. Each returns a fresh tensor.
@@ -83,6 +97,12 @@ at::Tensor all_gather(const at::Tensor& self, int64_t dim, const Group& group);
 at::Tensor reduce_scatter(const at::Tensor& self, int64_t dim, const Group& group);
 // This rank's slice of `self` along dim.
 at::Tensor split(const at::Tensor& self, int64_t dim, const Group& group);
+// torch_mp::all_to_all without autograd.
+at::Tensor all_to_all(
+    const at::Tensor& self,
+    c10::IntArrayRef output_split_sizes,
+    c10::IntArrayRef input_split_sizes,
+    const Group& group);
 
 } // namespace primitives
 } // namespace torch_mp

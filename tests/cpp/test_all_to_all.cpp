@@ -1,0 +1,55 @@
+// torch_mp::all_to_all on two ranks: uneven splits (an empty one included) against the rows each
+// rank sent, and its backward, the reverse all-to-all, against the gradients each rank holds.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+#include <torch_mp/torch_mp.h>
+
+#include "two_ranks.h"
+
+namespace {
+
+// sends[src][dst]: the rows rank src sends to rank dst.
+const std::vector<std::vector<int64_t>> kSends{{2, 0}, {1, 3}};
+
+at::Tensor rows_of(int64_t rank) {
+  // Row i of rank r holds 100 * r + i, so each row says where it came from.
+  const auto rows = kSends[rank][0] + kSends[rank][1];
+  return (torch::arange(rows, torch::kFloat) + 100 * rank).unsqueeze(1).repeat({1, 3});
+}
+
+void check_rank(const torch_mp::Group& group) {
+  const auto rank = group.rank;
+  const std::vector<int64_t> output_splits{kSends[0][rank], kSends[1][rank]};
+  auto x = rows_of(rank).requires_grad_();
+  auto y = torch_mp::all_to_all(x, output_splits, kSends[rank], group);
+  std::vector<at::Tensor> expected;
+  for (int64_t src = 0; src < 2; ++src) {
+    expected.push_back(rows_of(src).narrow(0, rank == 0 ? 0 : kSends[src][0], kSends[src][rank]));
+  }
+  EXPECT_TRUE(torch::equal(y, torch::cat(expected))) << "rank " << rank << " received\n" << y;
+  EXPECT_TRUE(torch::equal(torch_mp::primitives::all_to_all(x.detach(), output_splits, kSends[rank], group), y));
+
+  // Each received row's gradient is its value plus 1000 * this rank: back on its sender, every row
+  // of x gets its own value plus 1000 * the rank it went to.
+  (y * (y.detach() + 1000 * rank)).sum().backward();
+  auto destination = torch::cat({torch::zeros({kSends[rank][0], 1}), torch::ones({kSends[rank][1], 1})});
+  EXPECT_TRUE(torch::equal(x.grad(), x.detach() + 1000 * destination)) << "rank " << rank << " grad\n" << x.grad();
+
+  EXPECT_THROW(torch_mp::all_to_all(x, {1}, kSends[rank], group), c10::ValueError);
+}
+
+} // namespace
+
+TEST(AllToAll, TwoRanksRouteRowsAndGradientsBack) {
+  torch_mp::testing::run_two_ranks("all_to_all", check_rank);
+}
+
+TEST(AllToAll, GroupOfOneIsACopy) {
+  const auto single = torch_mp::Group::single();
+  auto x = torch::randn({4, 2}, torch::requires_grad());
+  auto y = torch_mp::all_to_all(x, {4}, {4}, single);
+  EXPECT_TRUE(torch::equal(y, x));
+  y.sum().backward();
+  EXPECT_TRUE(torch::equal(x.grad(), torch::ones_like(x)));
+  EXPECT_THROW(torch_mp::all_to_all(x, {3}, {4}, single), c10::ValueError);
+}
