@@ -50,7 +50,7 @@ setup(
     description="Model parallelism for PyTorch with a C++ core",
     packages=find_packages(include=["torch_mp", "torch_mp.*"]),
     python_requires=">=3.9",
-    install_requires=["torch>=2.6"],
+    install_requires=["torch>=2.6", "safetensors>=0.4"],
     extras_require={"plot": ["matplotlib"]},
     ext_modules=[
         CppExtension(

@@ -77,9 +77,12 @@ std::pair<at::Tensor, at::Tensor> weight_and_bias_grads(
     const at::Tensor& grad,
     const at::Tensor& input,
     bool has_bias) {
-  const auto grad_2d = grad.reshape({-1, grad.size(-1)});
+  // Rows of a [..., features] tensor, in symbolic sizes (an int size() would specialize a dynamic
+  // batch or sequence length under torch.compile).
+  const auto rows = [](const at::Tensor& t) { return t.dim() == 1 ? t.unsqueeze(0) : t.flatten(0, -2); };
+  const auto grad_2d = rows(grad);
   return {
-      ctx->needs_input_grad(1) ? grad_2d.t().mm(input.reshape({-1, input.size(-1)})) : at::Tensor(),
+      ctx->needs_input_grad(1) ? grad_2d.t().mm(rows(input)) : at::Tensor(),
       has_bias && ctx->needs_input_grad(2) ? grad_2d.sum(0) : at::Tensor()};
 }
 
