@@ -26,9 +26,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import transformers
-from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
+from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
 import torch_mp
 
@@ -49,25 +49,6 @@ def make_gpt2() -> transformers.GPT2LMHeadModel:
     return transformers.GPT2LMHeadModel(gpt2_config())
 
 
-class PipelinedGPT2(nn.Module):
-    """transformers' GPT-2 modules (the same weights, tied head included) under a forward that
-    torch.fx can cut into stages: ``GPT2LMHeadModel.forward`` takes ``**kwargs``, which
-    ``torch_mp.pipeline`` refuses. Input: token ids ``(batch, seq)``; output: logits
-    ``(batch, seq, vocab)``, those of ``GPT2LMHeadModel`` (checked in ``main``)."""
-
-    def __init__(self, model: transformers.GPT2LMHeadModel):
-        super().__init__()
-        self.wte, self.wpe = model.transformer.wte, model.transformer.wpe
-        self.h = model.transformer.h
-        self.ln_f, self.lm_head = model.transformer.ln_f, model.lm_head
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.wte(ids) + self.wpe(torch.arange(ids.shape[1], device=ids.device))
-        for block in self.h:  # causal attention (sdpa) when no mask is given
-            x = block(x)
-        return self.lm_head(self.ln_f(x))
-
-
 def text_tokens() -> torch.Tensor:
     """This repository's README as bytes: a real text, about 30 KB, that every clone has."""
     return torch.tensor(list((ROOT / "README.md").read_bytes()), dtype=torch.long)
@@ -84,6 +65,11 @@ def batches(tokens: torch.Tensor, batch: int, seed: int):
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def output_loss(output: CausalLMOutputWithCrossAttentions, targets: torch.Tensor) -> torch.Tensor:
+    """``train_step``'s loss_fn: the next-byte loss of one micro-batch's logits."""
+    return next_token_loss(output.logits, targets)
 
 
 def mib(nbytes: int) -> str:
@@ -174,14 +160,14 @@ def pipeline_rank(rank: int, port: int, steps: int, batch: int, chunks: int, res
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=120))
     try:
-        model = torch_mp.pipeline(PipelinedGPT2(make_gpt2()), chunks=chunks, schedule="1f1b")
+        model = torch_mp.pipeline(make_gpt2(), chunks=chunks, schedule="1f1b")
         optimizer = torch.optim.AdamW([p for p in model.parameters() if not p.is_meta], lr=3e-3)
         losses, times = [], []
         data = batches(text_tokens(), batch, seed=2)
         for _ in tqdm(range(steps + 1), desc="2 processes", leave=False, disable=rank != 0):
             ids, targets = next(data)
             start = time.perf_counter()
-            loss = model.train_step(ids, target=targets, loss_fn=next_token_loss)
+            loss = model.train_step(input_ids=ids, target=targets, loss_fn=output_loss)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             times.append(time.perf_counter() - start)
@@ -193,14 +179,14 @@ def pipeline_rank(rank: int, port: int, steps: int, batch: int, chunks: int, res
 
 
 def one_process(steps: int, batch: int):
-    model = PipelinedGPT2(make_gpt2())
+    model = make_gpt2()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses, times = [], []
     data = batches(text_tokens(), batch, seed=2)
     for _ in tqdm(range(steps + 1), desc="1 process", leave=False):
         ids, targets = next(data)
         start = time.perf_counter()
-        loss = next_token_loss(model(ids), targets)
+        loss = output_loss(model(input_ids=ids), targets)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -212,10 +198,7 @@ def one_process(steps: int, batch: int):
 def pipeline_part(args) -> None:
     section("3. Devices working at once: a pipeline over 2 processes")
     batch, chunks = 32, 8
-    ids = torch.randint(0, 256, (2, SEQ))
-    model = make_gpt2()
-    torch.testing.assert_close(PipelinedGPT2(model)(ids), model(input_ids=ids).logits, rtol=0, atol=0)
-    print(f"the same GPT-2 (its logits equal GPT2LMHeadModel's), cut into 2 stages by torch_mp.pipeline: "
+    print(f"the same GPT2LMHeadModel, called as usual (input_ids=), cut into 2 stages by torch_mp.pipeline: "
           f"2 processes over Gloo, chunks={chunks}, 1F1B, one thread each; against 1 process, one thread; "
           f"batches of {batch} x {SEQ} bytes, {args.pipeline_steps} timed steps each")
     single_losses, single_times = one_process(args.pipeline_steps, batch)

@@ -18,7 +18,6 @@ import argparse
 import datetime
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -29,9 +28,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples" / "python"))
-import torch_mp  # noqa: E402
-from split_demo import PipelinedGPT2  # noqa: E402  (GPT-2's modules under a forward torch.fx can cut)
+import torch_mp
 
 STEPS, SEQ, BATCH, DP = 6, 32, 4, 2
 GROUP_TIMEOUT = 10.0  # seconds: how long survivors wait for a dead node
@@ -138,12 +135,12 @@ def report_error(out: Path, error: Exception) -> None:
 
 def pipeline(out: Path) -> None:
     """2 ranks, one per node: a 2-stage pipeline of the GPT-2, micro-batches crossing the network."""
-    model = torch_mp.pipeline(PipelinedGPT2(make_gpt2()), chunks=4, schedule="1f1b")
+    model = torch_mp.pipeline(make_gpt2(), chunks=4, schedule="1f1b")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if not p.is_meta], lr=1e-3)
     for step in range(STEPS):
         parts = [batch(step, replica) for replica in range(DP)]
         ids, targets = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        loss = model.train_step(ids, target=targets, loss_fn=loss_fn)
+        loss = model.train_step(input_ids=ids, target=targets, loss_fn=lambda output, t: loss_fn(output.logits, t))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if dist.get_rank() == 0:
