@@ -109,7 +109,9 @@ def compile_checks(model, eager, ids, step_inputs):
     eager.zero_grad()
     from torch._dynamo import compiled_autograd
 
-    with compiled_autograd._enable(torch.compile(backend="aot_eager", fullgraph=True)):
+    # Inductor, not aot_eager: the column-parallel backward starts its all-reduce in place and waits
+    # after the weight-gradient matmul, which only a reinplacing backend keeps (aot_eager refuses it).
+    with compiled_autograd._enable(torch.compile(fullgraph=True)):
         compiled(ids, targets=ids)[1].backward()
     eager(ids, targets=ids)[1].backward()
     for (name, a), (_, b) in zip(model.named_parameters(), eager.named_parameters()):
