@@ -172,17 +172,3 @@ TEST(PipelinedSplit, RejectsBadOptionsWithClearErrors) {
           .find("loss_fn returned a tensor of shape [1, 4]; expected a scalar"),
       std::string::npos);
 }
-
-TEST(PipelineSchedule, EveryKindPassesTheCheckerAndBrokenOnesFail) {
-  namespace pp = torch_mp::pipeline;
-  for (const auto kind : {pp::ScheduleKind::GPipe, pp::ScheduleKind::OneFOneB, pp::ScheduleKind::Interleaved1F1B}) {
-    for (const int64_t chunks : {1, 2, 5}) {
-      const int64_t per_rank = kind == pp::ScheduleKind::Interleaved1F1B ? 2 : 1;
-      auto schedule = pp::make_schedule(kind, 3, per_rank, chunks);
-      EXPECT_NO_THROW(pp::check_schedule(schedule, 3 * per_rank, chunks));
-    }
-  }
-  auto schedule = pp::make_schedule(pp::ScheduleKind::OneFOneB, 2, 1, 2);
-  std::swap(schedule[1].front(), schedule[1].back());
-  EXPECT_NE(error_of([&] { pp::check_schedule(schedule, 2, 2); }).find("before its forward"), std::string::npos);
-}

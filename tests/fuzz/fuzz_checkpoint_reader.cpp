@@ -11,7 +11,7 @@
 
 #include <c10/util/Exception.h>
 
-#include "detail/checkpoint_format.h"
+#include "checkpoint/format.h"
 
 namespace {
 

@@ -1,4 +1,4 @@
-#include "detail/checkpoint_format.h"
+#include "checkpoint/format.h"
 
 #include <algorithm>
 #include <limits>

@@ -24,7 +24,7 @@
 #include <nlohmann/json.hpp>
 #include <torch/csrc/autograd/grad_mode.h>
 
-#include "detail/checkpoint_format.h"
+#include "checkpoint/format.h"
 
 namespace torch_mp {
 namespace {
