@@ -40,7 +40,7 @@ namespace {
 
 constexpr auto kOp = "torch_mp.all_to_all";
 
-at::Tensor all_to_all_primitive_kernel(
+at::Tensor _all_to_all_kernel(
     const at::Tensor& self,
     c10::IntArrayRef output_split_sizes,
     c10::IntArrayRef input_split_sizes,
@@ -75,16 +75,17 @@ at::Tensor all_to_all_kernel(
 } // namespace
 
 TORCH_LIBRARY_FRAGMENT(torch_mp, m) {
+  const std::vector<at::Tag> pt2_compliant{at::Tag::pt2_compliant_tag};
   m.def(
       "_all_to_all(Tensor self, int[] output_split_sizes, int[] input_split_sizes, str group_name, "
-      "int group_size) -> Tensor");
+      "int group_size) -> Tensor", pt2_compliant);
   m.def(
       "all_to_all(Tensor self, int[] output_split_sizes, int[] input_split_sizes, str group_name, "
-      "int group_size) -> Tensor");
+      "int group_size) -> Tensor", pt2_compliant);
 }
 
 TORCH_LIBRARY_IMPL(torch_mp, CompositeExplicitAutograd, m) {
-  m.impl("_all_to_all", &all_to_all_primitive_kernel);
+  m.impl("_all_to_all", &_all_to_all_kernel);
   m.impl("all_to_all", &all_to_all_kernel);
 }
 

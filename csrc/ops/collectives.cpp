@@ -35,17 +35,30 @@ void wait_(at::Tensor& self, at::TensorList meanwhile, const Group& group) {
   op.call(self, meanwhile, group.name, group.size);
 }
 
-#define TORCH_MP_DIM_PRIMITIVE(op_name)                                                                 \
-  at::Tensor op_name(const at::Tensor& self, int64_t dim, const Group& group) {                        \
-    static auto op = c10::Dispatcher::singleton()                                                   \
-                         .findSchemaOrThrow("torch_mp::_" #op_name, "")                                \
-                         .typed<at::Tensor(const at::Tensor&, int64_t, c10::string_view, int64_t)>(); \
-    return op.call(self, dim, group.name, group.size);                                              \
-  }
-TORCH_MP_DIM_PRIMITIVE(all_gather)
-TORCH_MP_DIM_PRIMITIVE(reduce_scatter)
-TORCH_MP_DIM_PRIMITIVE(split)
-#undef TORCH_MP_DIM_PRIMITIVE
+namespace {
+
+using DimOp = at::Tensor(const at::Tensor&, int64_t, c10::string_view, int64_t);
+
+c10::TypedOperatorHandle<DimOp> dim_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<DimOp>();
+}
+
+} // namespace
+
+at::Tensor all_gather(const at::Tensor& self, int64_t dim, const Group& group) {
+  static const auto op = dim_op("torch_mp::_all_gather");
+  return op.call(self, dim, group.name, group.size);
+}
+
+at::Tensor reduce_scatter(const at::Tensor& self, int64_t dim, const Group& group) {
+  static const auto op = dim_op("torch_mp::_reduce_scatter");
+  return op.call(self, dim, group.name, group.size);
+}
+
+at::Tensor shard(const at::Tensor& self, int64_t dim, const Group& group) {
+  static const auto op = dim_op("torch_mp::_shard");
+  return op.call(self, dim, group.name, group.size);
+}
 
 } // namespace primitives
 
@@ -61,7 +74,7 @@ c10d::ReduceOp parse_reduce_op(c10::string_view name) {
 
 // The functional all-reduce: its output is a fresh tensor, the one copy of `self` it makes, reduced
 // in place. Formulas that own their tensor reduce it in place with the start/wait pair instead.
-at::Tensor all_reduce_kernel(
+at::Tensor _all_reduce_kernel(
     const at::Tensor& self,
     c10::string_view reduce_op,
     c10::string_view group_name,
@@ -79,7 +92,7 @@ at::Tensor all_reduce_kernel(
 
 // Starts reducing `self` in place and returns at once; _wait_ on the same tensor completes it. The
 // backend writes `self` until then, so `self` must be contiguous and read by nothing before the wait.
-void all_reduce_start_kernel(
+void _all_reduce_start__kernel(
     at::Tensor& self,
     c10::string_view reduce_op,
     c10::string_view group_name,
@@ -103,7 +116,7 @@ void all_reduce_start_kernel(
 // orders every read of `self` after it; `meanwhile`, the tensors computed while the collective runs,
 // are read by nothing here: as inputs they keep a compiler's reordering (inductor's, for peak memory)
 // from moving their computation after the wait.
-void wait_kernel(at::Tensor& self, at::TensorList, c10::string_view, int64_t group_size) {
+void _wait__kernel(at::Tensor& self, at::TensorList, c10::string_view, int64_t group_size) {
   constexpr auto op = "torch_mp._wait_";
   detail::check_group_size(op, group_size);
   TORCH_CHECK(
@@ -114,7 +127,7 @@ void wait_kernel(at::Tensor& self, at::TensorList, c10::string_view, int64_t gro
 }
 
 // Gathers into [group_size, *self.shape] with one flat collective, then lays the blocks along dim.
-at::Tensor all_gather_kernel(const at::Tensor& self, int64_t dim, c10::string_view group_name, int64_t group_size) {
+at::Tensor _all_gather_kernel(const at::Tensor& self, int64_t dim, c10::string_view group_name, int64_t group_size) {
   detail::check_group_size("torch_mp.all_gather", group_size);
   const auto wrapped = detail::wrap_dim("torch_mp.all_gather", self, dim);
   if (group_size == 1) {
@@ -132,7 +145,7 @@ at::Tensor all_gather_kernel(const at::Tensor& self, int64_t dim, c10::string_vi
 }
 
 // Reduces over [group_size, *block] with one flat collective, each rank keeping its block.
-at::Tensor reduce_scatter_kernel(
+at::Tensor _reduce_scatter_kernel(
     const at::Tensor& self,
     int64_t dim,
     c10::string_view group_name,
@@ -153,12 +166,12 @@ at::Tensor reduce_scatter_kernel(
   return output;
 }
 
-at::Tensor split_kernel(const at::Tensor& self, int64_t dim, c10::string_view group_name, int64_t group_size) {
-  const auto wrapped = detail::check_divisible("torch_mp.split", self, dim, group_size);
+at::Tensor _shard_kernel(const at::Tensor& self, int64_t dim, c10::string_view group_name, int64_t group_size) {
+  const auto wrapped = detail::check_divisible("torch_mp.shard", self, dim, group_size);
   if (group_size == 1) {
     return self.clone(at::MemoryFormat::Contiguous);
   }
-  const auto rank = detail::resolve_group("torch_mp.split", group_name, group_size)->getRank();
+  const auto rank = detail::resolve_group("torch_mp.shard", group_name, group_size)->getRank();
   const auto block = self.size(wrapped) / group_size;
   return self.narrow(wrapped, rank * block, block).clone(at::MemoryFormat::Contiguous);
 }
@@ -166,21 +179,22 @@ at::Tensor split_kernel(const at::Tensor& self, int64_t dim, c10::string_view gr
 } // namespace
 
 TORCH_LIBRARY_FRAGMENT(torch_mp, m) {
-  m.def("_all_reduce(Tensor self, str reduce_op, str group_name, int group_size) -> Tensor");
-  m.def("_all_reduce_start_(Tensor(a!) self, str reduce_op, str group_name, int group_size) -> ()");
-  m.def("_wait_(Tensor(a!) self, Tensor[] meanwhile, str group_name, int group_size) -> ()");
-  m.def("_all_gather(Tensor self, int dim, str group_name, int group_size) -> Tensor");
-  m.def("_reduce_scatter(Tensor self, int dim, str group_name, int group_size) -> Tensor");
-  m.def("_split(Tensor self, int dim, str group_name, int group_size) -> Tensor");
+  const std::vector<at::Tag> pt2_compliant{at::Tag::pt2_compliant_tag};
+  m.def("_all_reduce(Tensor self, str reduce_op, str group_name, int group_size) -> Tensor", pt2_compliant);
+  m.def("_all_reduce_start_(Tensor(a!) self, str reduce_op, str group_name, int group_size) -> ()", pt2_compliant);
+  m.def("_wait_(Tensor(a!) self, Tensor[] meanwhile, str group_name, int group_size) -> ()", pt2_compliant);
+  m.def("_all_gather(Tensor self, int dim, str group_name, int group_size) -> Tensor", pt2_compliant);
+  m.def("_reduce_scatter(Tensor self, int dim, str group_name, int group_size) -> Tensor", pt2_compliant);
+  m.def("_shard(Tensor self, int dim, str group_name, int group_size) -> Tensor", pt2_compliant);
 }
 
 TORCH_LIBRARY_IMPL(torch_mp, CompositeExplicitAutograd, m) {
-  m.impl("_all_reduce", &all_reduce_kernel);
-  m.impl("_all_reduce_start_", &all_reduce_start_kernel);
-  m.impl("_wait_", &wait_kernel);
-  m.impl("_all_gather", &all_gather_kernel);
-  m.impl("_reduce_scatter", &reduce_scatter_kernel);
-  m.impl("_split", &split_kernel);
+  m.impl("_all_reduce", &_all_reduce_kernel);
+  m.impl("_all_reduce_start_", &_all_reduce_start__kernel);
+  m.impl("_wait_", &_wait__kernel);
+  m.impl("_all_gather", &_all_gather_kernel);
+  m.impl("_reduce_scatter", &_reduce_scatter_kernel);
+  m.impl("_shard", &_shard_kernel);
 }
 
 } // namespace torch_mp

@@ -12,29 +12,49 @@
 
 namespace torch_mp {
 
+namespace {
+
 using GroupOp = at::Tensor(const at::Tensor&, c10::string_view, int64_t);
 using DimGroupOp = at::Tensor(const at::Tensor&, int64_t, c10::string_view, int64_t);
 
-#define TORCH_MP_GROUP_OP(op_name)                                                                    \
-  at::Tensor op_name(const at::Tensor& self, const Group& group) {                                   \
-    static auto op =                                                                               \
-        c10::Dispatcher::singleton().findSchemaOrThrow("torch_mp::" #op_name, "").typed<GroupOp>();   \
-    return op.call(self, group.name, group.size);                                                  \
-  }
-#define TORCH_MP_DIM_GROUP_OP(op_name)                                                                \
-  at::Tensor op_name(const at::Tensor& self, int64_t dim, const Group& group) {                      \
-    static auto op =                                                                               \
-        c10::Dispatcher::singleton().findSchemaOrThrow("torch_mp::" #op_name, "").typed<DimGroupOp>(); \
-    return op.call(self, dim, group.name, group.size);                                             \
-  }
-TORCH_MP_GROUP_OP(copy_to_tp)
-TORCH_MP_GROUP_OP(reduce_from_tp)
-TORCH_MP_DIM_GROUP_OP(gather_from_tp)
-TORCH_MP_DIM_GROUP_OP(scatter_to_tp)
-TORCH_MP_DIM_GROUP_OP(reduce_scatter_to_sp)
-TORCH_MP_DIM_GROUP_OP(gather_from_sp)
-#undef TORCH_MP_GROUP_OP
-#undef TORCH_MP_DIM_GROUP_OP
+c10::TypedOperatorHandle<GroupOp> group_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<GroupOp>();
+}
+c10::TypedOperatorHandle<DimGroupOp> dim_group_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<DimGroupOp>();
+}
+
+} // namespace
+
+at::Tensor copy_to_tp(const at::Tensor& self, const Group& group) {
+  static const auto op = group_op("torch_mp::copy_to_tp");
+  return op.call(self, group.name, group.size);
+}
+
+at::Tensor reduce_from_tp(const at::Tensor& self, const Group& group) {
+  static const auto op = group_op("torch_mp::reduce_from_tp");
+  return op.call(self, group.name, group.size);
+}
+
+at::Tensor gather_from_tp(const at::Tensor& self, int64_t dim, const Group& group) {
+  static const auto op = dim_group_op("torch_mp::gather_from_tp");
+  return op.call(self, dim, group.name, group.size);
+}
+
+at::Tensor scatter_to_tp(const at::Tensor& self, int64_t dim, const Group& group) {
+  static const auto op = dim_group_op("torch_mp::scatter_to_tp");
+  return op.call(self, dim, group.name, group.size);
+}
+
+at::Tensor reduce_scatter_to_sp(const at::Tensor& self, int64_t dim, const Group& group) {
+  static const auto op = dim_group_op("torch_mp::reduce_scatter_to_sp");
+  return op.call(self, dim, group.name, group.size);
+}
+
+at::Tensor gather_from_sp(const at::Tensor& self, int64_t dim, const Group& group) {
+  static const auto op = dim_group_op("torch_mp::gather_from_sp");
+  return op.call(self, dim, group.name, group.size);
+}
 
 at::Tensor column_parallel_linear(
     const at::Tensor& input,
@@ -108,14 +128,17 @@ at::Tensor copy_to_tp_kernel(const at::Tensor& self, c10::string_view name, int6
 at::Tensor reduce_from_tp_kernel(const at::Tensor& self, c10::string_view name, int64_t size) {
   return primitives::all_reduce(self, "sum", group_of(name, size));
 }
-at::Tensor all_gather_kernel(const at::Tensor& self, int64_t dim, c10::string_view name, int64_t size) {
+at::Tensor gather_from_tp_kernel(const at::Tensor& self, int64_t dim, c10::string_view name, int64_t size) {
   return primitives::all_gather(self, dim, group_of(name, size));
 }
-at::Tensor split_kernel(const at::Tensor& self, int64_t dim, c10::string_view name, int64_t size) {
-  return primitives::split(self, dim, group_of(name, size));
+at::Tensor scatter_to_tp_kernel(const at::Tensor& self, int64_t dim, c10::string_view name, int64_t size) {
+  return primitives::shard(self, dim, group_of(name, size));
 }
-at::Tensor reduce_scatter_kernel(const at::Tensor& self, int64_t dim, c10::string_view name, int64_t size) {
+at::Tensor reduce_scatter_to_sp_kernel(const at::Tensor& self, int64_t dim, c10::string_view name, int64_t size) {
   return primitives::reduce_scatter(self, dim, group_of(name, size));
+}
+at::Tensor gather_from_sp_kernel(const at::Tensor& self, int64_t dim, c10::string_view name, int64_t size) {
+  return primitives::all_gather(self, dim, group_of(name, size));
 }
 
 // --- column-parallel linear -------------------------------------------------------------------
@@ -136,7 +159,7 @@ at::Tensor column_parallel_linear_kernel(
 // --- row-parallel linear -------------------------------------------------------------------------
 
 // all_reduce(input @ weight.T) + bias, reduced in place in the matmul's own output: no copy.
-at::Tensor row_parallel_linear_kernel(
+at::Tensor _row_parallel_linear_kernel(
     const at::Tensor& input,
     const at::Tensor& weight,
     const std::optional<at::Tensor>& bias,
@@ -155,7 +178,7 @@ at::Tensor row_parallel_linear_kernel(
 
 // --- compositions: autograd comes from the ops they call ---------------------------------------
 
-at::Tensor row_parallel_linear_impl(
+at::Tensor row_parallel_linear_kernel(
     const at::Tensor& input,
     const at::Tensor& weight,
     const std::optional<at::Tensor>& bias,
@@ -177,7 +200,7 @@ at::Tensor row_parallel_linear_impl(
   return op.call(local_input, weight, bias, name, size);
 }
 
-at::Tensor vocab_parallel_embedding_impl(
+at::Tensor vocab_parallel_embedding_kernel(
     const at::Tensor& input,
     const at::Tensor& weight,
     int64_t vocab_start,
@@ -196,7 +219,7 @@ at::Tensor vocab_parallel_embedding_impl(
   return reduce_from_tp(output, group_of(name, size));
 }
 
-at::Tensor vocab_parallel_cross_entropy_impl(
+at::Tensor vocab_parallel_cross_entropy_kernel(
     const at::Tensor& logits,
     const at::Tensor& target,
     int64_t vocab_start,
@@ -236,42 +259,45 @@ at::Tensor vocab_parallel_cross_entropy_impl(
 } // namespace
 
 TORCH_LIBRARY_FRAGMENT(torch_mp, m) {
-  m.def("copy_to_tp(Tensor self, str group_name, int group_size) -> Tensor");
-  m.def("reduce_from_tp(Tensor self, str group_name, int group_size) -> Tensor");
-  m.def("gather_from_tp(Tensor self, int dim, str group_name, int group_size) -> Tensor");
-  m.def("scatter_to_tp(Tensor self, int dim, str group_name, int group_size) -> Tensor");
-  m.def("reduce_scatter_to_sp(Tensor self, int dim, str group_name, int group_size) -> Tensor");
-  m.def("gather_from_sp(Tensor self, int dim, str group_name, int group_size) -> Tensor");
+  const std::vector<at::Tag> pt2_compliant{at::Tag::pt2_compliant_tag};
+  m.def("copy_to_tp(Tensor self, str group_name, int group_size) -> Tensor", pt2_compliant);
+  m.def("reduce_from_tp(Tensor self, str group_name, int group_size) -> Tensor", pt2_compliant);
+  m.def("gather_from_tp(Tensor self, int dim, str group_name, int group_size) -> Tensor", pt2_compliant);
+  m.def("scatter_to_tp(Tensor self, int dim, str group_name, int group_size) -> Tensor", pt2_compliant);
+  m.def("reduce_scatter_to_sp(Tensor self, int dim, str group_name, int group_size) -> Tensor", pt2_compliant);
+  m.def("gather_from_sp(Tensor self, int dim, str group_name, int group_size) -> Tensor", pt2_compliant);
   m.def(
       "column_parallel_linear(Tensor input, Tensor weight, Tensor? bias, bool gather_output, "
-      "str group_name, int group_size) -> Tensor");
-  m.def("_row_parallel_linear(Tensor input, Tensor weight, Tensor? bias, str group_name, int group_size) -> Tensor");
+      "str group_name, int group_size) -> Tensor", pt2_compliant);
+  m.def(
+      "_row_parallel_linear(Tensor input, Tensor weight, Tensor? bias, str group_name, int group_size) -> Tensor",
+      pt2_compliant);
   m.def(
       "row_parallel_linear(Tensor input, Tensor weight, Tensor? bias, bool input_is_parallel, "
-      "str group_name, int group_size) -> Tensor");
+      "str group_name, int group_size) -> Tensor", pt2_compliant);
   m.def(
       "vocab_parallel_embedding(Tensor input, Tensor weight, int vocab_start, str group_name, "
-      "int group_size) -> Tensor");
+      "int group_size) -> Tensor", pt2_compliant);
   m.def(
       "vocab_parallel_cross_entropy(Tensor logits, Tensor target, int vocab_start, int ignore_index, "
-      "str group_name, int group_size) -> Tensor");
+      "str group_name, int group_size) -> Tensor", pt2_compliant);
 }
 
 TORCH_LIBRARY_IMPL(torch_mp, CompositeExplicitAutograd, m) {
   m.impl("copy_to_tp", &copy_to_tp_kernel);
   m.impl("reduce_from_tp", &reduce_from_tp_kernel);
-  m.impl("gather_from_tp", &all_gather_kernel);
-  m.impl("scatter_to_tp", &split_kernel);
-  m.impl("reduce_scatter_to_sp", &reduce_scatter_kernel);
-  m.impl("gather_from_sp", &all_gather_kernel);
+  m.impl("gather_from_tp", &gather_from_tp_kernel);
+  m.impl("scatter_to_tp", &scatter_to_tp_kernel);
+  m.impl("reduce_scatter_to_sp", &reduce_scatter_to_sp_kernel);
+  m.impl("gather_from_sp", &gather_from_sp_kernel);
   m.impl("column_parallel_linear", &column_parallel_linear_kernel);
-  m.impl("_row_parallel_linear", &row_parallel_linear_kernel);
+  m.impl("_row_parallel_linear", &_row_parallel_linear_kernel);
 }
 
 TORCH_LIBRARY_IMPL(torch_mp, CompositeImplicitAutograd, m) {
-  m.impl("row_parallel_linear", &row_parallel_linear_impl);
-  m.impl("vocab_parallel_embedding", &vocab_parallel_embedding_impl);
-  m.impl("vocab_parallel_cross_entropy", &vocab_parallel_cross_entropy_impl);
+  m.impl("row_parallel_linear", &row_parallel_linear_kernel);
+  m.impl("vocab_parallel_embedding", &vocab_parallel_embedding_kernel);
+  m.impl("vocab_parallel_cross_entropy", &vocab_parallel_cross_entropy_kernel);
 }
 
 } // namespace torch_mp

@@ -31,7 +31,8 @@ at::Tensor to_device_kernel(const at::Tensor& self, at::Device device, bool non_
 } // namespace
 
 TORCH_LIBRARY_FRAGMENT(torch_mp, m) {
-  m.def("to_device(Tensor self, Device device, bool non_blocking=False) -> Tensor");
+  const std::vector<at::Tag> pt2_compliant{at::Tag::pt2_compliant_tag};
+  m.def("to_device(Tensor self, Device device, bool non_blocking=False) -> Tensor", pt2_compliant);
 }
 
 TORCH_LIBRARY_IMPL(torch_mp, CPU, m) {

@@ -241,8 +241,8 @@ std::vector<Case> cases() {
        {"target has dtype Float; expected integer class indices"}},
       {"primitives::all_reduce/reduce_op", [] { torch_mp::primitives::all_reduce(x(), "mean", kSingle); },
        Kind::Value, {"reduce_op 'mean'; expected sum, max, min or product"}},
-      {"primitives::split/group size 0", [] { torch_mp::primitives::split(x(), 0, torch_mp::Group{"", 0, 0}); },
-       Kind::Value, {"torch_mp.split: group_size is 0; expected at least 1"}},
+      {"primitives::shard/group size 0", [] { torch_mp::primitives::shard(x(), 0, torch_mp::Group{"", 0, 0}); },
+       Kind::Value, {"torch_mp.shard: group_size is 0; expected at least 1"}},
       // --- layers
       {"ColumnParallelLinear/indivisible", [] { ColumnParallelLinear(ColumnParallelLinearOptions(4, 6).group({"g", 4, 0})); },
        Kind::Value, {"ColumnParallelLinear: out_features 6 is not divisible by the group size 4"}},

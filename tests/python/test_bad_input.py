@@ -257,8 +257,8 @@ CASES = [
     # --- the primitive ops, as torch.ops.torch_mp.* (the group by name and size)
     Case("_all_reduce/unknown reduce_op", lambda: torch.ops.torch_mp._all_reduce(x(), "mean", "", 1), ValueError,
          ["reduce_op 'mean'; expected sum, max, min or product"]),
-    Case("_split/group_size 0", lambda: torch.ops.torch_mp._split(x(), 0, "", 0), ValueError,
-         ["torch_mp.split: group_size is 0; expected at least 1"]),
+    Case("_shard/group_size 0", lambda: torch.ops.torch_mp._shard(x(), 0, "", 0), ValueError,
+         ["torch_mp.shard: group_size is 0; expected at least 1"]),
     Case("_all_gather/group_size 0", lambda: torch.ops.torch_mp._all_gather(x(), 0, "", 0), ValueError,
          ["torch_mp.all_gather: group_size is 0; expected at least 1"]),
     Case("_reduce_scatter/indivisible", lambda: torch.ops.torch_mp._reduce_scatter(x(3, 4), 0, "nope", 2),

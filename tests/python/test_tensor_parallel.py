@@ -254,7 +254,7 @@ def opcheck_every_op(group_name, world, rank):
         ("_all_reduce", (x, "max", group_name, world)),
         ("_all_gather", (x, 0, group_name, world)),
         ("_reduce_scatter", (x, 0, group_name, world)),
-        ("_split", (x, 0, group_name, world)),
+        ("_shard", (x, 0, group_name, world)),
     ]
     # column_parallel_linear's backward reduces the input gradient in place with the start/wait pair:
     # opcheck's aot_eager run copies mutated tensors instead of reinplacing them, which the wait

@@ -122,7 +122,7 @@ class ColumnParallelLinear : public torch::autograd::Function<ColumnParallelLine
     }
     detail::OpScope scope(kColumnParallelLinear, /*backward=*/true);
     if (ctx->saved_data["gather_output"].toBool()) {
-      grad = primitives::split(grad, -1, group);
+      grad = primitives::shard(grad, -1, group);
     }
     const auto& input = saved[0];
     const auto& weight = saved[1];

@@ -9,7 +9,7 @@
 namespace torch_mp {
 namespace {
 
-at::Tensor all_to_all_meta(
+at::Tensor _all_to_all_meta(
     const at::Tensor& self,
     c10::IntArrayRef output_split_sizes,
     c10::IntArrayRef input_split_sizes,
@@ -24,7 +24,7 @@ at::Tensor all_to_all_meta(
 } // namespace
 
 TORCH_LIBRARY_IMPL(torch_mp, Meta, m) {
-  m.impl("_all_to_all", &all_to_all_meta);
+  m.impl("_all_to_all", &_all_to_all_meta);
 }
 
 } // namespace torch_mp

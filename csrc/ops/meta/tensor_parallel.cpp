@@ -4,7 +4,7 @@
 namespace torch_mp {
 namespace {
 
-at::Tensor row_parallel_linear_meta(
+at::Tensor _row_parallel_linear_meta(
     const at::Tensor& input,
     const at::Tensor& weight,
     const std::optional<at::Tensor>&,
@@ -18,7 +18,7 @@ at::Tensor row_parallel_linear_meta(
 } // namespace
 
 TORCH_LIBRARY_IMPL(torch_mp, Meta, m) {
-  m.impl("_row_parallel_linear", &row_parallel_linear_meta);
+  m.impl("_row_parallel_linear", &_row_parallel_linear_meta);
 }
 
 } // namespace torch_mp
