@@ -6,7 +6,7 @@
 
 #include <torch_mp/ops.h>
 
-#include "comm/collectives.h"
+#include "ops/autograd/group_function.h"
 
 namespace torch_mp {
 namespace {
@@ -16,7 +16,7 @@ using torch::autograd::variable_list;
 
 constexpr char kAllToAll[] = "torch_mp.all_to_all";
 
-class AllToAll : public torch::autograd::Function<AllToAll> {
+class AllToAllFunction : public torch::autograd::Function<AllToAllFunction> {
  public:
   static constexpr bool is_traceable = true;
 
@@ -27,23 +27,19 @@ class AllToAll : public torch::autograd::Function<AllToAll> {
       c10::IntArrayRef input_split_sizes,
       c10::string_view group_name,
       int64_t group_size) {
+    const detail::GroupForward scope(ctx, kAllToAll, group_name, group_size);
     ctx->saved_data["output_split_sizes"] = output_split_sizes.vec();
     ctx->saved_data["input_split_sizes"] = input_split_sizes.vec();
-    ctx->saved_data["group_name"] = std::string(group_name);
-    ctx->saved_data["group_size"] = group_size;
-    detail::OpScope scope(kAllToAll);
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return all_to_all(self, output_split_sizes, input_split_sizes, Group{std::string(group_name), group_size, 0});
+    return all_to_all(self, output_split_sizes, input_split_sizes, scope.group);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     auto grad = grad_outputs[0];
     if (grad.defined()) {
-      detail::OpScope scope(kAllToAll, /*backward=*/true);
-      const Group group{ctx->saved_data["group_name"].toStringRef(), ctx->saved_data["group_size"].toInt(), 0};
+      const detail::GroupBackward scope(ctx, kAllToAll);
       grad = all_to_all(
           grad, ctx->saved_data["input_split_sizes"].toIntVector(),
-          ctx->saved_data["output_split_sizes"].toIntVector(), group);
+          ctx->saved_data["output_split_sizes"].toIntVector(), scope.group);
     }
     return {grad, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
@@ -55,7 +51,7 @@ at::Tensor all_to_all_autograd(
     c10::IntArrayRef input_split_sizes,
     c10::string_view group_name,
     int64_t group_size) {
-  return AllToAll::apply(self, output_split_sizes, input_split_sizes, group_name, group_size);
+  return AllToAllFunction::apply(self, output_split_sizes, input_split_sizes, group_name, group_size);
 }
 
 } // namespace

@@ -3,7 +3,7 @@
 
 #include <torch_mp/ops.h>
 
-#include "comm/collectives.h"
+#include "ops/autograd/group_function.h"
 
 namespace torch_mp {
 namespace {
@@ -13,15 +13,11 @@ using torch::autograd::variable_list;
 
 using DimOp = at::Tensor (*)(const at::Tensor&, int64_t, const Group&);
 
-Group saved_group(AutogradContext* ctx) {
-  return Group{ctx->saved_data["group_name"].toStringRef(), ctx->saved_data["group_size"].toInt(), 0};
-}
-
 // forward: Forward below autograd; backward: Backward, the conjugate op (itself differentiable,
 // so double backward works). `dim` is ignored by the pairs that do not take one. `Name` names the
 // op in the errors of the collectives either direction runs.
 template <const char* Name, DimOp Forward, DimOp Backward>
-class Conjugate : public torch::autograd::Function<Conjugate<Name, Forward, Backward>> {
+class ConjugateFunction : public torch::autograd::Function<ConjugateFunction<Name, Forward, Backward>> {
  public:
   static constexpr bool is_traceable = true;
 
@@ -31,19 +27,16 @@ class Conjugate : public torch::autograd::Function<Conjugate<Name, Forward, Back
       int64_t dim,
       c10::string_view group_name,
       int64_t group_size) {
+    const detail::GroupForward scope(ctx, Name, group_name, group_size);
     ctx->saved_data["dim"] = dim;
-    ctx->saved_data["group_name"] = std::string(group_name);
-    ctx->saved_data["group_size"] = group_size;
-    detail::OpScope scope(Name);
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return Forward(self, dim, Group{std::string(group_name), group_size, 0});
+    return Forward(self, dim, scope.group);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     auto grad = grad_outputs[0];
     if (grad.defined()) {
-      detail::OpScope scope(Name, /*backward=*/true);
-      grad = Backward(grad, ctx->saved_data["dim"].toInt(), saved_group(ctx));
+      const detail::GroupBackward scope(ctx, Name);
+      grad = Backward(grad, ctx->saved_data["dim"].toInt(), scope.group);
     }
     return {grad, at::Tensor(), at::Tensor(), at::Tensor()};
   }
@@ -62,12 +55,12 @@ at::Tensor identity(const at::Tensor& grad, int64_t, const Group&) {
 
 template <const char* Name, DimOp Forward, DimOp Backward>
 at::Tensor group_autograd(const at::Tensor& self, c10::string_view group_name, int64_t group_size) {
-  return Conjugate<Name, Forward, Backward>::apply(self, 0, group_name, group_size);
+  return ConjugateFunction<Name, Forward, Backward>::apply(self, 0, group_name, group_size);
 }
 
 template <const char* Name, DimOp Forward, DimOp Backward>
 at::Tensor dim_group_autograd(const at::Tensor& self, int64_t dim, c10::string_view group_name, int64_t group_size) {
-  return Conjugate<Name, Forward, Backward>::apply(self, dim, group_name, group_size);
+  return ConjugateFunction<Name, Forward, Backward>::apply(self, dim, group_name, group_size);
 }
 
 // The gradients of weight and bias (autograd inputs 1 and 2; undefined where not needed) of a linear
@@ -91,7 +84,7 @@ constexpr char kColumnParallelLinear[] = "torch_mp.column_parallel_linear";
 // forward: x @ weight.T + bias (then all-gather when gather_output); backward: the input-gradient
 // all-reduce starts, in place, before the weight-gradient matmul and is waited on after it: the two
 // overlap in eager mode, and under torch.compile inductor sees the start/wait pair around the matmul.
-class ColumnParallelLinear : public torch::autograd::Function<ColumnParallelLinear> {
+class ColumnParallelLinearFunction : public torch::autograd::Function<ColumnParallelLinearFunction> {
  public:
   static constexpr bool is_traceable = true;
 
@@ -103,24 +96,21 @@ class ColumnParallelLinear : public torch::autograd::Function<ColumnParallelLine
       bool gather_output,
       c10::string_view group_name,
       int64_t group_size) {
+    const detail::GroupForward scope(ctx, kColumnParallelLinear, group_name, group_size);
     ctx->save_for_backward({input, weight});
     ctx->saved_data["gather_output"] = gather_output;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
-    ctx->saved_data["group_name"] = std::string(group_name);
-    ctx->saved_data["group_size"] = group_size;
-    detail::OpScope scope(kColumnParallelLinear);
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return column_parallel_linear(input, weight, bias, gather_output, Group{std::string(group_name), group_size, 0});
+    return column_parallel_linear(input, weight, bias, gather_output, scope.group);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     auto grad = grad_outputs[0];
-    const auto saved = ctx->get_saved_variables();
-    const auto group = saved_group(ctx);
     if (!grad.defined()) {
       return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     }
-    detail::OpScope scope(kColumnParallelLinear, /*backward=*/true);
+    const detail::GroupBackward scope(ctx, kColumnParallelLinear);
+    const auto& group = scope.group;
+    const auto saved = ctx->get_saved_variables();
     if (ctx->saved_data["gather_output"].toBool()) {
       grad = primitives::shard(grad, -1, group);
     }
@@ -151,7 +141,7 @@ constexpr char kRowParallelLinear[] = "torch_mp.row_parallel_linear";
 
 // forward: all_reduce(input @ weight.T) + bias, reduced in place in the matmul's output; backward:
 // the gradient of a replicated output needs no collective.
-class RowParallelLinear : public torch::autograd::Function<RowParallelLinear> {
+class RowParallelLinearFunction : public torch::autograd::Function<RowParallelLinearFunction> {
  public:
   static constexpr bool is_traceable = true;
 
@@ -195,7 +185,7 @@ at::Tensor row_parallel_linear_autograd(
     const std::optional<at::Tensor>& bias,
     c10::string_view group_name,
     int64_t group_size) {
-  return RowParallelLinear::apply(input, weight, bias, group_name, group_size);
+  return RowParallelLinearFunction::apply(input, weight, bias, group_name, group_size);
 }
 
 at::Tensor column_parallel_linear_autograd(
@@ -205,7 +195,7 @@ at::Tensor column_parallel_linear_autograd(
     bool gather_output,
     c10::string_view group_name,
     int64_t group_size) {
-  return ColumnParallelLinear::apply(input, weight, bias, gather_output, group_name, group_size);
+  return ColumnParallelLinearFunction::apply(input, weight, bias, gather_output, group_name, group_size);
 }
 
 } // namespace

@@ -8,7 +8,7 @@ namespace {
 
 // forward: copy to `device`; backward: copy the gradient back to the source device. Both directions
 // call the dispatcher op, so double backward and torch.compile's tracing see the same operator.
-class ToDevice : public torch::autograd::Function<ToDevice> {
+class ToDeviceFunction : public torch::autograd::Function<ToDeviceFunction> {
  public:
   static constexpr bool is_traceable = true;
 
@@ -37,7 +37,7 @@ class ToDevice : public torch::autograd::Function<ToDevice> {
 };
 
 at::Tensor to_device_autograd(const at::Tensor& self, at::Device device, bool non_blocking) {
-  return ToDevice::apply(self, device, non_blocking);
+  return ToDeviceFunction::apply(self, device, non_blocking);
 }
 
 } // namespace
