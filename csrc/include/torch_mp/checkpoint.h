@@ -10,7 +10,10 @@ namespace torch_mp {
 // their names ("0.weight", ...) and the CPU random state, in the same format (a safetensors file and
 // the JSON index torch_mp_checkpoint.json), written as `path`.incomplete, fsynced, then renamed to
 // `path`, replacing an earlier checkpoint there only once the new one is complete. Python's
-// torch_mp.load reads it, also into a tensor-parallel model.
+// torch_mp.load reads it, also into a tensor-parallel model. `path` is a folder. Errors:
+// c10::ValueError for a tensor dtype the format does not hold, or when `path` exists and is not a
+// checkpoint (it is never replaced then); c10::Error when a file cannot be created, written or
+// fsynced (the message carries the system's reason).
 void save(const torch::nn::Module& module, const std::string& path);
 
 // The C++ face of torch_mp.load: loads a checkpoint written by torch_mp::save or torch_mp.save (by

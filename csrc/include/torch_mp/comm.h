@@ -20,14 +20,17 @@ class CollectiveError : public c10::DistBackendError {
   using c10::DistBackendError::DistBackendError;
 };
 
-// A process group as the operators see it: its name in c10d's group registry, its size, and this
-// process's rank in it. A group of size 1 needs no registered process group at all.
+// A process group as the operators see it: its name in c10d's group registry, its size (world),
+// and this process's rank in it. A group of size 1 needs no registered process group at all. The
+// operators look the group up by name when they run (c10::ValueError when none is registered under
+// the name, or it has another size).
 struct Group {
   std::string name;
   int64_t size = 1;
   int64_t rank = 0;
 
-  // The registered c10d group called `name` (Python: ProcessGroup.group_name).
+  // The registered c10d group called `name` (Python: ProcessGroup.group_name), with its size and
+  // this process's rank. c10::ValueError when no group of that name is registered in this process.
   static Group named(const std::string& name);
   // A group of one: every operator is a local computation.
   static Group single() {
@@ -54,10 +57,15 @@ struct ProcessGroupOptions {
 
 // Creates a c10d process group with PyTorch's own Gloo or NCCL backend, registers it under
 // options.group_name and returns it as a Group: what a LibTorch program started by
-// `torchrun --no-python ./app` calls first.
+// `torchrun --no-python ./app` calls first. Blocks until every rank has joined the rendezvous
+// (bounded by options.timeout). Errors: c10::ValueError when RANK/WORLD_SIZE or MASTER_ADDR/
+// MASTER_PORT are needed and unset, the rank is outside [0, world size), a group of that name exists
+// already, or the backend is unknown; c10::Error when this build lacks the backend (Gloo's headers,
+// or CUDA for NCCL).
 Group init_process_group(const ProcessGroupOptions& options = {});
 
-// Unregisters and shuts down a group made by init_process_group.
+// Unregisters and shuts down a group made by init_process_group; collectives on it fail afterwards.
+// c10::ValueError when `group` was not made by init_process_group (or was destroyed already).
 void destroy_process_group(const Group& group);
 
 } // namespace torch_mp

@@ -1,7 +1,14 @@
 #pragma once
 
-// Tensor-parallel layers for LibTorch programs: torch::nn module holders over the torch_mp operators.
-// Each can be built from a dense torch::nn layer (`from_dense`), taking this rank's slice.
+// Tensor-parallel layers for LibTorch programs (Megatron-LM's ColumnParallelLinear,
+// RowParallelLinear, VocabParallelEmbedding): torch::nn module holders over the torch_mp operators
+// of ops.h. Each can be built from a dense torch::nn layer (`*_from_dense`), taking this rank's
+// shard. `world` is the group's size and `r` this process's rank in it (Group::rank).
+//
+// Errors: constructing a layer (or reset()) raises c10::ValueError when a size is negative, the
+// sharded size is not a multiple of world, or the group's size or rank is out of range; forward
+// raises what the operator it calls raises (ops.h: c10::ValueError, c10::TypeError,
+// torch_mp::CollectiveError).
 #include <torch/arg.h>
 #include <torch/nn/cloneable.h>
 #include <torch/nn/modules/embedding.h>
@@ -22,7 +29,11 @@ struct ColumnParallelLinearOptions {
   TORCH_ARG(Group, group) = Group::single();
 };
 
-// Linear layer with the output features split across the group; the input is replicated.
+// Linear layer with the output features sharded across the group (colwise): input [*, in_features],
+// replicated -> [*, out_features / world] (gather_output: [*, out_features], all-gathered). Rank r
+// holds the rows [r * out_features / world, (r + 1) * out_features / world) of the dense weight and
+// bias. forward/backward: torch_mp::column_parallel_linear (backward all-reduces the input gradient).
+// Initialized as torch::nn::Linear is, with the fan-in of the whole layer.
 class ColumnParallelLinearImpl : public torch::nn::Cloneable<ColumnParallelLinearImpl> {
  public:
   explicit ColumnParallelLinearImpl(ColumnParallelLinearOptions options);
@@ -45,7 +56,11 @@ struct RowParallelLinearOptions {
   TORCH_ARG(Group, group) = Group::single();
 };
 
-// Linear layer with the input features split across the group; the output is complete on every rank.
+// Linear layer with the input features sharded across the group (rowwise): input [*, in_features /
+// world], this rank's features (input_is_parallel=false: [*, in_features], replicated) -> [*,
+// out_features], complete on every rank after one all-reduce. Rank r holds the columns
+// [r * in_features / world, (r + 1) * in_features / world) of the dense weight and the whole bias.
+// forward/backward: torch_mp::row_parallel_linear.
 class RowParallelLinearImpl : public torch::nn::Cloneable<RowParallelLinearImpl> {
  public:
   explicit RowParallelLinearImpl(RowParallelLinearOptions options);
@@ -66,12 +81,16 @@ struct VocabParallelEmbeddingOptions {
   TORCH_ARG(Group, group) = Group::single();
 };
 
-// Embedding with the vocabulary rows split across the group; every rank returns full embeddings.
+// Embedding with the vocabulary rows sharded across the group: input [*] integer ids over the whole
+// vocabulary -> [*, embedding_dim], the full embeddings on every rank after one all-reduce. Rank r
+// holds the rows [vocab_start(), vocab_start() + num_embeddings / world). Initialized N(0, 1) as
+// torch::nn::Embedding is. forward/backward: torch_mp::vocab_parallel_embedding.
 class VocabParallelEmbeddingImpl : public torch::nn::Cloneable<VocabParallelEmbeddingImpl> {
  public:
   explicit VocabParallelEmbeddingImpl(VocabParallelEmbeddingOptions options);
   void reset() override;
   at::Tensor forward(const at::Tensor& input);
+  // The first vocabulary row this rank holds: r * num_embeddings / world.
   int64_t vocab_start() const;
 
   VocabParallelEmbeddingOptions options;
@@ -79,15 +98,23 @@ class VocabParallelEmbeddingImpl : public torch::nn::Cloneable<VocabParallelEmbe
 };
 TORCH_MODULE(VocabParallelEmbedding);
 
-// This rank's slice of a dense layer: the sharded layer computes exactly what `dense` does.
+// This rank's shard of a dense layer, copied (the dense layer is not changed): with every rank's
+// shard, the parallel layers compute what `dense` does, forward and backward. The options (bias) are
+// the dense layer's; group.rank picks the shard. c10::ValueError as the constructors raise it.
 ColumnParallelLinear column_parallel_from_dense(const torch::nn::Linear& dense, const Group& group,
                                                 bool gather_output = false);
 RowParallelLinear row_parallel_from_dense(const torch::nn::Linear& dense, const Group& group,
                                           bool input_is_parallel = true);
 VocabParallelEmbedding vocab_parallel_from_dense(const torch::nn::Embedding& dense, const Group& group);
 
-// Cross entropy over logits sharded on the vocabulary (last) dim in rank order, never gathered.
-// reduction: "mean" (over targets other than ignore_index), "sum" or "none".
+// The cross-entropy loss (in nats) of logits sharded evenly on the vocabulary (last) dim in rank
+// order, never gathered: logits [*, vocab / world] (rank r holding the classes [r * vocab / world,
+// (r + 1) * vocab / world)), target [*] integer class ids over the whole vocabulary. reduction:
+// "mean" (a scalar: the mean over targets other than ignore_index), "sum" (a scalar) or "none"
+// ([*], 0 where target == ignore_index) -- torch::nn::functional::cross_entropy's reductions.
+// forward/backward: the per-target torch_mp::vocab_parallel_cross_entropy of ops.h (this rank's
+// vocab_start computed), then the reduction. c10::ValueError for another reduction, and what that
+// op raises.
 at::Tensor vocab_parallel_cross_entropy(
     const at::Tensor& logits,
     const at::Tensor& target,

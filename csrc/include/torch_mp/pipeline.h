@@ -13,9 +13,13 @@ namespace torch_mp::pipeline {
 // rank (stage s on rank s % ranks), which shrinks the bubble by that factor.
 enum class ScheduleKind { GPipe, OneFOneB, Interleaved1F1B };
 
+// "gpipe", "1f1b" or "interleaved_1f1b" to its kind and back. c10::ValueError naming the accepted
+// names for any other string.
 ScheduleKind parse_schedule_kind(const std::string& name);
 std::string schedule_kind_name(ScheduleKind kind);
 
+// One compute step of a rank: the forward (F) or backward (B) of one micro-batch (0-based, of
+// `chunks`) on one stage (0-based, of num_ranks * stages_per_rank).
 struct Action {
   bool backward;
   int64_t stage;

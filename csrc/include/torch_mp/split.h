@@ -33,14 +33,25 @@ struct SplitOptions {
 // The mean loss of a micro-batch from its output and target.
 using LossFunction = std::function<at::Tensor(const at::Tensor& output, const at::Tensor& target)>;
 
-// Splits the layers of `sequential` into contiguous runs, the run i on devices[i]. Devices may repeat
-// (several "cpu" entries split a model within one device, as the tests do).
+// The layer count of each device that balance by size: layer_bytes (bytes of parameters and buffers
+// per layer, in order) cut into capacities.size() contiguous runs (some possibly empty), run i
+// holding at most capacities[i] bytes, with the largest run as small as possible. c10::ValueError
+// when there are no layers or no devices, a size is negative, or no cut fits the capacities.
 std::vector<int64_t> balance_by_size(
     const std::vector<int64_t>& layer_bytes,
     const std::vector<int64_t>& capacities);
 
-// A torch::nn::Sequential whose layers live on several devices. Parameter names are the
-// Sequential's own ("0.weight", ...), so its state_dict loads into the unsplit model and back.
+// A torch::nn::Sequential whose layers live on several devices (GPipe, Huang et al., 2019, for the
+// micro-batched side; torchgpipe's Pipe). Parameter names are the Sequential's own ("0.weight",
+// ...), so its state_dict loads into the unsplit model and back. Input [batch, *] goes to the first
+// stage's device; each stage's output moves to the next stage with torch_mp::to_device (its gradient
+// flows back the same way); the output lands on output_device(). Micro-batches split the batch
+// along dim 0 (torch::chunk: `chunks` parts, the last ones smaller or absent when the batch does not
+// divide). Errors (c10::ValueError unless noted): a null or empty Sequential, no devices, a balance
+// that does not add up to the layers or whose length is not the device count, max_memory that
+// cannot hold the layers, chunks < 1, an unknown schedule or checkpoint name; in forward and
+// train_step, a 0-dim input or a batch smaller than chunks, and whatever a layer raises (rethrown
+// on the calling thread).
 class SplitSequentialImpl : public torch::nn::Module {
  public:
   SplitSequentialImpl(
@@ -54,7 +65,9 @@ class SplitSequentialImpl : public torch::nn::Module {
 
   // One training step: forward and backward of every micro-batch in the schedule's order, the
   // gradients accumulated in .grad() as the backward of loss_fn over the whole batch would (each
-  // micro-batch's mean loss weighted by its size). Returns the batch's loss, detached.
+  // micro-batch's mean loss weighted by its size). input [batch, *] and target [batch, *] split
+  // alike along dim 0. Returns the batch's loss, a detached scalar on output_device().
+  // c10::ValueError for an empty loss_fn, or one that does not return a scalar.
   at::Tensor train_step(const at::Tensor& input, const at::Tensor& target, const LossFunction& loss_fn);
 
   // The device of each layer, in order.
@@ -81,7 +94,10 @@ class SplitSequentialImpl : public torch::nn::Module {
 };
 TORCH_MODULE(SplitSequential);
 
-// Moves the layers of `sequential` onto `devices` and returns the split model.
+// Moves the layers of `sequential` onto `devices` and returns the split model: contiguous runs of
+// layers, the run i on devices[i] (options.balance, or balanced by bytes). Devices may repeat
+// (several "cpu" entries split a model within one device, as the tests do). The C++ face of
+// torch_mp.split; the errors of SplitSequential.
 SplitSequential split(
     torch::nn::Sequential sequential,
     std::vector<c10::Device> devices,

@@ -19,7 +19,13 @@ using TensorParallelPlan = std::vector<std::pair<std::string, std::string>>;
 // forward torch_mp can rebuild: a LibTorch module's own forward calls its members directly): a
 // Sequential with the same layers, where each torch::nn::Linear or Embedding that the plan names is
 // replaced by its parallel counterpart holding this rank's slice. Module and parameter names are
-// unchanged, so state dicts map one to one.
+// unchanged, so state dicts map one to one: a parameter of the result is this rank's shard (nn.h
+// says which rows or columns) of the same-named dense parameter; replicated layers are shared.
+// With every rank of `group` running it, the result computes what `module` does (forward and
+// backward; Megatron-LM's MLP pattern is a colwise layer followed by a rowwise one). Errors
+// (c10::ValueError): a null Sequential, an unknown style, a pattern that matches no module, a style
+// on a module that cannot take it (colwise/rowwise on a non-Linear, vocab on a non-Embedding), and
+// the layers' own errors (sizes not a multiple of the group size).
 torch::nn::Sequential tensor_parallel(
     const torch::nn::Sequential& module,
     const TensorParallelPlan& plan,
