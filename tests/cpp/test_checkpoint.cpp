@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -124,30 +125,83 @@ TEST(Checkpoint, ErrorsNameWhatIsWrong) {
   EXPECT_NE(message.find("exists and is not a torch_mp checkpoint"), std::string::npos) << message;
 }
 
-// Across languages: Python's torch_mp.load reads what torch_mp::save wrote (through the safetensors
-// library) and saves it again with torch_mp.save; torch_mp::load reads that back here, equal to the
-// saved module. The interpreter: $TORCH_MP_PYTHON, else python3 on PATH (make test-cpp puts the
-// project's virtual environment first).
+// Every parameter and buffer of `module` as raw bytes, one file each under `folder`: what the other
+// language compares its loaded tensors with, byte for byte, without torch_mp's format in between.
+void dump_raw(const torch::nn::Module& module, const fs::path& folder) {
+  fs::create_directories(folder);
+  for (const auto& items : {module.named_parameters(), module.named_buffers()}) {
+    for (const auto& item : items) {
+      const auto tensor = item.value().contiguous();
+      std::ofstream(folder / item.key(), std::ios::binary)
+          .write(static_cast<const char*>(tensor.data_ptr()), static_cast<std::streamsize>(tensor.nbytes()));
+    }
+  }
+}
+
+// Every parameter and buffer of `module` equals the raw bytes dump_raw (or the Python script) wrote.
+void expect_raw(const torch::nn::Module& module, const fs::path& folder) {
+  for (const auto& items : {module.named_parameters(), module.named_buffers()}) {
+    for (const auto& item : items) {
+      std::ifstream stream(folder / item.key(), std::ios::binary);
+      ASSERT_TRUE(stream) << "no raw dump of " << item.key();
+      const std::string bytes{std::istreambuf_iterator<char>(stream), std::istreambuf_iterator<char>()};
+      const auto tensor = item.value().contiguous();
+      ASSERT_EQ(bytes.size(), tensor.nbytes()) << item.key();
+      EXPECT_EQ(std::memcmp(bytes.data(), tensor.data_ptr(), bytes.size()), 0) << item.key();
+    }
+  }
+}
+
+// Across languages, both ways. C++ -> Python: torch_mp.load reads what torch_mp::save wrote, equal
+// byte for byte to the raw dump written beside it. Python -> C++: torch_mp::load reads a checkpoint
+// torch_mp.save wrote of a model with other values, equal to the script's raw dump; and it reads
+// the C++ checkpoint saved again by Python, equal to the original. The interpreter: $TORCH_MP_PYTHON,
+// else python3 on PATH (make test-cpp puts the project's virtual environment first).
 TEST(Checkpoint, CrossLanguageRoundTrip) {
   TempFolder folder;
   torch::manual_seed(0);
   auto model = make_mlp();
   model->forward(torch::randn({4, 8}));
   torch_mp::save(*model, (folder.path / "from_cpp").string());
-  const fs::path script = folder.path / "resave.py";
-  std::ofstream(script) << "import sys, torch, torch_mp\n"
-                           "from torch import nn\n"
-                           "model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.BatchNorm1d(16), nn.Linear(16, 4))\n"
-                           "torch_mp.load(model, sys.argv[1] + '/from_cpp')\n"
-                           "assert model[2].num_batches_tracked.item() == 1\n"
-                           "torch_mp.save(model, sys.argv[1] + '/from_python', extra={'by': 'python'})\n";
+  dump_raw(*model, folder.path / "from_cpp_raw");
+  const fs::path script = folder.path / "cross.py";
+  std::ofstream(script)
+      << "import os, sys, torch, torch_mp\n"
+         "from torch import nn\n"
+         "def make():\n"
+         "    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.BatchNorm1d(16), nn.Linear(16, 4))\n"
+         "def raw(folder, name, like):\n"
+         "    with open(os.path.join(folder, name), 'rb') as f:\n"
+         "        return torch.frombuffer(bytearray(f.read()), dtype=like.dtype).view(like.shape)\n"
+         "root = sys.argv[1]\n"
+         "model = make()\n"
+         "torch_mp.load(model, root + '/from_cpp')\n"
+         "state = model.state_dict()\n"
+         "for name, tensor in state.items():\n"
+         "    assert torch.equal(tensor, raw(root + '/from_cpp_raw', name, tensor)), name\n"
+         "assert model[2].num_batches_tracked.item() == 1\n"
+         "torch_mp.save(model, root + '/resaved_by_python')\n"
+         "torch.manual_seed(7)\n"
+         "other = make()\n"
+         "other(torch.randn(6, 8))\n"
+         "torch_mp.save(other, root + '/from_python', extra={'by': 'python'})\n"
+         "os.makedirs(root + '/from_python_raw')\n"
+         "for name, tensor in other.state_dict().items():\n"
+         "    with open(os.path.join(root + '/from_python_raw', name), 'wb') as f:\n"
+         "        f.write(tensor.contiguous().numpy().tobytes())\n";
   const char* python = std::getenv("TORCH_MP_PYTHON");
   const std::string command =
       std::string(python ? python : "python3") + " " + script.string() + " " + folder.path.string();
   ASSERT_EQ(std::system(command.c_str()), 0) << "failed: " << command;
 
   torch::manual_seed(1);
-  auto other = make_mlp();
-  torch_mp::load(*other, (folder.path / "from_python").string());
-  expect_same_state(*model, *other);
+  auto resaved = make_mlp();
+  torch_mp::load(*resaved, (folder.path / "resaved_by_python").string());
+  expect_same_state(*model, *resaved);
+
+  auto from_python = make_mlp();
+  torch_mp::load(*from_python, (folder.path / "from_python").string());
+  expect_raw(*from_python, folder.path / "from_python_raw");
+  EXPECT_FALSE(
+      torch::equal(from_python[0]->as<torch::nn::Linear>()->weight, model[0]->as<torch::nn::Linear>()->weight));
 }
