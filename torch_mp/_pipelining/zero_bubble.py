@@ -12,6 +12,7 @@ computed in B, with the input gradient: the joint backward. So is a Linear's und
 under torch.compile. Other schedules never patch a module.
 """
 import threading
+import types
 from typing import Iterable
 
 import torch
@@ -72,16 +73,14 @@ def defer_linears(modules: Iterable[nn.Module]) -> None:
         for layer in module.modules():
             if (isinstance(layer, nn.Linear) and type(layer).forward is nn.Linear.forward
                     and "forward" not in layer.__dict__):
-                layer.forward = _deferring_forward(layer)
+                # A bound method: a deep copy of the model rebinds it to the copied layer.
+                layer.forward = types.MethodType(_deferring_forward, layer)
 
 
-def _deferring_forward(layer: nn.Linear):
-    def forward(input: torch.Tensor) -> torch.Tensor:
-        if (not torch.is_grad_enabled() or torch.compiler.is_compiling()
-                or torch.is_autocast_enabled(input.device.type)):
-            return F.linear(input, layer.weight, layer.bias)
-        # Outside a stage's forward (slot -1) the op has F.linear's backward; a checkpointed stage's
-        # recomputation lands there too, and saves what the first forward saved.
-        return torch.ops.torch_mp.deferred_linear(input, layer.weight, layer.bias, getattr(_current, "slot", -1))
-
-    return forward
+def _deferring_forward(layer: nn.Linear, input: torch.Tensor) -> torch.Tensor:
+    if (not torch.is_grad_enabled() or torch.compiler.is_compiling()
+            or torch.is_autocast_enabled(input.device.type)):
+        return F.linear(input, layer.weight, layer.bias)
+    # Outside a stage's forward (slot -1) the op has F.linear's backward; a checkpointed stage's
+    # recomputation lands there too, and saves what the first forward saved.
+    return torch.ops.torch_mp.deferred_linear(input, layer.weight, layer.bias, getattr(_current, "slot", -1))
