@@ -52,7 +52,12 @@ def split(
             output (backward through it works, as one GPipe pass), and ``model.train_step(...,
             target=..., loss_fn=..., normalizer=None)`` runs forward and backward by ``schedule``
             and returns the loss (with ``chunks=1`` too: one forward and backward).
-        schedule: ``"gpipe"`` or ``"1f1b"``, for ``train_step``.
+        schedule: ``"gpipe"``, ``"1f1b"``, or the zero-bubble ``"zb_h1"`` and ``"zbv"`` (an even number
+            of devices, stages s and n - 1 - s taking turns), for ``train_step``. The zero-bubble
+            schedules compute each ``nn.Linear``'s weight gradient in a W action of its own, after
+            the backward that sends the input gradient on (other modules' weight gradients come
+            with their input gradient); in one process the W of every stage and the backwards take
+            turns on one lock.
         checkpoint: ``"never"``, ``"except_last"`` or ``"always"``: which micro-batches recompute
             their placed modules' forwards during backward instead of keeping activations (in
             training; each recomputation replays the random numbers its forward drew).
@@ -86,7 +91,10 @@ def split(
         raise TypeError(f"split: expected module to be a torch.nn.Module, got {type(module).__name__}")
     devices = _parse_devices(devices)
     output_device = devices[0] if output_device is None else check_device(output_device, "split", "output_device")
-    check_options(chunks, schedule, checkpoint, batch_dim, allowed=("gpipe", "1f1b"))
+    check_options(chunks, schedule, checkpoint, batch_dim, allowed=("gpipe", "1f1b", "zb_h1", "zbv"))
+    if schedule == "zbv" and len(devices) % 2:
+        raise ValueError(f"split: schedule 'zbv' pairs the stages in a V (stages s and {len(devices)} - 1 - s take "
+                         f"turns) but there are {len(devices)} devices; expected an even number of devices")
     _remove_split_hooks(module)
 
     if isinstance(balance, Mapping):

@@ -15,8 +15,9 @@
 
 namespace {
 
-// Schedules cross to Python as lists (one per rank) of (backward, stage, micro-batch) tuples.
-using PyAction = std::tuple<bool, int64_t, int64_t>;
+// Schedules cross to Python as lists (one per rank) of (kind, stage, micro-batch) tuples, kind 0
+// for F, 1 for B, 2 for W (so False and True still read as F and B).
+using PyAction = std::tuple<int64_t, int64_t, int64_t>;
 using PySchedule = std::vector<std::vector<PyAction>>;
 
 PySchedule pipeline_schedule(const std::string& kind, int64_t num_ranks, int64_t stages_per_rank, int64_t chunks) {
@@ -25,21 +26,24 @@ PySchedule pipeline_schedule(const std::string& kind, int64_t num_ranks, int64_t
   for (const auto& actions : pp::make_schedule(pp::parse_schedule_kind(kind), num_ranks, stages_per_rank, chunks)) {
     auto& out = result.emplace_back();
     for (const auto& a : actions) {
-      out.emplace_back(a.backward, a.stage, a.microbatch);
+      out.emplace_back(static_cast<int64_t>(a.kind), a.stage, a.microbatch);
     }
   }
   return result;
 }
 
-void check_pipeline_schedule(const PySchedule& schedule, int64_t num_stages, int64_t chunks) {
+std::vector<std::vector<torch_mp::pipeline::Action>> from_python(const PySchedule& schedule) {
   std::vector<std::vector<torch_mp::pipeline::Action>> actions;
   for (const auto& rank : schedule) {
     auto& out = actions.emplace_back();
-    for (const auto& [backward, stage, microbatch] : rank) {
-      out.push_back({backward, stage, microbatch});
+    for (const auto& [kind, stage, microbatch] : rank) {
+      TORCH_CHECK_VALUE(
+          kind >= 0 && kind <= 2, "pipeline schedule: action (", kind, ", ", stage, ", ", microbatch,
+          ") has kind ", kind, "; expected 0 (F), 1 (B) or 2 (W)");
+      out.push_back({static_cast<torch_mp::pipeline::ActionKind>(kind), stage, microbatch});
     }
   }
-  torch_mp::pipeline::check_schedule(actions, num_stages, chunks);
+  return actions;
 }
 
 PyObject* collective_error_type = nullptr;
@@ -79,8 +83,25 @@ class PythonOpScope {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_pipeline_schedule", &pipeline_schedule, py::arg("kind"), py::arg("num_ranks"),
         py::arg("stages_per_rank"), py::arg("chunks"));
-  m.def("_check_pipeline_schedule", &check_pipeline_schedule, py::arg("schedule"), py::arg("num_stages"),
-        py::arg("chunks"));
+  m.def("_check_pipeline_schedule", [](const PySchedule& schedule, int64_t num_stages, int64_t chunks) {
+    torch_mp::pipeline::check_schedule(from_python(schedule), num_stages, chunks);
+  }, py::arg("schedule"), py::arg("num_stages"), py::arg("chunks"));
+  m.def("_check_pipeline_schedule", [](const PySchedule& schedule, const std::vector<int64_t>& stage_ranks,
+                                       int64_t chunks) {
+    torch_mp::pipeline::check_schedule(from_python(schedule), stage_ranks, chunks);
+  }, py::arg("schedule"), py::arg("stage_ranks"), py::arg("chunks"));
+  m.def("_pipeline_stage_ranks", [](const std::string& kind, int64_t num_ranks, int64_t stages_per_rank) {
+    namespace pp = torch_mp::pipeline;
+    return pp::stage_ranks(pp::parse_schedule_kind(kind), num_ranks, stages_per_rank);
+  }, py::arg("kind"), py::arg("num_ranks"), py::arg("stages_per_rank"));
+  m.def("_pipeline_action_name", [](int64_t kind, int64_t stage, int64_t microbatch) {
+    return torch_mp::pipeline::to_string({static_cast<torch_mp::pipeline::ActionKind>(kind), stage, microbatch});
+  }, py::arg("kind"), py::arg("stage"), py::arg("microbatch"));
+  // The W of a zero-bubble schedule; the GIL is released while the weight gradients are computed.
+  m.def("_run_weight_gradients", &torch_mp::pipeline::run_weight_gradients, py::arg("slot"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("_pending_weight_gradients", &torch_mp::pipeline::pending_weight_gradients, py::arg("slot"));
+  m.def("_discard_weight_gradients", &torch_mp::pipeline::discard_weight_gradients, py::arg("slot"));
   m.def("_balance_by_size", &torch_mp::balance_by_size, py::arg("layer_bytes"), py::arg("capacities"));
   m.def("_check_device_available", &torch_mp::detail::check_device_available, py::arg("device"),
         py::arg("what"));

@@ -220,7 +220,7 @@ at::Tensor SplitSequentialImpl::train_step(
     };
     for (const auto& action : schedule[stage]) {
       const auto m = action.microbatch;
-      if (!action.backward) {
+      if (action.kind == pipeline::ActionKind::Forward) {
         at::Tensor x;
         if (stage == 0) {
           x = inputs[m].to(devices[0]);

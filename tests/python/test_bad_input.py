@@ -271,7 +271,7 @@ CASES = [
     Case("split/chunks 0", lambda: torch_mp.split(mlp(), ["cpu", "cpu"], chunks=0), ValueError,
          [r"chunks = 0; expected an int >= 1"]),
     Case("split/unknown schedule", lambda: torch_mp.split(mlp(), ["cpu", "cpu"], chunks=2, schedule="zigzag"),
-         ValueError, [r"schedule = 'zigzag'; expected one of \['gpipe', '1f1b'\]"]),
+         ValueError, [r"schedule = 'zigzag'; expected one of \['gpipe', '1f1b', 'zb_h1', 'zbv'\]"]),
     Case("split/unknown checkpoint", lambda: torch_mp.split(mlp(), ["cpu", "cpu"], checkpoint="sometimes"),
          ValueError, [r"checkpoint = 'sometimes'; expected one of \['never', 'except_last', 'always'\]"]),
     Case("split/balance by time without a sample", lambda: torch_mp.split(mlp(), ["cpu", "cpu"], balance="time"),
@@ -286,7 +286,7 @@ CASES = [
     Case("pipeline/group is a string", lambda: torch_mp.pipeline(mlp(), group="pp"), TypeError,
          [r"pipeline\(group=\.\.\.\): expected a ProcessGroup, a 1-D DeviceMesh or None, got str"]),
     Case("pipeline/unknown schedule", lambda: torch_mp.pipeline(mlp(), schedule="zigzag"), ValueError,
-         [r"pipeline: schedule = 'zigzag'; expected one of \['gpipe', '1f1b', 'interleaved_1f1b'\]"]),
+         [r"pipeline: schedule = 'zigzag'; expected one of \['gpipe', '1f1b', 'interleaved_1f1b', 'zb_h1', 'zbv'\]"]),
     Case("pipeline/1f1b with two stages per rank", lambda: torch_mp.pipeline(mlp(), stages_per_rank=2), ValueError,
          [r"schedule '1f1b' runs one stage per rank but stages_per_rank = 2; expected 1, or schedule "
           "'interleaved_1f1b'"]),

@@ -266,7 +266,8 @@ def check_parity_across_ranks(rank, world, model, kwargs, loss_of, target=None, 
     holds) and an SGD step of ``pipeline(model, ...)`` against ``model``."""
     model.zero_grad(set_to_none=True)
     piped = torch_mp.pipeline(copy.deepcopy(model), timeout=60, **options)
-    last = rank == world - 1
+    pipe = piped._torch_mp_pipe
+    last = pipe.rank_of(pipe.num_stages - 1) == rank  # ZB-V: rank 0
     with torch.no_grad():
         output, dense_output = piped(**kwargs), model(**kwargs)
     if last:

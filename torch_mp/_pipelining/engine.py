@@ -12,7 +12,9 @@ ranks follow it on meta. Every rank runs the same program, so sends and receives
 Each micro-batch's forward runs in a thread of its own, used as a coroutine: it runs only when
 this rank's list of actions says ``F(stage, micro-batch)``, and pauses when it enters a later
 local stage. ``B(stage, micro-batch)`` runs the backward of what that stage sent (with the
-gradients its receivers send back) and sends the gradients of what it received.
+gradients its receivers send back) and sends the gradients of what it received. Under a
+zero-bubble schedule, ``W(stage, micro-batch)`` runs the weight gradients that stage's linears left
+for it in B (``zero_bubble``).
 """
 import contextlib
 import threading
@@ -24,6 +26,7 @@ from torch.utils import _pytree as pytree
 from torch.utils.checkpoint import checkpoint as checkpointed
 from torch.utils.weak import WeakIdKeyDictionary
 
+from torch_mp._pipelining import zero_bubble
 from torch_mp._pipelining.transport import ACTIVATION, GRADIENT
 from torch_mp._tensors import copy_tensors, map_tensors, tensors_in
 
@@ -32,7 +35,7 @@ def current() -> "MicroBatch":
     return _current.micro_batch
 
 
-Action = Tuple[bool, int, int]  # (backward, stage, micro-batch)
+Action = Tuple[int, int, int]  # (kind: 0 F, 1 B, 2 W; stage, micro-batch)
 CHECKPOINTS = ("never", "except_last", "always")
 _current = threading.local()
 _VALUE_READS = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.tolist, torch.Tensor.__int__,
@@ -257,7 +260,7 @@ def placed_forward(pipe, original: Callable, stage: int, module: torch.nn.Module
             if step.rank_of(stage) == step.rank:
                 with torch._C.DisableTorchFunction():
                     args, kwargs = micro_batch.enter_local(stage, (args, kwargs))
-                with _pop_mode_temporarily():
+                with _pop_mode_temporarily(), step.deferring(stage, micro_batch.index):
                     if step.recompute(micro_batch.index) and module.training and torch.is_grad_enabled():
                         out = checkpointed(original, *args, use_reentrant=False, **kwargs)
                     else:
@@ -286,6 +289,16 @@ class RankStep:
         self.rank_of, self.last = pipe.rank_of, pipe.num_stages - 1
         self.state, self.recompute = state, recompute
         self.origin = WeakIdKeyDictionary()
+        # Zero-bubble schedules: the slot of (stage 0, micro-batch 0) and the micro-batch count;
+        # slot(stage, m) = first_slot + stage * count + m holds the weight gradients W runs.
+        self.first_slot: Optional[int] = None
+        self.count = 0
+
+    def deferring(self, stage: int, microbatch: int):
+        """Where the linears of ``stage`` leave their weight gradients on ``microbatch``'s backward."""
+        if self.first_slot is None:
+            return contextlib.nullcontext()
+        return zero_bubble.deferring(self.first_slot + stage * self.count + microbatch)
 
     def run(self, actions: List[Action], works: List[Callable[[], object]],
             losses: Optional[List[torch.Tensor]] = None) -> List[MicroBatch]:
@@ -293,14 +306,18 @@ class RankStep:
         last stage when ``losses`` is wanted, weighted in ``losses[m]`` by the caller)."""
         micro_batches = [MicroBatch(self, m, work) for m, work in enumerate(works)]
         try:
-            for backward, stage, m in actions:
-                if backward:
+            for kind, stage, m in actions:
+                if kind == zero_bubble.WEIGHT:
+                    zero_bubble.run_weight_gradients(self.first_slot + stage * self.count + m)
+                elif kind:
                     self._backward(stage, micro_batches[m], losses)
                 else:
                     micro_batches[m].resume(stage)
         finally:
             for micro_batch in micro_batches:
                 micro_batch.abort()
+            if self.first_slot is not None:
+                zero_bubble.discard(self.first_slot, (self.last + 1) * self.count)
         return micro_batches
 
     def _backward(self, stage: int, micro_batch: MicroBatch, losses) -> None:

@@ -4,10 +4,13 @@ in the schedule. So the stages work on different micro-batches at once (each on 
 any Python the forward holds (``**kwargs``, flags, branches on shapes or on tensor values) runs
 as it does without a pipeline.
 
-Stage s of micro-batch m starts once every action before F(s, m) in stage s's list of the
-schedule has finished; a micro-batch's forward on stage s finishes when it calls a module of a
-later stage or its forward returns, its backward (one call over all its stages) when that call
-returns. Every wait is for an earlier micro-batch, so the threads cannot deadlock.
+Stage s of micro-batch m starts once every action before F(s, m) in its list of the schedule
+(the stage's, or its rank's where a rank holds several) has finished; a micro-batch's forward on
+stage s finishes when it calls a module of a later stage or its forward returns, its backward (one
+call over all its stages) when that call returns. Under a zero-bubble schedule each list's W run in
+a thread of their own, each at its turn; they and the backwards take turns on one lock, since a
+parameter may take gradients from both (a weight tied to another module's). Every wait is for an
+action the checked schedule puts earlier, so the threads cannot deadlock.
 """
 import contextlib
 import threading
@@ -16,6 +19,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch.utils.checkpoint import checkpoint as checkpointed
 
+from torch_mp._pipelining import zero_bubble
 from torch_mp._pipelining.engine import Action
 from torch_mp._tensors import move_tensors
 
@@ -59,9 +63,12 @@ class StageGate:
 class MicroBatch:
     """One micro-batch's forward in its thread: which stages it has entered and left."""
 
-    def __init__(self, pipe, gate: StageGate, index: int, num_stages: int, recompute: bool):
+    def __init__(self, pipe, gate: StageGate, index: int, num_stages: int, recompute: bool,
+                 first_slot: Optional[int], count: int):
         self.pipe, self.gate, self.index, self.num_stages = pipe, gate, index, num_stages
         self.recompute = recompute
+        # Zero-bubble schedules: slot(stage, m) = first_slot + stage * count + m (``zero_bubble``).
+        self.first_slot, self.count = first_slot, count
         self.depth = 0  # placed modules under way: those they call run as part of them
         self.entered: set = set()
         self.left: set = set()
@@ -94,15 +101,21 @@ def gated_forward(pipe, original: Callable, stage: int, device: torch.device, mo
         micro_batch.enter(stage)
         micro_batch.depth += 1
         try:
-            if pipe.checkpoint == "never" or not (module.training and torch.is_grad_enabled()):
-                return original(*args, **kwargs)
-            if micro_batch.recompute:
-                return checkpointed(_own_random_stream(original, device), *args, use_reentrant=False,
-                                    preserve_rng_state=False, **kwargs)
-            with _rng_lock(device):  # draws nothing while a recomputed module's draws are under way
-                return original(*args, **kwargs)
+            if micro_batch.first_slot is not None:
+                with zero_bubble.deferring(micro_batch.first_slot + stage * micro_batch.count + micro_batch.index):
+                    return run(micro_batch, *args, **kwargs)
+            return run(micro_batch, *args, **kwargs)
         finally:
             micro_batch.depth -= 1
+
+    def run(micro_batch: MicroBatch, *args, **kwargs):
+        if pipe.checkpoint == "never" or not (module.training and torch.is_grad_enabled()):
+            return original(*args, **kwargs)
+        if micro_batch.recompute:
+            return checkpointed(_own_random_stream(original, device), *args, use_reentrant=False,
+                                preserve_rng_state=False, **kwargs)
+        with _rng_lock(device):  # draws nothing while a recomputed module's draws are under way
+            return original(*args, **kwargs)
 
     return forward
 
@@ -167,20 +180,24 @@ class ThreadState:
 
 
 def run_micro_batches(pipe, schedule: List[List[Action]], count: int, work: Callable[[int], object],
-                      backward: Optional[Callable[[int, object], None]], recompute: Callable[[int], bool]) -> List:
+                      backward: Optional[Callable[[int, object], None]], recompute: Callable[[int], bool],
+                      first_slot: Optional[int] = None) -> List:
     """Runs ``work(m)`` (a micro-batch's forward, in the caller's thread-local state) for every
-    micro-batch in a thread of its own, stages gated by ``schedule`` (one list per stage); then,
-    when given, ``backward(m, result)`` at the turn of the micro-batch's backward on the last
-    stage. Returns the results in micro-batch order; the first error raised stops every other
-    micro-batch at its next stage and is raised here."""
+    micro-batch in a thread of its own, stages gated by ``schedule`` (one list per stage, or per
+    rank of the schedule where a rank holds several); then, when given, ``backward(m, result)``
+    at the turn of the micro-batch's backward on the last stage; and, under a zero-bubble
+    schedule (``first_slot``: see ``MicroBatch``), each W at its turn. Returns the results in
+    micro-batch order; the first error raised stops every other micro-batch at its next stage and
+    is raised here."""
     gate = StageGate(schedule)
-    num_stages = len(schedule)
+    num_stages = pipe.num_stages
     state = ThreadState()
     results: List[object] = [None] * count
     errors: List[BaseException] = []
+    grads = threading.Lock() if first_slot is not None else contextlib.nullcontext()
 
     def run(m: int) -> None:
-        micro_batch = MicroBatch(pipe, gate, m, num_stages, recompute(m))
+        micro_batch = MicroBatch(pipe, gate, m, num_stages, recompute(m), first_slot, count)
         try:
             with contextlib.ExitStack() as stack:
                 state.enter(stack)
@@ -192,18 +209,38 @@ def run_micro_batches(pipe, schedule: List[List[Action]], count: int, work: Call
                 micro_batch.leave(range(num_stages))
                 if backward is not None:
                     gate.wait((True, num_stages - 1, m))
-                    backward(m, result)
+                    with grads:
+                        backward(m, result)
                     gate.finish([(True, s, m) for s in range(num_stages)])
                 results[m] = result
         except BaseException as error:  # noqa: B036 - every failure must stop the other micro-batches
             errors.append(error)
             gate.fail()
 
+    def run_weights(actions: List[Action]) -> None:
+        try:
+            for action in actions:
+                gate.wait(action)
+                with grads:
+                    zero_bubble.run_weight_gradients(first_slot + action[1] * count + action[2])
+                gate.finish([action])
+        except BaseException as error:  # noqa: B036
+            errors.append(error)
+            gate.fail()
+
     threads = [threading.Thread(target=run, args=(m,), name=f"torch_mp-micro-batch-{m}") for m in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    if first_slot is not None:
+        weights = [[a for a in actions if a[0] == zero_bubble.WEIGHT] for actions in schedule]
+        threads += [threading.Thread(target=run_weights, args=(actions,), name=f"torch_mp-weights-{i}")
+                    for i, actions in enumerate(weights) if actions]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        if first_slot is not None:
+            zero_bubble.discard(first_slot, num_stages * count)
     real = [error for error in errors if not isinstance(error, Aborted)]
     if real:
         raise real[0]

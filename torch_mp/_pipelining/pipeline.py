@@ -24,9 +24,10 @@ from torch_mp._pipelining.microbatch import (BatchPlan, ChunkSpec, OutputMerge, 
                                              check_output_merge, cut_target, loss_weights, merge_outputs,
                                              micro_batch_sizes, shapes_of, write_back)
 from torch_mp._pipelining.transport import GroupTransport
+from torch_mp._pipelining.zero_bubble import ZERO_BUBBLE, allocate_slots, defer_linears
 from torch_mp._tensors import map_tensors, move_tensors, mover, tensors_in
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "zbv")
 
 
 def check_options(chunks: int, schedule: str, checkpoint: str, batch_dim: int, allowed=SCHEDULES) -> None:
@@ -84,6 +85,8 @@ class LocalPipe(_Pipe):
         super().__init__(*args)
         self.devices, self.output_device = devices, output_device
         repeated = {device for device in devices if devices.count(device) > 1}
+        if self.schedule in ZERO_BUBBLE:
+            defer_linears(self.module.get_submodule(name) for name in self.module.device_map)
         for name, device in self.module.device_map.items():
             submodule = self.module.get_submodule(name)
             forward = gated_forward(self, submodule.forward, self.stage_of[name], device,
@@ -119,7 +122,10 @@ class LocalPipe(_Pipe):
         count = len(sizes)
         targets = cut_target(target, sizes, self.batch_dim) if target is not None else [None] * count
         weights = loss_weights(sizes, target, normalizer)
-        schedule = _C._pipeline_schedule(self.schedule, self.num_stages, 1, count)
+        # One gate list per rank of the schedule: per stage, except ZB-V's V of two stages per list.
+        per_rank = 2 if self.schedule == "zbv" else 1
+        schedule = _C._pipeline_schedule(self.schedule, self.num_stages // per_rank, per_rank, count)
+        first_slot = allocate_slots(self.num_stages * count) if self.schedule in ZERO_BUBBLE else None
 
         def forward(m: int) -> torch.Tensor:
             output = self._own_forward(*parts[m])
@@ -129,7 +135,7 @@ class LocalPipe(_Pipe):
 
         losses = self._batch(lambda: run_micro_batches(
             self, schedule, count, forward, lambda m, loss: (loss * weights[m]).backward(),
-            lambda m: self._recompute(m, count)))
+            lambda m: self._recompute(m, count), first_slot))
         self._write_back(args, kwargs, parts, sizes)
         return sum(loss.detach() * weight for loss, weight in zip(losses, weights))
 
@@ -145,19 +151,23 @@ class DistributedPipe(_Pipe):
         info = resolve_group(group, "pipeline(group=...)")
         self.world, self.rank = info.size, info.rank
         self.stages_per_rank, self.device = stages_per_rank, device
+        self.stage_ranks: List[int] = _C._pipeline_stage_ranks(self.schedule, self.world, stages_per_rank)
         self.transport = GroupTransport(group, self.rank, device, timeout)
         self.plan_checksum = zlib.crc32(repr(sorted(self.stage_of.items())).encode())
         self.ties: List = []
+        if self.schedule in ZERO_BUBBLE:
+            defer_linears(self.module.get_submodule(name) for name, stage in self.stage_of.items()
+                          if name and self.rank_of(stage) == self.rank)
         for name, stage in self.stage_of.items():
             if name:
                 submodule = self.module.get_submodule(name)
                 submodule.forward = placed_forward(self, submodule.forward, stage, submodule)
 
     def rank_of(self, stage: int) -> int:
-        return stage % self.world
+        return self.stage_ranks[stage]
 
     def local_stages(self) -> List[int]:
-        return list(range(self.rank, self.num_stages, self.world))
+        return [stage for stage in range(self.num_stages) if self.stage_ranks[stage] == self.rank]
 
     def _own_forward(self, args, kwargs):
         return current_micro_batch().to_last_stage(type(self.module).forward(self.module, *args, **kwargs))
@@ -242,6 +252,8 @@ class DistributedPipe(_Pipe):
             param.grad = None
         self.transport.begin()
         step = RankStep(self, ThreadState(), lambda m: train and self._recompute(m, count))
+        if train and self.schedule in ZERO_BUBBLE:
+            step.first_slot, step.count = allocate_slots(self.num_stages * count), count
         micro_batches = step.run(actions, works, losses)
         self.transport.finish()
         for (params, group) in self.ties if train else []:
@@ -296,9 +308,14 @@ def pipeline(
         balance: ``"auto"`` (even parameter bytes), ``"time"`` (even forward+backward time measured on
             ``sample``), or a list of layer counts per stage.
         chunks: micro-batches per batch; fewer than the stages works (with a larger bubble).
-        schedule: ``"gpipe"``, ``"1f1b"`` (default) or ``"interleaved_1f1b"``.
-        stages_per_rank: stages on each rank (stage s on rank s % ranks); 2 by default for the
-            interleaved schedule, 1 otherwise.
+        schedule: ``"gpipe"``, ``"1f1b"`` (default), ``"interleaved_1f1b"``, or the zero-bubble
+            ``"zb_h1"`` and ``"zbv"`` (Qi et al., ICLR 2024): each stage's backward computes the
+            input gradient and leaves the ``nn.Linear`` weight gradients to a later W action that
+            fills the bubble (other modules' weight gradients are computed with the input
+            gradient; ``torch_mp._pipelining.zero_bubble``).
+        stages_per_rank: stages on each rank (stage s on rank s % ranks; for ``"zbv"`` in a V: rank
+            r holds stages r and 2 * ranks - 1 - r); 2 by default for the interleaved schedule and
+            ZB-V (which runs only 2), 1 otherwise (``"1f1b"`` and ``"zb_h1"`` run only 1).
         checkpoint: ``"never"``, ``"except_last"`` or ``"always"``: recompute the forward of those
             micro-batches during their backward instead of keeping their activations.
         layers: the names of the layers to cut between, as for ``split``.
@@ -330,12 +347,13 @@ def pipeline(
     if schedule not in SCHEDULES:
         raise ValueError(f"pipeline: schedule = {schedule!r}; expected one of {list(SCHEDULES)}")
     if stages_per_rank is None:
-        stages_per_rank = 2 if schedule == "interleaved_1f1b" else 1
+        stages_per_rank = 2 if schedule in ("interleaved_1f1b", "zbv") else 1
     if isinstance(stages_per_rank, bool) or not isinstance(stages_per_rank, int) or stages_per_rank < 1:
         raise ValueError(f"pipeline: stages_per_rank = {stages_per_rank!r}; expected an int >= 1")
     if schedule == "1f1b" and stages_per_rank != 1:
         raise ValueError(f"pipeline: schedule '1f1b' runs one stage per rank but stages_per_rank = "
                          f"{stages_per_rank}; expected 1, or schedule 'interleaved_1f1b'")
+    stage_ranks = _C._pipeline_stage_ranks(schedule, info.size, stages_per_rank)  # ValueError for zb_h1/zbv
     check_options(chunks, schedule, checkpoint, batch_dim)
     device = _default_device(group) if device is None else check_device(device, "pipeline", "device")
     num_stages = info.size * stages_per_rank
@@ -351,7 +369,7 @@ def pipeline(
                            group=group,
                            stages_per_rank=stages_per_rank, device=device,
                            timeout=datetime.timedelta(seconds=_timeout_of(info, device) if timeout is None else timeout))
-    pipe.ties = _keep_local_tensors(module, _ranks_using(module, stage_of, layer_names, info.size), pipe, device)
+    pipe.ties = _keep_local_tensors(module, _ranks_using(module, stage_of, layer_names, stage_ranks), pipe, device)
     install_pipe(module, pipe)
     return module
 
@@ -368,7 +386,8 @@ def _default_device(group) -> torch.device:
     return torch.device("cpu")
 
 
-def _ranks_using(module: nn.Module, stage_of: Dict[str, int], layer_names: List[str], world: int) -> Dict[int, set]:
+def _ranks_using(module: nn.Module, stage_of: Dict[str, int], layer_names: List[str],
+                 stage_ranks: List[int]) -> Dict[int, set]:
     """The ranks holding each parameter and buffer (by id): a layer's, the rank of its stage; every
     rank for the others (embeddings, heads, norms, the root's own), which the forward may also use
     outside their modules (a head tied to the embedding): the ranks that compute with them sum
@@ -379,10 +398,10 @@ def _ranks_using(module: nn.Module, stage_of: Dict[str, int], layer_names: List[
         if name:
             submodule = module.get_submodule(name)
             for tensor in [*submodule.parameters(), *submodule.buffers()]:
-                ranks_using.setdefault(id(tensor), set()).add(stage % world)
+                ranks_using.setdefault(id(tensor), set()).add(stage_ranks[stage])
     for tensor in [*module.parameters(), *module.buffers()]:
         if id(tensor) not in ranks_using:
-            ranks_using[id(tensor)] = set(range(world))
+            ranks_using[id(tensor)] = set(stage_ranks)
     return ranks_using
 
 

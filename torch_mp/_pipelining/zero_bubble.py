@@ -1,0 +1,86 @@
+"""The B/W split of the zero-bubble schedules (Qi et al., "Zero Bubble Pipeline Parallelism", ICLR
+2024): a stage's backward (B) computes the input gradient the previous stage waits for, and the
+weight gradients wait for the schedule's W of that (stage, micro-batch).
+
+Under ``schedule="zb_h1"`` or ``"zbv"``, every ``nn.Linear`` inside a stage (one whose forward is
+``nn.Linear.forward``: the bulk of a transformer's weights) computes through
+``torch.ops.torch_mp.deferred_linear``, whose C++ backward returns the input gradient and queues
+the weight and bias gradients' work under the slot of its (stage, micro-batch); W runs that work
+(``torch_mp::pipeline::run_weight_gradients``). Every other module's weight gradient (embeddings,
+norms, convolutions, a Linear subclass with its own forward, a weight that is not a leaf) is
+computed in B, with the input gradient: the joint backward. So is a Linear's under autocast and
+under torch.compile. Other schedules never patch a module.
+"""
+import threading
+import types
+from typing import Iterable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from torch_mp import _C
+
+ZERO_BUBBLE = ("zb_h1", "zbv")
+WEIGHT = 2  # the kind of a W action in a schedule from _C._pipeline_schedule (F: 0, B: 1)
+
+_current = threading.local()  # .slot: where the running stage's linears defer their work; -1: nowhere
+_slots = {"next": 0}
+_slots_guard = threading.Lock()
+
+
+def allocate_slots(count: int) -> int:
+    """The first of ``count`` fresh slots, unique in this process: one per (stage, micro-batch) of a step."""
+    with _slots_guard:
+        first = _slots["next"]
+        _slots["next"] += count
+        return first
+
+
+class deferring:
+    """While a stage runs a micro-batch's forward: its linears' weight gradients go to ``slot``."""
+
+    __slots__ = ("slot", "outer")
+
+    def __init__(self, slot: int):
+        self.slot = slot
+
+    def __enter__(self):
+        self.outer = getattr(_current, "slot", -1)
+        _current.slot = self.slot
+
+    def __exit__(self, *_):
+        _current.slot = self.outer
+
+
+def run_weight_gradients(slot: int) -> int:
+    """The W of a (stage, micro-batch): its linears' weight and bias gradients, added to ``.grad``.
+    Returns how many linear calls it finished."""
+    return _C._run_weight_gradients(slot)
+
+
+def discard(first: int, count: int) -> None:
+    """Drops the work still queued in ``count`` slots from ``first`` (a step that failed)."""
+    for slot in range(first, first + count):
+        _C._discard_weight_gradients(slot)
+
+
+def defer_linears(modules: Iterable[nn.Module]) -> None:
+    """Routes the ``nn.Linear`` layers inside ``modules`` through ``deferred_linear`` while a stage's
+    forward runs with a slot (``deferring``); elsewhere (no grad, autocast, torch.compile) they
+    call ``F.linear`` as before."""
+    for module in modules:
+        for layer in module.modules():
+            if (isinstance(layer, nn.Linear) and type(layer).forward is nn.Linear.forward
+                    and "forward" not in layer.__dict__):
+                # A bound method: a deep copy of the model rebinds it to the copied layer.
+                layer.forward = types.MethodType(_deferring_forward, layer)
+
+
+def _deferring_forward(layer: nn.Linear, input: torch.Tensor) -> torch.Tensor:
+    if (not torch.is_grad_enabled() or torch.compiler.is_compiling()
+            or torch.is_autocast_enabled(input.device.type)):
+        return F.linear(input, layer.weight, layer.bias)
+    # Outside a stage's forward (slot -1) the op has F.linear's backward; a checkpointed stage's
+    # recomputation lands there too, and saves what the first forward saved.
+    return torch.ops.torch_mp.deferred_linear(input, layer.weight, layer.bias, getattr(_current, "slot", -1))
