@@ -21,13 +21,13 @@ from torch_mp._ops import (
     scatter_to_tp,
     to_device,
 )
-from torch_mp.checkpoint import load, save
-from torch_mp.mesh import init_mesh
-from torch_mp.pipeline import pipeline
-from torch_mp.report import memory_report
-from torch_mp.split import split
-from torch_mp.state import full_state_dict, init_empty_weights, load_full_state_dict
-from torch_mp.tensor_parallel import tensor_parallel
+from torch_mp._checkpoint.checkpoint import load, save
+from torch_mp._mesh import init_mesh
+from torch_mp._pipelining.pipeline import pipeline
+from torch_mp._report import memory_report
+from torch_mp._split import split
+from torch_mp._checkpoint.state_dict import full_state_dict, init_empty_weights, load_full_state_dict
+from torch_mp._tensor_parallel.parallelize import tensor_parallel
 
 __version__ = "0.1.0"
 

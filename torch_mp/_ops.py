@@ -1,30 +1,11 @@
 """Typed Python wrappers over torch.ops.torch_mp.*, and the fake kernels torch.compile traces with."""
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import torch
 
+from torch_mp._checks import check_arg
+from torch_mp._devices import DeviceLike, parse_device
 from torch_mp._group import GroupLike, resolve_group
-
-DeviceLike = Union[torch.device, str, int]
-
-
-def check_arg(op: str, name: str, value, kind, expected: str) -> None:
-    """A TypeError naming ``op``, the argument and what was expected unless ``value`` is a ``kind``
-    (bools do not count as ints)."""
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        shown = type(value).__name__ if isinstance(value, torch.Tensor) else f"{type(value).__name__} {value!r:.60}"
-        raise TypeError(f"{op}: expected {name} to be {expected}, got {shown}")
-
-
-def parse_device(device: DeviceLike, op: str, name: str) -> torch.device:
-    """``device`` as a torch.device, or an error naming ``op`` and ``name``. Whether this process has
-    that device is the kernels' check (a call into _C here would break torch.compile graphs)."""
-    check_arg(op, name, device, (torch.device, str, int), "a torch.device, a string such as 'cuda:1' or an index")
-    try:
-        return torch.device(device)
-    except RuntimeError as error:
-        raise ValueError(f"{op}: {name} = {device!r} is not a device ({error}); expected a torch.device, "
-                         "a string such as 'cpu' or 'cuda:1', or a device index") from None
 
 
 def _check_tensor(op: str, tensor, name: str = "tensor") -> None:

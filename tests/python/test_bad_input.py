@@ -17,7 +17,7 @@ from models import GPT, mlp
 from torch import nn
 
 import torch_mp
-from torch_mp._safetensors import write_file
+from torch_mp._checkpoint.safetensors import write_file
 from torch_mp.nn import (
     ColumnParallelLinear,
     RowParallelLinear,

@@ -16,7 +16,7 @@ from distributed import run_ranks
 from models import GPT, mlp
 
 import torch_mp
-from torch_mp._safetensors import SafetensorsFile, write_file
+from torch_mp._checkpoint.safetensors import SafetensorsFile, write_file
 
 VOCAB = 96  # divisible by 4: the embedding and the tied head are split by rows
 PLAN = {"tok": "vocab", "head": "colwise_gather", "blocks.*.attn.qkv": "qkv", "blocks.*.attn.proj": "rowwise",

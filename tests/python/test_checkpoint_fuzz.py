@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import torch_mp
-import torch_mp._safetensors as safetensors_module
-from torch_mp._safetensors import write_file
+import torch_mp._checkpoint.safetensors as safetensors_module
+from torch_mp._checkpoint.safetensors import write_file
 
 SETTINGS = settings(max_examples=120, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -10,9 +10,10 @@ from torch.library import opcheck
 
 import torch_mp
 from distributed import run_ranks
-from torch_mp import _moe
+from torch_mp._tensor_parallel import moe
+from torch_mp._tensor_parallel.sharding import shard
 from torch_mp._group import all_gather_rows
-from torch_mp.state import _open_source, _spec_of, read_local
+from torch_mp._checkpoint.state_dict import open_source, spec_of, read_local
 
 transformers = pytest.importorskip("transformers")
 
@@ -149,7 +150,7 @@ def randomized(model):
         for parameter in model.parameters():
             if parameter.dim() == 3:  # the experts' weights
                 parameter.normal_(0, 0.2)
-        for block in _moe.moe_blocks(model):
+        for block in moe.moe_blocks(model):
             model.get_submodule(block).gate.weight.normal_(0, 0.5)
     return model.train()
 
@@ -160,8 +161,8 @@ MODELS = {"mixtral": mixtral, "mixtral_3_experts": lambda: mixtral(num_experts=3
 
 def local_grads(sharded, dense_grads, rank, world):
     """This rank's part of each dense gradient, in the layout of the sharded model's parameters."""
-    keys, read_full, read_slices = _open_source(dense_grads)
-    return {key: read_local(key, *_spec_of(key, sharded._torch_mp_specs), rank, world, read_full, read_slices)
+    keys, read_full, read_slices = open_source(dense_grads)
+    return {key: read_local(key, *spec_of(key, sharded._torch_mp_specs), rank, world, read_full, read_slices)
             for key in keys}
 
 
@@ -192,7 +193,7 @@ def assert_moe_parity(make, rank, world, style):
     for key, parameter in sharded.named_parameters():
         close(parameter.grad, expected_grads[key], f"gradient of {key}", MODEL_RTOL, MODEL_ATOL)
     # The replicated router's gradient is the same on every rank (nothing summed twice or missed).
-    router = sharded.get_submodule(_moe.moe_blocks(sharded)[0]).gate.weight.grad
+    router = sharded.get_submodule(moe.moe_blocks(sharded)[0]).gate.weight.grad
     assert all(torch.equal(g, router) for g in all_gather_rows(router, None, "test"))
 
     # SGD: Adam's first step is lr * sign(gradient), which turns rounding noise in gradients near 0 into
@@ -254,7 +255,7 @@ def check_block_styles(rank, world):
     # 15 tokens; then one (a decoding step of one sequence): rank 1 routes no tokens of its own.
     for x, style in itertools.product((torch.randn(3, 5, 32), torch.randn(1, 1, 32)), ("ep", "tp")):
         block = copy.deepcopy(dense)
-        specs = _moe.parallelize_moe_block(block, style=style)
+        specs = moe.parallelize_moe_block(block, style=style)
         assert set(specs) == {"experts.gate_up_proj", "experts.down_proj"}
         xd, xs = leaf(x), leaf(x)
         yd, ys = dense(xd), block(xs)
@@ -266,7 +267,7 @@ def check_block_styles(rank, world):
         close(block.gate.weight.grad, dense.gate.weight.grad, f"{style} router gradient")
         for weight in ("gate_up_proj", "down_proj"):
             spec = specs[f"experts.{weight}"]
-            local = torch_mp._sharding.shard(getattr(dense.experts, weight).grad, spec.dim, spec.parts, rank, world)
+            local = shard(getattr(dense.experts, weight).grad, spec.dim, spec.parts, rank, world)
             close(getattr(block.experts, weight).grad, local, f"{style} {weight} gradient")
         dense.zero_grad()
 
@@ -278,11 +279,11 @@ def test_block_styles_match_dense():
 def check_block_errors(rank, world):
     block = mixtral(num_experts=3).model.layers[0].mlp
     with pytest.raises(ValueError, match="has 3 experts, not divisible by the group size 2"):
-        _moe.parallelize_moe_block(copy.deepcopy(block), style="ep", name="layers.0.mlp")
+        moe.parallelize_moe_block(copy.deepcopy(block), style="ep", name="layers.0.mlp")
     block.experts.intermediate_dim = 47
     block.experts.down_proj = torch.nn.Parameter(torch.zeros(3, 32, 47))
     with pytest.raises(ValueError, match="'layers.0.mlp'.experts \\(MixtralExperts\\) has gate_up_proj"):
-        _moe.parallelize_moe_block(block, style="tp", name="layers.0.mlp")
+        moe.parallelize_moe_block(block, style="tp", name="layers.0.mlp")
     with pytest.raises(ValueError, match="sequence_parallel=True with mixture-of-experts blocks"):
         torch_mp.tensor_parallel(mixtral(), sequence_parallel=True)
     dist.barrier()

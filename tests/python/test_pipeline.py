@@ -162,7 +162,7 @@ def test_balance_by_time_follows_compute_not_bytes(monkeypatch):
 
     clock = types.SimpleNamespace(now=0.0)
     monkeypatch.setattr(Costly, "clock", clock)
-    monkeypatch.setattr(sys.modules["torch_mp.pipeline"], "time", types.SimpleNamespace(perf_counter=lambda: clock.now))
+    monkeypatch.setattr(sys.modules["torch_mp._pipelining.pipeline"], "time", types.SimpleNamespace(perf_counter=lambda: clock.now))
     torch.manual_seed(0)
     model = nn.Sequential(*(Costly(units) for units in (24, 8, 8, 8)))
     sample = (torch.randn(4, 16),)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import torch_mp
-from torch_mp._safetensors import SafetensorsFile
+from torch_mp._checkpoint.safetensors import SafetensorsFile
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 

@@ -244,7 +244,7 @@ def test_shard_and_unshard_are_inverse_with_replicated_parts():
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    from torch_mp._sharding import shard, slice_bounds, take_slices, unshard
+    from torch_mp._tensor_parallel.sharding import shard, slice_bounds, take_slices, unshard
 
     @settings(max_examples=60, deadline=None)
     @given(world_log=st.integers(0, 3), data=st.data())

@@ -6,8 +6,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from torch_mp._group import GroupLike
-from torch_mp._ops import check_arg
-from torch_mp._sharding import shard
+from torch_mp._checks import check_arg
+from torch_mp._tensor_parallel.sharding import shard
 from torch_mp.nn.layers import RowParallelLinear, _TensorParallel
 
 

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from torch_mp._group import GroupLike, resolve_group
-from torch_mp._ops import check_arg
-from torch_mp._sharding import shard
+from torch_mp._checks import check_arg
+from torch_mp._tensor_parallel.sharding import shard
 
 
 def _check_size(layer: str, what: str, value) -> None:

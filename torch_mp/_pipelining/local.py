@@ -16,7 +16,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch.utils.checkpoint import checkpoint as checkpointed
 
-from torch_mp._pipeline_engine import Action
+from torch_mp._pipelining.engine import Action
+from torch_mp._tensors import move_tensors
 
 _current = threading.local()
 _rng_locks: Dict[torch.device, threading.Lock] = {}
@@ -84,10 +85,9 @@ def gated_forward(pipe, original: Callable, stage: int, device: torch.device, mo
                   module: torch.nn.Module) -> Callable:
     """The forward a placed module gets: its inputs moved to its device, its call let in at its
     stage's turn when a micro-batch of ``pipe`` makes it, and checkpointed where asked."""
-    from torch_mp.split import _move_tensors
 
     def forward(*args, **kwargs):
-        args, kwargs = _move_tensors((args, kwargs), move)
+        args, kwargs = move_tensors((args, kwargs), move)
         micro_batch: Optional[MicroBatch] = getattr(_current, "micro_batch", None)
         if micro_batch is None or micro_batch.pipe is not pipe or micro_batch.depth:
             return original(*args, **kwargs)  # outside a pipelined call, or inside a placed module's

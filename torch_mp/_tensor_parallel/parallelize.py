@@ -36,10 +36,10 @@ from typing import Callable, Dict, List, Mapping, Tuple, Union
 import torch
 from torch import nn
 
-from torch_mp import _moe
+from torch_mp._tensor_parallel import moe
 from torch_mp._group import GroupInfo, GroupLike, all_gather_rows, resolve_group
-from torch_mp._sharding import COLWISE, HEADS, ROWWISE, VOCAB, ShardSpec, shard
-from torch_mp._tp_plan import (
+from torch_mp._tensor_parallel.sharding import COLWISE, HEADS, ROWWISE, VOCAB, ShardSpec, shard
+from torch_mp._tensor_parallel.plan import (
     COLWISE_GATHER, GRAD_SUM, MOE, PACKED_COLWISE, QKV, REPLICATE, ROWWISE_SPLIT_INPUT, SEQUENCE_PARALLEL, Plan,
     auto_plan, head_count_attributes, is_conv1d, linear_dims, repeated_blocks, resolve_patterns,
 )
@@ -50,7 +50,7 @@ from torch_mp.nn import (
     VocabParallelEmbedding,
     share_input_copy,
 )
-from torch_mp.split import _inside
+from torch_mp._layers import inside
 
 logger = logging.getLogger("torch_mp")
 
@@ -123,7 +123,7 @@ def tensor_parallel(module: nn.Module, plan: Union[str, Plan] = "auto", group: G
     _check_divisible(module, specs, info.size, kv_replicas)
     # The experts' split, checked here (before any collective), applied after the dry run.
     expert_specs = {f"{name}.{key}" if name else key: spec for name in moe_blocks
-                    for key, spec in _moe.expert_specs(module.get_submodule(name), info.size, name=name)[1].items()}
+                    for key, spec in moe.expert_specs(module.get_submodule(name), info.size, name=name)[1].items()}
     _check_same_plan_on_every_rank({**specs, **expert_specs}, group, info.size)
 
     saved = _Saved(module, specs)
@@ -134,17 +134,17 @@ def tensor_parallel(module: nn.Module, plan: Union[str, Plan] = "auto", group: G
             parent_name, _, child_name = name.rpartition(".")
             setattr(module.get_submodule(parent_name), child_name,
                     TensorParallelMultiheadAttention(module.get_submodule(name), group))
-        elif not any(_inside(name, attention) for attention in attentions):
+        elif not any(inside(name, attention) for attention in attentions):
             _swap(module, name, spec, group, info, shared)
     _fix_split_attributes(module, specs, info.size, kv_replicas)
     # The same plan on every rank fails the same way on each: what it keeps whole is the same too.
-    with _moe.shape_only(module, moe_blocks):
+    with moe.shape_only(module, moe_blocks):
         kept_whole = _dry_run(module, specs, saved, explicit=not isinstance(plan, str))
     grad_sums = [name for name in grad_sums if not any(_within(name, owner) for owner in kept_whole)]
     # Mixture-of-experts blocks: experts whole per rank or cut within each (torch_mp._moe), keyed by
     # parameter name; after the dry run, whose fake tensors have no split sizes to route tokens by.
     moe_blocks = [name for name in moe_blocks if not any(_within(name, owner) for owner in kept_whole)]
-    specs.update(_moe.parallelize_moe_blocks(module, group, blocks=moe_blocks))
+    specs.update(moe.parallelize_moe_blocks(module, group, blocks=moe_blocks))
     if info.size > 1:
         for name in grad_sums:
             child = module.get_submodule(name)
@@ -162,7 +162,7 @@ def tensor_parallel(module: nn.Module, plan: Union[str, Plan] = "auto", group: G
     module._torch_mp_specs = specs
     module._torch_mp_group = group
     module.torch_mp_replicated = [name for name, child in module.named_modules()
-                                  if _is_shardable(child) and not any(_inside(name, s) for s in specs)]
+                                  if _is_shardable(child) and not any(inside(name, s) for s in specs)]
     module.torch_mp_kept_whole = kept_whole
     logger.info("tensor_parallel: %d layers sharded across %d ranks; replicated: %s", len(specs), info.size,
                 module.torch_mp_replicated)
@@ -523,7 +523,7 @@ class _Saved:
 
 
 def _within(name: str, owner: str) -> bool:
-    return owner == "" or _inside(name, owner)
+    return owner == "" or inside(name, owner)
 
 
 def _dry_run(module: nn.Module, specs: Dict[str, ShardSpec], saved: _Saved, explicit: bool) -> Dict[str, str]:

@@ -27,8 +27,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from torch_mp._safetensors import SafetensorsFile, crc32, dtype_of
-from torch_mp._sharding import take_slices
+from torch_mp._checkpoint.safetensors import SafetensorsFile, crc32, dtype_of
+from torch_mp._tensor_parallel.sharding import take_slices
 
 INDEX = "torch_mp_checkpoint.json"
 FORMAT = "torch_mp.checkpoint"

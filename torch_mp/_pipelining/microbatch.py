@@ -9,7 +9,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 import torch
 from torch import nn
 
-from torch_mp.split import _map_tensors
+from torch_mp._tensors import copy_tensors, map_tensors, tensors_in
 
 ChunkSpec = Optional[Mapping[str, Optional[int]]]
 ScalarMerge = Union[str, Callable[[List[torch.Tensor], List[int]], torch.Tensor]]
@@ -176,31 +176,6 @@ def cut_target(target, sizes: List[int], batch_dim: int) -> List:
     return parts
 
 
-def tensors_in(value) -> List[torch.Tensor]:
-    found: List[torch.Tensor] = []
-    copy_tensors(value, lambda t: found.append(t) or t)
-    return found
-
-
-def copy_tensors(value, fn):
-    """``value`` with ``fn`` applied to every tensor in it; containers are copies, dataclasses too."""
-    if isinstance(value, torch.Tensor):
-        return fn(value)
-    if isinstance(value, tuple) and hasattr(value, "_fields"):
-        return type(value)(*(copy_tensors(item, fn) for item in value))
-    if isinstance(value, (list, tuple)):
-        return type(value)(copy_tensors(item, fn) for item in value)
-    if isinstance(value, dict):
-        copied = copy.copy(value)
-        for key in list(value.keys()):
-            copied[key] = copy_tensors(value[key], fn)
-        return copied
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.replace(value, **{field.name: copy_tensors(getattr(value, field.name), fn)
-                                             for field in dataclasses.fields(value) if field.init})
-    return value
-
-
 def micro_batch_sizes(batch: int, chunks: int) -> List[int]:
     """``chunks`` micro-batch sizes differing by at most one; fewer when the batch holds fewer
     samples (one micro-batch for an empty batch)."""
@@ -313,5 +288,5 @@ def check_loss(loss) -> torch.Tensor:
 def shapes_of(values) -> str:
     """The shapes and dtypes of every tensor in ``values``, in order."""
     described: List[str] = []
-    _map_tensors(values, lambda t: described.append(f"{list(t.shape)} {str(t.dtype).replace('torch.', '')}"))
+    map_tensors(values, lambda t: described.append(f"{list(t.shape)} {str(t.dtype).replace('torch.', '')}"))
     return ", ".join(described)

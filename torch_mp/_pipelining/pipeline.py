@@ -12,17 +12,19 @@ import torch.distributed as dist
 from torch import nn
 
 from torch_mp import _C
-from torch_mp._batch_norm import defer_batch_norms
+from torch_mp._devices import check_device
 from torch_mp._group import GroupLike, all_gather_rows, all_reduce_sum, process_group_of, resolve_group
-from torch_mp._pipeline_comm import GroupTransport
-from torch_mp._pipeline_batch import (BatchPlan, ChunkSpec, OutputMerge, check_chunk_spec, check_output_merge, check_loss, cut_target,
-                                      loss_weights, merge_outputs, micro_batch_sizes,
-                                      shapes_of, tensors_in, write_back)
-from torch_mp._pipeline_engine import CHECKPOINTS, RankStep, placed_forward
-from torch_mp._pipeline_engine import current as current_micro_batch
-from torch_mp._pipeline_local import ThreadState, gated_forward, run_micro_batches
-from torch_mp.split import (_UNLIMITED, Balance, _balanced_device_map, _check_layers, _find_layers,
-                            _map_tensors, _move_tensors, _mover, _parse_device)
+from torch_mp._layers import check_layers, find_layers
+from torch_mp._pipelining.batch_norm import defer_batch_norms
+from torch_mp._pipelining.cut import UNLIMITED, Balance, balanced_device_map
+from torch_mp._pipelining.engine import CHECKPOINTS, RankStep, placed_forward
+from torch_mp._pipelining.engine import current as current_micro_batch
+from torch_mp._pipelining.local import ThreadState, gated_forward, run_micro_batches
+from torch_mp._pipelining.microbatch import (BatchPlan, ChunkSpec, OutputMerge, check_chunk_spec, check_loss,
+                                             check_output_merge, cut_target, loss_weights, merge_outputs,
+                                             micro_batch_sizes, shapes_of, write_back)
+from torch_mp._pipelining.transport import GroupTransport
+from torch_mp._tensors import map_tensors, move_tensors, mover, tensors_in
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 
@@ -85,10 +87,10 @@ class LocalPipe(_Pipe):
         for name, device in self.module.device_map.items():
             submodule = self.module.get_submodule(name)
             forward = gated_forward(self, submodule.forward, self.stage_of[name], device,
-                                    _mover(device, device in repeated), submodule)
+                                    mover(device, device in repeated), submodule)
             forward._torch_mp_gated = True
             submodule.forward = forward
-        self._to_output = _mover(output_device, output_device in repeated)
+        self._to_output = mover(output_device, output_device in repeated)
 
     def _own_forward(self, args, kwargs):
         return type(self.module).forward(self.module, *args, **kwargs)
@@ -101,7 +103,7 @@ class LocalPipe(_Pipe):
             self, forwards, count, lambda m: self._own_forward(*parts[m]), None,
             lambda m: self._recompute(m, count)))
         self._write_back(args, kwargs, parts, sizes)
-        return _move_tensors(merge_outputs(outputs, sizes, self.batch_dim, self.output_merge), self._to_output)
+        return move_tensors(merge_outputs(outputs, sizes, self.batch_dim, self.output_merge), self._to_output)
 
     def train_step(self, *args, target=None, loss_fn: Callable, normalizer=None, **kwargs) -> torch.Tensor:
         """One training step over the batch: forward and backward of every micro-batch in the
@@ -123,7 +125,7 @@ class LocalPipe(_Pipe):
             output = self._own_forward(*parts[m])
             found = tensors_in(output)
             device = found[0].device if found else self.output_device
-            return check_loss(loss_fn(output, _map_tensors(targets[m], lambda t: t.to(device))))
+            return check_loss(loss_fn(output, map_tensors(targets[m], lambda t: t.to(device))))
 
         losses = self._batch(lambda: run_micro_batches(
             self, schedule, count, forward, lambda m, loss: (loss * weights[m]).backward(),
@@ -196,7 +198,7 @@ class DistributedPipe(_Pipe):
             output = self._own_forward(*parts[m])
             if last:
                 output = self._output(output, m)
-                target_m = _map_tensors(targets[m], lambda t: t.to(self.device))
+                target_m = map_tensors(targets[m], lambda t: t.to(self.device))
                 losses[m] = check_loss(loss_fn(output, target_m)) * weights[m]
             return output
 
@@ -335,16 +337,16 @@ def pipeline(
         raise ValueError(f"pipeline: schedule '1f1b' runs one stage per rank but stages_per_rank = "
                          f"{stages_per_rank}; expected 1, or schedule 'interleaved_1f1b'")
     check_options(chunks, schedule, checkpoint, batch_dim)
-    device = _default_device(group) if device is None else _parse_device(device, "device", "pipeline")
+    device = _default_device(group) if device is None else check_device(device, "pipeline", "device")
     num_stages = info.size * stages_per_rank
     if not isinstance(balance, str) and isinstance(balance, Sequence) and len(balance) != num_stages:
         raise ValueError(f"pipeline: balance {list(balance)} has {len(balance)} entries but there are {num_stages} "
                          f"stages ({info.size} ranks x {stages_per_rank}); expected one layer count per stage")
 
-    layer_names = _check_layers(module, layers) if layers is not None else _find_layers(module)
+    layer_names = check_layers(module, layers) if layers is not None else find_layers(module)
     costs = layer_costs(module, layer_names, sample, group, device) if balance == "time" else None
-    _, stage_of = _balanced_device_map(module, layer_names, [device] * num_stages, balance,
-                                       [_UNLIMITED] * num_stages, costs)
+    _, stage_of = balanced_device_map(module, layer_names, [device] * num_stages, balance,
+                                       [UNLIMITED] * num_stages, costs)
     pipe = DistributedPipe(module, stage_of, num_stages, chunks, schedule, checkpoint, batch_dim, chunk_spec, output_merge,
                            group=group,
                            stages_per_rank=stages_per_rank, device=device,
@@ -426,7 +428,7 @@ def plain_train_step(module: nn.Module) -> Callable:
         output = module(*args, **kwargs)
         found = tensors_in(output)
         if target is not None and found:
-            target = _map_tensors(target, lambda t: t.to(found[0].device))
+            target = map_tensors(target, lambda t: t.to(found[0].device))
         loss = check_loss(loss_fn(output, target)) * loss_weights([1], target, normalizer)[0]
         loss.backward()
         return loss.detach()
@@ -479,7 +481,7 @@ def layer_costs(module: nn.Module, layer_names: List[str], sample, group=None,
                 module.zero_grad(set_to_none=True)
                 output = module(*args, **kwargs)
                 floats: List[torch.Tensor] = []
-                _map_tensors(output, lambda t: floats.append(t) if t.is_floating_point() and t.requires_grad else None)
+                map_tensors(output, lambda t: floats.append(t) if t.is_floating_point() and t.requires_grad else None)
                 if not floats:
                     raise ValueError("balance='time': the model's output on sample has no tensor that requires grad; "
                                      "expected a differentiable output to time the backward")

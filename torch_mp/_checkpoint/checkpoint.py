@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from torch_mp._checkpoint_format import (
+from torch_mp._checkpoint.format import (
     FORMAT,
     INCOMPLETE,
     INDEX,
@@ -40,11 +40,11 @@ from torch_mp._checkpoint_format import (
     rank_file,
 )
 from torch_mp._group import all_reduce_sum, resolve_group
-from torch_mp._safetensors import dtype_name, write_file
-from torch_mp._sharding import ShardSpec, slice_bounds
-from torch_mp.state import (
-    _spec_of,
-    _tp_state,
+from torch_mp._checkpoint.safetensors import dtype_name, write_file
+from torch_mp._tensor_parallel.sharding import ShardSpec, slice_bounds
+from torch_mp._checkpoint.state_dict import (
+    spec_of,
+    tp_state,
     load_full_state_dict,
     read_local,
     stock_layout,
@@ -91,7 +91,7 @@ def load(module: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Opti
     """
     _check_module(module, "load", optimizer)
     reader = CheckpointReader(os.fspath(path))
-    specs, group, tp_world = _tp_state(module)
+    specs, group, tp_world = tp_state(module)
     tp_rank = resolve_group(group).rank if specs else 0
     targets = module.state_dict(keep_vars=True)
     if strict:
@@ -103,7 +103,7 @@ def load(module: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Opti
                              "this model (or strict=False)")
     for key, target in targets.items():
         if key in reader.model_keys:
-            expected = _stock_shape(target, *_spec_of(key, specs))
+            expected = _stock_shape(target, *spec_of(key, specs))
             if reader.shape(key) != expected:
                 raise ValueError(f"torch_mp.load: {key!r} has shape {reader.shape(key)} in the checkpoint at "
                                  f"{reader.folder}; the model expects {expected} (the stock shape)")
@@ -166,9 +166,9 @@ def _stock_piece(name: str, value: torch.Tensor, spec: Optional[ShardSpec], role
 
 
 def _pieces_of_this_rank(module: nn.Module, optimizer, rank: int) -> List[_Piece]:
-    specs, group, tp_world = _tp_state(module)
+    specs, group, tp_world = tp_state(module)
     tp_rank = resolve_group(group).rank if specs else 0
-    pieces = [_stock_piece(key, value, *_spec_of(key, specs), tp_rank, tp_world)
+    pieces = [_stock_piece(key, value, *spec_of(key, specs), tp_rank, tp_world)
               for key, value in module.state_dict().items()]
     if optimizer is not None:
         params = dict(module.named_parameters())
@@ -177,7 +177,7 @@ def _pieces_of_this_rank(module: nn.Module, optimizer, rank: int) -> List[_Piece
                 if isinstance(value, torch.Tensor):
                     # State shaped like its parameter (Adam's moments) is cut like it; the rest is whole.
                     like = value.shape == params[name].shape
-                    spec, role = _spec_of(name, specs) if like else (None, "")
+                    spec, role = spec_of(name, specs) if like else (None, "")
                     pieces.append(_stock_piece(f"optimizer/{name}/{key}", value, spec, role, tp_rank, tp_world))
     # One copy of each tensor: the shards from the tensor-parallel group that holds rank 0 (the other
     # data-parallel replicas hold the same), the whole tensors from rank 0.
@@ -368,7 +368,7 @@ def _load_optimizer(reader: CheckpointReader, module: nn.Module, optimizer, spec
     params = dict(module.named_parameters())
     state = {}
     for name, entries in meta["state"].items():
-        spec, role = _spec_of(name, specs)
+        spec, role = spec_of(name, specs)
         loaded = dict(entries["values"])
         for key, tensor_key in entries["tensors"].items():
             like = reader.shape(tensor_key) == _stock_shape(params[name], spec, role)

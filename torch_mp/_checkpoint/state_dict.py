@@ -14,11 +14,11 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from torch_mp._checkpoint_format import CheckpointReader, file_in_folder, find_checkpoint
+from torch_mp._checkpoint.format import CheckpointReader, file_in_folder, find_checkpoint
 from torch_mp._group import all_gather_rows, process_group_of, resolve_group
-from torch_mp._ops import check_arg
-from torch_mp._safetensors import SafetensorsFile
-from torch_mp._sharding import ShardSpec, slice_bounds, take_slices, unshard
+from torch_mp._checks import check_arg
+from torch_mp._checkpoint.safetensors import SafetensorsFile
+from torch_mp._tensor_parallel.sharding import ShardSpec, slice_bounds, take_slices, unshard
 
 StateSource = Union[Mapping[str, torch.Tensor], str, os.PathLike]
 _PROGRESS_BYTES = 256 * 2**20  # show a progress bar for loads larger than this
@@ -29,10 +29,10 @@ def full_state_dict(module: nn.Module) -> Dict[str, torch.Tensor]:
     FSDP2's ``fully_shard`` on top or not: stock names and shapes, on the CPU, loadable by the
     unsharded model with ``strict=True``. A collective: every rank of the model's groups must call it."""
     check_arg("full_state_dict", "module", module, nn.Module, "a torch.nn.Module")
-    specs, group, world = _tp_state(module)
+    specs, group, world = tp_state(module)
     result = {}
     for key, value in module.state_dict().items():
-        spec, attr = _spec_of(key, specs)
+        spec, attr = spec_of(key, specs)
         value = value.detach()
         if isinstance(value, DTensor):  # sharded again by FSDP2 (fully_shard) over a data-parallel mesh
             value = value.full_tensor()
@@ -81,9 +81,9 @@ def load_full_state_dict(module: nn.Module, state_dict_or_path: StateSource, str
     check_arg("load_full_state_dict", "module", module, nn.Module, "a torch.nn.Module")
     check_arg("load_full_state_dict", "state_dict_or_path", state_dict_or_path, (Mapping, str, os.PathLike),
               "a state_dict or the path of a checkpoint file or folder")
-    specs, _, world = _tp_state(module)
+    specs, _, world = tp_state(module)
     rank = resolve_group(getattr(module, "_torch_mp_group", None)).rank if specs else 0
-    keys, read_full, read_slices = _open_source(state_dict_or_path)
+    keys, read_full, read_slices = open_source(state_dict_or_path)
     # Tensors read from files are this call's own; a caller's state_dict is copied, never aliased.
     borrowed = isinstance(state_dict_or_path, Mapping)
     targets = module.state_dict(keep_vars=True)
@@ -103,7 +103,7 @@ def load_full_state_dict(module: nn.Module, state_dict_or_path: StateSource, str
         for key, target in targets.items():
             if key not in keys:
                 continue
-            value = read_local(key, *_spec_of(key, specs), rank, world, read_full, read_slices)
+            value = read_local(key, *spec_of(key, specs), rank, world, read_full, read_slices)
             if value.shape != target.shape:
                 raise ValueError(f"load_full_state_dict: {key!r} has shape {tuple(value.shape)} in the source but "
                                  f"{tuple(target.shape)} is expected on this rank")
@@ -118,7 +118,7 @@ def load_full_state_dict(module: nn.Module, state_dict_or_path: StateSource, str
 def read_local(key: str, spec: Optional[ShardSpec], role: str, rank: int, world: int, read_full: "Reader",
                read_slices: "SliceReader") -> torch.Tensor:
     """This rank's part of the stock tensor ``key``, in the layout of the parameter with ``spec`` and
-    ``role`` (see ``_spec_of``): its slices when that parameter is sharded, else the whole tensor."""
+    ``role`` (see ``spec_of``): its slices when that parameter is sharded, else the whole tensor."""
     dim, transposed = stock_layout(spec, role)
     value = read_full(key) if dim is None else read_slices(key, dim, slice_bounds(spec.parts, rank, world, spec.replicas))
     return value.t() if transposed else value
@@ -154,14 +154,14 @@ def _check_no_meta_outside(module, targets, keys) -> None:
                          "model under torch_mp.init_empty_weights(), which keeps buffers off the meta device)")
 
 
-def _tp_state(module: nn.Module):
+def tp_state(module: nn.Module):
     specs = getattr(module, "_torch_mp_specs", {})
     group = process_group_of(getattr(module, "_torch_mp_group", None))
     world = resolve_group(group).size if specs else 1
     return specs, group, world
 
 
-def _spec_of(key: str, specs: Mapping[str, ShardSpec]) -> Tuple[Optional[ShardSpec], str]:
+def spec_of(key: str, specs: Mapping[str, ShardSpec]) -> Tuple[Optional[ShardSpec], str]:
     """The spec of the module owning ``key`` and the parameter's role in it: "weight", "bias" or "".
     A spec keyed by the parameter's own name (an MoE block's 3-D expert weights) makes it a weight."""
     if key in specs:
@@ -183,7 +183,7 @@ Reader = Callable[[str], torch.Tensor]
 SliceReader = Callable[[str, int, List[Tuple[int, int]]], torch.Tensor]
 
 
-def _open_source(source: StateSource) -> Tuple[Iterable[str], Reader, SliceReader]:
+def open_source(source: StateSource) -> Tuple[Iterable[str], Reader, SliceReader]:
     if isinstance(source, Mapping):
         return set(source), lambda key: source[key], lambda key, dim, bounds: take_slices(source[key], dim, bounds)
     path = os.fspath(source)
@@ -196,7 +196,7 @@ def _open_source(source: StateSource) -> Tuple[Iterable[str], Reader, SliceReade
     files = _safetensors_files(path)
     if files is None:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return _open_source(state)
+        return open_source(state)
     handles = {file: SafetensorsFile(file, "load_full_state_dict") for file in set(files.values())}
     return (set(files), lambda key: handles[files[key]].read(key),
             lambda key, dim, bounds: handles[files[key]].read_slices(key, dim, bounds))

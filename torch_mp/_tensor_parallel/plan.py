@@ -11,10 +11,10 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from torch_mp import _moe
-from torch_mp._sharding import COLWISE, HEADS, ROWWISE, VOCAB
+from torch_mp._tensor_parallel import moe
+from torch_mp._tensor_parallel.sharding import COLWISE, HEADS, ROWWISE, VOCAB
 # The same notions of "repeated blocks" and "inside a module" as split.
-from torch_mp.split import _find_layers, _inside
+from torch_mp._layers import find_layers, inside
 
 logger = logging.getLogger("torch_mp")
 
@@ -83,8 +83,8 @@ def auto_plan(module: nn.Module) -> Dict[str, str]:
             attentions = [name for name, child in block.named_modules() if isinstance(child, nn.MultiheadAttention)]
             plan.update({f"{block_name}.{name}": COLWISE for name in attentions})
             linears = [(f"{block_name}.{name}", *linear_dims(child)) for name, child in block.named_modules()
-                       if linear_dims(child) is not None and not any(_inside(name, a) for a in attentions)
-                       and not any(_inside(f"{block_name}.{name}", m) for m in moe)]
+                       if linear_dims(child) is not None and not any(inside(name, a) for a in attentions)
+                       and not any(inside(f"{block_name}.{name}", m) for m in moe)]
             plan.update(_match_block(linears))
     if not plan:
         raise ValueError(f"tensor_parallel: found no attention or MLP to shard in {type(module).__name__}; "
@@ -135,7 +135,7 @@ def _moe_plan(module: nn.Module, blocks: List[str], transformers_styles: Dict[st
     rank or cut within each, the router replicated). ``transformers_styles``, the model's tp_plan
     entries for them ({pattern: style}), only locate the blocks: torch_mp picks the experts' split.
     Raises ValueError naming the blocks whose experts are not one module of 3-D weights."""
-    unsupported = [name for name in blocks if not _moe.is_moe_block(module.get_submodule(name))]
+    unsupported = [name for name in blocks if not moe.is_moe_block(module.get_submodule(name))]
     if unsupported:
         raise ValueError(f"tensor_parallel: mixture-of-experts blocks {unsupported[:4]}"
                          f"{' ...' if len(unsupported) > 4 else ''} of {type(module).__name__} (tp_plan "
@@ -151,7 +151,7 @@ def stacks(module: nn.Module) -> List[List[str]]:
     Falls back on split's largest group of repeated modules."""
     found: List[List[str]] = []
     for prefix, parent in module.named_modules():
-        if not isinstance(parent, (nn.ModuleList, nn.Sequential)) or any(_inside(prefix, b) for s in found for b in s):
+        if not isinstance(parent, (nn.ModuleList, nn.Sequential)) or any(inside(prefix, b) for s in found for b in s):
             continue
         children = list(parent.named_children())
         if (len(children) >= 2 and len({type(child) for _, child in children}) == 1
@@ -167,7 +167,7 @@ def repeated_blocks(module: nn.Module) -> List[str]:
     """split's repeated blocks, or none: the caller's error then says what tensor_parallel looked for
     instead of split's advice."""
     try:
-        return _find_layers(module)
+        return find_layers(module)
     except ValueError:
         return []
 

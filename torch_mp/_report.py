@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from torch_mp._group import all_gather_rows, resolve_group
-from torch_mp._ops import check_arg
+from torch_mp._checks import check_arg
 
 
 @dataclass

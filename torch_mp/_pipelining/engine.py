@@ -24,9 +24,8 @@ from torch.utils import _pytree as pytree
 from torch.utils.checkpoint import checkpoint as checkpointed
 from torch.utils.weak import WeakIdKeyDictionary
 
-from torch_mp._pipeline_batch import copy_tensors, tensors_in
-from torch_mp._pipeline_comm import ACTIVATION, GRADIENT
-from torch_mp.split import _map_tensors
+from torch_mp._pipelining.transport import ACTIVATION, GRADIENT
+from torch_mp._tensors import copy_tensors, map_tensors, tensors_in
 
 def current() -> "MicroBatch":
     """The micro-batch whose forward runs in this thread."""
@@ -171,7 +170,7 @@ class MicroBatch:
                              "modules must be called in stage order (a module called twice must not be "
                              "placed after a later stage's)")
 
-        return _map_tensors(values, lambda t: self.fetch(t, stage))
+        return map_tensors(values, lambda t: self.fetch(t, stage))
 
     def fetch(self, tensor: torch.Tensor, stage: int) -> torch.Tensor:
         """``tensor`` where local ``stage`` uses it: a meta one's real value, received from the rank
@@ -196,7 +195,7 @@ class MicroBatch:
     def to_stand_in(self, stage: int, values):
         """A module of another rank's ``stage`` is called with ``values``: what a local stage made
         is sent to that rank, and the stand-in gets meta tensors."""
-        return _map_tensors(values, lambda t: self.follow(t, stage))
+        return map_tensors(values, lambda t: self.follow(t, stage))
 
     def follow(self, tensor: torch.Tensor, stage: int) -> torch.Tensor:
         """``tensor`` where another rank's ``stage`` uses it: sent there if a local stage made it
@@ -268,7 +267,7 @@ def placed_forward(pipe, original: Callable, stage: int, module: torch.nn.Module
                     args, kwargs = micro_batch.to_stand_in(stage, (args, kwargs))
                 out = original(*args, **kwargs)
                 with torch._C.DisableTorchFunction():
-                    out = _map_tensors(out, lambda t: t if t.is_meta else _to_meta(t))
+                    out = map_tensors(out, lambda t: t if t.is_meta else _to_meta(t))
             for tensor in tensors_in(out):
                 step.origin[tensor] = stage
             return out

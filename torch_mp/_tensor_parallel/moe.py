@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from torch_mp._group import GroupInfo, GroupLike, resolve_group
-from torch_mp._sharding import COLWISE, ROWWISE, ShardSpec, shard
+from torch_mp._tensor_parallel.sharding import COLWISE, ROWWISE, ShardSpec, shard
 
 EXPERT_PARALLEL, EXPERT_TENSOR_PARALLEL, AUTO = "ep", "tp", "auto"
 STYLES = (EXPERT_PARALLEL, EXPERT_TENSOR_PARALLEL, AUTO)

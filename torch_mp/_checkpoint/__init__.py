@@ -1,0 +1,1 @@
+"""Checkpoints: save/load of sharded models, the format, safetensors files, full state dicts."""

@@ -1,0 +1,1 @@
+"""Pipelines: micro-batching, the cut into stages, schedules run in one process or across ranks."""

@@ -1,0 +1,1 @@
+"""Tensor parallelism: plans, module swaps, sequence parallelism, sharding specs, mixture-of-experts."""
