@@ -96,6 +96,22 @@ def test_ops_match_the_undecomposed_collectives_on_2_ranks():
     run_ranks(2, check_ops)
 
 
+def check_public_wrappers(rank, world):
+    # The typed wrappers resolve the default group and pass the arguments through.
+    shard = torch.randn(2, 4, 8)
+    gathered, (product,) = torch_mp.all_gather_matmul(shard, [torch.ones(3, 8)], dim=1, chunks=2)
+    assert gathered.shape == (2, 4 * world, 8)
+    close(product, gathered.sum(-1, keepdim=True).expand(2, 4 * world, 3))
+    reduced = torch_mp.matmul_reduce_scatter(torch.ones(2, 4 * world, 8), torch.ones(3, 8), dim=1, chunks=2)
+    close(reduced, torch.full((2, 4, 3), 8.0 * world))
+    with pytest.raises(TypeError, match="chunks"):
+        torch_mp.all_gather_matmul(shard, [torch.ones(3, 8)], chunks=1.5)
+
+
+def test_public_wrappers_on_2_ranks():
+    run_ranks(2, check_public_wrappers)
+
+
 def test_ops_at_world_size_1_are_local_matmuls_and_pass_opcheck():
     x, w = torch.randn(2, 4, 8), torch.randn(3, 8)
     gathered, (out,) = torch.ops.torch_mp.all_gather_matmul(x, [w], 1, 2, "", 1)
