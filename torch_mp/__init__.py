@@ -10,11 +10,13 @@ from torch_mp import _C  # noqa: F401  (links libtorch_mp: registers torch.ops.t
 from torch_mp._C import CollectiveError
 from torch_mp import nn
 from torch_mp._ops import (
+    all_gather_matmul,
     all_to_all,
     column_parallel_linear,
     copy_to_tp,
     gather_from_sp,
     gather_from_tp,
+    matmul_reduce_scatter,
     reduce_from_tp,
     reduce_scatter_to_sp,
     row_parallel_linear,
@@ -37,6 +39,7 @@ cmake_prefix_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sh
 
 __all__ = [
     "CollectiveError",
+    "all_gather_matmul",
     "all_to_all",
     "cmake_prefix_path",
     "column_parallel_linear",
@@ -48,6 +51,7 @@ __all__ = [
     "init_mesh",
     "load",
     "load_full_state_dict",
+    "matmul_reduce_scatter",
     "memory_report",
     "nn",
     "reduce_from_tp",

@@ -108,6 +108,43 @@ def row_parallel_linear(input: torch.Tensor, weight: torch.Tensor, bias: Optiona
     return torch.ops.torch_mp.row_parallel_linear(input, weight, bias, input_is_parallel, name, size)
 
 
+# --- async tensor parallelism (sequence parallel) --------------------------------------------------
+
+def all_gather_matmul(input: torch.Tensor, weights: Sequence[torch.Tensor], dim: int = 1, chunks: int = 1,
+                      group: GroupLike = None):
+    """``gathered = gather_from_sp(input, dim)`` and ``[gathered @ w.T for w in weights]``, the
+    all-gather decomposed into chunks that overlap with the matmuls (async TP: Wang et al., ASPLOS
+    2023; torchtitan, PyTorch's ``fused_all_gather_matmul``): this rank's rows multiply while the
+    first chunk travels, then each chunk's rows of the other ranks while the next one travels.
+
+    ``input``: ``[*, S / group size, *, in_features]`` (``dim`` the sequence, not the last dim);
+    ``weights``: ``[out_features_i / group size, in_features]`` each (column-parallel layers reading one
+    input: q, k, v). ``chunks`` cuts each rank's rows further and must divide them. Returns
+    ``(gathered, outputs)``: ``[*, S, *, in_features]`` and ``[*, S, *, out_features_i / group size]``.
+    backward: the input gradient is ``matmul_reduce_scatter``'s decomposition. Raises ValueError for
+    shapes, an empty ``weights`` or a ``chunks`` that does not divide, IndexError for ``dim``."""
+    _check_dim("all_gather_matmul", input, dim)
+    check_arg("all_gather_matmul", "chunks", chunks, int, "an int")
+    name, size, _ = resolve_group(group, "all_gather_matmul(group=...)")
+    return torch.ops.torch_mp.all_gather_matmul(input, list(weights), dim, chunks, name, size)
+
+
+def matmul_reduce_scatter(input: torch.Tensor, weight: torch.Tensor, dim: int = 1, chunks: int = 1,
+                          group: GroupLike = None) -> torch.Tensor:
+    """``reduce_scatter_to_sp(input @ weight.T, dim)`` decomposed (async TP): each rank's rows of
+    each chunk multiply and are summed onto that rank while the next rows multiply.
+
+    ``input``: ``[*, S, *, in_features / group size]``; ``weight``: ``[out_features, in_features /
+    group size]`` (a row-parallel layer). Returns ``[*, S / group size, *, out_features]``. backward:
+    ``all_gather_matmul``. Raises ValueError for shapes, ``S`` not divisible by the group size times
+    ``chunks``."""
+    _check_dim("matmul_reduce_scatter", input, dim)
+    _check_tensor("matmul_reduce_scatter", weight, "weight")
+    check_arg("matmul_reduce_scatter", "chunks", chunks, int, "an int")
+    name, size, _ = resolve_group(group, "matmul_reduce_scatter(group=...)")
+    return torch.ops.torch_mp.matmul_reduce_scatter(input, weight, dim, chunks, name, size)
+
+
 # --- expert parallelism --------------------------------------------------------------------------
 
 def all_to_all(tensor: torch.Tensor, output_split_sizes: Sequence[int], input_split_sizes: Sequence[int],

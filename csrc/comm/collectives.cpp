@@ -234,6 +234,19 @@ Pending start_all_reduce(
       op, "all_reduce", group, tensor.device().type(), [&] { return group->allreduce(tensors, options); });
 }
 
+Pending start_reduce(
+    std::string_view op,
+    const c10::intrusive_ptr<c10d::ProcessGroup>& group,
+    const at::Tensor& tensor,
+    int64_t root) {
+  std::vector<at::Tensor> tensors{flat_view(tensor)};
+  c10d::ReduceOptions options;
+  options.reduceOp = c10d::ReduceOp::SUM;
+  options.rootRank = root;
+  return start_collective(
+      op, "reduce", group, tensor.device().type(), [&] { return group->reduce(tensors, options); });
+}
+
 // c10d's flat all-gather, reduce-scatter and all-to-all carry deprecation notes in recent releases; their
 // replacements do not exist in the oldest releases we support, and the flat forms are what the
 // backends implement natively.
@@ -242,16 +255,24 @@ Pending start_all_reduce(
 
 // Both run on flat views (views of their own, see start_all_reduce): backends split the larger
 // buffer into group-size pieces along dim 0.
+Pending start_all_gather(
+    std::string_view op,
+    const c10::intrusive_ptr<c10d::ProcessGroup>& group,
+    const at::Tensor& output,
+    const at::Tensor& input) {
+  auto flat_output = flat_view(output);
+  auto flat_input = flat_view(input);
+  return start_collective(op, "all_gather", group, input.device().type(), [&] {
+    return group->_allgather_base(flat_output, flat_input);
+  });
+}
+
 void all_gather_into(
     std::string_view op,
     const c10::intrusive_ptr<c10d::ProcessGroup>& group,
     at::Tensor& output,
     at::Tensor& input) {
-  auto flat_output = flat_view(output);
-  auto flat_input = flat_view(input);
-  start_collective(op, "all_gather", group, input.device().type(), [&] {
-    return group->_allgather_base(flat_output, flat_input);
-  }).wait();
+  start_all_gather(op, group, output, input).wait();
 }
 
 void reduce_scatter_into(

@@ -76,6 +76,21 @@ void start_pending(const at::Tensor& tensor, std::string_view op, const std::fun
 // forgets it. False when none is registered.
 bool wait_registered(const at::Tensor& tensor);
 
+// Start the collectives below without waiting: all-gather of input into output ([group size,
+// *input.shape]); a sum-reduce of `tensor` in place onto rank `root` (the other ranks' tensors are
+// the backend's scratch afterwards). Both tensors contiguous. The decomposed ops of async TP
+// (ops/async_tp.cpp) overlap them with matmuls.
+Pending start_all_gather(
+    std::string_view op,
+    const c10::intrusive_ptr<c10d::ProcessGroup>& group,
+    const at::Tensor& output,
+    const at::Tensor& input);
+Pending start_reduce(
+    std::string_view op,
+    const c10::intrusive_ptr<c10d::ProcessGroup>& group,
+    const at::Tensor& tensor,
+    int64_t root);
+
 // output[r] = rank r's input, for output of shape [group size, *input.shape]; blocks until done.
 void all_gather_into(
     std::string_view op,

@@ -96,4 +96,89 @@ void check_linear(
       weight.sym_size(0), "], one entry per row of weight");
 }
 
+namespace {
+
+void check_chunks(std::string_view op, const c10::SymInt& rows, int64_t dim, int64_t chunks) {
+  TORCH_CHECK_VALUE(chunks >= 1, op, ": chunks is ", chunks, "; expected at least 1");
+  if (const auto concrete = rows.maybe_as_int()) {
+    TORCH_CHECK_VALUE(
+        *concrete % chunks == 0, op, ": each rank holds ", *concrete, " rows along dim ", dim,
+        ", not divisible into chunks=", chunks, "; expected chunks dividing it");
+  }
+}
+
+void check_not_features(std::string_view op, const at::Tensor& reference, int64_t wrapped, int64_t dim) {
+  TORCH_CHECK_VALUE(
+      wrapped != reference.dim() - 1, op, ": dim ", dim, " is the features dim (the last) of a tensor of shape ",
+      reference.sym_sizes(), "; expected the sequence (or another row) dim");
+}
+
+} // namespace
+
+int64_t check_all_gather_matmul(
+    std::string_view op,
+    const at::Tensor& input,
+    at::TensorList weights,
+    int64_t dim,
+    int64_t chunks,
+    int64_t group_size) {
+  check_group_size(op, group_size);
+  const auto wrapped = wrap_dim(op, input, dim);
+  check_not_features(op, input, wrapped, dim);
+  TORCH_CHECK_VALUE(!weights.empty(), op, ": weights is empty; expected at least one weight");
+  for (const auto& weight : weights) {
+    check_linear(op, input, weight, std::nullopt, "[output features on this rank, in_features]");
+  }
+  check_chunks(op, input.sym_size(wrapped), dim, chunks);
+  return wrapped;
+}
+
+int64_t check_matmul_reduce_scatter(
+    std::string_view op,
+    at::TensorList inputs,
+    at::TensorList weights,
+    const std::optional<at::Tensor>& addend,
+    int64_t dim,
+    int64_t chunks,
+    int64_t group_size) {
+  const bool has_addend = addend.has_value() && addend->defined();
+  TORCH_CHECK_VALUE(
+      inputs.size() == weights.size(), op, ": ", inputs.size(), " inputs and ", weights.size(),
+      " weights; expected one weight per input");
+  TORCH_CHECK_VALUE(!inputs.empty() || has_addend, op, ": no input and no addend; expected at least one");
+  const auto& reference = inputs.empty() ? *addend : inputs[0];
+  const auto wrapped = check_divisible(op, reference, dim, group_size);
+  check_not_features(op, reference, wrapped, dim);
+  const auto rows_of = [](const at::Tensor& t) { return t.sym_sizes().slice(0, t.dim() - 1); };
+  const auto same_rows = [&](const at::Tensor& t) {
+    if (t.dim() != reference.dim()) {
+      return false;
+    }
+    for (int64_t d = 0; d + 1 < t.dim(); ++d) {
+      if (!t.sym_size(d).sym_eq(reference.sym_size(d)).expect_true(__FILE__, __LINE__)) {
+        return false;
+      }
+    }
+    return true;
+  };
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    check_linear(op, inputs[i], weights[i], std::nullopt, "[output features, in_features on this rank]");
+    TORCH_CHECK_VALUE(
+        same_rows(inputs[i]), op, ": input ", i, " has shape ", inputs[i].sym_sizes(), "; expected rows ",
+        rows_of(reference), " like input 0");
+    TORCH_CHECK_VALUE(
+        weights[i].sym_size(0).sym_eq(weights[0].sym_size(0)).expect_true(__FILE__, __LINE__), op, ": weight ", i,
+        " has shape ", weights[i].sym_sizes(), "; expected ", weights[0].sym_size(0), " rows like weight 0");
+  }
+  if (has_addend && !inputs.empty()) {
+    check_matches(op, "addend", inputs[0], *addend);
+    TORCH_CHECK_VALUE(
+        same_rows(*addend) && addend->sym_size(-1).sym_eq(weights[0].sym_size(0)).expect_true(__FILE__, __LINE__),
+        op, ": addend has shape ", addend->sym_sizes(), "; expected the shape of the matmuls' sum, rows ",
+        rows_of(reference), " and ", weights[0].sym_size(0), " features");
+  }
+  check_chunks(op, reference.sym_size(wrapped) / group_size, dim, chunks);
+  return wrapped;
+}
+
 } // namespace torch_mp::detail

@@ -38,4 +38,28 @@ void check_linear(
     const std::optional<at::Tensor>& bias,
     std::string_view layout);
 
+// Checks the arguments of the decomposed all-gather + matmul (ops/async_tp.cpp): `input` [*, features]
+// with the gathered `dim` not its last, each weight [rows, features], `chunks` >= 1 dividing the
+// input's size along dim. Returns the wrapped dim.
+int64_t check_all_gather_matmul(
+    std::string_view op,
+    const at::Tensor& input,
+    at::TensorList weights,
+    int64_t dim,
+    int64_t chunks,
+    int64_t group_size);
+
+// Checks the arguments of the decomposed matmul + reduce-scatter: as many inputs [*, features_i]
+// as weights [rows, features_i], every input and `addend` [*, rows] of one shape but the last dim,
+// at least one of them given, the size along `dim` (not the last) a multiple of group_size *
+// chunks. Returns the wrapped dim.
+int64_t check_matmul_reduce_scatter(
+    std::string_view op,
+    at::TensorList inputs,
+    at::TensorList weights,
+    const std::optional<at::Tensor>& addend,
+    int64_t dim,
+    int64_t chunks,
+    int64_t group_size);
+
 } // namespace torch_mp::detail

@@ -130,6 +130,17 @@ CASES = [
          ["reduce_scatter_to_sp: expected dim to be an int", "got bool True"]),
     Case("gather_from_sp/tensor is None", lambda: torch_mp.gather_from_sp(None), TypeError,
          ["gather_from_sp: expected tensor to be a torch.Tensor", "got NoneType"]),
+    # --- async TP ops
+    Case("all_gather_matmul/no weights", lambda: torch_mp.all_gather_matmul(x(2, 4, 8), []), ValueError,
+         [r"torch_mp\.all_gather_matmul: weights is empty; expected at least one weight"]),
+    Case("all_gather_matmul/chunks do not divide", lambda: torch_mp.all_gather_matmul(x(2, 4, 8), [x(3, 8)], chunks=3),
+         ValueError, [r"all_gather_matmul: each rank holds 4 rows along dim 1, not divisible into chunks=3"]),
+    Case("all_gather_matmul/dim is the features", lambda: torch_mp.all_gather_matmul(x(2, 4, 8), [x(3, 8)], dim=-1),
+         ValueError, [r"all_gather_matmul: dim -1 is the features dim \(the last\)", "expected the sequence"]),
+    Case("all_gather_matmul/chunks is a float", lambda: torch_mp.all_gather_matmul(x(2, 4, 8), [x(3, 8)], chunks=2.0),
+         TypeError, ["all_gather_matmul: expected chunks to be an int"]),
+    Case("matmul_reduce_scatter/features differ", lambda: torch_mp.matmul_reduce_scatter(x(2, 4, 8), x(3, 5)),
+         ValueError, [r"matmul_reduce_scatter: input has 8 features \(its last dim\) but weight has shape \[3, 5\]"]),
     # --- the parallel linear ops
     Case("column_parallel_linear/input is a list", lambda: torch_mp.column_parallel_linear([1.0], x(6, 4)),
          TypeError, ["column_parallel_linear: expected input to be a torch.Tensor"]),

@@ -31,7 +31,7 @@ A plan maps module-name patterns (globs: ``"layers.*.mlp.up_proj"``) to styles:
 import dataclasses
 import hashlib
 import logging
-from typing import Callable, Dict, List, Mapping, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -63,7 +63,7 @@ _PER_HEAD_QKV = ("bloom", "falcon", "gpt_neox", "gpt_neox_japanese", "persimmon"
 
 
 def tensor_parallel(module: nn.Module, plan: Union[str, Plan] = "auto", group: GroupLike = None,
-                    sequence_parallel: bool = False) -> nn.Module:
+                    sequence_parallel: bool = False, async_tp: Union[bool, int] = False) -> nn.Module:
     """Shards ``module`` in place across ``group`` and returns it.
 
     ``plan="auto"`` uses the model's own ``tp_plan`` where it has one (transformers models; every
@@ -88,6 +88,15 @@ def tensor_parallel(module: nn.Module, plan: Union[str, Plan] = "auto", group: G
     ``module.torch_mp_replicated`` and ``module.torch_mp_kept_whole`` says why ({module: error});
     under a plan given as a dict it is a ValueError naming the module and the error.
 
+    ``async_tp`` (sequence parallel blocks only; torchtitan's async TP, Wang et al., ASPLOS 2023):
+    the all-gather before each attention's and MLP's column-parallel matmuls and the reduce-scatter
+    after their row-parallel one are decomposed into chunks that overlap with the matmuls
+    (``torch_mp.all_gather_matmul``, ``torch_mp.matmul_reduce_scatter``), in eager mode and under
+    torch.compile. ``True``: one chunk per rank; an int ``n``: each rank's rows cut into ``n``
+    chunks (one per rank where ``n`` does not divide them). The numbers are the same up to float
+    rounding (a smaller matmul may be blocked differently by BLAS). Raises ValueError without
+    sequence parallel blocks.
+
     The result has ``torch_mp_plan`` ({module name: style}) and keeps the stock parameter names;
     ``torch_mp.full_state_dict`` gathers a stock state_dict from it.
     """
@@ -110,6 +119,10 @@ def tensor_parallel(module: nn.Module, plan: Union[str, Plan] = "auto", group: G
                              "'sequence_parallel'}")
         resolved.update({name: SEQUENCE_PARALLEL for name in blocks})
     sequence_blocks = [name for name, style in resolved.items() if style == SEQUENCE_PARALLEL]
+    chunks = _async_tp_chunks(async_tp)
+    if chunks is not None and not sequence_blocks:
+        raise ValueError(f"tensor_parallel: async_tp={async_tp!r} without sequence parallel blocks; expected "
+                         "sequence_parallel=True (or blocks with style 'sequence_parallel')")
     grad_sums = [name for name, style in resolved.items() if style == GRAD_SUM]
     moe_blocks = [name for name, style in resolved.items() if style == MOE]
     if moe_blocks and sequence_blocks:
@@ -153,7 +166,7 @@ def tensor_parallel(module: nn.Module, plan: Union[str, Plan] = "auto", group: G
         # Norms applied per head inside the attention see every token (its input is gathered): their
         # gradients are summed once, over the heads.
         summed = {id(p) for name in grad_sums for p in module.get_submodule(name).parameters()}
-        _sequence_parallel(module, sequence_blocks, info, summed)
+        _sequence_parallel(module, sequence_blocks, info, summed, chunks)
     _share_input_copies(module)
     module.torch_mp_plan = {name: _style_name(spec) for name, spec in specs.items()}
     module.torch_mp_plan.update({name: GRAD_SUM for name in grad_sums})
@@ -637,7 +650,16 @@ def _example_inputs(module: nn.Module):
 
 # --- sequence parallelism ----------------------------------------------------------------------
 
-def _sequence_parallel(module: nn.Module, blocks: List[str], info, summed=frozenset()) -> None:
+def _async_tp_chunks(async_tp) -> Optional[int]:
+    if isinstance(async_tp, bool):
+        return 1 if async_tp else None
+    if not isinstance(async_tp, int) or async_tp < 1:
+        raise ValueError(f"tensor_parallel: async_tp={async_tp!r}; expected a bool or a chunk count >= 1")
+    return async_tp
+
+
+def _sequence_parallel(module: nn.Module, blocks: List[str], info, summed=frozenset(),
+                       chunks: Optional[int] = None) -> None:
     for name in blocks:
         block = module.get_submodule(name)
         layers = [(child_name, child) for child_name, child in block.named_modules()
@@ -647,17 +669,23 @@ def _sequence_parallel(module: nn.Module, blocks: List[str], info, summed=frozen
                              "nn.MultiheadAttention; expected blocks with separate projections")
         # Each rowwise layer closes a parallel region opened by the colwise layers before it; the
         # module holding both (an attention, an MLP) gathers its input along the sequence.
-        owners, opened = {}, None
+        owners, opened, columns = {}, None, []
         for child_name, child in layers:
             child.sequence_dim = SEQUENCE_DIM
+            child.async_tp_chunks = chunks
             if isinstance(child, ColumnParallelLinear):
                 opened = opened or child_name
+                columns.append(child)
             elif opened is not None:
                 owner = _common_prefix(opened, child_name)
-                owners[owner] = block.get_submodule(owner) if owner else block
-                opened = None
-        for owner in owners.values():
-            owner.register_forward_pre_hook(_gather_input(info), with_kwargs=True)
+                owners[owner] = (block.get_submodule(owner) if owner else block, columns)
+                opened, columns = None, []
+        for owner, owner_columns in owners.values():
+            if chunks is None:
+                owner.register_forward_pre_hook(_gather_input(info), with_kwargs=True)
+            else:
+                owner.register_forward_pre_hook(_gather_and_multiply(info, owner_columns), with_kwargs=True)
+                owner.register_forward_hook(_drop_products(owner_columns))
         # Parameters other than this rank's slices see only this rank's tokens: sum their gradients.
         sliced = set(summed)
         for _, child in layers:
@@ -713,6 +741,33 @@ def _map_hidden_states(fn):
 def _gather_input(info):
     return _map_hidden_states(
         lambda t: torch.ops.torch_mp.gather_from_sp(t, SEQUENCE_DIM, info.name, info.size))
+
+
+def _gather_and_multiply(info, columns):
+    """Async TP: gathers the module's activations along the sequence with all_gather_matmul, which
+    multiplies them by the weights of ``columns`` (the column-parallel layers reading them: q, k, v;
+    gate, up) as they arrive; each layer then returns its product when called with the gathered
+    tensor. Under autocast (whose casts our op does not make) or for layers reading another width,
+    the plain gather."""
+    def gather(t):
+        readers = [c for c in columns if c.in_features == t.shape[-1]]
+        if not readers or torch.is_autocast_enabled(t.device.type):
+            return torch.ops.torch_mp.gather_from_sp(t, SEQUENCE_DIM, info.name, info.size)
+        gathered, products = torch.ops.torch_mp.all_gather_matmul(
+            t, [c.weight for c in readers], SEQUENCE_DIM, readers[0]._chunks_for(t.shape[SEQUENCE_DIM]), info.name,
+            info.size)
+        for column, product in zip(readers, products):
+            column.gathered_product = (gathered, product)
+        return gathered
+    return _map_hidden_states(gather)
+
+
+def _drop_products(columns):
+    """Drops the products a module's layers did not use (a layer not called), after its forward."""
+    def hook(owner, args, output):
+        for column in columns:
+            column.gathered_product = None
+    return hook
 
 
 def _gather_output(info):

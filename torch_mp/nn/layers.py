@@ -1,5 +1,5 @@
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -36,6 +36,14 @@ class _TensorParallel(nn.Module):
     # along this dim (None: they are not). That module all-gathers its input, so a colwise layer
     # computes locally and a rowwise one reduce-scatters. Set by tensor_parallel.
     sequence_dim: Optional[int] = None
+    # Async TP (sequence parallel only; set by tensor_parallel(async_tp=...)): the collective around
+    # this layer's matmul is decomposed into chunks that overlap with it (torch_mp.all_gather_matmul,
+    # torch_mp.matmul_reduce_scatter), each rank's rows cut into this many chunks. None: not decomposed.
+    async_tp_chunks: Optional[int] = None
+
+    def _chunks_for(self, rows: int) -> int:
+        # A chunk count that does not divide this rank's rows falls back to one chunk per rank.
+        return self.async_tp_chunks if rows % self.async_tp_chunks == 0 else 1
 
     def _set_group(self, group: GroupLike) -> None:
         info = resolve_group(group, f"{type(self).__name__}(group=...)")
@@ -106,6 +114,10 @@ class ColumnParallelLinear(_TensorParallel):
 
     # Set by share_input_copy: the copy_to_tp this layer shares with its siblings.
     shared_input_copy: Optional[_SharedInputCopy] = None
+    # Async TP: (gathered input, gathered input @ weight.T), computed by all_gather_matmul in the
+    # hook that gathers the input of the module holding this layer (with its siblings' products);
+    # used once, by a call with that very input.
+    gathered_product: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, gather_output: bool = False,
                  group: GroupLike = None, device=None, dtype=None, input_is_copied: bool = False):
@@ -137,6 +149,9 @@ class ColumnParallelLinear(_TensorParallel):
         if self.sequence_dim is not None:
             # The input was all-gathered along the sequence; that gather's backward (a reduce-scatter)
             # sums the input gradient's partial products across ranks.
+            product, self.gathered_product = self.gathered_product, None
+            if product is not None and product[0] is input:
+                return product[1] if self.bias is None else product[1] + self.bias
             return torch.nn.functional.linear(input, self.weight, self.bias)
         copied = input if self.input_is_copied else None
         if self.shared_input_copy is not None:
@@ -190,9 +205,14 @@ class RowParallelLinear(_TensorParallel):
             # The output leaves split along the sequence: reduce-scatter instead of all-reduce.
             if not self.input_is_parallel:
                 input = torch.ops.torch_mp.scatter_to_tp(input, -1, self.group_name, self.group_size)
-            partial = torch.nn.functional.linear(input, self.weight)
-            output = torch.ops.torch_mp.reduce_scatter_to_sp(partial, self.sequence_dim, self.group_name,
-                                                             self.group_size)
+            if self.async_tp_chunks is not None and not torch.is_autocast_enabled(input.device.type):
+                rows = input.shape[self.sequence_dim] // self.group_size
+                output = torch.ops.torch_mp.matmul_reduce_scatter(
+                    input, self.weight, self.sequence_dim, self._chunks_for(rows), self.group_name, self.group_size)
+            else:
+                partial = torch.nn.functional.linear(input, self.weight)
+                output = torch.ops.torch_mp.reduce_scatter_to_sp(partial, self.sequence_dim, self.group_name,
+                                                                 self.group_size)
             return output if self.bias is None else output + self.bias
         return torch.ops.torch_mp.row_parallel_linear(
             input, self.weight, self.bias, self.input_is_parallel, self.group_name, self.group_size)

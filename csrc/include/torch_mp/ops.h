@@ -22,6 +22,9 @@
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
 
+#include <tuple>
+#include <vector>
+
 #include <torch_mp/comm.h>
 
 namespace torch_mp {
@@ -112,6 +115,40 @@ at::Tensor vocab_parallel_cross_entropy(
     int64_t ignore_index,
     const Group& group);
 
+// --- async tensor parallelism (sequence parallel layers) -------------------------------------
+// The collective around a sequence-parallel matmul, decomposed into chunks that overlap with the
+// matmuls (Wang et al., ASPLOS 2023; torchtitan's async TP): c10d's asynchronous work handles start
+// one chunk's collective while another chunk's matmul computes. `dim` is the sequence dim (any dim
+// but the last, the features); `chunks` >= 1 splits each rank's rows along it further (it must
+// divide them). With a group of one member each is a local matmul. Numbers: each output row is the
+// same dot products as the undecomposed form, but BLAS may block a smaller matmul differently, so
+// results agree to fp32 rounding, bitwise where the backend blocks alike.
+
+// gathered = all_gather(input, dim) (gather_from_sp), outputs[i] = gathered @ weights[i].T, for the
+// column-parallel layers that read one gathered input (q, k, v; gate, up).
+// input: [*, S / group size, *, in_features]; weights[i]: [out_features_i / group size, in_features].
+// Returns gathered [*, S, *, in_features] and outputs[i] [*, S, *, out_features_i / group size].
+// forward: this rank's rows multiply while the first chunk is gathered, then each chunk's rows of the
+// other ranks while the next is gathered; backward: the input gradient is the matmul +
+// reduce-scatter below (grad gathered + sum_i grad_i @ weights[i], reduce-scattered), decomposed the
+// same way. Errors: ValueError naming the argument (weights empty, shapes, chunks), IndexError (dim).
+std::tuple<at::Tensor, std::vector<at::Tensor>> all_gather_matmul(
+    const at::Tensor& input,
+    at::TensorList weights,
+    int64_t dim,
+    const Group& group,
+    int64_t chunks = 1);
+// reduce_scatter(input @ weight.T, dim) (row-parallel layer + reduce_scatter_to_sp).
+// input: [*, S, *, in_features / group size]; weight: [out_features, in_features / group size].
+// Returns [*, S / group size, *, out_features]. forward: each rank's rows (per chunk) multiply and are
+// summed onto that rank (a reduce) while the next rank's rows multiply; backward: all_gather_matmul.
+at::Tensor matmul_reduce_scatter(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    int64_t dim,
+    const Group& group,
+    int64_t chunks = 1);
+
 // --- expert parallelism ---------------------------------------------------------------------
 
 // All-to-all along dim 0 with uneven split sizes (counted in rows, one per member of the group):
@@ -154,6 +191,16 @@ at::Tensor reduce_scatter(const at::Tensor& self, int64_t dim, const Group& grou
 // [..., n * world, ...] -> [..., n, ...]: this rank's shard, block r along dim (c10::ValueError when
 // the size along dim is not a multiple of world). No communication.
 at::Tensor shard(const at::Tensor& self, int64_t dim, const Group& group);
+// reduce_scatter(addend + sum_i inputs[i] @ weights[i].T, dim), decomposed as matmul_reduce_scatter,
+// without autograd (all_gather_matmul's backward). addend may be undefined; inputs may be empty
+// when it is not.
+at::Tensor matmul_reduce_scatter(
+    at::TensorList inputs,
+    at::TensorList weights,
+    const std::optional<at::Tensor>& addend,
+    int64_t dim,
+    const Group& group,
+    int64_t chunks = 1);
 // torch_mp::all_to_all without autograd: the same shapes and errors.
 at::Tensor all_to_all(
     const at::Tensor& self,

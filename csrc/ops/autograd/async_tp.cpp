@@ -1,0 +1,166 @@
+// Autograd of the async TP ops: each one's backward is the other, decomposed the same way. The
+// all-gather + matmul's input gradient is a matmul + reduce-scatter, and the matmul +
+// reduce-scatter's is an all-gather + matmul.
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <torch_mp/ops.h>
+
+#include "comm/collectives.h"
+
+namespace torch_mp {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+constexpr char kAllGatherMatmul[] = "torch_mp.all_gather_matmul";
+constexpr char kMatmulReduceScatter[] = "torch_mp.matmul_reduce_scatter";
+
+// Rows of a [..., features] tensor as a matrix, in symbolic sizes.
+at::Tensor matrix_of_rows(const at::Tensor& t) {
+  return t.flatten(0, -2);
+}
+
+void save_group(AutogradContext* ctx, int64_t dim, int64_t chunks, c10::string_view group_name, int64_t group_size) {
+  ctx->saved_data["dim"] = dim;
+  ctx->saved_data["chunks"] = chunks;
+  ctx->saved_data["group_name"] = std::string(group_name);
+  ctx->saved_data["group_size"] = group_size;
+}
+
+Group saved_group(AutogradContext* ctx) {
+  return Group{ctx->saved_data["group_name"].toStringRef(), ctx->saved_data["group_size"].toInt(), 0};
+}
+
+// forward: gathered = all_gather(input, dim), outputs[i] = gathered @ weights[i].T, returned as
+// [gathered, *outputs]; backward: grad input = reduce_scatter(grad gathered + sum_i grad outputs[i] @
+// weights[i], dim) decomposed (the primitive matmul + reduce-scatter), grad weights[i] =
+// grad outputs[i].T @ gathered. No double backward: the primitive has no autograd.
+class AllGatherMatmulFunction : public torch::autograd::Function<AllGatherMatmulFunction> {
+ public:
+  static constexpr bool is_traceable = true;
+
+  static variable_list forward(
+      AutogradContext* ctx,
+      const at::Tensor& input,
+      at::TensorList weights,
+      int64_t dim,
+      int64_t chunks,
+      c10::string_view group_name,
+      int64_t group_size) {
+    save_group(ctx, dim, chunks, group_name, group_size);
+    detail::OpScope scope(kAllGatherMatmul);
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [gathered, outputs] = all_gather_matmul(input, weights, dim, Group{std::string(group_name), group_size, 0}, chunks);
+    std::vector<at::Tensor> saved{gathered};
+    saved.insert(saved.end(), weights.begin(), weights.end());
+    ctx->save_for_backward(saved);
+    variable_list result{gathered};
+    result.insert(result.end(), outputs.begin(), outputs.end());
+    return result;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    const auto& gathered = saved[0];
+    const auto weights_count = saved.size() - 1;
+    variable_list grads(1 + weights_count + 4);
+    detail::OpScope scope(kAllGatherMatmul, /*backward=*/true);
+    std::vector<at::Tensor> products, transposed;
+    for (size_t i = 0; i < weights_count; ++i) {
+      const auto& grad = grad_outputs[1 + i];
+      if (!grad.defined()) {
+        continue;
+      }
+      if (ctx->needs_input_grad(0)) {
+        products.push_back(grad);
+        transposed.push_back(saved[1 + i].t());
+      }
+      if (ctx->needs_input_grad(1 + i)) {
+        grads[1 + i] = matrix_of_rows(grad).t().mm(matrix_of_rows(gathered));
+      }
+    }
+    const auto& grad_gathered = grad_outputs[0];
+    if (ctx->needs_input_grad(0) && (grad_gathered.defined() || !products.empty())) {
+      grads[0] = primitives::matmul_reduce_scatter(
+          products, transposed, grad_gathered.defined() ? std::optional<at::Tensor>(grad_gathered) : std::nullopt,
+          ctx->saved_data["dim"].toInt(), saved_group(ctx), ctx->saved_data["chunks"].toInt());
+    }
+    return grads;
+  }
+};
+
+// forward: reduce_scatter(input @ weight.T, dim); backward: grad input = all_gather(grad, dim) @
+// weight, decomposed (all_gather_matmul, itself differentiable), grad weight = all_gather(grad).T @
+// input.
+class MatmulReduceScatterFunction : public torch::autograd::Function<MatmulReduceScatterFunction> {
+ public:
+  static constexpr bool is_traceable = true;
+
+  static at::Tensor forward(
+      AutogradContext* ctx,
+      const at::Tensor& input,
+      const at::Tensor& weight,
+      int64_t dim,
+      int64_t chunks,
+      c10::string_view group_name,
+      int64_t group_size) {
+    save_group(ctx, dim, chunks, group_name, group_size);
+    ctx->save_for_backward({input, weight});
+    detail::OpScope scope(kMatmulReduceScatter);
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return matmul_reduce_scatter(input, weight, dim, Group{std::string(group_name), group_size, 0}, chunks);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const auto& grad = grad_outputs[0];
+    variable_list grads(6);
+    if (!grad.defined()) {
+      return grads;
+    }
+    const auto saved = ctx->get_saved_variables();
+    const auto& input = saved[0];
+    const auto& weight = saved[1];
+    detail::OpScope scope(kMatmulReduceScatter, /*backward=*/true);
+    auto [gathered_grad, products] = all_gather_matmul(
+        grad, {weight.t()}, ctx->saved_data["dim"].toInt(), saved_group(ctx), ctx->saved_data["chunks"].toInt());
+    if (ctx->needs_input_grad(0)) {
+      grads[0] = products[0];
+    }
+    if (ctx->needs_input_grad(1)) {
+      grads[1] = matrix_of_rows(gathered_grad).t().mm(matrix_of_rows(input));
+    }
+    return grads;
+  }
+};
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> all_gather_matmul_autograd(
+    const at::Tensor& input,
+    at::TensorList weights,
+    int64_t dim,
+    int64_t chunks,
+    c10::string_view group_name,
+    int64_t group_size) {
+  auto results = AllGatherMatmulFunction::apply(input, weights, dim, chunks, group_name, group_size);
+  return {results[0], std::vector<at::Tensor>(results.begin() + 1, results.end())};
+}
+
+at::Tensor matmul_reduce_scatter_autograd(
+    const at::Tensor& input,
+    const at::Tensor& weight,
+    int64_t dim,
+    int64_t chunks,
+    c10::string_view group_name,
+    int64_t group_size) {
+  return MatmulReduceScatterFunction::apply(input, weight, dim, chunks, group_name, group_size);
+}
+
+} // namespace
+
+TORCH_LIBRARY_IMPL(torch_mp, Autograd, m) {
+  m.impl("all_gather_matmul", &all_gather_matmul_autograd);
+  m.impl("matmul_reduce_scatter", &matmul_reduce_scatter_autograd);
+}
+
+} // namespace torch_mp
