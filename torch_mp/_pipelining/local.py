@@ -59,9 +59,9 @@ class StageGate:
 class MicroBatch:
     """One micro-batch's forward in its thread: which stages it has entered and left."""
 
-    def __init__(self, pipe, gate: StageGate, index: int, num_stages: int, recompute: bool):
+    def __init__(self, pipe, gate: StageGate, index: int, num_stages: int, recompute: bool, recorder=None):
         self.pipe, self.gate, self.index, self.num_stages = pipe, gate, index, num_stages
-        self.recompute = recompute
+        self.recompute, self.recorder = recompute, recorder
         self.depth = 0  # placed modules under way: those they call run as part of them
         self.entered: set = set()
         self.left: set = set()
@@ -77,6 +77,8 @@ class MicroBatch:
     def leave(self, stages) -> None:
         finished = [s for s in stages if s not in self.left]
         if finished:
+            if self.recorder is not None:
+                self.recorder.left(finished, self.index)
             self.left.update(finished)
             self.gate.finish([(False, s, self.index) for s in finished])
 
@@ -92,6 +94,8 @@ def gated_forward(pipe, original: Callable, stage: int, device: torch.device, mo
         if micro_batch is None or micro_batch.pipe is not pipe or micro_batch.depth:
             return original(*args, **kwargs)  # outside a pipelined call, or inside a placed module's
         micro_batch.enter(stage)
+        if micro_batch.recorder is not None:
+            micro_batch.recorder.entered(stage, micro_batch.index, (args, kwargs))
         micro_batch.depth += 1
         try:
             if pipe.checkpoint == "never" or not (module.training and torch.is_grad_enabled()):
@@ -167,12 +171,14 @@ class ThreadState:
 
 
 def run_micro_batches(pipe, schedule: List[List[Action]], count: int, work: Callable[[int], object],
-                      backward: Optional[Callable[[int, object], None]], recompute: Callable[[int], bool]) -> List:
+                      backward: Optional[Callable[[int, object], None]], recompute: Callable[[int], bool],
+                      recorder=None) -> List:
     """Runs ``work(m)`` (a micro-batch's forward, in the caller's thread-local state) for every
     micro-batch in a thread of its own, stages gated by ``schedule`` (one list per stage); then,
     when given, ``backward(m, result)`` at the turn of the micro-batch's backward on the last
     stage. Returns the results in micro-batch order; the first error raised stops every other
-    micro-batch at its next stage and is raised here."""
+    micro-batch at its next stage and is raised here. A ``timeline.Recorder`` given records when
+    each micro-batch's forward entered and left each stage."""
     gate = StageGate(schedule)
     num_stages = len(schedule)
     state = ThreadState()
@@ -180,7 +186,7 @@ def run_micro_batches(pipe, schedule: List[List[Action]], count: int, work: Call
     errors: List[BaseException] = []
 
     def run(m: int) -> None:
-        micro_batch = MicroBatch(pipe, gate, m, num_stages, recompute(m))
+        micro_batch = MicroBatch(pipe, gate, m, num_stages, recompute(m), recorder)
         try:
             with contextlib.ExitStack() as stack:
                 state.enter(stack)

@@ -23,6 +23,7 @@ from torch_mp._pipelining.local import ThreadState, gated_forward, run_micro_bat
 from torch_mp._pipelining.microbatch import (BatchPlan, ChunkSpec, OutputMerge, check_chunk_spec, check_loss,
                                              check_output_merge, cut_target, loss_weights, merge_outputs,
                                              micro_batch_sizes, shapes_of, write_back)
+from torch_mp._pipelining.timeline import Recorder, Timeline
 from torch_mp._pipelining.transport import GroupTransport
 from torch_mp._tensors import map_tensors, move_tensors, mover, tensors_in
 
@@ -105,16 +106,21 @@ class LocalPipe(_Pipe):
         self._write_back(args, kwargs, parts, sizes)
         return move_tensors(merge_outputs(outputs, sizes, self.batch_dim, self.output_merge), self._to_output)
 
-    def train_step(self, *args, target=None, loss_fn: Callable, normalizer=None, **kwargs) -> torch.Tensor:
+    def train_step(self, *args, target=None, loss_fn: Callable, normalizer=None, timeline: bool = False,
+                   **kwargs) -> torch.Tensor:
         """One training step over the batch: forward and backward of every micro-batch in the
         schedule's order, gradients accumulated in ``.grad`` as one backward of the whole batch
         would. ``loss_fn(output, target)`` returns a micro-batch's mean loss (weighted by the
         micro-batch sizes), or, with ``normalizer`` (a number, or a callable of the whole batch's
         target: e.g. its count of tokens that are not ``ignore_index``), a micro-batch's summed
         loss, every one divided by the normalizer. Returns the batch's loss, detached. The
-        optimizer step is the caller's."""
+        optimizer step is the caller's. With ``timeline=True`` the step also records when each
+        stage ran each action and sets ``module.last_timeline`` (a ``torch_mp.Timeline``; draw it
+        with ``torch_mp.plot_timeline``); the numbers are the same either way."""
         if not callable(loss_fn):
             raise TypeError(f"pipeline: loss_fn = {loss_fn!r}; expected a callable (output, target) -> loss")
+        _check_timeline_flag(timeline)
+        recorder = Recorder(None, self.devices) if timeline else None
         sizes, parts = self._plan(args, kwargs)
         count = len(sizes)
         targets = cut_target(target, sizes, self.batch_dim) if target is not None else [None] * count
@@ -127,10 +133,20 @@ class LocalPipe(_Pipe):
             device = found[0].device if found else self.output_device
             return check_loss(loss_fn(output, map_tensors(targets[m], lambda t: t.to(device))))
 
-        losses = self._batch(lambda: run_micro_batches(
-            self, schedule, count, forward, lambda m, loss: (loss * weights[m]).backward(),
-            lambda m: self._recompute(m, count)))
+        def backward(m: int, loss: torch.Tensor) -> None:
+            (loss * weights[m]).backward()
+
+        try:
+            losses = self._batch(lambda: run_micro_batches(
+                self, schedule, count, forward,
+                backward if recorder is None else recorder.timed_backward(backward, self.num_stages),
+                lambda m: self._recompute(m, count), recorder))
+        finally:
+            if recorder is not None:
+                recorder.close()
         self._write_back(args, kwargs, parts, sizes)
+        if recorder is not None:
+            self.module.last_timeline = Timeline(recorder.events, self.schedule, self.num_stages, count, "stage")
         return sum(loss.detach() * weight for loss, weight in zip(losses, weights))
 
 
@@ -183,10 +199,20 @@ class DistributedPipe(_Pipe):
                     "inputs, parameters or stages' outputs")
         return output
 
-    def train_step(self, *args, target=None, loss_fn: Callable, normalizer=None, **kwargs) -> torch.Tensor:
-        """As ``LocalPipe.train_step``; the loss is returned on every rank."""
+    def train_step(self, *args, target=None, loss_fn: Callable, normalizer=None, timeline: bool = False,
+                   **kwargs) -> torch.Tensor:
+        """As ``LocalPipe.train_step``; the loss is returned on every rank. With ``timeline=True``
+        every rank's records are gathered to every rank (one all-gather of objects after the step)
+        and ``module.last_timeline`` is set on every rank; each rank's times count from a barrier
+        that starts the step on all of them, so no clock is assumed shared beyond the barrier's
+        exit (its skew, tens of microseconds on one machine, is the picture's error)."""
         if not callable(loss_fn):
             raise TypeError(f"pipeline: loss_fn = {loss_fn!r}; expected a callable (output, target) -> loss")
+        _check_timeline_flag(timeline)
+        recorder = None
+        if timeline:
+            dist.barrier(group=self.group)
+            recorder = Recorder(self.rank, [self.device])
         sizes, parts = self._plan(args, kwargs)
         count = len(sizes)
         targets = cut_target(target, sizes, self.batch_dim) if target is not None else [None] * count
@@ -205,7 +231,13 @@ class DistributedPipe(_Pipe):
         actions = _C._pipeline_schedule(self.schedule, self.world, self.stages_per_rank, count)[self.rank]
         works = [lambda m=m: work(m) for m in range(count)]
         with torch.enable_grad():
-            self._batch(lambda: self._run(actions, works, (parts, targets), losses, count, train=True))
+            self._batch(lambda: self._run(actions, works, (parts, targets), losses, count, train=True,
+                                          recorder=recorder))
+        if recorder is not None:
+            gathered: List = [None] * self.world
+            dist.all_gather_object(gathered, recorder.events, group=self.group)
+            self.module.last_timeline = Timeline([e for events in gathered for e in events], self.schedule,
+                                                 self.num_stages, count, "rank")
         loss = sum(loss.detach() for loss in losses) if last else None
         # The batch's loss on every rank, sent from the rank holding the last stage.
         buffer = loss.reshape(1).float() if loss is not None else torch.zeros(1, device=self.device)
@@ -225,7 +257,7 @@ class DistributedPipe(_Pipe):
             raise ValueError(f"pipeline: the ranks disagree before running the schedule ({described}); "
                              "expected every rank to call with the same options and the same batch shapes")
 
-    def _run(self, actions, works, inputs, losses, count, train):
+    def _run(self, actions, works, inputs, losses, count, train, recorder=None):
         if train:
             parts, targets = inputs
             shapes = f"inputs {shapes_of(parts[0])}, targets {shapes_of(targets[0])}"
@@ -240,9 +272,9 @@ class DistributedPipe(_Pipe):
         earlier = [param.grad for param in tied]
         for param in tied:
             param.grad = None
-        self.transport.begin()
+        self.transport.begin(recorder)
         step = RankStep(self, ThreadState(), lambda m: train and self._recompute(m, count))
-        micro_batches = step.run(actions, works, losses)
+        micro_batches = step.run(actions, works, losses, recorder)
         self.transport.finish()
         for (params, group) in self.ties if train else []:
             for param in params:
@@ -422,9 +454,13 @@ def plain_train_step(module: nn.Module) -> Callable:
     """``train_step`` of a split without micro-batches: one forward and backward, with the loss
     conventions of the pipelined one."""
 
-    def train_step(*args, target=None, loss_fn: Callable, normalizer=None, **kwargs) -> torch.Tensor:
+    def train_step(*args, target=None, loss_fn: Callable, normalizer=None, timeline: bool = False,
+                   **kwargs) -> torch.Tensor:
         if not callable(loss_fn):
             raise TypeError(f"pipeline: loss_fn = {loss_fn!r}; expected a callable (output, target) -> loss")
+        if _check_timeline_flag(timeline):
+            raise ValueError("split: train_step(..., timeline=True) records a pipeline's schedule, and this split "
+                             "runs no schedule (chunks=1); expected split(..., chunks=M) with M > 1")
         output = module(*args, **kwargs)
         found = tensors_in(output)
         if target is not None and found:
@@ -437,10 +473,18 @@ def plain_train_step(module: nn.Module) -> Callable:
 
 
 def install_pipe(module: nn.Module, pipe: _Pipe) -> None:
-    """The module's calls go through the pipeline from now on; ``train_step`` runs a schedule."""
+    """The module's calls go through the pipeline from now on; ``train_step`` runs a schedule.
+    ``module.last_timeline`` is the ``Timeline`` of the latest ``train_step(..., timeline=True)``."""
     module.forward = pipe.forward
     module.train_step = pipe.train_step
     module._torch_mp_pipe = pipe
+    module.last_timeline = None
+
+
+def _check_timeline_flag(timeline) -> bool:
+    if not isinstance(timeline, bool):
+        raise TypeError(f"pipeline: train_step(..., timeline={timeline!r}); expected True or False")
+    return timeline
 
 
 def layer_costs(module: nn.Module, layer_names: List[str], sample, group=None,
