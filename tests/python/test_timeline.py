@@ -4,6 +4,7 @@ valid PNG; in one process and on 2 Gloo ranks."""
 import copy
 import os
 import struct
+import subprocess
 import sys
 
 import pytest
@@ -185,6 +186,11 @@ def test_timeline_bad_input(tmp_path):
     unsplit = torch_mp.split(mlp(), ["cpu", "cpu"])
     with pytest.raises(ValueError, match="runs no schedule"):
         unsplit.train_step(inputs, target=target, loss_fn=F.mse_loss, timeline=True)
+
+
+def test_import_does_not_load_matplotlib():
+    code = "import sys, torch_mp; assert 'matplotlib' not in sys.modules, 'import torch_mp loaded matplotlib'"
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ})
 
 
 def test_timeline_summary_numbers():

@@ -59,7 +59,11 @@ class Timeline:
 
     Summary numbers (seconds): ``busy()`` per stage, ``waiting()`` per stage, ``idle()`` per lane,
     ``bubble`` (the share of lane-time not spent computing over the step's span, from the first
-    action's start to the last one's end).
+    action's start to the last one's end): the measured counterpart of the (p-1)/(M+p-1) of GPipe
+    (Huang et al., 2019) and of the pictures of schedules in the zero-bubble paper (Qi et al., 2023).
+
+    Made by ``train_step(..., timeline=True)`` of a pipelined ``split`` or of ``pipeline``, and
+    found at ``model.last_timeline`` (on every rank); drawn by ``torch_mp.plot_timeline``.
     """
     events: List[TimelineEvent]
     schedule: str
@@ -273,8 +277,7 @@ def plot_timeline(timeline: Timeline, path) -> None:
     if not timeline.events:
         raise ValueError("plot_timeline: the timeline has no events; expected a step's recorded actions")
     try:
-        from matplotlib.figure import Figure
-        from matplotlib.patches import Patch
+        import matplotlib  # noqa: F401 - only checked here; _draw imports what it uses
     except ImportError as error:
         raise ImportError("plot_timeline needs matplotlib: pip install matplotlib (or torch_mp[plot])") from error
     existed = os.path.exists(path)
@@ -284,15 +287,20 @@ def plot_timeline(timeline: Timeline, path) -> None:
     except OSError as error:  # before drawing: the same error class, naming the path
         raise type(error)(error.errno, f"plot_timeline: cannot write path = {path!r} ({error.strerror})") from error
     try:
-        _draw(timeline, path, Figure, Patch)
+        _draw(timeline, path)
     except BaseException:
         if not existed:
             os.remove(path)
         raise
 
 
-def _draw(timeline: Timeline, path: str, Figure, Patch) -> None:  # noqa: N803 - matplotlib's classes
+def _draw(timeline: Timeline, path: str) -> None:
+    from matplotlib.figure import Figure  # pyplot is not used: no global state, no GUI backend
+    from matplotlib.patches import Patch
+    from matplotlib.patheffects import withStroke
+
     colours = {"F": "#4c72b0", "B": "#55a868", "W": "#dd8452"}
+    outline = withStroke(linewidth=1.5, foreground="black")  # numbers readable over a hatched wait
     lanes = sorted({timeline.lane(e) for e in timeline.events})
     row = {lane: len(lanes) - 1 - i for i, lane in enumerate(lanes)}  # first lane at the top
     stages_of = {lane: sorted({e.stage for e in timeline.events if timeline.lane(e) == lane}) for lane in lanes}
@@ -310,7 +318,7 @@ def _draw(timeline: Timeline, path: str, Figure, Patch) -> None:  # noqa: N803 -
                              edgecolors="black", linewidth=0.5, alpha=alpha, zorder=2)
             if (e.end - e.start) > width / 400:
                 axes.text((e.start + e.end) / 2, y, str(e.micro_batch), ha="center", va="center", fontsize=7,
-                          color="white", zorder=4, clip_on=True)
+                          color="white", zorder=4, clip_on=True, path_effects=[outline])
         else:
             axes.broken_barh([(e.start, e.end - e.start)], (y - 0.25, 0.5), facecolors="#d0d0d0",
                              edgecolors="#606060", hatch="////", linewidth=0.3, zorder=3)
