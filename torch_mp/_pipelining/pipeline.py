@@ -212,7 +212,7 @@ class DistributedPipe(_Pipe):
         recorder = None
         if timeline:
             dist.barrier(group=self.group)
-            recorder = Recorder(self.rank, [self.device])
+            recorder = Recorder(self.rank, [self.device] * self.num_stages)
         sizes, parts = self._plan(args, kwargs)
         count = len(sizes)
         targets = cut_target(target, sizes, self.batch_dim) if target is not None else [None] * count

@@ -171,13 +171,14 @@ def action_kind(backward) -> str:
 
 class Recorder:
     """Collects one rank's (or one process's) events during a step. Times are seconds since the
-    recorder was made (the step's start); on CUDA the device is synchronized before each end is
-    stamped, so an action's time is its kernels' and not their launch's."""
+    recorder was made (the step's start). ``devices[stage]`` is each stage's device: on CUDA the
+    stage's device is synchronized before an action's end is stamped, so the action's time is its
+    kernels' and not their launch's, and around a receive, so its wait (NCCL's is the stream's) is
+    the device's. In one process, when a backward's gradients reach a stage is stamped by a
+    gradient hook, on the host."""
 
-    def __init__(self, rank: Optional[int] = None, devices=()):
-        self.rank = rank
-        cuda = sorted({d for d in devices if d.type == "cuda"}, key=str)
-        self._synchronize = (lambda: [torch.cuda.synchronize(d) for d in cuda]) if cuda else (lambda: None)
+    def __init__(self, rank: Optional[int], devices: List[torch.device]):
+        self.rank, self._devices = rank, devices
         self.events: List[TimelineEvent] = []
         self._started: Dict[Tuple[int, int], float] = {}  # one process: (stage, micro-batch) -> F start
         self._gradient_in: Dict[Tuple[int, int], float] = {}  # ... -> when stage's inputs got their gradients
@@ -187,15 +188,26 @@ class Recorder:
     def now(self) -> float:
         return time.perf_counter() - self._origin
 
+    def started(self) -> float:
+        """The time now, once the work queued on the devices is done."""
+        self._synchronize(None)
+        return self.now()
+
+    def _synchronize(self, stage: Optional[int]) -> None:
+        for device in set(self._devices if stage is None else [self._devices[stage]]):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
     def record(self, backward, stage: int, micro_batch: int, start: float) -> None:
         """An action of a schedule (``backward`` as in the action: F, B or W) ran from ``start`` to now."""
-        self._synchronize()
+        self._synchronize(stage)
         self.events.append(TimelineEvent(stage, self.rank, action_kind(backward), micro_batch, start, self.now()))
 
     def received(self, key, start: float) -> None:
         """The receive of message ``key`` (transport.Key) blocked from ``start`` to now."""
         kind, micro_batch, made_by, used_by, _ = key
         stage = used_by if kind == ACTIVATION else made_by
+        self._synchronize(stage)
         self.events.append(TimelineEvent(stage, self.rank, "recv-wait", micro_batch, start, self.now()))
 
     # --- one process: a micro-batch's thread enters and leaves stages; its backward is one call ---
@@ -230,7 +242,7 @@ class Recorder:
         def run(micro_batch: int, loss) -> None:
             start = self.now()
             backward(micro_batch, loss)
-            self._synchronize()
+            self._synchronize(None)
             end = self.now()
             for stage in reversed(range(num_stages)):
                 if (stage, micro_batch) not in self._started:

@@ -55,7 +55,7 @@ class GroupTransport:
     def recv(self, src: int, key: Key) -> torch.Tensor:
         """The tensor of message ``key`` from rank ``src``; an activation is a leaf that requires
         grad when the sender's tensor did."""
-        started = self.recorder.now() if self.recorder is not None else 0.0
+        started = self.recorder.started() if self.recorder is not None else 0.0
         while (src, key) not in self._inbox:
             doing = _receiving(key, src)
             header = torch.empty(_HEADER_SLOTS, dtype=torch.int64, device=self.device)
