@@ -13,6 +13,7 @@ from torch.nn import functional as F
 
 import torch_mp
 from torch_mp import _C
+from torch_mp._pipelining.timeline import Recorder
 from distributed import run_ranks
 from models import GPT, mlp
 
@@ -209,6 +210,15 @@ def test_timeline_summary_numbers():
     assert timeline.actions(1) == [("F", 0), ("B", 0), ("F", 1), ("W", 0), ("B", 1)]
 
 
+def test_recorder_names_the_kinds_of_actions():
+    """F and B from a schedule's (backward, stage, micro-batch); W from a kind 2 (zero-bubble)."""
+    recorder = Recorder(0, [torch.device("cpu")] * 2)
+    for kind in (False, True, 0, 1, 2, "W"):
+        recorder.record(kind, 1, 0, recorder.now())
+    assert [e.kind for e in recorder.events] == ["F", "B", "F", "B", "W", "W"]
+    assert all(e.rank == 0 and e.stage == 1 and e.start <= e.end for e in recorder.events)
+
+
 # --- two ranks --------------------------------------------------------------------------------
 
 def _ranks_timeline(rank, world, folder):
@@ -257,6 +267,19 @@ def _ranks_timeline(rank, world, folder):
             path = os.path.join(folder, f"{schedule}.png")
             torch_mp.plot_timeline(timeline, path)
             assert_png(path)
+
+
+def _disagreeing(rank, world):
+    torch.manual_seed(0)
+    model = torch_mp.pipeline(mlp(), chunks=2, timeout=20)
+    with pytest.raises(ValueError, match=r"ranks disagree before running the schedule \(timeline: rank 0 has "
+                                         r"True, rank 1 has False\)"):
+        model.train_step(torch.randn(4, 16), target=torch.randn(4, 8), loss_fn=F.mse_loss, timeline=rank == 0)
+    assert model.last_timeline is None
+
+
+def test_pipeline_ranks_that_disagree_on_timeline_fail_fast():
+    run_ranks(2, _disagreeing, timeout=120)
 
 
 def test_pipeline_timeline_on_two_ranks(tmp_path):

@@ -47,6 +47,7 @@ class _Pipe:
 
     def __init__(self, module: nn.Module, stage_of: Dict[str, int], num_stages: int, chunks: int,
                  schedule: str, checkpoint: str, batch_dim: int, chunk_spec: ChunkSpec, output_merge: OutputMerge):
+        module.last_timeline = None  # the Timeline of the latest train_step(..., timeline=True)
         self.module, self.stage_of, self.num_stages = module, stage_of, num_stages
         self.chunks, self.schedule, self.checkpoint, self.batch_dim = chunks, schedule, checkpoint, batch_dim
         self.chunk_spec = check_chunk_spec(chunk_spec)
@@ -205,14 +206,11 @@ class DistributedPipe(_Pipe):
         every rank's records are gathered to every rank (one all-gather of objects after the step)
         and ``module.last_timeline`` is set on every rank; each rank's times count from a barrier
         that starts the step on all of them, so no clock is assumed shared beyond the barrier's
-        exit (its skew, tens of microseconds on one machine, is the picture's error)."""
+        exit (its skew, tens of microseconds on one machine, is the picture's error). Every rank
+        must pass the same ``timeline`` (checked with the other options)."""
         if not callable(loss_fn):
             raise TypeError(f"pipeline: loss_fn = {loss_fn!r}; expected a callable (output, target) -> loss")
         _check_timeline_flag(timeline)
-        recorder = None
-        if timeline:
-            dist.barrier(group=self.group)
-            recorder = Recorder(self.rank, [self.device] * self.num_stages)
         sizes, parts = self._plan(args, kwargs)
         count = len(sizes)
         targets = cut_target(target, sizes, self.batch_dim) if target is not None else [None] * count
@@ -232,22 +230,17 @@ class DistributedPipe(_Pipe):
         works = [lambda m=m: work(m) for m in range(count)]
         with torch.enable_grad():
             self._batch(lambda: self._run(actions, works, (parts, targets), losses, count, train=True,
-                                          recorder=recorder))
-        if recorder is not None:
-            gathered: List = [None] * self.world
-            dist.all_gather_object(gathered, recorder.events, group=self.group)
-            self.module.last_timeline = Timeline([e for events in gathered for e in events], self.schedule,
-                                                 self.num_stages, count, "rank")
+                                          timeline=timeline))
         loss = sum(loss.detach() for loss in losses) if last else None
         # The batch's loss on every rank, sent from the rank holding the last stage.
         buffer = loss.reshape(1).float() if loss is not None else torch.zeros(1, device=self.device)
         return all_reduce_sum(buffer, self.group, "torch_mp.pipeline")[0]
 
-    def _check_agreement(self, signature: int, shapes: str) -> None:
+    def _check_agreement(self, signature: int, shapes: str, timeline: bool) -> None:
         """Every rank runs the same schedule on the same shapes, or none runs anything."""
-        fields = ["schedule", "stages", "stages_per_rank", "chunks", "input shapes", "stage plan"]
+        fields = ["schedule", "stages", "stages_per_rank", "chunks", "input shapes", "stage plan", "timeline"]
         mine = [SCHEDULES.index(self.schedule), self.num_stages, self.stages_per_rank, self.chunks, signature,
-                self.plan_checksum]
+                self.plan_checksum, int(timeline)]
         rows = all_gather_rows(torch.tensor(mine, dtype=torch.int64, device=self.device), self.group,
                                "torch_mp.pipeline").tolist()
         differ = [(field, [row[i] for row in rows]) for i, field in enumerate(fields)
@@ -257,7 +250,7 @@ class DistributedPipe(_Pipe):
             raise ValueError(f"pipeline: the ranks disagree before running the schedule ({described}); "
                              "expected every rank to call with the same options and the same batch shapes")
 
-    def _run(self, actions, works, inputs, losses, count, train, recorder=None):
+    def _run(self, actions, works, inputs, losses, count, train, timeline=False):
         if train:
             parts, targets = inputs
             shapes = f"inputs {shapes_of(parts[0])}, targets {shapes_of(targets[0])}"
@@ -265,7 +258,11 @@ class DistributedPipe(_Pipe):
         else:
             shapes = f"inputs {shapes_of(inputs[0])}"
             signature = zlib.crc32(repr((shapes_of(inputs), False)).encode())
-        self._check_agreement(signature, shapes)
+        self._check_agreement(signature, shapes, timeline)
+        recorder = None
+        if timeline:  # every rank's times count from the barrier's exit
+            dist.barrier(group=self.group)
+            recorder = Recorder(self.rank, [self.device] * self.num_stages)
         # Tied parameters sum this step's gradients across their ranks; what earlier steps left in
         # .grad (gradient accumulation) was summed already and is set aside meanwhile.
         tied = [param for params, _ in self.ties for param in params] if train else []
@@ -283,6 +280,11 @@ class DistributedPipe(_Pipe):
         for param, grad in zip(tied, earlier):
             if grad is not None:
                 param.grad = grad + param.grad
+        if recorder is not None:
+            gathered: List = [None] * self.world
+            dist.all_gather_object(gathered, recorder.events, group=self.group)
+            self.module.last_timeline = Timeline([e for events in gathered for e in events], self.schedule,
+                                                 self.num_stages, count, "rank")
         return micro_batches
 
 
@@ -295,6 +297,8 @@ def _describe(field: str, values: List[int], shapes: str, rank: int) -> str:
                 f"micro-batch has {shapes}")
     if field == "schedule":
         values = [SCHEDULES[v] for v in values]
+    if field == "timeline":
+        values = [bool(v) for v in values]
     return ", ".join(f"rank {r} has {value}" for r, value in enumerate(values))
 
 
@@ -473,12 +477,10 @@ def plain_train_step(module: nn.Module) -> Callable:
 
 
 def install_pipe(module: nn.Module, pipe: _Pipe) -> None:
-    """The module's calls go through the pipeline from now on; ``train_step`` runs a schedule.
-    ``module.last_timeline`` is the ``Timeline`` of the latest ``train_step(..., timeline=True)``."""
+    """The module's calls go through the pipeline from now on; ``train_step`` runs a schedule."""
     module.forward = pipe.forward
     module.train_step = pipe.train_step
     module._torch_mp_pipe = pipe
-    module.last_timeline = None
 
 
 def _check_timeline_flag(timeline) -> bool:
