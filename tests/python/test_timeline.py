@@ -9,6 +9,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.nn import functional as F
 
 import torch_mp
@@ -67,15 +69,15 @@ def assert_summary_adds_up(timeline) -> None:
 
 # --- one process ------------------------------------------------------------------------------
 
-def _local_step(make, inputs, target, loss_fn, schedule, chunks, timeline):
-    model = torch_mp.split(make(), ["cpu", "cpu", "cpu"], chunks=chunks, schedule=schedule)
+def _local_step(make, inputs, target, loss_fn, schedule, chunks, checkpoint, timeline):
+    model = torch_mp.split(make(), ["cpu", "cpu", "cpu"], chunks=chunks, schedule=schedule, checkpoint=checkpoint)
     loss = model.train_step(inputs, target=target, loss_fn=loss_fn, timeline=timeline)
     return model, loss, {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
-@pytest.mark.parametrize("case", ["mlp", "gpt"])
-def test_split_timeline_records_every_action_in_schedule_order(case, schedule, tmp_path):
+@pytest.mark.parametrize("case, checkpoint", [("mlp", "never"), ("mlp", "always"), ("gpt", "except_last")])
+def test_split_timeline_records_every_action_in_schedule_order(case, checkpoint, schedule, tmp_path):
     torch.manual_seed(0)
     if case == "mlp":
         dense, inputs, target, loss_fn = mlp((16, 32, 32, 32, 32, 32, 8)), torch.randn(10, 16), torch.randn(10, 8), \
@@ -85,9 +87,10 @@ def test_split_timeline_records_every_action_in_schedule_order(case, schedule, t
             gpt_loss
     chunks, stages = 5, 3
     plain, plain_loss, plain_grads = _local_step(lambda: copy.deepcopy(dense), inputs, target, loss_fn, schedule,
-                                                 chunks, False)
+                                                 chunks, checkpoint, False)
     assert plain.last_timeline is None
-    model, loss, grads = _local_step(lambda: copy.deepcopy(dense), inputs, target, loss_fn, schedule, chunks, True)
+    model, loss, grads = _local_step(lambda: copy.deepcopy(dense), inputs, target, loss_fn, schedule, chunks,
+                                     checkpoint, True)
     assert torch.equal(loss, plain_loss)
     for name, grad in plain_grads.items():
         assert torch.equal(grads[name], grad), name
@@ -208,6 +211,39 @@ def test_timeline_summary_numbers():
     assert timeline.idle() == {0: 3.0, 1: 2.0}
     assert timeline.bubble == pytest.approx(5.0 / 14.0)
     assert timeline.actions(1) == [("F", 0), ("B", 0), ("F", 1), ("W", 0), ("B", 1)]
+
+
+_interval = st.tuples(st.integers(0, 40), st.integers(0, 8)).map(lambda t: (t[0], t[0] + t[1]))
+_event = st.tuples(st.integers(0, 3), st.sampled_from(["F", "B", "W", "recv-wait"]), _interval)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_event, min_size=1, max_size=12), st.sampled_from(["stage", "rank"]))
+def test_timeline_summary_counts_time_cells(drawn, lanes):
+    """busy, waiting, idle and the bubble against counting the unit time cells each interval
+    covers (integer times), for overlapping actions and waits; stage s on rank s % 2."""
+    events = [torch_mp.TimelineEvent(stage, stage % 2, kind, 0, float(a), float(b)) for stage, kind, (a, b) in drawn]
+    timeline = torch_mp.Timeline(events, "1f1b", 4, 1, lanes=lanes)
+    first, last = int(min(a for _, _, (a, _) in drawn)), int(max(b for _, _, (_, b) in drawn))
+
+    def cells(keep, kinds):
+        return {t for stage, kind, (a, b) in drawn if keep(stage) and kind in kinds for t in range(a, b)}
+
+    def lane_of(stage):
+        return stage % 2 if lanes == "rank" else stage
+
+    for stage in range(4):
+        waits = cells(lambda s: lane_of(s) == lane_of(stage), ["recv-wait"])
+        assert timeline.busy()[stage] == len(cells(lambda s: s == stage, "FBW") - waits)
+        assert timeline.waiting()[stage] == len(cells(lambda s: s == stage, ["recv-wait"]))
+    idle = {}
+    for lane in {lane_of(stage) for stage, _, _ in drawn}:
+        working = cells(lambda s: lane_of(s) == lane, "FBW") - cells(lambda s: lane_of(s) == lane, ["recv-wait"])
+        idle[lane] = (last - first) - len(working)
+    assert timeline.idle() == idle
+    expected = sum(idle.values()) / (len(idle) * (last - first)) if last > first else 0.0
+    assert timeline.bubble == pytest.approx(expected)
+    assert 0.0 <= timeline.bubble <= 1.0
 
 
 def test_recorder_names_the_kinds_of_actions():
