@@ -17,7 +17,6 @@ from torch_mp._tensors import tensors_in
 
 COMPUTE = ("F", "B", "W")
 WAITS = ("recv-wait",)
-KINDS = COMPUTE + WAITS
 LANES = ("stage", "rank")
 
 
