@@ -1,6 +1,6 @@
 """torch_mp pipelines on this machine's CPU cores, measured in one run.
 
-    python bench/bench_pipeline.py [--steps 5] [--chunks 1 4 8 16]
+    python bench/bench_pipeline.py [--steps 5] [--chunks 1 4 8 16] [--timeline DIR]
 
 A 2-stage pipeline over 2 processes (Gloo, one thread each) against one process with one thread,
 same model (an MLP of 8 linear layers) and batch: the training-step speedup at each chunk count M
@@ -8,6 +8,9 @@ next to the bound 2M/(M+1), and next to the same bound with the stages' compute 
 the batch into M micro-batches makes it on this CPU ("cut bound"); the same pipeline under torch.distributed.pipelining's ScheduleGPipe and
 Schedule1F1B (step-time ratio ours / theirs); and the bubble, measured as 1 - speedup / 2 (what the
 two ranks lose against a perfect split, communication included) next to (p-1)/(M+p-1).
+
+``--timeline DIR`` records one more step of each torch_mp schedule and chunk count after the timed
+ones and draws it (``torch_mp.plot_timeline``) as DIR/<schedule>_M<chunks>.png.
 
 With a GPU (``--gpu``): the single-process split of a GPT across ["cuda:0", "cpu"] with chunks 1
 and 8, tokens per second of each.
@@ -100,10 +103,18 @@ def _torch_mp(schedule_name: str, chunks: int, rank: int, world: int):
         model.train_step(inputs, target=target, loss_fn=F.mse_loss)
         model.zero_grad(set_to_none=True)
 
+    def draw(path: str) -> None:
+        model.train_step(inputs, target=target, loss_fn=F.mse_loss, timeline=True)
+        model.zero_grad(set_to_none=True)
+        if rank == 0:
+            torch_mp.plot_timeline(model.last_timeline, path)
+            print(f"{path}: measured bubble {model.last_timeline.bubble:.1%}", flush=True)
+
+    step.draw = draw
     return step
 
 
-def _rank(rank: int, world: int, store_path: str, chunk_counts, steps: int, results) -> None:
+def _rank(rank: int, world: int, store_path: str, chunk_counts, steps: int, results, timeline_dir=None) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=300))
@@ -120,6 +131,8 @@ def _rank(rank: int, world: int, store_path: str, chunk_counts, steps: int, resu
                             dist.barrier()
 
                         seconds = timed(synchronized, steps)
+                        if timeline_dir is not None and library == "torch_mp":
+                            step.draw(os.path.join(timeline_dir, f"{schedule_name}_M{chunks}.png"))
                     except Exception as error:  # the reference may refuse a configuration
                         seconds = f"{type(error).__name__}: {str(error).splitlines()[0][:60]}"
                         dist.barrier()
@@ -159,7 +172,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--chunks", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--gpu", action="store_true", help="also time the split GPT across cuda:0 and cpu")
+    parser.add_argument("--timeline", metavar="DIR", help="draw one recorded step per torch_mp schedule into DIR")
     args = parser.parse_args()
+    if args.timeline is not None:
+        os.makedirs(args.timeline, exist_ok=True)
 
     reference = dense_step_time(args.steps)
     micro_batched = {chunks: dense_step_time(args.steps, chunks) for chunks in args.chunks}
@@ -168,7 +184,8 @@ def main() -> None:
           + ", ".join(f"M={m} {t * 1e3:.1f} ms" for m, t in micro_batched.items()) + "\n")
     with tempfile.TemporaryDirectory() as folder, mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_rank, args=(2, os.path.join(folder, "store"), args.chunks, args.steps, results), nprocs=2)
+        mp.spawn(_rank, args=(2, os.path.join(folder, "store"), args.chunks, args.steps, results, args.timeline),
+                 nprocs=2)
         results = dict(results)
 
     # bound: 2M/(M+1); cut bound: the same with the stages' compute as slow as micro-batching makes it.

@@ -26,6 +26,7 @@ from torch_mp._ops import (
 from torch_mp._checkpoint.checkpoint import load, save
 from torch_mp._mesh import init_mesh
 from torch_mp._pipelining.pipeline import pipeline
+from torch_mp._pipelining.timeline import Timeline, TimelineEvent, plot_timeline
 from torch_mp._report import memory_report
 from torch_mp._split import split
 from torch_mp._checkpoint.state_dict import full_state_dict, init_empty_weights, load_full_state_dict
@@ -40,6 +41,8 @@ cmake_prefix_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sh
 __all__ = [
     "CollectiveError",
     "all_gather_matmul",
+    "Timeline",
+    "TimelineEvent",
     "all_to_all",
     "cmake_prefix_path",
     "column_parallel_linear",
@@ -61,6 +64,7 @@ __all__ = [
     "scatter_to_tp",
     "split",
     "pipeline",
+    "plot_timeline",
     "tensor_parallel",
     "to_device",
 ]

@@ -301,18 +301,22 @@ class RankStep:
         return zero_bubble.deferring(self.first_slot + stage * self.count + microbatch)
 
     def run(self, actions: List[Action], works: List[Callable[[], object]],
-            losses: Optional[List[torch.Tensor]] = None) -> List[MicroBatch]:
+            losses: Optional[List[torch.Tensor]] = None, recorder=None) -> List[MicroBatch]:
         """Runs ``actions``; ``works[m]()`` is micro-batch m's forward (returning its loss on the
-        last stage when ``losses`` is wanted, weighted in ``losses[m]`` by the caller)."""
+        last stage when ``losses`` is wanted, weighted in ``losses[m]`` by the caller). A
+        ``timeline.Recorder`` given records each action's start and end."""
         micro_batches = [MicroBatch(self, m, work) for m, work in enumerate(works)]
         try:
             for kind, stage, m in actions:
+                started = recorder.now() if recorder is not None else 0.0
                 if kind == zero_bubble.WEIGHT:
                     zero_bubble.run_weight_gradients(self.first_slot + stage * self.count + m)
                 elif kind:
                     self._backward(stage, micro_batches[m], losses)
                 else:
                     micro_batches[m].resume(stage)
+                if recorder is not None:
+                    recorder.record(backward, stage, m, started)
         finally:
             for micro_batch in micro_batches:
                 micro_batch.abort()

@@ -64,9 +64,9 @@ class MicroBatch:
     """One micro-batch's forward in its thread: which stages it has entered and left."""
 
     def __init__(self, pipe, gate: StageGate, index: int, num_stages: int, recompute: bool,
-                 first_slot: Optional[int], count: int):
+                 first_slot: Optional[int], count: int, recorder=None):
         self.pipe, self.gate, self.index, self.num_stages = pipe, gate, index, num_stages
-        self.recompute = recompute
+        self.recompute, self.recorder = recompute, recorder
         # Zero-bubble schedules: slot(stage, m) = first_slot + stage * count + m (``zero_bubble``).
         self.first_slot, self.count = first_slot, count
         self.depth = 0  # placed modules under way: those they call run as part of them
@@ -84,6 +84,8 @@ class MicroBatch:
     def leave(self, stages) -> None:
         finished = [s for s in stages if s not in self.left]
         if finished:
+            if self.recorder is not None:
+                self.recorder.left(finished, self.index)
             self.left.update(finished)
             self.gate.finish([(False, s, self.index) for s in finished])
 
@@ -99,6 +101,8 @@ def gated_forward(pipe, original: Callable, stage: int, device: torch.device, mo
         if micro_batch is None or micro_batch.pipe is not pipe or micro_batch.depth:
             return original(*args, **kwargs)  # outside a pipelined call, or inside a placed module's
         micro_batch.enter(stage)
+        if micro_batch.recorder is not None:
+            micro_batch.recorder.entered(stage, micro_batch.index, (args, kwargs))
         micro_batch.depth += 1
         try:
             if micro_batch.first_slot is not None:
@@ -181,14 +185,15 @@ class ThreadState:
 
 def run_micro_batches(pipe, schedule: List[List[Action]], count: int, work: Callable[[int], object],
                       backward: Optional[Callable[[int, object], None]], recompute: Callable[[int], bool],
-                      first_slot: Optional[int] = None) -> List:
+                      first_slot: Optional[int] = None, recorder=None) -> List:
     """Runs ``work(m)`` (a micro-batch's forward, in the caller's thread-local state) for every
     micro-batch in a thread of its own, stages gated by ``schedule`` (one list per stage, or per
     rank of the schedule where a rank holds several); then, when given, ``backward(m, result)``
     at the turn of the micro-batch's backward on the last stage; and, under a zero-bubble
     schedule (``first_slot``: see ``MicroBatch``), each W at its turn. Returns the results in
     micro-batch order; the first error raised stops every other micro-batch at its next stage and
-    is raised here."""
+    is raised here. A ``timeline.Recorder`` given records when each micro-batch's forward entered
+    and left each stage, and each W."""
     gate = StageGate(schedule)
     num_stages = pipe.num_stages
     state = ThreadState()
@@ -197,7 +202,7 @@ def run_micro_batches(pipe, schedule: List[List[Action]], count: int, work: Call
     grads = threading.Lock() if first_slot is not None else contextlib.nullcontext()
 
     def run(m: int) -> None:
-        micro_batch = MicroBatch(pipe, gate, m, num_stages, recompute(m), first_slot, count)
+        micro_batch = MicroBatch(pipe, gate, m, num_stages, recompute(m), first_slot, count, recorder)
         try:
             with contextlib.ExitStack() as stack:
                 state.enter(stack)
@@ -221,8 +226,11 @@ def run_micro_batches(pipe, schedule: List[List[Action]], count: int, work: Call
         try:
             for action in actions:
                 gate.wait(action)
+                started = recorder.now() if recorder is not None else 0.0
                 with grads:
                     zero_bubble.run_weight_gradients(first_slot + action[1] * count + action[2])
+                if recorder is not None:
+                    recorder.record(action[0], action[1], action[2], started)
                 gate.finish([action])
         except BaseException as error:  # noqa: B036
             errors.append(error)

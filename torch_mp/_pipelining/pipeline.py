@@ -23,6 +23,7 @@ from torch_mp._pipelining.local import ThreadState, gated_forward, run_micro_bat
 from torch_mp._pipelining.microbatch import (BatchPlan, ChunkSpec, OutputMerge, check_chunk_spec, check_loss,
                                              check_output_merge, cut_target, loss_weights, merge_outputs,
                                              micro_batch_sizes, shapes_of, write_back)
+from torch_mp._pipelining.timeline import Recorder, Timeline
 from torch_mp._pipelining.transport import GroupTransport
 from torch_mp._pipelining.zero_bubble import ZERO_BUBBLE, allocate_slots, defer_linears
 from torch_mp._tensors import map_tensors, move_tensors, mover, tensors_in
@@ -47,6 +48,7 @@ class _Pipe:
 
     def __init__(self, module: nn.Module, stage_of: Dict[str, int], num_stages: int, chunks: int,
                  schedule: str, checkpoint: str, batch_dim: int, chunk_spec: ChunkSpec, output_merge: OutputMerge):
+        module.last_timeline = None  # the Timeline of the latest train_step(..., timeline=True)
         self.module, self.stage_of, self.num_stages = module, stage_of, num_stages
         self.chunks, self.schedule, self.checkpoint, self.batch_dim = chunks, schedule, checkpoint, batch_dim
         self.chunk_spec = check_chunk_spec(chunk_spec)
@@ -108,16 +110,21 @@ class LocalPipe(_Pipe):
         self._write_back(args, kwargs, parts, sizes)
         return move_tensors(merge_outputs(outputs, sizes, self.batch_dim, self.output_merge), self._to_output)
 
-    def train_step(self, *args, target=None, loss_fn: Callable, normalizer=None, **kwargs) -> torch.Tensor:
+    def train_step(self, *args, target=None, loss_fn: Callable, normalizer=None, timeline: bool = False,
+                   **kwargs) -> torch.Tensor:
         """One training step over the batch: forward and backward of every micro-batch in the
         schedule's order, gradients accumulated in ``.grad`` as one backward of the whole batch
         would. ``loss_fn(output, target)`` returns a micro-batch's mean loss (weighted by the
         micro-batch sizes), or, with ``normalizer`` (a number, or a callable of the whole batch's
         target: e.g. its count of tokens that are not ``ignore_index``), a micro-batch's summed
         loss, every one divided by the normalizer. Returns the batch's loss, detached. The
-        optimizer step is the caller's."""
+        optimizer step is the caller's. With ``timeline=True`` the step also records when each
+        stage ran each action and sets ``module.last_timeline`` (a ``torch_mp.Timeline``; draw it
+        with ``torch_mp.plot_timeline``); the numbers are the same either way."""
         if not callable(loss_fn):
             raise TypeError(f"pipeline: loss_fn = {loss_fn!r}; expected a callable (output, target) -> loss")
+        _check_timeline_flag(timeline)
+        recorder = Recorder(None, self.devices) if timeline else None
         sizes, parts = self._plan(args, kwargs)
         count = len(sizes)
         targets = cut_target(target, sizes, self.batch_dim) if target is not None else [None] * count
@@ -133,10 +140,20 @@ class LocalPipe(_Pipe):
             device = found[0].device if found else self.output_device
             return check_loss(loss_fn(output, map_tensors(targets[m], lambda t: t.to(device))))
 
-        losses = self._batch(lambda: run_micro_batches(
-            self, schedule, count, forward, lambda m, loss: (loss * weights[m]).backward(),
-            lambda m: self._recompute(m, count), first_slot))
+        def backward(m: int, loss: torch.Tensor) -> None:
+            (loss * weights[m]).backward()
+
+        try:
+            losses = self._batch(lambda: run_micro_batches(
+                self, schedule, count, forward,
+                backward if recorder is None else recorder.timed_backward(backward, self.num_stages),
+                lambda m: self._recompute(m, count), first_slot, recorder))
+        finally:
+            if recorder is not None:
+                recorder.close()
         self._write_back(args, kwargs, parts, sizes)
+        if recorder is not None:
+            self.module.last_timeline = Timeline(recorder.events, self.schedule, self.num_stages, count, "stage")
         return sum(loss.detach() * weight for loss, weight in zip(losses, weights))
 
 
@@ -193,10 +210,17 @@ class DistributedPipe(_Pipe):
                     "inputs, parameters or stages' outputs")
         return output
 
-    def train_step(self, *args, target=None, loss_fn: Callable, normalizer=None, **kwargs) -> torch.Tensor:
-        """As ``LocalPipe.train_step``; the loss is returned on every rank."""
+    def train_step(self, *args, target=None, loss_fn: Callable, normalizer=None, timeline: bool = False,
+                   **kwargs) -> torch.Tensor:
+        """As ``LocalPipe.train_step``; the loss is returned on every rank. With ``timeline=True``
+        every rank's records are gathered to every rank (one all-gather of objects after the step)
+        and ``module.last_timeline`` is set on every rank; each rank's times count from a barrier
+        that starts the step on all of them, so no clock is assumed shared beyond the barrier's
+        exit (its skew, tens of microseconds on one machine, is the picture's error). Every rank
+        must pass the same ``timeline`` (checked with the other options)."""
         if not callable(loss_fn):
             raise TypeError(f"pipeline: loss_fn = {loss_fn!r}; expected a callable (output, target) -> loss")
+        _check_timeline_flag(timeline)
         sizes, parts = self._plan(args, kwargs)
         count = len(sizes)
         targets = cut_target(target, sizes, self.batch_dim) if target is not None else [None] * count
@@ -215,17 +239,18 @@ class DistributedPipe(_Pipe):
         actions = _C._pipeline_schedule(self.schedule, self.world, self.stages_per_rank, count)[self.rank]
         works = [lambda m=m: work(m) for m in range(count)]
         with torch.enable_grad():
-            self._batch(lambda: self._run(actions, works, (parts, targets), losses, count, train=True))
+            self._batch(lambda: self._run(actions, works, (parts, targets), losses, count, train=True,
+                                          timeline=timeline))
         loss = sum(loss.detach() for loss in losses) if last else None
         # The batch's loss on every rank, sent from the rank holding the last stage.
         buffer = loss.reshape(1).float() if loss is not None else torch.zeros(1, device=self.device)
         return all_reduce_sum(buffer, self.group, "torch_mp.pipeline")[0]
 
-    def _check_agreement(self, signature: int, shapes: str) -> None:
+    def _check_agreement(self, signature: int, shapes: str, timeline: bool) -> None:
         """Every rank runs the same schedule on the same shapes, or none runs anything."""
-        fields = ["schedule", "stages", "stages_per_rank", "chunks", "input shapes", "stage plan"]
+        fields = ["schedule", "stages", "stages_per_rank", "chunks", "input shapes", "stage plan", "timeline"]
         mine = [SCHEDULES.index(self.schedule), self.num_stages, self.stages_per_rank, self.chunks, signature,
-                self.plan_checksum]
+                self.plan_checksum, int(timeline)]
         rows = all_gather_rows(torch.tensor(mine, dtype=torch.int64, device=self.device), self.group,
                                "torch_mp.pipeline").tolist()
         differ = [(field, [row[i] for row in rows]) for i, field in enumerate(fields)
@@ -235,7 +260,7 @@ class DistributedPipe(_Pipe):
             raise ValueError(f"pipeline: the ranks disagree before running the schedule ({described}); "
                              "expected every rank to call with the same options and the same batch shapes")
 
-    def _run(self, actions, works, inputs, losses, count, train):
+    def _run(self, actions, works, inputs, losses, count, train, timeline=False):
         if train:
             parts, targets = inputs
             shapes = f"inputs {shapes_of(parts[0])}, targets {shapes_of(targets[0])}"
@@ -243,18 +268,22 @@ class DistributedPipe(_Pipe):
         else:
             shapes = f"inputs {shapes_of(inputs[0])}"
             signature = zlib.crc32(repr((shapes_of(inputs), False)).encode())
-        self._check_agreement(signature, shapes)
+        self._check_agreement(signature, shapes, timeline)
+        recorder = None
+        if timeline:  # every rank's times count from the barrier's exit
+            dist.barrier(group=self.group)
+            recorder = Recorder(self.rank, [self.device] * self.num_stages)
         # Tied parameters sum this step's gradients across their ranks; what earlier steps left in
         # .grad (gradient accumulation) was summed already and is set aside meanwhile.
         tied = [param for params, _ in self.ties for param in params] if train else []
         earlier = [param.grad for param in tied]
         for param in tied:
             param.grad = None
-        self.transport.begin()
+        self.transport.begin(recorder)
         step = RankStep(self, ThreadState(), lambda m: train and self._recompute(m, count))
         if train and self.schedule in ZERO_BUBBLE:
             step.first_slot, step.count = allocate_slots(self.num_stages * count), count
-        micro_batches = step.run(actions, works, losses)
+        micro_batches = step.run(actions, works, losses, recorder)
         self.transport.finish()
         for (params, group) in self.ties if train else []:
             for param in params:
@@ -263,6 +292,11 @@ class DistributedPipe(_Pipe):
         for param, grad in zip(tied, earlier):
             if grad is not None:
                 param.grad = grad + param.grad
+        if recorder is not None:
+            gathered: List = [None] * self.world
+            dist.all_gather_object(gathered, recorder.events, group=self.group)
+            self.module.last_timeline = Timeline([e for events in gathered for e in events], self.schedule,
+                                                 self.num_stages, count, "rank")
         return micro_batches
 
 
@@ -275,6 +309,8 @@ def _describe(field: str, values: List[int], shapes: str, rank: int) -> str:
                 f"micro-batch has {shapes}")
     if field == "schedule":
         values = [SCHEDULES[v] for v in values]
+    if field == "timeline":
+        values = [bool(v) for v in values]
     return ", ".join(f"rank {r} has {value}" for r, value in enumerate(values))
 
 
@@ -441,9 +477,13 @@ def plain_train_step(module: nn.Module) -> Callable:
     """``train_step`` of a split without micro-batches: one forward and backward, with the loss
     conventions of the pipelined one."""
 
-    def train_step(*args, target=None, loss_fn: Callable, normalizer=None, **kwargs) -> torch.Tensor:
+    def train_step(*args, target=None, loss_fn: Callable, normalizer=None, timeline: bool = False,
+                   **kwargs) -> torch.Tensor:
         if not callable(loss_fn):
             raise TypeError(f"pipeline: loss_fn = {loss_fn!r}; expected a callable (output, target) -> loss")
+        if _check_timeline_flag(timeline):
+            raise ValueError("split: train_step(..., timeline=True) records a pipeline's schedule, and this split "
+                             "runs no schedule (chunks=1); expected split(..., chunks=M) with M > 1")
         output = module(*args, **kwargs)
         found = tensors_in(output)
         if target is not None and found:
@@ -460,6 +500,12 @@ def install_pipe(module: nn.Module, pipe: _Pipe) -> None:
     module.forward = pipe.forward
     module.train_step = pipe.train_step
     module._torch_mp_pipe = pipe
+
+
+def _check_timeline_flag(timeline) -> bool:
+    if not isinstance(timeline, bool):
+        raise TypeError(f"pipeline: train_step(..., timeline={timeline!r}); expected True or False")
+    return timeline
 
 
 def layer_costs(module: nn.Module, layer_names: List[str], sample, group=None,

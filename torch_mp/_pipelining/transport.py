@@ -32,8 +32,9 @@ class GroupTransport:
         self.group_name, self.group_size = info.name, info.size
         self.device, self.timeout = device, timeout
 
-    def begin(self) -> None:
-        """Starts a step."""
+    def begin(self, recorder=None) -> None:
+        """Starts a step; a ``timeline.Recorder`` given records each receive's wait."""
+        self.recorder = recorder
         self._inbox: Dict[Tuple[int, Key], torch.Tensor] = {}
         self._pending: List = []
         self._sequence_out: Dict[int, int] = {}
@@ -54,6 +55,7 @@ class GroupTransport:
     def recv(self, src: int, key: Key) -> torch.Tensor:
         """The tensor of message ``key`` from rank ``src``; an activation is a leaf that requires
         grad when the sender's tensor did."""
+        started = self.recorder.started() if self.recorder is not None else 0.0
         while (src, key) not in self._inbox:
             doing = _receiving(key, src)
             header = torch.empty(_HEADER_SLOTS, dtype=torch.int64, device=self.device)
@@ -62,6 +64,8 @@ class GroupTransport:
             buffer = torch.empty(shape, dtype=dtype, device=self.device)
             self._wait(self._irecv(buffer, src), doing)
             self._inbox[(src, got)] = buffer.requires_grad_(requires_grad and got[0] == ACTIVATION)
+        if self.recorder is not None:
+            self.recorder.received(key, started)
         return self._inbox.pop((src, key))
 
     def _irecv(self, buffer: torch.Tensor, src: int):
