@@ -175,5 +175,5 @@ def _remove_split_hooks(module: nn.Module) -> None:
         for submodule in module.modules():
             if getattr(submodule.__dict__.get("forward"), "_torch_mp_gated", False):
                 del submodule.forward
-        for name in ("forward", "_torch_mp_pipe"):
+        for name in ("forward", "compile", "_torch_mp_pipe"):
             module.__dict__.pop(name, None)

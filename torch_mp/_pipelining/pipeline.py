@@ -16,6 +16,7 @@ from torch_mp._devices import check_device
 from torch_mp._group import GroupLike, all_gather_rows, all_reduce_sum, process_group_of, resolve_group
 from torch_mp._layers import check_layers, find_layers
 from torch_mp._pipelining.batch_norm import defer_batch_norms
+from torch_mp._pipelining.compiled import StageCompilation, install_entries
 from torch_mp._pipelining.cut import UNLIMITED, Balance, balanced_device_map
 from torch_mp._pipelining.engine import CHECKPOINTS, RankStep, placed_forward
 from torch_mp._pipelining.engine import current as current_micro_batch
@@ -51,6 +52,7 @@ class _Pipe:
         self.chunk_spec = check_chunk_spec(chunk_spec)
         self.output_merge = check_output_merge(output_merge)
         self.batch_norms = defer_batch_norms(module)
+        self.compilation = StageCompilation()
 
     def _plan(self, args, kwargs):
         """The micro-batches of a call: their sizes and their (args, kwargs)."""
@@ -86,7 +88,7 @@ class LocalPipe(_Pipe):
         repeated = {device for device in devices if devices.count(device) > 1}
         for name, device in self.module.device_map.items():
             submodule = self.module.get_submodule(name)
-            forward = gated_forward(self, submodule.forward, self.stage_of[name], device,
+            forward = gated_forward(self, self.compilation.stage(submodule.forward), self.stage_of[name], device,
                                     mover(device, device in repeated), submodule)
             forward._torch_mp_gated = True
             submodule.forward = forward
@@ -151,7 +153,8 @@ class DistributedPipe(_Pipe):
         for name, stage in self.stage_of.items():
             if name:
                 submodule = self.module.get_submodule(name)
-                submodule.forward = placed_forward(self, submodule.forward, stage, submodule)
+                own = self.compilation.stage(submodule.forward, self.rank_of(stage) == self.rank)
+                submodule.forward = placed_forward(self, own, stage, submodule)
 
     def rank_of(self, stage: int) -> int:
         return stage % self.world
@@ -437,10 +440,10 @@ def plain_train_step(module: nn.Module) -> Callable:
 
 
 def install_pipe(module: nn.Module, pipe: _Pipe) -> None:
-    """The module's calls go through the pipeline from now on; ``train_step`` runs a schedule."""
-    module.forward = pipe.forward
-    module.train_step = pipe.train_step
+    """The module's calls go through the pipeline from now on; ``train_step`` runs a schedule;
+    ``compile(...)`` compiles the stages (``_pipelining/compiled.py``)."""
     module._torch_mp_pipe = pipe
+    install_entries(module, pipe)
 
 
 def layer_costs(module: nn.Module, layer_names: List[str], sample, group=None,
