@@ -52,6 +52,9 @@ def split(
             output (backward through it works, as one GPipe pass), and ``model.train_step(...,
             target=..., loss_fn=..., normalizer=None)`` runs forward and backward by ``schedule``
             and returns the loss (with ``chunks=1`` too: one forward and backward).
+            ``model.compile(...)`` or ``torch.compile(model, ...)`` then compiles each placed module
+            with those options (one graph each, its backward by AOT autograd), the schedule and
+            micro-batching staying eager: ``model(...)`` and ``train_step`` run compiled stages.
         schedule: ``"gpipe"`` or ``"1f1b"``, for ``train_step``.
         checkpoint: ``"never"``, ``"except_last"`` or ``"always"``: which micro-batches recompute
             their placed modules' forwards during backward instead of keeping activations (in

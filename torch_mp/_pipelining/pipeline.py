@@ -324,7 +324,9 @@ def pipeline(
     the value of a tensor another rank computes raises ValueError. ``train_step`` takes
     ``normalizer=`` as ``split``'s does. Parameters outside the layers (embeddings, heads, norms)
     live on every rank, and their gradients are summed across
-    those ranks after each step.
+    those ranks after each step. ``model.compile(...)`` or ``torch.compile(model, ...)`` compiles
+    the placed modules of this rank's stages with those options (one graph each, its backward by
+    AOT autograd); the schedule, the sends and receives and the stand-ins stay eager.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"pipeline: expected module to be a torch.nn.Module, got {type(module).__name__}")
