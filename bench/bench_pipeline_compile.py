@@ -7,14 +7,18 @@ A GPT (tests/python/models.py) trained by ``train_step`` with its placed modules
 pipeline eager: the training-step time ratio compiled / eager, in one process (``split`` across two
 CPU stages) and over 2 processes (``pipeline``, Gloo, one stage each). Next to them, the unpipelined
 model compiled whole against eager: what compiling can gain on this model and CPU. One thread per
-process; the first step (where compilation happens) is a warm-up and not timed.
+process; the first step of each (where compilation happens) is a warm-up, then eager and compiled
+steps alternate and each reports its median, so that a machine shared with other work slows both
+alike.
 """
 import argparse
 import copy
 import datetime
 import os
+import statistics
 import sys
 import tempfile
+import time
 
 import torch
 import torch.distributed as dist
@@ -25,7 +29,6 @@ import torch_mp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "python"))
-from bench_pipeline import timed  # noqa: E402
 from models import GPT  # noqa: E402
 
 VOCAB, DIM, HEADS, DEPTH, CONTEXT, BATCH = 512, 128, 4, 4, 64, 32
@@ -55,19 +58,33 @@ def _step(model, ids, pipelined: bool):
     return step
 
 
+def alternating(step_of: dict, steps: int) -> dict:
+    """The median time of each of ``step_of``'s steps, run in turn after one warm-up each."""
+    for step in step_of.values():
+        step()
+    times = {key: [] for key in step_of}
+    for _ in range(steps):
+        for key, step in step_of.items():
+            start = time.perf_counter()
+            step()
+            times[key].append(time.perf_counter() - start)
+    return {key: statistics.median(values) for key, values in times.items()}
+
+
 def one_process(steps: int, chunks: int, backend: str) -> dict:
     torch.set_num_threads(1)
     ids = make_batch()
     seconds = {}
     for pipelined in (False, True):
+        step_of = {}
         for compiled in (False, True):
-            torch._dynamo.reset()
             model = make_model()
             if pipelined:
                 model = torch_mp.split(model, ["cpu", "cpu"], chunks=chunks, schedule="1f1b")
             if compiled:
                 model.compile(backend=backend)
-            seconds[(pipelined, compiled)] = timed(_step(model, ids, pipelined), steps)
+            step_of[(pipelined, compiled)] = _step(model, ids, pipelined)
+        seconds.update(alternating(step_of, steps))
     return seconds
 
 
@@ -77,21 +94,15 @@ def _rank(rank: int, world: int, store_path: str, steps: int, chunks: int, backe
                             timeout=datetime.timedelta(seconds=600))
     try:
         ids = make_batch()
+        step_of = {}
         for compiled in (False, True):
-            torch._dynamo.reset()
             model = torch_mp.pipeline(copy.deepcopy(make_model()), chunks=chunks, schedule="1f1b")
             if compiled:
                 model.compile(backend=backend)
-            step = _step(model, ids, pipelined=True)
-            dist.barrier()
-
-            def synchronized():
-                step()
-                dist.barrier()
-
-            seconds = timed(synchronized, steps)
-            if rank == 0:
-                results[compiled] = seconds
+            step_of[compiled] = lambda step=_step(model, ids, pipelined=True): (dist.barrier(), step(), dist.barrier())
+        seconds = alternating(step_of, steps)
+        if rank == 0:
+            results.update(seconds)
     finally:
         dist.destroy_process_group()
 
