@@ -12,6 +12,7 @@ import torch
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.utils import counters
+from torch import nn
 from torch.nn import functional as F
 
 import torch_mp
@@ -146,6 +147,28 @@ def test_compile_leaves_the_schedule_eager_and_split_again_uncompiles():
     torch_mp.split(piped, ["cpu", "cpu"], chunks=2)  # a new split: eager again
     torch.testing.assert_close(piped(x), model(x))
     assert backend.graphs == graphs
+
+
+def test_torch_compile_of_a_model_holding_a_pipeline():
+    """A compiled parent runs the pipeline eagerly (one graph break, at its entry) and the stages
+    compiled, as if the pipeline itself had been compiled."""
+    torch.manual_seed(0)
+    model = mlp()
+    piped = torch_mp.split(copy.deepcopy(model), ["cpu", "cpu"], chunks=4)
+    backend = CountingBackend()
+    torch._dynamo.reset()
+    counters.clear()
+    outer = torch.compile(nn.Sequential(piped, nn.Tanh()), backend=backend)
+    x = torch.randn(10, 16)
+    output = outer(x)
+    torch.testing.assert_close(output, torch.tanh(model(x)))
+    output.square().sum().backward()
+    torch.tanh(model(x)).square().sum().backward()
+    for (name, p), q in zip(piped.named_parameters(), model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+    breaks = counters["graph_break"]
+    assert sum(breaks.values()) == 1 and "a pipeline's schedule runs eagerly" in next(iter(breaks)), dict(breaks)
+    assert backend.graphs > MLP_KINDS  # the stages' and the Tanh after them
 
 
 # --- 2 ranks ------------------------------------------------------------------------------------
