@@ -52,6 +52,9 @@ def split(
             output (backward through it works, as one GPipe pass), and ``model.train_step(...,
             target=..., loss_fn=..., normalizer=None)`` runs forward and backward by ``schedule``
             and returns the loss (with ``chunks=1`` too: one forward and backward).
+            ``model.compile(...)`` or ``torch.compile(model, ...)`` then compiles each placed module
+            with those options (one graph each, its backward by AOT autograd), the schedule and
+            micro-batching staying eager: ``model(...)`` and ``train_step`` run compiled stages.
         schedule: ``"gpipe"``, ``"1f1b"``, or the zero-bubble ``"zb_h1"`` and ``"zbv"`` (an even number
             of devices, stages s and n - 1 - s taking turns), for ``train_step``. The zero-bubble
             schedules compute each ``nn.Linear``'s weight gradient in a W action of its own, after
@@ -183,5 +186,5 @@ def _remove_split_hooks(module: nn.Module) -> None:
         for submodule in module.modules():
             if getattr(submodule.__dict__.get("forward"), "_torch_mp_gated", False):
                 del submodule.forward
-        for name in ("forward", "_torch_mp_pipe", "last_timeline"):
+        for name in ("forward", "compile", "_torch_mp_pipe", "last_timeline"):
             module.__dict__.pop(name, None)

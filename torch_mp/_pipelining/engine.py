@@ -316,7 +316,7 @@ class RankStep:
                 else:
                     micro_batches[m].resume(stage)
                 if recorder is not None:
-                    recorder.record(backward, stage, m, started)
+                    recorder.record(kind, stage, m, started)
         finally:
             for micro_batch in micro_batches:
                 micro_batch.abort()

@@ -16,6 +16,7 @@ from torch_mp._devices import check_device
 from torch_mp._group import GroupLike, all_gather_rows, all_reduce_sum, process_group_of, resolve_group
 from torch_mp._layers import check_layers, find_layers
 from torch_mp._pipelining.batch_norm import defer_batch_norms
+from torch_mp._pipelining.compiled import StageCompilation, install_entries
 from torch_mp._pipelining.cut import UNLIMITED, Balance, balanced_device_map
 from torch_mp._pipelining.engine import CHECKPOINTS, RankStep, placed_forward
 from torch_mp._pipelining.engine import current as current_micro_batch
@@ -54,6 +55,7 @@ class _Pipe:
         self.chunk_spec = check_chunk_spec(chunk_spec)
         self.output_merge = check_output_merge(output_merge)
         self.batch_norms = defer_batch_norms(module)
+        self.compilation = StageCompilation()
 
     def _plan(self, args, kwargs):
         """The micro-batches of a call: their sizes and their (args, kwargs)."""
@@ -91,7 +93,7 @@ class LocalPipe(_Pipe):
             defer_linears(self.module.get_submodule(name) for name in self.module.device_map)
         for name, device in self.module.device_map.items():
             submodule = self.module.get_submodule(name)
-            forward = gated_forward(self, submodule.forward, self.stage_of[name], device,
+            forward = gated_forward(self, self.compilation.stage(submodule.forward), self.stage_of[name], device,
                                     mover(device, device in repeated), submodule)
             forward._torch_mp_gated = True
             submodule.forward = forward
@@ -178,7 +180,8 @@ class DistributedPipe(_Pipe):
         for name, stage in self.stage_of.items():
             if name:
                 submodule = self.module.get_submodule(name)
-                submodule.forward = placed_forward(self, submodule.forward, stage, submodule)
+                own = self.compilation.stage(submodule.forward, self.rank_of(stage) == self.rank)
+                submodule.forward = placed_forward(self, own, stage, submodule)
 
     def rank_of(self, stage: int) -> int:
         return self.stage_ranks[stage]
@@ -374,7 +377,9 @@ def pipeline(
     the value of a tensor another rank computes raises ValueError. ``train_step`` takes
     ``normalizer=`` as ``split``'s does. Parameters outside the layers (embeddings, heads, norms)
     live on every rank, and their gradients are summed across
-    those ranks after each step.
+    those ranks after each step. ``model.compile(...)`` or ``torch.compile(model, ...)`` compiles
+    the placed modules of this rank's stages with those options (one graph each, its backward by
+    AOT autograd); the schedule, the sends and receives and the stand-ins stay eager.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"pipeline: expected module to be a torch.nn.Module, got {type(module).__name__}")
@@ -496,10 +501,10 @@ def plain_train_step(module: nn.Module) -> Callable:
 
 
 def install_pipe(module: nn.Module, pipe: _Pipe) -> None:
-    """The module's calls go through the pipeline from now on; ``train_step`` runs a schedule."""
-    module.forward = pipe.forward
-    module.train_step = pipe.train_step
+    """The module's calls go through the pipeline from now on; ``train_step`` runs a schedule;
+    ``compile(...)`` compiles the stages (``_pipelining/compiled.py``)."""
     module._torch_mp_pipe = pipe
+    install_entries(module, pipe)
 
 
 def _check_timeline_flag(timeline) -> bool:
