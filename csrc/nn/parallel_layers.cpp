@@ -139,25 +139,31 @@ VocabParallelEmbedding vocab_parallel_from_dense(const torch::nn::Embedding& den
   return layer;
 }
 
-at::Tensor vocab_parallel_cross_entropy(
-    const at::Tensor& logits,
-    const at::Tensor& target,
-    const Group& group,
-    int64_t ignore_index,
-    const std::string& reduction) {
+VocabParallelCrossEntropyLossImpl::VocabParallelCrossEntropyLossImpl(VocabParallelCrossEntropyLossOptions options_)
+    : options(std::move(options_)) {
+  reset();
+}
+
+void VocabParallelCrossEntropyLossImpl::reset() {
+  const auto& reduction = options.reduction();
   TORCH_CHECK_VALUE(
-      reduction == "mean" || reduction == "sum" || reduction == "none", "vocab_parallel_cross_entropy: reduction '",
-      reduction, "'; expected 'mean', 'sum' or 'none'");
+      reduction == "mean" || reduction == "sum" || reduction == "none",
+      "VocabParallelCrossEntropyLoss: reduction '", reduction, "'; expected 'mean', 'sum' or 'none'");
+}
+
+at::Tensor VocabParallelCrossEntropyLossImpl::forward(const at::Tensor& logits, const at::Tensor& target) {
+  const auto& group = options.group();
   // A 0-dim logits has no vocabulary dim: the operator's shape check says so.
   const auto local_vocab = logits.dim() > 0 ? logits.size(-1) : 0;
-  auto losses = torch_mp::vocab_parallel_cross_entropy(logits, target, group.rank * local_vocab, ignore_index, group);
-  if (reduction == "none") {
+  auto losses = torch_mp::vocab_parallel_cross_entropy(
+      logits, target, group.rank * local_vocab, options.ignore_index(), group);
+  if (options.reduction() == "none") {
     return losses;
   }
-  if (reduction == "sum") {
+  if (options.reduction() == "sum") {
     return losses.sum();
   }
-  return losses.sum() / (target != ignore_index).sum();
+  return losses.sum() / (target != options.ignore_index()).sum();
 }
 
 } // namespace torch_mp::nn

@@ -2,7 +2,6 @@
 // differentiable all_to_all, whose backward (autograd/all_to_all.cpp) is the reverse all-to-all.
 // Expert parallelism routes tokens with it. Meta kernel: meta/all_to_all.cpp.
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/accumulate.h>
 #include <torch/library.h>
 
@@ -11,28 +10,21 @@
 #include "comm/collectives.h"
 #include "comm/group.h"
 #include "ops/checks.h"
+#include "ops/typed_op.h"
 
 namespace torch_mp {
 
 using AllToAllOp = at::Tensor(const at::Tensor&, c10::IntArrayRef, c10::IntArrayRef, c10::string_view, int64_t);
 
-namespace {
-
-c10::TypedOperatorHandle<AllToAllOp> handle(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<AllToAllOp>();
-}
-
-} // namespace
-
 at::Tensor all_to_all(const at::Tensor& self, c10::IntArrayRef output_splits, c10::IntArrayRef input_splits,
                       const Group& group) {
-  static const auto op = handle("torch_mp::all_to_all");
+  static const auto op = detail::typed_op<AllToAllOp>("torch_mp::all_to_all");
   return op.call(self, output_splits, input_splits, group.name, group.size);
 }
 
 at::Tensor primitives::all_to_all(const at::Tensor& self, c10::IntArrayRef output_splits,
                                   c10::IntArrayRef input_splits, const Group& group) {
-  static const auto op = handle("torch_mp::_all_to_all");
+  static const auto op = detail::typed_op<AllToAllOp>("torch_mp::_all_to_all");
   return op.call(self, output_splits, input_splits, group.name, group.size);
 }
 

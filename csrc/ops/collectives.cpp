@@ -1,7 +1,6 @@
 // Primitive collectives: no autograd, a process group by name and size, fresh output tensors.
 // Their kernels call c10d::ProcessGroup; their Meta kernels live in meta/collectives.cpp.
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/distributed/c10d/Types.hpp>
 #include <torch/library.h>
 
@@ -10,53 +9,43 @@
 #include "comm/group.h"
 #include "comm/collectives.h"
 #include "ops/checks.h"
+#include "ops/typed_op.h"
 
 namespace torch_mp {
 namespace primitives {
 
 at::Tensor all_reduce(const at::Tensor& self, c10::string_view reduce_op, const Group& group) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("torch_mp::_all_reduce", "")
-                       .typed<at::Tensor(const at::Tensor&, c10::string_view, c10::string_view, int64_t)>();
+  static const auto op = detail::typed_op<at::Tensor(const at::Tensor&, c10::string_view, c10::string_view, int64_t)>(
+      "torch_mp::_all_reduce");
   return op.call(self, reduce_op, group.name, group.size);
 }
 
 void all_reduce_start_(at::Tensor& self, c10::string_view reduce_op, const Group& group) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("torch_mp::_all_reduce_start_", "")
-                       .typed<void(at::Tensor&, c10::string_view, c10::string_view, int64_t)>();
+  static const auto op =
+      detail::typed_op<void(at::Tensor&, c10::string_view, c10::string_view, int64_t)>("torch_mp::_all_reduce_start_");
   op.call(self, reduce_op, group.name, group.size);
 }
 
 void wait_(at::Tensor& self, at::TensorList meanwhile, const Group& group) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("torch_mp::_wait_", "")
-                       .typed<void(at::Tensor&, at::TensorList, c10::string_view, int64_t)>();
+  static const auto op =
+      detail::typed_op<void(at::Tensor&, at::TensorList, c10::string_view, int64_t)>("torch_mp::_wait_");
   op.call(self, meanwhile, group.name, group.size);
 }
 
-namespace {
-
 using DimOp = at::Tensor(const at::Tensor&, int64_t, c10::string_view, int64_t);
 
-c10::TypedOperatorHandle<DimOp> dim_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<DimOp>();
-}
-
-} // namespace
-
 at::Tensor all_gather(const at::Tensor& self, int64_t dim, const Group& group) {
-  static const auto op = dim_op("torch_mp::_all_gather");
+  static const auto op = detail::typed_op<DimOp>("torch_mp::_all_gather");
   return op.call(self, dim, group.name, group.size);
 }
 
 at::Tensor reduce_scatter(const at::Tensor& self, int64_t dim, const Group& group) {
-  static const auto op = dim_op("torch_mp::_reduce_scatter");
+  static const auto op = detail::typed_op<DimOp>("torch_mp::_reduce_scatter");
   return op.call(self, dim, group.name, group.size);
 }
 
 at::Tensor shard(const at::Tensor& self, int64_t dim, const Group& group) {
-  static const auto op = dim_op("torch_mp::_shard");
+  static const auto op = detail::typed_op<DimOp>("torch_mp::_shard");
   return op.call(self, dim, group.name, group.size);
 }
 

@@ -1,7 +1,6 @@
 // Tensor-parallel operators: the conjugate pairs, the parallel linear layers' matmuls, the
 // vocabulary-parallel embedding and cross entropy. Autograd: autograd/tensor_parallel.cpp.
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <torch_mp/ops.h>
@@ -9,50 +8,42 @@
 #include "comm/collectives.h"
 #include "comm/group.h"
 #include "ops/checks.h"
+#include "ops/typed_op.h"
 
 namespace torch_mp {
 
-namespace {
-
 using GroupOp = at::Tensor(const at::Tensor&, c10::string_view, int64_t);
 using DimGroupOp = at::Tensor(const at::Tensor&, int64_t, c10::string_view, int64_t);
-
-c10::TypedOperatorHandle<GroupOp> group_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<GroupOp>();
-}
-c10::TypedOperatorHandle<DimGroupOp> dim_group_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<DimGroupOp>();
-}
-
-} // namespace
+using LinearOp = at::Tensor(
+    const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, bool, c10::string_view, int64_t);
 
 at::Tensor copy_to_tp(const at::Tensor& self, const Group& group) {
-  static const auto op = group_op("torch_mp::copy_to_tp");
+  static const auto op = detail::typed_op<GroupOp>("torch_mp::copy_to_tp");
   return op.call(self, group.name, group.size);
 }
 
 at::Tensor reduce_from_tp(const at::Tensor& self, const Group& group) {
-  static const auto op = group_op("torch_mp::reduce_from_tp");
+  static const auto op = detail::typed_op<GroupOp>("torch_mp::reduce_from_tp");
   return op.call(self, group.name, group.size);
 }
 
 at::Tensor gather_from_tp(const at::Tensor& self, int64_t dim, const Group& group) {
-  static const auto op = dim_group_op("torch_mp::gather_from_tp");
+  static const auto op = detail::typed_op<DimGroupOp>("torch_mp::gather_from_tp");
   return op.call(self, dim, group.name, group.size);
 }
 
 at::Tensor scatter_to_tp(const at::Tensor& self, int64_t dim, const Group& group) {
-  static const auto op = dim_group_op("torch_mp::scatter_to_tp");
+  static const auto op = detail::typed_op<DimGroupOp>("torch_mp::scatter_to_tp");
   return op.call(self, dim, group.name, group.size);
 }
 
 at::Tensor reduce_scatter_to_sp(const at::Tensor& self, int64_t dim, const Group& group) {
-  static const auto op = dim_group_op("torch_mp::reduce_scatter_to_sp");
+  static const auto op = detail::typed_op<DimGroupOp>("torch_mp::reduce_scatter_to_sp");
   return op.call(self, dim, group.name, group.size);
 }
 
 at::Tensor gather_from_sp(const at::Tensor& self, int64_t dim, const Group& group) {
-  static const auto op = dim_group_op("torch_mp::gather_from_sp");
+  static const auto op = detail::typed_op<DimGroupOp>("torch_mp::gather_from_sp");
   return op.call(self, dim, group.name, group.size);
 }
 
@@ -62,11 +53,7 @@ at::Tensor column_parallel_linear(
     const std::optional<at::Tensor>& bias,
     bool gather_output,
     const Group& group) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("torch_mp::column_parallel_linear", "")
-                       .typed<at::Tensor(
-                           const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, bool,
-                           c10::string_view, int64_t)>();
+  static const auto op = detail::typed_op<LinearOp>("torch_mp::column_parallel_linear");
   return op.call(input, weight, bias, gather_output, group.name, group.size);
 }
 
@@ -76,11 +63,7 @@ at::Tensor row_parallel_linear(
     const std::optional<at::Tensor>& bias,
     bool input_is_parallel,
     const Group& group) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("torch_mp::row_parallel_linear", "")
-                       .typed<at::Tensor(
-                           const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, bool,
-                           c10::string_view, int64_t)>();
+  static const auto op = detail::typed_op<LinearOp>("torch_mp::row_parallel_linear");
   return op.call(input, weight, bias, input_is_parallel, group.name, group.size);
 }
 
@@ -89,10 +72,9 @@ at::Tensor vocab_parallel_embedding(
     const at::Tensor& weight,
     int64_t vocab_start,
     const Group& group) {
-  static auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("torch_mp::vocab_parallel_embedding", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, c10::string_view, int64_t)>();
+  static const auto op =
+      detail::typed_op<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, c10::string_view, int64_t)>(
+          "torch_mp::vocab_parallel_embedding");
   return op.call(input, weight, vocab_start, group.name, group.size);
 }
 
@@ -102,10 +84,9 @@ at::Tensor vocab_parallel_cross_entropy(
     int64_t vocab_start,
     int64_t ignore_index,
     const Group& group) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("torch_mp::vocab_parallel_cross_entropy", "")
-                       .typed<at::Tensor(
-                           const at::Tensor&, const at::Tensor&, int64_t, int64_t, c10::string_view, int64_t)>();
+  static const auto op =
+      detail::typed_op<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t, c10::string_view, int64_t)>(
+          "torch_mp::vocab_parallel_cross_entropy");
   return op.call(logits, target, vocab_start, ignore_index, group.name, group.size);
 }
 
@@ -192,11 +173,9 @@ at::Tensor row_parallel_linear_kernel(
       "torch_mp.row_parallel_linear", local_input, weight, bias,
       input_is_parallel ? "[out_features, in_features / group size] (input holds this rank's features)"
                         : "[out_features, in_features / group size] (this rank's slice of the input's features)");
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("torch_mp::_row_parallel_linear", "")
-                       .typed<at::Tensor(
-                           const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, c10::string_view,
-                           int64_t)>();
+  static const auto op = detail::typed_op<at::Tensor(
+      const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, c10::string_view, int64_t)>(
+      "torch_mp::_row_parallel_linear");
   return op.call(local_input, weight, bias, name, size);
 }
 

@@ -1,19 +1,17 @@
 // to_device: the inter-device transfer. Forward copies to `device`; the autograd formula
 // (autograd/to_device.cpp) sends the gradient back to the source device.
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <torch_mp/ops.h>
 
 #include "detail/device.h"
+#include "ops/typed_op.h"
 
 namespace torch_mp {
 
 at::Tensor to_device(const at::Tensor& self, at::Device device, bool non_blocking) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("torch_mp::to_device", "")
-                       .typed<decltype(to_device)>();
+  static const auto op = detail::typed_op<decltype(to_device)>("torch_mp::to_device");
   return op.call(self, device, non_blocking);
 }
 

@@ -202,7 +202,8 @@ std::vector<Case> cases() {
   using torch_mp::nn::RowParallelLinearOptions;
   using torch_mp::nn::VocabParallelEmbedding;
   using torch_mp::nn::VocabParallelEmbeddingOptions;
-  const auto ids = torch::zeros({3}, torch::kLong);
+  using torch_mp::nn::VocabParallelCrossEntropyLoss;
+  using torch_mp::nn::VocabParallelCrossEntropyLossOptions;
   return {
       // --- ops
       {"to_device/unavailable device", [] { torch_mp::to_device(x(), torch::Device("cuda:99")); }, Kind::Value,
@@ -260,11 +261,11 @@ std::vector<Case> cases() {
       {"VocabParallelEmbedding/negative embedding_dim",
        [] { VocabParallelEmbedding(VocabParallelEmbeddingOptions(10, -4)); }, Kind::Value,
        {"VocabParallelEmbedding: embedding_dim is -4; expected a size >= 0"}},
-      {"nn::vocab_parallel_cross_entropy/reduction",
-       [ids] { torch_mp::nn::vocab_parallel_cross_entropy(x({3, 10}), ids, kSingle, -100, "avg"); }, Kind::Value,
+      {"VocabParallelCrossEntropyLoss/reduction",
+       [] { VocabParallelCrossEntropyLoss(VocabParallelCrossEntropyLossOptions().reduction("avg")); }, Kind::Value,
        {"reduction 'avg'; expected 'mean', 'sum' or 'none'"}},
-      {"nn::vocab_parallel_cross_entropy/0-dim logits",
-       [] { torch_mp::nn::vocab_parallel_cross_entropy(torch::tensor(1.0), torch::tensor(0), kSingle); }, Kind::Value,
+      {"VocabParallelCrossEntropyLoss/0-dim logits",
+       [] { VocabParallelCrossEntropyLoss()->forward(torch::tensor(1.0), torch::tensor(0)); }, Kind::Value,
        {"logits of shape [] and target of shape []"}},
       // --- groups
       {"Group::named/missing", [] { torch_mp::Group::named("missing"); }, Kind::Value,

@@ -63,7 +63,9 @@ void check_rank(const torch_mp::Group& group, const Dense& shared) {
   auto logits_dense = shared.logits.clone().requires_grad_();
   auto logits_parallel = shard(shared.logits, -1, rank).clone().requires_grad_();
   auto loss_dense = torch::nn::functional::cross_entropy(logits_dense.flatten(0, 1), shared.ids.flatten());
-  auto loss_parallel = torch_mp::nn::vocab_parallel_cross_entropy(logits_parallel, shared.ids, group);
+  torch_mp::nn::VocabParallelCrossEntropyLoss loss_fn(
+      torch_mp::nn::VocabParallelCrossEntropyLossOptions().group(group));
+  auto loss_parallel = loss_fn->forward(logits_parallel, shared.ids);
   expect_close(loss_parallel, loss_dense, "cross entropy");
   loss_dense.backward();
   loss_parallel.backward();

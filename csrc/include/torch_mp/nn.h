@@ -9,6 +9,8 @@
 // sharded size is not a multiple of world, or the group's size or rank is out of range; forward
 // raises what the operator it calls raises (ops.h: c10::ValueError, c10::TypeError,
 // torch_mp::CollectiveError).
+#include <string>
+
 #include <torch/arg.h>
 #include <torch/nn/cloneable.h>
 #include <torch/nn/modules/embedding.h>
@@ -107,19 +109,31 @@ RowParallelLinear row_parallel_from_dense(const torch::nn::Linear& dense, const 
                                           bool input_is_parallel = true);
 VocabParallelEmbedding vocab_parallel_from_dense(const torch::nn::Embedding& dense, const Group& group);
 
+struct VocabParallelCrossEntropyLossOptions {
+  TORCH_ARG(Group, group) = Group::single();
+  // Targets equal to it add nothing to the loss (nor to the count "mean" divides by).
+  TORCH_ARG(int64_t, ignore_index) = -100;
+  // "mean" (over targets other than ignore_index), "sum" or "none": torch::nn::CrossEntropyLoss's
+  // reductions.
+  TORCH_ARG(std::string, reduction) = "mean";
+};
+
 // The cross-entropy loss (in nats) of logits sharded evenly on the vocabulary (last) dim in rank
-// order, never gathered: logits [*, vocab / world] (rank r holding the classes [r * vocab / world,
-// (r + 1) * vocab / world)), target [*] integer class ids over the whole vocabulary. reduction:
-// "mean" (a scalar: the mean over targets other than ignore_index), "sum" (a scalar) or "none"
-// ([*], 0 where target == ignore_index) -- torch::nn::functional::cross_entropy's reductions.
-// forward/backward: the per-target torch_mp::vocab_parallel_cross_entropy of ops.h (this rank's
-// vocab_start computed), then the reduction. c10::ValueError for another reduction, and what that
-// op raises.
-at::Tensor vocab_parallel_cross_entropy(
-    const at::Tensor& logits,
-    const at::Tensor& target,
-    const Group& group,
-    int64_t ignore_index = -100,
-    const std::string& reduction = "mean");
+// order, never gathered (torch::nn::CrossEntropyLoss's counterpart): forward(logits [*, vocab /
+// world], rank r holding the classes [r * vocab / world, (r + 1) * vocab / world); target [*]
+// integer class ids over the whole vocabulary) -> a scalar ("mean", "sum") or [*] ("none", 0 where
+// target == ignore_index). forward/backward: the per-target op torch_mp::vocab_parallel_cross_entropy
+// of ops.h (with this rank's vocab_start), then the reduction. The constructor raises
+// c10::ValueError for another reduction; forward raises what that op raises. Python:
+// torch_mp.nn.vocab_parallel_cross_entropy.
+class VocabParallelCrossEntropyLossImpl : public torch::nn::Cloneable<VocabParallelCrossEntropyLossImpl> {
+ public:
+  explicit VocabParallelCrossEntropyLossImpl(VocabParallelCrossEntropyLossOptions options = {});
+  void reset() override;
+  at::Tensor forward(const at::Tensor& logits, const at::Tensor& target);
+
+  VocabParallelCrossEntropyLossOptions options;
+};
+TORCH_MODULE(VocabParallelCrossEntropyLoss);
 
 } // namespace torch_mp::nn

@@ -106,7 +106,7 @@ at::Tensor vocab_parallel_embedding(
 // ignore_index give 0). The logits are never gathered: forward: all-reduces (max, then sum) of
 // [*]-sized statistics; backward: softmax minus the one-hot target on this rank's shard, no
 // collective. Reduced-precision logits are summed in float32. For the reduced loss over a batch
-// see torch_mp::nn::vocab_parallel_cross_entropy.
+// see torch_mp::nn::VocabParallelCrossEntropyLoss.
 // c10::TypeError for integer logits or non-integer targets; c10::ValueError when the shapes differ.
 at::Tensor vocab_parallel_cross_entropy(
     const at::Tensor& logits,

@@ -4,6 +4,7 @@
 #include <torch_mp/ops.h>
 
 #include "ops/autograd/group_function.h"
+#include "ops/typed_op.h"
 
 namespace torch_mp {
 namespace {
@@ -156,11 +157,9 @@ class RowParallelLinearFunction : public torch::autograd::Function<RowParallelLi
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     detail::OpScope scope(kRowParallelLinear);
     at::AutoDispatchBelowADInplaceOrView guard;
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("torch_mp::_row_parallel_linear", "")
-                         .typed<at::Tensor(
-                             const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                             c10::string_view, int64_t)>();
+    static const auto op = detail::typed_op<at::Tensor(
+        const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, c10::string_view, int64_t)>(
+        "torch_mp::_row_parallel_linear");
     return op.call(input, weight, bias, group_name, group_size);
   }
 
