@@ -247,6 +247,14 @@ class MicroBatch:
 _PLAIN = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
 
 
+class _Alias:
+    """In a recorded output: the tensor at ``index`` of the call's inputs, or of its output."""
+    __slots__ = ("of_input", "index")
+
+    def __init__(self, of_input: bool, index: int):
+        self.of_input, self.index = of_input, index
+
+
 def _meta_like(meta: torch.Tensor) -> torch.Tensor:
     fresh = torch.empty_strided(meta.shape, meta.stride(), dtype=meta.dtype, device="meta")
     return fresh.requires_grad_(meta.requires_grad)
@@ -292,7 +300,7 @@ class _StandIn:
                 spec, leaves = recorded
                 inputs, made = pytree.tree_leaves((args, kwargs)), []
                 for leaf in leaves:
-                    made.append((inputs if leaf[0] == "input" else made)[leaf[1]] if isinstance(leaf, tuple)
+                    made.append((inputs if leaf.of_input else made)[leaf.index] if isinstance(leaf, _Alias)
                                 else _meta_like(leaf) if isinstance(leaf, torch.Tensor) else leaf)
                 return pytree.tree_unflatten(made, spec)
         messages = len(micro_batch.sent) + len(micro_batch.received)
@@ -313,8 +321,8 @@ class _StandIn:
             if isinstance(leaf, torch.Tensor):
                 # An input handed back (a pass-through) stays that input; a tensor returned twice
                 # stays one tensor.
-                recorded.append(("input", position[id(leaf)]) if id(leaf) in position
-                                else ("output", seen[id(leaf)]) if id(leaf) in seen else _meta_like(leaf))
+                recorded.append(_Alias(True, position[id(leaf)]) if id(leaf) in position
+                                else _Alias(False, seen[id(leaf)]) if id(leaf) in seen else _meta_like(leaf))
                 seen.setdefault(id(leaf), k)
             elif type(leaf) in _PLAIN:
                 recorded.append(leaf)
