@@ -8,7 +8,7 @@ thread, same model (an MLP of 8 linear layers) and batch, at each chunk count M:
 - speedup: one process's training step / the pipeline's;
 - bound: p*M/(M+p-1) (the bubble of GPipe and 1F1B), at most the number of cores;
 - cut bound: the same with the stages' compute as slow as cutting the batch into M micro-batches
-  makes it on this CPU (the one-process step run micro-batch after micro-batch);
+  makes it on this CPU (the one-process step run micro-batch after micro-batch, in CPU time);
 - bubble: 1 - speedup/p, what the p processes lose against a perfect split, communication
   included, next to (p-1)/(M+p-1);
 - cpu ms, busy, cpu speedup: the busiest process's CPU time per step, its share of the step, and
@@ -226,10 +226,11 @@ def print_table(world: int, schedule_names, chunk_counts, reference: float, refe
     rows = []
     for chunks in chunk_counts:
         bound = min(world * chunks / (chunks + world - 1), cores)
-        # The stages' compute as slow as micro-batching makes it: the cut step spread over p
-        # stages with the bubble of p*M/(M+p-1), or over the cores when there are fewer.
-        cut = micro_batched[chunks]
-        cut_bound = reference / max(cut * (chunks + world - 1) / (chunks * world), cut / cores)
+        # The stages' compute as slow as micro-batching makes it (in CPU time, which the machine's
+        # other work disturbs less than wall time): the cut step spread over p stages with the
+        # bubble of p*M/(M+p-1), or over the cores when there are fewer.
+        slower = micro_batched[chunks][1] / reference_cpu
+        cut_bound = 1 / (slower * max((chunks + world - 1) / (chunks * world), 1 / cores))
         for schedule_name in schedule_names:
             ours = results[("torch_mp", world, schedule_name, chunks)]
             theirs = results.get(("pipelining", world, schedule_name, chunks))
@@ -273,12 +274,12 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0))
 
     reference, reference_cpu = dense_step_time(args.steps)
-    micro_batched = {chunks: dense_step_time(args.steps, chunks)[0] for chunks in args.chunks}
+    micro_batched = {chunks: dense_step_time(args.steps, chunks) for chunks in args.chunks}
     print(f"MLP {DEPTH} x {WIDTH}, batch {BATCH}, fp32; one process, one thread: {reference * 1e3:.1f} ms/step "
           f"({reference_cpu * 1e3:.0f} ms CPU)")
     print("micro-batched one after another (the compute the stages do, cut), and per micro-batch: "
-          + ", ".join(f"M={m} {t * 1e3:.0f} ms ({t / m * 1e3:.1f} ms each, x{t / reference:.2f})"
-                      for m, t in micro_batched.items()))
+          + ", ".join(f"M={m} {t * 1e3:.0f} ms ({t / m * 1e3:.1f} ms each; CPU x{cpu / reference_cpu:.2f})"
+                      for m, (t, cpu) in micro_batched.items()))
     results = {}
     for world in args.ranks:
         with tempfile.TemporaryDirectory() as folder, mp.Manager() as manager:
