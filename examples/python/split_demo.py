@@ -197,7 +197,9 @@ def one_process(steps: int, batch: int):
 
 def pipeline_part(args) -> None:
     section("3. Devices working at once: a pipeline over 2 processes")
-    batch, chunks = 32, 8
+    # 16 sequences per micro-batch: enough work per action that the pipeline's own cost per
+    # micro-batch (its messages, the stages' turns) stays a few percent of it.
+    batch, chunks = 128, 8
     print(f"the same GPT2LMHeadModel, called as usual (input_ids=), cut into 2 stages by torch_mp.pipeline: "
           f"2 processes over Gloo, chunks={chunks}, 1F1B, one thread each; against 1 process, one thread; "
           f"batches of {batch} x {SEQ} bytes, {args.pipeline_steps} timed steps each")
@@ -212,6 +214,10 @@ def pipeline_part(args) -> None:
     print(f"{'step':>4}  {'1 process loss':>14}  {'2 processes loss':>16}")
     for step, (a, b) in enumerate(zip(single_losses, piped_losses)):
         print(f"{step:>4}  {a:>14.5f}  {b:>16.5f}")
+    worst = max(abs(a - b) for a, b in zip(single_losses, piped_losses))
+    print(f"largest 1 process / 2 processes loss difference {worst:.2e}")
+    if worst > 1e-4:
+        raise SystemExit("the pipelined losses differ from one process's")
     print(f"1 process:   {single_rate:>9,.0f} tokens/s")
     print(f"2 processes: {piped_rate:>9,.0f} tokens/s   speedup {piped_rate / single_rate:.2f}x "
           f"(bound with 2 stages and {chunks} micro-batches: {2 * chunks / (chunks + 1):.2f}x; "

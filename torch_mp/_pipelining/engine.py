@@ -64,12 +64,13 @@ class _Follow(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        tensors = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
         metas = any(t.is_meta for t in tensors)
-        if not metas and not _current.micro_batch.depth:
+        if not metas and not _current.micro_batch.depth and any(map(_is_meta_device, leaves)):
             # A tensor made or moved to the device of one this rank follows on meta (``arange(...,
             # device=hidden.device)``, ``mask.to(hidden.device)``) is made on this rank's device.
-            args, kwargs = pytree.tree_map(self._real_device, (args, kwargs))
+            args, kwargs = pytree.tree_unflatten([self.step.device if _is_meta_device(x) else x for x in leaves], spec)
         if not tensors:
             return func(*args, **kwargs)
         origins = self.step.origin
@@ -90,11 +91,12 @@ class _Follow(TorchFunctionMode):
             else:
                 args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: micro_batch.follow(t, origin),
                                                     (args, kwargs))
+            # A data-dependent shape (a boolean mask's selection) on meta takes every element: a
+            # placeholder, replaced by the real tensor where a stage receives it.
+            with _assume_all_nonzero():
+                out = func(*args, **kwargs)
         else:
             origin = max((o for o in map(origins.get, tensors) if o is not None), default=None)
-        # A data-dependent shape (a boolean mask's selection) on meta takes every element: a
-        # placeholder, replaced by the real tensor where a stage receives it.
-        with _assume_all_nonzero():
             out = func(*args, **kwargs)
         if origin is not None:
             for t in pytree.tree_leaves(out):
@@ -102,10 +104,9 @@ class _Follow(TorchFunctionMode):
                     origins[t] = origin
         return out
 
-    def _real_device(self, value):
-        if isinstance(value, torch.device) and value.type == "meta":
-            return self.step.device
-        return self.step.device if isinstance(value, str) and value == "meta" else value
+
+def _is_meta_device(value) -> bool:
+    return (isinstance(value, torch.device) and value.type == "meta") or (isinstance(value, str) and value == "meta")
 
 
 def _assume_all_nonzero():
@@ -246,9 +247,97 @@ class MicroBatch:
             self.thread.join()
 
 
+_PLAIN = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
+
+
+class _Alias:
+    """In a recorded output: the tensor at ``index`` of the call's inputs, or of its output."""
+    __slots__ = ("of_input", "index")
+
+    def __init__(self, of_input: bool, index: int):
+        self.of_input, self.index = of_input, index
+
+
+def _meta_like(meta: torch.Tensor) -> torch.Tensor:
+    fresh = torch.empty_strided(meta.shape, meta.stride(), dtype=meta.dtype, device="meta")
+    return fresh.requires_grad_(meta.requires_grad)
+
+
+class _StandIn:
+    """Another rank's module on this rank: its forward on meta tensors, run once per kind of call.
+    Called again (by a later micro-batch, or step) with inputs of the same shapes, dtypes and
+    plain arguments, in the same modes (training, grad, inference, autocast) and with its
+    parameters requiring grad alike, it returns fresh meta tensors of the shapes it returned
+    then, without running its forward: what a module returns on meta is taken to depend on these
+    alone. A call is recorded only when its arguments and output hold nothing but tensors and
+    plain values, and when it neither sent nor received anything."""
+
+    def __init__(self, module: torch.nn.Module, original: Callable):
+        self.module, self.original = module, original
+        self._outputs: Dict[tuple, Optional[tuple]] = {}  # key: (spec, leaves), or None: not recorded
+
+    def _key(self, values) -> Optional[tuple]:
+        leaves, spec = pytree.tree_flatten(values)
+        signature = []
+        for leaf in leaves:
+            if isinstance(leaf, torch.Tensor):
+                signature.append((leaf.shape, leaf.stride(), leaf.dtype, leaf.requires_grad, leaf.is_meta))
+            elif type(leaf) in _PLAIN:
+                signature.append((type(leaf), leaf))
+            else:
+                return None
+        modes = (self.module.training, torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
+                 *((kind, torch.get_autocast_dtype(kind)) for kind in ("cpu", "cuda") if torch.is_autocast_enabled(kind)))
+        trained = tuple(param.requires_grad for param in self.module.parameters())
+        try:
+            return spec, modes, trained, tuple(signature)
+        except TypeError:  # an unhashable tree spec
+            return None
+
+    def call(self, micro_batch: "MicroBatch", args, kwargs):
+        """The module's forward on meta ``args`` and ``kwargs``, or what it returned for the same key."""
+        with torch._C.DisableTorchFunction():
+            key = self._key((args, kwargs))
+            recorded = self._outputs.get(key) if key is not None else None
+            if recorded is not None:
+                spec, leaves = recorded
+                inputs, made = pytree.tree_leaves((args, kwargs)), []
+                for leaf in leaves:
+                    made.append((inputs if leaf.of_input else made)[leaf.index] if isinstance(leaf, _Alias)
+                                else _meta_like(leaf) if isinstance(leaf, torch.Tensor) else leaf)
+                return pytree.tree_unflatten(made, spec)
+        messages = len(micro_batch.sent) + len(micro_batch.received)
+        out = self.original(*args, **kwargs)
+        with torch._C.DisableTorchFunction():
+            out = map_tensors(out, lambda t: t if t.is_meta else _to_meta(t))
+            if key is not None and key not in self._outputs:
+                self._outputs[key] = self._record(out, (args, kwargs)) \
+                    if messages == len(micro_batch.sent) + len(micro_batch.received) else None
+        return out
+
+    @staticmethod
+    def _record(out, inputs) -> Optional[tuple]:
+        position = {id(t): i for i, t in enumerate(pytree.tree_leaves(inputs)) if isinstance(t, torch.Tensor)}
+        leaves, spec = pytree.tree_flatten(out)
+        recorded, seen = [], {}
+        for k, leaf in enumerate(leaves):
+            if isinstance(leaf, torch.Tensor):
+                # An input handed back (a pass-through) stays that input; a tensor returned twice
+                # stays one tensor.
+                recorded.append(_Alias(True, position[id(leaf)]) if id(leaf) in position
+                                else _Alias(False, seen[id(leaf)]) if id(leaf) in seen else _meta_like(leaf))
+                seen.setdefault(id(leaf), k)
+            elif type(leaf) in _PLAIN:
+                recorded.append(leaf)
+            else:
+                return None
+        return spec, recorded
+
+
 def placed_forward(pipe, original: Callable, stage: int, module: torch.nn.Module) -> Callable:
     """The forward a placed module gets: on a micro-batch of ``pipe``, computed on this rank's
     stages and a meta stand-in on the others'."""
+    stand_in = _StandIn(module, original)
 
     def forward(*args, **kwargs):
         micro_batch: Optional[MicroBatch] = getattr(_current, "micro_batch", None)
@@ -268,9 +357,7 @@ def placed_forward(pipe, original: Callable, stage: int, module: torch.nn.Module
             else:
                 with torch._C.DisableTorchFunction():
                     args, kwargs = micro_batch.to_stand_in(stage, (args, kwargs))
-                out = original(*args, **kwargs)
-                with torch._C.DisableTorchFunction():
-                    out = map_tensors(out, lambda t: t if t.is_meta else _to_meta(t))
+                out = stand_in.call(micro_batch, args, kwargs)
             for tensor in tensors_in(out):
                 step.origin[tensor] = stage
             return out
