@@ -70,6 +70,8 @@ def collectives_alone(shard, layers, world):
 
 def worker(rank, world, store_path, steps, compile_, queue):
     torch.set_num_threads(1)
+    # Each variant is a model of its own: one compiled frame each, more than dynamo keeps by default.
+    torch._dynamo.config.recompile_limit = 4 * len(SIZES) * len(VARIANTS)
     dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=300))
     results = []

@@ -107,12 +107,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> all_gather_matmul_kernel(
     shape.back() = weight.size(0);
     stacked.push_back(at::empty(shape, rows.options()));
   }
-  // Each chunk gathers into a buffer of its own ([group size, piece, *rest]), copied into place after.
+  // Each chunk gathers into a buffer of its own ([group size, piece, *rest]), copied into place after;
+  // a single chunk gathers in place.
   std::vector<at::Tensor> buffers(chunks);
   const auto start = [&](int64_t c) {
     auto shape = gathered_shape;
     shape[1] = piece;
-    buffers[c] = at::empty(shape, rows.options());
+    buffers[c] = chunks == 1 ? gathered : at::empty(shape, rows.options());
     return detail::start_all_gather(kAllGatherMatmul, group, buffers[c], rows.narrow(0, c * piece, piece));
   };
   auto in_flight = start(0);
@@ -126,7 +127,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> all_gather_matmul_kernel(
       next.emplace(start(c + 1));
     }
     in_flight.wait();
-    gathered.narrow(1, c * piece, piece).copy_(buffers[c]);
+    if (chunks > 1) {
+      gathered.narrow(1, c * piece, piece).copy_(buffers[c]);
+    }
     for (int64_t r = 0; r < group_size; ++r) {
       if (r == rank) {
         continue;

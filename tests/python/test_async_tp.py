@@ -179,10 +179,20 @@ def check_models(rank, world):
         plain = torch_mp.tensor_parallel(copy.deepcopy(dense), sequence_parallel=True)
         overlapped = {chunks: torch_mp.tensor_parallel(copy.deepcopy(dense), sequence_parallel=True, async_tp=chunks)
                       for chunks in (True, 2)}
-        with counting_ops(("all_gather_matmul", "matmul_reduce_scatter", "gather_from_sp")) as count:
+        names = ("all_gather_matmul", "matmul_reduce_scatter", "gather_from_sp", "mm", "addmm")
+        with counting_ops(names) as count:
             overlapped[True](input_ids=ids)
-        # Every attention and MLP of both blocks: one decomposed gather and one decomposed reduce-scatter.
-        assert count.calls == {"all_gather_matmul": 4, "matmul_reduce_scatter": 4, "gather_from_sp": 0}, count.calls
+        with counting_ops(names) as plain_count:
+            plain(input_ids=ids)
+        # Every attention and MLP of both blocks: one decomposed gather and one decomposed reduce-scatter,
+        # and none of the matmuls of their layers outside them (each column-parallel layer takes its
+        # product): the rest (rotary embeddings) as in the plain path.
+        layers = sum(isinstance(m, (torch_mp.nn.ColumnParallelLinear, torch_mp.nn.RowParallelLinear))
+                     and m.sequence_dim is not None for m in plain.modules())
+        assert layers == {"llama": 14, "gpt2": 8}[make.__name__]
+        outside = plain_count.calls["mm"] + plain_count.calls["addmm"] - layers
+        assert count.calls == {"all_gather_matmul": 4, "matmul_reduce_scatter": 4, "gather_from_sp": 0,
+                               "mm": outside, "addmm": 0}, (count.calls, plain_count.calls)
         dense_logits, dense_grads = train_step(dense, ids)
         plain_logits, plain_grads = train_step(plain, ids)
         for chunks, model in overlapped.items():
