@@ -217,15 +217,19 @@ at::Tensor matmul_reduce_scatter_kernel(
 } // namespace
 
 TORCH_LIBRARY_FRAGMENT(torch_mp, m) {
+  const std::vector<at::Tag> pt2_compliant{at::Tag::pt2_compliant_tag};
   m.def(
       "all_gather_matmul(Tensor input, Tensor[] weights, int dim, int chunks, str group_name, int group_size) "
-      "-> (Tensor, Tensor[])");
+      "-> (Tensor, Tensor[])",
+      pt2_compliant);
   m.def(
       "matmul_reduce_scatter(Tensor input, Tensor weight, int dim, int chunks, str group_name, int group_size) "
-      "-> Tensor");
+      "-> Tensor",
+      pt2_compliant);
   m.def(
       "_matmul_reduce_scatter(Tensor[] inputs, Tensor[] weights, Tensor? addend, int dim, int chunks, "
-      "str group_name, int group_size) -> Tensor");
+      "str group_name, int group_size) -> Tensor",
+      pt2_compliant);
 }
 
 TORCH_LIBRARY_IMPL(torch_mp, CompositeExplicitAutograd, m) {

@@ -60,6 +60,13 @@ def samples(group_name, world, rank):
         "_shard": [((x, 0, *group), ALL_UTILS)],
         # opcheck runs an op several times: a started all-reduce would never be waited on. Across
         # ranks the pair is checked in test_async_collectives; here in a group of one (no collective).
+        # Async TP: a sequence-parallel input of 2 rows per rank; [2 * world, 3] in for the reduce-scatter.
+        "all_gather_matmul": [((leaf(torch.randn(2, 3)), [leaf(w), leaf(torch.randn(2, 3))], 0, 1, *group), ALL_UTILS),
+                              ((leaf(torch.randn(2, 4, 3)), [leaf(w)], 1, 2, *group), ALL_UTILS)],
+        "matmul_reduce_scatter": [((leaf(x), leaf(torch.randn(4, 3)), 0, 1, *group), ALL_UTILS),
+                                  ((leaf(torch.randn(3, 4 * world, 3)), leaf(w), 1, 2, *group), ALL_UTILS)],
+        "_matmul_reduce_scatter": [(([x, x], [w, w], torch.randn(world * 2, 3), 0, 1, *group), ALL_UTILS),
+                                   (([x], [w], None, 0, 2, *group), ALL_UTILS)],
         "_all_reduce_start_": [((torch.randn(3), "sum", "", 1), ALL_UTILS)],
         "_wait_": [((torch.randn(3), [torch.randn(2)], "", 1), ALL_UTILS)],
     }
