@@ -376,8 +376,8 @@ class RankStep:
         self.rank_of, self.last = pipe.rank_of, pipe.num_stages - 1
         self.state, self.recompute = state, recompute
         self.origin = WeakIdKeyDictionary()
-        # Zero-bubble schedules: the slot of (stage 0, micro-batch 0) and the micro-batch count;
-        # slot(stage, m) = first_slot + stage * count + m holds the weight gradients W runs.
+        # Zero-bubble schedules: where this step's slots start and the micro-batch count
+        # (``zero_bubble.slot_of``); a slot holds the weight gradients its W runs.
         self.first_slot: Optional[int] = None
         self.count = 0
 
@@ -385,7 +385,7 @@ class RankStep:
         """Where the linears of ``stage`` leave their weight gradients on ``microbatch``'s backward."""
         if self.first_slot is None:
             return contextlib.nullcontext()
-        return zero_bubble.deferring(self.first_slot + stage * self.count + microbatch)
+        return zero_bubble.deferring(zero_bubble.slot_of(self.first_slot, self.count, stage, microbatch))
 
     def run(self, actions: List[Action], works: List[Callable[[], object]],
             losses: Optional[List[torch.Tensor]] = None, recorder=None) -> List[MicroBatch]:
@@ -397,7 +397,7 @@ class RankStep:
             for kind, stage, m in actions:
                 started = recorder.now() if recorder is not None else 0.0
                 if kind == zero_bubble.WEIGHT:
-                    zero_bubble.run_weight_gradients(self.first_slot + stage * self.count + m)
+                    zero_bubble.run_weight_gradients(zero_bubble.slot_of(self.first_slot, self.count, stage, m))
                 elif kind:
                     self._backward(stage, micro_batches[m], losses)
                 else:

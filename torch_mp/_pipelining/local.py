@@ -67,7 +67,7 @@ class MicroBatch:
                  first_slot: Optional[int], count: int, recorder=None):
         self.pipe, self.gate, self.index, self.num_stages = pipe, gate, index, num_stages
         self.recompute, self.recorder = recompute, recorder
-        # Zero-bubble schedules: slot(stage, m) = first_slot + stage * count + m (``zero_bubble``).
+        # Zero-bubble schedules: where this step's slots start (``zero_bubble.slot_of``).
         self.first_slot, self.count = first_slot, count
         self.depth = 0  # placed modules under way: those they call run as part of them
         self.entered: set = set()
@@ -106,7 +106,8 @@ def gated_forward(pipe, original: Callable, stage: int, device: torch.device, mo
         micro_batch.depth += 1
         try:
             if micro_batch.first_slot is not None:
-                with zero_bubble.deferring(micro_batch.first_slot + stage * micro_batch.count + micro_batch.index):
+                slot = zero_bubble.slot_of(micro_batch.first_slot, micro_batch.count, stage, micro_batch.index)
+                with zero_bubble.deferring(slot):
                     return run(micro_batch, *args, **kwargs)
             return run(micro_batch, *args, **kwargs)
         finally:
@@ -228,7 +229,7 @@ def run_micro_batches(pipe, schedule: List[List[Action]], count: int, work: Call
                 gate.wait(action)
                 started = recorder.now() if recorder is not None else 0.0
                 with grads:
-                    zero_bubble.run_weight_gradients(first_slot + action[1] * count + action[2])
+                    zero_bubble.run_weight_gradients(zero_bubble.slot_of(first_slot, count, action[1], action[2]))
                 if recorder is not None:
                     recorder.record(action[0], action[1], action[2], started)
                 gate.finish([action])

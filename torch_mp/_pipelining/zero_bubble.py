@@ -37,6 +37,12 @@ def allocate_slots(count: int) -> int:
         return first
 
 
+def slot_of(first_slot: int, count: int, stage: int, microbatch: int) -> int:
+    """The slot of (stage, micro-batch) in a step of ``count`` micro-batches whose slots start at
+    ``first_slot`` (``allocate_slots(num_stages * count)``)."""
+    return first_slot + stage * count + microbatch
+
+
 class deferring:
     """While a stage runs a micro-batch's forward: its linears' weight gradients go to ``slot``."""
 
