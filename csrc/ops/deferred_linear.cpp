@@ -39,7 +39,9 @@ at::Tensor deferred_linear_kernel(
 } // namespace
 
 TORCH_LIBRARY_FRAGMENT(torch_mp, m) {
-  m.def("deferred_linear(Tensor input, Tensor weight, Tensor? bias, int slot) -> Tensor");
+  m.def(
+      "deferred_linear(Tensor input, Tensor weight, Tensor? bias, int slot) -> Tensor",
+      std::vector<at::Tag>{at::Tag::pt2_compliant_tag});
 }
 
 TORCH_LIBRARY_IMPL(torch_mp, CompositeExplicitAutograd, m) {

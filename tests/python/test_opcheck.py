@@ -67,6 +67,8 @@ def samples(group_name, world, rank):
                                   ((leaf(torch.randn(3, 4 * world, 3)), leaf(w), 1, 2, *group), ALL_UTILS)],
         "_matmul_reduce_scatter": [(([x, x], [w, w], torch.randn(world * 2, 3), 0, 1, *group), ALL_UTILS),
                                    (([x], [w], None, 0, 2, *group), ALL_UTILS)],
+        # slot -1: the whole backward at once (a queued weight gradient would outlive opcheck's runs).
+        "deferred_linear": [((leaf(x), leaf(w), leaf(b), -1), ALL_UTILS), ((leaf(x), leaf(w), None, -1), ALL_UTILS)],
         "_all_reduce_start_": [((torch.randn(3), "sum", "", 1), ALL_UTILS)],
         "_wait_": [((torch.randn(3), [torch.randn(2)], "", 1), ALL_UTILS)],
     }

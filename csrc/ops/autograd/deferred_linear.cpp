@@ -71,7 +71,7 @@ void accumulate(const at::Tensor& param, const at::Tensor& grad) {
   }
 }
 
-class DeferredLinear : public torch::autograd::Function<DeferredLinear> {
+class DeferredLinearFunction : public torch::autograd::Function<DeferredLinearFunction> {
  public:
   static at::Tensor forward(
       AutogradContext* ctx,
@@ -128,7 +128,7 @@ at::Tensor deferred_linear_autograd(
     const at::Tensor& weight,
     const std::optional<at::Tensor>& bias,
     int64_t slot) {
-  return DeferredLinear::apply(input, weight, bias, slot);
+  return DeferredLinearFunction::apply(input, weight, bias, slot);
 }
 
 } // namespace
