@@ -39,9 +39,8 @@ at::Tensor deferred_linear_kernel(
 } // namespace
 
 TORCH_LIBRARY_FRAGMENT(torch_mp, m) {
-  m.def(
-      "deferred_linear(Tensor input, Tensor weight, Tensor? bias, int slot) -> Tensor",
-      std::vector<at::Tag>{at::Tag::pt2_compliant_tag});
+  const std::vector<at::Tag> pt2_compliant{at::Tag::pt2_compliant_tag};
+  m.def("deferred_linear(Tensor input, Tensor weight, Tensor? bias, int slot) -> Tensor", pt2_compliant);
 }
 
 TORCH_LIBRARY_IMPL(torch_mp, CompositeExplicitAutograd, m) {
