@@ -26,6 +26,7 @@ from torch_mp._mesh import init_mesh
 from torch_mp._pipelining.pipeline import pipeline
 from torch_mp._report import memory_report
 from torch_mp._split import split
+from torch_mp._state import ParallelState, state_of
 from torch_mp._checkpoint.state_dict import full_state_dict, init_empty_weights, load_full_state_dict
 from torch_mp._tensor_parallel.parallelize import tensor_parallel
 
@@ -37,6 +38,7 @@ cmake_prefix_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sh
 
 __all__ = [
     "CollectiveError",
+    "ParallelState",
     "all_to_all",
     "cmake_prefix_path",
     "column_parallel_linear",
@@ -56,6 +58,7 @@ __all__ = [
     "save",
     "scatter_to_tp",
     "split",
+    "state_of",
     "pipeline",
     "tensor_parallel",
     "to_device",

@@ -24,6 +24,7 @@ from torch_mp._pipelining.microbatch import (BatchPlan, ChunkSpec, OutputMerge, 
                                              check_output_merge, cut_target, loss_weights, merge_outputs,
                                              micro_batch_sizes, shapes_of, write_back)
 from torch_mp._pipelining.transport import GroupTransport
+from torch_mp._state import PIPELINE, SPLIT, ParallelState, attach, check_not_parallelized, state_of
 from torch_mp._tensors import map_tensors, move_tensors, mover, tensors_in
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
@@ -84,12 +85,10 @@ class LocalPipe(_Pipe):
         super().__init__(*args)
         self.devices, self.output_device = devices, output_device
         repeated = {device for device in devices if devices.count(device) > 1}
-        for name, device in self.module.device_map.items():
+        for name, device in state_of(self.module, SPLIT).device_map.items():
             submodule = self.module.get_submodule(name)
-            forward = gated_forward(self, submodule.forward, self.stage_of[name], device,
-                                    mover(device, device in repeated), submodule)
-            forward._torch_mp_gated = True
-            submodule.forward = forward
+            submodule.forward = gated_forward(self, submodule.forward, self.stage_of[name], device,
+                                              mover(device, device in repeated), submodule)
         self._to_output = mover(output_device, output_device in repeated)
 
     def _own_forward(self, args, kwargs):
@@ -321,10 +320,19 @@ def pipeline(
     the value of a tensor another rank computes raises ValueError. ``train_step`` takes
     ``normalizer=`` as ``split``'s does. Parameters outside the layers (embeddings, heads, norms)
     live on every rank, and their gradients are summed across
-    those ranks after each step.
+    those ranks after each step. Schedules after GPipe (Huang et al., 2019), 1F1B (PipeDream,
+    Narayanan et al., 2019) and interleaved 1F1B (Narayanan et al., 2021, Megatron-LM).
+
+    Raises TypeError for a ``module`` that is not an ``nn.Module`` or a ``group`` of another type;
+    ValueError for an unknown ``schedule``, ``stages_per_rank`` that does not fit it, a ``balance``
+    without one entry per stage, bad ``chunks`` / ``checkpoint`` / ``batch_dim`` values, or a
+    module another torch_mp wrapper returned already; during a step, ValueError when the ranks
+    disagree on options or batch shapes, and ``torch_mp.CollectiveError`` when a peer does not
+    answer within ``timeout``.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"pipeline: expected module to be a torch.nn.Module, got {type(module).__name__}")
+    check_not_parallelized(module, "pipeline")
     info = resolve_group(group, "pipeline(group=...)")
     group = process_group_of(group)
     if schedule not in SCHEDULES:
@@ -352,6 +360,7 @@ def pipeline(
                            stages_per_rank=stages_per_rank, device=device,
                            timeout=datetime.timedelta(seconds=_timeout_of(info, device) if timeout is None else timeout))
     pipe.ties = _keep_local_tensors(module, _ranks_using(module, stage_of, layer_names, info.size), pipe, device)
+    attach(module, ParallelState(PIPELINE, group=group, stage_of=stage_of, pipe=pipe), "pipeline")
     install_pipe(module, pipe)
     return module
 
@@ -440,7 +449,6 @@ def install_pipe(module: nn.Module, pipe: _Pipe) -> None:
     """The module's calls go through the pipeline from now on; ``train_step`` runs a schedule."""
     module.forward = pipe.forward
     module.train_step = pipe.train_step
-    module._torch_mp_pipe = pipe
 
 
 def layer_costs(module: nn.Module, layer_names: List[str], sample, group=None,

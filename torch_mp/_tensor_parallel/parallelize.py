@@ -1,5 +1,6 @@
 """Tensor parallelism for stock modules: swap their Linear / Conv1D / Embedding layers for the
-parallel ones by a plan, and fix the attributes that depend on the split, so the stock forward runs.
+parallel ones by a plan, and divide the attributes that depend on the shard (head counts, widths),
+so the stock forward runs.
 
 A plan maps module-name patterns (globs: ``"layers.*.mlp.up_proj"``) to styles:
 
@@ -51,6 +52,7 @@ from torch_mp.nn import (
     share_input_copy,
 )
 from torch_mp._layers import inside
+from torch_mp._state import TENSOR_PARALLEL, ParallelState, attach, check_not_parallelized
 
 logger = logging.getLogger("torch_mp")
 
@@ -89,10 +91,20 @@ def tensor_parallel(module: nn.Module, plan: Union[str, Plan] = "auto", group: G
     under a plan given as a dict it is a ValueError naming the module and the error.
 
     The result has ``torch_mp_plan`` ({module name: style}) and keeps the stock parameter names;
-    ``torch_mp.full_state_dict`` gathers a stock state_dict from it.
+    ``torch_mp.full_state_dict`` gathers a stock state_dict from it; ``torch_mp.state_of(module)``
+    returns its record. Each rank's layers hold ``1 / group size`` of the sharded weights:
+    ``[out, in] -> [out / world, in]`` colwise, ``[out, in / world]`` rowwise, ``[V / world, dim]``
+    vocab. The styles follow Megatron-LM (Shoeybi et al., 2019, arXiv:1909.08053) and its sequence
+    parallelism (Korthikanti et al., 2022, arXiv:2205.05198), named as in transformers' ``tp_plan``
+    and ``torch.distributed.tensor.parallel``.
+
+    Raises TypeError for a ``module`` that is not an ``nn.Module``, a ``plan`` that is neither
+    ``"auto"`` nor a dict or a ``group`` of another type; the ValueErrors above, and ValueError when
+    the ranks resolve different plans or the module was returned by a torch_mp wrapper already.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"tensor_parallel: expected module to be a torch.nn.Module, got {type(module).__name__}")
+    check_not_parallelized(module, "tensor_parallel")
     info = resolve_group(group, "tensor_parallel(group=...)")
     if isinstance(plan, str):
         if plan != "auto":
@@ -155,17 +167,16 @@ def tensor_parallel(module: nn.Module, plan: Union[str, Plan] = "auto", group: G
         summed = {id(p) for name in grad_sums for p in module.get_submodule(name).parameters()}
         _sequence_parallel(module, sequence_blocks, info, summed)
     _share_input_copies(module)
-    module.torch_mp_plan = {name: _style_name(spec) for name, spec in specs.items()}
-    module.torch_mp_plan.update({name: GRAD_SUM for name in grad_sums})
-    module.torch_mp_plan.update({name: MOE for name in moe_blocks})
-    module.torch_mp_plan.update({name: SEQUENCE_PARALLEL for name in sequence_blocks})
-    module._torch_mp_specs = specs
-    module._torch_mp_group = group
-    module.torch_mp_replicated = [name for name, child in module.named_modules()
-                                  if _is_shardable(child) and not any(inside(name, s) for s in specs)]
-    module.torch_mp_kept_whole = kept_whole
+    styles = {name: _style_name(spec) for name, spec in specs.items()}
+    styles.update({name: GRAD_SUM for name in grad_sums})
+    styles.update({name: MOE for name in moe_blocks})
+    styles.update({name: SEQUENCE_PARALLEL for name in sequence_blocks})
+    replicated = [name for name, child in module.named_modules()
+                  if _is_shardable(child) and not any(inside(name, s) for s in specs)]
+    attach(module, ParallelState(TENSOR_PARALLEL, group=group, specs=specs, plan=styles, replicated=replicated,
+                                 kept_whole=kept_whole), "tensor_parallel")
     logger.info("tensor_parallel: %d layers sharded across %d ranks; replicated: %s", len(specs), info.size,
-                module.torch_mp_replicated)
+                replicated)
     return module
 
 
