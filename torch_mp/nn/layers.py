@@ -32,7 +32,7 @@ def _init_linear(weight: torch.Tensor, bias: Optional[torch.Tensor], fan_in: int
 
 
 class _TensorParallel(nn.Module):
-    # Sequence parallel (Megatron): the activations around the module holding this layer are split
+    # Sequence parallel (Megatron): the activations around the module holding this layer are sharded
     # along this dim (None: they are not). That module all-gathers its input, so a colwise layer
     # computes locally and a rowwise one reduce-scatters. Set by tensor_parallel.
     sequence_dim: Optional[int] = None
@@ -215,7 +215,7 @@ class RowParallelLinear(_TensorParallel):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self.sequence_dim is not None:
-            # The output leaves split along the sequence: reduce-scatter instead of all-reduce.
+            # The output leaves sharded along the sequence: reduce-scatter instead of all-reduce.
             if not self.input_is_parallel:
                 input = torch.ops.torch_mp.scatter_to_tp(input, -1, self.group_name, self.group_size)
             partial = torch.nn.functional.linear(input, self.weight)
