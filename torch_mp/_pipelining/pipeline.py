@@ -41,6 +41,11 @@ def check_options(chunks: int, schedule: str, checkpoint: str, batch_dim: int, a
         raise ValueError(f"pipeline: batch_dim = {batch_dim!r}; expected an int >= 0")
 
 
+def _check_loss_fn(loss_fn) -> None:
+    if not callable(loss_fn):
+        raise TypeError(f"pipeline: loss_fn = {loss_fn!r}; expected a callable (output, target) -> loss")
+
+
 class _Pipe:
     """What a pipelined module runs instead of its own forward: its forward on micro-batches, by a
     schedule. Subclasses say where the stages run."""
@@ -62,6 +67,13 @@ class _Pipe:
     def _write_back(self, args, kwargs, parts, sizes) -> None:
         for i, name in enumerate(("args", "kwargs")):
             write_back((args, kwargs)[i], [part[i] for part in parts], sizes, self.batch_dim, self.output_merge, name)
+
+    def _train_plan(self, args, kwargs, target, loss_fn: Callable, normalizer):
+        """The micro-batches of a ``train_step``: their sizes, (args, kwargs), targets and loss weights."""
+        _check_loss_fn(loss_fn)
+        sizes, parts = self._plan(args, kwargs)
+        targets = cut_target(target, sizes, self.batch_dim) if target is not None else [None] * len(sizes)
+        return sizes, parts, targets, loss_weights(sizes, target, normalizer)
 
     def _recompute(self, microbatch: int, count: int) -> bool:
         return self.checkpoint == "always" or (self.checkpoint == "except_last" and microbatch < count - 1)
@@ -112,12 +124,8 @@ class LocalPipe(_Pipe):
         target: e.g. its count of tokens that are not ``ignore_index``), a micro-batch's summed
         loss, every one divided by the normalizer. Returns the batch's loss, detached. The
         optimizer step is the caller's."""
-        if not callable(loss_fn):
-            raise TypeError(f"pipeline: loss_fn = {loss_fn!r}; expected a callable (output, target) -> loss")
-        sizes, parts = self._plan(args, kwargs)
+        sizes, parts, targets, weights = self._train_plan(args, kwargs, target, loss_fn, normalizer)
         count = len(sizes)
-        targets = cut_target(target, sizes, self.batch_dim) if target is not None else [None] * count
-        weights = loss_weights(sizes, target, normalizer)
         schedule = _C._pipeline_schedule(self.schedule, self.num_stages, 1, count)
 
         def forward(m: int) -> torch.Tensor:
@@ -184,12 +192,8 @@ class DistributedPipe(_Pipe):
 
     def train_step(self, *args, target=None, loss_fn: Callable, normalizer=None, **kwargs) -> torch.Tensor:
         """As ``LocalPipe.train_step``; the loss is returned on every rank."""
-        if not callable(loss_fn):
-            raise TypeError(f"pipeline: loss_fn = {loss_fn!r}; expected a callable (output, target) -> loss")
-        sizes, parts = self._plan(args, kwargs)
+        sizes, parts, targets, weights = self._train_plan(args, kwargs, target, loss_fn, normalizer)
         count = len(sizes)
-        targets = cut_target(target, sizes, self.batch_dim) if target is not None else [None] * count
-        weights = loss_weights(sizes, target, normalizer)
         last = self.rank_of(self.num_stages - 1) == self.rank
         losses: List = [None] * count
 
@@ -432,8 +436,7 @@ def plain_train_step(module: nn.Module) -> Callable:
     conventions of the pipelined one."""
 
     def train_step(*args, target=None, loss_fn: Callable, normalizer=None, **kwargs) -> torch.Tensor:
-        if not callable(loss_fn):
-            raise TypeError(f"pipeline: loss_fn = {loss_fn!r}; expected a callable (output, target) -> loss")
+        _check_loss_fn(loss_fn)
         output = module(*args, **kwargs)
         found = tensors_in(output)
         if target is not None and found:
