@@ -65,15 +65,15 @@ class ParallelState:
             raise ValueError(f"ParallelState: kind = {self.kind!r}; expected one of {list(KINDS)}")
 
 
-def state_of(module: nn.Module, required: Union[None, str, Sequence[str]] = None,
-             caller: str = "torch_mp.state_of") -> Optional[ParallelState]:
+def state_of(module: nn.Module, required: Union[None, str, Sequence[str]] = None) -> Optional[ParallelState]:
     """The :class:`ParallelState` that ``split``, ``pipeline`` or ``tensor_parallel`` stored on
     ``module``; None for a module none of them returned.
 
     ``required``: a kind or a sequence of kinds (``"split"``, ``"pipeline"``, ``"tensor_parallel"``):
     then the module must hold a state of one of them. Raises TypeError when ``module`` is not an
-    ``nn.Module``, ValueError naming ``caller``, the kinds expected and what the module holds when
-    it holds no state of a required kind."""
+    ``nn.Module``; ValueError naming the kinds expected and what the module holds when it holds no
+    state of a required kind, or for an unknown kind."""
+    caller = "torch_mp.state_of"
     check_arg(caller, "module", module, nn.Module, "a torch.nn.Module")
     state = module.__dict__.get(_ATTRIBUTE)
     if required is None:
