@@ -75,7 +75,8 @@ def reduce_from_tp(tensor: torch.Tensor, group: GroupLike = None) -> torch.Tenso
     """Partial results leaving the tensor-parallel region: ``[*] -> [*]``, summed over ``group``.
 
     forward: all-reduce (sum); backward: identity. Megatron's ``g``
-    (``reduce_from_tensor_model_parallel_region``). ``group``: a ProcessGroup, a 1-D DeviceMesh or None (the default group; a group of one when
+    (``reduce_from_tensor_model_parallel_region``).
+    ``group``: a ProcessGroup, a 1-D DeviceMesh or None (the default group; a group of one when
     torch.distributed is not initialized).
 
     Raises TypeError for a ``tensor`` that is not a tensor or a ``group`` of another type;
@@ -109,7 +110,8 @@ def scatter_to_tp(tensor: torch.Tensor, dim: int = -1, group: GroupLike = None) 
     ``[r * n, (r + 1) * n)``.
 
     forward: this rank's slice (no communication); backward: all-gather of the gradient along
-    ``dim``. Megatron's ``scatter_to_tensor_model_parallel_region``. ``group``: a ProcessGroup, a 1-D DeviceMesh or None (the default group; a group of one when
+    ``dim``. Megatron's ``scatter_to_tensor_model_parallel_region``.
+    ``group``: a ProcessGroup, a 1-D DeviceMesh or None (the default group; a group of one when
     torch.distributed is not initialized).
 
     Raises TypeError for a ``tensor`` that is not a tensor, a ``dim`` that is not an int or a
@@ -127,7 +129,8 @@ def reduce_scatter_to_sp(tensor: torch.Tensor, dim: int = 0, group: GroupLike = 
 
     forward: reduce-scatter (sum) along ``dim``; backward: all-gather of the gradient along ``dim``.
     Megatron's ``reduce_scatter_to_sequence_parallel_region`` (Korthikanti et al., 2022); it
-    replaces a row-parallel layer's all-reduce. ``group``: a ProcessGroup, a 1-D DeviceMesh or None (the default group; a group of one when
+    replaces a row-parallel layer's all-reduce.
+    ``group``: a ProcessGroup, a 1-D DeviceMesh or None (the default group; a group of one when
     torch.distributed is not initialized).
 
     Raises TypeError for a ``tensor`` that is not a tensor, a ``dim`` that is not an int or a
@@ -146,7 +149,8 @@ def gather_from_sp(tensor: torch.Tensor, dim: int = 0, group: GroupLike = None) 
 
     forward: all-gather along ``dim``; backward: reduce-scatter (sum) of the gradient along ``dim``.
     Megatron's ``gather_from_sequence_parallel_region`` (Korthikanti et al., 2022); it replaces a
-    column-parallel layer's ``copy_to_tp``. ``group``: a ProcessGroup, a 1-D DeviceMesh or None (the default group; a group of one when
+    column-parallel layer's ``copy_to_tp``.
+    ``group``: a ProcessGroup, a 1-D DeviceMesh or None (the default group; a group of one when
     torch.distributed is not initialized).
 
     Raises TypeError for a ``tensor`` that is not a tensor, a ``dim`` that is not an int or a
@@ -192,7 +196,8 @@ def row_parallel_linear(input: torch.Tensor, weight: torch.Tensor, bias: Optiona
     ``input_is_parallel=False``, sliced here by ``scatter_to_tp``), ``weight [out, in / world]``,
     ``bias [out]`` -> ``[*, out]``, whole on every rank. forward: the local matmul, then
     ``reduce_from_tp`` (all-reduce, sum); backward: identity for the output gradient, then the local
-    matmuls. Megatron-LM's ``RowParallelLinear`` (Shoeybi et al., 2019). ``group``: a ProcessGroup, a 1-D DeviceMesh or None (the default group; a group of one when
+    matmuls. Megatron-LM's ``RowParallelLinear`` (Shoeybi et al., 2019).
+    ``group``: a ProcessGroup, a 1-D DeviceMesh or None (the default group; a group of one when
     torch.distributed is not initialized).
 
     Raises TypeError for arguments of the wrong type, or ``weight`` / ``bias`` of another dtype
