@@ -29,6 +29,7 @@ from torch_mp._pipelining.pipeline import pipeline
 from torch_mp._pipelining.timeline import Timeline, TimelineEvent, plot_timeline
 from torch_mp._report import memory_report
 from torch_mp._split import split
+from torch_mp._state import ParallelState, state_of
 from torch_mp._checkpoint.state_dict import full_state_dict, init_empty_weights, load_full_state_dict
 from torch_mp._tensor_parallel.parallelize import tensor_parallel
 
@@ -40,6 +41,7 @@ cmake_prefix_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sh
 
 __all__ = [
     "CollectiveError",
+    "ParallelState",
     "all_gather_matmul",
     "Timeline",
     "TimelineEvent",
@@ -63,6 +65,7 @@ __all__ = [
     "save",
     "scatter_to_tp",
     "split",
+    "state_of",
     "pipeline",
     "plot_timeline",
     "tensor_parallel",

@@ -15,7 +15,12 @@ def init_mesh(dp: int = 1, tp: Optional[int] = None, device_type: Optional[str] 
         model = DistributedDataParallel(model, process_group=mesh["dp"].get_group())
         # or torch.distributed.fsdp.fully_shard(model, mesh=mesh["dp"])
 
-    ``tp`` defaults to world size / dp; ``device_type`` to "cuda" under NCCL, else "cpu".
+    ``tp`` defaults to world size / dp; ``device_type`` to "cuda" under NCCL, else "cpu". The
+    layout of Megatron-LM's 2-D parallelism (Narayanan et al., 2021) over PyTorch's
+    ``init_device_mesh``.
+
+    Raises RuntimeError when torch.distributed is not initialized; ValueError when ``dp * tp`` is
+    not the world size.
     """
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("init_mesh: torch.distributed is not initialized; expected init_process_group() first "

@@ -32,11 +32,17 @@ def _to_device_fake(self: torch.Tensor, device: torch.device, non_blocking: bool
 
 
 def to_device(tensor: torch.Tensor, device: DeviceLike, non_blocking: bool = False) -> torch.Tensor:
-    """Copies ``tensor`` to ``device``, differentiably.
+    """Copies ``tensor`` to ``device``, differentiably: ``[*] -> [*]``, same dtype, on ``device``.
 
-    forward: a copy on ``device`` (always a new tensor); backward: the gradient goes back to the
-    device ``tensor`` came from. Works in eager mode, under ``torch.compile(fullgraph=True)`` and is
-    ``torch_mp::to_device`` in C++.
+    forward: a copy on ``device`` (always a new tensor, even on the same device); backward: the
+    gradient is copied back to the device ``tensor`` came from. ``device``: a ``torch.device``, a
+    string (``"cuda:1"``) or an index; ``non_blocking``: as for ``Tensor.to``. The transfer between
+    stages of ``split``, after torchgpipe's ``Copy`` (Kim et al., 2020, arXiv:2004.09910). Works
+    in eager mode and under ``torch.compile(fullgraph=True)``; ``torch_mp::to_device`` in C++.
+
+    Raises TypeError for a ``tensor`` that is not a tensor, a ``device`` of another type or a
+    ``non_blocking`` that is not a bool; ValueError for a string that names no device or a device
+    this process does not have.
     """
     _check_tensor("to_device", tensor)
     check_arg("to_device", "non_blocking", non_blocking, bool, "a bool")
@@ -44,45 +50,113 @@ def to_device(tensor: torch.Tensor, device: DeviceLike, non_blocking: bool = Fal
 
 
 # --- tensor parallelism: conjugate pairs --------------------------------------------------------
-# Each takes group=None (the default group), a ProcessGroup or a 1-D DeviceMesh.
+# Each takes group=None (the default group), a ProcessGroup or a 1-D DeviceMesh. The pairs are
+# Megatron-LM's f and g operators (Shoeybi et al., 2019, arXiv:1909.08053; Megatron-Core's
+# tensor_parallel/mappings.py) and, for sequence parallelism, Korthikanti et al., 2022
+# (arXiv:2205.05198). With a group of one each is the identity (a copy).
 
 def copy_to_tp(tensor: torch.Tensor, group: GroupLike = None) -> torch.Tensor:
-    """forward: identity; backward: all-reduce (sum). A replicated input entering the parallel region."""
+    """A replicated input entering the tensor-parallel region: ``[*] -> [*]``.
+
+    forward: identity (a copy); backward: all-reduce (sum) of the gradient over ``group``, whose
+    ranks each computed a partial input gradient. Megatron's ``f`` (``copy_to_tensor_model_parallel_region``).
+    ``group``: a ProcessGroup, a 1-D DeviceMesh or None (the default group; a group of one when
+    torch.distributed is not initialized).
+
+    Raises TypeError for a ``tensor`` that is not a tensor or a ``group`` of another type;
+    ``torch_mp.CollectiveError`` when a peer does not answer within the group's timeout.
+    """
     _check_tensor("copy_to_tp", tensor)
     name, size, _ = resolve_group(group, "copy_to_tp(group=...)")
     return torch.ops.torch_mp.copy_to_tp(tensor, name, size)
 
 
 def reduce_from_tp(tensor: torch.Tensor, group: GroupLike = None) -> torch.Tensor:
-    """forward: all-reduce (sum); backward: identity. Partial results leaving the parallel region."""
+    """Partial results leaving the tensor-parallel region: ``[*] -> [*]``, summed over ``group``.
+
+    forward: all-reduce (sum); backward: identity. Megatron's ``g``
+    (``reduce_from_tensor_model_parallel_region``).
+    ``group``: a ProcessGroup, a 1-D DeviceMesh or None (the default group; a group of one when
+    torch.distributed is not initialized).
+
+    Raises TypeError for a ``tensor`` that is not a tensor or a ``group`` of another type;
+    ``torch_mp.CollectiveError`` when a peer does not answer within the group's timeout.
+    """
     _check_tensor("reduce_from_tp", tensor)
     name, size, _ = resolve_group(group, "reduce_from_tp(group=...)")
     return torch.ops.torch_mp.reduce_from_tp(tensor, name, size)
 
 
 def gather_from_tp(tensor: torch.Tensor, dim: int = -1, group: GroupLike = None) -> torch.Tensor:
-    """forward: all-gather along ``dim``; backward: this rank's slice."""
+    """Every rank's slice, concatenated in rank order along ``dim``:
+    ``[..., n, ...] -> [..., n * world, ...]`` (``world``: the group size).
+
+    forward: all-gather along ``dim``; backward: this rank's slice of the gradient along ``dim``.
+    Megatron's ``gather_from_tensor_model_parallel_region`` (there along the last dim, the default
+    here too). ``group``: a ProcessGroup, a 1-D DeviceMesh or None (the default group; a group of one when
+    torch.distributed is not initialized).
+
+    Raises TypeError for a ``tensor`` that is not a tensor, a ``dim`` that is not an int or a
+    ``group`` of another type; IndexError for a ``dim`` out of range (or a 0-dim ``tensor``);
+    ``torch_mp.CollectiveError`` when a peer does not answer within the group's timeout.
+    """
     _check_dim("gather_from_tp", tensor, dim)
     name, size, _ = resolve_group(group, "gather_from_tp(group=...)")
     return torch.ops.torch_mp.gather_from_tp(tensor, dim, name, size)
 
 
 def scatter_to_tp(tensor: torch.Tensor, dim: int = -1, group: GroupLike = None) -> torch.Tensor:
-    """forward: this rank's slice along ``dim``; backward: all-gather."""
+    """This rank's slice along ``dim``: ``[..., n * world, ...] -> [..., n, ...]``, rank r taking
+    ``[r * n, (r + 1) * n)``.
+
+    forward: this rank's slice (no communication); backward: all-gather of the gradient along
+    ``dim``. Megatron's ``scatter_to_tensor_model_parallel_region``.
+    ``group``: a ProcessGroup, a 1-D DeviceMesh or None (the default group; a group of one when
+    torch.distributed is not initialized).
+
+    Raises TypeError for a ``tensor`` that is not a tensor, a ``dim`` that is not an int or a
+    ``group`` of another type; IndexError for a ``dim`` out of range (or a 0-dim ``tensor``);
+    ValueError when ``tensor.shape[dim]`` is not a multiple of the group size.
+    """
     _check_dim("scatter_to_tp", tensor, dim)
     name, size, _ = resolve_group(group, "scatter_to_tp(group=...)")
     return torch.ops.torch_mp.scatter_to_tp(tensor, dim, name, size)
 
 
 def reduce_scatter_to_sp(tensor: torch.Tensor, dim: int = 0, group: GroupLike = None) -> torch.Tensor:
-    """Sequence parallel. forward: reduce-scatter along ``dim``; backward: all-gather."""
+    """Sequence parallel: partial results summed over ``group`` and cut along the sequence ``dim``:
+    ``[..., n * world, ...] -> [..., n, ...]``.
+
+    forward: reduce-scatter (sum) along ``dim``; backward: all-gather of the gradient along ``dim``.
+    Megatron's ``reduce_scatter_to_sequence_parallel_region`` (Korthikanti et al., 2022); it
+    replaces a row-parallel layer's all-reduce.
+    ``group``: a ProcessGroup, a 1-D DeviceMesh or None (the default group; a group of one when
+    torch.distributed is not initialized).
+
+    Raises TypeError for a ``tensor`` that is not a tensor, a ``dim`` that is not an int or a
+    ``group`` of another type; IndexError for a ``dim`` out of range; ValueError when
+    ``tensor.shape[dim]`` is not a multiple of the group size; ``torch_mp.CollectiveError`` when a
+    peer does not answer within the group's timeout.
+    """
     _check_dim("reduce_scatter_to_sp", tensor, dim)
     name, size, _ = resolve_group(group, "reduce_scatter_to_sp(group=...)")
     return torch.ops.torch_mp.reduce_scatter_to_sp(tensor, dim, name, size)
 
 
 def gather_from_sp(tensor: torch.Tensor, dim: int = 0, group: GroupLike = None) -> torch.Tensor:
-    """Sequence parallel. forward: all-gather along ``dim``; backward: reduce-scatter."""
+    """Sequence parallel: the whole sequence from every rank's part along ``dim``:
+    ``[..., n, ...] -> [..., n * world, ...]``.
+
+    forward: all-gather along ``dim``; backward: reduce-scatter (sum) of the gradient along ``dim``.
+    Megatron's ``gather_from_sequence_parallel_region`` (Korthikanti et al., 2022); it replaces a
+    column-parallel layer's ``copy_to_tp``.
+    ``group``: a ProcessGroup, a 1-D DeviceMesh or None (the default group; a group of one when
+    torch.distributed is not initialized).
+
+    Raises TypeError for a ``tensor`` that is not a tensor, a ``dim`` that is not an int or a
+    ``group`` of another type; IndexError for a ``dim`` out of range (or a 0-dim ``tensor``);
+    ``torch_mp.CollectiveError`` when a peer does not answer within the group's timeout.
+    """
     _check_dim("gather_from_sp", tensor, dim)
     name, size, _ = resolve_group(group, "gather_from_sp(group=...)")
     return torch.ops.torch_mp.gather_from_sp(tensor, dim, name, size)
@@ -90,9 +164,24 @@ def gather_from_sp(tensor: torch.Tensor, dim: int = 0, group: GroupLike = None) 
 
 def column_parallel_linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                            gather_output: bool = False, group: GroupLike = None) -> torch.Tensor:
-    """``input @ weight.T + bias`` with ``weight`` holding this rank's output features; ``input`` is
-    replicated. ``gather_output``: all-gather the result along its last dim. The backward overlaps the
-    all-reduce of the input gradient with the weight-gradient matmul."""
+    """A column-parallel linear layer: ``input @ weight.T + bias`` with ``weight`` holding this
+    rank's output features.
+
+    Shapes: ``input [*, in]`` (replicated), ``weight [out / world, in]``, ``bias [out / world]`` ->
+    ``[*, out / world]`` (this rank's features), or ``[*, out]`` with ``gather_output=True``.
+    forward: ``copy_to_tp`` then the local matmul (then ``gather_from_tp`` with ``gather_output``);
+    backward: the input gradient all-reduced (sum), overlapped with the weight-gradient matmul, and
+    the weight and bias gradients local. Megatron-LM's ``ColumnParallelLinear`` (Shoeybi et al.,
+    2019); the overlap as in Megatron-Core's ``LinearWithGradAccumulationAndAsyncCommunication``.
+    ``group``: a ProcessGroup, a 1-D DeviceMesh or None (the default group; a group of one when
+    torch.distributed is not initialized).
+
+    Raises TypeError for arguments of the wrong type, or ``weight`` / ``bias`` of another dtype
+    than ``input``; ValueError for a 0-dim ``input``, a ``weight`` that is not a matrix whose
+    columns match ``input``'s last dim, a ``bias`` that is not one entry per row of ``weight``, or
+    tensors on different devices; ``torch_mp.CollectiveError`` when a peer does not answer within
+    the group's timeout.
+    """
     _check_linear("column_parallel_linear", input, weight, bias, "gather_output", gather_output)
     name, size, _ = resolve_group(group, "column_parallel_linear(group=...)")
     return torch.ops.torch_mp.column_parallel_linear(input, weight, bias, gather_output, name, size)
@@ -100,9 +189,24 @@ def column_parallel_linear(input: torch.Tensor, weight: torch.Tensor, bias: Opti
 
 def row_parallel_linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                         input_is_parallel: bool = True, group: GroupLike = None) -> torch.Tensor:
-    """``all_reduce(input @ weight.T) + bias`` with ``weight`` holding this rank's input features; the
-    bias is added once, after the reduction. ``input_is_parallel=False``: ``input`` is replicated and
-    this rank takes its slice of the last dim first."""
+    """A row-parallel linear layer: ``all_reduce(input @ weight.T) + bias`` with ``weight`` holding
+    this rank's input features; the bias, replicated, is added once, after the reduction.
+
+    Shapes: ``input [*, in / world]`` (this rank's features; ``[*, in]`` with
+    ``input_is_parallel=False``, sliced here by ``scatter_to_tp``), ``weight [out, in / world]``,
+    ``bias [out]`` -> ``[*, out]``, whole on every rank. forward: the local matmul, then
+    ``reduce_from_tp`` (all-reduce, sum); backward: identity for the output gradient, then the local
+    matmuls. Megatron-LM's ``RowParallelLinear`` (Shoeybi et al., 2019).
+    ``group``: a ProcessGroup, a 1-D DeviceMesh or None (the default group; a group of one when
+    torch.distributed is not initialized).
+
+    Raises TypeError for arguments of the wrong type, or ``weight`` / ``bias`` of another dtype
+    than ``input``; ValueError for a 0-dim ``input``, a ``weight`` that is not a matrix whose
+    columns match ``input``'s last dim (after the slice), a ``bias`` of another shape than
+    ``[out]``, tensors on different devices, or a replicated ``input`` whose last dim is not a
+    multiple of the group size; ``torch_mp.CollectiveError`` when a peer does not answer within
+    the group's timeout.
+    """
     _check_linear("row_parallel_linear", input, weight, bias, "input_is_parallel", input_is_parallel)
     name, size, _ = resolve_group(group, "row_parallel_linear(group=...)")
     return torch.ops.torch_mp.row_parallel_linear(input, weight, bias, input_is_parallel, name, size)
@@ -149,7 +253,8 @@ def matmul_reduce_scatter(input: torch.Tensor, weight: torch.Tensor, dim: int = 
 
 def all_to_all(tensor: torch.Tensor, output_split_sizes: Sequence[int], input_split_sizes: Sequence[int],
                group: GroupLike = None) -> torch.Tensor:
-    """All-to-all along dim 0 with uneven split sizes, counted in rows, one per rank of ``group``.
+    """All-to-all along dim 0 with uneven split sizes, counted in rows, one per rank of ``group``:
+    ``[sum(input_split_sizes), *] -> [sum(output_split_sizes), *]``.
 
     ``tensor``: ``[sum(input_split_sizes), *]``; its rows ``[sum(input_split_sizes[:r]),
     +input_split_sizes[r])`` go to rank ``r``. Returns ``[sum(output_split_sizes), *]``: the rows from

@@ -7,6 +7,7 @@ from torch import nn
 
 from torch_mp._group import all_gather_rows, resolve_group
 from torch_mp._checks import check_arg
+from torch_mp._state import SPLIT, TENSOR_PARALLEL, ParallelState, state_of
 
 
 @dataclass
@@ -65,13 +66,17 @@ class MemoryReport:
 def memory_report(module: nn.Module, png: Optional[str] = None) -> MemoryReport:
     """Parameters and buffers per rank (a ``tensor_parallel`` model; a collective: every rank calls
     it and gets the whole report), per stage (a ``split`` model) or per device (any other model).
-    ``png``: also save a chart there (matplotlib needed)."""
+    Each row counts bytes (``numel * element_size``; tied tensors once per stage); printing the
+    report shows MiB and each row's share. ``png``: also save a bar chart there (matplotlib needed).
+
+    Raises TypeError for a ``module`` that is not an ``nn.Module``; ImportError for ``png`` without
+    matplotlib; ``torch_mp.CollectiveError`` when a tensor-parallel peer does not answer."""
     check_arg("memory_report", "module", module, nn.Module, "a torch.nn.Module")
-    specs = getattr(module, "_torch_mp_specs", None)
-    if specs is not None:
-        report = _per_rank(module, specs)
-    elif hasattr(module, "device_map"):
-        report = _per_stage(module)
+    state = state_of(module)
+    if state is not None and state.kind == TENSOR_PARALLEL:
+        report = _per_rank(module, state)
+    elif state is not None and state.kind == SPLIT:
+        report = _per_stage(module, state)
     else:
         report = _per_device(module)
     if png is not None:
@@ -95,21 +100,19 @@ def _unique_tensors(module: nn.Module, seen: set, parameters: bool):
             yield tensor
 
 
-def _per_rank(module: nn.Module, specs: Dict) -> MemoryReport:
-    group = getattr(module, "_torch_mp_group", None)
-    info = resolve_group(group)
-    mine = torch.tensor([_bytes(module.parameters()), _bytes(module.buffers()), len(specs)])
-    everyone = all_gather_rows(mine, group, "torch_mp.memory_report").tolist()
+def _per_rank(module: nn.Module, state: ParallelState) -> MemoryReport:
+    info = resolve_group(state.group)
+    mine = torch.tensor([_bytes(module.parameters()), _bytes(module.buffers()), len(state.specs)])
+    everyone = all_gather_rows(mine, state.group, "torch_mp.memory_report").tolist()
     rows = [MemoryRow(f"rank {rank}", *entry) for rank, entry in enumerate(everyone)]
     return MemoryReport(f"{type(module).__name__}: tensor parallel over {info.size} ranks", rows)
 
 
-def _per_stage(module: nn.Module) -> MemoryReport:
-    stage_of = getattr(module, "_torch_mp_stage_of", {})
+def _per_stage(module: nn.Module, state: ParallelState) -> MemoryReport:
     rows: Dict[int, MemoryRow] = {}
     seen: set = set()
-    for name, device in module.device_map.items():
-        stage = stage_of.get(name, 0)
+    for name, device in state.device_map.items():
+        stage = state.stage_of.get(name, 0)
         row = rows.setdefault(stage, MemoryRow(f"stage {stage} ({device})", 0, 0, 0))
         placed = module.get_submodule(name)
         row.parameters += _bytes(_unique_tensors(placed, seen, parameters=True))

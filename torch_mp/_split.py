@@ -14,6 +14,7 @@ from torch_mp._layers import check_layers, find_layers
 from torch_mp._pipelining.batch_norm import restore_batch_norms
 from torch_mp._pipelining.cut import Balance, MemoryLike, balanced_device_map, explicit_device_map, parse_max_memory, place
 from torch_mp._pipelining.pipeline import LocalPipe, check_options, install_pipe, layer_costs, plain_train_step
+from torch_mp._state import SPLIT, ParallelState, attach, check_not_parallelized, detach, state_of
 from torch_mp._tensors import move_tensors, mover
 
 
@@ -87,8 +88,15 @@ def split(
     the gradients equal the unpipelined ones up to summation order. The forward must treat samples
     independently. Batch norm normalizes each micro-batch with its own statistics in training (what
     a layer sees of the batch), while its running statistics are updated once per batch from the
-    whole batch's statistics, as without a pipeline. Pipelining after GPipe (Huang et al., 2019) and
-    PipeDream's 1F1B (Narayanan et al., 2019).
+    whole batch's statistics, as without a pipeline. Pipelining after GPipe (Huang et al., 2019,
+    arXiv:1811.06965) and PipeDream's 1F1B (Narayanan et al., 2019); the placement by bytes after
+    accelerate's ``device_map="auto"``. ``torch_mp.state_of(module)`` returns the split's record.
+
+    Raises TypeError for a ``module`` that is not an ``nn.Module`` or ``devices`` that are not a
+    list of devices; ValueError for an empty or unknown device, layers that do not fit in
+    ``max_memory``, a ``balance`` that does not match the layers, bad ``chunks`` / ``schedule`` /
+    ``checkpoint`` / ``batch_dim`` values, or a module another torch_mp wrapper (``pipeline``,
+    ``tensor_parallel``) returned already. A second ``split`` of a split module replaces the first.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"split: expected module to be a torch.nn.Module, got {type(module).__name__}")
@@ -99,6 +107,7 @@ def split(
         raise ValueError(f"split: schedule 'zbv' pairs the stages in a V (stages s and {len(devices)} - 1 - s take "
                          f"turns) but there are {len(devices)} devices; expected an even number of devices")
     _remove_split_hooks(module)
+    check_not_parallelized(module, "split")
 
     if isinstance(balance, Mapping):
         if layers is not None:
@@ -116,24 +125,23 @@ def split(
     for name, device in device_map.items():  # modules moved to a tied parameter's device
         stage_of.setdefault(name, min(stage_of[other] for other, d in device_map.items()
                                       if d == device and other in stage_of))
-    module.device_map = device_map
-    module._torch_mp_stage_of = stage_of
-    module.output_device = output_device
+    state = attach(module, ParallelState(SPLIT, device_map=device_map, stage_of=stage_of,
+                                         output_device=output_device), "split")
     if chunks > 1:
         stages = {name: stage for name, stage in stage_of.items() if name in device_map}
-        install_pipe(module, LocalPipe(module, stages, len(devices), chunks, schedule, checkpoint, batch_dim, chunk_spec,
-                                       output_merge, devices=devices, output_device=output_device))
+        state.pipe = LocalPipe(module, stages, len(devices), chunks, schedule, checkpoint, batch_dim, chunk_spec,
+                               output_merge, devices=devices, output_device=output_device)
+        install_pipe(module, state.pipe)
         return module
     # A device named more than once holds several stages; inputs entering them are copied all the
     # same, so the split behaves (and is tested) as it would across distinct devices.
     repeated = {device for device in devices if devices.count(device) > 1}
-    handles = [
+    state.hooks = [
         module.get_submodule(name).register_forward_pre_hook(_inputs_to(device, device in repeated),
                                                              with_kwargs=True)
         for name, device in device_map.items()
     ]
-    handles.append(module.register_forward_hook(_outputs_to(output_device, output_device in repeated)))
-    module._torch_mp_split_handles = handles
+    state.hooks.append(module.register_forward_hook(_outputs_to(output_device, output_device in repeated)))
     module.train_step = plain_train_step(module)
     return module
 
@@ -177,14 +185,18 @@ def _outputs_to(device: torch.device, always: bool):
 
 
 def _remove_split_hooks(module: nn.Module) -> None:
-    for handle in getattr(module, "_torch_mp_split_handles", []):
+    """Undoes an earlier ``split`` of ``module`` (a module returned by another wrapper stays as it
+    is; ``attach`` then refuses it)."""
+    state = state_of(module)
+    if state is None or state.kind != SPLIT:
+        return
+    detach(module)
+    for handle in state.hooks:
         handle.remove()
-    module._torch_mp_split_handles = []
     module.__dict__.pop("train_step", None)
-    if "_torch_mp_pipe" in module.__dict__:  # a pipelined split's
+    if state.pipe is not None:  # a pipelined split's: its placed modules' forwards are gated
         restore_batch_norms(module)
-        for submodule in module.modules():
-            if getattr(submodule.__dict__.get("forward"), "_torch_mp_gated", False):
-                del submodule.forward
-        for name in ("forward", "compile", "_torch_mp_pipe", "last_timeline"):
+        for name in state.device_map:
+            module.get_submodule(name).__dict__.pop("forward", None)
+        for name in ("forward", "compile", "last_timeline"):
             module.__dict__.pop(name, None)

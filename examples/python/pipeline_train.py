@@ -72,12 +72,13 @@ def main() -> None:
     if distributed:
         model = torch_mp.pipeline(model, chunks=args.chunks, schedule=args.schedule, checkpoint=args.checkpoint,
                                   balance=args.balance, sample=sample)
-        stage = model._torch_mp_pipe
-        where = f"rank {stage.rank} of {stage.world}, stages {stage.local_stages()}"
+        rank, world = dist.get_rank(), dist.get_world_size()  # stage s runs on rank s % world
+        mine = sorted({stage for stage in torch_mp.state_of(model).stage_of.values() if stage % world == rank})
+        where = f"rank {rank} of {world}, stages {mine}"
     else:
         model = torch_mp.split(model, ["cpu", "cpu"], chunks=args.chunks, schedule=args.schedule,
                                checkpoint=args.checkpoint, balance=args.balance, sample=sample)
-        where = "one process, stages " + ", ".join(sorted({str(s) for s in model._torch_mp_stage_of.values()}))
+        where = "one process, stages " + ", ".join(sorted({str(s) for s in torch_mp.state_of(model).stage_of.values()}))
     leader = not distributed or dist.get_rank() == 0
     if leader:
         print(f"pipeline: {where}; chunks {args.chunks}, schedule {args.schedule}, checkpoint {args.checkpoint}")

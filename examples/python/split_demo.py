@@ -94,7 +94,7 @@ def split_part(args, out: Path):
         print(f"on one device ({args.devices[0]}): ValueError: {str(error).split(';')[0]}")
     split = torch_mp.split(copy.deepcopy(dense), args.devices, max_memory=[limit] * len(args.devices))
     print(f"on {len(args.devices)} devices {args.devices}: split. Device map (module: stage, device):")
-    stage_of = split._torch_mp_stage_of
+    stage_of = torch_mp.state_of(split).stage_of
     for name, device in split.device_map.items():
         print(f"  {name:<22} stage {stage_of[name]}  {device}")
     report = torch_mp.memory_report(split, png=str(out / "memory_per_stage.png"))

@@ -2,6 +2,7 @@
 import datetime
 import os
 import pickle
+import signal
 import tempfile
 import time
 import traceback
@@ -81,3 +82,21 @@ def run_ranks_until_death(world_size: int, fn, *args, timeout: float = 120.0,
                     raise AssertionError(f"rank {rank} of {fn.__name__} raised:\n{value}")
                 results[rank] = value
         return results
+
+
+def fail_in_forward(model, call: int, how: str, stall: float) -> None:
+    """Makes this rank fail on the ``call``-th forward of the first ``nn.Linear`` it holds for real (a
+    pipeline stage's): ``how="dies"`` kills the process (SIGKILL, no clean-up); ``"stalls"`` sleeps
+    ``stall`` seconds, past the others' timeout, then ends the process."""
+    calls = []
+
+    def hook(module, args):
+        calls.append(None)
+        if len(calls) == call:
+            if how == "dies":
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(stall)
+            os._exit(0)
+
+    next(m for m in model.modules() if isinstance(m, torch.nn.Linear) and not m.weight.is_meta) \
+        .register_forward_pre_hook(hook)

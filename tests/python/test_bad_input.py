@@ -417,7 +417,7 @@ def two_rank_cases(rank: int) -> list[Case]:
              ValueError, [r"row_parallel_linear: input has 4 features", r"weight has shape \[6, 2\]"]),
         Case("tensor_parallel/indivisible features", lambda: torch_mp.tensor_parallel(
              nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 4)), plan={"0": "colwise", "2": "rowwise"}),
-             ValueError, ["'0' \\(colwise\\) has 5 features to split, not divisible by the group size 2"]),
+             ValueError, ["'0' \\(colwise\\) has 5 features to shard, not divisible by the group size 2"]),
         Case("tensor_parallel/plans differ across ranks", lambda: torch_mp.tensor_parallel(
              nn.Sequential(*[nn.Linear(4, 4) for _ in range(5)]), plan=different_plan), ValueError,
              [r"tensor_parallel: ranks \[1\] resolved a different plan than rank 0",

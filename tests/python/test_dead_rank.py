@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from distributed import run_ranks_until_death
+from distributed import fail_in_forward, run_ranks_until_death
 
 import torch_mp
 from torch_mp.nn import (
@@ -85,19 +85,8 @@ def pipeline_until_a_peer_fails(rank, world, how):
 
     torch.manual_seed(0)
     model = torch_mp.pipeline(mlp((8, 16, 16, 16, 16, 16, 4)), chunks=4)
-    calls = []
-
-    def die_in_step_two(module, args):
-        calls.append(None)
-        if len(calls) == 4 + 3 and how == "dies":
-            os.kill(os.getpid(), signal.SIGKILL)
-        if len(calls) == 4 + 3:
-            time.sleep(GROUP_TIMEOUT + 1)  # the others give up meanwhile; this rank then just ends
-            os._exit(0)
-
-    if rank == VICTIM:
-        next(p for p in model.modules() if isinstance(p, torch.nn.Linear) and not p.weight.is_meta) \
-            .register_forward_pre_hook(die_in_step_two)
+    if rank == VICTIM:  # in step two's third micro-batch; a stalled rank sleeps past the others' timeout
+        fail_in_forward(model, 4 + 3, how, GROUP_TIMEOUT + 1)
     inputs, target = torch.randn(8, 8), torch.randn(8, 4)
     for _ in range(2):
         start = time.monotonic()

@@ -2,7 +2,6 @@
 schedule checker names the rule a schedule breaks, a pipeline's own timeout bounds its waits when it
 is below the group's, and max_memory moves the cut of balance="auto"."""
 import copy
-import os
 import re
 import time
 
@@ -12,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import torch_mp
-from distributed import run_ranks_until_death
+from distributed import fail_in_forward, run_ranks_until_death
 from models import mlp
 from torch_mp import _C
 
@@ -50,16 +49,7 @@ def _stall_mid_step(rank, world):
     torch.manual_seed(0)
     model = torch_mp.pipeline(mlp((8, 16, 16, 16, 4)), chunks=4, timeout=PIPELINE_TIMEOUT)
     if rank == 1:
-        calls = []
-
-        def stall(module, args):
-            calls.append(None)
-            if len(calls) == 2:
-                time.sleep(STALL)
-                os._exit(0)
-
-        next(m for m in model.modules() if isinstance(m, nn.Linear) and not m.weight.is_meta) \
-            .register_forward_pre_hook(stall)
+        fail_in_forward(model, 2, "stalls", STALL)
     inputs, target = torch.randn(8, 8), torch.randn(8, 4)
     start = time.monotonic()
     try:

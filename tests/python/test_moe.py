@@ -162,7 +162,7 @@ MODELS = {"mixtral": mixtral, "mixtral_3_experts": lambda: mixtral(num_experts=3
 def local_grads(sharded, dense_grads, rank, world):
     """This rank's part of each dense gradient, in the layout of the sharded model's parameters."""
     keys, read_full, read_slices = open_source(dense_grads)
-    return {key: read_local(key, *spec_of(key, sharded._torch_mp_specs), rank, world, read_full, read_slices)
+    return {key: read_local(key, *spec_of(key, torch_mp.state_of(sharded).specs), rank, world, read_full, read_slices)
             for key in keys}
 
 
@@ -177,7 +177,7 @@ def assert_moe_parity(make, rank, world, style):
     dense = make()
     ids = torch.randint(0, 96, (2, 7))  # 14 tokens: uneven blocks of tokens on 4 ranks
     sharded = torch_mp.tensor_parallel(copy.deepcopy(dense))
-    experts = [key for key in sharded._torch_mp_specs if ".experts." in key]
+    experts = [key for key in torch_mp.state_of(sharded).specs if ".experts." in key]
     assert experts and {sharded.torch_mp_plan[key] for key in experts} == (
         {"ep"} if style == "ep" else {"packed_colwise", "rowwise"})
     assert list(sharded.state_dict()) == list(dense.state_dict())

@@ -168,8 +168,8 @@ def test_balance_by_time_follows_compute_not_bytes(monkeypatch):
     sample = (torch.randn(4, 16),)
     by_bytes = torch_mp.split(copy.deepcopy(model), ["cpu", "cpu"], balance="auto")
     by_time = torch_mp.split(copy.deepcopy(model), ["cpu", "cpu"], balance="time", sample=sample, chunks=2)
-    assert sorted(by_bytes._torch_mp_stage_of.items()) == [("0", 0), ("1", 0), ("2", 1), ("3", 1)]
-    assert sorted(by_time._torch_mp_stage_of.items()) == [("0", 0), ("1", 1), ("2", 1), ("3", 1)]
+    assert sorted(torch_mp.state_of(by_bytes).stage_of.items()) == [("0", 0), ("1", 0), ("2", 1), ("3", 1)]
+    assert sorted(torch_mp.state_of(by_time).stage_of.items()) == [("0", 0), ("1", 1), ("2", 1), ("3", 1)]
     torch.testing.assert_close(by_time(*sample), model(*sample))
 
 
@@ -305,7 +305,7 @@ def _time_balanced(rank, world):
     model = nn.Sequential(Repeat(64, 24), Repeat(64, 8), Repeat(64, 8), Repeat(64, 8))
     sample = (torch.randn(16, 64),)
     piped = torch_mp.pipeline(copy.deepcopy(model), balance="time", sample=sample, chunks=2)
-    stage_of = sorted(piped._torch_mp_pipe.stage_of.items())
+    stage_of = sorted(torch_mp.state_of(piped).stage_of.items())
     every = [None] * world
     dist.all_gather_object(every, stage_of)
     assert all(cut == stage_of for cut in every)

@@ -54,7 +54,7 @@ def check_parity(model, kwargs, loss_of, chunks=2, schedule="1f1b", checkpoint="
     piped = torch_mp.split(copy.deepcopy(model), ["cpu", "cpu"], chunks=chunks, schedule=schedule,
                            checkpoint=checkpoint, layers=layers, chunk_spec=chunk_spec,
                            output_merge=output_merge)
-    assert len(set(piped._torch_mp_stage_of.values())) == 2
+    assert len(set(torch_mp.state_of(piped).stage_of.values())) == 2
     assert_outputs_close(piped(**kwargs), model(**kwargs))
 
     dense_loss = loss_of(model(**kwargs), None)
@@ -266,7 +266,7 @@ def check_parity_across_ranks(rank, world, model, kwargs, loss_of, target=None, 
     holds) and an SGD step of ``pipeline(model, ...)`` against ``model``."""
     model.zero_grad(set_to_none=True)
     piped = torch_mp.pipeline(copy.deepcopy(model), timeout=60, **options)
-    pipe = piped._torch_mp_pipe
+    pipe = torch_mp.state_of(piped).pipe
     last = pipe.rank_of(pipe.num_stages - 1) == rank  # ZB-V: rank 0
     with torch.no_grad():
         output, dense_output = piped(**kwargs), model(**kwargs)

@@ -98,7 +98,7 @@ def test_w_runs_the_linear_weight_gradients_after_b(schedule, monkeypatch):
     micro-batch ran before (the last stage's B of micro-batch 0 precedes every W of it)."""
     model, inputs, target, loss_fn = mlp_case()
     piped = torch_mp.split(copy.deepcopy(model), ["cpu"] * 4, chunks=4, schedule=schedule)
-    pipe = piped._torch_mp_pipe
+    pipe = torch_mp.state_of(piped).pipe
     linears = {}
     for name, stage in pipe.stage_of.items():
         module = piped.get_submodule(name)

@@ -67,7 +67,15 @@ def save(module: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Opti
     With torch.distributed initialized, a collective over the default group: every rank calls it
     with the same ``path``, on a file system all ranks share. A tensor-parallel rank writes its own
     slices, rank 0 the replicated tensors; data-parallel replicas other than rank 0's write only
-    their random state.
+    their random state. Each tensor is stored whole-shaped in the index (its stock shape), each
+    rank's pieces in a safetensors file of its own; resharding on load as in PyTorch's distributed
+    checkpoint (``torch.distributed.checkpoint``).
+
+    Raises TypeError for a ``module`` that is not an ``nn.Module``, an ``optimizer`` that is not a
+    ``torch.optim.Optimizer``, an ``extra`` that is not a dict or DTensor parameters (FSDP2);
+    ValueError for values that are not JSON or parameters on the meta device; FileExistsError when
+    ``path`` holds something other than a checkpoint; RuntimeError on every rank when another rank
+    failed; ``torch_mp.CollectiveError`` when a peer does not answer within the group's timeout.
     """
     rank, world = _world()
     final = os.path.abspath(os.fspath(path))
@@ -88,6 +96,11 @@ def load(module: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Opti
     Checks before loading: every key present (``strict``: and no other), stock shapes equal; and
     while reading, the shape and CRC-32 of every piece. ``restore_rng`` restores this rank's random
     state when the checkpoint was saved by as many ranks. Needs no collective.
+
+    Raises TypeError for a ``module`` that is not an ``nn.Module`` or an ``optimizer`` that is not
+    a ``torch.optim.Optimizer``; FileNotFoundError when ``path`` holds no checkpoint; ValueError for
+    missing or unexpected keys, other stock shapes, a piece whose CRC-32 or shape does not match,
+    or an index that does not follow the format.
     """
     _check_module(module, "load", optimizer)
     reader = CheckpointReader(os.fspath(path))

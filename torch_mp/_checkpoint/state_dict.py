@@ -18,6 +18,7 @@ from torch_mp._checkpoint.format import CheckpointReader, file_in_folder, find_c
 from torch_mp._group import all_gather_rows, process_group_of, resolve_group
 from torch_mp._checks import check_arg
 from torch_mp._checkpoint.safetensors import SafetensorsFile
+from torch_mp._state import TENSOR_PARALLEL, state_of
 from torch_mp._tensor_parallel.sharding import ShardSpec, slice_bounds, take_slices, unshard
 
 StateSource = Union[Mapping[str, torch.Tensor], str, os.PathLike]
@@ -27,7 +28,12 @@ _PROGRESS_BYTES = 256 * 2**20  # show a progress bar for loads larger than this
 def full_state_dict(module: nn.Module) -> Dict[str, torch.Tensor]:
     """The stock state_dict of a model sharded by ``tensor_parallel`` (or split by ``split``), with
     FSDP2's ``fully_shard`` on top or not: stock names and shapes, on the CPU, loadable by the
-    unsharded model with ``strict=True``. A collective: every rank of the model's groups must call it."""
+    unsharded model with ``strict=True``. A collective: every rank of the model's groups must call it.
+    Each sharded tensor is all-gathered (``[out / world, in] -> [out, in]`` for a colwise weight)
+    and stored once per key; memory: the whole model on the CPU of every rank.
+
+    Raises TypeError for a ``module`` that is not an ``nn.Module``; ``torch_mp.CollectiveError``
+    when a peer does not answer within the group's timeout."""
     check_arg("full_state_dict", "module", module, nn.Module, "a torch.nn.Module")
     specs, group, world = tp_state(module)
     result = {}
@@ -55,6 +61,10 @@ def init_empty_weights():
             model = LlamaForCausalLM(config)
         torch_mp.tensor_parallel(model)
         torch_mp.load_full_state_dict(model, "checkpoint/")
+
+    As accelerate's ``init_empty_weights``: the parameters take no bytes until loaded. Raises
+    nothing itself; while it is active ``nn.Module.register_parameter`` is replaced (not
+    thread-safe).
     """
     register = nn.Module.register_parameter
 
@@ -77,12 +87,19 @@ def load_full_state_dict(module: nn.Module, state_dict_or_path: StateSource, str
     safetensors files. The inverse of ``full_state_dict``.
 
     Parameters still on the meta device (``init_empty_weights``) are materialized on ``device``
-    (default: the CPU), holding only this rank's slice; tied parameters stay tied."""
+    (default: the CPU), holding only this rank's slice; tied parameters stay tied. Each rank reads
+    ``1 / group size`` of each sharded tensor's bytes (safetensors slices, as transformers'
+    tensor-parallel loading does); a progress bar shows loads over 256 MiB.
+
+    Raises TypeError for a ``module`` that is not an ``nn.Module`` or a source of another type;
+    FileNotFoundError for a path that does not exist; ValueError for missing or unexpected keys
+    (``strict``), shapes that differ from the model's, meta tensors the source does not hold, or
+    files a folder or index names outside the folder."""
     check_arg("load_full_state_dict", "module", module, nn.Module, "a torch.nn.Module")
     check_arg("load_full_state_dict", "state_dict_or_path", state_dict_or_path, (Mapping, str, os.PathLike),
               "a state_dict or the path of a checkpoint file or folder")
-    specs, _, world = tp_state(module)
-    rank = resolve_group(getattr(module, "_torch_mp_group", None)).rank if specs else 0
+    specs, group, world = tp_state(module)
+    rank = resolve_group(group).rank if specs else 0
     keys, read_full, read_slices = open_source(state_dict_or_path)
     # Tensors read from files are this call's own; a caller's state_dict is copied, never aliased.
     borrowed = isinstance(state_dict_or_path, Mapping)
@@ -155,10 +172,13 @@ def _check_no_meta_outside(module, targets, keys) -> None:
 
 
 def tp_state(module: nn.Module):
-    specs = getattr(module, "_torch_mp_specs", {})
-    group = process_group_of(getattr(module, "_torch_mp_group", None))
-    world = resolve_group(group).size if specs else 1
-    return specs, group, world
+    """``(specs, process group, group size)`` of a ``tensor_parallel`` module; ``({}, None, 1)``
+    for any other."""
+    state = state_of(module)
+    if state is None or state.kind != TENSOR_PARALLEL:
+        return {}, None, 1
+    group = process_group_of(state.group)
+    return state.specs, group, resolve_group(group).size if state.specs else 1
 
 
 def spec_of(key: str, specs: Mapping[str, ShardSpec]) -> Tuple[Optional[ShardSpec], str]:

@@ -56,7 +56,6 @@ def defer_batch_norms(module: nn.Module) -> List[nn.Module]:
     found = []
     for child in module.modules():
         if type(child) in _BATCH_NORMS:
-            child._torch_mp_class = type(child)
             child.__class__ = type(f"Deferred{type(child).__name__}", (_DeferredStatistics, type(child)), {})
             child.reset_batch()
             found.append(child)
@@ -68,4 +67,4 @@ def defer_batch_norms(module: nn.Module) -> List[nn.Module]:
 def restore_batch_norms(module: nn.Module) -> None:
     for child in module.modules():
         if isinstance(child, _DeferredStatistics):
-            child.__class__ = child._torch_mp_class
+            child.__class__ = next(cls for cls in type(child).__mro__ if cls in _BATCH_NORMS)

@@ -18,6 +18,8 @@ from typing import Callable, Dict, Optional
 import torch
 from torch import nn
 
+from torch_mp._state import state_of
+
 Compiler = Callable[[Callable], Callable]
 
 
@@ -120,7 +122,8 @@ def _on_module_registered(parent: nn.Module, name: str, child: nn.Module) -> Non
     if name != "_orig_mod" or eval_frame is None or not isinstance(parent, eval_frame.OptimizedModule):
         return None
     for submodule in child.modules():
-        pipe = submodule.__dict__.get("_torch_mp_pipe")
+        state = state_of(submodule)
+        pipe = state.pipe if state is not None else None
         if pipe is not None:
             pipe.compilation.wrapped_by(parent)
             _run_eagerly(submodule, pipe)

@@ -26,6 +26,7 @@ from torch_mp._pipelining.microbatch import (BatchPlan, ChunkSpec, OutputMerge, 
                                              micro_batch_sizes, shapes_of, write_back)
 from torch_mp._pipelining.timeline import Recorder, Timeline
 from torch_mp._pipelining.transport import GroupTransport
+from torch_mp._state import PIPELINE, SPLIT, ParallelState, attach, check_not_parallelized, state_of
 from torch_mp._pipelining.zero_bubble import ZERO_BUBBLE, allocate_slots, defer_linears
 from torch_mp._tensors import map_tensors, move_tensors, mover, tensors_in
 
@@ -41,6 +42,11 @@ def check_options(chunks: int, schedule: str, checkpoint: str, batch_dim: int, a
         raise ValueError(f"pipeline: checkpoint = {checkpoint!r}; expected one of {list(CHECKPOINTS)}")
     if isinstance(batch_dim, bool) or not isinstance(batch_dim, int) or batch_dim < 0:
         raise ValueError(f"pipeline: batch_dim = {batch_dim!r}; expected an int >= 0")
+
+
+def _check_loss_fn(loss_fn) -> None:
+    if not callable(loss_fn):
+        raise TypeError(f"pipeline: loss_fn = {loss_fn!r}; expected a callable (output, target) -> loss")
 
 
 class _Pipe:
@@ -67,6 +73,13 @@ class _Pipe:
         for i, name in enumerate(("args", "kwargs")):
             write_back((args, kwargs)[i], [part[i] for part in parts], sizes, self.batch_dim, self.output_merge, name)
 
+    def _train_plan(self, args, kwargs, target, loss_fn: Callable, normalizer):
+        """The micro-batches of a ``train_step``: their sizes, (args, kwargs), targets and loss weights."""
+        _check_loss_fn(loss_fn)
+        sizes, parts = self._plan(args, kwargs)
+        targets = cut_target(target, sizes, self.batch_dim) if target is not None else [None] * len(sizes)
+        return sizes, parts, targets, loss_weights(sizes, target, normalizer)
+
     def _recompute(self, microbatch: int, count: int) -> bool:
         return self.checkpoint == "always" or (self.checkpoint == "except_last" and microbatch < count - 1)
 
@@ -89,14 +102,13 @@ class LocalPipe(_Pipe):
         super().__init__(*args)
         self.devices, self.output_device = devices, output_device
         repeated = {device for device in devices if devices.count(device) > 1}
+        device_map = state_of(self.module, SPLIT).device_map
         if self.schedule in ZERO_BUBBLE:
-            defer_linears(self.module.get_submodule(name) for name in self.module.device_map)
-        for name, device in self.module.device_map.items():
+            defer_linears(self.module.get_submodule(name) for name in device_map)
+        for name, device in device_map.items():
             submodule = self.module.get_submodule(name)
-            forward = gated_forward(self, self.compilation.stage(submodule.forward), self.stage_of[name], device,
-                                    mover(device, device in repeated), submodule)
-            forward._torch_mp_gated = True
-            submodule.forward = forward
+            submodule.forward = gated_forward(self, self.compilation.stage(submodule.forward), self.stage_of[name],
+                                              device, mover(device, device in repeated), submodule)
         self._to_output = mover(output_device, output_device in repeated)
 
     def _own_forward(self, args, kwargs):
@@ -123,14 +135,10 @@ class LocalPipe(_Pipe):
         optimizer step is the caller's. With ``timeline=True`` the step also records when each
         stage ran each action and sets ``module.last_timeline`` (a ``torch_mp.Timeline``; draw it
         with ``torch_mp.plot_timeline``); the numbers are the same either way."""
-        if not callable(loss_fn):
-            raise TypeError(f"pipeline: loss_fn = {loss_fn!r}; expected a callable (output, target) -> loss")
         _check_timeline_flag(timeline)
+        sizes, parts, targets, weights = self._train_plan(args, kwargs, target, loss_fn, normalizer)
         recorder = Recorder(None, self.devices) if timeline else None
-        sizes, parts = self._plan(args, kwargs)
         count = len(sizes)
-        targets = cut_target(target, sizes, self.batch_dim) if target is not None else [None] * count
-        weights = loss_weights(sizes, target, normalizer)
         # One gate list per rank of the schedule: per stage, except ZB-V's V of two stages per list.
         per_rank = 2 if self.schedule == "zbv" else 1
         schedule = _C._pipeline_schedule(self.schedule, self.num_stages // per_rank, per_rank, count)
@@ -221,13 +229,9 @@ class DistributedPipe(_Pipe):
         that starts the step on all of them, so no clock is assumed shared beyond the barrier's
         exit (its skew, tens of microseconds on one machine, is the picture's error). Every rank
         must pass the same ``timeline`` (checked with the other options)."""
-        if not callable(loss_fn):
-            raise TypeError(f"pipeline: loss_fn = {loss_fn!r}; expected a callable (output, target) -> loss")
         _check_timeline_flag(timeline)
-        sizes, parts = self._plan(args, kwargs)
+        sizes, parts, targets, weights = self._train_plan(args, kwargs, target, loss_fn, normalizer)
         count = len(sizes)
-        targets = cut_target(target, sizes, self.batch_dim) if target is not None else [None] * count
-        weights = loss_weights(sizes, target, normalizer)
         last = self.rank_of(self.num_stages - 1) == self.rank
         losses: List = [None] * count
 
@@ -379,10 +383,19 @@ def pipeline(
     live on every rank, and their gradients are summed across
     those ranks after each step. ``model.compile(...)`` or ``torch.compile(model, ...)`` compiles
     the placed modules of this rank's stages with those options (one graph each, its backward by
-    AOT autograd); the schedule, the sends and receives and the stand-ins stay eager.
+    AOT autograd); the schedule, the sends and receives and the stand-ins stay eager. Schedules after GPipe (Huang et al., 2019), 1F1B (PipeDream,
+    Narayanan et al., 2019) and interleaved 1F1B (Narayanan et al., 2021, Megatron-LM).
+
+    Raises TypeError for a ``module`` that is not an ``nn.Module`` or a ``group`` of another type;
+    ValueError for an unknown ``schedule``, ``stages_per_rank`` that does not fit it, a ``balance``
+    without one entry per stage, bad ``chunks`` / ``checkpoint`` / ``batch_dim`` values, or a
+    module another torch_mp wrapper returned already; during a step, ValueError when the ranks
+    disagree on options or batch shapes, and ``torch_mp.CollectiveError`` when a peer does not
+    answer within ``timeout``.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"pipeline: expected module to be a torch.nn.Module, got {type(module).__name__}")
+    check_not_parallelized(module, "pipeline")
     info = resolve_group(group, "pipeline(group=...)")
     group = process_group_of(group)
     if schedule not in SCHEDULES:
@@ -411,6 +424,7 @@ def pipeline(
                            stages_per_rank=stages_per_rank, device=device,
                            timeout=datetime.timedelta(seconds=_timeout_of(info, device) if timeout is None else timeout))
     pipe.ties = _keep_local_tensors(module, _ranks_using(module, stage_of, layer_names, stage_ranks), pipe, device)
+    attach(module, ParallelState(PIPELINE, group=group, stage_of=stage_of, pipe=pipe), "pipeline")
     install_pipe(module, pipe)
     return module
 
@@ -484,8 +498,7 @@ def plain_train_step(module: nn.Module) -> Callable:
 
     def train_step(*args, target=None, loss_fn: Callable, normalizer=None, timeline: bool = False,
                    **kwargs) -> torch.Tensor:
-        if not callable(loss_fn):
-            raise TypeError(f"pipeline: loss_fn = {loss_fn!r}; expected a callable (output, target) -> loss")
+        _check_loss_fn(loss_fn)
         if _check_timeline_flag(timeline):
             raise ValueError("split: train_step(..., timeline=True) records a pipeline's schedule, and this split "
                              "runs no schedule (chunks=1); expected split(..., chunks=M) with M > 1")
@@ -503,7 +516,6 @@ def plain_train_step(module: nn.Module) -> Callable:
 def install_pipe(module: nn.Module, pipe: _Pipe) -> None:
     """The module's calls go through the pipeline from now on; ``train_step`` runs a schedule;
     ``compile(...)`` compiles the stages (``_pipelining/compiled.py``)."""
-    module._torch_mp_pipe = pipe
     install_entries(module, pipe)
 
 

@@ -78,13 +78,13 @@ def expert_specs(block: nn.Module, world: int, style: str = AUTO,
         if num_experts % world:
             raise ValueError(f"torch_mp: {name!r} has {num_experts} experts, not divisible by the group size "
                              f"{world}; expected a multiple of {world} for expert parallelism ('ep'), or 'tp'")
-        return style, {f"experts.{weight}": ShardSpec(EXPERT_PARALLEL, (num_experts,), split_dim=0)
+        return style, {f"experts.{weight}": ShardSpec(EXPERT_PARALLEL, (num_experts,), shard_dim=0)
                        for weight in _WEIGHTS}
     if intermediate % world:
         raise ValueError(f"torch_mp: {name!r} has experts of intermediate size {intermediate}, not divisible by "
                          f"the group size {world}; expected a multiple of {world} to cut each expert ('tp'), or 'ep'")
-    return style, {"experts.gate_up_proj": ShardSpec(COLWISE, (intermediate, intermediate), split_dim=1),
-                   "experts.down_proj": ShardSpec(ROWWISE, (intermediate,), split_dim=2)}
+    return style, {"experts.gate_up_proj": ShardSpec(COLWISE, (intermediate, intermediate), shard_dim=1),
+                   "experts.down_proj": ShardSpec(ROWWISE, (intermediate,), shard_dim=2)}
 
 
 def parallelize_moe_block(block: nn.Module, group: GroupLike = None, style: str = AUTO,

@@ -1,20 +1,21 @@
 """Tensor parallelism for stock modules: swap their Linear / Conv1D / Embedding layers for the
-parallel ones by a plan, and fix the attributes that depend on the split, so the stock forward runs.
+parallel ones by a plan, and divide the attributes that depend on the shard (head counts, widths),
+so the stock forward runs.
 
 A plan maps module-name patterns (globs: ``"layers.*.mlp.up_proj"``) to styles:
 
-- ``colwise``: output features split (q, k, v, MLP up/gate); the output is this rank's slice. On an
-  ``nn.MultiheadAttention``: its heads split (q, k, v by heads, the output projection rowwise).
+- ``colwise``: output features sharded (q, k, v, MLP up/gate); the output is this rank's slice. On an
+  ``nn.MultiheadAttention``: its heads sharded (q, k, v by heads, the output projection rowwise).
   Key/value projections with fewer heads than ranks keep whole heads: each rank holds the KV heads
   its query heads use (replicated over ``ranks / kv heads`` ranks, their gradients summed).
 - ``colwise_gather``: colwise, the output all-gathered (an LM head whose logits must stay whole).
 - ``qkv``: a fused q, k, v projection, cut by heads in the layout the attention reads it: q|k|v in
   thirds (GPT-2), interleaved per head ``[heads, 3, head_dim]`` (Falcon, BLOOM), per KV group (Falcon's
   new decoder), or q heads then one shared k and v (Falcon multi-query: k and v replicated).
-- ``packed_colwise``: a fused gate|up projection; each half split on its own.
-- ``rowwise``: input features split (attention output, MLP down); one all-reduce, full output.
-  ``rowwise_split_input``: the same, its input arriving whole (split here).
-- ``vocab``: an embedding's rows split; full embeddings out. The embedding's own forward runs (a
+- ``packed_colwise``: a fused gate|up projection; each half sharded on its own.
+- ``rowwise``: input features sharded (attention output, MLP down); one all-reduce, full output.
+  ``rowwise_split_input``: the same, its input arriving whole (sharded here).
+- ``vocab``: an embedding's rows sharded; full embeddings out. The embedding's own forward runs (a
   scaled embedding keeps its scale); ``padding_idx`` keeps its row's gradient at zero.
 - ``heads``: an embedding whose columns are per-head values (T5's relative attention bias), cut with
   the heads; the output stays this rank's heads.
@@ -22,10 +23,10 @@ A plan maps module-name patterns (globs: ``"layers.*.mlp.up_proj"``) to styles:
   norm applied per head, Qwen 3's q_norm / k_norm, sees only this rank's heads).
 - ``replicate``: left as it is.
 - ``sequence_parallel``: on a block (a pre-norm transformer layer): outside its attention and MLP the
-  activations are split along the sequence, so norms, dropout and residual adds hold 1 / group size
+  activations are sharded along the sequence, so norms, dropout and residual adds hold 1 / group size
   of them (Megatron's sequence parallelism). The attention and the MLP all-gather their input along
-  the sequence and reduce-scatter their output; consecutive such blocks pass the split activations
-  on, the first splits its input and the last gathers its output; the gradients of the parameters
+  the sequence and reduce-scatter their output; consecutive such blocks pass the sharded activations
+  on, the first shards its input and the last gathers its output; the gradients of the parameters
   that see only this rank's tokens (norms, rowwise biases) are summed over the ranks.
 """
 import dataclasses
@@ -51,12 +52,13 @@ from torch_mp.nn import (
     share_input_copy,
 )
 from torch_mp._layers import inside
+from torch_mp._state import TENSOR_PARALLEL, ParallelState, attach, check_not_parallelized
 
 logger = logging.getLogger("torch_mp")
 
 SEQUENCE_DIM = 1  # activations are [batch, sequence, features]
 
-# Attributes holding a width that the split divides, when they equal a sharded projection's width.
+# Attributes holding a width that sharding divides, when they equal a sharded projection's width.
 _WIDTH_ATTRIBUTES = ("split_size", "all_head_size", "inner_dim")
 # Models whose fused q, k, v projection is laid out per head, [heads, 3, head_dim]: cut by heads.
 _PER_HEAD_QKV = ("bloom", "falcon", "gpt_neox", "gpt_neox_japanese", "persimmon")
@@ -98,10 +100,20 @@ def tensor_parallel(module: nn.Module, plan: Union[str, Plan] = "auto", group: G
     sequence parallel blocks.
 
     The result has ``torch_mp_plan`` ({module name: style}) and keeps the stock parameter names;
-    ``torch_mp.full_state_dict`` gathers a stock state_dict from it.
+    ``torch_mp.full_state_dict`` gathers a stock state_dict from it; ``torch_mp.state_of(module)``
+    returns its record. Each rank's layers hold ``1 / group size`` of the sharded weights:
+    ``[out, in] -> [out / world, in]`` colwise, ``[out, in / world]`` rowwise, ``[V / world, dim]``
+    vocab. The styles follow Megatron-LM (Shoeybi et al., 2019, arXiv:1909.08053) and its sequence
+    parallelism (Korthikanti et al., 2022, arXiv:2205.05198), named as in transformers' ``tp_plan``
+    and ``torch.distributed.tensor.parallel``.
+
+    Raises TypeError for a ``module`` that is not an ``nn.Module``, a ``plan`` that is neither
+    ``"auto"`` nor a dict or a ``group`` of another type; the ValueErrors above, and ValueError when
+    the ranks resolve different plans or the module was returned by a torch_mp wrapper already.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"tensor_parallel: expected module to be a torch.nn.Module, got {type(module).__name__}")
+    check_not_parallelized(module, "tensor_parallel")
     info = resolve_group(group, "tensor_parallel(group=...)")
     if isinstance(plan, str):
         if plan != "auto":
@@ -134,7 +146,7 @@ def tensor_parallel(module: nn.Module, plan: Union[str, Plan] = "auto", group: G
             specs.update(_specs(module, name, style, info.size))
     kv_replicas = _replicate_kv_heads(module, specs, info.size)
     _check_divisible(module, specs, info.size, kv_replicas)
-    # The experts' split, checked here (before any collective), applied after the dry run.
+    # The experts' shards, checked here (before any collective), applied after the dry run.
     expert_specs = {f"{name}.{key}" if name else key: spec for name in moe_blocks
                     for key, spec in moe.expert_specs(module.get_submodule(name), info.size, name=name)[1].items()}
     _check_same_plan_on_every_rank({**specs, **expert_specs}, group, info.size)
@@ -149,13 +161,13 @@ def tensor_parallel(module: nn.Module, plan: Union[str, Plan] = "auto", group: G
                     TensorParallelMultiheadAttention(module.get_submodule(name), group))
         elif not any(inside(name, attention) for attention in attentions):
             _swap(module, name, spec, group, info, shared)
-    _fix_split_attributes(module, specs, info.size, kv_replicas)
+    _divide_sharded_attributes(module, specs, info.size, kv_replicas)
     # The same plan on every rank fails the same way on each: what it keeps whole is the same too.
     with moe.shape_only(module, moe_blocks):
         kept_whole = _dry_run(module, specs, saved, explicit=not isinstance(plan, str))
     grad_sums = [name for name in grad_sums if not any(_within(name, owner) for owner in kept_whole)]
     # Mixture-of-experts blocks: experts whole per rank or cut within each (torch_mp._moe), keyed by
-    # parameter name; after the dry run, whose fake tensors have no split sizes to route tokens by.
+    # parameter name; after the dry run, whose fake tensors have no counts to route tokens by.
     moe_blocks = [name for name in moe_blocks if not any(_within(name, owner) for owner in kept_whole)]
     specs.update(moe.parallelize_moe_blocks(module, group, blocks=moe_blocks))
     if info.size > 1:
@@ -168,17 +180,16 @@ def tensor_parallel(module: nn.Module, plan: Union[str, Plan] = "auto", group: G
         summed = {id(p) for name in grad_sums for p in module.get_submodule(name).parameters()}
         _sequence_parallel(module, sequence_blocks, info, summed, chunks)
     _share_input_copies(module)
-    module.torch_mp_plan = {name: _style_name(spec) for name, spec in specs.items()}
-    module.torch_mp_plan.update({name: GRAD_SUM for name in grad_sums})
-    module.torch_mp_plan.update({name: MOE for name in moe_blocks})
-    module.torch_mp_plan.update({name: SEQUENCE_PARALLEL for name in sequence_blocks})
-    module._torch_mp_specs = specs
-    module._torch_mp_group = group
-    module.torch_mp_replicated = [name for name, child in module.named_modules()
-                                  if _is_shardable(child) and not any(inside(name, s) for s in specs)]
-    module.torch_mp_kept_whole = kept_whole
+    styles = {name: _style_name(spec) for name, spec in specs.items()}
+    styles.update({name: GRAD_SUM for name in grad_sums})
+    styles.update({name: MOE for name in moe_blocks})
+    styles.update({name: SEQUENCE_PARALLEL for name in sequence_blocks})
+    replicated = [name for name, child in module.named_modules()
+                  if _is_shardable(child) and not any(inside(name, s) for s in specs)]
+    attach(module, ParallelState(TENSOR_PARALLEL, group=group, specs=specs, plan=styles, replicated=replicated,
+                                 kept_whole=kept_whole), "tensor_parallel")
     logger.info("tensor_parallel: %d layers sharded across %d ranks; replicated: %s", len(specs), info.size,
-                module.torch_mp_replicated)
+                replicated)
     return module
 
 
@@ -193,7 +204,7 @@ def _specs(module: nn.Module, name: str, style: str, world: int) -> Dict[str, Sh
     if isinstance(child, nn.MultiheadAttention):
         if style not in (COLWISE, QKV):
             raise ValueError(f"tensor_parallel: style {style!r} for {name!r}, an nn.MultiheadAttention; expected "
-                             "'colwise' (its heads split) or 'replicate'")
+                             "'colwise' (its heads sharded) or 'replicate'")
         width = child.embed_dim
         return {name: ShardSpec(COLWISE, (width,) * 3, weight_name="in_proj_weight", bias_name="in_proj_bias"),
                 f"{name}.out_proj": ShardSpec(ROWWISE, (width,))}
@@ -321,14 +332,14 @@ def _check_divisible(module: nn.Module, specs: Dict[str, ShardSpec], world: int,
         for part, replicas in zip(spec.parts, spec.replicas or (1,) * len(spec.parts)):
             if (part * replicas) % world:
                 raise ValueError(f"tensor_parallel: {name!r} ({spec.style}) has {part} "
-                                 f"{'rows' if spec.style == VOCAB else 'features'} to split, not divisible by the "
+                                 f"{'rows' if spec.style == VOCAB else 'features'} to shard, not divisible by the "
                                  f"group size {world}")
     for name, spec in specs.items():
         child = module.get_submodule(name)
         if isinstance(child, nn.MultiheadAttention) and child.num_heads % world:
             raise ValueError(f"tensor_parallel: {name!r} has num_heads={child.num_heads}, not divisible by the "
                              f"group size {world}; expected a multiple of {world}")
-    for name, owner in _owners_of_splits(module, specs):
+    for name, owner in _owners_of_shards(module, specs):
         replicas = kv_replicas.get(name, 1)
         for key, heads in head_count_attributes(owner).items():
             kept = heads * replicas if replicas > 1 and _is_kv_count(key) else heads
@@ -348,9 +359,9 @@ def _check_divisible(module: nn.Module, specs: Dict[str, ShardSpec], world: int,
                              + (" or a divisor of it (key/value heads kept whole)" if "key_value" in key else ""))
 
 
-def _owners_of_splits(module: nn.Module, specs: Dict[str, ShardSpec]):
-    """The parents of column-split layers (attention modules, MLPs): the modules whose head counts
-    and widths the split divides."""
+def _owners_of_shards(module: nn.Module, specs: Dict[str, ShardSpec]):
+    """The parents of column-sharded layers (attention modules, MLPs): the modules whose head counts
+    and widths sharding divides."""
     parents = dict.fromkeys(name.rpartition(".")[0] for name, spec in specs.items()
                             if spec.style == COLWISE and not spec.gather_output)
     for name in parents:
@@ -376,7 +387,7 @@ def _check_same_plan_on_every_rank(specs: Dict[str, ShardSpec], group: GroupLike
 def _swap(module: nn.Module, name: str, spec: ShardSpec, group: GroupLike, info: GroupInfo,
           shared: Dict[Tuple, nn.Parameter]) -> None:
     """Replaces the dense layer ``name`` by its parallel counterpart. A weight the dense model ties
-    between layers (an embedding and its LM head) and that both split alike stays one parameter."""
+    between layers (an embedding and its LM head) and that both shard alike stays one parameter."""
     dense = module.get_submodule(name)
     parent_name, _, child_name = name.rpartition(".")
 
@@ -435,7 +446,7 @@ _VOCAB_PARALLEL_CLASSES: Dict[type, type] = {nn.Embedding: _VocabParallelLookup}
 
 
 def _vocab_parallel(dense: nn.Embedding, weight: nn.Parameter, group: GroupLike, info: GroupInfo) -> nn.Module:
-    """``dense`` with its rows split: a VocabParallelEmbedding for a plain nn.Embedding; otherwise the
+    """``dense`` with its rows sharded: a VocabParallelEmbedding for a plain nn.Embedding; otherwise the
     module itself, its class given the vocab-parallel lookup under its own forward."""
     if type(dense) is nn.Embedding and dense.padding_idx is None:
         layer = VocabParallelEmbedding(dense.num_embeddings, dense.embedding_dim, group, device="meta",
@@ -484,13 +495,13 @@ def _sum_replicated(spec: ShardSpec, info: GroupInfo):
     return hook
 
 
-def _fix_split_attributes(module: nn.Module, specs: Dict[str, ShardSpec], world: int,
+def _divide_sharded_attributes(module: nn.Module, specs: Dict[str, ShardSpec], world: int,
                           kv_replicas: Dict[str, int]) -> None:
-    """Divides the head counts, and the widths equal to a split projection's, of the modules that
-    hold split layers, so the stock forward reshapes this rank's heads correctly. Where KV heads are
+    """Divides the head counts, and the widths equal to a sharded projection's, of the modules that
+    hold sharded layers, so the stock forward reshapes this rank's heads correctly. Where KV heads are
     kept whole by several ranks, KV counts become this rank's and query-per-KV group sizes shrink."""
     widths = {part for spec in specs.values() if spec.style == COLWISE for part in spec.parts}
-    for name, owner in list(_owners_of_splits(module, specs)):
+    for name, owner in list(_owners_of_shards(module, specs)):
         replicas = kv_replicas.get(name, 1)
         for key, heads in head_count_attributes(owner).items():
             setattr(owner, key, heads * replicas // world if replicas > 1 and _is_kv_count(key) else heads // world)
@@ -507,15 +518,15 @@ def _fix_split_attributes(module: nn.Module, specs: Dict[str, ShardSpec], world:
 # --- the dry run on fake tensors ---------------------------------------------------------------
 
 class _Saved:
-    """The state of every module a plan changes, to put a module back as it was (kept whole)."""
+    """A snapshot of every module a plan changes, to put a module back as it was (kept whole)."""
 
     def __init__(self, module: nn.Module, specs: Dict[str, ShardSpec]):
         self.module = module
-        self.layers = {name: self._state(module.get_submodule(name)) for name in specs}
-        self.owners = {name: self._state(owner) for name, owner in _owners_of_splits(module, specs)}
+        self.layers = {name: self._snapshot(module.get_submodule(name)) for name in specs}
+        self.owners = {name: self._snapshot(owner) for name, owner in _owners_of_shards(module, specs)}
 
     @staticmethod
-    def _state(module: nn.Module):
+    def _snapshot(module: nn.Module):
         return module, type(module), dict(module.__dict__), dict(module._parameters)
 
     @staticmethod
@@ -541,7 +552,7 @@ def _within(name: str, owner: str) -> bool:
 
 def _dry_run(module: nn.Module, specs: Dict[str, ShardSpec], saved: _Saved, explicit: bool) -> Dict[str, str]:
     """Runs the sharded model once on fake tensors (no memory, no compute, no collective). A failure
-    inside a module holding split layers keeps that module whole (an ``explicit`` plan, the
+    inside a module holding sharded layers keeps that module whole (an ``explicit`` plan, the
     caller's: raises ValueError naming it instead), and the run is repeated; a failure elsewhere, or
     no input to try, leaves the plan as it is. Returns {kept module: error}."""
     inputs = _example_inputs(module)
@@ -553,7 +564,7 @@ def _dry_run(module: nn.Module, specs: Dict[str, ShardSpec], saved: _Saved, expl
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     while True:
-        owners = dict(_owners_of_splits(module, specs))
+        owners = dict(_owners_of_shards(module, specs))
         active: List[str] = []
         handles = []
 
@@ -695,7 +706,7 @@ def _sequence_parallel(module: nn.Module, blocks: List[str], info, summed=frozen
             if id(parameter) not in sliced and parameter.requires_grad:
                 parameter.register_hook(_sum_over_ranks(info))
     first, last = module.get_submodule(blocks[0]), module.get_submodule(blocks[-1])
-    first.register_forward_pre_hook(_map_hidden_states(_split(info)), with_kwargs=True)
+    first.register_forward_pre_hook(_map_hidden_states(_shard_sequence(info)), with_kwargs=True)
     last.register_forward_hook(_gather_output(info))
 
 
@@ -725,7 +736,8 @@ def _sum_over_ranks(info):
     return lambda grad: torch.ops.torch_mp._all_reduce(grad, "sum", info.name, info.size)
 
 
-def _split(info):
+def _shard_sequence(info):
+    """This rank's part of the activations along the sequence (scatter_to_tp)."""
     return lambda t: torch.ops.torch_mp.scatter_to_tp(t, SEQUENCE_DIM, info.name, info.size)
 
 

@@ -19,7 +19,7 @@ from torch_mp._layers import find_layers, inside
 logger = logging.getLogger("torch_mp")
 
 QKV, COLWISE_GATHER, REPLICATE, SEQUENCE_PARALLEL = "qkv", "colwise_gather", "replicate", "sequence_parallel"
-PACKED_COLWISE = "packed_colwise"            # a fused gate|up projection: each half split on its own
+PACKED_COLWISE = "packed_colwise"            # a fused gate|up projection: each half sharded on its own
 ROWWISE_SPLIT_INPUT = "rowwise_split_input"  # rowwise, its input arriving whole (split here)
 GRAD_SUM = "replicated_with_grad_allreduce"  # replicated, but sees only this rank's heads: gradients summed
 MOE = "moe"  # a mixture-of-experts block: experts sharded by torch_mp._moe, the router replicated
@@ -133,7 +133,7 @@ def _moe_plan(module: nn.Module, blocks: List[str], transformers_styles: Dict[st
     """The plan for mixture-of-experts ``blocks`` (names of the modules holding the router and the
     experts): ``{block: "moe"}``, which tensor_parallel hands to ``torch_mp._moe`` (experts whole per
     rank or cut within each, the router replicated). ``transformers_styles``, the model's tp_plan
-    entries for them ({pattern: style}), only locate the blocks: torch_mp picks the experts' split.
+    entries for them ({pattern: style}), only locate the blocks: torch_mp picks how the experts are sharded.
     Raises ValueError naming the blocks whose experts are not one module of 3-D weights."""
     unsupported = [name for name in blocks if not moe.is_moe_block(module.get_submodule(name))]
     if unsupported:
@@ -211,7 +211,7 @@ def head_count_attributes(module: nn.Module) -> Dict[str, int]:
 
 
 def _per_head_embeddings(module: nn.Module, plan: Dict[str, str]) -> Dict[str, str]:
-    """Embeddings inside a split attention whose columns are per-head values (T5's relative position
+    """Embeddings inside a sharded attention whose columns are per-head values (T5's relative position
     bias: [buckets, heads]): cut with the heads."""
     owners = {name.rpartition(".")[0] for name, style in plan.items() if style in (COLWISE, QKV)}
     found = {}

@@ -1,7 +1,7 @@
 """How a dense weight maps onto the ranks of a tensor-parallel layer, both ways.
 
-A ShardSpec says which dim of the weight, in nn.Linear layout ``[out, in]``, is split, and into
-which consecutive parts (a fused q|k|v projection has three, each split by heads on its own). A part
+A ShardSpec says which dim of the weight, in nn.Linear layout ``[out, in]``, is sharded, and into
+which consecutive parts (a fused q|k|v projection has three, each sharded by heads on its own). A part
 with ``replicas`` r > 1 is cut into ``world / r`` blocks, rank k holding block ``k // r``: key/value
 heads fewer than the ranks, each kept by the ranks whose query heads use it.
 """
@@ -21,19 +21,19 @@ Replicas = Optional[Sequence[int]]
 @dataclass(frozen=True)
 class ShardSpec:
     style: str                  # colwise (output features), rowwise (input features), vocab (rows), heads (columns)
-    parts: Tuple[int, ...]      # sizes of the consecutive parts along the split dim
+    parts: Tuple[int, ...]      # sizes of the consecutive parts along the sharded dim
     transposed: bool = False    # the dense weight is stored [in, out] (transformers' Conv1D)
     weight_name: str = "weight"  # the parameter names in the module (nn.MultiheadAttention: in_proj_*)
     bias_name: str = "bias"
     gather_output: bool = False  # colwise only: all-gather the output (an LM head whose logits stay whole)
     replicas: Optional[Tuple[int, ...]] = None  # per part: how many ranks hold each block (None: 1 each)
     input_is_parallel: bool = True  # rowwise only: False when the input arrives whole (transformers' rowwise_split_input)
-    split_dim: Optional[int] = None  # the split dim of a weight not in nn.Linear layout (3-D expert weights)
+    shard_dim: Optional[int] = None  # the dim cut of a weight not in nn.Linear layout (3-D expert weights)
 
     @property
     def dim(self) -> int:
-        if self.split_dim is not None:
-            return self.split_dim
+        if self.shard_dim is not None:
+            return self.shard_dim
         return 1 if self.style in (ROWWISE, HEADS) else 0
 
     def shards_bias(self) -> bool:

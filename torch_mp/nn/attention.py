@@ -12,10 +12,22 @@ from torch_mp.nn.layers import RowParallelLinear, _TensorParallel
 
 
 class TensorParallelMultiheadAttention(_TensorParallel):
-    """``nn.MultiheadAttention`` with its heads split across the group: this rank holds its heads'
-    rows of q, k and v (``in_proj_weight``, ``[3 * embed_dim / group size, embed_dim]``) and its
-    columns of ``out_proj``. Same call and parameter names as ``nn.MultiheadAttention``; the output
-    is complete on every rank."""
+    """``nn.MultiheadAttention`` with its heads sharded across the group, built from ``dense``
+    (Megatron-LM's parallel attention, Shoeybi et al., 2019, arXiv:1909.08053): this rank holds its
+    heads' rows of q, k and v (``in_proj_weight``, ``[3 * embed_dim / world, embed_dim]``) and its
+    columns of ``out_proj`` (a ``RowParallelLinear``, ``[embed_dim, embed_dim / world]``).
+
+    Same call, shapes and parameter names as ``nn.MultiheadAttention``: ``query [L, N, E]`` (``[N,
+    L, E]`` with ``batch_first``, ``[L, E]`` unbatched), ``key`` and ``value [S, N, E]`` -> output
+    ``[L, N, E]``, complete on every rank, and the attention weights ``[N, L, S]`` (averaged over all
+    heads) or ``[N, heads, L, S]``. forward: q, k, v column-parallel, attention on this rank's
+    heads, ``out_proj`` row-parallel (one all-reduce); the weights are all-reduced (averaged) or
+    all-gathered over the heads. backward: the input gradients all-reduced (sum) once per input,
+    the parameter gradients local to this rank's heads.
+
+    Raises TypeError when ``dense`` is not an ``nn.MultiheadAttention``; ValueError for ``kdim`` /
+    ``vdim`` other than ``embed_dim``, ``add_bias_kv`` or ``add_zero_attn``, or a ``num_heads`` that
+    is not a multiple of the group size."""
 
     # Keeps nn.TransformerEncoderLayer off its fused fast path, which would read the sharded weights
     # as whole ones.

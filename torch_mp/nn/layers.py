@@ -32,7 +32,7 @@ def _init_linear(weight: torch.Tensor, bias: Optional[torch.Tensor], fan_in: int
 
 
 class _TensorParallel(nn.Module):
-    # Sequence parallel (Megatron): the activations around the module holding this layer are split
+    # Sequence parallel (Megatron): the activations around the module holding this layer are sharded
     # along this dim (None: they are not). That module all-gathers its input, so a colwise layer
     # computes locally and a rowwise one reduce-scatters. Set by tensor_parallel.
     sequence_dim: Optional[int] = None
@@ -87,7 +87,11 @@ def share_input_copy(layers) -> None:
     of an MLP) all-reduce its gradient once in backward, instead of once each: the first layer
     called applies ``copy_to_tp`` to the input and the others reuse it (see ``_SharedInputCopy``).
     A layer called with another input copies that one itself, so the result is the same either way.
-    Raises ValueError for layers of different groups or sequence-parallel ones."""
+    It saves ``len(layers) - 1`` all-reduces of ``[*, in_features]`` per backward; Megatron-LM's
+    fused qkv projection does the same with one layer (Shoeybi et al., 2019).
+
+    Raises TypeError when a layer is not a ``ColumnParallelLinear``; ValueError for layers of
+    different groups, sequence-parallel ones or ones built with ``input_is_copied=True``."""
     layers = list(layers)
     for layer in layers:
         check_arg("share_input_copy", "layers", layer, ColumnParallelLinear, "ColumnParallelLinear layers")
@@ -103,14 +107,24 @@ def share_input_copy(layers) -> None:
 
 
 class ColumnParallelLinear(_TensorParallel):
-    """``nn.Linear`` with the output features split across the group: ``weight`` is
-    ``[out_features / group size, in_features]``. The input is replicated; the output is this rank's
-    slice of the features, or all of them with ``gather_output=True``.
+    """``nn.Linear`` with the output features sharded across the group (Megatron-LM's column-parallel
+    linear layer, Shoeybi et al., 2019, arXiv:1909.08053).
+
+    Shapes: ``weight [out_features / world, in_features]``, ``bias [out_features / world]``; input
+    ``[*, in_features]``, replicated on every rank -> output ``[*, out_features / world]`` (this
+    rank's features), or ``[*, out_features]`` with ``gather_output=True``. forward: identity on the
+    input, the local matmul (then all-gather with ``gather_output``); backward: the input gradient
+    all-reduced (sum) over the group; see :func:`torch_mp.column_parallel_linear`. Initialized as
+    ``nn.Linear`` with the whole layer's fan-in.
 
     ``input_is_copied=True``: the input is already the output of ``copy_to_tp`` (whose backward
     all-reduces the input gradient), so the layer reduces nothing itself: one ``copy_to_tp`` then
     serves several layers that read the same input (Megatron's mappings). ``share_input_copy``
-    arranges the same for sibling layers of a stock model."""
+    arranges the same for sibling layers of a stock model.
+
+    Raises TypeError for sizes that are not ints or an ``input_is_copied`` that is not a bool;
+    ValueError for negative sizes or an ``out_features`` that is not a multiple of the group size.
+    Calls raise as :func:`torch_mp.column_parallel_linear` does."""
 
     # Set by share_input_copy: the copy_to_tp this layer shares with its siblings.
     shared_input_copy: Optional[_SharedInputCopy] = None
@@ -135,7 +149,9 @@ class ColumnParallelLinear(_TensorParallel):
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, group: GroupLike = None, gather_output: bool = False):
-        """This rank's rows of ``linear``: the layer computes this rank's slice of ``linear(x)``."""
+        """This rank's rows of ``linear`` (``[out / world, in]``, copied): the layer computes this
+        rank's slice of ``linear(x)``. Raises TypeError when ``linear`` is not an ``nn.Linear``;
+        ValueError when its ``out_features`` is not a multiple of the group size."""
         check_arg(f"{cls.__name__}.from_dense", "linear", linear, nn.Linear, "an nn.Linear")
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, gather_output, group,
                     device="meta", dtype=linear.weight.dtype)
@@ -172,9 +188,19 @@ class ColumnParallelLinear(_TensorParallel):
 
 
 class RowParallelLinear(_TensorParallel):
-    """``nn.Linear`` with the input features split across the group: ``weight`` is
-    ``[out_features, in_features / group size]``. The output is complete on every rank (one
-    all-reduce); the bias, replicated, is added once after it."""
+    """``nn.Linear`` with the input features sharded across the group (Megatron-LM's row-parallel
+    linear layer, Shoeybi et al., 2019, arXiv:1909.08053).
+
+    Shapes: ``weight [out_features, in_features / world]``, ``bias [out_features]`` (replicated);
+    input ``[*, in_features / world]`` (this rank's features, as a ``ColumnParallelLinear`` leaves
+    them), or ``[*, in_features]`` with ``input_is_parallel=False`` -> output ``[*, out_features]``,
+    complete on every rank. forward: the local matmul, then all-reduce (sum), then the bias, added
+    once; backward: identity for the output gradient; see :func:`torch_mp.row_parallel_linear`.
+    Under sequence parallelism the all-reduce becomes a reduce-scatter along the sequence.
+
+    Raises TypeError for sizes that are not ints; ValueError for negative sizes or an
+    ``in_features`` that is not a multiple of the group size. Calls raise as
+    :func:`torch_mp.row_parallel_linear` does."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, input_is_parallel: bool = True,
                  group: GroupLike = None, device=None, dtype=None):
@@ -190,7 +216,9 @@ class RowParallelLinear(_TensorParallel):
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, group: GroupLike = None, input_is_parallel: bool = True):
-        """This rank's columns of ``linear``, and its whole bias."""
+        """This rank's columns of ``linear`` (``[out, in / world]``, copied), and its whole bias.
+        Raises TypeError when ``linear`` is not an ``nn.Linear``; ValueError when its
+        ``in_features`` is not a multiple of the group size."""
         check_arg(f"{cls.__name__}.from_dense", "linear", linear, nn.Linear, "an nn.Linear")
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, input_is_parallel, group,
                     device="meta", dtype=linear.weight.dtype)
@@ -202,7 +230,7 @@ class RowParallelLinear(_TensorParallel):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self.sequence_dim is not None:
-            # The output leaves split along the sequence: reduce-scatter instead of all-reduce.
+            # The output leaves sharded along the sequence: reduce-scatter instead of all-reduce.
             if not self.input_is_parallel:
                 input = torch.ops.torch_mp.scatter_to_tp(input, -1, self.group_name, self.group_size)
             if self.async_tp_chunks is not None and not torch.is_autocast_enabled(input.device.type):
@@ -223,8 +251,19 @@ class RowParallelLinear(_TensorParallel):
 
 
 class VocabParallelEmbedding(_TensorParallel):
-    """``nn.Embedding`` with the vocabulary split across the group: rank r holds rows
-    ``[r * V / group size, (r + 1) * V / group size)``. Every rank returns the full embeddings."""
+    """``nn.Embedding`` with the vocabulary sharded across the group (Megatron-LM's
+    ``VocabParallelEmbedding``, Shoeybi et al., 2019): rank r holds rows
+    ``[r * V / world, (r + 1) * V / world)`` of the ``[V, embedding_dim]`` table.
+
+    Shapes: ``weight [V / world, embedding_dim]``; input: integer ids ``[*]`` -> output
+    ``[*, embedding_dim]``, the full embeddings on every rank. forward: each rank looks up the ids
+    in its rows (zeros for the others), then all-reduce (sum); backward: identity for the output
+    gradient, each rank's rows getting the gradients of their ids. Initialized as ``nn.Embedding``
+    (normal).
+
+    Raises TypeError for sizes that are not ints, or ids that are not integers when called;
+    ValueError for negative sizes or a ``num_embeddings`` that is not a multiple of the group size;
+    ``torch_mp.CollectiveError`` when a peer does not answer within the group's timeout."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, group: GroupLike = None, device=None, dtype=None):
         super().__init__()
@@ -238,6 +277,9 @@ class VocabParallelEmbedding(_TensorParallel):
 
     @classmethod
     def from_dense(cls, embedding: nn.Embedding, group: GroupLike = None):
+        """This rank's rows of ``embedding`` (``[V / world, embedding_dim]``, copied). Raises
+        TypeError when ``embedding`` is not an ``nn.Embedding``; ValueError when its
+        ``num_embeddings`` is not a multiple of the group size."""
         check_arg(f"{cls.__name__}.from_dense", "embedding", embedding, nn.Embedding, "an nn.Embedding")
         layer = cls(embedding.num_embeddings, embedding.embedding_dim, group, device="meta",
                     dtype=embedding.weight.dtype)
@@ -256,8 +298,20 @@ class VocabParallelEmbedding(_TensorParallel):
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, group: GroupLike = None,
                                  ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
     """Cross entropy over logits sharded on the vocabulary (last) dim, equal shards in rank order,
-    as ColumnParallelLinear produces them; the full logits are never gathered. ``reduction``:
-    "mean" (over targets that are not ``ignore_index``), "sum" or "none"."""
+    as ``ColumnParallelLinear`` produces them; the full logits are never gathered.
+
+    Shapes: ``logits [*, V / world]`` (float), ``target [*]`` (integer class ids in ``[0, V)`` or
+    ``ignore_index``) -> ``[*]`` with ``reduction="none"``, else a scalar: ``"mean"`` (over the
+    targets that are not ``ignore_index``) or ``"sum"``. forward: the max, the sum of exponentials
+    and the target's logit, each all-reduced over the group (three all-reduces of ``[*]``); backward:
+    ``softmax - one_hot(target)`` on this rank's shard, no communication. Megatron-LM's
+    ``vocab_parallel_cross_entropy`` (Shoeybi et al., 2019); reduced-precision logits are summed in
+    float32.
+
+    Raises TypeError for ``logits`` or ``target`` that are not tensors, ``logits`` that are not
+    floating point or a ``target`` that is not integer; ValueError for shapes that do not fit or
+    another ``reduction``; ``torch_mp.CollectiveError`` when a peer does not answer within the
+    group's timeout."""
     check_arg("vocab_parallel_cross_entropy", "logits", logits, torch.Tensor, "a torch.Tensor")
     check_arg("vocab_parallel_cross_entropy", "target", target, torch.Tensor, "a torch.Tensor")
     if reduction not in ("mean", "sum", "none"):

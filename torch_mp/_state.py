@@ -1,0 +1,116 @@
+"""The one record of what ``split``, ``pipeline`` or ``tensor_parallel`` did to a module.
+
+Each wrapper stores a :class:`ParallelState` under the module's one attribute ``_torch_mp_state``;
+every reader (state dicts, checkpoints, ``memory_report``, a second ``split``) fetches it with
+:func:`state_of`. The attributes documented for users (``device_map``, ``output_device``,
+``torch_mp_plan``, ``torch_mp_replicated``, ``torch_mp_kept_whole``) are plain views: the same
+objects as the record's fields. One state object per module follows FSDP2 (``fully_shard.state``).
+"""
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from torch_mp._checks import check_arg
+
+if TYPE_CHECKING:
+    from torch_mp._tensor_parallel.sharding import ShardSpec
+
+SPLIT, PIPELINE, TENSOR_PARALLEL = "split", "pipeline", "tensor_parallel"
+KINDS = (SPLIT, PIPELINE, TENSOR_PARALLEL)
+
+_ATTRIBUTE = "_torch_mp_state"
+# The views each kind publishes on the module: {attribute: field}.
+_VIEWS = {
+    SPLIT: {"device_map": "device_map", "output_device": "output_device"},
+    PIPELINE: {},
+    TENSOR_PARALLEL: {"torch_mp_plan": "plan", "torch_mp_replicated": "replicated",
+                      "torch_mp_kept_whole": "kept_whole"},
+}
+
+
+@dataclass
+class ParallelState:
+    """What a torch_mp wrapper did to a module; :func:`state_of` returns it.
+
+    Fields, by ``kind``:
+
+    - every kind: ``kind`` (``"split"``, ``"pipeline"`` or ``"tensor_parallel"``).
+    - ``split``: ``device_map`` ({module name: device}, in layer order), ``stage_of`` ({module
+      name: stage index}), ``output_device``, ``pipe`` (with ``chunks > 1``: the micro-batch
+      runner) and ``hooks`` (the removable handles of the hooks that move tensors).
+    - ``pipeline``: ``group`` (the ProcessGroup, None for the default one), ``stage_of`` and ``pipe``.
+    - ``tensor_parallel``: ``group``, ``specs`` ({module or parameter name: how its weight is
+      sharded}), ``plan`` ({module name: style}), ``replicated`` (the names of shardable layers
+      left whole) and ``kept_whole`` ({module name: the error that kept it whole}).
+
+    Raises ValueError for a ``kind`` other than those three.
+    """
+
+    kind: str
+    group: Any = None
+    specs: Dict[str, "ShardSpec"] = field(default_factory=dict)
+    plan: Dict[str, str] = field(default_factory=dict)
+    replicated: List[str] = field(default_factory=list)
+    kept_whole: Dict[str, str] = field(default_factory=dict)
+    device_map: Dict[str, torch.device] = field(default_factory=dict)
+    stage_of: Dict[str, int] = field(default_factory=dict)
+    output_device: Optional[torch.device] = None
+    pipe: Any = None
+    hooks: List[Any] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"ParallelState: kind = {self.kind!r}; expected one of {list(KINDS)}")
+
+
+def state_of(module: nn.Module, required: Union[None, str, Sequence[str]] = None) -> Optional[ParallelState]:
+    """The :class:`ParallelState` that ``split``, ``pipeline`` or ``tensor_parallel`` stored on
+    ``module``; None for a module none of them returned.
+
+    ``required``: a kind or a sequence of kinds (``"split"``, ``"pipeline"``, ``"tensor_parallel"``):
+    then the module must hold a state of one of them. Raises TypeError when ``module`` is not an
+    ``nn.Module``; ValueError naming the kinds expected and what the module holds when it holds no
+    state of a required kind, or for an unknown kind."""
+    caller = "torch_mp.state_of"
+    check_arg(caller, "module", module, nn.Module, "a torch.nn.Module")
+    state = module.__dict__.get(_ATTRIBUTE)
+    if required is None:
+        return state
+    kinds = (required,) if isinstance(required, str) else tuple(required)
+    unknown = [kind for kind in kinds if kind not in KINDS]
+    if unknown:
+        raise ValueError(f"{caller}: required = {required!r}; expected kinds among {list(KINDS)}")
+    if state is None or state.kind not in kinds:
+        held = "no torch_mp state" if state is None else f"the state of torch_mp.{state.kind}"
+        expected = " or ".join(f"torch_mp.{kind}" for kind in kinds)
+        raise ValueError(f"{caller}: {type(module).__name__} holds {held}; expected a module returned by {expected}")
+    return state
+
+
+def check_not_parallelized(module: nn.Module, caller: str) -> None:
+    """A module holds one state: one already there (another wrapper's, or a second ``pipeline`` /
+    ``tensor_parallel``) is a ValueError, raised before the wrapper changes anything."""
+    held = module.__dict__.get(_ATTRIBUTE)
+    if held is not None:
+        raise ValueError(f"{caller}: {type(module).__name__} was already returned by torch_mp.{held.kind}; "
+                         "expected a module no torch_mp wrapper has parallelized yet")
+
+
+def attach(module: nn.Module, state: ParallelState, caller: str) -> ParallelState:
+    """Stores ``state`` on ``module`` and sets its views."""
+    check_not_parallelized(module, caller)
+    module.__dict__[_ATTRIBUTE] = state
+    for attribute, name in _VIEWS[state.kind].items():
+        setattr(module, attribute, getattr(state, name))
+    return state
+
+
+def detach(module: nn.Module) -> Optional[ParallelState]:
+    """Removes the state and its views from ``module``; returns the state (None if it had none)."""
+    state = module.__dict__.pop(_ATTRIBUTE, None)
+    if state is not None:
+        for attribute in _VIEWS[state.kind]:
+            module.__dict__.pop(attribute, None)
+    return state
