@@ -225,8 +225,12 @@ def all_gather_matmul(input: torch.Tensor, weights: Sequence[torch.Tensor], dim:
     ``weights``: ``[out_features_i / group size, in_features]`` each (column-parallel layers reading one
     input: q, k, v). ``chunks`` cuts each rank's rows further and must divide them. Returns
     ``(gathered, outputs)``: ``[*, S, *, in_features]`` and ``[*, S, *, out_features_i / group size]``.
-    backward: the input gradient is ``matmul_reduce_scatter``'s decomposition. Raises ValueError for
-    shapes, an empty ``weights`` or a ``chunks`` that does not divide, IndexError for ``dim``."""
+    Shapes: ``[..., S / world, ..., in] -> ([..., S, ..., in], [[..., S, ..., out_i / world], ...])``.
+
+    forward: all-gather (overlapped with the matmuls); backward: the input gradient is
+    ``matmul_reduce_scatter``'s decomposition (reduce-scatter), the weight gradients local matmuls.
+    Raises ValueError for shapes, an empty ``weights`` or a ``chunks`` that does not divide,
+    IndexError for ``dim``, ``torch_mp.CollectiveError`` when a peer does not answer."""
     _check_dim("all_gather_matmul", input, dim)
     check_arg("all_gather_matmul", "chunks", chunks, int, "an int")
     name, size, _ = resolve_group(group, "all_gather_matmul(group=...)")
@@ -239,9 +243,12 @@ def matmul_reduce_scatter(input: torch.Tensor, weight: torch.Tensor, dim: int = 
     each chunk multiply and are summed onto that rank while the next rows multiply.
 
     ``input``: ``[*, S, *, in_features / group size]``; ``weight``: ``[out_features, in_features /
-    group size]`` (a row-parallel layer). Returns ``[*, S / group size, *, out_features]``. backward:
+    group size]`` (a row-parallel layer). Returns ``[*, S / group size, *, out_features]``.
+    Shapes: ``[..., S, ..., in / world] -> [..., S / world, ..., out]``.
+
+    forward: reduce-scatter (overlapped with the matmuls); backward: all-gather, as
     ``all_gather_matmul``. Raises ValueError for shapes, ``S`` not divisible by the group size times
-    ``chunks``."""
+    ``chunks``, IndexError for ``dim``, ``torch_mp.CollectiveError`` when a peer does not answer."""
     _check_dim("matmul_reduce_scatter", input, dim)
     _check_tensor("matmul_reduce_scatter", weight, "weight")
     check_arg("matmul_reduce_scatter", "chunks", chunks, int, "an int")

@@ -15,7 +15,8 @@ PUBLIC = [(torch_mp, name) for name in torch_mp.__all__ if name not in NOT_CALLA
          [(torch_mp.nn, name) for name in torch_mp.nn.__all__]
 # Operators and layers: a forward/backward pair and shapes ("[..., n] -> [...]").
 OPERATORS = {"to_device", "copy_to_tp", "reduce_from_tp", "gather_from_tp", "scatter_to_tp", "reduce_scatter_to_sp",
-             "gather_from_sp", "column_parallel_linear", "row_parallel_linear", "all_to_all",
+             "gather_from_sp", "column_parallel_linear", "row_parallel_linear", "all_to_all", "all_gather_matmul",
+             "matmul_reduce_scatter",
              "vocab_parallel_cross_entropy", "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding",
              "TensorParallelMultiheadAttention"}
 

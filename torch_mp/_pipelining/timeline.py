@@ -34,6 +34,9 @@ class TimelineEvent:
         micro_batch: the micro-batch's index (0 = first).
         start, end: seconds since the step's start (``time.perf_counter``); across ranks, since
             the barrier that started the step on every rank.
+
+    Raises:
+        dataclasses.FrozenInstanceError: on assigning a field (an event records what happened).
     """
     stage: int
     rank: Optional[int]
@@ -63,6 +66,9 @@ class Timeline:
 
     Made by ``train_step(..., timeline=True)`` of a pipelined ``split`` or of ``pipeline``, and
     found at ``model.last_timeline`` (on every rank); drawn by ``torch_mp.plot_timeline``.
+
+    Raises:
+        ValueError: ``lanes`` other than ``"stage"`` or ``"rank"``.
     """
     events: List[TimelineEvent]
     schedule: str
