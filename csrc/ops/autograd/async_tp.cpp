@@ -7,6 +7,8 @@
 #include <torch_mp/ops.h>
 
 #include "comm/collectives.h"
+#include "ops/autograd/group_function.h"
+#include "ops/autograd/linear_grads.h"
 
 namespace torch_mp {
 namespace {
@@ -16,22 +18,6 @@ using torch::autograd::variable_list;
 
 constexpr char kAllGatherMatmul[] = "torch_mp.all_gather_matmul";
 constexpr char kMatmulReduceScatter[] = "torch_mp.matmul_reduce_scatter";
-
-// Rows of a [..., features] tensor as a matrix, in symbolic sizes.
-at::Tensor matrix_of_rows(const at::Tensor& t) {
-  return t.flatten(0, -2);
-}
-
-void save_group(AutogradContext* ctx, int64_t dim, int64_t chunks, c10::string_view group_name, int64_t group_size) {
-  ctx->saved_data["dim"] = dim;
-  ctx->saved_data["chunks"] = chunks;
-  ctx->saved_data["group_name"] = std::string(group_name);
-  ctx->saved_data["group_size"] = group_size;
-}
-
-Group saved_group(AutogradContext* ctx) {
-  return Group{ctx->saved_data["group_name"].toStringRef(), ctx->saved_data["group_size"].toInt(), 0};
-}
 
 // forward: gathered = all_gather(input, dim), outputs[i] = gathered @ weights[i].T, returned as
 // [gathered, *outputs]; backward: grad input = reduce_scatter(grad gathered + sum_i grad outputs[i] @
@@ -49,10 +35,10 @@ class AllGatherMatmulFunction : public torch::autograd::Function<AllGatherMatmul
       int64_t chunks,
       c10::string_view group_name,
       int64_t group_size) {
-    save_group(ctx, dim, chunks, group_name, group_size);
-    detail::OpScope scope(kAllGatherMatmul);
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [gathered, outputs] = all_gather_matmul(input, weights, dim, Group{std::string(group_name), group_size, 0}, chunks);
+    const detail::GroupForward scope(ctx, kAllGatherMatmul, group_name, group_size);
+    ctx->saved_data["dim"] = dim;
+    ctx->saved_data["chunks"] = chunks;
+    auto [gathered, outputs] = all_gather_matmul(input, weights, dim, scope.group, chunks);
     std::vector<at::Tensor> saved{gathered};
     saved.insert(saved.end(), weights.begin(), weights.end());
     ctx->save_for_backward(saved);
@@ -66,7 +52,7 @@ class AllGatherMatmulFunction : public torch::autograd::Function<AllGatherMatmul
     const auto& gathered = saved[0];
     const auto weights_count = saved.size() - 1;
     variable_list grads(1 + weights_count + 4);
-    detail::OpScope scope(kAllGatherMatmul, /*backward=*/true);
+    const detail::GroupBackward scope(ctx, kAllGatherMatmul);
     std::vector<at::Tensor> products, transposed;
     for (size_t i = 0; i < weights_count; ++i) {
       const auto& grad = grad_outputs[1 + i];
@@ -78,14 +64,14 @@ class AllGatherMatmulFunction : public torch::autograd::Function<AllGatherMatmul
         transposed.push_back(saved[1 + i].t());
       }
       if (ctx->needs_input_grad(1 + i)) {
-        grads[1 + i] = matrix_of_rows(grad).t().mm(matrix_of_rows(gathered));
+        grads[1 + i] = detail::linear_weight_grad(grad, gathered);
       }
     }
     const auto& grad_gathered = grad_outputs[0];
     if (ctx->needs_input_grad(0) && (grad_gathered.defined() || !products.empty())) {
       grads[0] = primitives::matmul_reduce_scatter(
           products, transposed, grad_gathered.defined() ? std::optional<at::Tensor>(grad_gathered) : std::nullopt,
-          ctx->saved_data["dim"].toInt(), saved_group(ctx), ctx->saved_data["chunks"].toInt());
+          ctx->saved_data["dim"].toInt(), scope.group, ctx->saved_data["chunks"].toInt());
     }
     return grads;
   }
@@ -106,11 +92,11 @@ class MatmulReduceScatterFunction : public torch::autograd::Function<MatmulReduc
       int64_t chunks,
       c10::string_view group_name,
       int64_t group_size) {
-    save_group(ctx, dim, chunks, group_name, group_size);
+    const detail::GroupForward scope(ctx, kMatmulReduceScatter, group_name, group_size);
+    ctx->saved_data["dim"] = dim;
+    ctx->saved_data["chunks"] = chunks;
     ctx->save_for_backward({input, weight});
-    detail::OpScope scope(kMatmulReduceScatter);
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return matmul_reduce_scatter(input, weight, dim, Group{std::string(group_name), group_size, 0}, chunks);
+    return matmul_reduce_scatter(input, weight, dim, scope.group, chunks);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -122,14 +108,14 @@ class MatmulReduceScatterFunction : public torch::autograd::Function<MatmulReduc
     const auto saved = ctx->get_saved_variables();
     const auto& input = saved[0];
     const auto& weight = saved[1];
-    detail::OpScope scope(kMatmulReduceScatter, /*backward=*/true);
+    const detail::GroupBackward scope(ctx, kMatmulReduceScatter);
     auto [gathered_grad, products] = all_gather_matmul(
-        grad, {weight.t()}, ctx->saved_data["dim"].toInt(), saved_group(ctx), ctx->saved_data["chunks"].toInt());
+        grad, {weight.t()}, ctx->saved_data["dim"].toInt(), scope.group, ctx->saved_data["chunks"].toInt());
     if (ctx->needs_input_grad(0)) {
       grads[0] = products[0];
     }
     if (ctx->needs_input_grad(1)) {
-      grads[1] = matrix_of_rows(gathered_grad).t().mm(matrix_of_rows(input));
+      grads[1] = detail::linear_weight_grad(gathered_grad, input);
     }
     return grads;
   }

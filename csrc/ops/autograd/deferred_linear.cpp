@@ -10,16 +10,13 @@
 
 #include <torch_mp/pipeline.h>
 
+#include "ops/autograd/linear_grads.h"
+
 namespace torch_mp::pipeline {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-// Rows of a [..., features] tensor, in symbolic sizes.
-at::Tensor rows(const at::Tensor& t) {
-  return t.dim() == 1 ? t.unsqueeze(0) : t.flatten(0, -2);
-}
 
 // One linear call's weight-gradient work: the gradients of `weight` and `bias` (undefined where not
 // wanted) from the call's input and its output's gradient.
@@ -109,10 +106,9 @@ class DeferredLinearFunction : public torch::autograd::Function<DeferredLinearFu
     const auto slot = ctx->saved_data["slot"].toInt();
     // A backward that builds a graph (create_graph=True) gets every gradient now, differentiable.
     if (slot < 0 || at::GradMode::is_enabled()) {
-      const auto grad_2d = rows(grad);
       return {
-          grad_input, want_weight ? grad_2d.t().mm(rows(input)) : at::Tensor(),
-          want_bias ? grad_2d.sum(0) : at::Tensor(), at::Tensor()};
+          grad_input, want_weight ? detail::linear_weight_grad(grad, input) : at::Tensor(),
+          want_bias ? detail::linear_bias_grad(grad) : at::Tensor(), at::Tensor()};
     }
     if (want_weight || want_bias) {
       DeferredWork::instance().queue(
@@ -137,12 +133,11 @@ int64_t run_weight_gradients(int64_t slot) {
   const auto works = DeferredWork::instance().take(slot);
   at::NoGradGuard no_grad;
   for (const auto& work : works) {
-    const auto grad_2d = rows(work.grad_output);
     if (work.weight.defined()) {
-      accumulate(work.weight, grad_2d.t().mm(rows(work.input)));
+      accumulate(work.weight, detail::linear_weight_grad(work.grad_output, work.input));
     }
     if (work.bias.defined()) {
-      accumulate(work.bias, grad_2d.sum(0));
+      accumulate(work.bias, detail::linear_bias_grad(work.grad_output));
     }
   }
   return static_cast<int64_t>(works.size());

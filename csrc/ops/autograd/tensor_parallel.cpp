@@ -4,6 +4,7 @@
 #include <torch_mp/ops.h>
 
 #include "ops/autograd/group_function.h"
+#include "ops/autograd/linear_grads.h"
 #include "ops/typed_op.h"
 
 namespace torch_mp {
@@ -71,13 +72,9 @@ std::pair<at::Tensor, at::Tensor> weight_and_bias_grads(
     const at::Tensor& grad,
     const at::Tensor& input,
     bool has_bias) {
-  // Rows of a [..., features] tensor, in symbolic sizes (an int size() would specialize a dynamic
-  // batch or sequence length under torch.compile).
-  const auto rows = [](const at::Tensor& t) { return t.dim() == 1 ? t.unsqueeze(0) : t.flatten(0, -2); };
-  const auto grad_2d = rows(grad);
   return {
-      ctx->needs_input_grad(1) ? grad_2d.t().mm(rows(input)) : at::Tensor(),
-      has_bias && ctx->needs_input_grad(2) ? grad_2d.sum(0) : at::Tensor()};
+      ctx->needs_input_grad(1) ? detail::linear_weight_grad(grad, input) : at::Tensor(),
+      has_bias && ctx->needs_input_grad(2) ? detail::linear_bias_grad(grad) : at::Tensor()};
 }
 
 constexpr char kColumnParallelLinear[] = "torch_mp.column_parallel_linear";
