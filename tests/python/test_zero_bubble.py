@@ -92,6 +92,24 @@ def test_split_matches_dense(case, schedule, checkpoint):
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
+def test_gradient_hooks_see_the_weight_gradient(schedule):
+    """A Linear whose weight has a gradient hook keeps the joint backward: the hook gets the
+    gradient (never None) and changes it as in the dense model; W would write .grad past it."""
+    model, inputs, target, loss_fn = mlp_case()
+    piped = torch_mp.split(copy.deepcopy(model), ["cpu"] * 4, chunks=4, schedule=schedule)
+    seen = []
+
+    def triple(grad):
+        seen.append(grad)
+        return None if grad is None else grad * 3
+
+    for module in (model, piped):
+        module[2].weight.register_hook(triple)
+    assert_step_matches(piped, model, inputs, target, loss_fn)
+    assert seen and all(grad is not None for grad in seen)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
 def test_w_runs_the_linear_weight_gradients_after_b(schedule, monkeypatch):
     """Each W finds its stage's linear weights without the gradient of its micro-batch (B left it
     queued) and adds it: after the first W of a stage its weights' .grad appears; the B of every

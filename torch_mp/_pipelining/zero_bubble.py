@@ -8,8 +8,10 @@ Under ``schedule="zb_h1"`` or ``"zbv"``, every ``nn.Linear`` inside a stage (one
 the weight and bias gradients' work under the slot of its (stage, micro-batch); W runs that work
 (``torch_mp::pipeline::run_weight_gradients``). Every other module's weight gradient (embeddings,
 norms, convolutions, a Linear subclass with its own forward, a weight that is not a leaf) is
-computed in B, with the input gradient: the joint backward. So is a Linear's under autocast and
-under torch.compile. Other schedules never patch a module.
+computed in B, with the input gradient: the joint backward. So is a Linear's under autocast, under
+torch.compile, and one whose weight or bias has a gradient hook (``register_hook``,
+``register_post_accumulate_grad_hook``): W writes ``.grad`` directly, where no hook would see the
+gradient. Other schedules never patch a module.
 """
 import threading
 import types
@@ -83,9 +85,14 @@ def defer_linears(modules: Iterable[nn.Module]) -> None:
                 layer.forward = types.MethodType(_deferring_forward, layer)
 
 
+def _has_gradient_hooks(param) -> bool:
+    return param is not None and bool(param._backward_hooks or param._post_accumulate_grad_hooks)
+
+
 def _deferring_forward(layer: nn.Linear, input: torch.Tensor) -> torch.Tensor:
     if (not torch.is_grad_enabled() or torch.compiler.is_compiling()
-            or torch.is_autocast_enabled(input.device.type)):
+            or torch.is_autocast_enabled(input.device.type)
+            or _has_gradient_hooks(layer.weight) or _has_gradient_hooks(layer.bias)):
         return F.linear(input, layer.weight, layer.bias)
     # Outside a stage's forward (slot -1) the op has F.linear's backward; a checkpointed stage's
     # recomputation lands there too, and saves what the first forward saved.
