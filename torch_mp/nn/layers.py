@@ -60,22 +60,28 @@ class _SharedInputCopy:
     The first sibling called with an input copies it; the others reuse that copy while they are
     called with the same tensor, unchanged since (its version counter). Another input gets a copy of
     its own, so siblings that do not share their input stay correct. The copy is dropped after as
-    many calls as there are siblings (one forward). Under torch.compile the version counter cannot be read, so a stale
-    copy could not be told apart: there each sibling reduces its own input gradient (None)."""
+    many calls as there are siblings (one forward).
+
+    Under torch.compile the version counter is a symbol of the traced graph, which cannot choose
+    between reusing and copying: the siblings share the copy and the trace asserts that the input
+    was not modified in between. An input modified in place between two siblings' calls (which the
+    dense model allows) then fails to compile (an error whose trace names this check) instead of
+    giving stale numbers; modify a copy of it, or run that module eagerly. Eager mode copies it
+    again."""
 
     def __init__(self, members: int, group_name: str, group_size: int):
         self.members, self.group_name, self.group_size = members, group_name, group_size
         self.calls, self.entry = 0, None
 
-    def __call__(self, input: torch.Tensor) -> Optional[torch.Tensor]:
+    def __call__(self, input: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled():
             return input  # copy_to_tp is the identity forward; without a backward it has nothing to do
-        if torch.compiler.is_compiling():
-            return None
-        entry = self.entry
-        if entry is None or entry[0] is not input or entry[1] != input._version:
-            entry = self.entry = (input, input._version,
-                                  torch.ops.torch_mp.copy_to_tp(input, self.group_name, self.group_size))
+        entry, version = self.entry, input._version
+        if entry is not None and entry[0] is input and torch.compiler.is_compiling():
+            # Inductor reports a failed check by its source line: the line says what went wrong.
+            torch._check(entry[1] == version, lambda: "shared input modified in place between sibling layers")
+        elif entry is None or entry[0] is not input or entry[1] != version:
+            entry = self.entry = (input, version, torch.ops.torch_mp.copy_to_tp(input, self.group_name, self.group_size))
         self.calls += 1
         if self.calls == self.members:
             self.entry, self.calls = None, 0
