@@ -308,6 +308,9 @@ def _transformers_across_ranks(rank, world):
                               output_merge=MEAN_LOSS)
     check_parity_across_ranks(rank, world, *llama_case(), _model_loss, chunks=3, schedule="gpipe",
                               output_merge=MEAN_LOSS)
+    # Two stages per rank: the rotary embedding (no stage of its own) runs before stage 0.
+    check_parity_across_ranks(rank, world, *llama_case(), _model_loss, chunks=3, schedule="interleaved_1f1b",
+                              output_merge=MEAN_LOSS)
     model, kwargs, labels = bert_case()
     check_parity_across_ranks(rank, world, model, kwargs, summed_token_loss, target=labels,
                               normalizer=lambda t: (t != -100).sum(), chunks=2)

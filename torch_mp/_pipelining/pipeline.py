@@ -419,6 +419,7 @@ def pipeline(
     costs = layer_costs(module, layer_names, sample, group, device) if balance == "time" else None
     _, stage_of = balanced_device_map(module, layer_names, [device] * num_stages, balance,
                                        [UNLIMITED] * num_stages, costs)
+    stage_of = {name: stage for name, stage in stage_of.items() if name in layer_names or not _derived_only(module, name)}
     pipe = DistributedPipe(module, stage_of, num_stages, chunks, schedule, checkpoint, batch_dim, chunk_spec, output_merge,
                            group=group,
                            stages_per_rank=stages_per_rank, device=device,
@@ -427,6 +428,19 @@ def pipeline(
     attach(module, ParallelState(PIPELINE, group=group, stage_of=stage_of, pipe=pipe), "pipeline")
     install_pipe(module, pipe)
     return module
+
+
+def _derived_only(module: nn.Module, name: str) -> bool:
+    """Whether the module ``name`` owns only non-persistent buffers (tables derived from its
+    configuration: rotary embeddings' frequencies). Outside the layers, such a module is held by
+    every rank (``_ranks_using``) and left to no stage: its forward runs where its inputs are, as
+    the code between the placed modules does. The stage it was cut with may come later in the call
+    order (Llama's rotary embedding, defined after the layers, runs before the first), which a rank
+    running two stages in turn could not wait for."""
+    submodule = module.get_submodule(name)
+    return (all(param is None for param in submodule._parameters.values())
+            and all(name in submodule._non_persistent_buffers_set
+                    for name, buffer in submodule._buffers.items() if buffer is not None))
 
 
 def _timeout_of(info, device: torch.device) -> float:
