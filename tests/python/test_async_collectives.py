@@ -13,6 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import torch_mp
 from distributed import run_ranks
+from tensors import close as check_close, leaf
 from torch_mp.nn import ColumnParallelLinear, RowParallelLinear, share_input_copy
 
 # Gradients here are sums of partial products over ranks, added in another order than the dense
@@ -22,11 +23,7 @@ RTOL, ATOL = 1e-5, 1e-5
 
 
 def close(actual, expected, msg=""):
-    torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL, msg=msg)
-
-
-def leaf(tensor):
-    return tensor.detach().clone().requires_grad_()
+    check_close(actual, expected, msg, RTOL, ATOL)
 
 
 # --- the start/wait pair --------------------------------------------------------------------------

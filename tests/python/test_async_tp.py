@@ -12,6 +12,7 @@ from torch.nn import functional as F
 
 import torch_mp
 from distributed import run_ranks
+from tensors import close, leaf
 
 transformers = pytest.importorskip("transformers")
 
@@ -19,16 +20,7 @@ transformers = pytest.importorskip("transformers")
 # otherwise and round a sum of products differently (seen: 1 ulp). The gradients of the models
 # below are sums over ranks and over q, k and v, added in another order than the dense model adds
 # them, as in the other tensor-parallel tests.
-RTOL, ATOL = 1e-5, 1e-6
 MODEL_RTOL, MODEL_ATOL = 1e-4, 1e-5
-
-
-def close(actual, expected, msg="", rtol=RTOL, atol=ATOL):
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=msg)
-
-
-def leaf(tensor):
-    return tensor.detach().clone().requires_grad_()
 
 
 # --- the ops ------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from torch.library import opcheck
 
 import torch_mp
 from distributed import run_ranks
+from tensors import close, leaf
 from torch_mp._tensor_parallel import moe
 from torch_mp._tensor_parallel.sharding import shard
 from torch_mp._group import all_gather_rows
@@ -17,16 +18,7 @@ from torch_mp._checkpoint.state_dict import open_source, spec_of, read_local
 
 transformers = pytest.importorskip("transformers")
 
-RTOL, ATOL = 1e-5, 1e-6
 MODEL_RTOL, MODEL_ATOL = 1e-4, 1e-5  # whole models: sums over experts and ranks in another order
-
-
-def close(actual, expected, msg="", rtol=RTOL, atol=ATOL):
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=msg)
-
-
-def leaf(tensor):
-    return tensor.detach().clone().requires_grad_()
 
 
 # --- all_to_all ----------------------------------------------------------------------------------

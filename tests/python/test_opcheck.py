@@ -11,16 +11,13 @@ from torch.library import opcheck
 
 import torch_mp  # noqa: F401  (registers torch.ops.torch_mp.*)
 from distributed import run_ranks
+from tensors import leaf
 
 ALL_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 # column_parallel_linear's backward reduces the input gradient in place with the start/wait pair:
 # opcheck's aot_eager run copies mutated tensors instead of reinplacing them, which the wait refuses
 # with an error (test_async_collectives checks that); inductor reinplaces them.
 NOT_UNDER_AOT_EAGER = ("test_schema", "test_autograd_registration", "test_faketensor")
-
-
-def leaf(tensor):
-    return tensor.detach().clone().requires_grad_()
 
 
 def samples(group_name, world, rank):

@@ -7,21 +7,11 @@ from torch.nn import functional as F
 
 import torch_mp
 from distributed import run_ranks
+from tensors import close, leaf
 from torch_mp.nn import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, vocab_parallel_cross_entropy
-
-RTOL, ATOL = 1e-5, 1e-6
-
-
-def close(actual, expected, msg=""):
-    torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL, msg=msg)
-
 
 def shard(tensor, dim, rank, world):
     return tensor.chunk(world, dim)[rank]
-
-
-def leaf(tensor):
-    return tensor.detach().clone().requires_grad_()
 
 
 # --- the conjugate pairs ------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from torch import nn
 
 import torch_mp
 from distributed import run_ranks
+from tensors import leaf
 from models import GPT
 
 transformers = pytest.importorskip("transformers")
@@ -185,8 +186,8 @@ def check_multihead_attention(rank, world):
                  ((x, memory, memory), {"key_padding_mask": padding, "need_weights": True,
                                         "average_attn_weights": False})]
         for args, kwargs in cases:
-            dense_args = [leaf_of(t) for t in args]
-            parallel_args = [leaf_of(t) for t in args]
+            dense_args = [leaf(t) for t in args]
+            parallel_args = [leaf(t) for t in args]
             expected, expected_weights = dense(*dense_args, **kwargs)
             actual, actual_weights = parallel(*parallel_args, **kwargs)
             torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
@@ -196,10 +197,6 @@ def check_multihead_attention(rank, world):
             actual.square().sum().backward()
             for dense_arg, parallel_arg in zip(dense_args, parallel_args):
                 torch.testing.assert_close(parallel_arg.grad, dense_arg.grad, rtol=1e-4, atol=1e-5)
-
-
-def leaf_of(tensor):
-    return tensor.detach().clone().requires_grad_()
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -1,0 +1,14 @@
+"""What the tests compare with: leaves of the same values for the dense and the parallel model, and
+closeness within a tolerance (fp32 defaults; whole models pass looser ones)."""
+import torch
+
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def leaf(tensor: torch.Tensor) -> torch.Tensor:
+    """A leaf copy of ``tensor`` that requires grad: one per model, so each gets its own ``.grad``."""
+    return tensor.detach().clone().requires_grad_()
+
+
+def close(actual, expected, msg: str = "", rtol: float = RTOL, atol: float = ATOL) -> None:
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=msg)
