@@ -116,8 +116,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto base = py::module_::import("torch.distributed").attr("DistBackendError");
   collective_error_type = PyErr_NewExceptionWithDoc(
       "torch_mp.CollectiveError",
-      "A collective of torch_mp's did not complete: no answer within the group's timeout, or a peer rank "
-      "died or left. The message names the operator, the collective, the group and this rank.",
+      "A collective of torch_mp's did not complete: no answer within the group's timeout, or the backend "
+      "failed (a peer rank died or left, a connection closed). The message names the torch_mp operator "
+      "(with \"backward\" when its backward ran it), the collective, the group and this rank. A subclass of "
+      "torch.distributed.DistBackendError, so code that handles c10d's failures handles it too. The group "
+      "is not usable afterwards: destroy the process group and restart the ranks (torchrun's elastic "
+      "restart does), resuming from the last checkpoint. The timeout is the group's own "
+      "(init_process_group(timeout=...) or new_group(timeout=...)); pipeline() takes timeout= in seconds.",
       base.ptr(), nullptr);
   m.attr("CollectiveError") = py::handle(collective_error_type);
   torch_mp::detail::set_collective_error_thrower(&throw_python_collective_error);
