@@ -285,3 +285,21 @@ TEST(DeferredLinear, BackwardDefersTheWeightGradientToW) {
   pp::discard_weight_gradients(slot);
   EXPECT_EQ(pp::pending_weight_gradients(slot), 0);
 }
+
+// A weight stored [in, out] and passed transposed (transformers' Conv1D): W writes its gradient in
+// the stored layout.
+TEST(DeferredLinear, ATransposedLeafGetsItsGradientInItsLayout) {
+  torch::manual_seed(0);
+  const auto input = torch::randn({3, 5, 4});
+  const auto stored = torch::randn({4, 6}, torch::requires_grad());
+  const auto grad = torch::randn({3, 5, 6});
+  const auto s = stored.detach().clone().requires_grad_();
+  torch::matmul(input, s).backward(grad);
+
+  const int64_t slot = 434343;
+  pp::deferred_linear(input, stored.t(), std::nullopt, slot).backward(grad);
+  EXPECT_FALSE(stored.grad().defined());
+  EXPECT_EQ(pp::run_weight_gradients(slot), 1);
+  EXPECT_EQ(stored.grad().sizes(), s.grad().sizes());
+  EXPECT_TRUE(torch::allclose(stored.grad(), s.grad(), 1e-5, 1e-6));
+}

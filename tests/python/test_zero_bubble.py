@@ -76,6 +76,28 @@ def test_backward_leaves_the_weight_gradient_to_w():
     torch.testing.assert_close(actual.grad, expected.grad, rtol=1e-5, atol=1e-5)
 
 
+def test_a_transposed_weight_defers_into_its_stored_layout():
+    """A weight passed as the transpose of a parameter stored [in, out] (transformers' Conv1D):
+    its gradient waits for W, which writes it in the stored layout; another view does not wait."""
+    torch.manual_seed(0)
+    x, grad = torch.randn(3, 5, 4, requires_grad=True), torch.randn(3, 5, 6)
+    stored, b = torch.randn(4, 6, requires_grad=True), torch.randn(6, requires_grad=True)
+    x2, stored2, b2 = (t.detach().clone().requires_grad_() for t in (x, stored, b))
+    torch.addmm(b2, x2.view(-1, 4), stored2).view(3, 5, 6).backward(grad)
+    slot = zero_bubble.allocate_slots(1)
+    torch.ops.torch_mp.deferred_linear(x, stored.t(), b, slot).backward(grad)
+    torch.testing.assert_close(x.grad, x2.grad)
+    assert stored.grad is None and b.grad is None and _C._pending_weight_gradients(slot) == 1
+    assert zero_bubble.run_weight_gradients(slot) == 1
+    assert stored.grad.shape == (4, 6) and stored.grad.is_contiguous()
+    torch.testing.assert_close(stored.grad, stored2.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b.grad, b2.grad, rtol=1e-5, atol=1e-6)
+    # Not a transpose of a leaf (a slice of one): the joint backward, nothing queued.
+    wide = torch.randn(6, 8, requires_grad=True)
+    torch.ops.torch_mp.deferred_linear(x, wide[:, :4], None, slot).backward(grad)
+    assert _C._pending_weight_gradients(slot) == 0 and wide.grad is not None
+
+
 # --- one process ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("case", [mlp_case, gpt_case], ids=["tanh_mlp", "gpt"])
@@ -160,6 +182,23 @@ def test_split_zero_bubble_on_llama():
     for schedule in SCHEDULES:
         check_parity(*llama_case(), _model_loss, chunks=3, schedule=schedule, output_merge=MEAN_LOSS)
     assert transformers
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_gpt2_conv1d_weight_gradients_wait_for_w(schedule, monkeypatch):
+    """GPT-2's linears are transformers' Conv1D (weight [in, out]): their weight gradients wait for
+    W as nn.Linear's do (4 per block, and the LM head tied to the embedding), at the dense model's
+    numbers."""
+    pytest.importorskip("transformers")
+    from test_pipeline_models import MEAN_LOSS, _model_loss, check_parity, gpt2_case
+    model, kwargs = gpt2_case()
+    pending = []
+    run = zero_bubble.run_weight_gradients
+    monkeypatch.setattr(zero_bubble, "run_weight_gradients",
+                        lambda slot: pending.append(_C._pending_weight_gradients(slot)) or run(slot))
+    check_parity(model, kwargs, _model_loss, chunks=3, schedule=schedule, output_merge=MEAN_LOSS)
+    # 2 stages of 2 blocks, 4 Conv1D calls each per micro-batch; the stage with the LM head one more.
+    assert sorted(set(pending)) == [8, 9], pending
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "zb_h1"])

@@ -3,7 +3,8 @@
 weight gradients wait for the schedule's W of that (stage, micro-batch).
 
 Under ``schedule="zb_h1"`` or ``"zbv"``, every ``nn.Linear`` inside a stage (one whose forward is
-``nn.Linear.forward``: the bulk of a transformer's weights) computes through
+``nn.Linear.forward``: the bulk of a transformer's weights) and every transformers ``Conv1D`` (GPT-2's
+linears, their weight stored [in, out]) computes through
 ``torch.ops.torch_mp.deferred_linear``, whose C++ backward returns the input gradient and queues
 the weight and bias gradients' work under the slot of its (stage, micro-batch); W runs that work
 (``torch_mp::pipeline::run_weight_gradients``). Every other module's weight gradient (embeddings,
@@ -13,6 +14,7 @@ torch.compile, and one whose weight or bias has a gradient hook (``register_hook
 ``register_post_accumulate_grad_hook``): W writes ``.grad`` directly, where no hook would see the
 gradient. Other schedules never patch a module.
 """
+import sys
 import threading
 import types
 from typing import Iterable
@@ -74,26 +76,43 @@ def discard(first: int, count: int) -> None:
 
 
 def defer_linears(modules: Iterable[nn.Module]) -> None:
-    """Routes the ``nn.Linear`` layers inside ``modules`` through ``deferred_linear`` while a stage's
-    forward runs with a slot (``deferring``); elsewhere (no grad, autocast, torch.compile) they
-    call ``F.linear`` as before."""
+    """Routes the ``nn.Linear`` and transformers ``Conv1D`` layers inside ``modules`` (those with
+    their class's own forward) through ``deferred_linear`` while a stage's forward runs with a slot
+    (``deferring``); elsewhere (no grad, autocast, torch.compile) they compute as before."""
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)  # imported by the model
     for module in modules:
         for layer in module.modules():
-            if (isinstance(layer, nn.Linear) and type(layer).forward is nn.Linear.forward
-                    and "forward" not in layer.__dict__):
-                # A bound method: a deep copy of the model rebinds it to the copied layer.
-                layer.forward = types.MethodType(_deferring_forward, layer)
+            if "forward" in layer.__dict__:
+                continue
+            # Bound methods: a deep copy of the model rebinds them to the copied layer.
+            if isinstance(layer, nn.Linear) and type(layer).forward is nn.Linear.forward:
+                layer.forward = types.MethodType(_deferring_linear, layer)
+            elif conv1d is not None and type(layer) is conv1d:
+                layer.forward = types.MethodType(_deferring_conv1d, layer)
 
 
 def _has_gradient_hooks(param) -> bool:
     return param is not None and bool(param._backward_hooks or param._post_accumulate_grad_hooks)
 
 
-def _deferring_forward(layer: nn.Linear, input: torch.Tensor) -> torch.Tensor:
-    if (not torch.is_grad_enabled() or torch.compiler.is_compiling()
-            or torch.is_autocast_enabled(input.device.type)
-            or _has_gradient_hooks(layer.weight) or _has_gradient_hooks(layer.bias)):
+def _defers(layer: nn.Module, input: torch.Tensor) -> bool:
+    """Whether ``layer`` computes through ``deferred_linear``. Outside a stage's forward (slot -1)
+    the op has F.linear's backward; a checkpointed stage's recomputation lands there too, and saves
+    what the first forward saved."""
+    return (torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and not torch.is_autocast_enabled(input.device.type)
+            and not _has_gradient_hooks(layer.weight) and not _has_gradient_hooks(layer.bias))
+
+
+def _deferring_linear(layer: nn.Linear, input: torch.Tensor) -> torch.Tensor:
+    if not _defers(layer, input):
         return F.linear(input, layer.weight, layer.bias)
-    # Outside a stage's forward (slot -1) the op has F.linear's backward; a checkpointed stage's
-    # recomputation lands there too, and saves what the first forward saved.
     return torch.ops.torch_mp.deferred_linear(input, layer.weight, layer.bias, getattr(_current, "slot", -1))
+
+
+def _deferring_conv1d(layer: nn.Module, input: torch.Tensor) -> torch.Tensor:
+    """transformers' Conv1D (``input @ weight + bias``, weight [in, out]) as a linear layer of the
+    transposed weight, whose gradient W writes in the stored layout."""
+    if not _defers(layer, input):
+        return type(layer).forward(layer, input)
+    return torch.ops.torch_mp.deferred_linear(input, layer.weight.t(), layer.bias, getattr(_current, "slot", -1))

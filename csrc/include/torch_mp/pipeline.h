@@ -106,7 +106,9 @@ void check_schedule(
 // y = input @ weight.T + bias, as at::linear. Backward (the B of a zero-bubble schedule) returns the
 // input gradient only and queues the weight and bias gradients' work (input, grad of y) under
 // `slot`, one slot per (stage, micro-batch); run_weight_gradients(slot) (the W) does it later. The
-// weight and bias must be leaves (parameters) for that; otherwise, with slot < 0, or under a
+// weight and bias must be leaves (parameters) for that, or the weight the transpose of a 2-D leaf
+// (a parameter stored [in, out], as transformers' Conv1D keeps it: its gradient is written in
+// that layout); otherwise, with slot < 0, or under a
 // backward that builds a graph (create_graph=True), backward returns every gradient at once as
 // at::linear's does. The same operator is torch.ops.torch_mp.deferred_linear in Python.
 at::Tensor deferred_linear(

@@ -19,9 +19,11 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 // One linear call's weight-gradient work: the gradients of `weight` and `bias` (undefined where not
-// wanted) from the call's input and its output's gradient.
+// wanted) from the call's input and its output's gradient. `transposed`: `weight` is the parameter
+// stored [in, out] whose transpose the call multiplied by.
 struct WeightGradient {
   at::Tensor input, grad_output, weight, bias;
+  bool transposed = false;
 };
 
 class DeferredWork {
@@ -68,6 +70,19 @@ void accumulate(const at::Tensor& param, const at::Tensor& grad) {
   }
 }
 
+// The leaf parameter whose transpose `weight` is (transformers' Conv1D stores its weight [in, out]
+// and multiplies by weight.t()), or an undefined tensor.
+at::Tensor transposed_leaf(const at::Tensor& weight) {
+  if (!weight.is_view() || weight.dim() != 2) {
+    return at::Tensor();
+  }
+  const auto& base = weight._base();
+  const bool transpose = base.is_leaf() && base.dim() == 2 && weight.storage_offset() == base.storage_offset() &&
+      weight.sizes()[0] == base.sizes()[1] && weight.sizes()[1] == base.sizes()[0] &&
+      weight.strides()[0] == base.strides()[1] && weight.strides()[1] == base.strides()[0];
+  return transpose ? at::Tensor(base) : at::Tensor();
+}
+
 class DeferredLinearFunction : public torch::autograd::Function<DeferredLinearFunction> {
  public:
   static at::Tensor forward(
@@ -79,12 +94,16 @@ class DeferredLinearFunction : public torch::autograd::Function<DeferredLinearFu
     const bool has_bias = bias.has_value() && bias->defined();
     ctx->save_for_backward({input, weight});
     ctx->saved_data["has_bias"] = has_bias;
-    // Only a leaf's gradient can wait: a computed weight's gradient flows on through its graph in B.
-    const bool defer = slot >= 0 && weight.is_leaf() && (!has_bias || bias->is_leaf());
+    // Only a leaf's gradient can wait (or a leaf's transpose's, written to the leaf in its layout): a
+    // computed weight's gradient flows on through its graph in B.
+    const auto stored_transposed = weight.is_leaf() ? at::Tensor() : transposed_leaf(weight);
+    const bool defer =
+        slot >= 0 && (weight.is_leaf() || stored_transposed.defined()) && (!has_bias || bias->is_leaf());
     ctx->saved_data["slot"] = defer ? slot : int64_t{-1};
     if (defer) {
       // The parameters themselves, for their .grad (an unpacked saved tensor may be another view).
-      ctx->saved_data["weight"] = weight;
+      ctx->saved_data["weight"] = stored_transposed.defined() ? stored_transposed : weight;
+      ctx->saved_data["transposed"] = stored_transposed.defined();
       ctx->saved_data["bias"] = has_bias ? *bias : at::Tensor();
     }
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -113,7 +132,8 @@ class DeferredLinearFunction : public torch::autograd::Function<DeferredLinearFu
     if (want_weight || want_bias) {
       DeferredWork::instance().queue(
           slot, {input, grad, want_weight ? ctx->saved_data["weight"].toTensor() : at::Tensor(),
-                 want_bias ? ctx->saved_data["bias"].toTensor() : at::Tensor()});
+                 want_bias ? ctx->saved_data["bias"].toTensor() : at::Tensor(),
+                 ctx->saved_data["transposed"].toBool()});
     }
     return {grad_input, at::Tensor(), at::Tensor(), at::Tensor()};
   }
@@ -134,7 +154,10 @@ int64_t run_weight_gradients(int64_t slot) {
   at::NoGradGuard no_grad;
   for (const auto& work : works) {
     if (work.weight.defined()) {
-      accumulate(work.weight, detail::linear_weight_grad(work.grad_output, work.input));
+      accumulate(
+          work.weight,
+          work.transposed ? detail::linear_weight_grad(work.input, work.grad_output)
+                          : detail::linear_weight_grad(work.grad_output, work.input));
     }
     if (work.bias.defined()) {
       accumulate(work.bias, detail::linear_bias_grad(work.grad_output));
