@@ -101,6 +101,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_run_weight_gradients", &torch_mp::pipeline::run_weight_gradients, py::arg("slot"),
         py::call_guard<py::gil_scoped_release>());
   m.def("_pending_weight_gradients", &torch_mp::pipeline::pending_weight_gradients, py::arg("slot"));
+  m.def("_allocate_weight_gradient_slots", &torch_mp::pipeline::allocate_weight_gradient_slots, py::arg("count"));
   m.def("_discard_weight_gradients", &torch_mp::pipeline::discard_weight_gradients, py::arg("slot"));
   m.def("_balance_by_size", &torch_mp::balance_by_size, py::arg("layer_bytes"), py::arg("capacities"));
   m.def("_check_device_available", &torch_mp::detail::check_device_available, py::arg("device"),

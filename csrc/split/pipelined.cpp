@@ -15,6 +15,7 @@
 #include <c10/core/impl/VirtualGuardImpl.h>
 #include <c10/util/Exception.h>
 #include <torch/autograd.h>
+#include <torch/nn/modules/linear.h>
 #include <torch_mp/ops.h>
 #include <torch_mp/pipeline.h>
 
@@ -131,9 +132,15 @@ void on_stage_threads(size_t num_stages, const std::vector<c10::Device>& devices
 
 } // namespace
 
-at::Tensor SplitSequentialImpl::run_stage(size_t stage, at::Tensor input) {
+at::Tensor SplitSequentialImpl::run_stage(size_t stage, at::Tensor input, int64_t slot) {
   for (auto i = stages_[stage].first; i < stages_[stage].second; ++i) {
-    input = layers_[i].forward(input);
+    const auto linear = slot >= 0 ? std::dynamic_pointer_cast<torch::nn::LinearImpl>(layers_[i].ptr()) : nullptr;
+    if (linear && torch::GradMode::is_enabled()) {
+      const auto bias = linear->bias.defined() ? std::optional<at::Tensor>(linear->bias) : std::nullopt;
+      input = pipeline::deferred_linear(input, linear->weight, bias, slot);
+    } else {
+      input = layers_[i].forward(input);
+    }
   }
   return input;
 }
@@ -194,20 +201,38 @@ at::Tensor SplitSequentialImpl::train_step(
   const auto chunks = static_cast<int64_t>(inputs.size());
   const auto num_stages = stages_.size();
   const auto devices = stage_devices();
-  const auto schedule = pipeline::make_schedule(
-      pipeline::parse_schedule_kind(options_.schedule()), static_cast<int64_t>(num_stages), 1, chunks);
+  const auto kind = pipeline::parse_schedule_kind(options_.schedule());
+  const auto schedule = pipeline::make_schedule(kind, static_cast<int64_t>(num_stages), 1, chunks);
+  // Zero bubble: the slot of (stage, micro-batch) holds its linears' weight gradients until its W.
+  const auto zero_bubble = kind == pipeline::ScheduleKind::ZeroBubbleH1;
+  const auto first_slot =
+      zero_bubble ? pipeline::allocate_weight_gradient_slots(static_cast<int64_t>(num_stages) * chunks) : -1;
+  auto slot_of = [&](size_t stage, int64_t m) {
+    return zero_bubble ? first_slot + static_cast<int64_t>(stage) * chunks + m : int64_t{-1};
+  };
   const auto& policy = options_.checkpoint();
   auto recompute = [&](int64_t m) { return policy == "always" || (policy == "except_last" && m < chunks - 1); };
 
   std::vector<at::Tensor> losses(chunks);
   Mailbox mailbox;
+  // A step that fails leaves no weight-gradient work queued behind it.
+  struct DiscardOnFailure {
+    int64_t first, count;
+    ~DiscardOnFailure() {
+      if (std::uncaught_exceptions() > 0) {
+        for (int64_t slot = first; slot < first + count; ++slot) {
+          pipeline::discard_weight_gradients(slot);
+        }
+      }
+    }
+  } discard_on_failure{first_slot, zero_bubble ? static_cast<int64_t>(num_stages) * chunks : 0};
   on_stage_threads(num_stages, devices, mailbox, [&](size_t stage) {
     const bool last = stage + 1 == num_stages;
     // Per micro-batch: the stage's input (a leaf), its output (or weighted loss on the last stage;
     // undefined when it is recomputed), and whether the next stage will send a gradient back.
     std::map<int64_t, std::tuple<at::Tensor, at::Tensor, bool>> saved;
     auto forward = [&](const at::Tensor& x, int64_t m) {
-      auto y = run_stage(stage, x);
+      auto y = run_stage(stage, x, slot_of(stage, m));
       if (!last) {
         return y;
       }
@@ -220,6 +245,10 @@ at::Tensor SplitSequentialImpl::train_step(
     };
     for (const auto& action : schedule[stage]) {
       const auto m = action.microbatch;
+      if (action.kind == pipeline::ActionKind::Weight) {
+        pipeline::run_weight_gradients(slot_of(stage, m));
+        continue;
+      }
       if (action.kind == pipeline::ActionKind::Forward) {
         at::Tensor x;
         if (stage == 0) {

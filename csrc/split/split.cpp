@@ -130,8 +130,10 @@ SplitSequentialImpl::SplitSequentialImpl(
   TORCH_CHECK_VALUE(
       options.chunks() >= 1, "split: chunks = ", options.chunks(), "; expected >= 1 micro-batches");
   TORCH_CHECK_VALUE(
-      options.schedule() == "gpipe" || options.schedule() == "1f1b", "split: schedule = '", options.schedule(),
-      "'; expected 'gpipe' or '1f1b'");
+      options.schedule() == "gpipe" || options.schedule() == "1f1b" || options.schedule() == "zb_h1",
+      "split: schedule = '", options.schedule(),
+      "'; expected 'gpipe', '1f1b' or 'zb_h1' (schedules of several stages per device, 'interleaved_1f1b' and "
+      "'zbv', are torch_mp.split's in Python)");
   TORCH_CHECK_VALUE(
       options.checkpoint() == "never" || options.checkpoint() == "except_last" || options.checkpoint() == "always",
       "split: checkpoint = '", options.checkpoint(), "'; expected 'never', 'except_last' or 'always'");

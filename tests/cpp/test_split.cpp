@@ -121,12 +121,32 @@ void expect_train_step_matches(const std::string& schedule, const std::string& c
 } // namespace
 
 TEST(PipelinedSplit, TrainStepMatchesDenseForEveryScheduleAndCheckpoint) {
-  for (const auto* schedule : {"gpipe", "1f1b"}) {
+  for (const auto* schedule : {"gpipe", "1f1b", "zb_h1"}) {
     for (const auto* checkpoint : {"never", "except_last", "always"}) {
       for (const int64_t chunks : {2, 3, 10}) {
         expect_train_step_matches(schedule, checkpoint, chunks);
       }
     }
+  }
+}
+
+// ZB-H1: each (stage, micro-batch) gets a slot for its linears' weight gradients, and each W runs
+// that slot's work: nothing is left queued after the step.
+TEST(PipelinedSplit, ZeroBubbleRunsEveryDeferredWeightGradient) {
+  torch::manual_seed(0);
+  auto piped = torch_mp::split(
+      make_mlp(), {torch::kCPU, torch::kCPU, torch::kCPU},
+      torch_mp::SplitOptions().balance({2, 2, 1}).chunks(4).schedule("zb_h1"));
+  const auto first = torch_mp::pipeline::allocate_weight_gradient_slots(0);
+  piped->train_step(torch::randn({10, 8}), torch::randn({10, 4}), [](const at::Tensor& output, const at::Tensor& t) {
+    return torch::mse_loss(output, t);
+  });
+  EXPECT_EQ(torch_mp::pipeline::allocate_weight_gradient_slots(0), first + 3 * 4);
+  for (int64_t slot = first; slot < first + 3 * 4; ++slot) {
+    EXPECT_EQ(torch_mp::pipeline::pending_weight_gradients(slot), 0) << slot;
+  }
+  for (const auto& param : piped->parameters()) {
+    EXPECT_TRUE(param.grad().defined());
   }
 }
 
@@ -155,7 +175,11 @@ TEST(PipelinedSplit, RejectsBadOptionsWithClearErrors) {
       std::string::npos);
   EXPECT_NE(
       error_of([&] { make(torch_mp::SplitOptions().chunks(2).schedule("zigzag")); })
-          .find("schedule = 'zigzag'; expected 'gpipe' or '1f1b'"),
+          .find("schedule = 'zigzag'; expected 'gpipe', '1f1b' or 'zb_h1'"),
+      std::string::npos);
+  EXPECT_NE(
+      error_of([&] { make(torch_mp::SplitOptions().chunks(2).schedule("zbv")); })
+          .find("'interleaved_1f1b' and 'zbv', are torch_mp.split's in Python"),
       std::string::npos);
   EXPECT_NE(
       error_of([&] { make(torch_mp::SplitOptions().checkpoint("sometimes")); })

@@ -29,16 +29,12 @@ ZERO_BUBBLE = ("zb_h1", "zbv")
 WEIGHT = 2  # the kind of a W action in a schedule from _C._pipeline_schedule (F: 0, B: 1)
 
 _current = threading.local()  # .slot: where the running stage's linears defer their work; -1: nowhere
-_slots = {"next": 0}
-_slots_guard = threading.Lock()
 
 
 def allocate_slots(count: int) -> int:
-    """The first of ``count`` fresh slots, unique in this process: one per (stage, micro-batch) of a step."""
-    with _slots_guard:
-        first = _slots["next"]
-        _slots["next"] += count
-        return first
+    """The first of ``count`` fresh slots, unique in this process (C++ pipelines take theirs from
+    the same counter): one per (stage, micro-batch) of a step."""
+    return _C._allocate_weight_gradient_slots(count)
 
 
 def slot_of(first_slot: int, count: int, stage: int, microbatch: int) -> int:

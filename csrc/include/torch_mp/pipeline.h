@@ -117,6 +117,10 @@ at::Tensor deferred_linear(
     const std::optional<at::Tensor>& bias,
     int64_t slot);
 
+// The first of `count` fresh slots (count >= 0), unique in this process: every pipeline of the
+// process, Python's included, takes its slots here. Thread-safe.
+int64_t allocate_weight_gradient_slots(int64_t count);
+
 // Runs the weight-gradient work queued under `slot`, in the order queued, accumulating into each
 // weight's and bias's .grad as autograd does (set when undefined, added otherwise). Returns how many
 // linear calls it finished. Thread-safe; work queued on other slots may run at the same time.

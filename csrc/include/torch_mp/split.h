@@ -23,7 +23,9 @@ struct SplitOptions {
   // Micro-batches per batch (along dim 0). Above 1, each stage runs on a thread of its own (on its
   // own stream on a GPU) and micro-batches flow through the stages.
   TORCH_ARG(int64_t, chunks) = 1;
-  // The order of train_step's forwards and backwards: "gpipe" or "1f1b".
+  // The order of train_step's forwards and backwards: "gpipe", "1f1b" or "zb_h1" (zero bubble:
+  // each backward split into B and W; the weight gradients of the torch::nn::Linear layers wait
+  // for W through pipeline::deferred_linear, the other layers' come with B).
   TORCH_ARG(std::string, schedule) = "gpipe";
   // "never", "except_last" or "always": which micro-batches train_step recomputes in their backward
   // instead of keeping their activations.
@@ -87,7 +89,9 @@ class SplitSequentialImpl : public torch::nn::Module {
   // Layer index ranges [first, last) of each non-empty stage, in order.
   std::vector<std::pair<size_t, size_t>> stages_;
 
-  at::Tensor run_stage(size_t stage, at::Tensor input);
+  // `slot` >= 0: the stage's torch::nn::Linear layers compute through pipeline::deferred_linear,
+  // their weight gradients queued under it (zero bubble).
+  at::Tensor run_stage(size_t stage, at::Tensor input, int64_t slot = -1);
   std::vector<c10::Device> stage_devices() const;
   std::vector<at::Tensor> micro_batches(const at::Tensor& tensor, const char* what) const;
   at::Tensor pipelined_forward(const at::Tensor& input);

@@ -1,6 +1,7 @@
 // The B/W split of a linear layer (Qi et al., "Zero Bubble Pipeline Parallelism", ICLR 2024):
 // backward computes the input gradient and queues the weight gradient's work under the slot its
 // forward was given; run_weight_gradients(slot) does that work when the schedule's W comes.
+#include <atomic>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
@@ -148,6 +149,12 @@ at::Tensor deferred_linear_autograd(
 }
 
 } // namespace
+
+int64_t allocate_weight_gradient_slots(int64_t count) {
+  TORCH_CHECK_VALUE(count >= 0, "allocate_weight_gradient_slots: count = ", count, "; expected >= 0");
+  static std::atomic<int64_t> next{0};
+  return next.fetch_add(count);
+}
 
 int64_t run_weight_gradients(int64_t slot) {
   const auto works = DeferredWork::instance().take(slot);
