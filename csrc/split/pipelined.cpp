@@ -1,6 +1,8 @@
 // The pipelined side of SplitSequential: a thread per stage, micro-batches handed between them.
 #include <torch_mp/split.h>
 
+#include <algorithm>
+#include <chrono>
 #include <condition_variable>
 #include <exception>
 #include <map>
@@ -92,6 +94,56 @@ at::Tensor receive(Message& message, c10::Device device) {
   }
   return message.tensor;
 }
+
+// Collects the timeline of a step from every stage's thread; does nothing without a timeline.
+class Recorder {
+ public:
+  using Clock = std::chrono::steady_clock;
+
+  explicit Recorder(std::vector<pipeline::TimelineEvent>* timeline) : timeline_(timeline), origin_(Clock::now()) {
+    if (timeline_) {
+      timeline_->clear();
+    }
+  }
+
+  // Runs body() and records it as an interval of `kind`.
+  template <typename Body>
+  auto record(int64_t stage, const char* kind, int64_t micro_batch, Body body) {
+    if (!timeline_) {
+      return body();
+    }
+    const auto start = Clock::now();
+    struct Finish {
+      Recorder& recorder;
+      pipeline::TimelineEvent event;
+      Clock::time_point start;
+      ~Finish() {
+        event.start = recorder.seconds(start);
+        event.end = recorder.seconds(Clock::now());
+        std::lock_guard<std::mutex> lock(recorder.mutex_);
+        recorder.timeline_->push_back(std::move(event));
+      }
+    } finish{*this, {stage, kind, micro_batch, 0.0, 0.0}, start};
+    return body();
+  }
+
+  void sort() {
+    if (timeline_) {
+      std::sort(timeline_->begin(), timeline_->end(), [](const auto& a, const auto& b) {
+        return std::tie(a.stage, a.start) < std::tie(b.stage, b.start);
+      });
+    }
+  }
+
+ private:
+  double seconds(Clock::time_point at) const {
+    return std::chrono::duration<double>(at - origin_).count();
+  }
+
+  std::vector<pipeline::TimelineEvent>* timeline_;
+  Clock::time_point origin_;
+  std::mutex mutex_;
+};
 
 // Runs body(stage) on a thread per stage, each with the caller's thread-local state (grad mode,
 // autocast ...) and, on a GPU, a stream of its own; rethrows the first real failure.
@@ -191,7 +243,8 @@ at::Tensor SplitSequentialImpl::pipelined_forward(const at::Tensor& input) {
 at::Tensor SplitSequentialImpl::train_step(
     const at::Tensor& input,
     const at::Tensor& target,
-    const LossFunction& loss_fn) {
+    const LossFunction& loss_fn,
+    std::vector<pipeline::TimelineEvent>* timeline) {
   TORCH_CHECK_VALUE(loss_fn != nullptr, "split: train_step got an empty loss_fn; expected a loss function");
   const auto inputs = micro_batches(input, "input");
   const auto targets = micro_batches(target, "target");
@@ -215,6 +268,7 @@ at::Tensor SplitSequentialImpl::train_step(
 
   std::vector<at::Tensor> losses(chunks);
   Mailbox mailbox;
+  Recorder recorder(timeline);
   // A step that fails leaves no weight-gradient work queued behind it.
   struct DiscardOnFailure {
     int64_t first, count;
@@ -243,37 +297,37 @@ at::Tensor SplitSequentialImpl::train_step(
       losses[m] = loss.detach();
       return loss * (static_cast<double>(inputs[m].size(0)) / static_cast<double>(input.size(0)));
     };
-    for (const auto& action : schedule[stage]) {
-      const auto m = action.microbatch;
-      if (action.kind == pipeline::ActionKind::Weight) {
-        pipeline::run_weight_gradients(slot_of(stage, m));
-        continue;
+    auto take = [&](bool gradient, int64_t m) {
+      return recorder.record(static_cast<int64_t>(stage), "recv-wait", m, [&] {
+        auto message = mailbox.take({gradient, stage, m});
+        return std::make_pair(receive(message, devices[stage]), message.requires_grad);
+      });
+    };
+    auto run_forward = [&](int64_t m) {
+      at::Tensor x;
+      if (stage == 0) {
+        x = inputs[m].to(devices[0]);
+      } else {
+        auto [tensor, requires_grad] = take(false, m);
+        x = tensor.requires_grad_(requires_grad);
       }
-      if (action.kind == pipeline::ActionKind::Forward) {
-        at::Tensor x;
-        if (stage == 0) {
-          x = inputs[m].to(devices[0]);
-        } else {
-          auto message = mailbox.take({false, stage, m});
-          x = receive(message, devices[stage]).requires_grad_(message.requires_grad);
-        }
-        at::Tensor y;
-        if (recompute(m)) {
-          torch::NoGradGuard no_grad;
-          y = forward(x, m);
-        } else {
-          y = forward(x, m);
-        }
-        // A recomputed output has no graph yet; it will have one in backward if grad mode is on.
-        const bool answered = !last && (recompute(m) ? torch::GradMode::is_enabled() : y.requires_grad());
-        if (!last) {
-          auto message = hand_over(y, devices[stage + 1], false);
-          message.requires_grad = answered;
-          mailbox.put({false, stage + 1, m}, std::move(message));
-        }
-        saved[m] = {x, recompute(m) ? at::Tensor() : y, answered};
-        continue;
+      at::Tensor y;
+      if (recompute(m)) {
+        torch::NoGradGuard no_grad;
+        y = forward(x, m);
+      } else {
+        y = forward(x, m);
       }
+      // A recomputed output has no graph yet; it will have one in backward if grad mode is on.
+      const bool answered = !last && (recompute(m) ? torch::GradMode::is_enabled() : y.requires_grad());
+      if (!last) {
+        auto message = hand_over(y, devices[stage + 1], false);
+        message.requires_grad = answered;
+        mailbox.put({false, stage + 1, m}, std::move(message));
+      }
+      saved[m] = {x, recompute(m) ? at::Tensor() : y, answered};
+    };
+    auto run_backward = [&](int64_t m) {
       auto [x, y, answered] = saved.at(m);
       saved.erase(m);
       if (!y.defined()) {
@@ -282,8 +336,7 @@ at::Tensor SplitSequentialImpl::train_step(
       if (last) {
         torch::autograd::backward({y});
       } else if (answered) {
-        auto message = mailbox.take({true, stage, m});
-        auto grad = receive(message, devices[stage]);
+        auto grad = take(true, m).first;
         if (y.requires_grad()) {
           torch::autograd::backward({y}, {grad});
         }
@@ -292,8 +345,24 @@ at::Tensor SplitSequentialImpl::train_step(
         auto grad = x.grad().defined() ? x.grad() : torch::zeros_like(x);
         mailbox.put({true, stage - 1, m}, hand_over(grad, devices[stage - 1], false));
       }
+    };
+    for (const auto& action : schedule[stage]) {
+      const auto m = action.microbatch;
+      const auto s = static_cast<int64_t>(stage);
+      switch (action.kind) {
+        case pipeline::ActionKind::Forward:
+          recorder.record(s, "F", m, [&] { run_forward(m); });
+          break;
+        case pipeline::ActionKind::Backward:
+          recorder.record(s, "B", m, [&] { run_backward(m); });
+          break;
+        case pipeline::ActionKind::Weight:
+          recorder.record(s, "W", m, [&] { pipeline::run_weight_gradients(slot_of(stage, m)); });
+          break;
+      }
     }
   });
+  recorder.sort();
   at::Tensor total = torch::zeros({}, losses[0].options());
   for (int64_t m = 0; m < chunks; ++m) {
     total += losses[m] * (static_cast<double>(inputs[m].size(0)) / static_cast<double>(input.size(0)));

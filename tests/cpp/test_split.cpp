@@ -1,3 +1,6 @@
+#include <map>
+#include <tuple>
+
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 #include <torch_mp/torch_mp.h>
@@ -195,4 +198,55 @@ TEST(PipelinedSplit, RejectsBadOptionsWithClearErrors) {
       error_of([&] { piped->train_step(torch::randn({8, 8}), torch::randn({8, 4}), loss_fn); })
           .find("loss_fn returned a tensor of shape [1, 4]; expected a scalar"),
       std::string::npos);
+}
+
+// The timeline of a ZB-H1 step: one F, B and W per (stage, micro-batch), each stage's actions one
+// after another in the schedule's order, a micro-batch's forward on stage s + 1 after its forward on
+// stage s, and the receive waits inside the action that needed them.
+TEST(PipelinedSplit, TimelineRecordsEveryActionAsItRan) {
+  torch::manual_seed(0);
+  auto piped = torch_mp::split(
+      make_mlp(), {torch::kCPU, torch::kCPU, torch::kCPU},
+      torch_mp::SplitOptions().balance({2, 2, 1}).chunks(4).schedule("zb_h1"));
+  std::vector<torch_mp::pipeline::TimelineEvent> timeline{{9, "stale", 0, 0.0, 0.0}};
+  piped->train_step(torch::randn({10, 8}), torch::randn({10, 4}), [](const at::Tensor& output, const at::Tensor& t) {
+    return torch::mse_loss(output, t);
+  }, &timeline);
+  std::map<std::tuple<int64_t, std::string, int64_t>, torch_mp::pipeline::TimelineEvent> compute;
+  std::vector<torch_mp::pipeline::TimelineEvent> waits;
+  for (const auto& event : timeline) {
+    EXPECT_LE(0.0, event.start);
+    EXPECT_LE(event.start, event.end);
+    if (event.kind == "recv-wait") {
+      waits.push_back(event);
+    } else {
+      EXPECT_TRUE(compute.emplace(std::make_tuple(event.stage, event.kind, event.micro_batch), event).second);
+    }
+  }
+  EXPECT_EQ(compute.size(), 3u * 3u * 4u);  // F, B, W of 3 stages x 4 micro-batches; nothing stale
+  // Stages 1 and 2 receive each forward's input, stages 0 and 1 each backward's gradient.
+  EXPECT_EQ(waits.size(), 2u * 4u + 2u * 4u);
+  for (const auto& wait : waits) {
+    const auto& f = compute.at({wait.stage, "F", wait.micro_batch});
+    const auto& b = compute.at({wait.stage, "B", wait.micro_batch});
+    EXPECT_TRUE((f.start <= wait.start && wait.end <= f.end) || (b.start <= wait.start && wait.end <= b.end));
+  }
+  for (int64_t stage = 0; stage < 3; ++stage) {
+    double previous_end = 0.0;
+    for (const auto& event : timeline) {
+      if (event.stage == stage && event.kind != "recv-wait") {
+        EXPECT_GE(event.start, previous_end);  // one action at a time on a stage
+        previous_end = event.end;
+      }
+    }
+    for (int64_t m = 0; m < 4; ++m) {
+      const auto& f = compute.at({stage, "F", m});
+      const auto& b = compute.at({stage, "B", m});
+      EXPECT_LE(f.end, b.start);
+      EXPECT_LE(b.end, compute.at({stage, "W", m}).start);
+      if (stage > 0) {
+        EXPECT_LE(compute.at({stage - 1, "F", m}).start, f.end);
+      }
+    }
+  }
 }

@@ -101,6 +101,22 @@ void check_schedule(
     int64_t num_stages,
     int64_t chunks);
 
+// --- a picture of a step as it ran -------------------------------------------------------------
+
+// One interval of a pipeline step on one stage, as torch_mp.TimelineEvent in Python: kind "F"
+// (forward), "B" (backward; input and weight gradients unless a W follows), "W" (weight gradients
+// a zero-bubble schedule deferred) or "recv-wait" (the stage blocked receiving another stage's
+// activations or gradients; inside the F or B that needed them). start and end: seconds since the
+// step started.
+struct TimelineEvent {
+  int64_t stage;
+  std::string kind;
+  int64_t micro_batch;
+  double start;
+  double end;
+  bool operator==(const TimelineEvent&) const = default;
+};
+
 // --- the B/W split of a linear layer ----------------------------------------------------------
 
 // y = input @ weight.T + bias, as at::linear. Backward (the B of a zero-bubble schedule) returns the

@@ -10,6 +10,7 @@
 #include <torch/nn/modules/container/any.h>
 #include <torch/nn/modules/container/sequential.h>
 #include <torch/nn/pimpl.h>
+#include <torch_mp/pipeline.h>
 
 namespace torch_mp {
 
@@ -68,9 +69,15 @@ class SplitSequentialImpl : public torch::nn::Module {
   // One training step: forward and backward of every micro-batch in the schedule's order, the
   // gradients accumulated in .grad() as the backward of loss_fn over the whole batch would (each
   // micro-batch's mean loss weighted by its size). input [batch, *] and target [batch, *] split
-  // alike along dim 0. Returns the batch's loss, a detached scalar on output_device().
-  // c10::ValueError for an empty loss_fn, or one that does not return a scalar.
-  at::Tensor train_step(const at::Tensor& input, const at::Tensor& target, const LossFunction& loss_fn);
+  // alike along dim 0. Returns the batch's loss, a detached scalar on output_device(). `timeline`
+  // (optional): cleared, then filled with every stage's F, B, W and receive waits as they ran,
+  // sorted by stage then start (Python's train_step(timeline=True)). c10::ValueError for an empty
+  // loss_fn, or one that does not return a scalar.
+  at::Tensor train_step(
+      const at::Tensor& input,
+      const at::Tensor& target,
+      const LossFunction& loss_fn,
+      std::vector<pipeline::TimelineEvent>* timeline = nullptr);
 
   // The device of each layer, in order.
   const std::vector<c10::Device>& device_map() const {
