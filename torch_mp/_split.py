@@ -102,6 +102,10 @@ def split(
     gradient. Module backward hooks (``register_full_backward_hook``) see each micro-batch's rows of
     the activations' gradients: like the forward, they must treat samples independently.
 
+    ``copy.deepcopy`` of a split with ``chunks=1`` is a split of its own (its ``train_step`` trains
+    the copy); with ``chunks > 1`` it raises TypeError, since the pipeline runs the original's
+    stages: copy the module first, then split the copy.
+
     Raises TypeError for a ``module`` that is not an ``nn.Module`` or ``devices`` that are not a
     list of devices; ValueError for an empty or unknown device, layers that do not fit in
     ``max_memory``, a ``balance`` that does not match the layers, bad ``chunks`` / ``schedule`` /

@@ -3,6 +3,7 @@
 import datetime
 import os
 import time
+import types
 import warnings
 import zlib
 from typing import Callable, Dict, List, Optional, Sequence, Union
@@ -417,7 +418,8 @@ def pipeline(
     and run once per step, in their order of registration, on the whole gradient (after the sum
     across ranks); a ``register_hook`` hook on them, which would see each part, is refused as for
     ``split`` (on every rank, before anything runs). Module backward hooks see each micro-batch's
-    rows of the activations' gradients.
+    rows of the activations' gradients. ``copy.deepcopy`` of the result raises TypeError: copy the
+    module before ``pipeline``.
 
     Raises TypeError for a ``module`` that is not an ``nn.Module`` or a ``group`` of another type;
     ValueError for an unknown ``schedule``, ``stages_per_rank`` that does not fit it, a ``balance``
@@ -527,23 +529,23 @@ def _keep_local_tensors(module: nn.Module, ranks_using: Dict[int, set], pipe: Di
 
 def plain_train_step(module: nn.Module) -> Callable:
     """``train_step`` of a split without micro-batches: one forward and backward, with the loss
-    conventions of the pipelined one."""
+    conventions of the pipelined one. A method of ``module``: a deep copy's is the copy's."""
+    return types.MethodType(_plain_train_step, module)
 
-    def train_step(*args, target=None, loss_fn: Callable, normalizer=None, timeline: bool = False,
-                   **kwargs) -> torch.Tensor:
-        _check_loss_fn(loss_fn)
-        if _check_timeline_flag(timeline):
-            raise ValueError("split: train_step(..., timeline=True) records a pipeline's schedule, and this split "
-                             "runs no schedule (chunks=1); expected split(..., chunks=M) with M > 1")
-        output = module(*args, **kwargs)
-        found = tensors_in(output)
-        if target is not None and found:
-            target = map_tensors(target, lambda t: t.to(found[0].device))
-        loss = check_loss(loss_fn(output, target)) * loss_weights([1], target, normalizer)[0]
-        loss.backward()
-        return loss.detach()
 
-    return train_step
+def _plain_train_step(module: nn.Module, *args, target=None, loss_fn: Callable, normalizer=None,
+                      timeline: bool = False, **kwargs) -> torch.Tensor:
+    _check_loss_fn(loss_fn)
+    if _check_timeline_flag(timeline):
+        raise ValueError("split: train_step(..., timeline=True) records a pipeline's schedule, and this split "
+                         "runs no schedule (chunks=1); expected split(..., chunks=M) with M > 1")
+    output = module(*args, **kwargs)
+    found = tensors_in(output)
+    if target is not None and found:
+        target = map_tensors(target, lambda t: t.to(found[0].device))
+    loss = check_loss(loss_fn(output, target)) * loss_weights([1], target, normalizer)[0]
+    loss.backward()
+    return loss.detach()
 
 
 def install_pipe(module: nn.Module, pipe: _Pipe) -> None:
