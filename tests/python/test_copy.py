@@ -108,6 +108,14 @@ def _tensor_parallel_copies(rank, world):
     fresh.load_state_dict(torch.load(buffer), assign=True)
     assert_trains_like(dense, fresh, ids, "state_dict loaded with assign=True")
 
+    # The whole module through torch.save and torch.load (a plan whose gradients need no sums).
+    torch.manual_seed(0)
+    dense = perturbed(gpt().train())
+    buffer = io.BytesIO()
+    torch.save(torch_mp.tensor_parallel(copy.deepcopy(dense)), buffer)
+    buffer.seek(0)
+    assert_trains_like(dense, torch.load(buffer, weights_only=False), ids, "torch.save of the module")
+
     # A pipelined module's runner holds the original's stages: copying it is an error.
     piped = torch_mp.pipeline(mlp(), chunks=2)
     with pytest.raises(TypeError, match=r"copy.deepcopy: the module was returned by torch_mp.pipeline"):
