@@ -11,13 +11,10 @@ from torch.nn import functional as F
 
 import torch_mp
 from distributed import run_ranks
-from models import GPT, mlp
+from models import mlp
 
 transformers = pytest.importorskip("transformers")
-
-
-def gpt():
-    return GPT(vocab=97, dim=32, heads=4, depth=2, context=16)
+from test_tensor_parallel_wrapper import gpt, logits_of  # noqa: E402 - needs transformers
 
 
 def llama_one_kv_head():
@@ -26,11 +23,6 @@ def llama_one_kv_head():
                                       num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=32,
                                       use_cache=False, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     return transformers.LlamaForCausalLM(config)
-
-
-def logits_of(model, ids):
-    output = model(ids)
-    return output if isinstance(output, torch.Tensor) else output.logits
 
 
 def perturbed(model):
