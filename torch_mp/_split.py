@@ -92,11 +92,27 @@ def split(
     arXiv:1811.06965) and PipeDream's 1F1B (Narayanan et al., 2019); the placement by bytes after
     accelerate's ``device_map="auto"``. ``torch_mp.state_of(module)`` returns the split's record.
 
+    Gradient hooks with ``chunks > 1``: ``train_step`` runs one backward per micro-batch, so each
+    parameter's gradient arrives in parts. Hooks registered with
+    ``param.register_post_accumulate_grad_hook`` are held back meanwhile and run once per step, in
+    their order of registration, on the whole batch's gradient (what the dense model's backward
+    does). A ``param.register_hook`` hook would see each part, and unless linear give other numbers
+    (a clamp, a clip by norm): ``train_step`` refuses it before anything runs (torch_mp's own hooks
+    are linear). ``model(...)``'s merged output has one backward, in which every hook sees the whole
+    gradient. Module backward hooks (``register_full_backward_hook``) see each micro-batch's rows of
+    the activations' gradients: like the forward, they must treat samples independently.
+
+    ``copy.deepcopy`` of a split with ``chunks=1`` is a split of its own (its ``train_step`` trains
+    the copy); with ``chunks > 1`` it raises TypeError, since the pipeline runs the original's
+    stages: copy the module first, then split the copy.
+
     Raises TypeError for a ``module`` that is not an ``nn.Module`` or ``devices`` that are not a
     list of devices; ValueError for an empty or unknown device, layers that do not fit in
     ``max_memory``, a ``balance`` that does not match the layers, bad ``chunks`` / ``schedule`` /
     ``checkpoint`` / ``batch_dim`` values, or a module another torch_mp wrapper (``pipeline``,
     ``tensor_parallel``) returned already. A second ``split`` of a split module replaces the first.
+    ``train_step`` with ``chunks > 1`` raises ValueError naming the parameters that hold a
+    ``register_hook`` hook (expected: ``chunks=1``, or a post-accumulate-grad hook).
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"split: expected module to be a torch.nn.Module, got {type(module).__name__}")

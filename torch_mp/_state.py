@@ -6,7 +6,8 @@ every reader (state dicts, checkpoints, ``memory_report``, a second ``split``) f
 ``torch_mp_plan``, ``torch_mp_replicated``, ``torch_mp_kept_whole``) are plain views: the same
 objects as the record's fields. One state object per module follows FSDP2 (``fully_shard.state``).
 """
-from dataclasses import dataclass, field
+import copy
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
 
 import torch
@@ -63,6 +64,21 @@ class ParallelState:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"ParallelState: kind = {self.kind!r}; expected one of {list(KINDS)}")
+
+    def __deepcopy__(self, memo):
+        """A deep copy of the module (``copy.deepcopy``) copies its record, which names the same
+        process group: a group is the process's, not the module's. A pipeline's runner holds the
+        original's modules, threads and transport: copying a pipelined module is a TypeError."""
+        if self.pipe is not None:
+            what = "split(..., chunks > 1)" if self.kind == SPLIT else self.kind
+            raise TypeError(f"copy.deepcopy: the module was returned by torch_mp.{what}, whose pipeline runs the "
+                            f"original's stages; expected a deep copy of the module before torch_mp.{self.kind}, "
+                            f"then torch_mp.{self.kind} of the copy")
+        copied = copy.copy(self)
+        memo[id(self)] = copied
+        for name in (f.name for f in fields(self) if f.name != "group"):
+            setattr(copied, name, copy.deepcopy(getattr(self, name), memo))
+        return copied
 
 
 def state_of(module: nn.Module, required: Union[None, str, Sequence[str]] = None) -> Optional[ParallelState]:

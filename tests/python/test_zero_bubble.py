@@ -12,6 +12,7 @@ from distributed import run_ranks
 from models import GPT
 from test_pipeline import assert_step_matches, gpt_loss
 from torch_mp import _C
+from torch_mp._hooks import linear_hook
 from torch_mp._pipelining import zero_bubble
 
 SCHEDULES = ("zb_h1", "zbv")
@@ -116,7 +117,8 @@ def test_split_matches_dense(case, schedule, checkpoint):
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_gradient_hooks_see_the_weight_gradient(schedule):
     """A Linear whose weight has a gradient hook keeps the joint backward: the hook gets the
-    gradient (never None) and changes it as in the dense model; W would write .grad past it."""
+    gradient (never None) and changes it as in the dense model; W would write .grad past it. (The
+    hook is linear: a pipeline refuses any other, which would see each micro-batch's part.)"""
     model, inputs, target, loss_fn = mlp_case()
     piped = torch_mp.split(copy.deepcopy(model), ["cpu"] * 4, chunks=4, schedule=schedule)
     seen = []
@@ -126,7 +128,7 @@ def test_gradient_hooks_see_the_weight_gradient(schedule):
         return None if grad is None else grad * 3
 
     for module in (model, piped):
-        module[2].weight.register_hook(triple)
+        module[2].weight.register_hook(linear_hook(triple))
     assert_step_matches(piped, model, inputs, target, loss_fn)
     assert seen and all(grad is not None for grad in seen)
 

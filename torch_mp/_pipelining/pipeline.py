@@ -3,6 +3,7 @@
 import datetime
 import os
 import time
+import types
 import warnings
 import zlib
 from typing import Callable, Dict, List, Optional, Sequence, Union
@@ -14,6 +15,7 @@ from torch import nn
 from torch_mp import _C
 from torch_mp._devices import check_device
 from torch_mp._group import GroupLike, all_gather_rows, all_reduce_sum, process_group_of, resolve_group
+from torch_mp._hooks import held_post_accumulate_hooks, refused_gradient_hooks
 from torch_mp._layers import check_layers, find_layers
 from torch_mp._pipelining.batch_norm import defer_batch_norms
 from torch_mp._pipelining.compiled import StageCompilation, install_entries
@@ -143,6 +145,13 @@ class LocalPipe(_Pipe):
         per_rank = 2 if self.schedule == "zbv" else 1
         schedule = _C._pipeline_schedule(self.schedule, self.num_stages // per_rank, per_rank, count)
         first_slot = allocate_slots(self.num_stages * count) if self.schedule in ZERO_BUBBLE else None
+        in_parts = count > 1  # one backward per micro-batch: each parameter's gradient arrives in parts
+        refusal = in_parts and refused_gradient_hooks(
+            self.module.named_parameters(), "split", f"one backward per micro-batch, {count} micro-batches",
+            "expected chunks=1, or the hook registered with register_post_accumulate_grad_hook (run once per step, "
+            "on the whole gradient)")
+        if refusal:
+            raise ValueError(refusal)
 
         def forward(m: int) -> torch.Tensor:
             output = self._own_forward(*parts[m])
@@ -154,10 +163,11 @@ class LocalPipe(_Pipe):
             (loss * weights[m]).backward()
 
         try:
-            losses = self._batch(lambda: run_micro_batches(
-                self, schedule, count, forward,
-                backward if recorder is None else recorder.timed_backward(backward, self.num_stages),
-                lambda m: self._recompute(m, count), first_slot, recorder))
+            with held_post_accumulate_hooks(self.module.parameters() if in_parts else ()):
+                losses = self._batch(lambda: run_micro_batches(
+                    self, schedule, count, forward,
+                    backward if recorder is None else recorder.timed_backward(backward, self.num_stages),
+                    lambda m: self._recompute(m, count), first_slot, recorder))
         finally:
             if recorder is not None:
                 recorder.close()
@@ -253,13 +263,20 @@ class DistributedPipe(_Pipe):
         buffer = loss.reshape(1).float() if loss is not None else torch.zeros(1, device=self.device)
         return all_reduce_sum(buffer, self.group, "torch_mp.pipeline")[0]
 
-    def _check_agreement(self, signature: int, shapes: str, timeline: bool) -> None:
-        """Every rank runs the same schedule on the same shapes, or none runs anything."""
+    def _check_agreement(self, signature: int, shapes: str, timeline: bool, refusal: Optional[str] = None) -> None:
+        """Every rank runs the same schedule on the same shapes, or none runs anything; a rank
+        refusing a gradient hook (``refusal``: its message) stops every rank."""
         fields = ["schedule", "stages", "stages_per_rank", "chunks", "input shapes", "stage plan", "timeline"]
         mine = [SCHEDULES.index(self.schedule), self.num_stages, self.stages_per_rank, self.chunks, signature,
-                self.plan_checksum, int(timeline)]
+                self.plan_checksum, int(timeline), int(refusal is not None)]
         rows = all_gather_rows(torch.tensor(mine, dtype=torch.int64, device=self.device), self.group,
                                "torch_mp.pipeline").tolist()
+        if refusal is not None:
+            raise ValueError(refusal)
+        refusing = [r for r, row in enumerate(rows) if row[-1]]
+        if refusing:
+            raise ValueError(f"pipeline: rank(s) {refusing} refuse a gradient hook on a parameter of their stages "
+                             "(their error names it); expected chunks=1, or post-accumulate-grad hooks")
         differ = [(field, [row[i] for row in rows]) for i, field in enumerate(fields)
                   if any(row[i] != rows[0][i] for row in rows)]
         if differ:
@@ -275,30 +292,39 @@ class DistributedPipe(_Pipe):
         else:
             shapes = f"inputs {shapes_of(inputs[0])}"
             signature = zlib.crc32(repr((shapes_of(inputs), False)).encode())
-        self._check_agreement(signature, shapes, timeline)
+        # A parameter's gradient arrives in parts: one per micro-batch, and one per rank holding it.
+        tied = [param for params, _ in self.ties for param in params] if train else []
+        tied_ids = {id(param) for param in tied}
+        in_parts = [(name, param) for name, param in self.module.named_parameters()
+                    if train and not param.is_meta and (count > 1 or id(param) in tied_ids)]
+        refusal = refused_gradient_hooks(
+            in_parts, "pipeline", f"{count} micro-batches" if count > 1 else "one per rank holding it",
+            "expected the hook registered with register_post_accumulate_grad_hook (run once per step, on the whole "
+            "gradient)" + (", or chunks=1" if count > 1 else ""))
+        self._check_agreement(signature, shapes, timeline, refusal)
         recorder = None
         if timeline:  # every rank's times count from the barrier's exit
             dist.barrier(group=self.group)
             recorder = Recorder(self.rank, [self.device] * self.num_stages)
         # Tied parameters sum this step's gradients across their ranks; what earlier steps left in
         # .grad (gradient accumulation) was summed already and is set aside meanwhile.
-        tied = [param for params, _ in self.ties for param in params] if train else []
         earlier = [param.grad for param in tied]
         for param in tied:
             param.grad = None
-        self.transport.begin(recorder)
-        step = RankStep(self, ThreadState(), lambda m: train and self._recompute(m, count))
-        if train and self.schedule in ZERO_BUBBLE:
-            step.first_slot, step.count = allocate_slots(self.num_stages * count), count
-        micro_batches = step.run(actions, works, losses, recorder)
-        self.transport.finish()
-        for (params, group) in self.ties if train else []:
-            for param in params:
-                grad = param.grad if param.grad is not None else torch.zeros_like(param)
-                param.grad = all_reduce_sum(grad, group, "torch_mp.pipeline (tied gradients)")
-        for param, grad in zip(tied, earlier):
-            if grad is not None:
-                param.grad = grad + param.grad
+        with held_post_accumulate_hooks([param for _, param in in_parts], whole=tied):
+            self.transport.begin(recorder)
+            step = RankStep(self, ThreadState(), lambda m: train and self._recompute(m, count))
+            if train and self.schedule in ZERO_BUBBLE:
+                step.first_slot, step.count = allocate_slots(self.num_stages * count), count
+            micro_batches = step.run(actions, works, losses, recorder)
+            self.transport.finish()
+            for (params, group) in self.ties if train else []:
+                for param in params:
+                    grad = param.grad if param.grad is not None else torch.zeros_like(param)
+                    param.grad = all_reduce_sum(grad, group, "torch_mp.pipeline (tied gradients)")
+            for param, grad in zip(tied, earlier):
+                if grad is not None:
+                    param.grad = grad + param.grad
         if recorder is not None:
             gathered: List = [None] * self.world
             dist.all_gather_object(gathered, recorder.events, group=self.group)
@@ -386,12 +412,21 @@ def pipeline(
     AOT autograd); the schedule, the sends and receives and the stand-ins stay eager. Schedules after GPipe (Huang et al., 2019), 1F1B (PipeDream,
     Narayanan et al., 2019) and interleaved 1F1B (Narayanan et al., 2021, Megatron-LM).
 
+    Gradient hooks: with ``chunks > 1`` every parameter's gradient arrives in parts (one backward
+    per micro-batch), and so does a parameter held by several ranks at any ``chunks`` (summed
+    across them after the step). Their ``register_post_accumulate_grad_hook`` hooks are held back
+    and run once per step, in their order of registration, on the whole gradient (after the sum
+    across ranks); a ``register_hook`` hook on them, which would see each part, is refused as for
+    ``split`` (on every rank, before anything runs). Module backward hooks see each micro-batch's
+    rows of the activations' gradients. ``copy.deepcopy`` of the result raises TypeError: copy the
+    module before ``pipeline``.
+
     Raises TypeError for a ``module`` that is not an ``nn.Module`` or a ``group`` of another type;
     ValueError for an unknown ``schedule``, ``stages_per_rank`` that does not fit it, a ``balance``
     without one entry per stage, bad ``chunks`` / ``checkpoint`` / ``batch_dim`` values, or a
     module another torch_mp wrapper returned already; during a step, ValueError when the ranks
-    disagree on options or batch shapes, and ``torch_mp.CollectiveError`` when a peer does not
-    answer within ``timeout``.
+    disagree on options or batch shapes or a rank refuses a gradient hook, and
+    ``torch_mp.CollectiveError`` when a peer does not answer within ``timeout``.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"pipeline: expected module to be a torch.nn.Module, got {type(module).__name__}")
@@ -508,23 +543,23 @@ def _keep_local_tensors(module: nn.Module, ranks_using: Dict[int, set], pipe: Di
 
 def plain_train_step(module: nn.Module) -> Callable:
     """``train_step`` of a split without micro-batches: one forward and backward, with the loss
-    conventions of the pipelined one."""
+    conventions of the pipelined one. A method of ``module``: a deep copy's is the copy's."""
+    return types.MethodType(_plain_train_step, module)
 
-    def train_step(*args, target=None, loss_fn: Callable, normalizer=None, timeline: bool = False,
-                   **kwargs) -> torch.Tensor:
-        _check_loss_fn(loss_fn)
-        if _check_timeline_flag(timeline):
-            raise ValueError("split: train_step(..., timeline=True) records a pipeline's schedule, and this split "
-                             "runs no schedule (chunks=1); expected split(..., chunks=M) with M > 1")
-        output = module(*args, **kwargs)
-        found = tensors_in(output)
-        if target is not None and found:
-            target = map_tensors(target, lambda t: t.to(found[0].device))
-        loss = check_loss(loss_fn(output, target)) * loss_weights([1], target, normalizer)[0]
-        loss.backward()
-        return loss.detach()
 
-    return train_step
+def _plain_train_step(module: nn.Module, *args, target=None, loss_fn: Callable, normalizer=None,
+                      timeline: bool = False, **kwargs) -> torch.Tensor:
+    _check_loss_fn(loss_fn)
+    if _check_timeline_flag(timeline):
+        raise ValueError("split: train_step(..., timeline=True) records a pipeline's schedule, and this split "
+                         "runs no schedule (chunks=1); expected split(..., chunks=M) with M > 1")
+    output = module(*args, **kwargs)
+    found = tensors_in(output)
+    if target is not None and found:
+        target = map_tensors(target, lambda t: t.to(found[0].device))
+    loss = check_loss(loss_fn(output, target)) * loss_weights([1], target, normalizer)[0]
+    loss.backward()
+    return loss.detach()
 
 
 def install_pipe(module: nn.Module, pipe: _Pipe) -> None:

@@ -39,6 +39,7 @@ from torch import nn
 
 from torch_mp._tensor_parallel import moe
 from torch_mp._group import GroupInfo, GroupLike, all_gather_rows, resolve_group
+from torch_mp._hooks import linear_hook
 from torch_mp._tensor_parallel.sharding import COLWISE, HEADS, ROWWISE, VOCAB, ShardSpec, shard
 from torch_mp._tensor_parallel.plan import (
     COLWISE_GATHER, GRAD_SUM, MOE, PACKED_COLWISE, QKV, REPLICATE, ROWWISE_SPLIT_INPUT, SEQUENCE_PARALLEL, Plan,
@@ -106,6 +107,11 @@ def tensor_parallel(module: nn.Module, plan: Union[str, Plan] = "auto", group: G
     vocab. The styles follow Megatron-LM (Shoeybi et al., 2019, arXiv:1909.08053) and its sequence
     parallelism (Korthikanti et al., 2022, arXiv:2205.05198), named as in transformers' ``tp_plan``
     and ``torch.distributed.tensor.parallel``.
+
+    A deep copy of the result (``copy.deepcopy``) is a sharded model of its own, in the same group,
+    and trains as the original does: the gradient sums over ranks (sequence-parallel norms, key and
+    value heads kept whole by several ranks) are hooks that each module owning such a parameter puts
+    back on the parameter it holds at each forward, as after ``load_state_dict(..., assign=True)``.
 
     Raises TypeError for a ``module`` that is not an ``nn.Module``, a ``plan`` that is neither
     ``"auto"`` nor a dict or a ``group`` of another type; the ValueErrors above, and ValueError when
@@ -465,17 +471,32 @@ def _vocab_parallel(dense: nn.Embedding, weight: nn.Parameter, group: GroupLike,
 
 
 def _hook_gradients(owner: nn.Module, hooks: Dict[str, Callable]) -> None:
-    """Registers ``hooks[name]`` on ``owner``'s parameter ``name``, now and on each forward for the
-    parameter then holding that name (load_full_state_dict materializes new ones)."""
-    def install(*_):
+    """Registers ``hooks[name]`` (linear in the gradient: a sum over ranks) on the parameter
+    ``name`` of ``owner`` (a dotted name below it), now and on each forward of ``owner`` for the
+    parameter then holding that name: ``load_full_state_dict`` and ``load_state_dict(assign=True)``
+    put new ones there, and a deep copy of the module holds new parameters, without hooks or the
+    mark of their owner, and its own ``owner``, which the forward pre-hook is called with."""
+    for hook in hooks.values():
+        linear_hook(hook)
+
+    def install(module: nn.Module, *_):
         for name, hook in hooks.items():
-            parameter = owner._parameters.get(name)
+            parameter = _parameter_or_none(module, name)
             if parameter is not None and parameter.requires_grad and \
-                    getattr(parameter, "_torch_mp_hooked_by", None) is not owner:
+                    getattr(parameter, "_torch_mp_hooked_by", None) is not module:
                 parameter.register_hook(hook)
-                parameter._torch_mp_hooked_by = owner
-    install()
+                parameter._torch_mp_hooked_by = module
+    install(owner)
     owner.register_forward_pre_hook(install)
+
+
+def _parameter_or_none(module: nn.Module, name: str) -> Optional[nn.Parameter]:
+    owner_name, _, leaf = name.rpartition(".")
+    try:
+        owner = module.get_submodule(owner_name)
+    except AttributeError:
+        return None
+    return owner._parameters.get(leaf)
 
 
 def _sum_replicated(spec: ShardSpec, info: GroupInfo):
@@ -691,20 +712,23 @@ def _sequence_parallel(module: nn.Module, blocks: List[str], info, summed=frozen
                 owner = _common_prefix(opened, child_name)
                 owners[owner] = (block.get_submodule(owner) if owner else block, columns)
                 opened, columns = None, []
-        for owner, owner_columns in owners.values():
+        for owner_name, (owner, owner_columns) in owners.items():
             if chunks is None:
                 owner.register_forward_pre_hook(_gather_input(info), with_kwargs=True)
             else:
-                owner.register_forward_pre_hook(_gather_and_multiply(info, owner_columns), with_kwargs=True)
-                owner.register_forward_hook(_drop_products(owner_columns))
+                # The hooks find the columns by name in the module they are called with: a deep copy's.
+                names = [_relative_name(child_name, owner_name) for child_name, child in layers
+                         if any(child is column for column in owner_columns)]
+                owner.register_forward_pre_hook(_gather_and_multiply(info, names), with_kwargs=True)
+                owner.register_forward_hook(_drop_products(names))
         # Parameters other than this rank's slices see only this rank's tokens: sum their gradients.
         sliced = set(summed)
         for _, child in layers:
             sliced.update(id(p) for p in (child.weight, child.bias if isinstance(child, ColumnParallelLinear) else None)
                           if p is not None)
-        for parameter in block.parameters():
-            if id(parameter) not in sliced and parameter.requires_grad:
-                parameter.register_hook(_sum_over_ranks(info))
+        summing = _sum_over_ranks(info)
+        _hook_gradients(block, {name: summing for name, parameter in block.named_parameters()
+                                if id(parameter) not in sliced and parameter.requires_grad})
     first, last = module.get_submodule(blocks[0]), module.get_submodule(blocks[-1])
     first.register_forward_pre_hook(_map_hidden_states(_shard_sequence(info)), with_kwargs=True)
     last.register_forward_hook(_gather_output(info))
@@ -721,6 +745,11 @@ def _share_input_copies(module: nn.Module) -> None:
             siblings.setdefault(key, []).append(child)
     for layers in siblings.values():
         share_input_copy(layers)
+
+
+def _relative_name(name: str, owner: str) -> str:
+    """``name`` (below ``owner``, both dotted names in one module) relative to ``owner``."""
+    return name[len(owner) + 1:] if owner else name
 
 
 def _common_prefix(a: str, b: str) -> str:
@@ -755,13 +784,17 @@ def _gather_input(info):
         lambda t: torch.ops.torch_mp.gather_from_sp(t, SEQUENCE_DIM, info.name, info.size))
 
 
-def _gather_and_multiply(info, columns):
+def _gather_and_multiply(info, column_names: List[str]):
     """Async TP: gathers the module's activations along the sequence with all_gather_matmul, which
-    multiplies them by the weights of ``columns`` (the column-parallel layers reading them: q, k, v;
-    gate, up) as they arrive; each layer then returns its product when called with the gathered
-    tensor. Under autocast (whose casts our op does not make) or for layers reading another width,
-    the plain gather."""
-    def gather(t):
+    multiplies them by the weights of its ``column_names`` (the column-parallel layers reading them:
+    q, k, v; gate, up) as they arrive; each layer then returns its product when called with the
+    gathered tensor. Under autocast (whose casts our op does not make) or for layers reading
+    another width, the plain gather."""
+    def hook(owner, args, kwargs):
+        columns = [owner.get_submodule(name) for name in column_names]
+        return _map_hidden_states(lambda t: gather(t, columns))(owner, args, kwargs)
+
+    def gather(t, columns):
         readers = [c for c in columns if c.in_features == t.shape[-1]]
         if not readers or torch.is_autocast_enabled(t.device.type):
             return torch.ops.torch_mp.gather_from_sp(t, SEQUENCE_DIM, info.name, info.size)
@@ -771,14 +804,14 @@ def _gather_and_multiply(info, columns):
         for column, product in zip(readers, products):
             column.gathered_product = (gathered, product)
         return gathered
-    return _map_hidden_states(gather)
+    return hook
 
 
-def _drop_products(columns):
+def _drop_products(column_names: List[str]):
     """Drops the products a module's layers did not use (a layer not called), after its forward."""
     def hook(owner, args, output):
-        for column in columns:
-            column.gathered_product = None
+        for name in column_names:
+            owner.get_submodule(name).gathered_product = None
     return hook
 
 

@@ -1,0 +1,86 @@
+"""Parameter gradient hooks where a parameter's gradient arrives in parts.
+
+A pipeline's ``train_step`` runs one backward per micro-batch, and a parameter held by several
+ranks (``pipeline``'s tied and shared parameters) gets each rank's part, summed after the step. A
+hook on such a parameter would see each part instead of the whole batch's gradient:
+
+- ``param.register_hook(h)`` hooks see each part. A linear hook (a sum over ranks, a constant scale)
+  gives the same sum; any other (a clamp, a clip by norm) does not, so a step refuses it, naming the
+  parameter, before anything runs. torch_mp's own hooks are linear and say so (:func:`linear_hook`).
+- ``param.register_post_accumulate_grad_hook(h)`` hooks are held back while the parts accumulate
+  and run once per step, in their order of registration, when the parameter's gradient is whole
+  (:class:`held_post_accumulate_hooks`): what the dense model's backward does.
+"""
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
+
+import torch
+
+_LINEAR = "_torch_mp_linear"
+
+
+def linear_hook(hook: Callable) -> Callable:
+    """Marks ``hook`` (a ``Tensor.register_hook`` hook) linear in the gradient: applied to the parts
+    of a gradient it gives the parts of what it gives on the whole. Returns ``hook``."""
+    setattr(hook, _LINEAR, True)
+    return hook
+
+
+def is_linear_hook(hook: Callable) -> bool:
+    return getattr(hook, _LINEAR, False)
+
+
+def refused_gradient_hooks(named_parameters: Iterable[Tuple[str, torch.nn.Parameter]], caller: str,
+                           why: str, remedy: str) -> Optional[str]:
+    """The error message for the parameters among ``named_parameters`` (whose gradients arrive in
+    parts, ``why``) holding a ``register_hook`` hook not known to be linear, ending with ``remedy``;
+    None when none does."""
+    refused = [name for name, param in named_parameters
+               if param._backward_hooks and not all(map(is_linear_hook, param._backward_hooks.values()))]
+    if not refused:
+        return None
+    shown = ", ".join(repr(name) for name in refused[:4]) + (f" and {len(refused) - 4} more" if len(refused) > 4 else "")
+    return (f"{caller}: a gradient hook (Tensor.register_hook) on parameter {shown} would see the gradient in "
+            f"parts ({why}) and, unless linear, give other numbers than one backward of the whole batch; {remedy}")
+
+
+class held_post_accumulate_hooks:
+    """While a step runs: the post-accumulate-grad hooks of ``parameters`` only note which
+    parameters took a gradient. On a clean exit every hook runs once, in registration order, on the
+    parameters that took one (in the order their gradients were last added to) and on ``whole``
+    (parameters whose gradient the step completes after its backwards: summed over ranks)."""
+
+    def __init__(self, parameters: Iterable[torch.nn.Parameter], whole: Iterable[torch.nn.Parameter] = ()):
+        self._held: List[Tuple[torch.nn.Parameter, Dict, Dict]] = []  # (parameter, its hooks, those held)
+        for param in dict.fromkeys(parameters):
+            if param._post_accumulate_grad_hooks:
+                self._held.append((param, param._post_accumulate_grad_hooks, {}))
+        held = {id(param) for param, _, _ in self._held}
+        self._whole = [param for param in dict.fromkeys(whole) if id(param) in held]
+        self._took: Dict[int, torch.nn.Parameter] = {}
+
+    def _took_gradient(self, param: torch.nn.Parameter) -> None:
+        self._took.pop(id(param), None)
+        self._took[id(param)] = param
+
+    def __enter__(self):
+        for _, hooks, held in self._held:
+            held.update(hooks)
+            hooks.clear()
+            hooks[self] = self._took_gradient  # the C++ side calls the values of the same dict
+        return self
+
+    def __exit__(self, error_type, *_):
+        for _, hooks, held in self._held:
+            added = {key: hook for key, hook in hooks.items() if key is not self}  # registered meanwhile
+            hooks.clear()
+            hooks.update(held)
+            hooks.update(added)
+        if error_type is not None:
+            return
+        for param in self._whole:
+            self._took_gradient(param)
+        hooks_of = {id(param): hooks for param, hooks, _ in self._held}
+        for param in self._took.values():
+            for hook in list(hooks_of[id(param)].values()):
+                if hook(param) is not None:
+                    raise RuntimeError("Tensor post accumulate grad hooks should return None.")
