@@ -240,6 +240,64 @@ at::Tensor SplitSequentialImpl::pipelined_forward(const at::Tensor& input) {
   return output.device() == output_device_ ? output : torch_mp::to_device(output, output_device_);
 }
 
+namespace {
+
+// A parameter's gradient hooks under micro-batches: each micro-batch's backward accumulates its
+// part of the gradient, so a hook on the gradient (Tensor::register_hook) would see the parts one by
+// one (a non-linear one, such as clamping, then differs from the dense model's): refused before
+// anything runs. Post-accumulate hooks are held back during the step and run once after it, in
+// the dense model's place (after the whole batch's gradient is in .grad); a failed step puts them
+// back without running them.
+class HeldPostAccumulateHooks {
+ public:
+  HeldPostAccumulateHooks(const torch::OrderedDict<std::string, at::Tensor>& params, int64_t chunks) {
+    if (chunks == 1) {
+      return;
+    }
+    for (const auto& item : params) {
+      TORCH_CHECK_VALUE(
+          torch::autograd::impl::hooks(item.value()).empty(), "split: parameter '", item.key(),
+          "' has a gradient hook (Tensor::register_hook); with chunks = ", chunks,
+          " it would see each micro-batch's part of the gradient instead of the batch's; expected chunks = 1");
+    }
+    for (const auto& item : params) {
+      auto& hook = torch::autograd::impl::post_acc_grad_hooks(item.value());
+      if (hook) {
+        params_.push_back(item.value());
+        held_.push_back(std::move(hook));
+      }
+    }
+  }
+
+  // Puts the hooks back without running them (a failed step).
+  ~HeldPostAccumulateHooks() {
+    restore();
+  }
+
+  // After the step: puts the hooks back and runs each once, with the batch's gradient.
+  void run() {
+    restore();
+    for (const auto& param : params_) {
+      if (param.grad().defined()) {
+        (*torch::autograd::impl::post_acc_grad_hooks(param))(param);
+      }
+    }
+  }
+
+ private:
+  void restore() {
+    for (size_t i = 0; i < held_.size(); ++i) {
+      torch::autograd::impl::post_acc_grad_hooks(params_[i]) = std::move(held_[i]);
+    }
+    held_.clear();
+  }
+
+  std::vector<at::Tensor> params_;
+  std::vector<std::unique_ptr<torch::autograd::PostAccumulateGradHook>> held_;
+};
+
+} // namespace
+
 at::Tensor SplitSequentialImpl::train_step(
     const at::Tensor& input,
     const at::Tensor& target,
@@ -280,6 +338,7 @@ at::Tensor SplitSequentialImpl::train_step(
       }
     }
   } discard_on_failure{first_slot, zero_bubble ? static_cast<int64_t>(num_stages) * chunks : 0};
+  HeldPostAccumulateHooks held(named_parameters(), chunks);
   on_stage_threads(num_stages, devices, mailbox, [&](size_t stage) {
     const bool last = stage + 1 == num_stages;
     // Per micro-batch: the stage's input (a leaf), its output (or weighted loss on the last stage;
@@ -363,6 +422,7 @@ at::Tensor SplitSequentialImpl::train_step(
     }
   });
   recorder.sort();
+  held.run();
   at::Tensor total = torch::zeros({}, losses[0].options());
   for (int64_t m = 0; m < chunks; ++m) {
     total += losses[m] * (static_cast<double>(inputs[m].size(0)) / static_cast<double>(input.size(0)));

@@ -250,3 +250,51 @@ TEST(PipelinedSplit, TimelineRecordsEveryActionAsItRan) {
     }
   }
 }
+
+namespace {
+
+// Halves the gradient in place and counts its calls: applied once per micro-batch it would halve
+// the gradient several times.
+struct HalveGrad : torch::autograd::PostAccumulateGradHook {
+  explicit HalveGrad(int* calls) : calls(calls) {}
+  void operator()(const torch::autograd::Variable& param) override {
+    ++*calls;
+    param.mutable_grad().mul_(0.5);
+  }
+  int* calls;
+};
+
+} // namespace
+
+// Gradient hooks see what the dense model's see: a post-accumulate hook runs once per step, after
+// the batch's gradient is complete; a hook on the gradient itself is refused with micro-batches.
+TEST(PipelinedSplit, GradientHooksSeeTheWholeBatch) {
+  torch::manual_seed(0);
+  auto dense = make_mlp();
+  auto piped = torch_mp::split(
+      torch::nn::Sequential(std::dynamic_pointer_cast<torch::nn::SequentialImpl>(dense->clone())),
+      {torch::kCPU, torch::kCPU}, torch_mp::SplitOptions().chunks(4).schedule("zb_h1"));
+  const auto input = torch::randn({10, 8});
+  const auto target = torch::randn({10, 4});
+  auto loss_fn = [](const at::Tensor& output, const at::Tensor& t) { return torch::mse_loss(output, t); };
+  int dense_calls = 0, piped_calls = 0;
+  torch::autograd::impl::set_post_acc_grad_hooks(dense->parameters()[0], std::make_unique<HalveGrad>(&dense_calls));
+  torch::autograd::impl::set_post_acc_grad_hooks(piped->parameters()[0], std::make_unique<HalveGrad>(&piped_calls));
+  loss_fn(dense->forward(input), target).backward();
+  piped->train_step(input, target, loss_fn);
+  EXPECT_EQ(dense_calls, 1);
+  EXPECT_EQ(piped_calls, 1);
+  auto dense_params = dense->named_parameters();
+  for (const auto& item : piped->named_parameters()) {
+    EXPECT_TRUE(torch::allclose(item.value().grad(), dense_params[item.key()].grad(), 1e-5, 1e-6)) << item.key();
+  }
+
+  piped->parameters()[2].register_hook([](const at::Tensor& grad) { return grad.clamp(-1e-3, 1e-3); });
+  const auto before = piped->parameters()[0].grad().clone();
+  EXPECT_NE(
+      error_of([&] { piped->train_step(input, target, loss_fn); })
+          .find("has a gradient hook (Tensor::register_hook); with chunks = 4 it would see each micro-batch's part"),
+      std::string::npos);
+  EXPECT_TRUE(torch::equal(piped->parameters()[0].grad(), before));  // refused before anything ran
+  EXPECT_EQ(piped_calls, 1);
+}
