@@ -168,6 +168,15 @@ def check_block(rank, world):
     (first.sum() + second.sum()).backward()
     close(h.grad, (dense.q.weight.sum(0) + dense.k.weight.sum(0)).expand(2, 5, dim))
 
+    # q called without its siblings: the shared copy still holds that input; a deep copy of the
+    # block starts with its own, empty one, shared by its own siblings.
+    parallel.q(leaf(x))
+    copied = copy.deepcopy(parallel)
+    shared = copied.q.shared_input_copy
+    assert shared.entry is None and shared is not parallel.q.shared_input_copy
+    assert copied.k.shared_input_copy is shared and copied.v.shared_input_copy is shared
+    close(grads(copied, x)["x.grad"], grads(dense, x)["x.grad"], "deep copy")
+
 
 def test_block_matches_dense_with_shared_and_separate_copies():
     run_ranks(2, check_block)

@@ -73,6 +73,11 @@ class _SharedInputCopy:
         self.members, self.group_name, self.group_size = members, group_name, group_size
         self.calls, self.entry = 0, None
 
+    def __deepcopy__(self, memo) -> "_SharedInputCopy":
+        # A copied model's siblings share a copy of their own, without this forward's input (a
+        # forward that skipped a sibling leaves one here; it belongs to the original's graph).
+        return _SharedInputCopy(self.members, self.group_name, self.group_size)
+
     def __call__(self, input: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled():
             return input  # copy_to_tp is the identity forward; without a backward it has nothing to do
