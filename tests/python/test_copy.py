@@ -37,18 +37,19 @@ def perturbed(model):
 def assert_trains_like(dense, sharded, ids, name):
     """One forward, backward and SGD step: the same logits, full gradients (gathered from the
     sharded ones) and weights as the dense model."""
-    for model in (dense, sharded):
+    def step(model):
         model.zero_grad(set_to_none=True)
         logits = logits_of(model, ids)
         logits.square().mean().backward()
-        if model is sharded:
-            torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-5, msg=name)
-            grads = torch_mp.full_state_dict(_gradients_as_module(sharded))
-            for key, grad in dense_grads.items():
-                torch.testing.assert_close(grads[key], grad, rtol=1e-4, atol=1e-5, msg=f"{name}: {key}.grad")
-        else:
-            expected_logits = logits.detach()
-            dense_grads = {key: p.grad.clone() for key, p in model.named_parameters()}
+        return logits.detach()
+
+    expected_logits = step(dense)
+    dense_grads = {key: p.grad.clone() for key, p in dense.named_parameters()}
+    torch.testing.assert_close(step(sharded), expected_logits, rtol=1e-4, atol=1e-5, msg=name)
+    grads = torch_mp.full_state_dict(_gradients_as_module(sharded))
+    for key, grad in dense_grads.items():
+        torch.testing.assert_close(grads[key], grad, rtol=1e-4, atol=1e-5, msg=f"{name}: {key}.grad")
+    for model in (dense, sharded):
         torch.optim.SGD(model.parameters(), lr=0.1).step()
     gathered, reference = torch_mp.full_state_dict(sharded), dense.state_dict()
     for key in reference:
