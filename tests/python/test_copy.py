@@ -101,13 +101,17 @@ def _tensor_parallel_copies(rank, world):
     fresh.load_state_dict(torch.load(buffer), assign=True)
     assert_trains_like(dense, fresh, ids, "state_dict loaded with assign=True")
 
-    # The whole module through torch.save and torch.load (a plan whose gradients need no sums).
-    torch.manual_seed(0)
-    dense = perturbed(gpt().train())
-    buffer = io.BytesIO()
-    torch.save(torch_mp.tensor_parallel(copy.deepcopy(dense)), buffer)
-    buffer.seek(0)
-    assert_trains_like(dense, torch.load(buffer, weights_only=False), ids, "torch.save of the module")
+    # The whole module through torch.save and torch.load: a plain plan, and sequence parallel (its
+    # gradient sums and gathers are hooks, put back on the loaded parameters) with one KV head kept
+    # whole by both ranks, and with async TP.
+    for name, make, options in [("plain", gpt, {}), ("sequence parallel", llama_one_kv_head, {"sequence_parallel": True}),
+                                ("async TP", gpt, {"sequence_parallel": True, "async_tp": True})]:
+        torch.manual_seed(0)
+        dense = perturbed(make().train())
+        buffer = io.BytesIO()
+        torch.save(torch_mp.tensor_parallel(copy.deepcopy(dense), **options), buffer)
+        buffer.seek(0)
+        assert_trains_like(dense, torch.load(buffer, weights_only=False), ids, f"torch.save of the module, {name}")
 
     # A pipelined module's runner holds the original's stages: copying it is an error.
     piped = torch_mp.pipeline(mlp(), chunks=2)

@@ -179,7 +179,7 @@ def tensor_parallel(module: nn.Module, plan: Union[str, Plan] = "auto", group: G
     if info.size > 1:
         for name in grad_sums:
             child = module.get_submodule(name)
-            _hook_gradients(child, {p: _sum_over_ranks(info) for p, _ in child.named_parameters(recurse=False)})
+            _hook_gradients(child, {p: _SumOverRanks(info) for p, _ in child.named_parameters(recurse=False)})
     if sequence_blocks:
         # Norms applied per head inside the attention see every token (its input is gathered): their
         # gradients are summed once, over the heads.
@@ -427,7 +427,7 @@ def _swap(module: nn.Module, name: str, spec: ShardSpec, group: GroupLike, info:
         if bias is not None:
             layer.bias = local(bias, 0, replicas=spec.replicas) if spec.shards_bias() else bias
         if spec.replicas is not None and max(spec.replicas) > 1 and info.size > 1:
-            _hook_gradients(layer, {"weight": _sum_replicated(spec, info), "bias": _sum_replicated(spec, info)})
+            _hook_gradients(layer, {"weight": _SumReplicated(spec, info), "bias": _SumReplicated(spec, info)})
     layer.tp_spec = spec
     setattr(module.get_submodule(parent_name), child_name, layer)
 
@@ -476,18 +476,25 @@ def _hook_gradients(owner: nn.Module, hooks: Dict[str, Callable]) -> None:
     parameter then holding that name: ``load_full_state_dict`` and ``load_state_dict(assign=True)``
     put new ones there, and a deep copy of the module holds new parameters, without hooks or the
     mark of their owner, and its own ``owner``, which the forward pre-hook is called with."""
-    for hook in hooks.values():
-        linear_hook(hook)
-
-    def install(module: nn.Module, *_):
-        for name, hook in hooks.items():
-            parameter = _parameter_or_none(module, name)
-            if parameter is not None and parameter.requires_grad and \
-                    getattr(parameter, "_torch_mp_hooked_by", None) is not module:
-                parameter.register_hook(hook)
-                parameter._torch_mp_hooked_by = module
+    install = _InstallGradientHooks(hooks)
     install(owner)
     owner.register_forward_pre_hook(install)
+
+
+class _InstallGradientHooks:
+    """A forward pre-hook (a class, so that a module holding it can be pickled): registers each
+    ``hooks[name]`` on the parameter ``name`` of the module it is called with, unless that
+    parameter holds it already (a pickled or copied parameter holds no hooks)."""
+
+    def __init__(self, hooks: Dict[str, Callable]):
+        self.hooks = {name: linear_hook(hook) for name, hook in hooks.items()}
+
+    def __call__(self, module: nn.Module, *_) -> None:
+        for name, hook in self.hooks.items():
+            parameter = _parameter_or_none(module, name)
+            if parameter is not None and parameter.requires_grad and \
+                    not any(held is hook for held in (parameter._backward_hooks or {}).values()):
+                parameter.register_hook(hook)
 
 
 def _parameter_or_none(module: nn.Module, name: str) -> Optional[nn.Parameter]:
@@ -499,21 +506,23 @@ def _parameter_or_none(module: nn.Module, name: str) -> Optional[nn.Parameter]:
     return owner._parameters.get(leaf)
 
 
-def _sum_replicated(spec: ShardSpec, info: GroupInfo):
+class _SumReplicated:
     """A gradient hook for a colwise parameter holding replicated parts (KV heads kept whole by
     several ranks): each such block's gradient summed over the ranks holding it."""
-    local_parts = spec.local_parts(info.size)
 
-    def hook(grad: torch.Tensor) -> torch.Tensor:
-        pieces = list(grad.split(local_parts, 0))
-        for i, replicas in enumerate(spec.replicas):
+    def __init__(self, spec: ShardSpec, info: GroupInfo):
+        self.local_parts, self.replicas, self.info = spec.local_parts(info.size), spec.replicas, info
+
+    def __call__(self, grad: torch.Tensor) -> torch.Tensor:
+        info = self.info
+        pieces = list(grad.split(self.local_parts, 0))
+        for i, replicas in enumerate(self.replicas):
             if replicas > 1:
                 slot = info.rank // replicas
                 slots = grad.new_zeros((info.size // replicas,) + tuple(pieces[i].shape))
                 slots[slot] = pieces[i]
                 pieces[i] = torch.ops.torch_mp._all_reduce(slots, "sum", info.name, info.size)[slot]
         return torch.cat(pieces, 0)
-    return hook
 
 
 def _divide_sharded_attributes(module: nn.Module, specs: Dict[str, ShardSpec], world: int,
@@ -714,24 +723,24 @@ def _sequence_parallel(module: nn.Module, blocks: List[str], info, summed=frozen
                 opened, columns = None, []
         for owner_name, (owner, owner_columns) in owners.items():
             if chunks is None:
-                owner.register_forward_pre_hook(_gather_input(info), with_kwargs=True)
+                owner.register_forward_pre_hook(_MapHiddenStates(_SequenceOp("gather_from_sp", info)), with_kwargs=True)
             else:
                 # The hooks find the columns by name in the module they are called with: a deep copy's.
                 names = [_relative_name(child_name, owner_name) for child_name, child in layers
                          if any(child is column for column in owner_columns)]
-                owner.register_forward_pre_hook(_gather_and_multiply(info, names), with_kwargs=True)
-                owner.register_forward_hook(_drop_products(names))
+                owner.register_forward_pre_hook(_GatherAndMultiply(info, names), with_kwargs=True)
+                owner.register_forward_hook(_DropProducts(names))
         # Parameters other than this rank's slices see only this rank's tokens: sum their gradients.
         sliced = set(summed)
         for _, child in layers:
             sliced.update(id(p) for p in (child.weight, child.bias if isinstance(child, ColumnParallelLinear) else None)
                           if p is not None)
-        summing = _sum_over_ranks(info)
+        summing = _SumOverRanks(info)
         _hook_gradients(block, {name: summing for name, parameter in block.named_parameters()
                                 if id(parameter) not in sliced and parameter.requires_grad})
     first, last = module.get_submodule(blocks[0]), module.get_submodule(blocks[-1])
-    first.register_forward_pre_hook(_map_hidden_states(_shard_sequence(info)), with_kwargs=True)
-    last.register_forward_hook(_gather_output(info))
+    first.register_forward_pre_hook(_MapHiddenStates(_SequenceOp("scatter_to_tp", info)), with_kwargs=True)
+    last.register_forward_hook(_GatherOutput(info))
 
 
 def _share_input_copies(module: nn.Module) -> None:
@@ -761,40 +770,59 @@ def _common_prefix(a: str, b: str) -> str:
     return ".".join(common)
 
 
-def _sum_over_ranks(info):
-    return lambda grad: torch.ops.torch_mp._all_reduce(grad, "sum", info.name, info.size)
+# The hooks of sequence parallelism and the gradient sums: classes, so that a module holding them
+# can be pickled (torch.save of the whole module), and found by name in the module they are called
+# with (a deep copy's).
+
+class _SumOverRanks:
+    """A gradient hook: the sum over the group's ranks."""
+
+    def __init__(self, info: GroupInfo):
+        self.info = info
+
+    def __call__(self, grad: torch.Tensor) -> torch.Tensor:
+        return torch.ops.torch_mp._all_reduce(grad, "sum", self.info.name, self.info.size)
 
 
-def _shard_sequence(info):
-    """This rank's part of the activations along the sequence (scatter_to_tp)."""
-    return lambda t: torch.ops.torch_mp.scatter_to_tp(t, SEQUENCE_DIM, info.name, info.size)
+class _SequenceOp:
+    """One of the sequence-dim conjugate ops (``scatter_to_tp``: this rank's part of the activations;
+    ``gather_from_sp``: all of them) over the group."""
+
+    def __init__(self, op: str, info: GroupInfo):
+        self.op, self.info = op, info
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        return getattr(torch.ops.torch_mp, self.op)(t, SEQUENCE_DIM, self.info.name, self.info.size)
 
 
-def _map_hidden_states(fn):
+class _MapHiddenStates:
     """A pre-hook applying ``fn`` to a module's activations: its first argument, or ``hidden_states``."""
-    def hook(owner, args, kwargs):
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]):
+        self.fn = fn
+
+    def __call__(self, owner, args, kwargs):
         if args:
-            return (fn(args[0]),) + tuple(args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
-    return hook
+            return (self.fn(args[0]),) + tuple(args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": self.fn(kwargs["hidden_states"])}
 
 
-def _gather_input(info):
-    return _map_hidden_states(
-        lambda t: torch.ops.torch_mp.gather_from_sp(t, SEQUENCE_DIM, info.name, info.size))
-
-
-def _gather_and_multiply(info, column_names: List[str]):
+class _GatherAndMultiply:
     """Async TP: gathers the module's activations along the sequence with all_gather_matmul, which
     multiplies them by the weights of its ``column_names`` (the column-parallel layers reading them:
     q, k, v; gate, up) as they arrive; each layer then returns its product when called with the
     gathered tensor. Under autocast (whose casts our op does not make) or for layers reading
     another width, the plain gather."""
-    def hook(owner, args, kwargs):
-        columns = [owner.get_submodule(name) for name in column_names]
-        return _map_hidden_states(lambda t: gather(t, columns))(owner, args, kwargs)
 
-    def gather(t, columns):
+    def __init__(self, info: GroupInfo, column_names: List[str]):
+        self.info, self.column_names = info, column_names
+
+    def __call__(self, owner, args, kwargs):
+        columns = [owner.get_submodule(name) for name in self.column_names]
+        return _MapHiddenStates(lambda t: self.gather(t, columns))(owner, args, kwargs)
+
+    def gather(self, t: torch.Tensor, columns) -> torch.Tensor:
+        info = self.info
         readers = [c for c in columns if c.in_features == t.shape[-1]]
         if not readers or torch.is_autocast_enabled(t.device.type):
             return torch.ops.torch_mp.gather_from_sp(t, SEQUENCE_DIM, info.name, info.size)
@@ -804,22 +832,30 @@ def _gather_and_multiply(info, column_names: List[str]):
         for column, product in zip(readers, products):
             column.gathered_product = (gathered, product)
         return gathered
-    return hook
 
 
-def _drop_products(column_names: List[str]):
+class _DropProducts:
     """Drops the products a module's layers did not use (a layer not called), after its forward."""
-    def hook(owner, args, output):
-        for name in column_names:
+
+    def __init__(self, column_names: List[str]):
+        self.column_names = column_names
+
+    def __call__(self, owner, args, output) -> None:
+        for name in self.column_names:
             owner.get_submodule(name).gathered_product = None
-    return hook
 
 
-def _gather_output(info):
+class _GatherOutput:
     """Gathers the block's activations (its output, or the output's first element) along the sequence."""
-    def hook(block, args, output):
-        gather = lambda t: torch.ops.torch_mp.gather_from_tp(t, SEQUENCE_DIM, info.name, info.size)  # noqa: E731
+
+    def __init__(self, info: GroupInfo):
+        self.info = info
+
+    def __call__(self, block, args, output):
+        info = self.info
+
+        def gather(t):
+            return torch.ops.torch_mp.gather_from_tp(t, SEQUENCE_DIM, info.name, info.size)
         if isinstance(output, torch.Tensor):
             return gather(output)
         return (gather(output[0]),) + tuple(output[1:])
-    return hook
