@@ -254,8 +254,12 @@ class _StandIn:
         self.module, self.original = module, original
         self._outputs: Dict[tuple, Optional[tuple]] = {}  # key: (spec, leaves), or None: not recorded
 
-    def _key(self, values) -> Optional[tuple]:
-        leaves, spec = pytree.tree_flatten(values)
+    def _key(self, args, kwargs) -> Tuple[Optional[tuple], list]:
+        """The call's key (None: not to be recorded) and its leaves."""
+        if not kwargs and all(type(arg) is torch.Tensor for arg in args):
+            leaves, spec = args, len(args)  # the usual call, tensors only: no tree to flatten
+        else:
+            leaves, spec = pytree.tree_flatten((args, kwargs))
         signature = []
         for leaf in leaves:
             if isinstance(leaf, torch.Tensor):
@@ -263,39 +267,41 @@ class _StandIn:
             elif type(leaf) in _PLAIN:
                 signature.append((type(leaf), leaf))
             else:
-                return None
+                return None, leaves
         modes = (self.module.training, torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
                  *((kind, torch.get_autocast_dtype(kind)) for kind in ("cpu", "cuda") if torch.is_autocast_enabled(kind)))
         trained = tuple(param.requires_grad for param in self.module.parameters())
+        key = (spec, modes, trained, tuple(signature))
         try:
-            return spec, modes, trained, tuple(signature)
+            hash(key)
         except TypeError:  # an unhashable tree spec
-            return None
+            return None, leaves
+        return key, leaves
 
     def call(self, micro_batch: "MicroBatch", args, kwargs):
         """The module's forward on meta ``args`` and ``kwargs``, or what it returned for the same key."""
         with torch._C.DisableTorchFunction():
-            key = self._key((args, kwargs))
+            key, inputs = self._key(args, kwargs)
             recorded = self._outputs.get(key) if key is not None else None
             if recorded is not None:
                 spec, leaves = recorded
-                inputs, made = pytree.tree_leaves((args, kwargs)), []
+                made = []
                 for leaf in leaves:
                     made.append((inputs if leaf.of_input else made)[leaf.index] if isinstance(leaf, _Alias)
                                 else _meta_like(leaf) if isinstance(leaf, torch.Tensor) else leaf)
-                return pytree.tree_unflatten(made, spec)
+                return made[0] if spec is None else pytree.tree_unflatten(made, spec)
         messages = len(micro_batch.sent) + len(micro_batch.received)
         out = self.original(*args, **kwargs)
         with torch._C.DisableTorchFunction():
             out = map_tensors(out, lambda t: t if t.is_meta else _to_meta(t))
             if key is not None and key not in self._outputs:
-                self._outputs[key] = self._record(out, (args, kwargs)) \
+                self._outputs[key] = self._record(out, inputs) \
                     if messages == len(micro_batch.sent) + len(micro_batch.received) else None
         return out
 
     @staticmethod
-    def _record(out, inputs) -> Optional[tuple]:
-        position = {id(t): i for i, t in enumerate(pytree.tree_leaves(inputs)) if isinstance(t, torch.Tensor)}
+    def _record(out, inputs: list) -> Optional[tuple]:
+        position = {id(t): i for i, t in enumerate(inputs) if isinstance(t, torch.Tensor)}
         leaves, spec = pytree.tree_flatten(out)
         recorded, seen = [], {}
         for k, leaf in enumerate(leaves):
@@ -309,7 +315,7 @@ class _StandIn:
                 recorded.append(leaf)
             else:
                 return None
-        return spec, recorded
+        return (None if isinstance(out, torch.Tensor) else spec), recorded  # None: the output is one tensor
 
 
 def placed_forward(pipe, original: Callable, stage: int, module: torch.nn.Module) -> Callable:
