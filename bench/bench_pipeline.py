@@ -17,7 +17,8 @@ thread, same model (an MLP of 8 linear layers) and batch, at each chunk count M:
   waited for a core (this machine's other work) or for each other's messages, and cpu speedup is
   what the step would gain were each process alone on its core with no bubble;
 - ours/theirs: step time against torch.distributed.pipelining's matching schedule, same model,
-  stages and transport.
+  stages and transport; cpu ours/theirs: the same for the busiest process's CPU time, which the
+  machine's other work disturbs less than the step time.
 
 What bounds it on this CPU is printed first: each micro-batch's compute cost at each M (smaller
 micro-batches are slower per row), and for each M the time of one micro-batch's activation sent
@@ -237,7 +238,8 @@ def print_table(world: int, schedule_names, chunk_counts, reference: float, refe
     """One row per schedule and M; returns the rows' figures for the targets."""
     print(f"\n{world} processes on {cores} cores")
     print(f"{'M':>3} {'schedule':>16} {'torch_mp ms':>12} {'cpu ms':>7} {'busy':>5} {'cpu speedup':>11} {'speedup':>8} {'bound':>6} "
-          f"{'cut bound':>10} {'bubble':>7} {'(p-1)/(M+p-1)':>14} {'pipelining ms':>14} {'ours/theirs':>12}")
+          f"{'cut bound':>10} {'bubble':>7} {'(p-1)/(M+p-1)':>14} {'pipelining ms':>14} {'ours/theirs':>12} "
+          f"{'cpu ours/theirs':>16}")
     rows = []
     for chunks in chunk_counts:
         bound = min(world * chunks / (chunks + world - 1), cores)
@@ -256,10 +258,12 @@ def print_table(world: int, schedule_names, chunk_counts, reference: float, refe
             speedup = reference / ours
             ratio = f"{ours / theirs:12.2f}" if isinstance(theirs, float) else f"{'n/a':>12}"
             cpu = results[("cpu", "torch_mp", world, schedule_name, chunks)]
+            their_cpu = results.get(("cpu", "pipelining", world, schedule_name, chunks))
+            cpu_ratio = f"{cpu / their_cpu:16.2f}" if isinstance(their_cpu, float) else f"{'n/a':>16}"
             print(f"{chunks:>3} {schedule_name:>16} {ours * 1e3:12.1f} {cpu * 1e3:7.0f} {cpu / ours:5.2f} {reference_cpu / cpu:11.2f} "
                   f"{speedup:8.2f} "
                   f"{bound:6.2f} {cut_bound:10.2f} "
-                  f"{1 - speedup / world:7.2f} {(world - 1) / (chunks + world - 1):14.2f} {theirs_text} {ratio}")
+                  f"{1 - speedup / world:7.2f} {(world - 1) / (chunks + world - 1):14.2f} {theirs_text} {ratio} {cpu_ratio}")
             rows.append((chunks, schedule_name, speedup, cut_bound, ours / theirs if isinstance(theirs, float) else None))
     return rows
 

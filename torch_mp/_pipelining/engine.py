@@ -9,12 +9,13 @@ a meta operand (``_Follow``) is computed by the rank of the latest stage that ma
 operands, which receives the others' real operands from the ranks that made them; the other
 ranks follow it on meta. Every rank runs the same program, so sends and receives pair up.
 
-Each micro-batch's forward runs in a thread of its own, used as a coroutine: it runs only when
-this rank's list of actions says ``F(stage, micro-batch)``, and pauses when it enters a later
-local stage. ``B(stage, micro-batch)`` runs the backward of what that stage sent (with the
-gradients its receivers send back) and sends the gradients of what it received. Under a
-zero-bubble schedule, ``W(stage, micro-batch)`` runs the weight gradients that stage's linears left
-for it in B (``zero_bubble``).
+A micro-batch's forward runs only when this rank's list of actions says ``F(stage,
+micro-batch)``, in the thread that runs the actions then, and pauses there (that thread waits,
+another runs the actions on) when it enters a later local stage (``RankStep.run``).
+``B(stage, micro-batch)`` runs the backward of what that stage sent (with the gradients its
+receivers send back) and sends the gradients of what it received. Under a zero-bubble schedule,
+``W(stage, micro-batch)`` runs the weight gradients that stage's linears left for it in B
+(``zero_bubble``).
 """
 import contextlib
 import threading
@@ -115,47 +116,46 @@ def _assume_all_nonzero():
 
 
 class MicroBatch:
-    """One micro-batch's forward in its thread, resumed by ``RankStep`` at each of its local
-    stages' turns."""
+    """One micro-batch's forward, run by the thread that holds its rank's step at its first local
+    stage's turn; it pauses there (the thread waits) when it enters a later local stage, and that
+    thread runs it on at the stage's turn."""
 
     def __init__(self, step: "RankStep", index: int, work: Callable[[], object]):
         self.step, self.index, self.work = step, index, work
         self.stage: Optional[int] = None  # the local stage whose turn it is
         self.paused_at: Optional[int] = None
+        self.started_at = 0.0  # when the running F action started (for a timeline)
         self.depth = 0
         self.sent: List[Tuple[torch.Tensor, int, tuple]] = []  # (tensor, dst rank, key)
         self.received: List[Tuple[torch.Tensor, int, tuple]] = []  # (leaf, src rank, key)
         self._sent_to: set = set()
         self._received: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
         self._counts: Dict[tuple, int] = {}
-        self._go, self._back = threading.Semaphore(0), threading.Semaphore(0)
-        self.thread: Optional[threading.Thread] = None
-        self.done, self.aborted = False, False
-        self.result, self.error = None, None
+        self.wake: Optional[threading.Semaphore] = None  # that of the thread running the forward
+        self.done = False
+        self.result = None
 
-    # --- the thread ---
-
-    def _main(self) -> None:
-        self._go.acquire()
+    def run(self, wake: threading.Semaphore) -> None:
+        """Runs the forward in this thread (whose semaphore is ``wake``) to its end, pausing at
+        each later local stage until its turn."""
+        self.wake = wake
         try:
-            if self.aborted:
-                raise Aborted()
             with contextlib.ExitStack() as stack:
                 self.step.state.enter(stack)
                 _current.micro_batch = self
                 stack.callback(lambda: setattr(_current, "micro_batch", None))
                 stack.enter_context(_Follow(self.step))
                 self.result = self.work()
-        except BaseException as error:  # noqa: B036 - handed to the rank's thread, which raises it
-            self.error = error
-        self.done = True
-        self._back.release()
+        finally:
+            self.done = True
+        self.step.recorded(self)
 
     def _pause(self, stage: int) -> None:
         self.paused_at = stage
-        self._back.release()
-        self._go.acquire()
-        if self.aborted:
+        self.step.recorded(self)
+        self.step.hand_on()
+        self.wake.acquire()
+        if self.step.error is not None:
             raise Aborted()
 
     def _key(self, kind: int, made_by: int, used_by: int) -> tuple:
@@ -225,28 +225,6 @@ class MicroBatch:
                 return copy_tensors(output, lambda t: self.follow(t, last))
             return copy_tensors(output, lambda t: self.fetch(t, last) if self.step.origin.get(t) is not None else t)
 
-    # --- the rank's thread ---
-
-    def resume(self, stage: int) -> None:
-        """Runs the forward until it enters a later local stage, or ends."""
-        if self.done or (self.paused_at is not None and self.paused_at > stage):
-            return  # no module of ``stage`` was called on this micro-batch
-        self.stage = stage
-        if self.thread is None:
-            self.thread = threading.Thread(target=self._main, name=f"torch_mp-micro-batch-{self.index}", daemon=True)
-            self.thread.start()
-        self._go.release()
-        self._back.acquire()
-        if self.error is not None:
-            raise self.error
-
-    def abort(self) -> None:
-        if self.thread is not None and not self.done:
-            self.aborted = True
-            self._go.release()
-            self.thread.join()
-
-
 _PLAIN = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
 
 
@@ -276,8 +254,12 @@ class _StandIn:
         self.module, self.original = module, original
         self._outputs: Dict[tuple, Optional[tuple]] = {}  # key: (spec, leaves), or None: not recorded
 
-    def _key(self, values) -> Optional[tuple]:
-        leaves, spec = pytree.tree_flatten(values)
+    def _key(self, args, kwargs) -> Tuple[Optional[tuple], list]:
+        """The call's key (None: not to be recorded) and its leaves."""
+        if not kwargs and all(type(arg) is torch.Tensor for arg in args):
+            leaves, spec = args, len(args)  # the usual call, tensors only: no tree to flatten
+        else:
+            leaves, spec = pytree.tree_flatten((args, kwargs))
         signature = []
         for leaf in leaves:
             if isinstance(leaf, torch.Tensor):
@@ -285,39 +267,41 @@ class _StandIn:
             elif type(leaf) in _PLAIN:
                 signature.append((type(leaf), leaf))
             else:
-                return None
+                return None, leaves
         modes = (self.module.training, torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
                  *((kind, torch.get_autocast_dtype(kind)) for kind in ("cpu", "cuda") if torch.is_autocast_enabled(kind)))
         trained = tuple(param.requires_grad for param in self.module.parameters())
+        key = (spec, modes, trained, tuple(signature))
         try:
-            return spec, modes, trained, tuple(signature)
+            hash(key)
         except TypeError:  # an unhashable tree spec
-            return None
+            return None, leaves
+        return key, leaves
 
     def call(self, micro_batch: "MicroBatch", args, kwargs):
         """The module's forward on meta ``args`` and ``kwargs``, or what it returned for the same key."""
         with torch._C.DisableTorchFunction():
-            key = self._key((args, kwargs))
+            key, inputs = self._key(args, kwargs)
             recorded = self._outputs.get(key) if key is not None else None
             if recorded is not None:
                 spec, leaves = recorded
-                inputs, made = pytree.tree_leaves((args, kwargs)), []
+                made = []
                 for leaf in leaves:
                     made.append((inputs if leaf.of_input else made)[leaf.index] if isinstance(leaf, _Alias)
                                 else _meta_like(leaf) if isinstance(leaf, torch.Tensor) else leaf)
-                return pytree.tree_unflatten(made, spec)
+                return made[0] if spec is None else pytree.tree_unflatten(made, spec)
         messages = len(micro_batch.sent) + len(micro_batch.received)
         out = self.original(*args, **kwargs)
         with torch._C.DisableTorchFunction():
             out = map_tensors(out, lambda t: t if t.is_meta else _to_meta(t))
             if key is not None and key not in self._outputs:
-                self._outputs[key] = self._record(out, (args, kwargs)) \
+                self._outputs[key] = self._record(out, inputs) \
                     if messages == len(micro_batch.sent) + len(micro_batch.received) else None
         return out
 
     @staticmethod
-    def _record(out, inputs) -> Optional[tuple]:
-        position = {id(t): i for i, t in enumerate(pytree.tree_leaves(inputs)) if isinstance(t, torch.Tensor)}
+    def _record(out, inputs: list) -> Optional[tuple]:
+        position = {id(t): i for i, t in enumerate(inputs) if isinstance(t, torch.Tensor)}
         leaves, spec = pytree.tree_flatten(out)
         recorded, seen = [], {}
         for k, leaf in enumerate(leaves):
@@ -331,7 +315,7 @@ class _StandIn:
                 recorded.append(leaf)
             else:
                 return None
-        return spec, recorded
+        return (None if isinstance(out, torch.Tensor) else spec), recorded  # None: the output is one tensor
 
 
 def placed_forward(pipe, original: Callable, stage: int, module: torch.nn.Module) -> Callable:
@@ -367,6 +351,36 @@ def placed_forward(pipe, original: Callable, stage: int, module: torch.nn.Module
     return forward
 
 
+class _Pooled:
+    """A thread that runs a step's actions on for a thread whose forward paused, kept for later ones."""
+
+    def __init__(self):
+        self.wake = threading.Semaphore(0)
+        self.task: Optional[Callable[[threading.Semaphore], None]] = None
+        threading.Thread(target=self._main, name="torch_mp-pipeline-actions", daemon=True).start()
+
+    def _main(self) -> None:
+        while True:
+            self.wake.acquire()
+            task, self.task = self.task, None
+            task(self.wake)
+            with _pool_guard:
+                _pool.append(self)
+
+
+_pool: List[_Pooled] = []
+_pool_guard = threading.Lock()
+
+
+def _start_pooled(task: Callable[[threading.Semaphore], None]) -> None:
+    with _pool_guard:
+        pooled = _pool.pop() if _pool else None
+    if pooled is None:
+        pooled = _Pooled()
+    pooled.task = task
+    pooled.wake.release()
+
+
 class RankStep:
     """One step (a batch) on one rank: the forwards of its micro-batches and the backwards of its
     stages, in the order of its list of actions."""
@@ -391,25 +405,99 @@ class RankStep:
             losses: Optional[List[torch.Tensor]] = None, recorder=None) -> List[MicroBatch]:
         """Runs ``actions``; ``works[m]()`` is micro-batch m's forward (returning its loss on the
         last stage when ``losses`` is wanted, weighted in ``losses[m]`` by the caller). A
-        ``timeline.Recorder`` given records each action's start and end."""
-        micro_batches = [MicroBatch(self, m, work) for m, work in enumerate(works)]
+        ``timeline.Recorder`` given records each action's start and end.
+
+        One thread at a time runs the actions, the caller's to begin with: an F starts its
+        micro-batch's forward in that thread, which runs it to its end, or, where the forward
+        pauses at a later local stage, hands the actions on to the caller's thread if it waits,
+        or else to a pooled one; the F of the stage where a forward paused hands them to the
+        thread it paused in. So a rank with one stage runs all in the caller's thread."""
+        self.actions, self.losses, self.recorder = actions, losses, recorder
+        self.micro_batches = [MicroBatch(self, m, work) for m, work in enumerate(works)]
+        self.next, self.error, self.aborting = 0, None, False
+        self.caller = threading.Semaphore(0)
+        self.caller_waits = False
+        self.unwound = threading.Semaphore(0)
         try:
-            for kind, stage, m in actions:
-                started = recorder.now() if recorder is not None else 0.0
-                if kind == zero_bubble.WEIGHT:
-                    zero_bubble.run_weight_gradients(zero_bubble.slot_of(self.first_slot, self.count, stage, m))
-                elif kind:
-                    self._backward(stage, micro_batches[m], losses)
-                else:
-                    micro_batches[m].resume(stage)
-                if recorder is not None:
-                    recorder.record(kind, stage, m, started)
+            self._drive(self.caller, True)
         finally:
-            for micro_batch in micro_batches:
-                micro_batch.abort()
             if self.first_slot is not None:
                 zero_bubble.discard(self.first_slot, (self.last + 1) * self.count)
-        return micro_batches
+        if self.error is not None:
+            raise self.error
+        return self.micro_batches
+
+    def _drive(self, wake: threading.Semaphore, caller: bool) -> None:
+        """Runs the actions in this thread (whose semaphore is ``wake``) while it holds them. The
+        caller's thread returns when the step ends or fails (once the other threads' forwards
+        have stopped); a pooled one when it hands them on."""
+        try:
+            while self.error is None and self.next < len(self.actions):
+                kind, stage, m = self.actions[self.next]
+                self.next += 1
+                if not self._act(kind, stage, self.micro_batches[m], wake, caller):
+                    if not caller:
+                        return
+                    wake.acquire()  # until the actions, the step's end or its failure come back
+        except BaseException as error:  # noqa: B036 - raised by the caller's thread, once all stopped
+            if self.error is None:
+                self.error = error
+        if caller:
+            if self.error is not None:
+                self._abort()
+        elif self.aborting:
+            self.unwound.release()
+        else:  # the step ended or failed here: the caller's thread takes over
+            self.caller_waits = False
+            self.caller.release()
+
+    def _act(self, kind: int, stage: int, micro_batch: MicroBatch, wake: threading.Semaphore, caller: bool) -> bool:
+        """Runs one action; False when it handed the actions to another thread."""
+        started = self.recorder.now() if self.recorder is not None else 0.0
+        if kind == zero_bubble.WEIGHT:
+            zero_bubble.run_weight_gradients(zero_bubble.slot_of(self.first_slot, self.count, stage, micro_batch.index))
+        elif kind:
+            self._backward(stage, micro_batch, self.losses)
+        elif micro_batch.done or (micro_batch.paused_at is not None and micro_batch.paused_at > stage):
+            pass  # no module of ``stage`` was called on this micro-batch
+        else:
+            micro_batch.stage, micro_batch.started_at = stage, started
+            if micro_batch.wake is not None:  # paused in another thread: it runs on
+                self.caller_waits = caller
+                micro_batch.wake.release()
+                return False
+            micro_batch.run(wake)
+            return True
+        if self.recorder is not None:
+            self.recorder.record(kind, stage, micro_batch.index, started)
+        return True
+
+    def recorded(self, micro_batch: MicroBatch) -> None:
+        """``micro_batch``'s forward paused or ended: its F action ended."""
+        if self.recorder is not None:
+            self.recorder.record(0, micro_batch.stage, micro_batch.index, micro_batch.started_at)
+
+    def hand_on(self) -> None:
+        """The forward running paused: the caller's thread, when it waits for the actions, or a
+        pooled one runs them on."""
+        if self.caller_waits:
+            self.caller_waits = False
+            self.caller.release()
+        else:
+            _start_pooled(self._drive_pooled)
+
+    def _drive_pooled(self, wake: threading.Semaphore) -> None:
+        with contextlib.ExitStack() as stack:  # the caller's modes and thread count, for B and W
+            self.state.enter(stack)
+            self._drive(wake, False)
+
+    def _abort(self) -> None:
+        """Stops the forwards paused in other threads (each raises ``Aborted``) and waits for them."""
+        self.aborting = True
+        for micro_batch in self.micro_batches:
+            if micro_batch.wake is not None and micro_batch.wake is not self.caller and not micro_batch.done:
+                micro_batch.wake.release()
+                self.unwound.acquire()
 
     def _backward(self, stage: int, micro_batch: MicroBatch, losses) -> None:
         roots, grads = [], []

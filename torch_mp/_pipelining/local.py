@@ -165,9 +165,13 @@ def _set_rng_state(state: torch.Tensor, device: torch.device) -> None:
 
 class ThreadState:
     """The caller's thread-local state, entered again in each micro-batch's thread: grad mode,
-    inference mode, autocast (per device type), saved-tensor hooks."""
+    inference mode, autocast (per device type), saved-tensor hooks, and the intra-op thread count
+    (OpenMP's is per thread: a new thread's BLAS and vector-math calls would otherwise start a
+    team of every core's threads next to the caller's, and the processes of a pipeline on one
+    machine would crowd each other's cores)."""
 
     def __init__(self):
+        self.threads = torch.get_num_threads()
         self.grad = torch.is_grad_enabled()
         self.inference = torch.is_inference_mode_enabled()
         self.autocast = [(kind, torch.get_autocast_dtype(kind)) for kind in ("cpu", "cuda")
@@ -176,6 +180,7 @@ class ThreadState:
         self.hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
 
     def enter(self, stack: contextlib.ExitStack) -> None:
+        torch.set_num_threads(self.threads)
         stack.enter_context(torch.inference_mode(self.inference))
         stack.enter_context(torch.set_grad_enabled(self.grad))
         for kind, dtype in self.autocast:
