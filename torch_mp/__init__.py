@@ -24,6 +24,7 @@ from torch_mp._ops import (
     to_device,
 )
 from torch_mp._checkpoint.checkpoint import load, save
+from torch_mp._hooks import linear_hook
 from torch_mp._mesh import init_mesh
 from torch_mp._pipelining.pipeline import pipeline
 from torch_mp._pipelining.timeline import Timeline, TimelineEvent, plot_timeline
@@ -54,6 +55,7 @@ __all__ = [
     "gather_from_tp",
     "init_empty_weights",
     "init_mesh",
+    "linear_hook",
     "load",
     "load_full_state_dict",
     "matmul_reduce_scatter",

@@ -19,8 +19,21 @@ _LINEAR = "_torch_mp_linear"
 
 
 def linear_hook(hook: Callable) -> Callable:
-    """Marks ``hook`` (a ``Tensor.register_hook`` hook) linear in the gradient: applied to the parts
-    of a gradient it gives the parts of what it gives on the whole. Returns ``hook``."""
+    """Marks ``hook`` (a ``Tensor.register_hook`` hook on a parameter) linear in the gradient:
+    ``hook(a + b) == hook(a) + hook(b)`` (a constant scale, a sum over ranks, a fixed mask), so
+    applied to each micro-batch's part of the gradient it adds up to what it gives on the whole
+    batch's. ``split``/``pipeline`` with ``chunks > 1`` then let it run on each part instead of
+    refusing it. Use it as ``param.register_hook(torch_mp.linear_hook(lambda g: g * 0.5))``.
+
+    ``hook``: any callable taking and returning a gradient tensor of the parameter's shape (or
+    None). Returns ``hook`` itself, marked (an attribute set on it).
+
+    Raises:
+        TypeError: ``hook`` is not callable.
+        AttributeError: ``hook`` takes no attributes (a builtin; wrap it in a function).
+    """
+    if not callable(hook):
+        raise TypeError(f"linear_hook: {hook!r} is not callable; expected a gradient hook")
     setattr(hook, _LINEAR, True)
     return hook
 
@@ -40,7 +53,8 @@ def refused_gradient_hooks(named_parameters: Iterable[Tuple[str, torch.nn.Parame
         return None
     shown = ", ".join(repr(name) for name in refused[:4]) + (f" and {len(refused) - 4} more" if len(refused) > 4 else "")
     return (f"{caller}: a gradient hook (Tensor.register_hook) on parameter {shown} would see the gradient in "
-            f"parts ({why}) and, unless linear, give other numbers than one backward of the whole batch; {remedy}")
+            f"parts ({why}) and, unless linear, give other numbers than one backward of the whole batch; {remedy}; "
+            "a linear hook (a constant scale, a mask) registered as torch_mp.linear_hook(hook) runs on the parts")
 
 
 class held_post_accumulate_hooks:

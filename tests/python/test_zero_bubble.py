@@ -12,7 +12,6 @@ from distributed import run_ranks
 from models import GPT
 from test_pipeline import assert_step_matches, gpt_loss
 from torch_mp import _C
-from torch_mp._hooks import linear_hook
 from torch_mp._pipelining import zero_bubble
 
 SCHEDULES = ("zb_h1", "zbv")
@@ -128,7 +127,7 @@ def test_gradient_hooks_see_the_weight_gradient(schedule):
         return None if grad is None else grad * 3
 
     for module in (model, piped):
-        module[2].weight.register_hook(linear_hook(triple))
+        module[2].weight.register_hook(torch_mp.linear_hook(triple))
     assert_step_matches(piped, model, inputs, target, loss_fn)
     assert seen and all(grad is not None for grad in seen)
 
