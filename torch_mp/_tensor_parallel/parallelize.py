@@ -754,6 +754,25 @@ def _share_input_copies(module: nn.Module) -> None:
             siblings.setdefault(key, []).append(child)
     for layers in siblings.values():
         share_input_copy(layers)
+    shared = {}  # one layer's name per shared copy
+    for name, child in module.named_modules():
+        if isinstance(child, ColumnParallelLinear) and child.shared_input_copy is not None:
+            shared.setdefault(id(child.shared_input_copy), name)
+    if shared:
+        module.register_forward_pre_hook(_ResetSharedCopies(list(shared.values())))
+
+
+class _ResetSharedCopies:
+    """A forward pre-hook of the parallelized model: every shared input copy starts the forward
+    empty (one left by a forward that skipped a sibling belongs to that forward's graph). Finds
+    the layers by name in the module it is called with (a deep copy's)."""
+
+    def __init__(self, layer_names: List[str]):
+        self.layer_names = layer_names
+
+    def __call__(self, module: nn.Module, *_) -> None:
+        for name in self.layer_names:
+            module.get_submodule(name).shared_input_copy.reset()
 
 
 def _relative_name(name: str, owner: str) -> str:

@@ -60,36 +60,46 @@ class _SharedInputCopy:
     The first sibling called with an input copies it; the others reuse that copy while they are
     called with the same tensor, unchanged since (its version counter). Another input gets a copy of
     its own, so siblings that do not share their input stay correct. The copy is dropped after as
-    many calls as there are siblings (one forward).
+    many calls as there are siblings (one forward), when a sibling that used it is called again (a
+    new forward that skipped a sibling in the last one), and at each forward of the model that
+    ``tensor_parallel`` parallelized (``reset``): a copy never outlives its forward.
 
     Under torch.compile the version counter is a symbol of the traced graph, which cannot choose
     between reusing and copying: the siblings share the copy and the trace asserts that the input
     was not modified in between. An input modified in place between two siblings' calls (which the
     dense model allows) then fails to compile (an error whose trace names this check) instead of
     giving stale numbers; modify a copy of it, or run that module eagerly. Eager mode copies it
-    again."""
+    again. A change through ``.data`` bumps no version counter and goes unseen, as by autograd."""
 
     def __init__(self, members: int, group_name: str, group_size: int):
         self.members, self.group_name, self.group_size = members, group_name, group_size
-        self.calls, self.entry = 0, None
+        self.reset()
+
+    def reset(self) -> None:
+        """Drops the copy: the next sibling called copies its input."""
+        self.calls, self.entry, self.used = 0, None, []
 
     def __deepcopy__(self, memo) -> "_SharedInputCopy":
         # A copied model's siblings share a copy of their own, without this forward's input (a
         # forward that skipped a sibling leaves one here; it belongs to the original's graph).
         return _SharedInputCopy(self.members, self.group_name, self.group_size)
 
-    def __call__(self, input: torch.Tensor) -> torch.Tensor:
+    def __call__(self, layer: "ColumnParallelLinear", input: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled():
             return input  # copy_to_tp is the identity forward; without a backward it has nothing to do
+        if any(used is layer for used in self.used):
+            self.reset()  # this layer used the copy already: another forward
         entry, version = self.entry, input._version
         if entry is not None and entry[0] is input and torch.compiler.is_compiling():
             # Inductor reports a failed check by its source line: the line says what went wrong.
             torch._check(entry[1] == version, lambda: "shared input modified in place between sibling layers")
         elif entry is None or entry[0] is not input or entry[1] != version:
             entry = self.entry = (input, version, torch.ops.torch_mp.copy_to_tp(input, self.group_name, self.group_size))
+            self.used = []
+        self.used.append(layer)
         self.calls += 1
         if self.calls == self.members:
-            self.entry, self.calls = None, 0
+            self.reset()
         return entry[2]
 
 
@@ -182,7 +192,7 @@ class ColumnParallelLinear(_TensorParallel):
             return torch.nn.functional.linear(input, self.weight, self.bias)
         copied = input if self.input_is_copied else None
         if self.shared_input_copy is not None:
-            copied = self.shared_input_copy(input)
+            copied = self.shared_input_copy(self, input)
         if copied is not None:
             # copy_to_tp's backward all-reduces the input gradient: a local matmul here.
             output = torch.nn.functional.linear(copied, self.weight, self.bias)
