@@ -483,18 +483,26 @@ def _hook_gradients(owner: nn.Module, hooks: Dict[str, Callable]) -> None:
 
 class _InstallGradientHooks:
     """A forward pre-hook (a class, so that a module holding it can be pickled): registers each
-    ``hooks[name]`` on the parameter ``name`` of the module it is called with, unless that
-    parameter holds it already (a pickled or copied parameter holds no hooks)."""
+    ``hooks[name]`` on the parameter ``name`` of the module it is called with, unless it did on
+    that very parameter. A copy of it (deepcopy, pickling) remembers none: the parameters of a
+    copied or loaded module hold no hooks, though attributes set on them survive pickling."""
 
     def __init__(self, hooks: Dict[str, Callable]):
         self.hooks = {name: linear_hook(hook) for name, hook in hooks.items()}
+        self.hooked: List[nn.Parameter] = []
+
+    def __getstate__(self):
+        return {"hooks": self.hooks}
+
+    def __setstate__(self, state) -> None:
+        self.hooks, self.hooked = state["hooks"], []
 
     def __call__(self, module: nn.Module, *_) -> None:
         for name, hook in self.hooks.items():
             parameter = _parameter_or_none(module, name)
-            if parameter is not None and parameter.requires_grad and \
-                    not any(held is hook for held in (parameter._backward_hooks or {}).values()):
+            if parameter is not None and parameter.requires_grad and not any(p is parameter for p in self.hooked):
                 parameter.register_hook(hook)
+                self.hooked.append(parameter)
 
 
 def _parameter_or_none(module: nn.Module, name: str) -> Optional[nn.Parameter]:
