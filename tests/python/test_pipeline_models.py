@@ -398,3 +398,53 @@ def test_a_branch_on_values_another_rank_computes_is_an_error():
     assert results[1][0] == "ValueError"
     assert "reads the value of a tensor (__bool__) that rank 1 does not compute" in results[1][1]
     assert results[0][0] == "CollectiveError" and "sending to rank 1" in results[0][1]
+
+
+class PersistentRotary(nn.Module):
+    """A rotary table with a persistent buffer: it owns tensors of state, so the cut gives it a stage."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.register_buffer("inv_freq", 1.0 / (100 ** (torch.arange(0, dim, 2).float() / dim)))
+
+    def forward(self, ids):
+        angles = torch.outer(torch.arange(ids.shape[1], dtype=torch.float32), self.inv_freq)
+        return torch.cat([angles.cos(), angles.sin()], -1)[None]
+
+
+class RotaryLast(nn.Module):
+    """Defined after the layers (cut with the last one), called before the first."""
+
+    def __init__(self, dim=8, vocab=11):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.layers = nn.ModuleList(nn.Linear(dim, dim) for _ in range(4))
+        self.rotary = PersistentRotary(dim)
+
+    def forward(self, ids):
+        rotary = self.rotary(ids)
+        x = self.embed(ids)
+        for layer in self.layers:
+            x = torch.tanh(layer(x) * rotary)
+        return x
+
+
+def _rotary_out_of_order(rank, world):
+    piped = torch_mp.pipeline(RotaryLast(), chunks=2, schedule="interleaved_1f1b", timeout=5,
+                              layers=[f"layers.{i}" for i in range(4)])
+    try:
+        piped.train_step(torch.randint(0, 11, (4, 6)), loss_fn=lambda out, _: out.square().mean())
+    except (ValueError, torch_mp.CollectiveError) as error:
+        return type(error).__name__, str(error)
+    return None
+
+
+def test_a_module_called_before_its_stage_is_named_in_the_error():
+    """Rank 1 holds stages 1 and 3 (stage 0 holds no layer: balanced by bytes, the embedding weighs
+    most); the rotary table, cut with stage 3, runs before stage 1's embedding: the error names both
+    and how to place them; rank 0 fails with a CollectiveError (its peer left) instead of hanging."""
+    results = run_ranks_until_death(2, _rotary_out_of_order, timeout=120)
+    assert results[1][0] == "ValueError", results
+    assert "calls module 'embed' (stage 1) after module 'rotary' (stage 3) on rank 1" in results[1][1]
+    assert "belongs in layers=, in the order the forward calls it" in results[1][1]
+    assert results[0][0] == "CollectiveError", results

@@ -126,6 +126,7 @@ class MicroBatch:
         self.paused_at: Optional[int] = None
         self.started_at = 0.0  # when the running F action started (for a timeline)
         self.depth = 0
+        self.entered: Optional[torch.nn.Module] = None  # the last local module called (for errors)
         self.sent: List[Tuple[torch.Tensor, int, tuple]] = []  # (tensor, dst rank, key)
         self.received: List[Tuple[torch.Tensor, int, tuple]] = []  # (leaf, src rank, key)
         self._sent_to: set = set()
@@ -163,16 +164,21 @@ class MicroBatch:
         self._counts[pair] = self._counts.get(pair, -1) + 1
         return (kind, self.index, made_by, used_by, self._counts[pair])
 
-    def enter_local(self, stage: int, values):
-        """A local module of ``stage`` is called with ``values``: waits for the stage's turn, and
+    def enter_local(self, stage: int, values, module: torch.nn.Module):
+        """A local ``module`` of ``stage`` is called with ``values``: waits for the stage's turn, and
         receives the real tensors of the meta ones given."""
         if stage > self.stage:
             self._pause(stage)
         elif stage < self.stage:
-            raise ValueError(f"pipeline: micro-batch {self.index}'s forward calls a module of stage {stage} after "
-                             f"those of stage {self.stage} on rank {self.step.rank}; across ranks the placed "
-                             "modules must be called in stage order (a module called twice must not be "
-                             "placed after a later stage's)")
+            names = {m: n for n, m in self.step.pipe.module.named_modules()}
+            raise ValueError(
+                f"pipeline: micro-batch {self.index}'s forward calls module {names.get(module, '?')!r} (stage {stage}) "
+                f"after module {names.get(self.entered, '?')!r} (stage {self.stage}) on rank {self.step.rank}; "
+                "across ranks the placed modules must be called in stage order. A module outside the layers is "
+                "cut with the layer before it (or the first): one the forward calls earlier (a rotary embedding "
+                "with persistent buffers), or a module called twice, belongs in layers=, in the order the "
+                "forward calls it")
+        self.entered = module
 
         return map_tensors(values, lambda t: self.fetch(t, stage))
 
@@ -332,7 +338,7 @@ def placed_forward(pipe, original: Callable, stage: int, module: torch.nn.Module
         try:
             if step.rank_of(stage) == step.rank:
                 with torch._C.DisableTorchFunction():
-                    args, kwargs = micro_batch.enter_local(stage, (args, kwargs))
+                    args, kwargs = micro_batch.enter_local(stage, (args, kwargs), module)
                 with _pop_mode_temporarily(), step.deferring(stage, micro_batch.index):
                     if step.recompute(micro_batch.index) and module.training and torch.is_grad_enabled():
                         out = checkpointed(original, *args, use_reentrant=False, **kwargs)

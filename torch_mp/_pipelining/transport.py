@@ -1,5 +1,6 @@
 """Activations and gradients between pipeline ranks over c10d send/recv, each wait bounded by the
 group's timeout."""
+import contextlib
 import datetime
 import re
 import time
@@ -49,7 +50,8 @@ class GroupTransport:
         self._post_send(tensor.detach().contiguous(), dst)
 
     def _post_send(self, tensor: torch.Tensor, dst: int) -> None:
-        work = dist.isend(tensor, self._global(dst), group=self.group, tag=self._tag(self._sequence_out, dst))
+        with self._failing(f"sending to rank {dst}"):
+            work = dist.isend(tensor, self._global(dst), group=self.group, tag=self._tag(self._sequence_out, dst))
         self._pending.append((work, tensor, dst))
 
     def recv(self, src: int, key: Key) -> torch.Tensor:
@@ -59,33 +61,46 @@ class GroupTransport:
         while (src, key) not in self._inbox:
             doing = _receiving(key, src)
             header = torch.empty(_HEADER_SLOTS, dtype=torch.int64, device=self.device)
-            self._wait(self._irecv(header, src), doing)
+            self._wait(self._irecv(header, src, doing), doing)
             got, shape, dtype, requires_grad = _decode_header(header)
             buffer = torch.empty(shape, dtype=dtype, device=self.device)
-            self._wait(self._irecv(buffer, src), doing)
+            self._wait(self._irecv(buffer, src, doing), doing)
             self._inbox[(src, got)] = buffer.requires_grad_(requires_grad and got[0] == ACTIVATION)
         if self.recorder is not None:
             self.recorder.received(key, started)
         return self._inbox.pop((src, key))
 
-    def _irecv(self, buffer: torch.Tensor, src: int):
-        return dist.irecv(buffer, self._global(src), group=self.group, tag=self._tag(self._sequence_in, src))
+    def _irecv(self, buffer: torch.Tensor, src: int, doing: str):
+        with self._failing(doing):
+            return dist.irecv(buffer, self._global(src), group=self.group, tag=self._tag(self._sequence_in, src))
+
+    def _where(self) -> str:
+        return f"rank {self.rank} of {self.group_size} in group '{self.group_name}'"
+
+    @contextlib.contextmanager
+    def _failing(self, doing: str):
+        """The backend's error while posting or waiting for a send or receive (a peer that died or
+        left closed the connection) as a CollectiveError."""
+        try:
+            yield
+        except RuntimeError as error:
+            # The backend's first line, without its source location ("[.../pair.cc:561] ").
+            cause = re.sub(r"^\[[^\]]*\]\s*", "", (str(error) or type(error).__name__).splitlines()[0])
+            raise _C.CollectiveError(f"torch_mp.pipeline: {self._where()} failed {doing}: a peer rank has died or "
+                                     f"left the group ({dist.get_backend(self.group)}: {cause})") from error
 
     def _wait(self, work, doing: str) -> None:
-        where = f"rank {self.rank} of {self.group_size} in group '{self.group_name}'"
         start = time.monotonic()
         try:
             completed = work.wait(self.timeout)
-        except RuntimeError as error:
+        except RuntimeError:
             # Gloo reports its timeout as an error too: what tells them apart is the time waited.
             if time.monotonic() - start < 0.95 * self.timeout.total_seconds():
-                # The backend's first line, without its source location ("[.../pair.cc:561] ").
-                cause = re.sub(r"^\[[^\]]*\]\s*", "", (str(error) or type(error).__name__).splitlines()[0])
-                raise _C.CollectiveError(f"torch_mp.pipeline: {where} failed {doing}: a peer rank has died or "
-                                         f"left the group ({dist.get_backend(self.group)}: {cause})") from error
+                with self._failing(doing):
+                    raise
             completed = False
         if completed is False:
-            raise _C.CollectiveError(f"torch_mp.pipeline: {where} got no answer within "
+            raise _C.CollectiveError(f"torch_mp.pipeline: {self._where()} got no answer within "
                                      f"{self.timeout.total_seconds():g} s {doing}: a peer rank has died or "
                                      "runs a different schedule")
 
