@@ -11,6 +11,7 @@
 #include <thread>
 #include <tuple>
 
+#include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <c10/core/Event.h>
 #include <c10/core/StreamGuard.h>
@@ -146,16 +147,20 @@ class Recorder {
 };
 
 // Runs body(stage) on a thread per stage, each with the caller's thread-local state (grad mode,
-// autocast ...) and, on a GPU, a stream of its own; rethrows the first real failure.
+// autocast ...) and intra-op thread count and, on a GPU, a stream of its own; rethrows the first
+// real failure.
 template <typename Body>
 void on_stage_threads(size_t num_stages, const std::vector<c10::Device>& devices, Mailbox& mailbox, Body body) {
   at::ThreadLocalState state;
+  // OpenMP's thread count is per thread: a new thread would start a team of every core's threads.
+  const int intra_op_threads = at::get_num_threads();
   std::vector<std::exception_ptr> errors(num_stages);
   std::vector<std::thread> threads;
   for (size_t stage = 0; stage < num_stages; ++stage) {
     threads.emplace_back([&, stage] {
       try {
         at::ThreadLocalStateGuard state_guard(state);
+        at::set_num_threads(intra_op_threads);
         std::optional<c10::StreamGuard> stream_guard;
         if (devices[stage].type() != c10::DeviceType::CPU) {
           c10::impl::VirtualGuardImpl guard(devices[stage].type());

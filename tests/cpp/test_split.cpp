@@ -1,3 +1,4 @@
+#include <atomic>
 #include <map>
 #include <tuple>
 
@@ -297,4 +298,26 @@ TEST(PipelinedSplit, GradientHooksSeeTheWholeBatch) {
       std::string::npos);
   EXPECT_TRUE(torch::equal(piped->parameters()[0].grad(), before));  // refused before anything ran
   EXPECT_EQ(piped_calls, 1);
+}
+
+// The stage threads compute with the caller's intra-op thread count (OpenMP's is per thread: a
+// new thread would otherwise start a team of every core's threads).
+TEST(PipelinedSplit, StageThreadsKeepTheCallersThreadCount) {
+  const int before = at::get_num_threads();
+  at::set_num_threads(1);
+  std::atomic<int> most{0};
+  auto probe = torch::nn::Functional([&](const at::Tensor& x) {
+    int seen = at::get_num_threads();
+    int current = most.load();
+    while (seen > current && !most.compare_exchange_weak(current, seen)) {
+    }
+    return x;
+  });
+  auto model = torch::nn::Sequential(torch::nn::Linear(8, 8), probe, torch::nn::Linear(8, 4), probe);
+  auto piped = torch_mp::split(model, two_stages(), torch_mp::SplitOptions().chunks(4).schedule("1f1b"));
+  piped->train_step(torch::randn({8, 8}), torch::randn({8, 4}), [](const at::Tensor& output, const at::Tensor& t) {
+    return torch::mse_loss(output, t);
+  });
+  at::set_num_threads(before);
+  EXPECT_EQ(most.load(), 1);
 }
