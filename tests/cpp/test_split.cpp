@@ -20,13 +20,22 @@ std::vector<torch::Device> two_stages() {
   return {torch::kCPU, torch::kCPU};
 }
 
+// A copy of `model` with the same weights, to split while `model` stays the dense reference.
+torch::nn::Sequential copy_of(const torch::nn::Sequential& model) {
+  return torch::nn::Sequential(std::dynamic_pointer_cast<torch::nn::SequentialImpl>(model->clone()));
+}
+
+at::Tensor mse(const at::Tensor& output, const at::Tensor& target) {
+  return torch::mse_loss(output, target);
+}
+
 } // namespace
 
 TEST(Split, MatchesUnsplitModelThroughAnOptimizerStep) {
   torch::manual_seed(0);
   auto dense = make_mlp();
   auto split = torch_mp::split(
-      torch::nn::Sequential(std::dynamic_pointer_cast<torch::nn::SequentialImpl>(dense->clone())),
+      copy_of(dense),
       two_stages());
   ASSERT_EQ(split->device_map().size(), 5u);
 
@@ -99,14 +108,12 @@ void expect_train_step_matches(const std::string& schedule, const std::string& c
   torch::manual_seed(0);
   auto dense = make_mlp();
   auto piped = torch_mp::split(
-      torch::nn::Sequential(std::dynamic_pointer_cast<torch::nn::SequentialImpl>(dense->clone())),
+      copy_of(dense),
       {torch::kCPU, torch::kCPU, torch::kCPU},
       torch_mp::SplitOptions().balance({2, 2, 1}).chunks(chunks).schedule(schedule).checkpoint(checkpoint));
   auto input = torch::randn({10, 8});
   auto target = torch::randn({10, 4});
-  auto loss_fn = [](const at::Tensor& output, const at::Tensor& target) {
-    return torch::mse_loss(output, target);
-  };
+  auto loss_fn = mse;
 
   auto expected = loss_fn(dense->forward(input), target);
   expected.backward();
@@ -142,9 +149,7 @@ TEST(PipelinedSplit, ZeroBubbleRunsEveryDeferredWeightGradient) {
       make_mlp(), {torch::kCPU, torch::kCPU, torch::kCPU},
       torch_mp::SplitOptions().balance({2, 2, 1}).chunks(4).schedule("zb_h1"));
   const auto first = torch_mp::pipeline::allocate_weight_gradient_slots(0);
-  piped->train_step(torch::randn({10, 8}), torch::randn({10, 4}), [](const at::Tensor& output, const at::Tensor& t) {
-    return torch::mse_loss(output, t);
-  });
+  piped->train_step(torch::randn({10, 8}), torch::randn({10, 4}), mse);
   EXPECT_EQ(torch_mp::pipeline::allocate_weight_gradient_slots(0), first + 3 * 4);
   for (int64_t slot = first; slot < first + 3 * 4; ++slot) {
     EXPECT_EQ(torch_mp::pipeline::pending_weight_gradients(slot), 0) << slot;
@@ -158,7 +163,7 @@ TEST(PipelinedSplit, ForwardMergesMicroBatchesAndBackwardReachesEveryStage) {
   torch::manual_seed(0);
   auto dense = make_mlp();
   auto piped = torch_mp::split(
-      torch::nn::Sequential(std::dynamic_pointer_cast<torch::nn::SequentialImpl>(dense->clone())),
+      copy_of(dense),
       two_stages(), torch_mp::SplitOptions().chunks(4));
   auto input = torch::randn({9, 8});
   auto output = piped->forward(input);
@@ -210,9 +215,7 @@ TEST(PipelinedSplit, TimelineRecordsEveryActionAsItRan) {
       make_mlp(), {torch::kCPU, torch::kCPU, torch::kCPU},
       torch_mp::SplitOptions().balance({2, 2, 1}).chunks(4).schedule("zb_h1"));
   std::vector<torch_mp::pipeline::TimelineEvent> timeline{{9, "stale", 0, 0.0, 0.0}};
-  piped->train_step(torch::randn({10, 8}), torch::randn({10, 4}), [](const at::Tensor& output, const at::Tensor& t) {
-    return torch::mse_loss(output, t);
-  }, &timeline);
+  piped->train_step(torch::randn({10, 8}), torch::randn({10, 4}), mse, &timeline);
   std::map<std::tuple<int64_t, std::string, int64_t>, torch_mp::pipeline::TimelineEvent> compute;
   std::vector<torch_mp::pipeline::TimelineEvent> waits;
   for (const auto& event : timeline) {
@@ -273,11 +276,11 @@ TEST(PipelinedSplit, GradientHooksSeeTheWholeBatch) {
   torch::manual_seed(0);
   auto dense = make_mlp();
   auto piped = torch_mp::split(
-      torch::nn::Sequential(std::dynamic_pointer_cast<torch::nn::SequentialImpl>(dense->clone())),
+      copy_of(dense),
       {torch::kCPU, torch::kCPU}, torch_mp::SplitOptions().chunks(4).schedule("zb_h1"));
   const auto input = torch::randn({10, 8});
   const auto target = torch::randn({10, 4});
-  auto loss_fn = [](const at::Tensor& output, const at::Tensor& t) { return torch::mse_loss(output, t); };
+  const torch_mp::LossFunction loss_fn = mse;
   int dense_calls = 0, piped_calls = 0;
   torch::autograd::impl::set_post_acc_grad_hooks(dense->parameters()[0], std::make_unique<HalveGrad>(&dense_calls));
   torch::autograd::impl::set_post_acc_grad_hooks(piped->parameters()[0], std::make_unique<HalveGrad>(&piped_calls));
@@ -315,9 +318,7 @@ TEST(PipelinedSplit, StageThreadsKeepTheCallersThreadCount) {
   });
   auto model = torch::nn::Sequential(torch::nn::Linear(8, 8), probe, torch::nn::Linear(8, 4), probe);
   auto piped = torch_mp::split(model, two_stages(), torch_mp::SplitOptions().chunks(4).schedule("1f1b"));
-  piped->train_step(torch::randn({8, 8}), torch::randn({8, 4}), [](const at::Tensor& output, const at::Tensor& t) {
-    return torch::mse_loss(output, t);
-  });
+  piped->train_step(torch::randn({8, 8}), torch::randn({8, 4}), mse);
   at::set_num_threads(before);
   EXPECT_EQ(most.load(), 1);
 }

@@ -40,7 +40,8 @@ def test_deferred_linear_passes_opcheck():
     x = torch.randn(3, 5, 4, requires_grad=True)
     w, b = torch.randn(6, 4, requires_grad=True), torch.randn(6, requires_grad=True)
     slot = zero_bubble.allocate_slots(1)
-    for args in [(x, w, b, -1), (x, w, None, -1), (x, w, b, slot), (x[0, 0], w, b, slot)]:
+    stored = torch.randn(4, 6, requires_grad=True)  # a weight kept [in, out], passed transposed (Conv1D)
+    for args in [(x, w, b, -1), (x, w, None, -1), (x, w, b, slot), (x[0, 0], w, b, slot), (x, stored.t(), b, slot)]:
         torch.library.opcheck(torch.ops.torch_mp.deferred_linear.default, args)
     zero_bubble.discard(slot, 1)
     assert torch.autograd.gradcheck(lambda *a: torch.ops.torch_mp.deferred_linear(*a, -1),
