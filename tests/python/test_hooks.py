@@ -135,6 +135,21 @@ def _pipeline_hooks(rank, world):
         local = {name for name, p in piped.named_parameters() if not p.is_meta}
         assert piped_calls == {name: 2 for name in local}, (schedule, chunks)
 
+    # Hooks registered before pipeline(), which replaces the parameters it keeps: they move along.
+    dense, inputs, target, loss_fn = gpt_case(batch=8)
+    hooked = copy.deepcopy(dense)
+    dense_calls, piped_calls = {}, {}
+    halve_then_shift(dense, dense_calls)
+    halve_then_shift(hooked, piped_calls)
+    piped = torch_mp.pipeline(hooked, chunks=3, schedule="1f1b")
+    assert_same(step(piped, True, inputs, target, loss_fn), step(dense, False, inputs, target, loss_fn))
+    assert piped_calls == {name: 2 for name, p in piped.named_parameters() if not p.is_meta}
+    dense, inputs, target, loss_fn = gpt_case(batch=8)
+    dense.get_parameter("blocks.0.mlp.0.weight").register_hook(lambda grad: grad.clamp(-1e-3, 1e-3))
+    piped = torch_mp.pipeline(dense, chunks=2, schedule="1f1b")
+    with pytest.raises(ValueError, match=r"would see the gradient in parts|rank\(s\) \[0\] refuse a gradient hook"):
+        piped.train_step(inputs, target=target, loss_fn=loss_fn)
+
     for chunks, name in [(2, "blocks.0.mlp.0.weight"), (1, "tok.weight")]:  # a tied parameter: in parts at chunks=1
         dense, inputs, target, loss_fn = gpt_case(batch=8)
         piped = torch_mp.pipeline(dense, chunks=chunks, schedule="1f1b")

@@ -417,7 +417,8 @@ def pipeline(
     across them after the step). Their ``register_post_accumulate_grad_hook`` hooks are held back
     and run once per step, in their order of registration, on the whole gradient (after the sum
     across ranks); a ``register_hook`` hook on them, which would see each part, is refused as for
-    ``split`` (on every rank, before anything runs). Module backward hooks see each micro-batch's
+    ``split`` (on every rank, before anything runs). Hooks registered before ``pipeline`` move to
+    the parameters it keeps (their handles then no longer remove them). Module backward hooks see each micro-batch's
     rows of the activations' gradients. ``copy.deepcopy`` of the result raises TypeError: copy the
     module before ``pipeline``.
 
@@ -528,6 +529,7 @@ def _keep_local_tensors(module: nn.Module, ranks_using: Dict[int, set], pipe: Di
                         new = tensor.to(device if pipe.rank in ranks else torch.device("meta"))
                     if isinstance(tensor, nn.Parameter):
                         new = nn.Parameter(new, tensor.requires_grad)
+                        _move_gradient_hooks(tensor, new)
                         if len(ranks) > 1:
                             tied.setdefault(ranks, []).append((canonical[id(tensor)], new))
                     replaced[id(tensor)] = new
@@ -539,6 +541,15 @@ def _keep_local_tensors(module: nn.Module, ranks_using: Dict[int, set], pipe: Di
         if pipe.rank in ranks:
             ties.append(([param for _, param in sorted(tied[ranks], key=lambda item: item[0])], group))
     return ties
+
+
+def _move_gradient_hooks(old: nn.Parameter, new: nn.Parameter) -> None:
+    """The gradient hooks registered on ``old`` (before ``pipeline``), registered on the parameter
+    that replaces it, in their order: the step holds back or refuses them there as on any other."""
+    for hook in (old._backward_hooks or {}).values():
+        new.register_hook(hook)
+    for hook in (getattr(old, "_post_accumulate_grad_hooks", None) or {}).values():
+        new.register_post_accumulate_grad_hook(hook)
 
 
 def plain_train_step(module: nn.Module) -> Callable:
