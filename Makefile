@@ -1,8 +1,10 @@
 # Every target sets up what it needs: a virtual environment cached outside the clone, keyed by a
 # hash of its requirements file and the Python version, made only here.
 PYTHON    ?= python3
-# Resolved now, before the venv's bin/ is put first on PATH below.
+# Resolved now, before the venv's bin/ is put first on PATH below, and exported so that the makes
+# `make test` starts (their PATH starts with the venv's bin/) make venvs with this python too.
 PYTHON    := $(shell command -v $(PYTHON))
+export PYTHON
 CACHE_DIR ?= $(HOME)/.cache/torch_mp
 JOBS      ?= $(shell nproc)
 
@@ -43,8 +45,18 @@ sysdeps:
 	    { apt-get update -qq && apt-get install -y -qq libgloo-dev libgtest-dev nlohmann-json3-dev; }
 cpu-venv: $(CPU_VENV)/.ready
 
-install: venv sysdeps
+# The editable install runs again only when its inputs changed: the sources and build files, the
+# venv, or the built module (gone after `make clean`). Its stamp lives in the venv, one per venv and
+# clone, and an install removes the other clones' stamps there: the venv's package is then this clone's.
+CLONE_ID      := $(shell echo $(CURDIR) | sha256sum | cut -c1-16)
+INSTALL_STAMP := $(VENV)/.installed-$(CLONE_ID)
+INSTALL_INPUTS = $(shell find csrc cmake) setup.py CMakeLists.txt pyproject.toml
+install: $(INSTALL_STAMP)
+$(INSTALL_STAMP): $(VENV)/.ready $(INSTALL_INPUTS) $(if $(wildcard torch_mp/_C*.so),,FORCE) | sysdeps
 	MAX_JOBS=$(JOBS) $(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	rm -f $(VENV)/.installed-* && touch $@
+.PHONY: FORCE
+FORCE:
 
 demo: install
 	$(PY) examples/python/split_demo.py
@@ -85,12 +97,15 @@ test-cpp: install
 	cmake --build build/tests-cpp -j $(JOBS)
 	cd build/tests-cpp && ctest --output-on-failure
 
-# A CPU-only torch must build the project and pass a smoke test too, built as on a machine without
-# Gloo's headers (libgloo-dev): Python's Gloo groups (torch.distributed's) work all the same, which
-# the tensor-parallel layers on 2 Gloo ranks check. It installs a regular (not editable) package and
-# runs from outside the clone, so it never touches the in-place CUDA build.
-test-cpu-smoke: cpu-venv sysdeps
-	CMAKE_ARGS="-DTORCH_MP_GLOO_INCLUDE_DIR=" MAX_JOBS=$(JOBS) $(CPU_PY) -m pip install --quiet --no-build-isolation --no-deps .
+# A CPU-only torch must build the project and pass a smoke test too, built as on a machine with
+# nothing but the venv's packages: CMake ignores /usr/include, so nlohmann/json comes from PyPI and
+# Gloo's headers (libgloo-dev) are missing: Python's Gloo groups (torch.distributed's) work all the
+# same, which the tensor-parallel layers on 2 Gloo ranks check. (A CUDA torch without the CUDA
+# toolkit: tests/python/test_build.py.) It installs a regular (not editable) package and runs from
+# outside the clone, so it never touches the in-place CUDA build.
+test-cpu-smoke: cpu-venv
+	CMAKE_ARGS="-DCMAKE_IGNORE_PATH=/usr/include -UTORCH_MP_JSON_INCLUDE_DIR -UTORCH_MP_GLOO_INCLUDE_DIR" \
+	    MAX_JOBS=$(JOBS) $(CPU_PY) -m pip install --quiet --no-build-isolation --no-deps .
 	cd $$(mktemp -d) && $(CPU_PY) -m pytest -q -p no:cacheprovider $(CURDIR)/tests/python/test_smoke.py \
 	    $(CURDIR)/tests/python/test_tensor_parallel.py::test_linear_layers_match_dense
 
@@ -115,7 +130,7 @@ bench: install
 	$(PY) bench/bench_pipeline.py
 
 clean:
-	rm -rf build torch_mp/lib torch_mp/include torch_mp/share torch_mp/_C*.so *.egg-info
+	rm -rf build torch_mp/lib torch_mp/include torch_mp/share torch_mp/_C*.so *.egg-info $(INSTALL_STAMP)
 
 # The libFuzzer target of the C++ checkpoint reader (tests/fuzz: safetensors headers and checkpoint
 # indexes), built with clang and run for FUZZ_SECONDS from the seeds and the corpus found so far.

@@ -6,18 +6,27 @@ Extra CMake arguments come from the CMAKE_ARGS environment variable (for instanc
 CMAKE_ARGS="-DTORCH_MP_GLOO_INCLUDE_DIR=" builds without Gloo's headers even where they are installed).
 """
 import hashlib
+import importlib.util
 import os
+import re
 import shlex
 import subprocess
 from pathlib import Path
 
 import torch
 from setuptools import find_packages, setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension
+from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 ROOT = Path(__file__).parent.resolve()
-# The CUDA side is built only when the installed torch is a CUDA build and a CUDA toolkit is present.
-WITH_CUDA = torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def json_hint() -> list:
+    """nlohmann/json's headers from PyPI (the nlohmann-json package) where it is installed: CMake
+    looks there first, then in the system's folders (Debian: nlohmann-json3-dev)."""
+    spec = importlib.util.find_spec("nlohmann_json")
+    if spec is None or spec.origin is None:
+        return []
+    return [f"-DTORCH_MP_JSON_HINT={Path(spec.origin).parent / 'include'}"]
 
 
 class BuildWithLibrary(BuildExtension):
@@ -34,13 +43,19 @@ class BuildWithLibrary(BuildExtension):
             "-DCMAKE_BUILD_TYPE=Release",
             f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
             f"-DCMAKE_INSTALL_PREFIX={package_dir}",
-            f"-DTORCH_MP_WITH_CUDA={'ON' if WITH_CUDA else 'OFF'}",
+            *json_hint(),
             *shlex.split(os.environ.get("CMAKE_ARGS", "")),
         ])
         subprocess.check_call(["cmake", "--build", str(build_dir), "-j", jobs])
         subprocess.check_call(["cmake", "--install", str(build_dir)])
+        # CMake decides whether the CUDA side is built (a CUDA build of torch and a CUDA toolkit):
+        # torch_mp._C is compiled the same way.
+        cache = (build_dir / "CMakeCache.txt").read_text()
+        with_cuda = re.search(r"^TORCH_MP_BUILT_WITH_CUDA:INTERNAL=ON$", cache, re.MULTILINE) is not None
         for extension in self.extensions:
             extension.library_dirs.append(str(package_dir / "lib"))
+            if with_cuda:
+                extension.define_macros.append(("TORCH_MP_WITH_CUDA", None))
         super().run()
 
 
@@ -58,7 +73,6 @@ setup(
             ["csrc/python/module.cpp"],
             include_dirs=[str(ROOT / "csrc" / "include"), str(ROOT / "csrc")],
             libraries=["torch_mp"],
-            define_macros=[("TORCH_MP_WITH_CUDA", None)] if WITH_CUDA else [],
             extra_link_args=["-Wl,-rpath,$ORIGIN/lib"],
         )
     ],

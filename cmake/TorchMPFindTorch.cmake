@@ -25,4 +25,31 @@ endif()
 if(NOT DEFINED ENV{TORCH_CUDA_ARCH_LIST} AND NOT TORCH_CUDA_ARCH_LIST)
   set(TORCH_CUDA_ARCH_LIST "8.0;9.0")
 endif()
+# A CUDA build of torch (the default wheel on Linux) has a CMake config that stops without a CUDA
+# toolkit ("Your installed Caffe2 version uses CUDA but I cannot find the CUDA libraries"), although
+# code that uses only its CPU side, as torch_mp without TORCH_MP_WITH_CUDA does, needs none. Look for
+# the toolkit as that config does (FindCUDA: nvcc and the CUDA runtime); without one, stand in for
+# the one target the config would make of it (torch::cudart: libtorch_cuda loads the wheel's
+# libcudart at run time all the same), which skips the config's CUDA search, and say so once.
+set(TORCH_MP_NO_CUDA_TOOLKIT OFF)
+unset(_torch_mp_torch_lib)
+foreach(_dir IN LISTS Torch_DIR CMAKE_PREFIX_PATH)
+  foreach(_torch_dir "${_dir}" "${_dir}/Torch")
+    if(NOT _torch_mp_torch_lib AND EXISTS "${_torch_dir}/TorchConfig.cmake")
+      get_filename_component(_torch_mp_torch_lib "${_torch_dir}/../../../lib" ABSOLUTE)
+    endif()
+  endforeach()
+endforeach()
+if(EXISTS "${_torch_mp_torch_lib}/${CMAKE_SHARED_LIBRARY_PREFIX}torch_cuda${CMAKE_SHARED_LIBRARY_SUFFIX}"
+   AND NOT TARGET torch::cudart)
+  find_package(CUDA QUIET)
+  if(NOT CUDA_FOUND)
+    set(TORCH_MP_NO_CUDA_TOOLKIT ON)
+    message(STATUS "torch_mp: the installed torch is a CUDA build but no CUDA toolkit was found (nvcc and "
+                   "the CUDA runtime's headers; set CUDA_HOME to it): building the CPU side only, the CUDA "
+                   "side (NCCL groups for C++ programs) is left out; Python is unaffected")
+    add_library(torch::cudart INTERFACE IMPORTED)
+  endif()
+endif()
+unset(_torch_mp_torch_lib)
 find_package(Torch REQUIRED)
