@@ -11,6 +11,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -38,6 +39,8 @@ class BuildWithLibrary(BuildExtension):
         where = hashlib.sha256(torch.__file__.encode()).hexdigest()[:8]
         build_dir = ROOT / "build" / f"cmake-torch-{torch.__version__}-{where}"
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
+        # cmake and ninja from PyPI live beside this python, on PATH only in an activated venv.
+        os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
         subprocess.check_call([
             "cmake", "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
             "-DCMAKE_BUILD_TYPE=Release",

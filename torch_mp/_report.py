@@ -1,6 +1,6 @@
 """Where a model's parameters and buffers live, and how many bytes each rank or device holds."""
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -35,8 +35,18 @@ class MemoryReport:
                          f"{row.total / model_total:>6.1%} {row.modules:>7}")
         return "\n".join(lines)
 
-    def save_png(self, path: str) -> None:
-        """A bar chart of the bytes per rank or device (needs matplotlib: pip install torch_mp[plot])."""
+    def save_png(self, path: str, limits: Optional[Sequence[int]] = None) -> None:
+        """A bar chart of the bytes per rank or device (needs matplotlib: pip install torch_mp[plot]).
+
+        ``limits``: the most bytes each row's device may hold (``split``'s ``max_memory``), one per
+        row in order, drawn as a red mark across its bar. Bars are parameters and buffers, each in
+        the legend only when some row has bytes of it.
+
+        Raises ValueError for ``limits`` of another length than the rows; ImportError without matplotlib.
+        """
+        if limits is not None and len(limits) != len(self.rows):
+            raise ValueError(f"save_png: limits has {len(limits)} entries; expected one per row ({len(self.rows)}: "
+                             f"{[row.where for row in self.rows]})")
         try:
             import matplotlib
 
@@ -45,22 +55,31 @@ class MemoryReport:
         except ImportError as error:
             raise ImportError("memory_report(png=...) needs matplotlib: pip install matplotlib "
                               "(or torch_mp[plot])") from error
+        figure = self._figure(pyplot, limits)
+        figure.savefig(path, dpi=100)
+        pyplot.close(figure)
+
+    def _figure(self, pyplot, limits: Optional[Sequence[int]]):
         labels = [row.where for row in self.rows]
         parameters = [row.parameters / 2**20 for row in self.rows]
         buffers = [row.buffers / 2**20 for row in self.rows]
         figure, axes = pyplot.subplots(figsize=(8, 1.2 + 0.5 * len(labels)))
-        axes.barh(labels, parameters, label="parameters")
-        axes.barh(labels, buffers, left=parameters, label="buffers")
-        for y, row in enumerate(self.rows):
-            axes.text(row.total / 2**20, y, f" {_mib(row.total)}, {row.modules} modules", va="center", fontsize=8)
-        axes.set_xlim(0, max((row.total for row in self.rows), default=1) / 2**20 * 1.45)
+        axes.barh(labels, parameters, label="parameters" if any(parameters) else None)
+        axes.barh(labels, buffers, left=parameters, label="buffers" if any(buffers) else None)
+        for y, limit in enumerate(limits or []):
+            axes.plot([limit / 2**20] * 2, [y - 0.45, y + 0.45], color="red", linewidth=2,
+                      label="limit (max_memory)" if y == 0 else None)
+        for y, row in enumerate(self.rows):  # right of the bar and of its limit
+            right = max(row.total, limits[y] if limits else 0)
+            axes.text(right / 2**20, y, f" {_mib(row.total)}, {row.modules} modules", va="center", fontsize=8)
+        largest = max([row.total for row in self.rows] + list(limits or []), default=1)
+        axes.set_xlim(0, largest / 2**20 * 1.45)
         axes.invert_yaxis()
         axes.set_xlabel("MiB")
         axes.set_title(self.title)
         axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
         figure.tight_layout()
-        figure.savefig(path, dpi=100)
-        pyplot.close(figure)
+        return figure
 
 
 def memory_report(module: nn.Module, png: Optional[str] = None) -> MemoryReport:

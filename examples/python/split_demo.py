@@ -4,11 +4,14 @@
 
 1. A GPT-2 (transformers, from a config) and a ``max_memory`` per device smaller than the model: one
    device cannot hold it, two can. ``torch_mp.split`` places it; the device map gives each module's
-   stage and device, ``torch_mp.memory_report`` the bytes per stage (a table and a PNG).
+   device and ``torch_mp.state_of(model).stage_of`` its stage (the cut, where a device is named twice),
+   ``torch_mp.memory_report`` the bytes per stage (a table, and a PNG with each device's limit).
 2. Both models, split and unsplit, train on real text (this repository's README, byte-level tokens)
    from the same weights: their losses side by side, equal, going down.
 3. The same GPT-2 pipelined over 2 processes (``torch_mp.pipeline``, Gloo, ``chunks=8``, one thread
-   each) against 1 process with one thread: tokens/s of each and the speedup, measured in this run.
+   each) against 1 process with one thread: tokens/s of each and the speedup, measured in this run in
+   wall time and in CPU time (which the machine's other work does not slow down: the wall figure is
+   flagged when the load average exceeded the cores), and the timeline of one step as a PNG.
 
 Devices default to cuda:0 and cpu where a GPU exists, else cpu twice (each stage boundary is still a
 real copy through ``torch_mp.to_device``). Every file it writes lands in ``--out``.
@@ -97,7 +100,8 @@ def split_part(args, out: Path):
     stage_of = torch_mp.state_of(split).stage_of
     for name, device in split.device_map.items():
         print(f"  {name:<22} stage {stage_of[name]}  {device}")
-    report = torch_mp.memory_report(split, png=str(out / "memory_per_stage.png"))
+    report = torch_mp.memory_report(split)
+    report.save_png(str(out / "memory_per_stage.png"), limits=[limit] * len(report.rows))
     print(report)
     return dense, split
 
@@ -152,8 +156,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def pipeline_rank(rank: int, port: int, steps: int, batch: int, chunks: int, results) -> None:
-    """One of the 2 processes: one stage of the pipelined GPT-2, one thread."""
+def pipeline_rank(rank: int, port: int, steps: int, batch: int, chunks: int, out: Path, results) -> None:
+    """One of the 2 processes: one stage of the pipelined GPT-2, one thread. Rank 0 draws the
+    timeline of the last step; each rank returns its wall and CPU seconds per step."""
     warnings.filterwarnings("ignore")
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(1)
@@ -162,18 +167,20 @@ def pipeline_rank(rank: int, port: int, steps: int, batch: int, chunks: int, res
     try:
         model = torch_mp.pipeline(make_gpt2(), chunks=chunks, schedule="1f1b")
         optimizer = torch.optim.AdamW([p for p in model.parameters() if not p.is_meta], lr=3e-3)
-        losses, times = [], []
+        losses, times, cpu_times = [], [], []
         data = batches(text_tokens(), batch, seed=2)
-        for _ in tqdm(range(steps + 1), desc="2 processes", leave=False, disable=rank != 0):
+        for step in tqdm(range(steps + 1), desc="2 processes", leave=False, disable=rank != 0):
             ids, targets = next(data)
-            start = time.perf_counter()
-            loss = model.train_step(input_ids=ids, target=targets, loss_fn=output_loss)
+            start, cpu_start = time.perf_counter(), time.process_time()
+            loss = model.train_step(input_ids=ids, target=targets, loss_fn=output_loss, timeline=step == steps)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
             losses.append(loss.item())
         if rank == 0:
-            results.put((losses, times[1:]))  # the first step warms up
+            torch_mp.plot_timeline(model.last_timeline, out / "pipeline_timeline.png")
+        results.put((rank, losses, times[1:], cpu_times[1:]))  # the first step warms up
     finally:
         dist.destroy_process_group()
 
@@ -181,21 +188,26 @@ def pipeline_rank(rank: int, port: int, steps: int, batch: int, chunks: int, res
 def one_process(steps: int, batch: int):
     model = make_gpt2()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses, times = [], []
+    losses, times, cpu_times = [], [], []
     data = batches(text_tokens(), batch, seed=2)
     for _ in tqdm(range(steps + 1), desc="1 process", leave=False):
         ids, targets = next(data)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         loss = output_loss(model(input_ids=ids), targets)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
         losses.append(loss.item())
-    return losses, times[1:]
+    return losses, times[1:], cpu_times[1:]
 
 
-def pipeline_part(args) -> None:
+def mean(values) -> float:
+    return sum(values) / len(values)
+
+
+def pipeline_part(args, out: Path) -> None:
     section("3. Devices working at once: a pipeline over 2 processes")
     # 16 sequences per micro-batch: enough work per action that the pipeline's own cost per
     # micro-batch (its messages, the stages' turns) stays a few percent of it.
@@ -203,14 +215,17 @@ def pipeline_part(args) -> None:
     print(f"the same GPT2LMHeadModel, called as usual (input_ids=), cut into 2 stages by torch_mp.pipeline: "
           f"2 processes over Gloo, chunks={chunks}, 1F1B, one thread each; against 1 process, one thread; "
           f"batches of {batch} x {SEQ} bytes, {args.pipeline_steps} timed steps each")
-    single_losses, single_times = one_process(args.pipeline_steps, batch)
+    single_losses, single_times, single_cpu = one_process(args.pipeline_steps, batch)
+    load = os.getloadavg()[0]
     results = mp.get_context("spawn").SimpleQueue()
-    mp.start_processes(pipeline_rank, args=(free_port(), args.pipeline_steps, batch, chunks, results),
+    mp.start_processes(pipeline_rank, args=(free_port(), args.pipeline_steps, batch, chunks, out, results),
                        nprocs=2, start_method="spawn")
-    piped_losses, piped_times = results.get()
+    load = max(load, os.getloadavg()[0])
+    ranks = dict((rank, rest) for rank, *rest in (results.get(), results.get()))
+    piped_losses, piped_times, _ = ranks[0]
     tokens = batch * SEQ
-    single_rate = tokens * len(single_times) / sum(single_times)
-    piped_rate = tokens * len(piped_times) / sum(piped_times)
+    single_rate = tokens / mean(single_times)
+    piped_rate = tokens / mean(piped_times)
     print(f"{'step':>4}  {'1 process loss':>14}  {'2 processes loss':>16}")
     for step, (a, b) in enumerate(zip(single_losses, piped_losses)):
         print(f"{step:>4}  {a:>14.5f}  {b:>16.5f}")
@@ -218,10 +233,20 @@ def pipeline_part(args) -> None:
     print(f"largest 1 process / 2 processes loss difference {worst:.2e}")
     if worst > 1e-4:
         raise SystemExit("the pipelined losses differ from one process's")
-    print(f"1 process:   {single_rate:>9,.0f} tokens/s")
-    print(f"2 processes: {piped_rate:>9,.0f} tokens/s   speedup {piped_rate / single_rate:.2f}x "
-          f"(bound with 2 stages and {chunks} micro-batches: {2 * chunks / (chunks + 1):.2f}x; "
-          f"needs 2 idle cores)")
+    bound = 2 * chunks / (chunks + 1)
+    print(f"1 process:   {single_rate:>9,.0f} tokens/s, {mean(single_cpu):.2f} CPU s per step")
+    print(f"2 processes: {piped_rate:>9,.0f} tokens/s, " + ", ".join(
+        f"rank {rank} {mean(ranks[rank][2]):.2f} CPU s per step" for rank in (0, 1)))
+    # In CPU time: the busier rank's CPU seconds per step stretched by the schedule's bubble (what a
+    # step takes on 2 cores of its own), against one process's CPU seconds per step.
+    busiest = max(mean(ranks[rank][2]) for rank in (0, 1))
+    print(f"speedup {piped_rate / single_rate:.2f}x in wall time, {mean(single_cpu) / (busiest * 2 / bound):.2f}x in "
+          f"CPU time (bound with 2 stages and {chunks} micro-batches: {bound:.2f}x)")
+    cores = len(os.sched_getaffinity(0))
+    if load > cores:
+        print(f"the machine was busy: load average {load:.1f} on {cores} cores while the 2 processes needed 2 of "
+              f"them: the wall-time figure measures the other work, the CPU-time figure the pipeline")
+    print(f"timeline of the last step: {out / 'pipeline_timeline.png'}")
 
 
 def main() -> None:
@@ -241,7 +266,7 @@ def main() -> None:
     start = time.perf_counter()
     dense, split = split_part(args, args.out)
     train_part(args, dense, split, args.out)
-    pipeline_part(args)
+    pipeline_part(args, args.out)
     print(f"\ndone in {time.perf_counter() - start:.0f} s; files written to {args.out}/: "
           f"{', '.join(sorted(os.listdir(args.out)))}")
 

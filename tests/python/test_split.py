@@ -155,6 +155,26 @@ def test_memory_report_per_stage(tmp_path):
     assert (tmp_path / "split.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_memory_chart_draws_the_limits_and_legends_only_what_has_bars(tmp_path):
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    limit = 40_000
+    model = torch_mp.split(mlp((16, 64, 64, 64, 64)), ["cpu", "cpu"], max_memory=[limit, limit])  # no buffers
+    report = torch_mp.memory_report(model)
+    figure = report._figure(pyplot, [limit, limit])
+    axes = figure.axes[0]
+    assert [text.get_text() for text in axes.get_legend().get_texts()] == ["limit (max_memory)", "parameters"]
+    marks = [line.get_xdata()[0] for line in axes.get_lines()]
+    assert marks == pytest.approx([limit / 2**20] * 2)  # one red mark per stage, at its limit in MiB
+    pyplot.close(figure)
+    report.save_png(str(tmp_path / "limits.png"), limits=[limit, limit])
+    assert (tmp_path / "limits.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match=r"limits has 1 entries; expected one per row \(2"):
+        report.save_png(str(tmp_path / "bad.png"), limits=[limit])
+
+
 def test_resplitting_replaces_the_hooks():
     model = mlp()
     torch_mp.split(model, ["cpu", "cpu"])
