@@ -86,7 +86,8 @@ def memory_report(module: nn.Module, png: Optional[str] = None) -> MemoryReport:
     """Parameters and buffers per rank (a ``tensor_parallel`` model; a collective: every rank calls
     it and gets the whole report), per stage (a ``split`` model) or per device (any other model).
     Each row counts bytes (``numel * element_size``; tied tensors once per stage); printing the
-    report shows MiB and each row's share. ``png``: also save a bar chart there (matplotlib needed).
+    report shows MiB and each row's share. ``png``: also save a bar chart there (matplotlib needed);
+    ``report.save_png(path, limits=[bytes per row])`` draws each device's limit (``max_memory``) too.
 
     Raises TypeError for a ``module`` that is not an ``nn.Module``; ImportError for ``png`` without
     matplotlib; ``torch_mp.CollectiveError`` when a tensor-parallel peer does not answer."""
