@@ -39,7 +39,8 @@ $(CPU_VENV)/.ready:
 venv: $(VENV)/.ready
 
 # From Debian's packages: Gloo's headers for the build (the torch wheel lacks them), nlohmann/json
-# for reading checkpoints, GoogleTest for the C++ tests.
+# for reading checkpoints (the CUDA venv has no PyPI copy; the fuzz target finds it with CMake's
+# find_package), GoogleTest for the C++ tests.
 sysdeps:
 	@test -f /usr/include/gloo/context.h -a -f /usr/include/gtest/gtest.h -a -f /usr/include/nlohmann/json.hpp || \
 	    { apt-get update -qq && apt-get install -y -qq libgloo-dev libgtest-dev nlohmann-json3-dev; }
