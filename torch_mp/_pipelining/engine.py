@@ -18,12 +18,14 @@ receivers send back) and sends the gradients of what it received. Under a zero-b
 (``zero_bubble``).
 """
 import contextlib
+import sys
 import threading
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch.overrides import TorchFunctionMode, _pop_mode_temporarily
 from torch.utils import _pytree as pytree
+from torch.utils.checkpoint import CheckpointFunction
 from torch.utils.checkpoint import checkpoint as checkpointed
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -39,6 +41,10 @@ def current() -> "MicroBatch":
 Action = Tuple[int, int, int]  # (kind: 0 F, 1 B, 2 W; stage, micro-batch)
 CHECKPOINTS = ("never", "except_last", "always")
 _current = threading.local()
+# Each meta placeholder a local stage was handed -> the real tensor it received for it: where a
+# checkpoint wrapped the stage's call from outside (``torch.utils.checkpoint`` in the parent's
+# forward), its recomputation calls the stage again with the placeholder (``_recomputed``).
+_received_values = WeakIdKeyDictionary()
 _VALUE_READS = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.tolist, torch.Tensor.__int__,
                 torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.numpy}
 
@@ -200,6 +206,7 @@ class MicroBatch:
         leaf = self.step.transport.recv(src, key)
         self.received.append((leaf, src, key))
         self._received[id(tensor)] = (tensor, leaf)
+        _received_values[tensor] = leaf
         return leaf
 
     def to_stand_in(self, stage: int, values):
@@ -331,6 +338,8 @@ def placed_forward(pipe, original: Callable, stage: int, module: torch.nn.Module
 
     def forward(*args, **kwargs):
         micro_batch: Optional[MicroBatch] = getattr(_current, "micro_batch", None)
+        if micro_batch is None and torch._C._current_graph_task_id() != -1:
+            return _recomputed(pipe, stage, module, original, args, kwargs)
         if micro_batch is None or micro_batch.step.pipe is not pipe or micro_batch.depth:
             return original(*args, **kwargs)
         step = micro_batch.step
@@ -345,6 +354,14 @@ def placed_forward(pipe, original: Callable, stage: int, module: torch.nn.Module
                     else:
                         out = original(*args, **kwargs)
             else:
+                if step.losses is not None and pipe.stages_per_rank > 1 and _in_reentrant_checkpoint():
+                    raise ValueError(
+                        f"pipeline: schedule {pipe.schedule!r} runs {pipe.stages_per_rank} stages per rank, and the "
+                        "forward calls a layer of another rank's stage inside torch.utils.checkpoint(..., "
+                        "use_reentrant=True), whose backward would reach this rank's other stage through the "
+                        "stand-in; expected use_reentrant=False (transformers: gradient_checkpointing_enable("
+                        "gradient_checkpointing_kwargs={'use_reentrant': False})), or schedule '1f1b', 'gpipe' or "
+                        "'zb_h1'")
                 with torch._C.DisableTorchFunction():
                     args, kwargs = micro_batch.to_stand_in(stage, (args, kwargs))
                 out = stand_in.call(micro_batch, args, kwargs)
@@ -355,6 +372,50 @@ def placed_forward(pipe, original: Callable, stage: int, module: torch.nn.Module
             micro_batch.depth -= 1
 
     return forward
+
+
+def _in_reentrant_checkpoint() -> bool:
+    """Whether this call runs inside the forward of ``torch.utils.checkpoint(..., use_reentrant=True)``."""
+    code = CheckpointFunction.forward.__code__
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code is not code:
+        frame = frame.f_back
+    return frame is not None
+
+
+def _recomputed(pipe, stage: int, module: torch.nn.Module, original: Callable, args, kwargs):
+    """A placed module called during a backward: a checkpoint around its call (``torch.utils.checkpoint``
+    in the parent's forward, or transformers' gradient checkpointing) recomputes it. A local stage
+    runs on the real tensors its meta placeholders stood for. Another rank's stage returns fresh
+    meta tensors: a reentrant checkpoint around a stand-in is reached through the placeholders'
+    meta history with no gradient (the real one crossed ranks), and what it returns is discarded."""
+    if pipe.rank_of(stage) != pipe.rank:
+        args, kwargs = map_tensors((args, kwargs), _to_meta)
+        with torch.no_grad():
+            out = original(*args, **kwargs)
+        return map_tensors(out, lambda t: _meta_like(t).requires_grad_(t.is_floating_point() or t.is_complex()))
+
+    def real(tensor: torch.Tensor) -> torch.Tensor:
+        if not tensor.is_meta:
+            return tensor
+        value = _received_values.get(tensor)
+        if value is None:  # a reentrant checkpoint recomputes on a detached copy: the same storage and view
+            storage = tensor.untyped_storage()
+            value = next((leaf for meta, leaf in _received_values.items()
+                          if meta.untyped_storage() is storage and meta.shape == tensor.shape
+                          and meta.stride() == tensor.stride() and meta.storage_offset() == tensor.storage_offset()),
+                         None)
+        if value is None:
+            name = next((n for n, m in pipe.module.named_modules() if m is module), "?")
+            raise ValueError(
+                f"pipeline: a checkpoint (torch.utils.checkpoint) recomputes module {name!r} of stage {stage} on rank "
+                f"{pipe.rank} with a {list(tensor.shape)} meta tensor it was not called with in the forward: the "
+                "checkpointed function calls layers of several ranks' stages; expected each checkpoint around "
+                "layers of one stage (one layer, as transformers' gradient_checkpointing_enable() does)")
+        return value
+
+    args, kwargs = map_tensors((args, kwargs), real)
+    return original(*args, **kwargs)
 
 
 class _Pooled:
