@@ -429,7 +429,9 @@ def pipeline(
     ValueError for an unknown ``schedule``, ``stages_per_rank`` that does not fit it, a ``balance``
     without one entry per stage, bad ``chunks`` / ``checkpoint`` / ``batch_dim`` values, or a
     module another torch_mp wrapper returned already; during a step, ValueError when the ranks
-    disagree on options or batch shapes or a rank refuses a gradient hook, and
+    disagree on options or batch shapes, a rank refuses a gradient hook, the model computes a
+    statistic over the whole batch in more than one micro-batch (as for ``split``), or a reentrant
+    ``torch.utils.checkpoint`` wraps another rank's layer with several stages per rank; and
     ``torch_mp.CollectiveError`` when a peer does not answer within ``timeout``.
     """
     if not isinstance(module, nn.Module):
