@@ -103,14 +103,14 @@ def test_checkpoint_in_the_parents_forward_under_pipeline():
 def llama(**checkpointing):
     torch.manual_seed(0)
     config = transformers.LlamaConfig(num_hidden_layers=4, hidden_size=32, intermediate_size=64,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=97,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=96,
                                       max_position_embeddings=32, use_cache=False)
     model = transformers.LlamaForCausalLM(config)
     with torch.no_grad():
         for param in model.parameters():
             param.normal_(0, 0.2)
     model.gradient_checkpointing_enable(**checkpointing)
-    ids = torch.randint(0, 97, (4, 10))
+    ids = torch.randint(0, 96, (4, 10))
     dense = copy.deepcopy(model).train()
     expected = dense(input_ids=ids, labels=ids).loss
     expected.backward()
