@@ -2,6 +2,7 @@
 layer, transformers' gradient checkpointing) under split, pipeline and tensor_parallel: the dense
 model's loss and gradients, reentrant or not, or a clear error before anything is sent."""
 import copy
+import functools
 
 import pytest
 import torch
@@ -100,7 +101,11 @@ def test_checkpoint_in_the_parents_forward_under_pipeline():
     run_ranks(2, check_checkpoint_in_the_parents_forward, timeout=600)
 
 
-def llama(**checkpointing):
+def llama(checkpointing: str, use_reentrant: bool = False):
+    """A tiny Llama whose decoder layers are checkpointed: ``"inside"`` by transformers'
+    ``gradient_checkpointing_enable()`` (since 5.19 it checkpoints the layer's forward, inside the
+    call torch_mp places), ``"around"`` through each layer's ``__call__`` (what transformers 5.18's
+    did, and training code wrapping each layer call does: the checkpoint outside the placed call)."""
     torch.manual_seed(0)
     config = transformers.LlamaConfig(num_hidden_layers=4, hidden_size=32, intermediate_size=64,
                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=96,
@@ -109,7 +114,15 @@ def llama(**checkpointing):
     with torch.no_grad():
         for param in model.parameters():
             param.normal_(0, 0.2)
-    model.gradient_checkpointing_enable(**checkpointing)
+    if checkpointing == "inside":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    else:
+        for layer in model.model.layers:
+            def call(self, *args, **kwargs):
+                return checkpoint(functools.partial(nn.Module.__call__, self, **kwargs), *args,
+                                  use_reentrant=use_reentrant)
+
+            layer.__class__ = type(f"CallCheckpointed{type(layer).__name__}", (type(layer),), {"__call__": call})
     ids = torch.randint(0, 96, (4, 10))
     dense = copy.deepcopy(model).train()
     expected = dense(input_ids=ids, labels=ids).loss
@@ -117,26 +130,29 @@ def llama(**checkpointing):
     return model.train(), dense, ids, expected
 
 
+LLAMA_CASES = [("inside", False), ("around", False), ("around", True)]
+
+
 def model_loss(output, _):
     return output.loss
 
 
 def test_llama_gradient_checkpointing_under_split():
-    for kwargs in ({}, {"gradient_checkpointing_kwargs": {"use_reentrant": True}}):
-        model, dense, ids, expected = llama(**kwargs)
+    for case in LLAMA_CASES:
+        model, dense, ids, expected = llama(*case)
         split = torch_mp.split(model, ["cpu", "cpu"], chunks=2, schedule="1f1b")
         loss = split.train_step(input_ids=ids, labels=ids, loss_fn=model_loss)
         torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-6)
-        assert_dense_grads(split, dense, f"split {kwargs}")
+        assert_dense_grads(split, dense, f"split {case}")
 
 
 def check_llama_gradient_checkpointing(rank, world):
-    for kwargs, schedule in (({}, "1f1b"), ({}, "zbv"), ({"gradient_checkpointing_kwargs": {"use_reentrant": True}},
-                                                        "1f1b")):
-        model, dense, ids, expected = llama(**kwargs)
+    for case, schedule in ((LLAMA_CASES[0], "1f1b"), (LLAMA_CASES[1], "1f1b"), (LLAMA_CASES[1], "zbv"),
+                           (LLAMA_CASES[2], "gpipe")):
+        model, dense, ids, expected = llama(*case)
         piped = torch_mp.pipeline(model, chunks=2, schedule=schedule)
         loss = piped.train_step(input_ids=ids, labels=ids, loss_fn=model_loss)
-        what = f"rank {rank} {schedule} {kwargs}"
+        what = f"rank {rank} {schedule} {case}"
         torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-6, msg=what)
         assert_dense_grads(piped, dense, what)
 
@@ -146,11 +162,11 @@ def test_llama_gradient_checkpointing_under_pipeline():
 
 
 def check_llama_gradient_checkpointing_tensor_parallel(rank, world):
-    for kwargs in ({}, {"gradient_checkpointing_kwargs": {"use_reentrant": True}}):
-        model, dense, ids, _ = llama(**kwargs)
+    for case in LLAMA_CASES:
+        model, dense, ids, _ = llama(*case)
         dense.zero_grad(set_to_none=True)
         sharded = torch_mp.tensor_parallel(model)
-        assert_same_step_and_state(dense, sharded, ids, f"tensor_parallel {kwargs}")
+        assert_same_step_and_state(dense, sharded, ids, f"tensor_parallel {case}")
 
 
 def test_llama_gradient_checkpointing_under_tensor_parallel():
