@@ -171,3 +171,74 @@ def check_llama_gradient_checkpointing_tensor_parallel(rank, world):
 
 def test_llama_gradient_checkpointing_under_tensor_parallel():
     run_ranks(2, check_llama_gradient_checkpointing_tensor_parallel, timeout=600)
+
+
+class RecordedDropout(nn.Module):
+    """Dropout that keeps each mask it draws, by its input's sum: a checkpoint's recomputation
+    must draw the forward's mask, or the gradient is not that of the output computed."""
+
+    def __init__(self, masks: dict):
+        super().__init__()
+        self.masks = masks
+
+    def forward(self, x):
+        mask = torch.rand_like(x) > 0.5
+        if not x.is_meta:  # not another rank's stand-in
+            self.masks.setdefault(round(float(x.detach().double().sum()), 6), []).append(mask)
+        return x * mask * 2
+
+
+class DropoutBlock(nn.Module):
+    def __init__(self, masks: dict):
+        super().__init__()
+        self.linear, self.dropout = nn.Linear(16, 16), RecordedDropout(masks)
+
+    def forward(self, x):
+        return self.dropout(torch.tanh(self.linear(x)))
+
+
+class CheckpointedDropout(nn.Module):
+    def __init__(self, reentrant: bool, blocks: int = 4):
+        super().__init__()
+        self.masks: dict = {}
+        self.stem = nn.Linear(16, 16)
+        self.blocks = nn.ModuleList(DropoutBlock(self.masks) for _ in range(blocks))
+        self.head = nn.Linear(16, 2)
+        self.reentrant = reentrant
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = checkpoint(block, x, use_reentrant=self.reentrant)
+        return self.head(x)
+
+
+def assert_recomputed_the_forwards_draws(model, what):
+    pairs = [masks for masks in model.masks.values() if len(masks) == 2]
+    assert pairs, what
+    assert all(torch.equal(*masks) for masks in pairs), (
+        f"{what}: {sum(not torch.equal(*m) for m in pairs)} of {len(pairs)} recomputations drew another mask")
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpoint_recomputation_draws_the_forwards_random_numbers_under_split(reentrant):
+    # Before: the checkpoint restored the random state of its start, and other micro-batches had
+    # drawn since (waiting for the stage's turn): 55 of 96 recomputed dropout masks differed.
+    torch.manual_seed(0)
+    model = torch_mp.split(CheckpointedDropout(reentrant), ["cpu", "cpu"], chunks=8, schedule="gpipe")
+    for _ in range(3):
+        model.train_step(torch.randn(64, 16), target=torch.randn(64, 2), loss_fn=F.mse_loss)
+    assert_recomputed_the_forwards_draws(model, "split")
+
+
+def check_checkpoint_recomputation_draws(rank, world):
+    for schedule in ("interleaved_1f1b", "zbv"):  # a rank's forward waits for its later stage's turn
+        torch.manual_seed(0)
+        model = torch_mp.pipeline(CheckpointedDropout(False, blocks=8), chunks=8, schedule=schedule)
+        for _ in range(2):
+            model.train_step(torch.randn(64, 16), target=torch.randn(64, 2), loss_fn=F.mse_loss)
+        assert_recomputed_the_forwards_draws(model, f"rank {rank} {schedule}")
+
+
+def test_checkpoint_recomputation_draws_the_forwards_random_numbers_under_pipeline():
+    run_ranks(2, check_checkpoint_recomputation_draws, timeout=600)

@@ -45,6 +45,10 @@ _current = threading.local()
 # checkpoint wrapped the stage's call from outside (``torch.utils.checkpoint`` in the parent's
 # forward), its recomputation calls the stage again with the placeholder (``_recomputed``).
 _received_values = WeakIdKeyDictionary()
+# A placed module's first tensor input inside a checkpoint of the model's own -> {module: random
+# state its draws started from} (``record_random_state``).
+_recorded_states = WeakIdKeyDictionary()
+_recorded_guard = threading.Lock()
 _VALUE_READS = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.tolist, torch.Tensor.__int__,
                 torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.numpy}
 
@@ -346,15 +350,21 @@ def placed_forward(pipe, original: Callable, stage: int, module: torch.nn.Module
         micro_batch.depth += 1
         try:
             if step.rank_of(stage) == step.rank:
+                given = tensors_in((args, kwargs))
                 with torch._C.DisableTorchFunction():
                     args, kwargs = micro_batch.enter_local(stage, (args, kwargs), module)
                 with _pop_mode_temporarily(), step.deferring(stage, micro_batch.index):
-                    if step.recompute(micro_batch.index) and module.training and torch.is_grad_enabled():
+                    if given and module.training and in_checkpoint():
+                        # A checkpoint of the model's own recomputes the call (ours would once more);
+                        # other micro-batches may draw while the forward waits for this stage's turn.
+                        record_random_state(module, given[0], step.device)
+                        out = original(*args, **kwargs)
+                    elif step.recompute(micro_batch.index) and module.training and torch.is_grad_enabled():
                         out = checkpointed(original, *args, use_reentrant=False, **kwargs)
                     else:
                         out = original(*args, **kwargs)
             else:
-                if step.losses is not None and pipe.stages_per_rank > 1 and _in_reentrant_checkpoint():
+                if step.losses is not None and pipe.stages_per_rank > 1 and in_checkpoint(reentrant_only=True):
                     raise ValueError(
                         f"pipeline: schedule {pipe.schedule!r} runs {pipe.stages_per_rank} stages per rank, and the "
                         "forward calls a layer of another rank's stage inside torch.utils.checkpoint(..., "
@@ -374,13 +384,65 @@ def placed_forward(pipe, original: Callable, stage: int, module: torch.nn.Module
     return forward
 
 
-def _in_reentrant_checkpoint() -> bool:
-    """Whether this call runs inside the forward of ``torch.utils.checkpoint(..., use_reentrant=True)``."""
+def in_checkpoint(reentrant_only: bool = False) -> bool:
+    """Whether this call runs inside the forward of ``torch.utils.checkpoint`` (with
+    ``reentrant_only``: of ``use_reentrant=True`` alone), called by the model's own code."""
+    if not reentrant_only:
+        hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        pack = hooks[0] if hooks is not None else None
+        if getattr(pack, "__module__", None) == "torch.utils.checkpoint":
+            return True
     code = CheckpointFunction.forward.__code__
     frame = sys._getframe(1)
     while frame is not None and frame.f_code is not code:
         frame = frame.f_back
     return frame is not None
+
+
+def same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``b`` is ``a`` or a detached copy of it (what a reentrant checkpoint recomputes on)."""
+    return a is b or (a.untyped_storage() is b.untyped_storage() and a.shape == b.shape
+                      and a.stride() == b.stride() and a.storage_offset() == b.storage_offset())
+
+
+def get_rng_state(device: torch.device) -> torch.Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def set_rng_state(state: torch.Tensor, device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
+def record_random_state(module: torch.nn.Module, given: torch.Tensor, device: torch.device) -> None:
+    """Records where ``module``'s draws on ``device`` start in its call on ``given`` (its first
+    tensor input) inside a checkpoint of the model's own (``in_checkpoint``): other micro-batches
+    draw between the checkpoint's start, whose random state it restores to recompute, and the
+    stage's turn, so the recomputation starts from this one instead (``recorded_random_state``)."""
+    with _recorded_guard:
+        _recorded_states.setdefault(given, {})[module] = get_rng_state(device)
+
+
+def recorded_random_state(module: torch.nn.Module, given: torch.Tensor) -> Optional[torch.Tensor]:
+    """The random state ``module``'s call on ``given`` (or on a detached copy of it) started from."""
+    with _recorded_guard:
+        states = _recorded_states.get(given)
+        if states is None:
+            states = next((found for tensor, found in _recorded_states.items() if same_view(tensor, given)), {})
+        return states.get(module)
+
+
+@contextlib.contextmanager
+def drawing_from(state: torch.Tensor, device: torch.device):
+    """Draws on ``device`` from ``state`` meanwhile; the generator's state is restored after."""
+    now = get_rng_state(device)
+    set_rng_state(state, device)
+    try:
+        yield
+    finally:
+        set_rng_state(now, device)
 
 
 def _recomputed(pipe, stage: int, module: torch.nn.Module, original: Callable, args, kwargs):
@@ -400,11 +462,7 @@ def _recomputed(pipe, stage: int, module: torch.nn.Module, original: Callable, a
             return tensor
         value = _received_values.get(tensor)
         if value is None:  # a reentrant checkpoint recomputes on a detached copy: the same storage and view
-            storage = tensor.untyped_storage()
-            value = next((leaf for meta, leaf in _received_values.items()
-                          if meta.untyped_storage() is storage and meta.shape == tensor.shape
-                          and meta.stride() == tensor.stride() and meta.storage_offset() == tensor.storage_offset()),
-                         None)
+            value = next((leaf for meta, leaf in _received_values.items() if same_view(meta, tensor)), None)
         if value is None:
             name = next((n for n, m in pipe.module.named_modules() if m is module), "?")
             raise ValueError(
@@ -414,8 +472,13 @@ def _recomputed(pipe, stage: int, module: torch.nn.Module, original: Callable, a
                 "layers of one stage (one layer, as transformers' gradient_checkpointing_enable() does)")
         return value
 
+    given = tensors_in((args, kwargs))
+    state = recorded_random_state(module, given[0]) if given else None
     args, kwargs = map_tensors((args, kwargs), real)
-    return original(*args, **kwargs)
+    if state is None:
+        return original(*args, **kwargs)
+    with drawing_from(state, pipe.device):
+        return original(*args, **kwargs)
 
 
 class _Pooled:
