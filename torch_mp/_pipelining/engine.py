@@ -392,6 +392,8 @@ def in_checkpoint(reentrant_only: bool = False) -> bool:
         pack = hooks[0] if hooks is not None else None
         if getattr(pack, "__module__", None) == "torch.utils.checkpoint":
             return True
+    if torch.is_grad_enabled():  # an autograd Function's forward (the reentrant checkpoint's) runs without
+        return False
     code = CheckpointFunction.forward.__code__
     frame = sys._getframe(1)
     while frame is not None and frame.f_code is not code:
