@@ -112,7 +112,11 @@ def split(
     ``checkpoint`` / ``batch_dim`` values, or a module another torch_mp wrapper (``pipeline``,
     ``tensor_parallel``) returned already. A second ``split`` of a split module replaces the first.
     ``train_step`` with ``chunks > 1`` raises ValueError naming the parameters that hold a
-    ``register_hook`` hook (expected: ``chunks=1``, or a post-accumulate-grad hook).
+    ``register_hook`` hook (expected: ``chunks=1``, or a post-accumulate-grad hook). A call or
+    ``train_step`` in more than one micro-batch raises ValueError, before anything runs, where the
+    model computes a statistic over the whole batch: a norm using batch statistics that is not a
+    deferred batch norm (``track_running_stats=False``, in eval mode too), or transformers' MoE
+    load-balancing loss (``output_router_logits=True``).
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"split: expected module to be a torch.nn.Module, got {type(module).__name__}")

@@ -68,3 +68,33 @@ def restore_batch_norms(module: nn.Module) -> None:
     for child in module.modules():
         if isinstance(child, _DeferredStatistics):
             child.__class__ = next(cls for cls in type(child).__mro__ if cls in _BATCH_NORMS)
+
+
+def check_batch_statistics(module: nn.Module, micro_batches: int) -> None:
+    """Raises ValueError, before anything runs, when ``micro_batches`` > 1 and a norm in ``module``
+    would compute, in its present mode, a statistic over the batch that no micro-batch sees: a
+    batch norm without running statistics (``track_running_stats=False``: batch statistics in eval
+    mode too), a batch norm in training that is not deferred here (``nn.SyncBatchNorm``, a lazy or
+    subclassed one), or an instance norm updating running statistics in training (one update per
+    micro-batch). A deferred batch norm in training (see ``defer_batch_norms``) is handled."""
+    if micro_batches < 2:
+        return
+    for name, child in module.named_modules():
+        if not isinstance(child, nn.modules.batchnorm._NormBase):
+            continue
+        mode = "training" if child.training else "eval"
+        if isinstance(child, nn.modules.instancenorm._InstanceNorm):
+            why = "updates its running statistics from the batch" if child.training and child.track_running_stats \
+                else None
+        elif child.running_mean is None:
+            why = f"normalizes with the batch's statistics in {mode} mode (track_running_stats=False)"
+        elif child.training and not isinstance(child, _DeferredStatistics):
+            why = "normalizes with the batch's statistics in training"
+        else:
+            why = None
+        if why:
+            raise ValueError(
+                f"pipeline: {type(child).__name__} {name!r} {why}, and each of the {micro_batches} micro-batches "
+                "would see only its own rows, giving other numbers than the whole batch; expected chunks=1, "
+                "a batch norm with track_running_stats=True (deferred in training, its running statistics in "
+                "eval), or a per-sample norm (LayerNorm, GroupNorm)")

@@ -18,12 +18,14 @@ receivers send back) and sends the gradients of what it received. Under a zero-b
 (``zero_bubble``).
 """
 import contextlib
+import sys
 import threading
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch.overrides import TorchFunctionMode, _pop_mode_temporarily
 from torch.utils import _pytree as pytree
+from torch.utils.checkpoint import CheckpointFunction
 from torch.utils.checkpoint import checkpoint as checkpointed
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -39,6 +41,14 @@ def current() -> "MicroBatch":
 Action = Tuple[int, int, int]  # (kind: 0 F, 1 B, 2 W; stage, micro-batch)
 CHECKPOINTS = ("never", "except_last", "always")
 _current = threading.local()
+# Each meta placeholder a local stage was handed -> the real tensor it received for it: where a
+# checkpoint wrapped the stage's call from outside (``torch.utils.checkpoint`` in the parent's
+# forward), its recomputation calls the stage again with the placeholder (``_recomputed``).
+_received_values = WeakIdKeyDictionary()
+# A placed module's first tensor input inside a checkpoint of the model's own -> {module: random
+# state its draws started from} (``record_random_state``).
+_recorded_states = WeakIdKeyDictionary()
+_recorded_guard = threading.Lock()
 _VALUE_READS = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.tolist, torch.Tensor.__int__,
                 torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.numpy}
 
@@ -200,6 +210,7 @@ class MicroBatch:
         leaf = self.step.transport.recv(src, key)
         self.received.append((leaf, src, key))
         self._received[id(tensor)] = (tensor, leaf)
+        _received_values[tensor] = leaf
         return leaf
 
     def to_stand_in(self, stage: int, values):
@@ -331,20 +342,36 @@ def placed_forward(pipe, original: Callable, stage: int, module: torch.nn.Module
 
     def forward(*args, **kwargs):
         micro_batch: Optional[MicroBatch] = getattr(_current, "micro_batch", None)
+        if micro_batch is None and torch._C._current_graph_task_id() != -1:
+            return _recomputed(pipe, stage, module, original, args, kwargs)
         if micro_batch is None or micro_batch.step.pipe is not pipe or micro_batch.depth:
             return original(*args, **kwargs)
         step = micro_batch.step
         micro_batch.depth += 1
         try:
             if step.rank_of(stage) == step.rank:
+                given = tensors_in((args, kwargs))
                 with torch._C.DisableTorchFunction():
                     args, kwargs = micro_batch.enter_local(stage, (args, kwargs), module)
                 with _pop_mode_temporarily(), step.deferring(stage, micro_batch.index):
-                    if step.recompute(micro_batch.index) and module.training and torch.is_grad_enabled():
+                    if given and module.training and in_checkpoint():
+                        # A checkpoint of the model's own recomputes the call (ours would once more);
+                        # other micro-batches may draw while the forward waits for this stage's turn.
+                        record_random_state(module, given[0], step.device)
+                        out = original(*args, **kwargs)
+                    elif step.recompute(micro_batch.index) and module.training and torch.is_grad_enabled():
                         out = checkpointed(original, *args, use_reentrant=False, **kwargs)
                     else:
                         out = original(*args, **kwargs)
             else:
+                if step.losses is not None and pipe.stages_per_rank > 1 and in_checkpoint(reentrant_only=True):
+                    raise ValueError(
+                        f"pipeline: schedule {pipe.schedule!r} runs {pipe.stages_per_rank} stages per rank, and the "
+                        "forward calls a layer of another rank's stage inside torch.utils.checkpoint(..., "
+                        "use_reentrant=True), whose backward would reach this rank's other stage through the "
+                        "stand-in; expected use_reentrant=False (transformers: gradient_checkpointing_enable("
+                        "gradient_checkpointing_kwargs={'use_reentrant': False})), or schedule '1f1b', 'gpipe' or "
+                        "'zb_h1'")
                 with torch._C.DisableTorchFunction():
                     args, kwargs = micro_batch.to_stand_in(stage, (args, kwargs))
                 out = stand_in.call(micro_batch, args, kwargs)
@@ -355,6 +382,105 @@ def placed_forward(pipe, original: Callable, stage: int, module: torch.nn.Module
             micro_batch.depth -= 1
 
     return forward
+
+
+def in_checkpoint(reentrant_only: bool = False) -> bool:
+    """Whether this call runs inside the forward of ``torch.utils.checkpoint`` (with
+    ``reentrant_only``: of ``use_reentrant=True`` alone), called by the model's own code."""
+    if not reentrant_only:
+        hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        pack = hooks[0] if hooks is not None else None
+        if getattr(pack, "__module__", None) == "torch.utils.checkpoint":
+            return True
+    if torch.is_grad_enabled():  # an autograd Function's forward (the reentrant checkpoint's) runs without
+        return False
+    code = CheckpointFunction.forward.__code__
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code is not code:
+        frame = frame.f_back
+    return frame is not None
+
+
+def same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``b`` is ``a`` or a detached copy of it (what a reentrant checkpoint recomputes on)."""
+    return a is b or (a.untyped_storage() is b.untyped_storage() and a.shape == b.shape
+                      and a.stride() == b.stride() and a.storage_offset() == b.storage_offset())
+
+
+def get_rng_state(device: torch.device) -> torch.Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def set_rng_state(state: torch.Tensor, device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
+def record_random_state(module: torch.nn.Module, given: torch.Tensor, device: torch.device) -> None:
+    """Records where ``module``'s draws on ``device`` start in its call on ``given`` (its first
+    tensor input) inside a checkpoint of the model's own (``in_checkpoint``): other micro-batches
+    draw between the checkpoint's start, whose random state it restores to recompute, and the
+    stage's turn, so the recomputation starts from this one instead (``recorded_random_state``)."""
+    with _recorded_guard:
+        _recorded_states.setdefault(given, {})[module] = get_rng_state(device)
+
+
+def recorded_random_state(module: torch.nn.Module, given: torch.Tensor) -> Optional[torch.Tensor]:
+    """The random state ``module``'s call on ``given`` (or on a detached copy of it) started from."""
+    with _recorded_guard:
+        states = _recorded_states.get(given)
+        if states is None:
+            states = next((found for tensor, found in _recorded_states.items() if same_view(tensor, given)), {})
+        return states.get(module)
+
+
+@contextlib.contextmanager
+def drawing_from(state: torch.Tensor, device: torch.device):
+    """Draws on ``device`` from ``state`` meanwhile; the generator's state is restored after."""
+    now = get_rng_state(device)
+    set_rng_state(state, device)
+    try:
+        yield
+    finally:
+        set_rng_state(now, device)
+
+
+def _recomputed(pipe, stage: int, module: torch.nn.Module, original: Callable, args, kwargs):
+    """A placed module called during a backward: a checkpoint around its call (``torch.utils.checkpoint``
+    in the parent's forward, or transformers' gradient checkpointing) recomputes it. A local stage
+    runs on the real tensors its meta placeholders stood for. Another rank's stage returns fresh
+    meta tensors: a reentrant checkpoint around a stand-in is reached through the placeholders'
+    meta history with no gradient (the real one crossed ranks), and what it returns is discarded."""
+    if pipe.rank_of(stage) != pipe.rank:
+        args, kwargs = map_tensors((args, kwargs), _to_meta)
+        with torch.no_grad():
+            out = original(*args, **kwargs)
+        return map_tensors(out, lambda t: _meta_like(t).requires_grad_(t.is_floating_point() or t.is_complex()))
+
+    def real(tensor: torch.Tensor) -> torch.Tensor:
+        if not tensor.is_meta:
+            return tensor
+        value = _received_values.get(tensor)
+        if value is None:  # a reentrant checkpoint recomputes on a detached copy: the same storage and view
+            value = next((leaf for meta, leaf in _received_values.items() if same_view(meta, tensor)), None)
+        if value is None:
+            name = next((n for n, m in pipe.module.named_modules() if m is module), "?")
+            raise ValueError(
+                f"pipeline: a checkpoint (torch.utils.checkpoint) recomputes module {name!r} of stage {stage} on rank "
+                f"{pipe.rank} with a {list(tensor.shape)} meta tensor it was not called with in the forward: the "
+                "checkpointed function calls layers of several ranks' stages; expected each checkpoint around "
+                "layers of one stage (one layer, as transformers' gradient_checkpointing_enable() does)")
+        return value
+
+    given = tensors_in((args, kwargs))
+    state = recorded_random_state(module, given[0]) if given else None
+    args, kwargs = map_tensors((args, kwargs), real)
+    if state is None:
+        return original(*args, **kwargs)
+    with drawing_from(state, pipe.device):
+        return original(*args, **kwargs)
 
 
 class _Pooled:

@@ -20,8 +20,9 @@ import torch
 from torch.utils.checkpoint import checkpoint as checkpointed
 
 from torch_mp._pipelining import zero_bubble
-from torch_mp._pipelining.engine import Action
-from torch_mp._tensors import move_tensors
+from torch_mp._pipelining.engine import (Action, drawing_from, get_rng_state, in_checkpoint, record_random_state,
+                                         recorded_random_state, set_rng_state)
+from torch_mp._tensors import move_tensors, tensors_in
 
 _current = threading.local()
 _rng_locks: Dict[torch.device, threading.Lock] = {}
@@ -96,8 +97,14 @@ def gated_forward(pipe, original: Callable, stage: int, device: torch.device, mo
     stage's turn when a micro-batch of ``pipe`` makes it, and checkpointed where asked."""
 
     def forward(*args, **kwargs):
+        given = tensors_in((args, kwargs))
         args, kwargs = move_tensors((args, kwargs), move)
         micro_batch: Optional[MicroBatch] = getattr(_current, "micro_batch", None)
+        if micro_batch is None and given and torch._C._current_graph_task_id() != -1:
+            state = recorded_random_state(module, given[0])
+            if state is not None:  # a checkpoint of the model's own recomputes the call: its draws again
+                with _rng_lock(device), drawing_from(state, device):
+                    return original(*args, **kwargs)
         if micro_batch is None or micro_batch.pipe is not pipe or micro_batch.depth:
             return original(*args, **kwargs)  # outside a pipelined call, or inside a placed module's
         micro_batch.enter(stage)
@@ -108,12 +115,19 @@ def gated_forward(pipe, original: Callable, stage: int, device: torch.device, mo
             if micro_batch.first_slot is not None:
                 slot = zero_bubble.slot_of(micro_batch.first_slot, micro_batch.count, stage, micro_batch.index)
                 with zero_bubble.deferring(slot):
-                    return run(micro_batch, *args, **kwargs)
-            return run(micro_batch, *args, **kwargs)
+                    return run(micro_batch, given, *args, **kwargs)
+            return run(micro_batch, given, *args, **kwargs)
         finally:
             micro_batch.depth -= 1
 
-    def run(micro_batch: MicroBatch, *args, **kwargs):
+    def run(micro_batch: MicroBatch, given: List[torch.Tensor], *args, **kwargs):
+        if given and module.training and in_checkpoint():
+            # torch.utils.checkpoint in the model's own code wraps this call and will recompute it
+            # (ours would recompute it once more): its draws start from a state recorded here, since
+            # other micro-batches draw between the checkpoint's start and this stage's turn.
+            with _rng_lock(device):
+                record_random_state(module, given[0], device)
+                return original(*args, **kwargs)
         if pipe.checkpoint == "never" or not (module.training and torch.is_grad_enabled()):
             return original(*args, **kwargs)
         if micro_batch.recompute:
@@ -135,14 +149,14 @@ def _own_random_stream(original: Callable, device: torch.device) -> Callable:
     def run(*args, **kwargs):
         with lock:
             if not start:
-                start.append(_get_rng_state(device))
+                start.append(get_rng_state(device))
                 return original(*args, **kwargs)
-            now = _get_rng_state(device)
-            _set_rng_state(start[0], device)
+            now = get_rng_state(device)
+            set_rng_state(start[0], device)
             try:
                 return original(*args, **kwargs)
             finally:
-                _set_rng_state(now, device)
+                set_rng_state(now, device)
 
     return run
 
@@ -150,17 +164,6 @@ def _own_random_stream(original: Callable, device: torch.device) -> Callable:
 def _rng_lock(device: torch.device) -> threading.Lock:
     with _rng_locks_guard:
         return _rng_locks.setdefault(device, threading.Lock())
-
-
-def _get_rng_state(device: torch.device) -> torch.Tensor:
-    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
-
-
-def _set_rng_state(state: torch.Tensor, device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state, device)
-    else:
-        torch.set_rng_state(state)
 
 
 class ThreadState:

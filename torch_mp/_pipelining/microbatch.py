@@ -290,3 +290,26 @@ def shapes_of(values) -> str:
     described: List[str] = []
     map_tensors(values, lambda t: described.append(f"{list(t.shape)} {str(t.dtype).replace('torch.', '')}"))
     return ", ".join(described)
+
+
+def check_batch_wide_outputs(module: nn.Module, kwargs: Mapping, micro_batches: int) -> None:
+    """Raises ValueError, before anything runs, when ``micro_batches`` > 1 and the model derives an
+    output from the whole batch's router logits: transformers' MoE models with
+    ``output_router_logits`` (from the call or the config: Mixtral, Qwen-MoE, OLMoE, ...) return the
+    load-balancing loss of Switch Transformers (Fedus et al., 2021), a product of per-expert token
+    fractions and mean router probabilities over the batch, and add it to ``loss``. It is not a sum
+    over samples, so no merge or loss weighting of micro-batches gives the batch's (a 1F1B schedule
+    runs a micro-batch's backward before the next one's router logits exist)."""
+    if micro_batches < 2:
+        return
+    requested = kwargs.get("output_router_logits")
+    config = getattr(module, "config", None)
+    if requested is None:
+        requested = getattr(config, "output_router_logits", False)
+    if requested:
+        coefficient = getattr(config, "router_aux_loss_coef", None)
+        raise ValueError(
+            f"pipeline: {type(module).__name__} computes its load-balancing loss over the batch's router logits "
+            f"(output_router_logits=True, router_aux_loss_coef={coefficient}), which is not a sum over samples: "
+            f"the {micro_batches} micro-batches' losses cannot add up to it; expected chunks=1 (or "
+            "tensor_parallel, which sees the whole batch), or output_router_logits=False")

@@ -17,14 +17,14 @@ from torch_mp._devices import check_device
 from torch_mp._group import GroupLike, all_gather_rows, all_reduce_sum, process_group_of, resolve_group
 from torch_mp._hooks import held_post_accumulate_hooks, refused_gradient_hooks
 from torch_mp._layers import check_layers, find_layers
-from torch_mp._pipelining.batch_norm import defer_batch_norms
+from torch_mp._pipelining.batch_norm import check_batch_statistics, defer_batch_norms
 from torch_mp._pipelining.compiled import StageCompilation, install_entries
 from torch_mp._pipelining.cut import UNLIMITED, Balance, balanced_device_map
 from torch_mp._pipelining.engine import CHECKPOINTS, RankStep, placed_forward
 from torch_mp._pipelining.engine import current as current_micro_batch
 from torch_mp._pipelining.local import ThreadState, gated_forward, run_micro_batches
-from torch_mp._pipelining.microbatch import (BatchPlan, ChunkSpec, OutputMerge, check_chunk_spec, check_loss,
-                                             check_output_merge, cut_target, loss_weights, merge_outputs,
+from torch_mp._pipelining.microbatch import (BatchPlan, ChunkSpec, OutputMerge, check_batch_wide_outputs,
+                                             check_chunk_spec, check_loss, check_output_merge, cut_target, loss_weights, merge_outputs,
                                              micro_batch_sizes, shapes_of, write_back)
 from torch_mp._pipelining.timeline import Recorder, Timeline
 from torch_mp._pipelining.transport import GroupTransport
@@ -69,6 +69,9 @@ class _Pipe:
         """The micro-batches of a call: their sizes and their (args, kwargs)."""
         plan = BatchPlan(self.module, args, kwargs, self.batch_dim, self.chunk_spec)
         sizes = micro_batch_sizes(plan.batch, self.chunks)
+        # Statistics over the batch that no micro-batch sees: refused on every rank alike.
+        check_batch_statistics(self.module, len(sizes))
+        check_batch_wide_outputs(self.module, kwargs, len(sizes))
         return sizes, plan.cut((args, kwargs), sizes)
 
     def _write_back(self, args, kwargs, parts, sizes) -> None:
@@ -426,7 +429,9 @@ def pipeline(
     ValueError for an unknown ``schedule``, ``stages_per_rank`` that does not fit it, a ``balance``
     without one entry per stage, bad ``chunks`` / ``checkpoint`` / ``batch_dim`` values, or a
     module another torch_mp wrapper returned already; during a step, ValueError when the ranks
-    disagree on options or batch shapes or a rank refuses a gradient hook, and
+    disagree on options or batch shapes, a rank refuses a gradient hook, the model computes a
+    statistic over the whole batch in more than one micro-batch (as for ``split``), or a reentrant
+    ``torch.utils.checkpoint`` wraps another rank's layer with several stages per rank; and
     ``torch_mp.CollectiveError`` when a peer does not answer within ``timeout``.
     """
     if not isinstance(module, nn.Module):
