@@ -9,6 +9,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 import torch
 from torch import nn
 
+from torch_mp._pipelining.caches import cut_cache, is_cache, merge_caches
 from torch_mp._tensors import copy_tensors, map_tensors, tensors_in
 
 ChunkSpec = Optional[Mapping[str, Optional[int]]]
@@ -153,10 +154,13 @@ class BatchPlan:
         return dim
 
     def cut(self, values, sizes: List[int]) -> List:
-        """One copy of ``values`` per micro-batch (containers copied, the caller's left as they are)."""
+        """One copy of ``values`` per micro-batch (containers copied, the caller's left as they are;
+        a transformers cache cut into one holding the micro-batch's rows: ``caches``)."""
         parts, start = [], 0
         for size in sizes:
-            parts.append(copy_tensors(values, lambda t, start=start, size=size: self._narrow(t, start, size)))
+            parts.append(copy_tensors(
+                values, lambda t, start=start, size=size: self._narrow(t, start, size),
+                lambda v, start=start, size=size: cut_cache(v, start, size, self.batch) if is_cache(v) else v))
             start += size
         return parts
 
@@ -220,6 +224,8 @@ def merge_outputs(outputs: List, sizes: List[int], batch_dim: int, merge: Output
             field.name: merge_outputs([getattr(out, field.name) for out in outputs], sizes, batch_dim, merge,
                                       _path(path, field.name))
             for field in dataclasses.fields(first) if field.init})
+    if is_cache(first):
+        return merge_caches(outputs, sizes, path)
     if all(_same(out, first) for out in outputs):  # Python values: flags, sizes, strings, None
         return first
     raise TypeError(f"pipeline: the micro-batches' outputs hold {type(first).__name__} objects that differ, which "
@@ -261,6 +267,8 @@ def write_back(original, parts: List, sizes: List[int], batch_dim: int, merge: O
         for i, item in enumerate(original):
             if isinstance(item, (dict, list, tuple)):
                 write_back(item, [part[i] for part in parts], sizes, batch_dim, merge, _path(path, i))
+            elif is_cache(item):
+                merge_caches([part[i] for part in parts], sizes, _path(path, i))
 
 
 def loss_weights(sizes: List[int], target, normalizer) -> List[float]:
