@@ -14,7 +14,7 @@ from torch import nn
 
 from torch_mp import _C
 from torch_mp._devices import check_device
-from torch_mp._group import GroupLike, all_gather_rows, all_reduce_sum, process_group_of, resolve_group
+from torch_mp._group import GroupLike, all_reduce_sum, process_group_of, resolve_group
 from torch_mp._hooks import held_post_accumulate_hooks, refused_gradient_hooks
 from torch_mp._layers import check_layers, find_layers
 from torch_mp._pipelining.batch_norm import defer_batch_norms
@@ -261,7 +261,7 @@ class DistributedPipe(_Pipe):
         loss = sum(loss.detach() for loss in losses) if last else None
         # The batch's loss on every rank, sent from the rank holding the last stage.
         buffer = loss.reshape(1).float() if loss is not None else torch.zeros(1, device=self.device)
-        return all_reduce_sum(buffer, self.group, "torch_mp.pipeline")[0]
+        return self.transport.all_reduce_sum(buffer, self.group, "while summing the batch's loss")[0]
 
     def _check_agreement(self, signature: int, shapes: str, timeline: bool, refusal: Optional[str] = None) -> None:
         """Every rank runs the same schedule on the same shapes, or none runs anything; a rank
@@ -269,8 +269,8 @@ class DistributedPipe(_Pipe):
         fields = ["schedule", "stages", "stages_per_rank", "chunks", "input shapes", "stage plan", "timeline"]
         mine = [SCHEDULES.index(self.schedule), self.num_stages, self.stages_per_rank, self.chunks, signature,
                 self.plan_checksum, int(timeline), int(refusal is not None)]
-        rows = all_gather_rows(torch.tensor(mine, dtype=torch.int64, device=self.device), self.group,
-                               "torch_mp.pipeline").tolist()
+        rows = self.transport.all_gather_rows(torch.tensor(mine, dtype=torch.int64),
+                                              "while comparing the ranks' options and batch shapes").tolist()
         if refusal is not None:
             raise ValueError(refusal)
         refusing = [r for r, row in enumerate(rows) if row[-1]]
@@ -304,7 +304,7 @@ class DistributedPipe(_Pipe):
         self._check_agreement(signature, shapes, timeline, refusal)
         recorder = None
         if timeline:  # every rank's times count from the barrier's exit
-            dist.barrier(group=self.group)
+            self.transport.all_gather_rows(torch.zeros(1), "while starting a timeline (a barrier)")
             recorder = Recorder(self.rank, [self.device] * self.num_stages)
         # Tied parameters sum this step's gradients across their ranks; what earlier steps left in
         # .grad (gradient accumulation) was summed already and is set aside meanwhile.
@@ -321,7 +321,8 @@ class DistributedPipe(_Pipe):
             for (params, group) in self.ties if train else []:
                 for param in params:
                     grad = param.grad if param.grad is not None else torch.zeros_like(param)
-                    param.grad = all_reduce_sum(grad, group, "torch_mp.pipeline (tied gradients)")
+                    param.grad = self.transport.all_reduce_sum(grad, group,
+                                                               "while summing tied parameters' gradients")
             for param, grad in zip(tied, earlier):
                 if grad is not None:
                     param.grad = grad + param.grad
