@@ -426,9 +426,12 @@ def pipeline(
     Raises TypeError for a ``module`` that is not an ``nn.Module`` or a ``group`` of another type;
     ValueError for an unknown ``schedule``, ``stages_per_rank`` that does not fit it, a ``balance``
     without one entry per stage, bad ``chunks`` / ``checkpoint`` / ``batch_dim`` values, or a
-    module another torch_mp wrapper returned already; during a step, ValueError when the ranks
-    disagree on options or batch shapes or a rank refuses a gradient hook, and
-    ``torch_mp.CollectiveError`` when a peer does not answer within ``timeout``.
+    module another torch_mp wrapper returned already, or fewer layers than stages under
+    ``balance="auto"`` / ``"time"``; during a step, ValueError when the ranks disagree on options or
+    batch shapes, a rank refuses a gradient hook, or a placed module takes a tensor a later stage
+    made (a layer applied again after the last: on every rank, before any backward, naming the
+    module and its calls), and ``torch_mp.CollectiveError`` when a peer does not answer within
+    ``timeout`` (every wait of the step: sends, receives, and its own collectives).
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"pipeline: expected module to be a torch.nn.Module, got {type(module).__name__}")
