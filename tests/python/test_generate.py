@@ -108,3 +108,33 @@ def test_forward_returns_merged_cache(build):
         assert got_next.past_key_values is cache  # the caller's cache, holding the whole batch
         assert cache.get_seq_length() == 7 and cache.layers[0].keys.shape[0] == 5
 
+
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=6, deadline=None, derandomize=True)
+@given(kind=st.sampled_from(["llama", "gpt2"]), layers=st.integers(2, 4), batch=st.integers(1, 5),
+       chunks=st.integers(2, 4), padded=st.booleans(), seed=st.integers(0, 2**16))
+def test_generate_property_random_causal_lms(kind, layers, batch, chunks, padded, seed):
+    """Property: greedy generate() of a random small causal LM split with any chunks (batches of one
+    sample, fewer samples than chunks, uneven micro-batches), with or without left padding, gives
+    the dense tokens."""
+    torch.manual_seed(seed)
+    if kind == "llama":
+        dense = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            **{**TINY_LLAMA, "num_hidden_layers": layers, "initializer_range": 0.3})).eval()
+    else:
+        dense = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=64, n_positions=64, n_embd=16, n_layer=layers, n_head=2, initializer_range=0.3,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2)).eval()
+    ids = torch.randint(3, 64, (batch, 5))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[0, :2] = 0
+    model = torch_mp.split(copy.deepcopy(dense), ["cpu", "cpu"], chunks=chunks)
+    want = dense.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    assert torch.equal(got, want)
