@@ -138,3 +138,21 @@ def test_generate_property_random_causal_lms(kind, layers, batch, chunks, padded
     want = dense.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
     got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
     assert torch.equal(got, want)
+
+
+def _generate_on_ranks(rank, world):
+    dense = llama()
+    ids = torch.randint(3, 64, (4, 6))
+    model = torch_mp.pipeline(copy.deepcopy(dense), chunks=2, timeout=30)
+    with pytest.raises(ValueError, match=r"given a transformers cache \('cache': generate\(\) passes one\).*not "
+                                         r"supported yet.*torch_mp.split"):
+        model.generate(input_ids=ids, max_new_tokens=2, do_sample=False)
+
+
+def test_generate_across_ranks_is_a_clear_error():
+    """Issue 22, item 3 (not built yet): generate() on a pipeline() model fails on every rank with a
+    ValueError before the first token, instead of an error deep inside generate on the ranks whose
+    forward returns None."""
+    from distributed import run_ranks
+
+    run_ranks(2, _generate_on_ranks, timeout=180)

@@ -19,6 +19,7 @@ from torch_mp._hooks import held_post_accumulate_hooks, refused_gradient_hooks
 from torch_mp._layers import check_layers, find_layers
 from torch_mp._pipelining.batch_norm import defer_batch_norms
 from torch_mp._pipelining.compiled import StageCompilation, install_entries
+from torch_mp._pipelining.caches import is_cache
 from torch_mp._pipelining.cut import UNLIMITED, Balance, balanced_device_map
 from torch_mp._pipelining.engine import CHECKPOINTS, RankStep, placed_forward
 from torch_mp._pipelining.engine import current as current_micro_batch
@@ -211,6 +212,13 @@ class DistributedPipe(_Pipe):
         return current_micro_batch().to_last_stage(type(self.module).forward(self.module, *args, **kwargs))
 
     def forward(self, *args, **kwargs):
+        caches = [name for name, value in (*enumerate(args), *kwargs.items()) if is_cache(value)]
+        if caches:  # raised on every rank alike, before any collective
+            raise ValueError(
+                f"pipeline: the forward is given a transformers cache ({caches[0]!r}: generate() passes one), and a "
+                "cache across ranks is not supported yet: the output reaches only the last stage's rank, and the "
+                "other ranks' layers would leave meta tensors in it; expected use_cache=False, or "
+                "torch_mp.split(model, devices, chunks=...) in one process, whose generate() gives the dense tokens")
         sizes, parts = self._plan(args, kwargs)
         count = len(sizes)
         actions = [(False, s, m) for s in self.local_stages() for m in range(count)]
