@@ -1,5 +1,6 @@
 """Pipeline parallelism: micro-batches flowing through the stages of a split model, in one process
 (``split(..., chunks=M)``) or with one stage per rank (``pipeline``)."""
+import contextlib
 import datetime
 import os
 import time
@@ -324,7 +325,14 @@ class DistributedPipe(_Pipe):
             step = RankStep(self, ThreadState(), lambda m: train and self._recompute(m, count))
             if train and self.schedule in ZERO_BUBBLE:
                 step.first_slot, step.count = allocate_slots(self.num_stages * count), count
-            micro_batches = step.run(actions, works, losses, recorder)
+            try:
+                micro_batches = step.run(actions, works, losses, recorder)
+            except ValueError:
+                # Raised by the forward on every rank alike: what this rank sent before lets the
+                # others reach the same error, instead of waiting for it past the timeout.
+                with contextlib.suppress(_C.CollectiveError):
+                    self.transport.finish()
+                raise
             self.transport.finish()
             for (params, group) in self.ties if train else []:
                 for param in params:
