@@ -74,6 +74,9 @@ def split(
             callable ``(values, sizes) -> value``; one for every scalar, or a ``{output path:
             merge}`` map (``"loss"``, ``"extra.mean"``, ``"0"``). Without it a scalar output raises
             ValueError naming its path: a mean over samples is wrong for a sum or a token mean.
+            ``"cat"`` for a path declares an output whose other dims follow the micro-batch size too
+            (``[B, S]`` with S equal to it) one row per sample; without it such an output (CLIP's
+            ``[B, B]`` logits, which compare the samples of a batch) raises ValueError naming it.
         sample: inputs to time the layers on for ``balance="time"`` (a tuple, or a dict of keywords).
 
     The result has ``device_map``: ``{module name: device}`` for every placed module. Parameter
@@ -86,7 +89,11 @@ def split(
     concatenated, scalars averaged by micro-batch size; tuples, lists, dicts, ModelOutput,
     dataclasses), what the forward writes into lists and dicts passed in reaches the caller's, and
     the gradients equal the unpipelined ones up to summation order. The forward must treat samples
-    independently. Batch norm normalizes each micro-batch with its own statistics in training (what
+    independently. A transformers ``Cache`` passed in is cut into one per micro-batch holding its
+    rows (dim 0) and merged back into the caller's afterwards, and caches the forward returns are
+    merged along the batch, so ``model.generate(...)`` gives the dense tokens (after transformers'
+    ``batch_select_indices``); the pipelined forward keeps the model's signature, which
+    ``generate`` reads. Batch norm normalizes each micro-batch with its own statistics in training (what
     a layer sees of the batch), while its running statistics are updated once per batch from the
     whole batch's statistics, as without a pipeline. Pipelining after GPipe (Huang et al., 2019,
     arXiv:1811.06965) and PipeDream's 1F1B (Narayanan et al., 2019); the placement by bytes after

@@ -63,20 +63,21 @@ def tensors_in(value) -> List[torch.Tensor]:
     return found
 
 
-def copy_tensors(value, fn):
-    """``value`` with ``fn`` applied to every tensor in it; containers are copies, dataclasses too."""
+def copy_tensors(value, fn, other=None):
+    """``value`` with ``fn`` applied to every tensor in it; containers are copies, dataclasses too.
+    ``other``, when given, maps every value of another type (by default kept as it is)."""
     if isinstance(value, torch.Tensor):
         return fn(value)
     if isinstance(value, tuple) and hasattr(value, "_fields"):
-        return type(value)(*(copy_tensors(item, fn) for item in value))
+        return type(value)(*(copy_tensors(item, fn, other) for item in value))
     if isinstance(value, (list, tuple)):
-        return type(value)(copy_tensors(item, fn) for item in value)
+        return type(value)(copy_tensors(item, fn, other) for item in value)
     if isinstance(value, dict):
         copied = copy.copy(value)
         for key in list(value.keys()):
-            copied[key] = copy_tensors(value[key], fn)
+            copied[key] = copy_tensors(value[key], fn, other)
         return copied
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.replace(value, **{field.name: copy_tensors(getattr(value, field.name), fn)
+        return dataclasses.replace(value, **{field.name: copy_tensors(getattr(value, field.name), fn, other)
                                              for field in dataclasses.fields(value) if field.init})
-    return value
+    return value if other is None else other(value)

@@ -79,8 +79,11 @@ std::vector<int64_t> balance_by_size(
   }
 
   // best[j][i]: the least possible largest device load when layers [0, i) sit on devices [0, j),
-  // each device holding a contiguous run (possibly empty) that fits its capacity.
+  // each device holding a contiguous run (possibly empty) that fits its capacity; empty[j][i]: the
+  // fewest empty runs among those cuts. Among equally good cuts the one with fewest empty devices
+  // wins (parameter-free layers weigh nothing: [0, 2] would be as good as [1, 1] by load alone).
   std::vector<std::vector<int64_t>> best(k + 1, std::vector<int64_t>(n + 1, kUnlimited));
+  std::vector<std::vector<size_t>> empty(k + 1, std::vector<size_t>(n + 1, 0));
   std::vector<std::vector<size_t>> cut(k + 1, std::vector<size_t>(n + 1, 0));
   best[0][0] = 0;
   for (size_t j = 1; j <= k; ++j) {
@@ -91,8 +94,10 @@ std::vector<int64_t> balance_by_size(
           continue;
         }
         const auto worst = std::max(best[j - 1][t], load);
-        if (worst < best[j][i]) {
+        const auto empties = empty[j - 1][t] + (t == i ? 1 : 0);
+        if (worst < best[j][i] || (worst == best[j][i] && empties < empty[j][i])) {
           best[j][i] = worst;
+          empty[j][i] = empties;
           cut[j][i] = t;
         }
       }

@@ -83,6 +83,22 @@ TEST(Split, BalanceBySizeEvensOutBytes) {
   EXPECT_EQ(torch_mp::balance_by_size({10, 10, 10, 10}, {10, unlimited}), (std::vector<int64_t>{1, 3}));
 }
 
+TEST(Split, BalanceBySizeLeavesNoDeviceEmptyAmongEqualCuts) {
+  // Parameter-free layers weigh nothing: every cut is as good by load, and [0, 2] left a device idle.
+  const int64_t unlimited = std::numeric_limits<int64_t>::max();
+  EXPECT_EQ(torch_mp::balance_by_size({0, 0}, {unlimited, unlimited}), (std::vector<int64_t>{1, 1}));
+  for (const auto& counts : {torch_mp::balance_by_size({0, 0, 0, 0}, {unlimited, unlimited, unlimited}),
+                             torch_mp::balance_by_size({7, 0, 0}, {unlimited, unlimited}),
+                             torch_mp::balance_by_size({0, 0, 7}, {unlimited, unlimited, unlimited})}) {
+    for (const auto count : counts) {
+      EXPECT_GE(count, 1);
+    }
+  }
+  // Fewer layers than devices, or a capacity that holds nothing: empty runs remain possible.
+  EXPECT_EQ(torch_mp::balance_by_size({5}, {unlimited, unlimited}).size(), 2u);
+  EXPECT_EQ(torch_mp::balance_by_size({5, 5}, {0, unlimited}), (std::vector<int64_t>{0, 2}));
+}
+
 TEST(Split, BadInputIsAClearError) {
   EXPECT_NE(error_of([] { torch_mp::split(make_mlp(), two_stages(), torch_mp::SplitOptions().balance({1, 1})); })
                 .find("adds up to 2 layers but the model has 5 layers"),

@@ -440,11 +440,13 @@ def _rotary_out_of_order(rank, world):
 
 
 def test_a_module_called_before_its_stage_is_named_in_the_error():
-    """Rank 1 holds stages 1 and 3 (stage 0 holds no layer: balanced by bytes, the embedding weighs
-    most); the rotary table, cut with stage 3, runs before stage 1's embedding: the error names both
-    and how to place them; rank 0 fails with a CollectiveError (its peer left) instead of hanging."""
+    """Rank 1 holds stages 1 and 3 (one layer each, the embedding with stage 0's); the rotary table,
+    cut with stage 3, runs first, and its output reaches stage 1's layer: an activation flowing back
+    to an earlier stage. Every rank raises a ValueError naming both modules and how to place them,
+    instead of hanging."""
     results = run_ranks_until_death(2, _rotary_out_of_order, timeout=120)
-    assert results[1][0] == "ValueError", results
-    assert "calls module 'embed' (stage 1) after module 'rotary' (stage 3) on rank 1" in results[1][1]
-    assert "belongs in layers=, in the order the forward calls it" in results[1][1]
-    assert results[0][0] == "CollectiveError", results
+    for rank in (0, 1):
+        assert results[rank][0] == "ValueError", results
+        assert ("calls module 'layers.1' (stage 1) at call 4 of its placed modules on a tensor that stage 3 made "
+                "(module 'rotary')") in results[rank][1]
+        assert "pass balance= or layers= so that they are" in results[rank][1]

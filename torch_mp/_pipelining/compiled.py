@@ -18,6 +18,7 @@ from typing import Callable, Dict, Optional
 import torch
 from torch import nn
 
+from torch_mp._pipelining.microbatch import forward_signature
 from torch_mp._state import state_of
 
 Compiler = Callable[[Callable], Callable]
@@ -101,16 +102,28 @@ def install_entries(module: nn.Module, pipe) -> None:
         pipe.compilation.compile_with(*args, **kwargs)
         _run_eagerly(module, pipe)
 
-    module.forward, module.train_step = pipe.forward, pipe.train_step
+    module.forward, module.train_step = _forward_entry(module, pipe), pipe.train_step
     module.compile = compile_stages
     if "torch._dynamo" in sys.modules:  # otherwise done when a compiler first takes the module in
         _run_eagerly(module, pipe)
 
 
+def _forward_entry(module: nn.Module, pipe) -> Callable:
+    """``pipe.forward`` with the signature of the module's own forward: callers read it
+    (transformers' ``generate`` passes ``position_ids`` and ``attention_mask`` only to a forward
+    that names them)."""
+    def forward(*args, **kwargs):
+        return pipe.forward(*args, **kwargs)
+
+    forward.__signature__ = forward_signature(module)
+    return forward
+
+
 def _run_eagerly(module: nn.Module, pipe) -> None:
     import torch._dynamo
 
-    module.forward = torch._dynamo.disable(pipe.forward, reason="torch_mp: a pipeline's schedule runs eagerly")
+    module.forward = torch._dynamo.disable(_forward_entry(module, pipe),
+                                           reason="torch_mp: a pipeline's schedule runs eagerly")
     module.train_step = torch._dynamo.disable(pipe.train_step,
                                               reason="torch_mp: a pipeline's schedule runs eagerly")
 

@@ -79,6 +79,10 @@ def balanced_device_map(module, layer_names, devices, balance, capacities, layer
         if balance not in ("auto", "time"):
             raise ValueError(f"split: balance={balance!r}; expected 'auto', 'time', a list of layer counts per "
                              "device, or a {module name: device} map")
+        if len(layer_names) < len(devices):
+            raise ValueError(f"split: balance={balance!r} cuts {len(layer_names)} layer(s) {layer_names} into "
+                             f"{len(devices)} stages, which leaves a stage without layers; expected at least "
+                             f"{len(devices)} layers (pass layers=[...] naming more modules, or fewer devices)")
         counts = (_C._balance_by_size(sizes, capacities) if balance == "auto"
                   else _C._balance_by_size(layer_costs, [UNLIMITED] * len(devices)))
     else:

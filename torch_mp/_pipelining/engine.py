@@ -137,6 +137,7 @@ class MicroBatch:
         self.started_at = 0.0  # when the running F action started (for a timeline)
         self.depth = 0
         self.entered: Optional[torch.nn.Module] = None  # the last local module called (for errors)
+        self.calls: List[Tuple[torch.nn.Module, int]] = []  # (placed module, stage) in call order, every rank's
         self.sent: List[Tuple[torch.Tensor, int, tuple]] = []  # (tensor, dst rank, key)
         self.received: List[Tuple[torch.Tensor, int, tuple]] = []  # (leaf, src rank, key)
         self._sent_to: set = set()
@@ -347,6 +348,7 @@ def placed_forward(pipe, original: Callable, stage: int, module: torch.nn.Module
         if micro_batch is None or micro_batch.step.pipe is not pipe or micro_batch.depth:
             return original(*args, **kwargs)
         step = micro_batch.step
+        _check_flows_forward(micro_batch, module, stage, (args, kwargs))
         micro_batch.depth += 1
         try:
             if step.rank_of(stage) == step.rank:
@@ -481,6 +483,30 @@ def _recomputed(pipe, stage: int, module: torch.nn.Module, original: Callable, a
         return original(*args, **kwargs)
     with drawing_from(state, pipe.device):
         return original(*args, **kwargs)
+
+
+def _check_flows_forward(micro_batch: MicroBatch, module: torch.nn.Module, stage: int, values) -> None:
+    """A placed module of ``stage`` called on a tensor a later stage made (a layer applied again
+    after the last block) would send activations back to an earlier stage, whose backward then
+    waits for the later stage's and the later stage's for it: a ValueError on every rank (each
+    runs the same forward, so each raises here, before any backward) instead of a hang."""
+    origins = [micro_batch.step.origin.get(t) for t in tensors_in(values)]
+    late = max((o for o in origins if o is not None), default=stage)
+    micro_batch.calls.append((module, stage))
+    if late <= stage:
+        return
+    names = {m: n for n, m in micro_batch.step.pipe.module.named_modules()}
+    positions = [i + 1 for i, (called, _) in enumerate(micro_batch.calls) if called is module]
+    maker = next(names.get(m, "?") for m, s in reversed(micro_batch.calls[:-1]) if s == late)
+    uses = (f"; it was called at call {', '.join(map(str, positions[:-1]))} of the forward too"
+            if len(positions) > 1 else "")
+    raise ValueError(
+        f"pipeline: micro-batch {micro_batch.index}'s forward calls module {names.get(module, '?')!r} (stage {stage}) "
+        f"at call {positions[-1]} of its placed modules on a tensor that stage {late} made (module {maker!r}){uses}: "
+        "its activations would flow back to an earlier stage, whose backward then waits for the later one's "
+        "and the later one's for it. Expected each placed module to take only what earlier stages made: a "
+        "module used at two places belongs with both in one stage (pass balance= or layers= so that they "
+        "are), or run the model with torch_mp.split in one process")
 
 
 class _Pooled:

@@ -9,12 +9,14 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 import torch
 from torch import nn
 
+from torch_mp._pipelining.caches import cut_cache, is_cache, merge_caches
 from torch_mp._tensors import copy_tensors, map_tensors, tensors_in
 
 ChunkSpec = Optional[Mapping[str, Optional[int]]]
 ScalarMerge = Union[str, Callable[[List[torch.Tensor], List[int]], torch.Tensor]]
 OutputMerge = Optional[Union[ScalarMerge, Mapping[str, ScalarMerge]]]
 SCALAR_MERGES = ("mean", "sum")
+ROWS = "cat"  # an output whose other dims follow the micro-batch size too, declared one row per sample
 
 
 def forward_signature(module: nn.Module) -> inspect.Signature:
@@ -36,7 +38,7 @@ def check_chunk_spec(chunk_spec: ChunkSpec) -> Dict[str, Optional[int]]:
 
 def check_output_merge(output_merge: OutputMerge) -> OutputMerge:
     def valid(how) -> bool:
-        return (isinstance(how, str) and how in SCALAR_MERGES) or (callable(how) and not isinstance(how, str))
+        return (isinstance(how, str) and how in SCALAR_MERGES + (ROWS,)) or (callable(how) and not isinstance(how, str))
 
     if output_merge is None or valid(output_merge):
         return output_merge
@@ -44,13 +46,18 @@ def check_output_merge(output_merge: OutputMerge) -> OutputMerge:
                                                  for path, how in output_merge.items()):
         return dict(output_merge)
     raise TypeError(f"pipeline: output_merge = {output_merge!r}; expected 'mean', 'sum', a callable (values, "
-                    "micro-batch sizes) -> value, or a {output path ('loss', 'extra.mean', '0'): one of those} map")
+                    "micro-batch sizes) -> value (for scalar outputs), 'cat' (for outputs with one row per sample whose "
+                    "other dims follow the micro-batch size too), or a {output path ('loss', 'extra.mean', '0'): "
+                    "one of those} map")
 
 
 def _merge_scalars(outputs: List[torch.Tensor], sizes: List[int], merge: OutputMerge, path: str) -> torch.Tensor:
     """The batch's value of a scalar output, as ``merge`` says; without a word on it, an error: a
     mean over samples is wrong for a sum, or for a mean over tokens with padding."""
-    how = merge.get(path) if isinstance(merge, dict) else merge
+    how = _merge_for(merge, path)
+    if how == ROWS:
+        raise ValueError(f"pipeline: output_merge says 'cat' for output {path!r}, which is a scalar in each "
+                         "micro-batch; expected 'mean', 'sum' or a callable (values, micro-batch sizes) -> value")
     if how is None:
         name = repr(path) if path else "(the whole output)"
         example = f"{{{path!r}: 'mean'}}" if path else "'mean'"
@@ -65,6 +72,19 @@ def _merge_scalars(outputs: List[torch.Tensor], sizes: List[int], merge: OutputM
     if how == "sum":
         return sum(outputs)
     return how(outputs, list(sizes))
+
+
+def _merge_for(merge: OutputMerge, path: str):
+    return merge.get(path) if isinstance(merge, dict) else merge
+
+
+def _coupled_dims(outputs: List[torch.Tensor], sizes: List[int], batch_dim: int) -> List[int]:
+    """The dims other than ``batch_dim`` whose size is the micro-batch size in every micro-batch
+    (never those of micro-batches of one sample each, where a dim of 1 says nothing)."""
+    if all(size == 1 for size in sizes):
+        return []
+    return [d for d in range(outputs[0].dim()) if d != batch_dim
+            and all(out.dim() == outputs[0].dim() and out.shape[d] == size for out, size in zip(outputs, sizes))]
 
 
 def _path(path: str, key) -> str:
@@ -153,10 +173,13 @@ class BatchPlan:
         return dim
 
     def cut(self, values, sizes: List[int]) -> List:
-        """One copy of ``values`` per micro-batch (containers copied, the caller's left as they are)."""
+        """One copy of ``values`` per micro-batch (containers copied, the caller's left as they are;
+        a transformers cache cut into one holding the micro-batch's rows: ``caches``)."""
         parts, start = [], 0
         for size in sizes:
-            parts.append(copy_tensors(values, lambda t, start=start, size=size: self._narrow(t, start, size)))
+            parts.append(copy_tensors(
+                values, lambda t, start=start, size=size: self._narrow(t, start, size),
+                lambda v, start=start, size=size: cut_cache(v, start, size, self.batch) if is_cache(v) else v))
             start += size
         return parts
 
@@ -198,6 +221,17 @@ def merge_outputs(outputs: List, sizes: List[int], batch_dim: int, merge: Output
         if first.dim() == 0:
             return _merge_scalars(outputs, sizes, merge, path)
         if first.dim() > batch_dim and all(out.shape[batch_dim] == size for out, size in zip(outputs, sizes)):
+            coupled = _coupled_dims(outputs, sizes, batch_dim)
+            if coupled and _merge_for(merge, path) != ROWS:
+                name = repr(path) if path else "(the whole output)"
+                example = f"{{{path!r}: 'cat'}}" if path else "'cat'"
+                raise ValueError(
+                    f"pipeline: output {name} has shapes {[list(out.shape) for out in outputs]} in micro-batches of "
+                    f"{sizes} samples: besides batch_dim {batch_dim}, dims {coupled} follow the micro-batch size too, "
+                    "as in an output that couples the samples of a batch (contrastive logits [B, B], a statistic "
+                    "over the batch), which no merge of the micro-batches' outputs gives; expected outputs with one "
+                    "row per sample (compute such a value from them outside the pipeline, or use chunks=1), or pass "
+                    f"output_merge={example} if it does hold one row per sample along batch_dim {batch_dim}")
             return torch.cat(outputs, dim=batch_dim)
         if all(out is first or (out.shape == first.shape and torch.equal(out, first)) for out in outputs):
             return first  # the same in every micro-batch: not per sample
@@ -220,6 +254,8 @@ def merge_outputs(outputs: List, sizes: List[int], batch_dim: int, merge: Output
             field.name: merge_outputs([getattr(out, field.name) for out in outputs], sizes, batch_dim, merge,
                                       _path(path, field.name))
             for field in dataclasses.fields(first) if field.init})
+    if is_cache(first):
+        return merge_caches(outputs, sizes, path)
     if all(_same(out, first) for out in outputs):  # Python values: flags, sizes, strings, None
         return first
     raise TypeError(f"pipeline: the micro-batches' outputs hold {type(first).__name__} objects that differ, which "
@@ -261,6 +297,8 @@ def write_back(original, parts: List, sizes: List[int], batch_dim: int, merge: O
         for i, item in enumerate(original):
             if isinstance(item, (dict, list, tuple)):
                 write_back(item, [part[i] for part in parts], sizes, batch_dim, merge, _path(path, i))
+            elif is_cache(item):
+                merge_caches([part[i] for part in parts], sizes, _path(path, i))
 
 
 def loss_weights(sizes: List[int], target, normalizer) -> List[float]:

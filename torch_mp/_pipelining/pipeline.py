@@ -1,5 +1,6 @@
 """Pipeline parallelism: micro-batches flowing through the stages of a split model, in one process
 (``split(..., chunks=M)``) or with one stage per rank (``pipeline``)."""
+import contextlib
 import datetime
 import os
 import time
@@ -14,11 +15,12 @@ from torch import nn
 
 from torch_mp import _C
 from torch_mp._devices import check_device
-from torch_mp._group import GroupLike, all_gather_rows, all_reduce_sum, process_group_of, resolve_group
+from torch_mp._group import GroupLike, all_reduce_sum, process_group_of, resolve_group
 from torch_mp._hooks import held_post_accumulate_hooks, refused_gradient_hooks
 from torch_mp._layers import check_layers, find_layers
 from torch_mp._pipelining.batch_norm import check_batch_statistics, defer_batch_norms
 from torch_mp._pipelining.compiled import StageCompilation, install_entries
+from torch_mp._pipelining.caches import is_cache
 from torch_mp._pipelining.cut import UNLIMITED, Balance, balanced_device_map
 from torch_mp._pipelining.engine import CHECKPOINTS, RankStep, placed_forward
 from torch_mp._pipelining.engine import current as current_micro_batch
@@ -214,6 +216,13 @@ class DistributedPipe(_Pipe):
         return current_micro_batch().to_last_stage(type(self.module).forward(self.module, *args, **kwargs))
 
     def forward(self, *args, **kwargs):
+        caches = [name for name, value in (*enumerate(args), *kwargs.items()) if is_cache(value)]
+        if caches:  # raised on every rank alike, before any collective
+            raise ValueError(
+                f"pipeline: the forward is given a transformers cache ({caches[0]!r}: generate() passes one), and a "
+                "cache across ranks is not supported yet: the output reaches only the last stage's rank, and the "
+                "other ranks' layers would leave meta tensors in it; expected use_cache=False, or "
+                "torch_mp.split(model, devices, chunks=...) in one process, whose generate() gives the dense tokens")
         sizes, parts = self._plan(args, kwargs)
         count = len(sizes)
         actions = [(False, s, m) for s in self.local_stages() for m in range(count)]
@@ -264,7 +273,7 @@ class DistributedPipe(_Pipe):
         loss = sum(loss.detach() for loss in losses) if last else None
         # The batch's loss on every rank, sent from the rank holding the last stage.
         buffer = loss.reshape(1).float() if loss is not None else torch.zeros(1, device=self.device)
-        return all_reduce_sum(buffer, self.group, "torch_mp.pipeline")[0]
+        return self.transport.all_reduce_sum(buffer, self.group, "while summing the batch's loss")[0]
 
     def _check_agreement(self, signature: int, shapes: str, timeline: bool, refusal: Optional[str] = None) -> None:
         """Every rank runs the same schedule on the same shapes, or none runs anything; a rank
@@ -272,8 +281,8 @@ class DistributedPipe(_Pipe):
         fields = ["schedule", "stages", "stages_per_rank", "chunks", "input shapes", "stage plan", "timeline"]
         mine = [SCHEDULES.index(self.schedule), self.num_stages, self.stages_per_rank, self.chunks, signature,
                 self.plan_checksum, int(timeline), int(refusal is not None)]
-        rows = all_gather_rows(torch.tensor(mine, dtype=torch.int64, device=self.device), self.group,
-                               "torch_mp.pipeline").tolist()
+        rows = self.transport.all_gather_rows(torch.tensor(mine, dtype=torch.int64),
+                                              "while comparing the ranks' options and batch shapes").tolist()
         if refusal is not None:
             raise ValueError(refusal)
         refusing = [r for r, row in enumerate(rows) if row[-1]]
@@ -307,7 +316,7 @@ class DistributedPipe(_Pipe):
         self._check_agreement(signature, shapes, timeline, refusal)
         recorder = None
         if timeline:  # every rank's times count from the barrier's exit
-            dist.barrier(group=self.group)
+            self.transport.all_gather_rows(torch.zeros(1), "while starting a timeline (a barrier)")
             recorder = Recorder(self.rank, [self.device] * self.num_stages)
         # Tied parameters sum this step's gradients across their ranks; what earlier steps left in
         # .grad (gradient accumulation) was summed already and is set aside meanwhile.
@@ -319,12 +328,20 @@ class DistributedPipe(_Pipe):
             step = RankStep(self, ThreadState(), lambda m: train and self._recompute(m, count))
             if train and self.schedule in ZERO_BUBBLE:
                 step.first_slot, step.count = allocate_slots(self.num_stages * count), count
-            micro_batches = step.run(actions, works, losses, recorder)
+            try:
+                micro_batches = step.run(actions, works, losses, recorder)
+            except ValueError:
+                # Raised by the forward on every rank alike: what this rank sent before lets the
+                # others reach the same error, instead of waiting for it past the timeout.
+                with contextlib.suppress(_C.CollectiveError):
+                    self.transport.finish()
+                raise
             self.transport.finish()
             for (params, group) in self.ties if train else []:
                 for param in params:
                     grad = param.grad if param.grad is not None else torch.zeros_like(param)
-                    param.grad = all_reduce_sum(grad, group, "torch_mp.pipeline (tied gradients)")
+                    param.grad = self.transport.all_reduce_sum(grad, group,
+                                                               "while summing tied parameters' gradients")
             for param, grad in zip(tied, earlier):
                 if grad is not None:
                     param.grad = grad + param.grad
@@ -428,11 +445,14 @@ def pipeline(
     Raises TypeError for a ``module`` that is not an ``nn.Module`` or a ``group`` of another type;
     ValueError for an unknown ``schedule``, ``stages_per_rank`` that does not fit it, a ``balance``
     without one entry per stage, bad ``chunks`` / ``checkpoint`` / ``batch_dim`` values, or a
-    module another torch_mp wrapper returned already; during a step, ValueError when the ranks
-    disagree on options or batch shapes, a rank refuses a gradient hook, the model computes a
-    statistic over the whole batch in more than one micro-batch (as for ``split``), or a reentrant
-    ``torch.utils.checkpoint`` wraps another rank's layer with several stages per rank; and
-    ``torch_mp.CollectiveError`` when a peer does not answer within ``timeout``.
+    module another torch_mp wrapper returned already, or fewer layers than stages under
+    ``balance="auto"`` / ``"time"``; during a step, ValueError when the ranks disagree on options or
+    batch shapes, a rank refuses a gradient hook, the model computes a statistic over the whole batch
+    in more than one micro-batch (as for ``split``), a reentrant ``torch.utils.checkpoint`` wraps
+    another rank's layer with several stages per rank, or a placed module takes a tensor a later
+    stage made (a layer applied again after the last: on every rank, before any backward, naming the
+    module and its calls); and ``torch_mp.CollectiveError`` when a peer does not answer within
+    ``timeout`` (every wait of the step: sends, receives, and its own collectives).
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"pipeline: expected module to be a torch.nn.Module, got {type(module).__name__}")

@@ -1,5 +1,5 @@
-"""Activations and gradients between pipeline ranks over c10d send/recv, each wait bounded by the
-group's timeout."""
+"""Activations and gradients between pipeline ranks over c10d send/recv, and the step's own
+collectives (its checks, the loss, tied gradients); each wait bounded by the pipeline's timeout."""
 import contextlib
 import datetime
 import re
@@ -103,6 +103,25 @@ class GroupTransport:
             raise _C.CollectiveError(f"torch_mp.pipeline: {self._where()} got no answer within "
                                      f"{self.timeout.total_seconds():g} s {doing}: a peer rank has died or "
                                      "runs a different schedule")
+
+    def all_gather_rows(self, tensor: torch.Tensor, doing: str) -> torch.Tensor:
+        """Every rank's ``tensor`` stacked along a new dim 0, in rank order; the wait bounded by the
+        pipeline's timeout (a CollectiveError past it), as every other wait of a step is."""
+        tensor = tensor.to(self.device).contiguous()
+        rows = [torch.empty_like(tensor) for _ in range(self.group_size)]
+        with self._failing(doing):
+            work = dist.all_gather(rows, tensor, group=self.group, async_op=True)
+        self._wait(work, doing)
+        return torch.stack(rows)
+
+    def all_reduce_sum(self, tensor: torch.Tensor, group, doing: str) -> torch.Tensor:
+        """The sum of ``tensor`` over ``group`` (this pipeline's, or a subgroup of it), bounded as
+        ``all_gather_rows`` is."""
+        summed = tensor.to(self.device).contiguous().clone()
+        with self._failing(doing):
+            work = dist.all_reduce(summed, group=group, async_op=True)
+        self._wait(work, doing)
+        return summed
 
     def finish(self) -> None:
         for work, _, dst in self._pending:

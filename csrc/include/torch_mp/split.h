@@ -38,7 +38,8 @@ using LossFunction = std::function<at::Tensor(const at::Tensor& output, const at
 
 // The layer count of each device that balance by size: layer_bytes (bytes of parameters and buffers
 // per layer, in order) cut into capacities.size() contiguous runs (some possibly empty), run i
-// holding at most capacities[i] bytes, with the largest run as small as possible. c10::ValueError
+// holding at most capacities[i] bytes, with the largest run as small as possible and, among those
+// cuts, the fewest empty runs (none when there are as many layers as devices and they fit). c10::ValueError
 // when there are no layers or no devices, a size is negative, or no cut fits the capacities.
 std::vector<int64_t> balance_by_size(
     const std::vector<int64_t>& layer_bytes,
