@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from torch_mp._tensor_parallel import moe
+from torch_mp._tensor_parallel.dropout import DenseDropoutRegion
 from torch_mp._group import GroupInfo, GroupLike, all_gather_rows, resolve_group
 from torch_mp._hooks import linear_hook
 from torch_mp._tensor_parallel.sharding import COLWISE, HEADS, ROWWISE, VOCAB, ShardSpec, shard
@@ -186,6 +187,7 @@ def tensor_parallel(module: nn.Module, plan: Union[str, Plan] = "auto", group: G
         summed = {id(p) for name in grad_sums for p in module.get_submodule(name).parameters()}
         _sequence_parallel(module, sequence_blocks, info, summed, chunks)
     _share_input_copies(module)
+    _dense_dropout_regions(module, specs, info, sequence_blocks)
     styles = {name: _style_name(spec) for name, spec in specs.items()}
     styles.update({name: GRAD_SUM for name in grad_sums})
     styles.update({name: MOE for name in moe_blocks})
@@ -749,6 +751,25 @@ def _sequence_parallel(module: nn.Module, blocks: List[str], info, summed=frozen
     first, last = module.get_submodule(blocks[0]), module.get_submodule(blocks[-1])
     first.register_forward_pre_hook(_MapHiddenStates(_SequenceOp("scatter_to_tp", info)), with_kwargs=True)
     last.register_forward_hook(_GatherOutput(info))
+
+
+def _dense_dropout_regions(module: nn.Module, specs: Dict[str, ShardSpec], info: GroupInfo,
+                           sequence_blocks: List[str]) -> None:
+    """Dropout on sharded activations draws the dense model's masks (torch_mp._tensor_parallel.dropout):
+    in attentions cut by heads, in the other modules holding column-parallel layers (MLPs: their
+    widths on this rank) and in sequence-parallel blocks."""
+    if info.size == 1:
+        return
+    for name, owner in _owners_of_shards(module, specs):
+        if head_count_attributes(owner) or "Attention" in type(owner).__name__:
+            DenseDropoutRegion(info, heads=True).install(owner)
+        else:
+            columns = [spec for child, spec in specs.items()
+                       if child.rpartition(".")[0] == name and spec.style == COLWISE and not spec.gather_output]
+            widths = {part // info.size for spec in columns for part in (*spec.parts, sum(spec.parts))}
+            DenseDropoutRegion(info, widths=widths).install(owner)
+    for name in sequence_blocks:
+        DenseDropoutRegion(info, sequence_dim=SEQUENCE_DIM).install(module.get_submodule(name))
 
 
 def _share_input_copies(module: nn.Module) -> None:

@@ -1,0 +1,164 @@
+"""Dropout under tensor parallelism draws the dense model's masks (torch_mp._tensor_parallel.dropout).
+
+Every rank is seeded alike (distributed.py), as the dense model has one generator: a sharded model
+with dropout on then gives the dense model's outputs, gradients and steps, the sharded activations
+(attention probabilities by heads, sequence-parallel activations) cut from the dense mask and the
+replicated ones dropped alike on every rank.
+"""
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import torch_mp
+from distributed import run_ranks
+
+transformers = pytest.importorskip("transformers")
+
+RTOL, ATOL = 1e-4, 1e-5  # whole models, as test_tensor_parallel_wrapper.py
+
+
+def gpt2(attn_implementation="sdpa", attn_pdrop=0.1, resid_pdrop=0.1, embd_pdrop=0.1):
+    config = transformers.GPT2Config(vocab_size=128, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                                     attn_pdrop=attn_pdrop, resid_pdrop=resid_pdrop, embd_pdrop=embd_pdrop,
+                                     use_cache=False, bos_token_id=0, eos_token_id=0)
+    config._attn_implementation = attn_implementation
+    return transformers.GPT2LMHeadModel(config)
+
+
+def llama(attn_implementation="sdpa"):
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=32,
+                                      attention_dropout=0.1, use_cache=False, bos_token_id=0, eos_token_id=0,
+                                      pad_token_id=0)
+    config._attn_implementation = attn_implementation
+    return transformers.LlamaForCausalLM(config)
+
+
+def loss_of(model, ids):
+    return model(ids, labels=ids).loss
+
+
+def gathered(t, world):
+    parts = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(parts, t.contiguous())
+    return parts
+
+
+def dropped_alike(a, b, valid):
+    """The share of valid positions that two heads both drop or both keep."""
+    return ((a == 0) == (b == 0))[valid].float().mean().item()
+
+
+def check_heads_drop_their_own_positions(rank, world):
+    """GPT-2 with attn_pdrop=0.5: rank 1's head 0 is the dense model's head 2 and drops its positions,
+    not rank 0's head 0's (before the fix: 100% alike)."""
+    torch.manual_seed(0)
+    dense = gpt2("eager", attn_pdrop=0.5, resid_pdrop=0.0, embd_pdrop=0.0).train()
+    sharded = torch_mp.tensor_parallel(copy.deepcopy(dense))
+    ids = torch.randint(0, 128, (2, 16))
+    torch.manual_seed(1)
+    expected = dense(ids, output_attentions=True).attentions[0]  # [batch, 4 heads, query, key]
+    torch.manual_seed(1)
+    actual = sharded(ids, output_attentions=True).attentions[0]  # [batch, 2 heads of this rank, ...]
+    heads = expected.shape[1] // world
+    mine = expected[:, rank * heads:(rank + 1) * heads]
+    assert torch.equal(actual == 0, mine == 0), "this rank's heads drop other positions than the dense model's"
+    torch.testing.assert_close(actual, mine, rtol=RTOL, atol=ATOL)
+    valid = torch.ones(16, 16, dtype=torch.bool).tril().expand(2, 16, 16)
+    first_heads = gathered(actual[:, 0], world)
+    agreement = dropped_alike(first_heads[0], first_heads[1], valid)
+    assert agreement == dropped_alike(expected[:, 0], expected[:, heads], valid)
+    assert 0.35 < agreement < 0.65, agreement
+
+
+def test_heads_on_different_ranks_drop_different_positions():
+    run_ranks(2, check_heads_drop_their_own_positions)
+
+
+def assert_dense_steps(dense, sharded, ids, name, steps=3):
+    """Several SGD steps with dropout on: the dense losses, and at the end the dense weights."""
+    optimizers = [torch.optim.SGD(model.parameters(), lr=0.5) for model in (dense, sharded)]
+    for step in range(steps):
+        losses = []
+        for model, optimizer in zip((dense, sharded), optimizers):
+            torch.manual_seed(100 + step)
+            loss = loss_of(model, ids)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.detach())
+        torch.testing.assert_close(losses[1], losses[0], rtol=RTOL, atol=ATOL, msg=f"{name} step {step} loss")
+    reference = dense.state_dict()
+    state = torch_mp.full_state_dict(sharded)
+    for key in reference:
+        torch.testing.assert_close(state[key], reference[key], rtol=RTOL, atol=ATOL, msg=f"{name} {key}")
+
+
+def check_dense_numbers_with_dropout(rank, world, sequence_parallel):
+    for make, implementation in ((gpt2, "sdpa"), (gpt2, "eager"), (llama, "sdpa"), (llama, "eager")):
+        name = f"{make.__name__} {implementation} sequence_parallel={sequence_parallel}"
+        torch.manual_seed(0)
+        dense = make(implementation).train()
+        sharded = torch_mp.tensor_parallel(copy.deepcopy(dense), sequence_parallel=sequence_parallel)
+        ids = torch.randint(0, 128, (2, 8 * world))
+        # The masks really drop: two draws differ.
+        assert not torch.equal(loss_of(dense, ids), loss_of(dense, ids)), name
+        assert_dense_steps(dense, sharded, ids, name)
+        # Replicated activations (the embeddings, the blocks' outputs but under sequence parallelism
+        # the last one's only, the logits) are the same on every rank.
+        torch.manual_seed(7)
+        output = sharded(ids, output_hidden_states=True)
+        hidden = output.hidden_states
+        replicated = (hidden[0], hidden[-1]) if sequence_parallel else hidden
+        for t in (*replicated, output.logits):
+            copies = gathered(t.detach(), world)
+            assert all(torch.equal(c, copies[0]) for c in copies), name
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_dropout_gives_the_dense_steps(sequence_parallel):
+    run_ranks(2, check_dense_numbers_with_dropout, sequence_parallel, timeout=400)
+
+
+def steps(model, optimizer, ids, count):
+    losses = []
+    for _ in range(count):
+        loss = loss_of(model, ids)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.detach())
+    return torch.stack(losses)
+
+
+def check_recomputation_and_resume(rank, world, folder):
+    # Activation checkpointing: the recomputed forward draws the masks its forward drew (the shared
+    # stream is restored by torch.utils.checkpoint), so the steps are still the dense model's.
+    for use_reentrant in (False, True):
+        torch.manual_seed(0)
+        dense = gpt2().train()
+        sharded = torch_mp.tensor_parallel(copy.deepcopy(dense))
+        for model in (dense, sharded):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        assert_dense_steps(dense, sharded, torch.randint(0, 128, (2, 16)), f"checkpointed {use_reentrant=}")
+
+    # Resume: torch_mp.save keeps the shared stream's state, load restores it: the masks after a
+    # resume are those of the uninterrupted run.
+    torch.manual_seed(0)
+    model = torch_mp.tensor_parallel(llama())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = torch.randint(0, 128, (2, 16))
+    steps(model, optimizer, ids, 2)
+    torch_mp.save(model, f"{folder}/checkpoint", optimizer)
+    uninterrupted = steps(model, optimizer, ids, 3)
+    torch.manual_seed(123)  # another state: load must restore the saved one
+    resumed_model = torch_mp.tensor_parallel(llama())
+    resumed_optimizer = torch.optim.AdamW(resumed_model.parameters(), lr=1e-2)
+    torch_mp.load(resumed_model, f"{folder}/checkpoint", resumed_optimizer)
+    assert torch.equal(steps(resumed_model, resumed_optimizer, ids, 3), uninterrupted)
+
+
+def test_recomputation_and_resume_draw_the_same_masks(tmp_path):
+    run_ranks(2, check_recomputation_and_resume, str(tmp_path), timeout=400)
