@@ -162,3 +162,30 @@ def check_recomputation_and_resume(rank, world, folder):
 
 def test_recomputation_and_resume_draw_the_same_masks(tmp_path):
     run_ranks(2, check_recomputation_and_resume, str(tmp_path), timeout=400)
+
+
+def test_split_micro_batches_draw_masks_of_their_own():
+    """Under split, dropout draws from the one generator of the process. With one micro-batch the
+    draws are the dense model's (same order, same shapes): the dense numbers. With several, each
+    micro-batch draws its own [batch / chunks, ...] mask, in the order the stage threads reach the
+    generator: not the dense model's masks (nor the same from run to run), but masks of their own,
+    none repeated across micro-batches or stages, each dropping p of the positions."""
+    torch.manual_seed(0)
+    dense = gpt2().train()
+    ids = torch.randint(0, 128, (4, 16))
+    torch.manual_seed(5)
+    expected = loss_of(dense, ids)
+    torch.manual_seed(5)
+    assert torch.equal(loss_of(torch_mp.split(copy.deepcopy(dense), ["cpu", "cpu"], chunks=1), ids), expected)
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Dropout(0.5), torch.nn.Linear(64, 64),
+                                torch.nn.Dropout(0.5))
+    masks = []
+    for layer in (model[1], model[3]):
+        layer.register_forward_hook(lambda module, args, output: masks.append(output == 0))
+    torch_mp.split(model, ["cpu", "cpu"], chunks=2, layers=["0", "1", "2", "3"])(torch.randn(8, 64))
+    assert len(masks) == 4 and all(mask.shape == (4, 64) for mask in masks)
+    for i, mask in enumerate(masks):
+        assert 0.35 < mask.float().mean() < 0.65
+        for other in masks[i + 1:]:
+            assert 0.35 < (mask == other).float().mean() < 0.65
