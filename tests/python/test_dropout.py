@@ -36,6 +36,23 @@ def llama(attn_implementation="sdpa"):
     return transformers.LlamaForCausalLM(config)
 
 
+def t5(attn_implementation="eager"):
+    # Dropout between the MLP's wi and wo, on features sharded by the column-parallel wi.
+    config = transformers.T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                   relative_attention_num_buckets=8, dropout_rate=0.1, decoder_start_token_id=0)
+    return transformers.T5ForConditionalGeneration(config)
+
+
+def bart(attn_implementation="sdpa"):
+    # activation_dropout between fc1 and fc2, children of the layer itself; dropout after fc2 (replicated).
+    config = transformers.BartConfig(vocab_size=128, d_model=32, encoder_layers=2, decoder_layers=2,
+                                     encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                     decoder_ffn_dim=64, max_position_embeddings=64, dropout=0.1,
+                                     attention_dropout=0.1, activation_dropout=0.1)
+    config._attn_implementation = attn_implementation
+    return transformers.BartForConditionalGeneration(config)
+
+
 def loss_of(model, ids):
     return model(ids, labels=ids).loss
 
@@ -97,7 +114,10 @@ def assert_dense_steps(dense, sharded, ids, name, steps=3):
 
 
 def check_dense_numbers_with_dropout(rank, world, sequence_parallel):
-    for make, implementation in ((gpt2, "sdpa"), (gpt2, "eager"), (llama, "sdpa"), (llama, "eager")):
+    cases = [(gpt2, "sdpa"), (gpt2, "eager"), (llama, "sdpa"), (llama, "eager")]
+    if not sequence_parallel:  # encoder-decoders: no sequence parallel blocks
+        cases += [(t5, "eager"), (bart, "sdpa")]
+    for make, implementation in cases:
         name = f"{make.__name__} {implementation} sequence_parallel={sequence_parallel}"
         torch.manual_seed(0)
         dense = make(implementation).train()
@@ -106,13 +126,15 @@ def check_dense_numbers_with_dropout(rank, world, sequence_parallel):
         # The masks really drop: two draws differ.
         assert not torch.equal(loss_of(dense, ids), loss_of(dense, ids)), name
         assert_dense_steps(dense, sharded, ids, name)
-        # Replicated activations (the embeddings, the blocks' outputs but under sequence parallelism
-        # the last one's only, the logits) are the same on every rank.
+        # Replicated activations (the embeddings, the blocks' outputs, the logits; under sequence
+        # parallelism those whole along the sequence) are the same on every rank.
+        if make in (t5, bart):
+            continue
         torch.manual_seed(7)
         output = sharded(ids, output_hidden_states=True)
-        hidden = output.hidden_states
-        replicated = (hidden[0], hidden[-1]) if sequence_parallel else hidden
-        for t in (*replicated, output.logits):
+        replicated = [t for t in (*output.hidden_states, output.logits) if t.shape[1] == ids.shape[1]]
+        assert len(replicated) >= (2 if sequence_parallel else len(output.hidden_states) + 1), name
+        for t in replicated:
             copies = gathered(t.detach(), world)
             assert all(torch.equal(c, copies[0]) for c in copies), name
 

@@ -14,8 +14,9 @@ replicated ones), whose masks differ from the dense model's.
 
 What is recognized as sharded, by the module the dropout runs in:
 - an attention whose heads are cut: a 4-D draw ``[batch, heads, query, key]``, along dim 1;
-- a module holding column-parallel layers (an MLP): a draw whose last dim is one of those layers'
-  output widths on this rank, along the last dim;
+- a module holding column-parallel layers (an MLP), between a column-parallel layer's call and the
+  next row-parallel layer's: a draw whose last dim is one of those layers' output widths on this
+  rank, along the last dim (after the row-parallel layer the activations are whole again);
 - a sequence-parallel block: a draw of the shape of the block's input (``[batch, sequence / group
   size, hidden]``), along the sequence.
 Other draws are left as they are (replicated activations). The draws are intercepted at the
@@ -102,22 +103,36 @@ class DenseDropoutRegion:
         self.heads, self.widths, self.sequence_dim = heads, frozenset(widths), sequence_dim
         self.modes: List[Optional[_DenseMasks]] = []
         self.hidden_shape: Optional[torch.Size] = None
+        self.features_sharded = False  # between a column-parallel layer's call and a row-parallel one's
 
     def where(self, t: torch.Tensor) -> Where:
         if self.heads and t.dim() == 4:
             return 1, self.size, self.rank
-        if t.dim() >= 2 and t.shape[-1] in self.widths:
+        if self.features_sharded and t.dim() >= 2 and t.shape[-1] in self.widths:
             return t.dim() - 1, self.size, self.rank
         if self.sequence_dim is not None and t.shape == self.hidden_shape:
             return self.sequence_dim, self.size, self.rank
         return None
 
-    def install(self, module: nn.Module) -> None:
+    def install(self, module: nn.Module, columns: Sequence[nn.Module] = (), rows: Sequence[nn.Module] = ()) -> None:
+        """Hooks ``module``, and its ``columns`` and ``rows`` (the parallel layers that open and close
+        the region whose features are sharded)."""
         module.register_forward_pre_hook(self.enter, with_kwargs=True)
         module.register_forward_hook(self.leave, always_call=True)
+        for layer in columns:
+            layer.register_forward_hook(self.open_features)
+        for layer in rows:
+            layer.register_forward_hook(self.close_features)
+
+    def open_features(self, *_) -> None:
+        self.features_sharded = True
+
+    def close_features(self, *_) -> None:
+        self.features_sharded = False
 
     def enter(self, module: nn.Module, args, kwargs) -> None:
         mode = None
+        self.features_sharded = False
         if module.training and not torch.compiler.is_compiling() and _may_drop(module):
             if self.sequence_dim is not None:
                 hidden = args[0] if args else kwargs.get("hidden_states")

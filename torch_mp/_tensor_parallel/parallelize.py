@@ -764,10 +764,12 @@ def _dense_dropout_regions(module: nn.Module, specs: Dict[str, ShardSpec], info:
         if head_count_attributes(owner) or "Attention" in type(owner).__name__:
             DenseDropoutRegion(info, heads=True).install(owner)
         else:
-            columns = [spec for child, spec in specs.items()
-                       if child.rpartition(".")[0] == name and spec.style == COLWISE and not spec.gather_output]
-            widths = {part // info.size for spec in columns for part in (*spec.parts, sum(spec.parts))}
-            DenseDropoutRegion(info, widths=widths).install(owner)
+            columns = {child: spec for child, spec in specs.items()
+                       if child.rpartition(".")[0] == name and spec.style == COLWISE and not spec.gather_output}
+            widths = {part // info.size for spec in columns.values() for part in (*spec.parts, sum(spec.parts))}
+            rows = [child for child in owner.modules() if isinstance(child, RowParallelLinear)]
+            DenseDropoutRegion(info, widths=widths).install(
+                owner, columns=[module.get_submodule(child) for child in columns], rows=rows)
     for name in sequence_blocks:
         DenseDropoutRegion(info, sequence_dim=SEQUENCE_DIM).install(module.get_submodule(name))
 
@@ -859,8 +861,9 @@ class _GatherAndMultiply:
     """Async TP: gathers the module's activations along the sequence with all_gather_matmul, which
     multiplies them by the weights of its ``column_names`` (the column-parallel layers reading them:
     q, k, v; gate, up) as they arrive; each layer then returns its product when called with the
-    gathered tensor. Under autocast (whose casts our op does not make) or for layers reading
-    another width, the plain gather."""
+    gathered tensor. Under autocast (the op would hand the module its input gathered in the autocast
+    dtype, where the dense module reads it as it came) or for layers reading another width, the
+    plain gather."""
 
     def __init__(self, info: GroupInfo, column_names: List[str]):
         self.info, self.column_names = info, column_names
