@@ -53,7 +53,28 @@ def bart(attn_implementation="sdpa"):
     return transformers.BartForConditionalGeneration(config)
 
 
+class Encoder(torch.nn.Module):
+    """nn.TransformerEncoder (nn.MultiheadAttention, dropout 0.1 everywhere) between an embedding and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(128, 32)
+        layer = torch.nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, dropout=0.1,
+                                                 batch_first=True)
+        self.encoder = torch.nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+        self.head = torch.nn.Linear(32, 128)
+
+    def forward(self, ids):
+        return self.head(self.encoder(self.embed(ids)))
+
+
+def encoder(attn_implementation=None):
+    return Encoder()
+
+
 def loss_of(model, ids):
+    if isinstance(model, Encoder):
+        return torch.nn.functional.cross_entropy(model(ids).flatten(0, 1), ids.flatten())
     return model(ids, labels=ids).loss
 
 
@@ -116,7 +137,7 @@ def assert_dense_steps(dense, sharded, ids, name, steps=3):
 def check_dense_numbers_with_dropout(rank, world, sequence_parallel):
     cases = [(gpt2, "sdpa"), (gpt2, "eager"), (llama, "sdpa"), (llama, "eager")]
     if not sequence_parallel:  # encoder-decoders: no sequence parallel blocks
-        cases += [(t5, "eager"), (bart, "sdpa")]
+        cases += [(t5, "eager"), (bart, "sdpa"), (encoder, None)]
     for make, implementation in cases:
         name = f"{make.__name__} {implementation} sequence_parallel={sequence_parallel}"
         torch.manual_seed(0)
@@ -128,7 +149,7 @@ def check_dense_numbers_with_dropout(rank, world, sequence_parallel):
         assert_dense_steps(dense, sharded, ids, name)
         # Replicated activations (the embeddings, the blocks' outputs, the logits; under sequence
         # parallelism those whole along the sequence) are the same on every rank.
-        if make in (t5, bart):
+        if make in (t5, bart, encoder):
             continue
         torch.manual_seed(7)
         output = sharded(ids, output_hidden_states=True)

@@ -756,16 +756,20 @@ def _sequence_parallel(module: nn.Module, blocks: List[str], info, summed=frozen
 def _dense_dropout_regions(module: nn.Module, specs: Dict[str, ShardSpec], info: GroupInfo,
                            sequence_blocks: List[str]) -> None:
     """Dropout on sharded activations draws the dense model's masks (torch_mp._tensor_parallel.dropout):
-    in attentions cut by heads, in the other modules holding column-parallel layers (MLPs: their
-    widths on this rank) and in sequence-parallel blocks."""
+    in attentions cut by heads (nn.MultiheadAttention's too), in the other modules holding
+    column-parallel layers (MLPs: their widths on this rank) and in sequence-parallel blocks."""
     if info.size == 1:
         return
+    for child in module.modules():
+        if isinstance(child, TensorParallelMultiheadAttention):  # its probabilities: [batch, heads, L, S]
+            DenseDropoutRegion(info, heads=True).install(child)
     for name, owner in _owners_of_shards(module, specs):
         if head_count_attributes(owner) or "Attention" in type(owner).__name__:
             DenseDropoutRegion(info, heads=True).install(owner)
         else:
             columns = {child: spec for child, spec in specs.items()
-                       if child.rpartition(".")[0] == name and spec.style == COLWISE and not spec.gather_output}
+                       if child.rpartition(".")[0] == name and spec.style == COLWISE and not spec.gather_output
+                       and isinstance(module.get_submodule(child), ColumnParallelLinear)}
             widths = {part // info.size for spec in columns.values() for part in (*spec.parts, sum(spec.parts))}
             rows = [child for child in owner.modules() if isinstance(child, RowParallelLinear)]
             DenseDropoutRegion(info, widths=widths).install(
