@@ -75,19 +75,22 @@ TEST(Autocast, MatmulOpsRunInTheAutocastDtypeCollectivesInTheirInputs) {
   auto x = torch::randn({4, 3});
   auto w = torch::randn({2, 3});
   auto b = torch::randn({2});
-  at::Tensor column, row, expected, reduced, loss;
+  at::Tensor column, row, expected, reduced, loss, arrived;
   {
     CpuAutocast autocast;
     column = torch_mp::column_parallel_linear(x, w, b, /*gather_output=*/false, group);
     row = torch_mp::row_parallel_linear(x, w, b, /*input_is_parallel=*/true, group);
     expected = at::linear(x, w, b);
     reduced = torch_mp::reduce_from_tp(x, group);
+    // What arrives from an earlier autocast op: a bf16 input for a float32 weight.
+    arrived = torch_mp::column_parallel_linear(x.to(at::kBFloat16), w, b, /*gather_output=*/false, group);
     loss = torch_mp::vocab_parallel_cross_entropy(column, torch::tensor({0, 1, 1, 0}), 0, -100, group);
   }
   EXPECT_EQ(expected.scalar_type(), at::kBFloat16);
   EXPECT_EQ(column.scalar_type(), at::kBFloat16);
   EXPECT_EQ(row.scalar_type(), at::kBFloat16);
   EXPECT_TRUE(torch::equal(column, expected));
+  EXPECT_TRUE(torch::equal(arrived, expected));
   // The row-parallel layer adds its bias after the reduction, in the matmul's dtype.
   EXPECT_TRUE(torch::equal(row, at::linear(x.to(at::kBFloat16), w.to(at::kBFloat16)).add_(b.to(at::kBFloat16))));
   EXPECT_EQ(reduced.scalar_type(), at::kFloat);

@@ -124,16 +124,21 @@ class DenseDropoutRegion:
         for layer in rows:
             layer.register_forward_hook(self.close_features)
 
+    # Under torch.compile the hooks do nothing (a traced forward keeps no mode), without a graph break.
     def open_features(self, *_) -> None:
-        self.features_sharded = True
+        if not torch.compiler.is_compiling():
+            self.features_sharded = True
 
     def close_features(self, *_) -> None:
-        self.features_sharded = False
+        if not torch.compiler.is_compiling():
+            self.features_sharded = False
 
     def enter(self, module: nn.Module, args, kwargs) -> None:
+        if torch.compiler.is_compiling():
+            return
         mode = None
         self.features_sharded = False
-        if module.training and not torch.compiler.is_compiling() and _may_drop(module):
+        if module.training and _may_drop(module):
             if self.sequence_dim is not None:
                 hidden = args[0] if args else kwargs.get("hidden_states")
                 self.hidden_shape = hidden.shape if isinstance(hidden, torch.Tensor) else None
@@ -142,6 +147,8 @@ class DenseDropoutRegion:
         self.modes.append(mode)
 
     def leave(self, module: nn.Module, args, output) -> None:
+        if torch.compiler.is_compiling():
+            return
         mode = self.modes.pop() if self.modes else None
         if mode is not None:
             mode.__exit__(None, None, None)
