@@ -1,7 +1,8 @@
 // The operators of ops.h through their typed C++ entry points: to_device (a fresh copy, the gradient
 // back to its source device) and all_to_all on two ranks: uneven splits (an empty one included)
 // against the rows each rank sent, and its backward, the reverse all-to-all, against the gradients
-// each rank holds.
+// each rank holds. Under CPU autocast: the matmul ops in bfloat16, the collectives in their input's dtype.
+#include <ATen/autocast_mode.h>
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 #include <torch_mp/torch_mp.h>
@@ -47,6 +48,54 @@ TEST(ToDevice, UnavailableDeviceIsAValueError) {
     EXPECT_NE(std::string(error.what()).find("device 'cuda:7' is not available"), std::string::npos)
         << error.what();
   }
+}
+
+// --- autocast ----------------------------------------------------------------------------------
+
+namespace {
+
+// CPU autocast on in bfloat16 for the scope, as torch.autocast("cpu", torch.bfloat16) is.
+struct CpuAutocast {
+  CpuAutocast() {
+    at::autocast::set_autocast_dtype(at::kCPU, at::kBFloat16);
+    at::autocast::set_autocast_enabled(at::kCPU, true);
+  }
+  ~CpuAutocast() {
+    at::autocast::set_autocast_enabled(at::kCPU, false);
+    at::autocast::clear_cache();
+  }
+};
+
+} // namespace
+
+// The autocast kernels are registered in libtorch_mp (csrc/ops/autocast.cpp): a LibTorch program
+// gets them. The matmuls give aten::linear's autocast result, the collectives keep what arrives.
+TEST(Autocast, MatmulOpsRunInTheAutocastDtypeCollectivesInTheirInputs) {
+  const auto group = torch_mp::Group::single();
+  auto x = torch::randn({4, 3});
+  auto w = torch::randn({2, 3});
+  auto b = torch::randn({2});
+  at::Tensor column, row, expected, reduced, loss, arrived;
+  {
+    CpuAutocast autocast;
+    column = torch_mp::column_parallel_linear(x, w, b, /*gather_output=*/false, group);
+    row = torch_mp::row_parallel_linear(x, w, b, /*input_is_parallel=*/true, group);
+    expected = at::linear(x, w, b);
+    reduced = torch_mp::reduce_from_tp(x, group);
+    // What arrives from an earlier autocast op: a bf16 input for a float32 weight.
+    arrived = torch_mp::column_parallel_linear(x.to(at::kBFloat16), w, b, /*gather_output=*/false, group);
+    loss = torch_mp::vocab_parallel_cross_entropy(column, torch::tensor({0, 1, 1, 0}), 0, -100, group);
+  }
+  EXPECT_EQ(expected.scalar_type(), at::kBFloat16);
+  EXPECT_EQ(column.scalar_type(), at::kBFloat16);
+  EXPECT_EQ(row.scalar_type(), at::kBFloat16);
+  EXPECT_TRUE(torch::equal(column, expected));
+  EXPECT_TRUE(torch::equal(arrived, expected));
+  // The row-parallel layer adds its bias after the reduction, in the matmul's dtype.
+  EXPECT_TRUE(torch::equal(row, at::linear(x.to(at::kBFloat16), w.to(at::kBFloat16)).add_(b.to(at::kBFloat16))));
+  EXPECT_EQ(reduced.scalar_type(), at::kFloat);
+  EXPECT_TRUE(torch::equal(reduced, x));
+  EXPECT_EQ(loss.scalar_type(), at::kFloat);  // cross entropy in float32, as under aten's autocast
 }
 
 // --- all_to_all --------------------------------------------------------------------------------

@@ -112,3 +112,47 @@ def test_opcheck_every_op_on_one_gloo_rank():
 
 def test_opcheck_every_op_on_two_gloo_ranks():
     run_ranks(2, check_every_op)
+
+
+# Under autocast (csrc/ops/autocast.cpp): the matmuls run in the autocast dtype as aten::linear does,
+# the cross entropy in float32 as aten::cross_entropy_loss does, the others in what arrives.
+LOWER_PRECISION = {"column_parallel_linear", "row_parallel_linear", "_row_parallel_linear", "deferred_linear",
+                   "all_gather_matmul", "matmul_reduce_scatter", "_matmul_reduce_scatter"}
+FLOAT32 = {"vocab_parallel_cross_entropy"}
+
+
+def cast_floats(value, dtype):
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(cast_floats(v, dtype) for v in value)
+    return value
+
+
+def assert_same_outputs(actual, expected, name):
+    actual, expected = ([t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+                        for out in (actual, expected))
+    assert len(actual) == len(expected), name
+    for a, e in zip(actual, expected):
+        assert a.dtype == e.dtype, (name, a.dtype, e.dtype)
+        assert torch.equal(a, e), name
+
+
+def test_every_op_under_autocast_gives_what_aten_linear_would():
+    ops = registered_ops()
+    undeclared = sorted({name for name in ops for key in ("AutocastCPU", "AutocastCUDA")
+                         if not torch._C._dispatch_has_kernel_for_dispatch_key(f"torch_mp::{name}", key)})
+    assert not undeclared, f"torch_mp operators without an autocast kernel (csrc/ops/autocast.cpp): {undeclared}"
+    for dtype in (torch.bfloat16, torch.float16):
+        for name, cases in samples("", 1, 0).items():
+            for args, _ in cases:
+                args = cast_floats(args, torch.float32)
+                with torch.autocast("cpu", dtype):
+                    actual = ops[name](*args)
+                policy = dtype if name in LOWER_PRECISION else torch.float32
+                expected = ops[name](*cast_floats(args, policy))
+                assert_same_outputs(actual, expected, f"{name} under {dtype} autocast")
+                if name not in LOWER_PRECISION | FLOAT32:  # what arrives in low precision stays so
+                    with torch.autocast("cpu", dtype):
+                        actual = ops[name](*cast_floats(args, dtype))
+                    assert_same_outputs(actual, ops[name](*cast_floats(args, dtype)), f"{name} given {dtype}")

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from torch_mp._tensor_parallel import moe
+from torch_mp._tensor_parallel.dropout import DenseDropoutRegion
 from torch_mp._group import GroupInfo, GroupLike, all_gather_rows, resolve_group
 from torch_mp._hooks import linear_hook
 from torch_mp._tensor_parallel.sharding import COLWISE, HEADS, ROWWISE, VOCAB, ShardSpec, shard
@@ -186,6 +187,7 @@ def tensor_parallel(module: nn.Module, plan: Union[str, Plan] = "auto", group: G
         summed = {id(p) for name in grad_sums for p in module.get_submodule(name).parameters()}
         _sequence_parallel(module, sequence_blocks, info, summed, chunks)
     _share_input_copies(module)
+    _dense_dropout_regions(module, specs, info, sequence_blocks)
     styles = {name: _style_name(spec) for name, spec in specs.items()}
     styles.update({name: GRAD_SUM for name in grad_sums})
     styles.update({name: MOE for name in moe_blocks})
@@ -751,6 +753,31 @@ def _sequence_parallel(module: nn.Module, blocks: List[str], info, summed=frozen
     last.register_forward_hook(_GatherOutput(info))
 
 
+def _dense_dropout_regions(module: nn.Module, specs: Dict[str, ShardSpec], info: GroupInfo,
+                           sequence_blocks: List[str]) -> None:
+    """Dropout on sharded activations draws the dense model's masks (torch_mp._tensor_parallel.dropout):
+    in attentions cut by heads (nn.MultiheadAttention's too), in the other modules holding
+    column-parallel layers (MLPs: their widths on this rank) and in sequence-parallel blocks."""
+    if info.size == 1:
+        return
+    for child in module.modules():
+        if isinstance(child, TensorParallelMultiheadAttention):  # its probabilities: [batch, heads, L, S]
+            DenseDropoutRegion(info, heads=True).install(child)
+    for name, owner in _owners_of_shards(module, specs):
+        if head_count_attributes(owner) or "Attention" in type(owner).__name__:
+            DenseDropoutRegion(info, heads=True).install(owner)
+        else:
+            columns = {child: spec for child, spec in specs.items()
+                       if child.rpartition(".")[0] == name and spec.style == COLWISE and not spec.gather_output
+                       and isinstance(module.get_submodule(child), ColumnParallelLinear)}
+            widths = {part // info.size for spec in columns.values() for part in (*spec.parts, sum(spec.parts))}
+            rows = [child for child in owner.modules() if isinstance(child, RowParallelLinear)]
+            DenseDropoutRegion(info, widths=widths).install(
+                owner, columns=[module.get_submodule(child) for child in columns], rows=rows)
+    for name in sequence_blocks:
+        DenseDropoutRegion(info, sequence_dim=SEQUENCE_DIM).install(module.get_submodule(name))
+
+
 def _share_input_copies(module: nn.Module) -> None:
     """One copy_to_tp for each set of column-parallel siblings (one parent, one input size, one
     group; q, k and v, or gate and up): their input gradient is all-reduced once, not once each.
@@ -838,8 +865,9 @@ class _GatherAndMultiply:
     """Async TP: gathers the module's activations along the sequence with all_gather_matmul, which
     multiplies them by the weights of its ``column_names`` (the column-parallel layers reading them:
     q, k, v; gate, up) as they arrive; each layer then returns its product when called with the
-    gathered tensor. Under autocast (whose casts our op does not make) or for layers reading
-    another width, the plain gather."""
+    gathered tensor. Under autocast (the op would hand the module its input gathered in the autocast
+    dtype, where the dense module reads it as it came) or for layers reading another width, the
+    plain gather."""
 
     def __init__(self, info: GroupInfo, column_names: List[str]):
         self.info, self.column_names = info, column_names

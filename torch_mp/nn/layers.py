@@ -254,7 +254,7 @@ class RowParallelLinear(_TensorParallel):
             # The output leaves sharded along the sequence: reduce-scatter instead of all-reduce.
             if not self.input_is_parallel:
                 input = torch.ops.torch_mp.scatter_to_tp(input, -1, self.group_name, self.group_size)
-            if self.async_tp_chunks is not None and not torch.is_autocast_enabled(input.device.type):
+            if self.async_tp_chunks is not None:
                 rows = input.shape[self.sequence_dim] // self.group_size
                 output = torch.ops.torch_mp.matmul_reduce_scatter(
                     input, self.weight, self.sequence_dim, self._chunks_for(rows), self.group_name, self.group_size)
