@@ -275,7 +275,9 @@ class GradScaler(torch.amp.GradScaler):
 
     Use it as torch's: ``scaler.scale(loss).backward()`` (or ``model.train_step`` on the scaled
     loss), ``scaler.unscale_(opt)`` before :func:`clip_grad_norm_`, ``scaler.step(opt)``,
-    ``scaler.update()``. Every rank of the groups must call ``unscale_``/``step`` (a collective).
+    ``scaler.update()``. Every rank of the groups must call ``unscale_``/``step`` (a collective);
+    a pipeline rank whose stages hold no loss (its ``scale`` never called) starts at ``init_scale``
+    too, so every rank keeps the same scale.
 
     Args:
         device, init_scale, growth_factor, backoff_factor, growth_interval, enabled: torch's.
@@ -295,6 +297,27 @@ class GradScaler(torch.amp.GradScaler):
             raise TypeError(f"torch_mp.GradScaler: expected model to be a torch.nn.Module or None, got "
                             f"{type(model).__name__}")
         self._groups = None if model is None else list(_layout_of_module(model).groups.values())
+
+    def _ensure_scale(self) -> None:
+        """A pipeline rank without the last stage never scales a loss (``loss_fn`` runs on the last
+        stage's rank): its scale starts where every rank's does, at ``init_scale``."""
+        if self._enabled and self._scale is None:
+            device = torch.device(self._device)
+            if device.type == "cuda" and device.index is None:
+                device = torch.device("cuda", torch.cuda.current_device())
+            self._lazy_init_scale_growth_tracker(device)
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        self._ensure_scale()
+        super().unscale_(optimizer)
+
+    def step(self, optimizer: torch.optim.Optimizer, *args, **kwargs) -> Optional[float]:
+        self._ensure_scale()
+        return super().step(optimizer, *args, **kwargs)
+
+    def update(self, new_scale=None) -> None:
+        self._ensure_scale()
+        super().update(new_scale)
 
     def _unscale_grads_(self, optimizer: torch.optim.Optimizer, inv_scale: torch.Tensor, found_inf: torch.Tensor,
                         allow_fp16: bool) -> Dict[torch.device, torch.Tensor]:
