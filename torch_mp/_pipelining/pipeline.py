@@ -279,8 +279,9 @@ class DistributedPipe(_Pipe):
         refusing a gradient hook (``refusal``: its message) stops every rank."""
         fields = ["schedule", "stages", "stages_per_rank", "chunks", "input shapes", "stage plan", "timeline",
                   "max_norm"]
+        clip = zlib.crc32(repr(max_norm if max_norm is None else float(max_norm)).encode())
         mine = [SCHEDULES.index(self.schedule), self.num_stages, self.stages_per_rank, self.chunks, signature,
-                self.plan_checksum, int(timeline), zlib.crc32(repr(max_norm).encode()), int(refusal is not None)]
+                self.plan_checksum, int(timeline), clip, int(refusal is not None)]
         rows = all_gather_rows(torch.tensor(mine, dtype=torch.int64, device=self.device), self.group,
                                "torch_mp.pipeline").tolist()
         if refusal is not None:
@@ -446,9 +447,9 @@ def pipeline(
     and run once per step, in their order of registration, on the whole gradient (after the sum
     across ranks); a ``register_hook`` hook on them, which would see each part, is refused as for
     ``split`` (on every rank, before anything runs). Hooks registered before ``pipeline`` stay on
-    the parameters, which keep their identity (so does an optimizer built before it). Module backward hooks see each micro-batch's
-    rows of the activations' gradients. ``copy.deepcopy`` of the result raises TypeError: copy the
-    module before ``pipeline``.
+    the parameters, which keep their identity (so does an optimizer built before it). Module
+    backward hooks see each micro-batch's rows of the activations' gradients. ``copy.deepcopy`` of
+    the result raises TypeError: copy the module before ``pipeline``.
 
     Raises TypeError for a ``module`` that is not an ``nn.Module`` or a ``group`` of another type;
     ValueError for an unknown ``schedule``, ``stages_per_rank`` that does not fit it, a ``balance``
