@@ -33,6 +33,7 @@ from torch_mp._split import split
 from torch_mp._state import ParallelState, state_of
 from torch_mp._checkpoint.state_dict import full_state_dict, init_empty_weights, load_full_state_dict
 from torch_mp._tensor_parallel.parallelize import tensor_parallel
+from torch_mp._training import GradScaler, clip_grad_norm_, get_total_norm
 
 __version__ = "0.1.0"
 
@@ -42,17 +43,20 @@ cmake_prefix_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sh
 
 __all__ = [
     "CollectiveError",
+    "GradScaler",
     "ParallelState",
     "all_gather_matmul",
     "Timeline",
     "TimelineEvent",
     "all_to_all",
+    "clip_grad_norm_",
     "cmake_prefix_path",
     "column_parallel_linear",
     "copy_to_tp",
     "full_state_dict",
     "gather_from_sp",
     "gather_from_tp",
+    "get_total_norm",
     "init_empty_weights",
     "init_mesh",
     "linear_hook",

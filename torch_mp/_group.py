@@ -56,11 +56,16 @@ def all_gather_rows(tensor: torch.Tensor, group: GroupLike, op: str) -> torch.Te
         return torch.ops.torch_mp._all_gather(tensor.unsqueeze(0).contiguous(), 0, info.name, info.size)
 
 
-def all_reduce_sum(tensor: torch.Tensor, group: GroupLike, op: str) -> torch.Tensor:
-    """The sum of every rank's ``tensor``, through torch_mp's own all-reduce (bounded and named as
-    all_gather_rows is)."""
-    info = resolve_group(group, f"{op}(group=...)")
+def all_reduce(tensor: torch.Tensor, op: str, group: GroupLike, what: str) -> torch.Tensor:
+    """Every rank's ``tensor`` reduced by ``op`` ("sum" or "max"), through torch_mp's own all-reduce
+    (bounded and named as all_gather_rows is)."""
+    info = resolve_group(group, f"{what}(group=...)")
     if info.size == 1:
         return tensor
-    with _C._op_scope(op):
-        return torch.ops.torch_mp._all_reduce(tensor.contiguous(), "sum", info.name, info.size)
+    with _C._op_scope(what):
+        return torch.ops.torch_mp._all_reduce(tensor.contiguous(), op, info.name, info.size)
+
+
+def all_reduce_sum(tensor: torch.Tensor, group: GroupLike, op: str) -> torch.Tensor:
+    """The sum of every rank's ``tensor`` (``all_reduce``)."""
+    return all_reduce(tensor, "sum", group, op)

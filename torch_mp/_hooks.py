@@ -61,7 +61,8 @@ class held_post_accumulate_hooks:
     """While a step runs: the post-accumulate-grad hooks of ``parameters`` only note which
     parameters took a gradient. On a clean exit every hook runs once, in registration order, on the
     parameters that took one (in the order their gradients were last added to) and on ``whole``
-    (parameters whose gradient the step completes after its backwards: summed over ranks)."""
+    (parameters whose gradient the step completes after its backwards: summed over ranks) that
+    hold one."""
 
     def __init__(self, parameters: Iterable[torch.nn.Parameter], whole: Iterable[torch.nn.Parameter] = ()):
         self._held: List[Tuple[torch.nn.Parameter, Dict, Dict]] = []  # (parameter, its hooks, those held)
@@ -92,7 +93,8 @@ class held_post_accumulate_hooks:
         if error_type is not None:
             return
         for param in self._whole:
-            self._took_gradient(param)
+            if param.grad is not None:
+                self._took_gradient(param)
         hooks_of = {id(param): hooks for param, hooks, _ in self._held}
         for param in self._took.values():
             for hook in list(hooks_of[id(param)].values()):

@@ -42,7 +42,7 @@ def full_state_dict(module: nn.Module) -> Dict[str, torch.Tensor]:
         value = value.detach()
         if isinstance(value, DTensor):  # sharded again by FSDP2 (fully_shard) over a data-parallel mesh
             value = value.full_tensor()
-        if spec is not None and _is_sharded(spec, attr) and world > 1:
+        if spec is not None and is_sharded(spec, attr) and world > 1:
             pieces = all_gather_rows(value, group, "torch_mp.full_state_dict").unbind(0)
             value = unshard(pieces, spec.dim if attr == "weight" else 0, spec.parts, spec.replicas)
         if spec is not None and spec.transposed and attr == "weight":
@@ -144,7 +144,7 @@ def read_local(key: str, spec: Optional[ShardSpec], role: str, rank: int, world:
 def stock_layout(spec: Optional[ShardSpec], role: str) -> Tuple[Optional[int], bool]:
     """The dim of the stock tensor along which a parameter with ``spec`` and ``role`` is cut (None:
     it holds the whole tensor), and whether it holds it transposed (transformers' Conv1D weights)."""
-    if spec is None or not _is_sharded(spec, role):
+    if spec is None or not is_sharded(spec, role):
         return None, False
     transposed = spec.transposed and role == "weight"
     dim = spec.dim if role == "weight" else 0
@@ -193,7 +193,7 @@ def spec_of(key: str, specs: Mapping[str, ShardSpec]) -> Tuple[Optional[ShardSpe
     return spec, {spec.weight_name: "weight", spec.bias_name: "bias"}.get(attr, "")
 
 
-def _is_sharded(spec: ShardSpec, role: str) -> bool:
+def is_sharded(spec: ShardSpec, role: str) -> bool:
     return role == "weight" or (role == "bias" and spec.shards_bias())
 
 

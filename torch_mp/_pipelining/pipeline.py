@@ -32,6 +32,7 @@ from torch_mp._pipelining.timeline import Recorder, Timeline
 from torch_mp._pipelining.transport import GroupTransport
 from torch_mp._state import PIPELINE, SPLIT, ParallelState, attach, check_not_parallelized, state_of
 from torch_mp._pipelining.zero_bubble import ZERO_BUBBLE, allocate_slots, defer_linears
+from torch_mp._training import clip_grad_norm_
 from torch_mp._tensors import map_tensors, move_tensors, mover, tensors_in
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "zbv")
@@ -132,7 +133,7 @@ class LocalPipe(_Pipe):
         return move_tensors(merge_outputs(outputs, sizes, self.batch_dim, self.output_merge), self._to_output)
 
     def train_step(self, *args, target=None, loss_fn: Callable, normalizer=None, timeline: bool = False,
-                   **kwargs) -> torch.Tensor:
+                   max_norm: Optional[float] = None, **kwargs) -> torch.Tensor:
         """One training step over the batch: forward and backward of every micro-batch in the
         schedule's order, gradients accumulated in ``.grad`` as one backward of the whole batch
         would. ``loss_fn(output, target)`` returns a micro-batch's mean loss (weighted by the
@@ -141,8 +142,12 @@ class LocalPipe(_Pipe):
         loss, every one divided by the normalizer. Returns the batch's loss, detached. The
         optimizer step is the caller's. With ``timeline=True`` the step also records when each
         stage ran each action and sets ``module.last_timeline`` (a ``torch_mp.Timeline``; draw it
-        with ``torch_mp.plot_timeline``); the numbers are the same either way."""
+        with ``torch_mp.plot_timeline``); the numbers are the same either way. With ``max_norm``
+        (a number >= 0) the step ends with ``torch_mp.clip_grad_norm_(module, max_norm)``: the
+        gradients clipped by the dense model's norm (ValueError before anything runs for another
+        value)."""
         _check_timeline_flag(timeline)
+        _check_max_norm(max_norm)
         sizes, parts, targets, weights = self._train_plan(args, kwargs, target, loss_fn, normalizer)
         recorder = Recorder(None, self.devices) if timeline else None
         count = len(sizes)
@@ -179,6 +184,8 @@ class LocalPipe(_Pipe):
         self._write_back(args, kwargs, parts, sizes)
         if recorder is not None:
             self.module.last_timeline = Timeline(recorder.events, self.schedule, self.num_stages, count, "stage")
+        if max_norm is not None:
+            clip_grad_norm_(self.module, max_norm)
         return sum(loss.detach() * weight for loss, weight in zip(losses, weights))
 
 
@@ -244,14 +251,15 @@ class DistributedPipe(_Pipe):
         return output
 
     def train_step(self, *args, target=None, loss_fn: Callable, normalizer=None, timeline: bool = False,
-                   **kwargs) -> torch.Tensor:
+                   max_norm: Optional[float] = None, **kwargs) -> torch.Tensor:
         """As ``LocalPipe.train_step``; the loss is returned on every rank. With ``timeline=True``
         every rank's records are gathered to every rank (one all-gather of objects after the step)
         and ``module.last_timeline`` is set on every rank; each rank's times count from a barrier
         that starts the step on all of them, so no clock is assumed shared beyond the barrier's
         exit (its skew, tens of microseconds on one machine, is the picture's error). Every rank
-        must pass the same ``timeline`` (checked with the other options)."""
+        must pass the same ``timeline`` and ``max_norm`` (checked with the other options)."""
         _check_timeline_flag(timeline)
+        _check_max_norm(max_norm)
         sizes, parts, targets, weights = self._train_plan(args, kwargs, target, loss_fn, normalizer)
         count = len(sizes)
         last = self.rank_of(self.num_stages - 1) == self.rank
@@ -269,18 +277,23 @@ class DistributedPipe(_Pipe):
         works = [lambda m=m: work(m) for m in range(count)]
         with torch.enable_grad():
             self._batch(lambda: self._run(actions, works, (parts, targets), losses, count, train=True,
-                                          timeline=timeline))
+                                          timeline=timeline, max_norm=max_norm))
+        if max_norm is not None:
+            clip_grad_norm_(self.module, max_norm)
         loss = sum(loss.detach() for loss in losses) if last else None
         # The batch's loss on every rank, sent from the rank holding the last stage.
         buffer = loss.reshape(1).float() if loss is not None else torch.zeros(1, device=self.device)
         return self.transport.all_reduce_sum(buffer, self.group, "while summing the batch's loss")[0]
 
-    def _check_agreement(self, signature: int, shapes: str, timeline: bool, refusal: Optional[str] = None) -> None:
+    def _check_agreement(self, signature: int, shapes: str, timeline: bool, refusal: Optional[str] = None,
+                         max_norm: Optional[float] = None) -> None:
         """Every rank runs the same schedule on the same shapes, or none runs anything; a rank
         refusing a gradient hook (``refusal``: its message) stops every rank."""
-        fields = ["schedule", "stages", "stages_per_rank", "chunks", "input shapes", "stage plan", "timeline"]
+        fields = ["schedule", "stages", "stages_per_rank", "chunks", "input shapes", "stage plan", "timeline",
+                  "max_norm"]
+        clip = zlib.crc32(repr(max_norm if max_norm is None else float(max_norm)).encode())
         mine = [SCHEDULES.index(self.schedule), self.num_stages, self.stages_per_rank, self.chunks, signature,
-                self.plan_checksum, int(timeline), int(refusal is not None)]
+                self.plan_checksum, int(timeline), clip, int(refusal is not None)]
         rows = self.transport.all_gather_rows(torch.tensor(mine, dtype=torch.int64),
                                               "while comparing the ranks' options and batch shapes").tolist()
         if refusal is not None:
@@ -291,12 +304,15 @@ class DistributedPipe(_Pipe):
                              "(their error names it); expected chunks=1, or post-accumulate-grad hooks")
         differ = [(field, [row[i] for row in rows]) for i, field in enumerate(fields)
                   if any(row[i] != rows[0][i] for row in rows)]
+        if any(field == "max_norm" for field, _ in differ):
+            differ = [(field, values if field != "max_norm" else [max_norm if row[7] == mine[7] else "another value"
+                                                                   for row in rows]) for field, values in differ]
         if differ:
             described = "; ".join(f"{field}: {_describe(field, values, shapes, self.rank)}" for field, values in differ)
             raise ValueError(f"pipeline: the ranks disagree before running the schedule ({described}); "
                              "expected every rank to call with the same options and the same batch shapes")
 
-    def _run(self, actions, works, inputs, losses, count, train, timeline=False):
+    def _run(self, actions, works, inputs, losses, count, train, timeline=False, max_norm=None):
         if train:
             parts, targets = inputs
             shapes = f"inputs {shapes_of(parts[0])}, targets {shapes_of(targets[0])}"
@@ -305,7 +321,8 @@ class DistributedPipe(_Pipe):
             shapes = f"inputs {shapes_of(inputs[0])}"
             signature = zlib.crc32(repr((shapes_of(inputs), False)).encode())
         # A parameter's gradient arrives in parts: one per micro-batch, and one per rank holding it.
-        tied = [param for params, _ in self.ties for param in params] if train else []
+        # Frozen ones (requires_grad False, alike on every rank) take no gradient and no sum.
+        tied = [param for params, _ in self.ties for param in params if param.requires_grad] if train else []
         tied_ids = {id(param) for param in tied}
         in_parts = [(name, param) for name, param in self.module.named_parameters()
                     if train and not param.is_meta and (count > 1 or id(param) in tied_ids)]
@@ -313,7 +330,7 @@ class DistributedPipe(_Pipe):
             in_parts, "pipeline", f"{count} micro-batches" if count > 1 else "one per rank holding it",
             "expected the hook registered with register_post_accumulate_grad_hook (run once per step, on the whole "
             "gradient)" + (", or chunks=1" if count > 1 else ""))
-        self._check_agreement(signature, shapes, timeline, refusal)
+        self._check_agreement(signature, shapes, timeline, refusal, max_norm)
         recorder = None
         if timeline:  # every rank's times count from the barrier's exit
             self.transport.all_gather_rows(torch.zeros(1), "while starting a timeline (a barrier)")
@@ -338,19 +355,31 @@ class DistributedPipe(_Pipe):
                 raise
             self.transport.finish()
             for (params, group) in self.ties if train else []:
-                for param in params:
-                    grad = param.grad if param.grad is not None else torch.zeros_like(param)
-                    param.grad = self.transport.all_reduce_sum(grad, group,
-                                                               "while summing tied parameters' gradients")
+                _sum_tied_gradients([param for param in params if param.requires_grad], group, self.transport)
             for param, grad in zip(tied, earlier):
                 if grad is not None:
-                    param.grad = grad + param.grad
+                    param.grad = grad if param.grad is None else grad + param.grad
         if recorder is not None:
             gathered: List = [None] * self.world
             dist.all_gather_object(gathered, recorder.events, group=self.group)
             self.module.last_timeline = Timeline([e for events in gathered for e in events], self.schedule,
                                                  self.num_stages, count, "rank")
         return micro_batches
+
+
+def _sum_tied_gradients(params: List[nn.Parameter], group, transport) -> None:
+    """Sums the gradients of parameters held by every rank of ``group`` over it, each wait bounded
+    by the pipeline's timeout. One that no rank's step gave a gradient (unused by this batch's
+    forward) keeps ``.grad`` None, as in the dense model: an optimizer then skips it (no weight
+    decay on it)."""
+    if not params:
+        return
+    took = torch.tensor([param.grad is not None for param in params], dtype=torch.int32, device=params[0].device)
+    took = transport.all_reduce_sum(took, group, "while finding which tied parameters have gradients").tolist()
+    for param, ranks_with_grad in zip(params, took):
+        if ranks_with_grad:
+            grad = param.grad if param.grad is not None else torch.zeros_like(param)
+            param.grad = transport.all_reduce_sum(grad, group, "while summing tied parameters' gradients")
 
 
 def _describe(field: str, values: List[int], shapes: str, rank: int) -> str:
@@ -437,10 +466,10 @@ def pipeline(
     across them after the step). Their ``register_post_accumulate_grad_hook`` hooks are held back
     and run once per step, in their order of registration, on the whole gradient (after the sum
     across ranks); a ``register_hook`` hook on them, which would see each part, is refused as for
-    ``split`` (on every rank, before anything runs). Hooks registered before ``pipeline`` move to
-    the parameters it keeps (their handles then no longer remove them). Module backward hooks see each micro-batch's
-    rows of the activations' gradients. ``copy.deepcopy`` of the result raises TypeError: copy the
-    module before ``pipeline``.
+    ``split`` (on every rank, before anything runs). Hooks registered before ``pipeline`` stay on
+    the parameters, which keep their identity (so does an optimizer built before it). Module
+    backward hooks see each micro-batch's rows of the activations' gradients. ``copy.deepcopy`` of
+    the result raises TypeError: copy the module before ``pipeline``.
 
     Raises TypeError for a ``module`` that is not an ``nn.Module`` or a ``group`` of another type;
     ValueError for an unknown ``schedule``, ``stages_per_rank`` that does not fit it, a ``balance``
@@ -538,6 +567,8 @@ def _ranks_using(module: nn.Module, stage_of: Dict[str, int], layer_names: List[
 def _keep_local_tensors(module: nn.Module, ranks_using: Dict[int, set], pipe: DistributedPipe,
                         device: torch.device) -> List:
     """Moves the tensors this rank's stages use to ``device`` and the others to the meta device.
+    Parameters stay the same Python objects (``_move_parameter``): an optimizer built before
+    ``pipeline`` steps them, and it skips the other ranks' (meta, never given a ``.grad``).
     Returns the tied parameters (held on several ranks), each rank set with a group of its own."""
     # Parameters by their first stock name: the same on every rank, so tied ones pair up in order.
     canonical = {id(param): name for name, param in module.named_parameters()}
@@ -550,14 +581,15 @@ def _keep_local_tensors(module: nn.Module, ranks_using: Dict[int, set], pipe: Di
                     continue
                 if id(tensor) not in replaced:
                     ranks = tuple(sorted(ranks_using.get(id(tensor), ())))
-                    with torch.no_grad():
-                        new = tensor.to(device if pipe.rank in ranks else torch.device("meta"))
+                    target = device if pipe.rank in ranks else torch.device("meta")
                     if isinstance(tensor, nn.Parameter):
-                        new = nn.Parameter(new, tensor.requires_grad)
-                        _move_gradient_hooks(tensor, new)
+                        _move_parameter(tensor, target)
                         if len(ranks) > 1:
-                            tied.setdefault(ranks, []).append((canonical[id(tensor)], new))
-                    replaced[id(tensor)] = new
+                            tied.setdefault(ranks, []).append((canonical[id(tensor)], tensor))
+                        replaced[id(tensor)] = tensor
+                    else:
+                        with torch.no_grad():
+                            replaced[id(tensor)] = tensor.to(target)
                 table[name] = replaced[id(tensor)]
     ties = []
     for ranks in sorted(tied):  # every rank creates every group, in the same order
@@ -568,13 +600,20 @@ def _keep_local_tensors(module: nn.Module, ranks_using: Dict[int, set], pipe: Di
     return ties
 
 
-def _move_gradient_hooks(old: nn.Parameter, new: nn.Parameter) -> None:
-    """The gradient hooks registered on ``old`` (before ``pipeline``), registered on the parameter
-    that replaces it, in their order: the step holds back or refuses them there as on any other."""
-    for hook in (old._backward_hooks or {}).values():
-        new.register_hook(hook)
-    for hook in (getattr(old, "_post_accumulate_grad_hooks", None) or {}).values():
-        new.register_post_accumulate_grad_hook(hook)
+def _move_parameter(param: nn.Parameter, device: torch.device) -> None:
+    """Moves ``param`` to ``device`` in place, keeping the Python object (``torch.utils.swap_tensors``):
+    optimizers, gradient hooks and their handles keep working on it. A gradient it holds moves
+    with it; to the meta device it is dropped."""
+    if param.device == device:
+        return
+    with torch.no_grad():
+        moved = nn.Parameter(param.to(device), param.requires_grad)
+        if param.grad is not None and device.type != "meta":
+            moved.grad = param.grad.to(device)
+    hooks = param._backward_hooks, getattr(param, "_post_accumulate_grad_hooks", None)
+    torch.utils.swap_tensors(param, moved)
+    # The hook dicts stay on the Python object; setting them again registers them with the moved tensor.
+    param._backward_hooks, param._post_accumulate_grad_hooks = hooks
 
 
 def plain_train_step(module: nn.Module) -> Callable:
@@ -584,8 +623,9 @@ def plain_train_step(module: nn.Module) -> Callable:
 
 
 def _plain_train_step(module: nn.Module, *args, target=None, loss_fn: Callable, normalizer=None,
-                      timeline: bool = False, **kwargs) -> torch.Tensor:
+                      timeline: bool = False, max_norm: Optional[float] = None, **kwargs) -> torch.Tensor:
     _check_loss_fn(loss_fn)
+    _check_max_norm(max_norm)
     if _check_timeline_flag(timeline):
         raise ValueError("split: train_step(..., timeline=True) records a pipeline's schedule, and this split "
                          "runs no schedule (chunks=1); expected split(..., chunks=M) with M > 1")
@@ -595,6 +635,8 @@ def _plain_train_step(module: nn.Module, *args, target=None, loss_fn: Callable, 
         target = map_tensors(target, lambda t: t.to(found[0].device))
     loss = check_loss(loss_fn(output, target)) * loss_weights([1], target, normalizer)[0]
     loss.backward()
+    if max_norm is not None:
+        clip_grad_norm_(module, max_norm)
     return loss.detach()
 
 
@@ -602,6 +644,13 @@ def install_pipe(module: nn.Module, pipe: _Pipe) -> None:
     """The module's calls go through the pipeline from now on; ``train_step`` runs a schedule;
     ``compile(...)`` compiles the stages (``_pipelining/compiled.py``)."""
     install_entries(module, pipe)
+
+
+def _check_max_norm(max_norm) -> None:
+    if max_norm is not None and (isinstance(max_norm, bool) or not isinstance(max_norm, (int, float))
+                                 or not max_norm >= 0):
+        raise ValueError(f"pipeline: train_step(..., max_norm={max_norm!r}); expected None or a number >= 0 (the "
+                         "largest gradient norm, as for torch_mp.clip_grad_norm_)")
 
 
 def _check_timeline_flag(timeline) -> bool:

@@ -8,3 +8,4 @@
 #include <torch_mp/pipeline.h>
 #include <torch_mp/split.h>
 #include <torch_mp/tensor_parallel.h>
+#include <torch_mp/training.h>
