@@ -6,5 +6,6 @@
 #include <torch_mp/ops.h>
 #include <torch_mp/nn.h>
 #include <torch_mp/pipeline.h>
+#include <torch_mp/pipeline_parallel.h>
 #include <torch_mp/split.h>
 #include <torch_mp/tensor_parallel.h>
