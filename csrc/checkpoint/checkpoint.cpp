@@ -1,5 +1,6 @@
 // torch_mp::save / torch_mp::load: the checkpoint format of torch_mp/checkpoint.py (described in
-// torch_mp/_checkpoint_format.py) for single-process LibTorch modules.
+// torch_mp/_checkpoint/format.py): for single-process LibTorch modules, and for a C++ pipeline whose
+// ranks each write their stages (detail::save_checkpoint / load_checkpoint, checkpoint/sharded.h).
 #include <torch_mp/checkpoint.h>
 
 #include <fcntl.h>
@@ -288,7 +289,7 @@ fs::path manifest_file(const fs::path& temp, int64_t rank) {
   return temp / name;
 }
 
-// Runs `step_body`, then every rank learns whether any failed (agree).
+// Runs `body`, then every rank learns whether any rank failed in it (agree throws then).
 template <typename Body>
 void on_every_rank(const detail::AgreeOnStep& agree, const std::string& step, Body body) {
   std::exception_ptr error;

@@ -100,7 +100,6 @@ class PipelineParallelImpl : public torch::nn::Module {
   }
 
  private:
-  struct Step;
   Group group_;
   PipelineOptions options_;
   pipeline::ScheduleKind kind_;
