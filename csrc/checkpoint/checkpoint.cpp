@@ -1,5 +1,6 @@
 // torch_mp::save / torch_mp::load: the checkpoint format of torch_mp/checkpoint.py (described in
-// torch_mp/_checkpoint_format.py) for single-process LibTorch modules.
+// torch_mp/_checkpoint/format.py): for single-process LibTorch modules, and for a C++ pipeline whose
+// ranks each write their stages (detail::save_checkpoint / load_checkpoint, checkpoint/sharded.h).
 #include <torch_mp/checkpoint.h>
 
 #include <fcntl.h>
@@ -7,6 +8,7 @@
 
 #include <array>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -25,6 +27,7 @@
 #include <torch/csrc/autograd/grad_mode.h>
 
 #include "checkpoint/format.h"
+#include "checkpoint/sharded.h"
 
 namespace torch_mp {
 namespace {
@@ -35,8 +38,6 @@ using Json = nlohmann::json;
 constexpr const char* kIndex = "torch_mp_checkpoint.json";
 constexpr const char* kFormat = "torch_mp.checkpoint";
 constexpr int64_t kVersion = 1;
-constexpr const char* kRankFile = "rank-00000-of-00001.safetensors";
-constexpr const char* kRng = "rng/cpu/0";
 
 // --- safetensors, CRC-32, files -----------------------------------------------------------------
 
@@ -217,21 +218,11 @@ std::string names_of(const std::vector<std::string>& names) {
   return "[" + out.str() + (names.size() > 10 ? ", ..." : "") + "]";
 }
 
-} // namespace
-
-void save(const torch::nn::Module& module, const std::string& path) {
-  const fs::path final_path = fs::absolute(path);
-  const fs::path temp = final_path.string() + ".incomplete", old = final_path.string() + ".old";
-  TORCH_CHECK_VALUE(!fs::exists(final_path) || fs::exists(final_path / kIndex) ||
-                        (fs::is_directory(final_path) && fs::is_empty(final_path)),
-                    "torch_mp::save: path ", final_path, " exists and is not a torch_mp checkpoint; expected a new "
-                    "path, an empty folder or an earlier checkpoint, which the save replaces");
-  auto tensors = named_tensors(module);
-  {
-    at::Generator generator = at::detail::getDefaultCPUGenerator(); // a handle on the default generator
-    std::lock_guard<std::mutex> lock(generator.mutex());
-    tensors.emplace_back(kRng, generator.get_state());
-  }
+// This rank's safetensors file `file` in `temp`: the tensors (tied ones once), each through the
+// CPU. Returns the manifest of its pieces: for every name its index entry, as torch_mp.save's
+// ranks write theirs.
+Json write_rank_file(const fs::path& temp, const std::string& file,
+                     const std::vector<std::pair<std::string, at::Tensor>>& tensors) {
   // Header first (it needs only shapes), then each tensor through the CPU; tied tensors once.
   Json header = Json::object();
   std::vector<std::string> file_keys;
@@ -257,8 +248,6 @@ void save(const torch::nn::Module& module, const std::string& path) {
   header_text.append((8 - (8 + header_text.size()) % 8) % 8, ' '); // data 8-byte aligned, as the safetensors package does
   uint64_t length = header_text.size();
 
-  fs::remove_all(temp); // left by a save that did not finish
-  fs::create_directories(temp);
   std::vector<at::Tensor> on_cpu;
   std::vector<std::pair<const void*, size_t>> chunks = {{&length, sizeof(length)}, {header_text.data(), header_text.size()}};
   std::map<std::string, uint32_t> checksums;
@@ -266,7 +255,7 @@ void save(const torch::nn::Module& module, const std::string& path) {
     on_cpu.push_back(stored[i].detach().to(at::kCPU).contiguous());
     chunks.emplace_back(on_cpu.back().data_ptr(), on_cpu.back().nbytes());
   }
-  write_synced(temp / kRankFile, chunks);
+  write_synced(temp / file, chunks);
   {
     size_t next = 0;
     for (size_t i = 0; i < tensors.size(); ++i) {
@@ -275,40 +264,130 @@ void save(const torch::nn::Module& module, const std::string& path) {
       }
     }
   }
-
-  Json model = Json::array(), entries = Json::object();
-  for (size_t i = 0; i + 1 < tensors.size(); ++i) { // every name but the random state's
-    model.push_back(tensors[i].first);
-  }
+  Json manifest = Json::object();
   for (size_t i = 0; i < tensors.size(); ++i) {
     const auto& [name, tensor] = tensors[i];
-    entries[name] = {{"dtype", dtype_name(tensor.scalar_type(), name)},
-                     {"shape", tensor.sizes().vec()},
-                     {"dim", nullptr},
-                     {"pieces", Json::array({{{"file", kRankFile}, {"key", file_keys[i]}, {"bounds", nullptr},
-                                              {"crc32", checksums[file_keys[i]]}}})}};
+    manifest[name] = {{"dtype", dtype_name(tensor.scalar_type(), name)},
+                      {"shape", tensor.sizes().vec()},
+                      {"dim", nullptr},
+                      {"pieces", Json::array({{{"file", file}, {"key", file_keys[i]}, {"bounds", nullptr},
+                                               {"crc32", checksums[file_keys[i]]}}})}};
   }
-  const Json index = {{"format", kFormat}, {"version", kVersion}, {"checksum", "crc32 (zlib) of each piece's bytes"},
-                      {"world_size", 1}, {"model", model}, {"tensors", entries}, {"optimizer", nullptr},
-                      {"extra", Json::object()}};
-  const std::string index_text = index.dump(1);
-  write_synced(temp / kIndex, {{index_text.data(), index_text.size()}});
-  fsync_folder(temp);
-
-  // rename(2) cannot replace a non-empty folder: the earlier checkpoint is set aside as .old (which
-  // loading falls back to) for the moment between the two renames.
-  if (fs::is_directory(final_path) && !fs::is_empty(final_path)) {
-    fs::remove_all(old);
-    fs::rename(final_path, old);
-  } else if (fs::exists(final_path)) {
-    fs::remove(final_path);
-  }
-  fs::rename(temp, final_path);
-  fsync_folder(final_path.parent_path());
-  fs::remove_all(old);
+  return manifest;
 }
 
-void load(torch::nn::Module& module, const std::string& path) {
+std::string rank_file(int64_t rank, int64_t world) {
+  char name[64];
+  std::snprintf(name, sizeof(name), "rank-%05lld-of-%05lld.safetensors", static_cast<long long>(rank),
+                static_cast<long long>(world));
+  return name;
+}
+
+fs::path manifest_file(const fs::path& temp, int64_t rank) {
+  char name[32];
+  std::snprintf(name, sizeof(name), "rank-%05lld.json", static_cast<long long>(rank));
+  return temp / name;
+}
+
+// Runs `body`, then every rank learns whether any rank failed in it (agree throws then).
+template <typename Body>
+void on_every_rank(const detail::AgreeOnStep& agree, const std::string& step, Body body) {
+  std::exception_ptr error;
+  try {
+    body();
+  } catch (...) {
+    error = std::current_exception();
+  }
+  agree(step, error);
+}
+
+} // namespace
+
+namespace detail {
+
+void save_checkpoint(
+    const std::vector<std::pair<std::string, at::Tensor>>& tensors,
+    const std::vector<std::string>& model,
+    const std::string& path,
+    int64_t rank,
+    int64_t world,
+    const AgreeOnStep& agree) {
+  const fs::path final_path = fs::absolute(path);
+  const fs::path temp = final_path.string() + ".incomplete", old = final_path.string() + ".old";
+  auto mine = tensors;
+  on_every_rank(agree, "preparing the save", [&] {
+    if (rank == 0) {
+      TORCH_CHECK_VALUE(!fs::exists(final_path) || fs::exists(final_path / kIndex) ||
+                            (fs::is_directory(final_path) && fs::is_empty(final_path)),
+                        "torch_mp::save: path ", final_path, " exists and is not a torch_mp checkpoint; expected a new "
+                        "path, an empty folder or an earlier checkpoint, which the save replaces");
+      fs::remove_all(temp); // left by a save that did not finish
+      fs::create_directories(temp);
+    }
+    at::Generator generator = at::detail::getDefaultCPUGenerator(); // a handle on the default generator
+    std::lock_guard<std::mutex> lock(generator.mutex());
+    mine.emplace_back("rng/cpu/" + std::to_string(rank), generator.get_state());
+  });
+  Json manifest;
+  on_every_rank(agree, "writing its checkpoint file", [&] {
+    manifest = write_rank_file(temp, rank_file(rank, world), mine);
+    if (rank != 0) {
+      const std::string text = manifest.dump();
+      write_synced(manifest_file(temp, rank), {{text.data(), text.size()}});
+    }
+  });
+  on_every_rank(agree, "writing the index and renaming the checkpoint into place", [&] {
+    if (rank != 0) {
+      return;
+    }
+    Json entries = manifest;
+    for (int64_t r = 1; r < world; ++r) {
+      std::ifstream stream(manifest_file(temp, r), std::ios::binary);
+      std::stringstream text;
+      text << stream.rdbuf();
+      const auto theirs = Json::parse(text.str());
+      for (const auto& [name, entry] : theirs.items()) {
+        if (entries.contains(name)) {
+          for (const auto& piece : entry["pieces"]) {
+            entries[name]["pieces"].push_back(piece);
+          }
+        } else {
+          entries[name] = entry;
+        }
+      }
+      fs::remove(manifest_file(temp, r));
+    }
+    for (const auto& name : model) {
+      TORCH_CHECK(entries.contains(name), "torch_mp::save: no rank wrote '", name, "'; expected every tensor of the "
+                  "model to be held by a rank");
+    }
+    const Json index = {{"format", kFormat}, {"version", kVersion}, {"checksum", "crc32 (zlib) of each piece's bytes"},
+                        {"world_size", world}, {"model", model}, {"tensors", entries}, {"optimizer", nullptr},
+                        {"extra", Json::object()}};
+    const std::string index_text = index.dump(1);
+    write_synced(temp / kIndex, {{index_text.data(), index_text.size()}});
+    fsync_folder(temp);
+
+    // rename(2) cannot replace a non-empty folder: the earlier checkpoint is set aside as .old (which
+    // loading falls back to) for the moment between the two renames.
+    if (fs::is_directory(final_path) && !fs::is_empty(final_path)) {
+      fs::remove_all(old);
+      fs::rename(final_path, old);
+    } else if (fs::exists(final_path)) {
+      fs::remove(final_path);
+    }
+    fs::rename(temp, final_path);
+    fsync_folder(final_path.parent_path());
+    fs::remove_all(old);
+  });
+}
+
+void load_checkpoint(
+    const std::vector<std::pair<std::string, at::Tensor>>& targets,
+    const std::string& path,
+    bool partial,
+    int64_t rank,
+    int64_t world) {
   fs::path folder;
   for (const fs::path& candidate : {fs::path(path), fs::path(path + ".old")}) {
     if (folder.empty() && fs::exists(candidate / kIndex)) {
@@ -325,7 +404,6 @@ void load(torch::nn::Module& module, const std::string& path) {
   text << stream.rdbuf();
   const auto index = detail::parse_checkpoint_index(folder, index_path.string(), text.str());
   const std::set<std::string> stored(index.model.begin(), index.model.end());
-  auto targets = named_tensors(module);
   std::vector<std::string> missing, unexpected;
   std::set<std::string> wanted;
   for (const auto& [name, tensor] : targets) {
@@ -335,7 +413,7 @@ void load(torch::nn::Module& module, const std::string& path) {
     }
   }
   for (const auto& name : stored) {
-    if (!wanted.count(name)) {
+    if (!partial && !wanted.count(name)) {
       unexpected.push_back(name);
     }
   }
@@ -349,20 +427,41 @@ void load(torch::nn::Module& module, const std::string& path) {
   }
   std::map<fs::path, std::unique_ptr<SafetensorsReader>> files;
   torch::NoGradGuard no_grad;
-  for (auto& [name, tensor] : targets) {
-    tensor.copy_(read_entry(name, index.tensors.at(name), files));
+  for (const auto& [name, tensor] : targets) {
+    at::Tensor target = tensor;
+    target.copy_(read_entry(name, index.tensors.at(name), files));
   }
-  auto rng = index.tensors.find(kRng);
-  if (index.world_size == 1 && rng != index.tensors.end()) {
-    auto state = read_entry(kRng, rng->second, files);
+  const auto rng_key = "rng/cpu/" + std::to_string(rank);
+  auto rng = index.tensors.find(rng_key);
+  if (index.world_size == world && rng != index.tensors.end()) {
+    auto state = read_entry(rng_key, rng->second, files);
     at::Generator generator = at::detail::getDefaultCPUGenerator();
     std::lock_guard<std::mutex> lock(generator.mutex());
     const auto current = generator.get_state();
     TORCH_CHECK_VALUE(state.scalar_type() == current.scalar_type() && state.sizes() == current.sizes(),
-                      "torch_mp::load: '", kRng, "' in ", folder, " is ", state.scalar_type(), " ", state.sizes(),
+                      "torch_mp::load: '", rng_key, "' in ", folder, " is ", state.scalar_type(), " ", state.sizes(),
                       "; expected a CPU random state, ", current.scalar_type(), " ", current.sizes());
     generator.set_state(state);
   }
+}
+
+} // namespace detail
+
+void save(const torch::nn::Module& module, const std::string& path) {
+  const auto tensors = named_tensors(module);
+  std::vector<std::string> model;
+  for (const auto& [name, tensor] : tensors) {
+    model.push_back(name);
+  }
+  detail::save_checkpoint(tensors, model, path, 0, 1, [](const std::string&, std::exception_ptr error) {
+    if (error) {
+      std::rethrow_exception(error);
+    }
+  });
+}
+
+void load(torch::nn::Module& module, const std::string& path) {
+  detail::load_checkpoint(named_tensors(module), path, false, 0, 1);
 }
 
 } // namespace torch_mp

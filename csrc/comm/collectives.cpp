@@ -27,8 +27,9 @@ thread_local bool scope_backward = false;
 
 CollectiveErrorThrower thrower = &throw_default;
 
-// The backend's message without its source location ("[.../pair.cc:545] ") or backtrace.
-std::string cause_of(const std::exception& error) {
+} // namespace
+
+std::string backend_cause(const std::exception& error) {
   const auto* c10_error = dynamic_cast<const c10::Error*>(&error);
   std::string cause = c10_error ? c10_error->what_without_backtrace() : error.what();
   if (!cause.empty() && cause.front() == '[') {
@@ -37,6 +38,8 @@ std::string cause_of(const std::exception& error) {
   }
   return cause.substr(0, cause.find('\n'));
 }
+
+namespace {
 
 std::string seconds(std::chrono::duration<double> duration) {
   std::ostringstream out;
@@ -151,7 +154,7 @@ void Pending::wait() {
     work_->wait(timeout.value_or(kNoTimeout));
     return;
   } catch (const std::exception& error) {
-    cause = cause_of(error);
+    cause = backend_cause(error);
   }
   const std::chrono::duration<double> waited = std::chrono::steady_clock::now() - start_;
   std::ostringstream message;
@@ -169,6 +172,11 @@ void Pending::wait() {
   }
   message << " (" << group_->getBackendName() << ": " << cause << ")";
   thrower(message.str());
+  TORCH_INTERNAL_ASSERT(false, "the collective error thrower returned");
+}
+
+void throw_collective_error(const std::string& message) {
+  thrower(message);
   TORCH_INTERNAL_ASSERT(false, "the collective error thrower returned");
 }
 

@@ -120,5 +120,11 @@ void all_to_all_into(
 // backward pass, where no exception translator of ours runs.
 using CollectiveErrorThrower = void (*)(const std::string& message);
 void set_collective_error_thrower(CollectiveErrorThrower thrower);
+// Throws `message` as the installed thrower does (CollectiveError in a C++ program).
+[[noreturn]] void throw_collective_error(const std::string& message);
+
+// A backend's error message without its source location ("[.../pair.cc:545] ") or backtrace: its
+// first line, for the errors torch_mp raises in its place.
+std::string backend_cause(const std::exception& error);
 
 } // namespace torch_mp::detail

@@ -22,6 +22,8 @@
 #include <torch_mp/ops.h>
 #include <torch_mp/pipeline.h>
 
+#include "detail/stage.h"
+
 namespace torch_mp {
 namespace {
 
@@ -96,56 +98,6 @@ at::Tensor receive(Message& message, c10::Device device) {
   return message.tensor;
 }
 
-// Collects the timeline of a step from every stage's thread; does nothing without a timeline.
-class Recorder {
- public:
-  using Clock = std::chrono::steady_clock;
-
-  explicit Recorder(std::vector<pipeline::TimelineEvent>* timeline) : timeline_(timeline), origin_(Clock::now()) {
-    if (timeline_) {
-      timeline_->clear();
-    }
-  }
-
-  // Runs body() and records it as an interval of `kind`.
-  template <typename Body>
-  auto record(int64_t stage, const char* kind, int64_t micro_batch, Body body) {
-    if (!timeline_) {
-      return body();
-    }
-    const auto start = Clock::now();
-    struct Finish {
-      Recorder& recorder;
-      pipeline::TimelineEvent event;
-      Clock::time_point start;
-      ~Finish() {
-        event.start = recorder.seconds(start);
-        event.end = recorder.seconds(Clock::now());
-        std::lock_guard<std::mutex> lock(recorder.mutex_);
-        recorder.timeline_->push_back(std::move(event));
-      }
-    } finish{*this, {stage, kind, micro_batch, 0.0, 0.0}, start};
-    return body();
-  }
-
-  void sort() {
-    if (timeline_) {
-      std::sort(timeline_->begin(), timeline_->end(), [](const auto& a, const auto& b) {
-        return std::tie(a.stage, a.start) < std::tie(b.stage, b.start);
-      });
-    }
-  }
-
- private:
-  double seconds(Clock::time_point at) const {
-    return std::chrono::duration<double>(at - origin_).count();
-  }
-
-  std::vector<pipeline::TimelineEvent>* timeline_;
-  Clock::time_point origin_;
-  std::mutex mutex_;
-};
-
 // Runs body(stage) on a thread per stage, each with the caller's thread-local state (grad mode,
 // autocast ...) and intra-op thread count and, on a GPU, a stream of its own; rethrows the first
 // real failure.
@@ -190,16 +142,7 @@ void on_stage_threads(size_t num_stages, const std::vector<c10::Device>& devices
 } // namespace
 
 at::Tensor SplitSequentialImpl::run_stage(size_t stage, at::Tensor input, int64_t slot) {
-  for (auto i = stages_[stage].first; i < stages_[stage].second; ++i) {
-    const auto linear = slot >= 0 ? std::dynamic_pointer_cast<torch::nn::LinearImpl>(layers_[i].ptr()) : nullptr;
-    if (linear && torch::GradMode::is_enabled()) {
-      const auto bias = linear->bias.defined() ? std::optional<at::Tensor>(linear->bias) : std::nullopt;
-      input = pipeline::deferred_linear(input, linear->weight, bias, slot);
-    } else {
-      input = layers_[i].forward(input);
-    }
-  }
-  return input;
+  return detail::run_layers(layers_, stages_[stage].first, stages_[stage].second, std::move(input), slot);
 }
 
 std::vector<c10::Device> SplitSequentialImpl::stage_devices() const {
@@ -245,64 +188,6 @@ at::Tensor SplitSequentialImpl::pipelined_forward(const at::Tensor& input) {
   return output.device() == output_device_ ? output : torch_mp::to_device(output, output_device_);
 }
 
-namespace {
-
-// A parameter's gradient hooks under micro-batches: each micro-batch's backward accumulates its
-// part of the gradient, so a hook on the gradient (Tensor::register_hook) would see the parts one by
-// one (a non-linear one, such as clamping, then differs from the dense model's): refused before
-// anything runs. Post-accumulate hooks are held back during the step and run once after it, in
-// the dense model's place (after the whole batch's gradient is in .grad); a failed step puts them
-// back without running them.
-class HeldPostAccumulateHooks {
- public:
-  HeldPostAccumulateHooks(const torch::OrderedDict<std::string, at::Tensor>& params, int64_t chunks) {
-    if (chunks == 1) {
-      return;
-    }
-    for (const auto& item : params) {
-      TORCH_CHECK_VALUE(
-          torch::autograd::impl::hooks(item.value()).empty(), "split: parameter '", item.key(),
-          "' has a gradient hook (Tensor::register_hook); with chunks = ", chunks,
-          " it would see each micro-batch's part of the gradient instead of the batch's; expected chunks = 1");
-    }
-    for (const auto& item : params) {
-      auto& hook = torch::autograd::impl::post_acc_grad_hooks(item.value());
-      if (hook) {
-        params_.push_back(item.value());
-        held_.push_back(std::move(hook));
-      }
-    }
-  }
-
-  // Puts the hooks back without running them (a failed step).
-  ~HeldPostAccumulateHooks() {
-    restore();
-  }
-
-  // After the step: puts the hooks back and runs each once, with the batch's gradient.
-  void run() {
-    restore();
-    for (const auto& param : params_) {
-      if (param.grad().defined()) {
-        (*torch::autograd::impl::post_acc_grad_hooks(param))(param);
-      }
-    }
-  }
-
- private:
-  void restore() {
-    for (size_t i = 0; i < held_.size(); ++i) {
-      torch::autograd::impl::post_acc_grad_hooks(params_[i]) = std::move(held_[i]);
-    }
-    held_.clear();
-  }
-
-  std::vector<at::Tensor> params_;
-  std::vector<std::unique_ptr<torch::autograd::PostAccumulateGradHook>> held_;
-};
-
-} // namespace
-
 at::Tensor SplitSequentialImpl::train_step(
     const at::Tensor& input,
     const at::Tensor& target,
@@ -331,7 +216,7 @@ at::Tensor SplitSequentialImpl::train_step(
 
   std::vector<at::Tensor> losses(chunks);
   Mailbox mailbox;
-  Recorder recorder(timeline);
+  detail::Recorder recorder(timeline);
   // A step that fails leaves no weight-gradient work queued behind it.
   struct DiscardOnFailure {
     int64_t first, count;
@@ -343,7 +228,7 @@ at::Tensor SplitSequentialImpl::train_step(
       }
     }
   } discard_on_failure{first_slot, zero_bubble ? static_cast<int64_t>(num_stages) * chunks : 0};
-  HeldPostAccumulateHooks held(named_parameters(), chunks);
+  detail::HeldPostAccumulateHooks held(named_parameters(), chunks, "split");
   on_stage_threads(num_stages, devices, mailbox, [&](size_t stage) {
     const bool last = stage + 1 == num_stages;
     // Per micro-batch: the stage's input (a leaf), its output (or weighted loss on the last stage;

@@ -26,4 +26,14 @@ if(TORCHRUN)
   if(NOT torchrun_result EQUAL 0)
     message(FATAL_ERROR "torchrun of the tensor-parallel example failed: ${torchrun_result}")
   endif()
+  # The pipeline across two ranks, its losses checked against the dense model's, in two schedules.
+  foreach(schedule 1f1b zbv)
+    execute_process(
+      COMMAND ${TORCHRUN} --standalone --nproc-per-node 2 --no-python ${BINARY_DIR}/train_pipeline
+              --schedule ${schedule} --steps 5 --check-dense
+      RESULT_VARIABLE torchrun_result TIMEOUT 300)
+    if(NOT torchrun_result EQUAL 0)
+      message(FATAL_ERROR "torchrun of the pipeline example (${schedule}) failed: ${torchrun_result}")
+    endif()
+  endforeach()
 endif()

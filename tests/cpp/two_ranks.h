@@ -1,11 +1,12 @@
 #pragma once
 
-// Runs a test body on two ranks as two threads of this process, each with its own Gloo group made
-// by torch_mp::init_process_group over one shared store.
+// Runs a test body on two (or more) ranks as threads of this process, each with its own Gloo group
+// made by torch_mp::init_process_group over one shared store.
 #include <chrono>
 #include <functional>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include <gtest/gtest.h>
 #include <torch/csrc/distributed/c10d/HashStore.hpp>
@@ -13,12 +14,12 @@
 
 namespace torch_mp::testing {
 
-inline void run_rank(int64_t rank, const std::string& name, c10::intrusive_ptr<c10d::Store> store,
+inline void run_rank(int64_t rank, int64_t world_size, const std::string& name, c10::intrusive_ptr<c10d::Store> store,
                      const std::function<void(const Group&)>& body, std::chrono::milliseconds timeout) {
   try {
     ProcessGroupOptions options;
     options.rank = rank;
-    options.world_size = 2;
+    options.world_size = world_size;
     options.store = std::move(store);
     options.group_name = name + "_rank" + std::to_string(rank);
     options.store_prefix = name;
@@ -33,12 +34,22 @@ inline void run_rank(int64_t rank, const std::string& name, c10::intrusive_ptr<c
 }
 
 // `timeout` bounds every collective of the groups.
+inline void run_ranks(int64_t world_size, const std::string& name, const std::function<void(const Group&)>& body,
+                      std::chrono::milliseconds timeout = std::chrono::seconds(60)) {
+  auto store = c10::make_intrusive<c10d::HashStore>();
+  std::vector<std::thread> others;
+  for (int64_t rank = 1; rank < world_size; ++rank) {
+    others.emplace_back(run_rank, rank, world_size, name, store, std::cref(body), timeout);
+  }
+  run_rank(0, world_size, name, store, body, timeout);
+  for (auto& thread : others) {
+    thread.join();
+  }
+}
+
 inline void run_two_ranks(const std::string& name, const std::function<void(const Group&)>& body,
                           std::chrono::milliseconds timeout = std::chrono::seconds(60)) {
-  auto store = c10::make_intrusive<c10d::HashStore>();
-  std::thread second(run_rank, 1, name, store, std::cref(body), timeout);
-  run_rank(0, name, store, body, timeout);
-  second.join();
+  run_ranks(2, name, body, timeout);
 }
 
 } // namespace torch_mp::testing
