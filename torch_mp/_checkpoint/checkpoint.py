@@ -44,6 +44,7 @@ from torch_mp._checkpoint.safetensors import dtype_name, write_file
 from torch_mp._tensor_parallel.sharding import ShardSpec, slice_bounds
 from torch_mp._checkpoint.state_dict import (
     first_holders,
+    is_pipeline,
     load_full_state_dict,
     local_tensor,
     read_local,
@@ -127,13 +128,15 @@ def load(module: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Opti
                 raise ValueError(f"torch_mp.load: {key!r} has shape {reader.shape(key)} in the checkpoint at "
                                  f"{reader.folder}; the model expects {expected} (the stock shape)")
     names = {id(param): name for name, param in module.named_parameters()}
+    # The optimizer state is read and checked before any weight is loaded.
+    state = None if optimizer is None else _read_optimizer(reader, module, optimizer, specs, tp_rank, tp_world)
     load_full_state_dict(module, reader.folder, strict=strict)
     if optimizer is not None:
         # Parameters that were on the meta device are new objects now: the optimizer takes them.
         params = dict(module.named_parameters())
         for group in optimizer.param_groups:
             group["params"] = [params[names[id(p)]] if id(p) in names else p for p in group["params"]]
-        _load_optimizer(reader, module, optimizer, specs, tp_rank, tp_world)
+        optimizer.load_state_dict(state)
     if restore_rng:
         _restore_rng(reader)
     return reader.index["extra"]
@@ -416,7 +419,9 @@ def _fsync_folder(folder: str) -> None:
 
 # --- loading -------------------------------------------------------------------------------------
 
-def _load_optimizer(reader: CheckpointReader, module: nn.Module, optimizer, specs, rank: int, world: int) -> None:
+def _read_optimizer(reader: CheckpointReader, module: nn.Module, optimizer, specs, rank: int,
+                    world: int) -> Dict[str, Any]:
+    """This rank's ``optimizer.state_dict()`` from the checkpoint, checked against ``optimizer``."""
     meta = reader.index["optimizer"]
     if meta is None:
         raise ValueError(f"torch_mp.load: the checkpoint at {reader.folder} holds no optimizer state; expected one "
@@ -433,7 +438,7 @@ def _load_optimizer(reader: CheckpointReader, module: nn.Module, optimizer, spec
     state = {}
     for name, entries in meta["state"].items():
         param = local_tensor(params[name])
-        if param.is_meta:  # another pipeline rank's stage: its state loads there
+        if param.is_meta and is_pipeline(module):  # another pipeline rank's stage: its state loads there
             continue
         spec, role = spec_of(name, specs)
         sharded = stock_layout(spec, role)[0] is not None
@@ -451,7 +456,7 @@ def _load_optimizer(reader: CheckpointReader, module: nn.Module, optimizer, spec
         # JSON has no tuples: give back the optimizer's own type (Adam's betas).
         restored = {k: tuple(v) if isinstance(group.get(k), tuple) else v for k, v in saved_group.items()}
         groups.append({**restored, "params": [number[name] for name in saved_group["params"]]})
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    return {"state": state, "param_groups": groups}
 
 
 def _state_of_another_shape(reader: CheckpointReader, name: str, key: str, copies: List[str], sharded: bool,

@@ -40,7 +40,7 @@ def full_state_dict(module: nn.Module) -> Dict[str, torch.Tensor]:
     check_arg("full_state_dict", "module", module, nn.Module, "a torch.nn.Module")
     specs, group, world = tp_state(module)
     state = module.state_dict()
-    if _is_pipeline(module):
+    if is_pipeline(module):
         state = _gather_from_holders(state, state_of(module).group)
     result = {}
     for key, value in state.items():
@@ -148,7 +148,7 @@ def load_full_state_dict(module: nn.Module, state_dict_or_path: StateSource, str
     if strict and (missing or unexpected):
         raise ValueError(f"load_full_state_dict: missing keys {missing[:10]}, unexpected keys {unexpected[:10]}; "
                          "expected the stock state_dict of this model (or strict=False)")
-    if _is_pipeline(module):  # other ranks' stages: meta stand-ins, loaded there
+    if is_pipeline(module):  # other ranks' stages: meta stand-ins, loaded there
         targets = {key: target for key, target in targets.items() if not local_tensor(target).is_meta}
     _check_no_meta_outside(module, targets, keys)
     owners: Dict[int, List[Tuple[nn.Module, str]]] = {}
@@ -207,7 +207,7 @@ def _materialize(target, value, device, borrowed, owners, materialized) -> None:
 
 def _check_no_meta_outside(module, targets, keys) -> None:
     left = [key for key, tensor in targets.items() if tensor.device.type == "meta" and key not in keys]
-    if not _is_pipeline(module):
+    if not is_pipeline(module):
         left += [f"{name} (buffer)" for name, buffer in module.named_buffers() if buffer.device.type == "meta"]
     if left:
         raise ValueError(f"load_full_state_dict: {left[:10]} are on the meta device and the source does not hold "
@@ -225,7 +225,8 @@ def tp_state(module: nn.Module):
     return state.specs, group, resolve_group(group).size if state.specs else 1
 
 
-def _is_pipeline(module: nn.Module) -> bool:
+def is_pipeline(module: nn.Module) -> bool:
+    """Whether ``module`` was returned by ``pipeline``: its other ranks' tensors are meta stand-ins."""
     state = state_of(module)
     return state is not None and state.kind == PIPELINE
 
