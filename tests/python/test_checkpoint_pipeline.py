@@ -93,11 +93,12 @@ def resume_elsewhere(rank, world, folder):
     a pipeline with another split of the blocks and a tensor-parallel model load the checkpoint."""
     results = {}
     for name, make in (("resumed", lambda: torch_mp.pipeline(gpt(seed=5), chunks=2)),
-                       ("resplit", lambda: torch_mp.pipeline(gpt(seed=6), chunks=2, balance=[1, 3]))):
+                       ("resplit", lambda: torch_mp.pipeline(gpt(seed=6), chunks=2, balance=[1, 3])),
+                       ("interleaved", lambda: torch_mp.pipeline(gpt(seed=6), chunks=2, schedule="interleaved_1f1b"))):
         model = make()
         optimizer = adamw(model)
         losses = torch_mp.load(model, os.path.join(folder, "ckpt"), optimizer=optimizer)["losses"]
-        if name == "resplit":  # blocks 1 to 3 on rank 1: what rank 0 saved of block 1 is read there
+        if name != "resumed":  # block 1 on rank 1 (1 + 3 blocks; 4 stages of one): rank 0 saved it
             assert model.blocks[1].mlp[0].weight.is_meta == (rank == 0)
         assert_equals_file(torch_mp.full_state_dict(model), os.path.join(folder, "full.safetensors"))
         results[name] = steps(model, optimizer, STEPS, losses)
@@ -148,6 +149,7 @@ def test_pipeline_resumes_bit_identical_and_loads_into_another_split_and_tensor_
     results = json.loads((pipeline_checkpoint / "resumed.json").read_text())
     assert results["resumed"] == whole  # exact: JSON keeps every bit of a float
     assert results["resplit"] == whole
+    assert results["interleaved"] == whole
 
 
 def test_pipeline_checkpoint_loads_into_the_plain_model_and_split(pipeline_checkpoint):
@@ -169,3 +171,55 @@ def test_pipeline_checkpoint_loads_into_the_plain_model_and_split(pipeline_check
     losses = steps(plain, optimizer, STEPS, [])
     expected, _ = dense_run(2 * STEPS)
     torch.testing.assert_close(losses, expected[STEPS:], rtol=1e-5, atol=1e-5)
+
+
+# --- a transformers Llama ----------------------------------------------------------------------
+
+def llama(seed):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(num_hidden_layers=4, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=32,
+                                      bos_token_id=0, eos_token_id=1, pad_token_id=0)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.1 * torch.randn(param.shape))
+    return model
+
+
+def llama_loss(output, ids):
+    return loss_fn(output.logits, ids)
+
+
+def llama_pipeline(rank, world, folder):
+    """One train_step and AdamW step of Llama pipelined on 2 ranks and of the dense Llama; the
+    pipeline's full_state_dict against the dense parameters, its checkpoint loaded into the plain
+    Llama with its optimizer state against the dense optimizer's."""
+    dense = llama(seed=0)
+    piped = torch_mp.pipeline(llama(seed=0), chunks=2)
+    ids = torch.randint(0, VOCAB, (4, 8), generator=torch.Generator().manual_seed(0))
+    optimizers = [adamw(model) for model in (dense, piped)]
+    llama_loss(dense(input_ids=ids), ids).backward()
+    piped.train_step(input_ids=ids, target=ids, loss_fn=llama_loss)
+    for optimizer in optimizers:
+        optimizer.step()
+    full = torch_mp.full_state_dict(piped)
+    assert list(full) == list(dense.state_dict())
+    for key, value in dense.state_dict().items():
+        torch.testing.assert_close(full[key], value, rtol=1e-5, atol=1e-5, msg=key)
+    path = os.path.join(folder, "llama")
+    torch_mp.save(piped, path, optimizer=optimizers[1])
+    if rank == 0:
+        plain = llama(seed=1)
+        optimizer = adamw(plain)
+        torch_mp.load(plain, path, optimizer=optimizer)
+        assert all(torch.equal(value, full[key]) for key, value in plain.state_dict().items())
+        expected = dict(zip(dense.parameters(), plain.parameters()))
+        for param, state in optimizers[0].state.items():
+            for key, value in state.items():
+                torch.testing.assert_close(optimizer.state[expected[param]][key], value, rtol=1e-5, atol=1e-5)
+
+
+def test_llama_pipeline_state_and_checkpoint_are_the_dense_models(tmp_path):
+    run_ranks(2, llama_pipeline, str(tmp_path))

@@ -6,7 +6,7 @@ the folder into place. Loading cuts each rank's slices out of those pieces whate
 tensor-parallel size that wrote them, so a checkpoint saved on 2 ranks loads on 1 or 4, and no rank
 ever holds more than its own slices and one piece. No pickle: tensors in safetensors, everything
 else (optimizer hyperparameters, step counts that are not tensors, ``extra``) in JSON. The format is
-described in ``torch_mp/_checkpoint_format.py``.
+described in ``torch_mp/_checkpoint/format.py``.
 """
 import json
 import logging
@@ -59,7 +59,7 @@ PathLike = Union[str, os.PathLike]
 
 def save(module: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Optimizer] = None,
          extra: Optional[Mapping[str, Any]] = None) -> None:
-    """Saves ``module`` (plain, ``split`` or ``tensor_parallel``), and ``optimizer``'s state if given,
+    """Saves ``module`` (plain, ``split``, ``pipeline`` or ``tensor_parallel``), and ``optimizer``'s state if given,
     to the folder ``path``, atomically: written as ``path.incomplete``, every file fsynced, then
     renamed to ``path``, replacing an earlier checkpoint there only once the new one is complete.
 
@@ -69,14 +69,18 @@ def save(module: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Opti
 
     With torch.distributed initialized, a collective over the default group: every rank calls it
     with the same ``path``, on a file system all ranks share. A tensor-parallel rank writes its own
-    slices, rank 0 the replicated tensors; data-parallel replicas other than rank 0's write only
-    their random state. Each tensor is stored whole-shaped in the index (its stock shape), each
-    rank's pieces in a safetensors file of its own; resharding on load as in PyTorch's distributed
-    checkpoint (``torch.distributed.checkpoint``).
+    slices; each whole tensor is written by the lowest rank holding it (rank 0 for replicated ones;
+    a pipeline rank writes its stages' tensors, whole); data-parallel replicas other than rank 0's
+    write only their random state. Each tensor is stored whole-shaped in the index (its stock
+    shape), each rank's pieces in a safetensors file of its own; resharding on load as in
+    PyTorch's distributed checkpoint (``torch.distributed.checkpoint``). Optimizer state of its
+    parameter's shape (Adam's moments) is stored as the parameter is; state of another shape
+    (Adafactor's row and column statistics) of a parameter cut across ranks is stored per rank, as
+    each rank holds it (state of replicated parameters is the same on every rank: stored once).
 
     Raises TypeError for a ``module`` that is not an ``nn.Module``, an ``optimizer`` that is not a
     ``torch.optim.Optimizer``, an ``extra`` that is not a dict or DTensor parameters (FSDP2);
-    ValueError for values that are not JSON or parameters on the meta device; FileExistsError when
+    ValueError for values that are not JSON or tensors on the meta device on every rank; FileExistsError when
     ``path`` holds something other than a checkpoint; RuntimeError on every rank when another rank
     failed; ``torch_mp.CollectiveError`` when a peer does not answer within the group's timeout.
     """
@@ -95,10 +99,14 @@ def save(module: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Opti
 
 def load(module: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Optimizer] = None,
          strict: bool = True, restore_rng: bool = True) -> Dict[str, Any]:
-    """Loads a ``torch_mp.save`` checkpoint into ``module`` (plain, ``split`` or ``tensor_parallel``,
-    at any tensor-parallel size that divides the model; parameters on the meta device are
-    materialized with this rank's slices, and ``optimizer`` is given the new ones), and into
-    ``optimizer`` if given. Returns the ``extra`` saved with it.
+    """Loads a ``torch_mp.save`` checkpoint into ``module`` (plain, ``split``, ``pipeline`` with any
+    split of the layers, or ``tensor_parallel`` at any tensor-parallel size that divides the
+    model, whichever of them saved it; parameters on the meta device are materialized with this
+    rank's slices, and ``optimizer`` is given the new ones; a pipeline rank loads its stages and
+    leaves the stand-ins of the others), and into ``optimizer`` if given. Returns the ``extra``
+    saved with it. Optimizer state of another shape than its parameter (Adafactor's statistics)
+    loads where the parameter is held as when saved (whole, or cut across as many ranks); a scalar
+    that every rank saved alike (a step count) loads anywhere.
 
     Checks before loading: every key present (``strict``: and no other), stock shapes equal; and
     while reading, the shape and CRC-32 of every piece. ``restore_rng`` restores this rank's random
@@ -107,7 +115,8 @@ def load(module: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Opti
     Raises TypeError for a ``module`` that is not an ``nn.Module`` or an ``optimizer`` that is not
     a ``torch.optim.Optimizer``; FileNotFoundError when ``path`` holds no checkpoint; ValueError for
     missing or unexpected keys, other stock shapes, a piece whose CRC-32 or shape does not match,
-    or an index that does not follow the format.
+    an index that does not follow the format, or optimizer state of another shape than its
+    parameter that this layout cannot take (raised before any weight is loaded).
     """
     _check_module(module, "load", optimizer)
     reader = CheckpointReader(os.fspath(path))
