@@ -229,23 +229,22 @@ def _pieces_of_this_rank(module: nn.Module, optimizer, rank: int) -> Tuple[List[
                     entry["tensors"][key] = stock
                 elif sharded:  # another shape (Adafactor's row and column statistics): each rank's own
                     names = [f"{stock}/rank-{r:05d}-of-{tp_world:05d}" for r in range(tp_world)]
-                    value = local_tensor(value).detach()
-                    pieces.append(_Piece(names[tp_rank], value, list(value.shape), None, None, SHARDS, name))
+                    pieces.append(_as_held(names[tp_rank], local_tensor(value).detach(), SHARDS, name))
                     entry["per_rank"][key] = names
                 else:  # of a whole parameter: whole, as the parameter
                     pieces.append(_stock_piece(stock, name, value, None, "", 0, 1))
                     entry["tensors"][key] = stock
             states[name] = entry
     # Every rank's own random state, for a resume that draws the same numbers.
-    pieces.append(_Piece(f"rng/cpu/{rank}", torch.get_rng_state(), *_whole(torch.get_rng_state()), OWN, ""))
+    pieces.append(_as_held(f"rng/cpu/{rank}", torch.get_rng_state(), OWN, ""))
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state = torch.cuda.get_rng_state()
-        pieces.append(_Piece(f"rng/cuda/{rank}", state, *_whole(state), OWN, ""))
+        pieces.append(_as_held(f"rng/cuda/{rank}", torch.cuda.get_rng_state(), OWN, ""))
     return pieces, states
 
 
-def _whole(tensor: torch.Tensor) -> Tuple[List[int], None, None]:
-    return list(tensor.shape), None, None
+def _as_held(name: str, tensor: torch.Tensor, writer: str, owner: str) -> _Piece:
+    """A piece stored whole, as this rank holds it (no stock tensor it is a slice of)."""
+    return _Piece(name, tensor, list(tensor.shape), None, None, writer, owner)
 
 
 def _pieces_to_write(module: nn.Module, pieces: List[_Piece], states: Dict[str, dict], holders: Dict[str, int],
