@@ -91,6 +91,17 @@ TEST(Checkpoint, FallsBackToTheCheckpointASaveSetAside) {
   EXPECT_TRUE(torch::equal(model[0]->as<torch::nn::Linear>()->weight, other[0]->as<torch::nn::Linear>()->weight));
 }
 
+// Flips the last byte of `file`.
+void flip_last_byte(const fs::path& file) {
+  std::fstream stream(file, std::ios::in | std::ios::out | std::ios::binary);
+  stream.seekg(-1, std::ios::end);
+  char last = 0;
+  stream.read(&last, 1);
+  stream.seekp(-1, std::ios::end);
+  last ^= 0x01;
+  stream.write(&last, 1);
+}
+
 TEST(Checkpoint, ErrorsNameWhatIsWrong) {
   TempFolder folder;
   const auto path = (folder.path / "ckpt").string();
@@ -108,15 +119,7 @@ TEST(Checkpoint, ErrorsNameWhatIsWrong) {
   EXPECT_NE(message.find("holds keys ['2.bias', '2.num_batches_tracked'"), std::string::npos) << message;
 
   // Flip one byte of the last tensor (the random state): its checksum no longer matches.
-  const auto file = fs::path(path) / "rank-00000-of-00001.safetensors";
-  std::fstream stream(file, std::ios::in | std::ios::out | std::ios::binary);
-  stream.seekg(-1, std::ios::end);
-  char last = 0;
-  stream.read(&last, 1);
-  stream.seekp(-1, std::ios::end);
-  last ^= 0x40;
-  stream.write(&last, 1);
-  stream.close();
+  flip_last_byte(fs::path(path) / "rank-00000-of-00001.safetensors");
   message = error_of([&] { torch_mp::load(*model, path); });
   EXPECT_NE(message.find("checksum mismatch in"), std::string::npos) << message;
   EXPECT_NE(message.find("rng/cpu/0"), std::string::npos) << message;
@@ -124,6 +127,57 @@ TEST(Checkpoint, ErrorsNameWhatIsWrong) {
   std::ofstream(folder.path / "file") << "not a checkpoint";
   message = error_of([&] { torch_mp::save(*model, (folder.path / "file").string()); });
   EXPECT_NE(message.find("exists and is not a torch_mp checkpoint"), std::string::npos) << message;
+}
+
+// A checkpoint two tensor-parallel ranks wrote: '0.weight' cut by rows, rank 1's rows alone in its
+// file. torch_mp::load joins the pieces; one flipped byte of rank 1's shard is a checksum error that
+// names the file and the tensor, as for a tensor stored whole. The checkpoint is written by Python
+// ($TORCH_MP_PYTHON, else python3), with torch_mp's own safetensors writer and an index in the format.
+TEST(Checkpoint, CorruptedShardOfOneRankIsAChecksumError) {
+  TempFolder folder;
+  const fs::path script = folder.path / "shards.py";
+  std::ofstream(script)
+      << "import json, os, sys, torch\n"
+         "from torch import nn\n"
+         "from torch_mp._checkpoint.safetensors import dtype_name, write_file\n"
+         "torch.manual_seed(3)\n"
+         "model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.BatchNorm1d(16), nn.Linear(16, 4))\n"
+         "state = {k: v.contiguous() for k, v in model.state_dict().items()}\n"
+         "out = os.path.join(sys.argv[1], 'ckpt')\n"
+         "os.makedirs(out)\n"
+         "files = ['rank-00000-of-00002.safetensors', 'rank-00001-of-00002.safetensors']\n"
+         "held = [[(k, v) for k, v in state.items() if k != '0.weight'] + [('0.weight', state['0.weight'][:8])],\n"
+         "        [('0.weight', state['0.weight'][8:].contiguous())]]\n"
+         "crcs = [write_file(os.path.join(out, f), h) for f, h in zip(files, held)]\n"
+         "def entry(k, pieces, dim=None):\n"
+         "    return {'dtype': dtype_name(state[k].dtype), 'shape': list(state[k].shape), 'dim': dim, 'pieces': pieces}\n"
+         "tensors = {k: entry(k, [{'file': files[0], 'key': k, 'bounds': None, 'crc32': crcs[0][k]}])\n"
+         "           for k in state if k != '0.weight'}\n"
+         "tensors['0.weight'] = entry('0.weight', [{'file': files[r], 'key': '0.weight', 'bounds': [b],\n"
+         "                                          'crc32': crcs[r]['0.weight']} for r, b in ((0, [0, 8]), (1, [8, 16]))], 0)\n"
+         "index = {'format': 'torch_mp.checkpoint', 'version': 1, 'world_size': 2, 'model': list(state),\n"
+         "         'tensors': tensors, 'optimizer': None, 'extra': {}}\n"
+         "json.dump(index, open(os.path.join(out, 'torch_mp_checkpoint.json'), 'w'))\n"
+         "with open(os.path.join(sys.argv[1], 'weight'), 'wb') as f:\n"
+         "    f.write(state['0.weight'].numpy().tobytes())\n";
+  const char* python = std::getenv("TORCH_MP_PYTHON");
+  const std::string command =
+      std::string(python ? python : "python3") + " " + script.string() + " " + folder.path.string();
+  ASSERT_EQ(std::system(command.c_str()), 0) << "failed: " << command;
+  const auto path = (folder.path / "ckpt").string();
+
+  auto model = make_mlp();
+  torch_mp::load(*model, path);
+  std::ifstream stream(folder.path / "weight", std::ios::binary);
+  const std::string bytes{std::istreambuf_iterator<char>(stream), std::istreambuf_iterator<char>()};
+  const auto weight = model[0]->as<torch::nn::Linear>()->weight.contiguous();
+  ASSERT_EQ(bytes.size(), weight.nbytes());
+  EXPECT_EQ(std::memcmp(bytes.data(), weight.data_ptr(), bytes.size()), 0); // both pieces, joined
+
+  flip_last_byte(fs::path(path) / "rank-00001-of-00002.safetensors"); // in rank 1's rows of 0.weight
+  const auto message = error_of([&] { torch_mp::load(*model, path); });
+  EXPECT_NE(message.find("checksum mismatch in"), std::string::npos) << message;
+  EXPECT_NE(message.find("rank-00001-of-00002.safetensors\" for '0.weight'"), std::string::npos) << message;
 }
 
 // Every parameter and buffer of `module` as raw bytes, one file each under `folder`: what the other

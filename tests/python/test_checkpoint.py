@@ -5,6 +5,7 @@ import copy
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -322,6 +323,23 @@ def test_corrupted_byte_is_a_checksum_error(tmp_path):
     file.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"checksum mismatch in .*rank-00000-of-00001\.safetensors for '6\.bias'"):
         torch_mp.load(mlp(), tmp_path / "ckpt")
+
+
+def test_corrupted_byte_of_a_tensor_parallel_shard_is_a_checksum_error(tp2_checkpoint, tmp_path):
+    """One flipped byte in rank 1's shard of a colwise weight: every load that reads that shard
+    (into the dense model, or its slice at any size) names the file and the tensor."""
+    shutil.copytree(tp2_checkpoint / "gpt", tmp_path / "ckpt")
+    file = tmp_path / "ckpt" / "rank-00001-of-00002.safetensors"
+    data = bytearray(file.read_bytes())
+    header_length = int.from_bytes(data[:8], "little")
+    start, stop = json.loads(data[8:8 + header_length])["blocks.0.mlp.0.weight"]["data_offsets"]
+    data[8 + header_length + (start + stop) // 2] ^= 0x01
+    file.write_bytes(bytes(data))
+    error = r"checksum mismatch in .*rank-00001-of-00002\.safetensors for 'blocks\.0\.mlp\.0\.weight'"
+    with pytest.raises(ValueError, match=error):
+        torch_mp.load(gpt(), tmp_path / "ckpt")
+    with pytest.raises(ValueError, match=error):
+        torch_mp.load_full_state_dict(gpt(), tmp_path / "ckpt")
 
 
 def test_load_errors_name_what_is_wrong(tmp_path):

@@ -6,7 +6,7 @@ the folder into place. Loading cuts each rank's slices out of those pieces whate
 tensor-parallel size that wrote them, so a checkpoint saved on 2 ranks loads on 1 or 4, and no rank
 ever holds more than its own slices and one piece. No pickle: tensors in safetensors, everything
 else (optimizer hyperparameters, step counts that are not tensors, ``extra``) in JSON. The format is
-described in ``torch_mp/_checkpoint_format.py``.
+described in ``torch_mp/_checkpoint/format.py``.
 """
 import json
 import logging
@@ -43,11 +43,14 @@ from torch_mp._group import all_reduce_sum, resolve_group
 from torch_mp._checkpoint.safetensors import dtype_name, write_file
 from torch_mp._tensor_parallel.sharding import ShardSpec, slice_bounds
 from torch_mp._checkpoint.state_dict import (
-    spec_of,
-    tp_state,
+    first_holders,
+    is_pipeline,
     load_full_state_dict,
+    local_tensor,
     read_local,
+    spec_of,
     stock_layout,
+    tp_state,
 )
 
 logger = logging.getLogger("torch_mp")
@@ -56,7 +59,7 @@ PathLike = Union[str, os.PathLike]
 
 def save(module: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Optimizer] = None,
          extra: Optional[Mapping[str, Any]] = None) -> None:
-    """Saves ``module`` (plain, ``split`` or ``tensor_parallel``), and ``optimizer``'s state if given,
+    """Saves ``module`` (plain, ``split``, ``pipeline`` or ``tensor_parallel``), and ``optimizer``'s state if given,
     to the folder ``path``, atomically: written as ``path.incomplete``, every file fsynced, then
     renamed to ``path``, replacing an earlier checkpoint there only once the new one is complete.
 
@@ -66,32 +69,44 @@ def save(module: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Opti
 
     With torch.distributed initialized, a collective over the default group: every rank calls it
     with the same ``path``, on a file system all ranks share. A tensor-parallel rank writes its own
-    slices, rank 0 the replicated tensors; data-parallel replicas other than rank 0's write only
-    their random state. Each tensor is stored whole-shaped in the index (its stock shape), each
-    rank's pieces in a safetensors file of its own; resharding on load as in PyTorch's distributed
-    checkpoint (``torch.distributed.checkpoint``).
+    slices; each whole tensor is written by the lowest rank holding it (rank 0 for replicated ones;
+    a pipeline rank writes its stages' tensors, whole); data-parallel replicas other than rank 0's
+    write only their random state. Each tensor is stored whole-shaped in the index (its stock
+    shape), each rank's pieces in a safetensors file of its own; resharding on load as in
+    PyTorch's distributed checkpoint (``torch.distributed.checkpoint``). Optimizer state of its
+    parameter's shape (Adam's moments) is stored as the parameter is; state of another shape
+    (Adafactor's row and column statistics) of a parameter cut across ranks is stored per rank, as
+    each rank holds it (state of replicated parameters is the same on every rank: stored once).
 
     Raises TypeError for a ``module`` that is not an ``nn.Module``, an ``optimizer`` that is not a
     ``torch.optim.Optimizer``, an ``extra`` that is not a dict or DTensor parameters (FSDP2);
-    ValueError for values that are not JSON or parameters on the meta device; FileExistsError when
+    ValueError for values that are not JSON or tensors on the meta device on every rank; FileExistsError when
     ``path`` holds something other than a checkpoint; RuntimeError on every rank when another rank
     failed; ``torch_mp.CollectiveError`` when a peer does not answer within the group's timeout.
     """
     rank, world = _world()
     final = os.path.abspath(os.fspath(path))
     temp = final + INCOMPLETE
-    mine, meta = _on_every_rank("preparing the save", lambda: _prepare(module, optimizer, extra, final, temp, rank))
-    _on_every_rank("writing its checkpoint file", lambda: _write_rank(temp, mine, rank, world))
+    pieces, states, meta = _on_every_rank("preparing the save",
+                                          lambda: _prepare(module, optimizer, extra, final, temp, rank))
+    # Which rank writes each whole tensor: the lowest holding it (a pipeline rank holds its stages).
+    holders = first_holders(module.state_dict(), None, "torch_mp.save")
+    mine, states = _pieces_to_write(module, pieces, states, holders, rank)
+    _on_every_rank("writing its checkpoint file", lambda: _write_rank(temp, mine, states, rank, world))
     _on_every_rank("writing the index and renaming the checkpoint into place",
                    lambda: rank == 0 and _finish(temp, final, world, meta))
 
 
 def load(module: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Optimizer] = None,
          strict: bool = True, restore_rng: bool = True) -> Dict[str, Any]:
-    """Loads a ``torch_mp.save`` checkpoint into ``module`` (plain, ``split`` or ``tensor_parallel``,
-    at any tensor-parallel size that divides the model; parameters on the meta device are
-    materialized with this rank's slices, and ``optimizer`` is given the new ones), and into
-    ``optimizer`` if given. Returns the ``extra`` saved with it.
+    """Loads a ``torch_mp.save`` checkpoint into ``module`` (plain, ``split``, ``pipeline`` with any
+    split of the layers, or ``tensor_parallel`` at any tensor-parallel size that divides the
+    model, whichever of them saved it; parameters on the meta device are materialized with this
+    rank's slices, and ``optimizer`` is given the new ones; a pipeline rank loads its stages and
+    leaves the stand-ins of the others), and into ``optimizer`` if given. Returns the ``extra``
+    saved with it. Optimizer state of another shape than its parameter (Adafactor's statistics)
+    loads where the parameter is held as when saved (whole, or cut across as many ranks); a scalar
+    that every rank saved alike (a step count) loads anywhere.
 
     Checks before loading: every key present (``strict``: and no other), stock shapes equal; and
     while reading, the shape and CRC-32 of every piece. ``restore_rng`` restores this rank's random
@@ -100,7 +115,8 @@ def load(module: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Opti
     Raises TypeError for a ``module`` that is not an ``nn.Module`` or an ``optimizer`` that is not
     a ``torch.optim.Optimizer``; FileNotFoundError when ``path`` holds no checkpoint; ValueError for
     missing or unexpected keys, other stock shapes, a piece whose CRC-32 or shape does not match,
-    or an index that does not follow the format.
+    an index that does not follow the format, or optimizer state of another shape than its
+    parameter that this layout cannot take (raised before any weight is loaded).
     """
     _check_module(module, "load", optimizer)
     reader = CheckpointReader(os.fspath(path))
@@ -116,18 +132,20 @@ def load(module: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Opti
                              "this model (or strict=False)")
     for key, target in targets.items():
         if key in reader.model_keys:
-            expected = _stock_shape(target, *spec_of(key, specs))
+            expected = _stock_shape(local_tensor(target), *spec_of(key, specs))
             if reader.shape(key) != expected:
                 raise ValueError(f"torch_mp.load: {key!r} has shape {reader.shape(key)} in the checkpoint at "
                                  f"{reader.folder}; the model expects {expected} (the stock shape)")
     names = {id(param): name for name, param in module.named_parameters()}
+    # The optimizer state is read and checked before any weight is loaded.
+    state = None if optimizer is None else _read_optimizer(reader, module, optimizer, specs, tp_rank, tp_world)
     load_full_state_dict(module, reader.folder, strict=strict)
     if optimizer is not None:
         # Parameters that were on the meta device are new objects now: the optimizer takes them.
         params = dict(module.named_parameters())
         for group in optimizer.param_groups:
             group["params"] = [params[names[id(p)]] if id(p) in names else p for p in group["params"]]
-        _load_optimizer(reader, module, optimizer, specs, tp_rank, tp_world)
+        optimizer.load_state_dict(state)
     if restore_rng:
         _restore_rng(reader)
     return reader.index["extra"]
@@ -135,12 +153,20 @@ def load(module: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Opti
 
 # --- saving --------------------------------------------------------------------------------------
 
+# Who writes a piece: every rank its own (random state); the tensor-parallel group holding rank 0
+# its shards and each of its ranks' own optimizer state (Adafactor's statistics); the lowest rank
+# holding a whole tensor (rank 0, or the pipeline rank of its stage) that tensor.
+OWN, SHARDS, WHOLE = "own", "shards", "whole"
+
+
 class _Piece(NamedTuple):
     name: str                      # the stock name (or optimizer/<parameter>/<key>, rng/<device>/<rank>)
     tensor: torch.Tensor           # what this rank holds, in the stock layout
     shape: List[int]               # the stock tensor's shape
     dim: Optional[int]             # the dim it is cut along; None: the tensor is whole
     bounds: Optional[List[Tuple[int, int]]]  # the ranges of the stock tensor along dim it concatenates
+    writer: str                    # OWN, SHARDS or WHOLE
+    owner: str                     # the state_dict key whose holders write a WHOLE piece
 
 
 def _world() -> Tuple[int, int]:
@@ -165,42 +191,73 @@ def _stock_shape(value: torch.Tensor, spec: Optional[ShardSpec], role: str) -> T
     return tuple(shape)
 
 
-def _stock_piece(name: str, value: torch.Tensor, spec: Optional[ShardSpec], role: str, rank: int,
+def _stock_piece(name: str, owner: str, value: torch.Tensor, spec: Optional[ShardSpec], role: str, rank: int,
                  world: int) -> _Piece:
     if isinstance(value, DTensor):
         raise TypeError(f"torch_mp.save: {name!r} is a DTensor (FSDP2's fully_shard); expected plain tensors: "
                         "torch_mp.save does not save FSDP2-sharded models yet")
-    if value.device.type == "meta":
-        raise ValueError(f"torch_mp.save: {name!r} is on the meta device; expected real tensors (load weights first)")
     dim, transposed = stock_layout(spec, role)
-    value = value.detach()
+    value = local_tensor(value).detach()
     return _Piece(name, value.t() if transposed else value, list(_stock_shape(value, spec, role)), dim,
-                  None if dim is None else slice_bounds(spec.parts, rank, world, spec.replicas))
+                  None if dim is None else slice_bounds(spec.parts, rank, world, spec.replicas),
+                  WHOLE if dim is None else SHARDS, owner)
 
 
-def _pieces_of_this_rank(module: nn.Module, optimizer, rank: int) -> List[_Piece]:
+def _pieces_of_this_rank(module: nn.Module, optimizer, rank: int) -> Tuple[List[_Piece], Dict[str, dict]]:
+    """The pieces this rank holds (tensors on the meta device, other pipeline ranks' stages, are
+    not held), and {parameter name: its optimizer state's JSON entry} for the parameters it holds."""
     specs, group, tp_world = tp_state(module)
     tp_rank = resolve_group(group).rank if specs else 0
-    pieces = [_stock_piece(key, value, *spec_of(key, specs), tp_rank, tp_world)
-              for key, value in module.state_dict().items()]
+    pieces = [_stock_piece(key, key, value, *spec_of(key, specs), tp_rank, tp_world)
+              for key, value in module.state_dict().items() if not local_tensor(value).is_meta]
+    states = {}
     if optimizer is not None:
         params = dict(module.named_parameters())
         for name, state in _optimizer_state_by_name(module, optimizer).items():
+            param = local_tensor(params[name])
+            if param.is_meta:
+                continue
+            spec, role = spec_of(name, specs)
+            sharded = stock_layout(spec, role)[0] is not None
+            entry = {"values": {}, "tensors": {}, "per_rank": {}}
             for key, value in state.items():
-                if isinstance(value, torch.Tensor):
-                    # State shaped like its parameter (Adam's moments) is cut like it; the rest is whole.
-                    like = value.shape == params[name].shape
-                    spec, role = spec_of(name, specs) if like else (None, "")
-                    pieces.append(_stock_piece(f"optimizer/{name}/{key}", value, spec, role, tp_rank, tp_world))
-    # One copy of each tensor: the shards from the tensor-parallel group that holds rank 0 (the other
-    # data-parallel replicas hold the same), the whole tensors from rank 0.
-    writes_shards = not specs or rank in _ranks_of_group_with_rank_0(group)
-    mine = [piece for piece in pieces if (piece.dim is not None and writes_shards) or (piece.dim is None and rank == 0)]
+                stock = f"optimizer/{name}/{key}"
+                if not isinstance(value, torch.Tensor):
+                    entry["values"][key] = value
+                elif local_tensor(value).shape == param.shape:  # Adam's moments: cut like the parameter
+                    pieces.append(_stock_piece(stock, name, value, spec, role, tp_rank, tp_world))
+                    entry["tensors"][key] = stock
+                elif sharded:  # another shape (Adafactor's row and column statistics): each rank's own
+                    names = [f"{stock}/rank-{r:05d}-of-{tp_world:05d}" for r in range(tp_world)]
+                    pieces.append(_as_held(names[tp_rank], local_tensor(value).detach(), SHARDS, name))
+                    entry["per_rank"][key] = names
+                else:  # of a whole parameter: whole, as the parameter
+                    pieces.append(_stock_piece(stock, name, value, None, "", 0, 1))
+                    entry["tensors"][key] = stock
+            states[name] = entry
     # Every rank's own random state, for a resume that draws the same numbers.
-    mine.append(_stock_piece(f"rng/cpu/{rank}", torch.get_rng_state(), None, "", 0, 1))
+    pieces.append(_as_held(f"rng/cpu/{rank}", torch.get_rng_state(), OWN, ""))
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        mine.append(_stock_piece(f"rng/cuda/{rank}", torch.cuda.get_rng_state(), None, "", 0, 1))
-    return mine
+        pieces.append(_as_held(f"rng/cuda/{rank}", torch.cuda.get_rng_state(), OWN, ""))
+    return pieces, states
+
+
+def _as_held(name: str, tensor: torch.Tensor, writer: str, owner: str) -> _Piece:
+    """A piece stored whole, as this rank holds it (no stock tensor it is a slice of)."""
+    return _Piece(name, tensor, list(tensor.shape), None, None, writer, owner)
+
+
+def _pieces_to_write(module: nn.Module, pieces: List[_Piece], states: Dict[str, dict], holders: Dict[str, int],
+                     rank: int) -> Tuple[List[_Piece], Dict[str, dict]]:
+    """One copy of each tensor: the shards from the tensor-parallel group that holds rank 0 (the
+    other data-parallel replicas hold the same), each whole tensor and its optimizer state from the
+    lowest rank holding it; every rank's random state."""
+    _, group, _ = tp_state(module)
+    writes_shards = rank in _ranks_of_group_with_rank_0(group)
+    mine = [piece for piece in pieces if piece.writer == OWN or (piece.writer == SHARDS and writes_shards) or
+            (piece.writer == WHOLE and holders.get(piece.owner, 0) == rank)]
+    written = {piece.owner for piece in mine}
+    return mine, {name: entry for name, entry in states.items() if name in written}
 
 
 def _ranks_of_group_with_rank_0(group) -> List[int]:
@@ -229,16 +286,11 @@ def _parameter_names(module: nn.Module, optimizer, what: str) -> List[str]:
     return result
 
 
-def _optimizer_meta(module: nn.Module, optimizer) -> Dict[str, Any]:
+def _optimizer_groups(module: nn.Module, optimizer) -> List[Dict[str, Any]]:
+    """The optimizer's param_groups, with the parameters' names: rank 0's go into the index."""
     names = _parameter_names(module, optimizer, "save")
-    state = optimizer.state_dict()
-    groups = [{**{k: v for k, v in group.items() if k != "params"}, "params": [names[i] for i in group["params"]]}
-              for group in state["param_groups"]]
-    values = {names[i]: {"values": {k: v for k, v in entries.items() if not isinstance(v, torch.Tensor)},
-                         "tensors": {k: f"optimizer/{names[i]}/{k}" for k, v in entries.items()
-                                     if isinstance(v, torch.Tensor)}}
-              for i, entries in state["state"].items()}
-    return {"param_groups": groups, "state": values}
+    return [{**{k: v for k, v in group.items() if k != "params"}, "params": [names[i] for i in group["params"]]}
+            for group in optimizer.state_dict()["param_groups"]]
 
 
 def _json(value: Any, what: str) -> str:
@@ -277,10 +329,10 @@ def _prepare(module: nn.Module, optimizer, extra, final: str, temp: str, rank: i
     _check_module(module, "save", optimizer)
     if extra is not None and not isinstance(extra, Mapping):
         raise TypeError(f"torch_mp.save: expected extra to be a dict of JSON values, got {type(extra).__name__}")
-    mine = _pieces_of_this_rank(module, optimizer, rank)
+    pieces, states = _pieces_of_this_rank(module, optimizer, rank)
     meta = {"model": list(module.state_dict().keys()),
-            "optimizer": None if optimizer is None else _optimizer_meta(module, optimizer), "extra": dict(extra or {})}
-    _json(meta["optimizer"], "optimizer.state_dict() (everything but tensors)")
+            "optimizer": None if optimizer is None else _optimizer_groups(module, optimizer), "extra": dict(extra or {})}
+    _json([meta["optimizer"], states], "optimizer.state_dict() (everything but tensors)")
     _json(meta["extra"], "extra")
     if rank == 0:
         if os.path.lexists(final) and find_checkpoint(final) != final and not (os.path.isdir(final) and
@@ -289,12 +341,13 @@ def _prepare(module: nn.Module, optimizer, extra, final: str, temp: str, rank: i
                                   "path, an empty folder or an earlier checkpoint, which the save replaces")
         shutil.rmtree(temp, ignore_errors=True)  # left by a save that did not finish
         os.makedirs(temp)
-    return mine, meta
+    return pieces, states, meta
 
 
-def _write_rank(temp: str, pieces: List[_Piece], rank: int, world: int) -> None:
-    """This rank's safetensors file, and a JSON manifest of its pieces for rank 0 to merge. Tensors
-    held under several names (tied weights) are written once."""
+def _write_rank(temp: str, pieces: List[_Piece], states: Dict[str, dict], rank: int, world: int) -> None:
+    """This rank's safetensors file, and a JSON manifest of its pieces and of the optimizer state
+    of the parameters it writes, for rank 0 to merge. Tensors held under several names (tied
+    weights) are written once."""
     keys, seen, unique = {}, {}, []
     for piece in pieces:
         tensor = piece.tensor
@@ -310,19 +363,28 @@ def _write_rank(temp: str, pieces: List[_Piece], rank: int, world: int) -> None:
                                          "crc32": checksums[keys[piece.name]]}]}
                 for piece in pieces}
     with open(os.path.join(temp, f"rank-{rank:05d}.json"), "w") as handle:
-        json.dump(manifest, handle)
+        json.dump({"tensors": manifest, "optimizer_state": states}, handle)
 
 
 def _finish(temp: str, final: str, world: int, meta: Dict[str, Any]) -> None:
     """Rank 0, once every rank wrote its file: merges the manifests into the index, then renames."""
     tensors: Dict[str, dict] = {}
+    states: Dict[str, dict] = {}
     for rank in range(world):
         manifest_path = os.path.join(temp, f"rank-{rank:05d}.json")
         with open(manifest_path) as handle:
-            for name, entry in json.load(handle).items():
-                tensors.setdefault(name, {**entry, "pieces": []})["pieces"].extend(entry["pieces"])
+            manifest = json.load(handle)
+        for name, entry in manifest["tensors"].items():
+            tensors.setdefault(name, {**entry, "pieces": []})["pieces"].extend(entry["pieces"])
+        for name, entry in manifest["optimizer_state"].items():
+            states.setdefault(name, entry)  # the lowest rank writing the parameter's state
         os.remove(manifest_path)
+    if meta["optimizer"] is not None:
+        meta = {**meta, "optimizer": {"param_groups": meta["optimizer"], "state": states}}
     for name, entry in tensors.items():
+        if entry["dim"] is None and len(entry["pieces"]) != 1:
+            raise RuntimeError(f"torch_mp.save: {len(entry['pieces'])} ranks wrote the whole tensor {name!r}; "
+                               "expected one")
         if entry["dim"] is not None:
             # A range held by several ranks (KV heads kept whole by each of them) is the same bytes each time.
             covered = sorted({tuple(bounds) for piece in entry["pieces"] for bounds in piece["bounds"]})
@@ -365,7 +427,9 @@ def _fsync_folder(folder: str) -> None:
 
 # --- loading -------------------------------------------------------------------------------------
 
-def _load_optimizer(reader: CheckpointReader, module: nn.Module, optimizer, specs, rank: int, world: int) -> None:
+def _read_optimizer(reader: CheckpointReader, module: nn.Module, optimizer, specs, rank: int,
+                    world: int) -> Dict[str, Any]:
+    """This rank's ``optimizer.state_dict()`` from the checkpoint, checked against ``optimizer``."""
     meta = reader.index["optimizer"]
     if meta is None:
         raise ValueError(f"torch_mp.load: the checkpoint at {reader.folder} holds no optimizer state; expected one "
@@ -381,19 +445,46 @@ def _load_optimizer(reader: CheckpointReader, module: nn.Module, optimizer, spec
     params = dict(module.named_parameters())
     state = {}
     for name, entries in meta["state"].items():
+        param = local_tensor(params[name])
+        if param.is_meta and is_pipeline(module):  # another pipeline rank's stage: its state loads there
+            continue
         spec, role = spec_of(name, specs)
+        sharded = stock_layout(spec, role)[0] is not None
         loaded = dict(entries["values"])
         for key, tensor_key in entries["tensors"].items():
-            like = reader.shape(tensor_key) == _stock_shape(params[name], spec, role)
-            loaded[key] = read_local(tensor_key, *((spec, role) if like else (None, "")), rank, world,
-                                     reader.read_full, reader.read_slices)
+            if reader.shape(tensor_key) == _stock_shape(param, spec, role):  # cut like its parameter
+                loaded[key] = read_local(tensor_key, spec, role, rank, world, reader.read_full, reader.read_slices)
+            else:
+                loaded[key] = _state_of_another_shape(reader, name, key, [tensor_key], sharded, rank, world)
+        for key, copies in entries.get("per_rank", {}).items():
+            loaded[key] = _state_of_another_shape(reader, name, key, copies, sharded, rank, world)
         state[number[name]] = loaded
     groups = []
     for group, saved_group in zip(optimizer.param_groups, meta["param_groups"]):
         # JSON has no tuples: give back the optimizer's own type (Adam's betas).
         restored = {k: tuple(v) if isinstance(group.get(k), tuple) else v for k, v in saved_group.items()}
         groups.append({**restored, "params": [number[name] for name in saved_group["params"]]})
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    return {"state": state, "param_groups": groups}
+
+
+def _state_of_another_shape(reader: CheckpointReader, name: str, key: str, copies: List[str], sharded: bool,
+                            rank: int, world: int) -> torch.Tensor:
+    """Optimizer state ``key`` of parameter ``name`` whose shape is not the parameter's (Adafactor's
+    row and column statistics, step counts), saved whole (one copy) or by each of ``len(copies)``
+    tensor-parallel ranks: this rank's copy when the parameter is held as when saved (whole, or cut
+    across as many ranks); otherwise, only a scalar that every copy holds (a step count) fits any
+    layout. ValueError for anything else: nothing says how to cut it."""
+    if (not sharded and len(copies) == 1) or (sharded and len(copies) == world):
+        return reader.read_full(copies[rank if sharded else 0])
+    values = [reader.read_full(copy) for copy in copies]
+    if all(value.numel() <= 1 and torch.equal(value, values[0]) for value in values):
+        return values[0]
+    layout = f"cut across {world} tensor-parallel ranks" if sharded else "whole"
+    raise ValueError(f"torch_mp.load: the optimizer state {key!r} of {name!r} in {reader.folder} has another shape "
+                     f"than its parameter ({[tuple(value.shape) for value in values]}), saved by "
+                     f"{len(copies)} tensor-parallel rank(s); this model holds the parameter {layout}, and such "
+                     "state cannot be resharded; expected to load at the tensor-parallel size that saved it, or "
+                     "an optimizer whose state has its parameter's shape (Adam, SGD)")
 
 
 def _restore_rng(reader: CheckpointReader) -> None:

@@ -10,7 +10,15 @@ The index names the format and version, and for every tensor its stock name, sto
 the dim along which it was cut (``null``: whole) and its pieces: which file holds each, under which
 key, which ``[start, stop)`` ranges of the stock tensor along that dim it concatenates, and the
 CRC-32 (zlib) of the piece's bytes. Loading cuts the ranges a rank needs out of the pieces, whatever
-the tensor-parallel size that wrote them, reading only the pieces that overlap them.
+the tensor-parallel size that wrote them, reading only the pieces that overlap them. Each whole tensor
+is written once, by the lowest rank holding it (a pipeline rank holds its stages' tensors).
+
+The index's ``optimizer`` (null without one): ``param_groups`` (hyperparameters, parameters by
+stock name) and ``state`` {parameter: {"values": JSON values, "tensors": {key: tensor name},
+"per_rank": {key: [tensor name of tensor-parallel rank 0, 1, ...]}}}. State of its parameter's shape
+(Adam's moments) is stored as the parameter is, ``optimizer/<parameter>/<key>``; state of another
+shape (Adafactor's row and column statistics, step counts) of a parameter cut across ranks is each
+rank's own, ``optimizer/<parameter>/<key>/rank-<r>-of-<n>``, listed under ``per_rank``.
 
 While being written the folder is ``<path>.incomplete``; renamed to ``<path>`` once complete. When a
 save replaces an older checkpoint, the older one is ``<path>.old`` for a moment between two renames:
@@ -224,6 +232,10 @@ def _check_optimizer(meta, tensors: Dict[str, dict], fail) -> None:
     for name, entries in state.items():
         if name not in grouped or not isinstance(entries, dict) or not isinstance(entries.get("values"), dict) or \
                 not isinstance(entries.get("tensors"), dict) or \
-                not all(isinstance(key, str) and key in tensors for key in entries["tensors"].values()):
-            fail(f"the optimizer state of {name!r} is {entries!r}; expected values and tensors of the index for "
-                 "a parameter of its param_groups")
+                not all(isinstance(key, str) and key in tensors for key in entries["tensors"].values()) or \
+                not isinstance(entries.get("per_rank", {}), dict) or \
+                not all(isinstance(copies, list) and copies and all(isinstance(key, str) and key in tensors
+                                                                    for key in copies)
+                        for copies in entries.get("per_rank", {}).values()):
+            fail(f"the optimizer state of {name!r} is {entries!r}; expected values, tensors of the index and lists "
+                 "of them (per_rank) for a parameter of its param_groups")

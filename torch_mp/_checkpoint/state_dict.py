@@ -18,7 +18,7 @@ from torch_mp._checkpoint.format import CheckpointReader, file_in_folder, find_c
 from torch_mp._group import all_gather_rows, process_group_of, resolve_group
 from torch_mp._checks import check_arg
 from torch_mp._checkpoint.safetensors import SafetensorsFile
-from torch_mp._state import TENSOR_PARALLEL, state_of
+from torch_mp._state import PIPELINE, TENSOR_PARALLEL, state_of
 from torch_mp._tensor_parallel.sharding import ShardSpec, slice_bounds, take_slices, unshard
 
 StateSource = Union[Mapping[str, torch.Tensor], str, os.PathLike]
@@ -26,18 +26,24 @@ _PROGRESS_BYTES = 256 * 2**20  # show a progress bar for loads larger than this
 
 
 def full_state_dict(module: nn.Module) -> Dict[str, torch.Tensor]:
-    """The stock state_dict of a model sharded by ``tensor_parallel`` (or split by ``split``), with
-    FSDP2's ``fully_shard`` on top or not: stock names and shapes, on the CPU, loadable by the
-    unsharded model with ``strict=True``. A collective: every rank of the model's groups must call it.
-    Each sharded tensor is all-gathered (``[out / world, in] -> [out, in]`` for a colwise weight)
-    and stored once per key; memory: the whole model on the CPU of every rank.
+    """The stock state_dict of a model sharded by ``tensor_parallel``, split by ``split`` or
+    ``pipeline``, with FSDP2's ``fully_shard`` on top or not: stock names and shapes, on the CPU,
+    loadable by the unsharded model with ``strict=True``. A collective: every rank of the model's
+    groups must call it. Each sharded tensor is all-gathered (``[out / world, in] -> [out, in]`` for
+    a colwise weight) and stored once per key; each tensor of a pipeline comes from the lowest rank
+    of its group holding it (the others hold a meta stand-in): one all-gather per tensor. Memory:
+    the whole model on the CPU of every rank.
 
-    Raises TypeError for a ``module`` that is not an ``nn.Module``; ``torch_mp.CollectiveError``
-    when a peer does not answer within the group's timeout."""
+    Raises TypeError for a ``module`` that is not an ``nn.Module``; ValueError for a tensor no rank
+    holds (on the meta device on every rank); ``torch_mp.CollectiveError`` when a peer does not
+    answer within the group's timeout."""
     check_arg("full_state_dict", "module", module, nn.Module, "a torch.nn.Module")
     specs, group, world = tp_state(module)
+    state = module.state_dict()
+    if is_pipeline(module):
+        state = _gather_from_holders(state, state_of(module).group)
     result = {}
-    for key, value in module.state_dict().items():
+    for key, value in state.items():
         spec, attr = spec_of(key, specs)
         value = value.detach()
         if isinstance(value, DTensor):  # sharded again by FSDP2 (fully_shard) over a data-parallel mesh
@@ -48,6 +54,39 @@ def full_state_dict(module: nn.Module) -> Dict[str, torch.Tensor]:
         if spec is not None and spec.transposed and attr == "weight":
             value = value.t()
         result[key] = value.cpu().contiguous().clone()
+    return result
+
+
+def local_tensor(value: torch.Tensor) -> torch.Tensor:
+    """What this rank holds of ``value``: a DTensor's local tensor, any other tensor itself. Every
+    read of a parameter's, buffer's or optimizer state's local shard goes through here."""
+    return value.to_local() if isinstance(value, DTensor) else value
+
+
+def first_holders(tensors: Mapping[str, torch.Tensor], group, op: str) -> Dict[str, int]:
+    """{key: the lowest rank of ``group`` holding ``tensors[key]``}: the rank whose copy is written
+    or sent. A rank holds a tensor that is not on the meta device (a pipeline rank holds its stages'
+    tensors and meta stand-ins of the others'). One all-gather of a flag per key: every rank of
+    ``group`` calls it with the same keys. Raises ValueError naming the keys no rank holds."""
+    held = torch.tensor([not local_tensor(value).is_meta for value in tensors.values()], dtype=torch.int32)
+    flags = all_gather_rows(held, group, op).cpu().t()
+    nowhere = [key for key, ranks in zip(tensors, flags) if not ranks.any()]
+    if nowhere:
+        raise ValueError(f"{op}: {nowhere[:10]} are on the meta device on every rank; expected real tensors "
+                         "(load weights first)")
+    return {key: int(ranks.nonzero()[0]) for key, ranks in zip(tensors, flags)}
+
+
+def _gather_from_holders(state: Dict[str, torch.Tensor], group) -> Dict[str, torch.Tensor]:
+    """A pipeline's state_dict with every tensor real, each sent by the lowest rank holding it."""
+    op = "torch_mp.full_state_dict"
+    holders = first_holders(state, group, op)
+    if resolve_group(group).size == 1:
+        return state
+    result = {}
+    for key, value in state.items():
+        mine = value.detach() if not value.is_meta else torch.zeros(value.shape, dtype=value.dtype)
+        result[key] = all_gather_rows(mine, group, op)[holders[key]]
     return result
 
 
@@ -83,8 +122,9 @@ def init_empty_weights():
 def load_full_state_dict(module: nn.Module, state_dict_or_path: StateSource, strict: bool = True,
                          device: Union[str, torch.device, None] = None) -> nn.Module:
     """Loads a stock state_dict (or checkpoint file or folder) into a model sharded by
-    ``tensor_parallel`` or split by ``split``: each rank takes its slices, read slice by slice from
-    safetensors files. The inverse of ``full_state_dict``.
+    ``tensor_parallel``, split by ``split`` or ``pipeline``: each rank takes its slices (a pipeline
+    rank its stages' tensors; the meta stand-ins of other ranks' stages stay as they are), read
+    slice by slice from safetensors files. The inverse of ``full_state_dict``.
 
     Parameters still on the meta device (``init_empty_weights``) are materialized on ``device``
     (default: the CPU), holding only this rank's slice; tied parameters stay tied. Each rank reads
@@ -108,6 +148,8 @@ def load_full_state_dict(module: nn.Module, state_dict_or_path: StateSource, str
     if strict and (missing or unexpected):
         raise ValueError(f"load_full_state_dict: missing keys {missing[:10]}, unexpected keys {unexpected[:10]}; "
                          "expected the stock state_dict of this model (or strict=False)")
+    if is_pipeline(module):  # other ranks' stages: meta stand-ins, loaded there
+        targets = {key: target for key, target in targets.items() if not local_tensor(target).is_meta}
     _check_no_meta_outside(module, targets, keys)
     owners: Dict[int, List[Tuple[nn.Module, str]]] = {}
     for owner in module.modules():
@@ -121,13 +163,14 @@ def load_full_state_dict(module: nn.Module, state_dict_or_path: StateSource, str
             if key not in keys:
                 continue
             value = read_local(key, *spec_of(key, specs), rank, world, read_full, read_slices)
-            if value.shape != target.shape:
+            local = local_tensor(target)
+            if value.shape != local.shape:
                 raise ValueError(f"load_full_state_dict: {key!r} has shape {tuple(value.shape)} in the source but "
-                                 f"{tuple(target.shape)} is expected on this rank")
-            if target.device.type == "meta":
+                                 f"{tuple(local.shape)} is expected on this rank")
+            if local.device.type == "meta":
                 _materialize(target, value, device, borrowed, owners, materialized)
             else:
-                target.copy_(value)
+                local.copy_(value)
             progress(target.numel() * target.element_size())
     return module
 
@@ -164,7 +207,8 @@ def _materialize(target, value, device, borrowed, owners, materialized) -> None:
 
 def _check_no_meta_outside(module, targets, keys) -> None:
     left = [key for key, tensor in targets.items() if tensor.device.type == "meta" and key not in keys]
-    left += [f"{name} (buffer)" for name, buffer in module.named_buffers() if buffer.device.type == "meta"]
+    if not is_pipeline(module):
+        left += [f"{name} (buffer)" for name, buffer in module.named_buffers() if buffer.device.type == "meta"]
     if left:
         raise ValueError(f"load_full_state_dict: {left[:10]} are on the meta device and the source does not hold "
                          "them; expected a source with every parameter, and buffers built for real (build the "
@@ -179,6 +223,12 @@ def tp_state(module: nn.Module):
         return {}, None, 1
     group = process_group_of(state.group)
     return state.specs, group, resolve_group(group).size if state.specs else 1
+
+
+def is_pipeline(module: nn.Module) -> bool:
+    """Whether ``module`` was returned by ``pipeline``: its other ranks' tensors are meta stand-ins."""
+    state = state_of(module)
+    return state is not None and state.kind == PIPELINE
 
 
 def spec_of(key: str, specs: Mapping[str, ShardSpec]) -> Tuple[Optional[ShardSpec], str]:
