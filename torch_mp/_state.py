@@ -105,6 +105,18 @@ def state_of(module: nn.Module, required: Union[None, str, Sequence[str]] = None
     return state
 
 
+def unwrapped(module: nn.Module) -> nn.Module:
+    """The module inside data-parallel (DDP, DataParallel) and torch.compile wrappers: the one a
+    torch_mp wrapper parallelized, whose names are the stock ones (DDP's add ``module.``)."""
+    while True:
+        if isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            module = module.module
+        elif isinstance(getattr(module, "_orig_mod", None), nn.Module):
+            module = module._orig_mod
+        else:
+            return module
+
+
 def check_not_parallelized(module: nn.Module, caller: str) -> None:
     """A module holds one state: one already there (another wrapper's, or a second ``pipeline`` /
     ``tensor_parallel``) is a ValueError, raised before the wrapper changes anything."""

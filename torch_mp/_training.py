@@ -31,7 +31,7 @@ from torch.distributed.tensor import DTensor, Replicate
 
 from torch_mp._checkpoint.state_dict import is_sharded, spec_of
 from torch_mp._group import all_reduce, process_group_of
-from torch_mp._state import PIPELINE, TENSOR_PARALLEL, state_of
+from torch_mp._state import PIPELINE, TENSOR_PARALLEL, state_of, unwrapped
 
 ModelOrParameters = Union[nn.Module, torch.Tensor, Iterable[torch.Tensor]]
 
@@ -55,17 +55,6 @@ class _Layout:
 
 def _is_first(ranks: Tuple[int, ...]) -> bool:
     return dist.get_rank() == min(ranks)
-
-
-def _root_of(model: nn.Module) -> nn.Module:
-    """The module inside DDP / DataParallel and torch.compile wrappers."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def _distributed() -> bool:
@@ -109,7 +98,7 @@ def _tensor_parallel_parts(grad: torch.Tensor, name: str, state, ranks: Tuple[in
 
 
 def _layout_of_module(model: nn.Module) -> _Layout:
-    root = _root_of(model)
+    root = unwrapped(model)
     distributed = _distributed()
     # The innermost torch_mp state holding each parameter, with its name there.
     owner: Dict[int, Tuple[object, str]] = {}

@@ -40,6 +40,7 @@ from torch_mp._checkpoint.format import (
     rank_file,
 )
 from torch_mp._group import all_reduce_sum, resolve_group
+from torch_mp._state import unwrapped
 from torch_mp._checkpoint.safetensors import dtype_name, write_file
 from torch_mp._tensor_parallel.sharding import ShardSpec, slice_bounds
 from torch_mp._checkpoint.state_dict import (
@@ -59,7 +60,8 @@ PathLike = Union[str, os.PathLike]
 
 def save(module: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Optimizer] = None,
          extra: Optional[Mapping[str, Any]] = None) -> None:
-    """Saves ``module`` (plain, ``split``, ``pipeline`` or ``tensor_parallel``), and ``optimizer``'s state if given,
+    """Saves ``module`` (plain, ``split``, ``pipeline`` or ``tensor_parallel``; DDP or torch.compile
+    around one saves the module inside, under the stock names), and ``optimizer``'s state if given,
     to the folder ``path``, atomically: written as ``path.incomplete``, every file fsynced, then
     renamed to ``path``, replacing an earlier checkpoint there only once the new one is complete.
 
@@ -85,6 +87,7 @@ def save(module: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Opti
     failed; ``torch_mp.CollectiveError`` when a peer does not answer within the group's timeout.
     """
     rank, world = _world()
+    module = unwrapped(module)
     final = os.path.abspath(os.fspath(path))
     temp = final + INCOMPLETE
     pieces, states, meta = _on_every_rank("preparing the save",
@@ -119,6 +122,7 @@ def load(module: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Opti
     parameter that this layout cannot take (raised before any weight is loaded).
     """
     _check_module(module, "load", optimizer)
+    module = unwrapped(module)
     reader = CheckpointReader(os.fspath(path))
     specs, group, tp_world = tp_state(module)
     tp_rank = resolve_group(group).rank if specs else 0

@@ -18,7 +18,7 @@ from torch_mp._checkpoint.format import CheckpointReader, file_in_folder, find_c
 from torch_mp._group import all_gather_rows, process_group_of, resolve_group
 from torch_mp._checks import check_arg
 from torch_mp._checkpoint.safetensors import SafetensorsFile
-from torch_mp._state import PIPELINE, TENSOR_PARALLEL, state_of
+from torch_mp._state import PIPELINE, TENSOR_PARALLEL, state_of, unwrapped
 from torch_mp._tensor_parallel.sharding import ShardSpec, slice_bounds, take_slices, unshard
 
 StateSource = Union[Mapping[str, torch.Tensor], str, os.PathLike]
@@ -38,6 +38,7 @@ def full_state_dict(module: nn.Module) -> Dict[str, torch.Tensor]:
     holds (on the meta device on every rank); ``torch_mp.CollectiveError`` when a peer does not
     answer within the group's timeout."""
     check_arg("full_state_dict", "module", module, nn.Module, "a torch.nn.Module")
+    module = unwrapped(module)
     specs, group, world = tp_state(module)
     state = module.state_dict()
     if is_pipeline(module):
@@ -138,6 +139,7 @@ def load_full_state_dict(module: nn.Module, state_dict_or_path: StateSource, str
     check_arg("load_full_state_dict", "module", module, nn.Module, "a torch.nn.Module")
     check_arg("load_full_state_dict", "state_dict_or_path", state_dict_or_path, (Mapping, str, os.PathLike),
               "a state_dict or the path of a checkpoint file or folder")
+    module = unwrapped(module)
     specs, group, world = tp_state(module)
     rank = resolve_group(group).rank if specs else 0
     keys, read_full, read_slices = open_source(state_dict_or_path)
