@@ -355,6 +355,28 @@ def test_optimizer_built_before_split_steps_its_parameters(optimizer_class):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def check_optimizer_before_tensor_parallel(rank, world, optimizer_class):
+    dense = build("llama")
+    model = copy.deepcopy(dense)
+    early = optimizer_class(model.parameters(), lr=0.05)
+    model = torch_mp.tensor_parallel(model)
+    output_of(model, batch("llama")).float().pow(2).mean().backward()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="replaced by its shard.*optimizer built after tensor_parallel"):
+        early.step()
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+    optimizer_class(model.parameters(), lr=0.05).step()  # one built afterwards steps
+
+
+@pytest.mark.parametrize("optimizer_class", [torch.optim.SGD, torch.optim.AdamW], ids=["sgd", "adamw"])
+def test_optimizer_built_before_tensor_parallel_is_refused_at_its_step(optimizer_class):
+    """tensor_parallel replaces the sharded layers' parameters by their shards: an optimizer built
+    before stepped the old ones, which the model no longer reads (the parameters stayed where they
+    were, no warning). Its first step is a ValueError, before it changes anything."""
+    run_ranks(2, check_optimizer_before_tensor_parallel, optimizer_class)
+
+
 def check_frozen_tensor_parallel(rank, world):
     dense = build("llama")
     for module in (dense.model.embed_tokens, dense.model.layers[0]):

@@ -36,6 +36,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from torch_mp._tensor_parallel import moe
 from torch_mp._tensor_parallel.dropout import DenseDropoutRegion
@@ -121,6 +122,7 @@ def tensor_parallel(module: nn.Module, plan: Union[str, Plan] = "auto", group: G
     if not isinstance(module, nn.Module):
         raise TypeError(f"tensor_parallel: expected module to be a torch.nn.Module, got {type(module).__name__}")
     check_not_parallelized(module, "tensor_parallel")
+    dense_parameters = list(module.parameters())
     info = resolve_group(group, "tensor_parallel(group=...)")
     if isinstance(plan, str):
         if plan != "auto":
@@ -194,6 +196,7 @@ def tensor_parallel(module: nn.Module, plan: Union[str, Plan] = "auto", group: G
     styles.update({name: SEQUENCE_PARALLEL for name in sequence_blocks})
     replicated = [name for name, child in module.named_modules()
                   if _is_shardable(child) and not any(inside(name, s) for s in specs)]
+    _mark_replaced(dense_parameters, module)
     attach(module, ParallelState(TENSOR_PARALLEL, group=group, specs=specs, plan=styles, replicated=replicated,
                                  kept_whole=kept_whole), "tensor_parallel")
     logger.info("tensor_parallel: %d layers sharded across %d ranks; replicated: %s", len(specs), info.size,
@@ -388,6 +391,33 @@ def _check_same_plan_on_every_rank(specs: Dict[str, ShardSpec], group: GroupLike
     if differing:
         raise ValueError(f"tensor_parallel: ranks {differing} resolved a different plan than rank 0; expected the "
                          "same model and plan on every rank")
+
+
+_REPLACED = "_torch_mp_replaced"
+_STEP_HOOK = None
+
+
+def _mark_replaced(dense: List[nn.Parameter], module: nn.Module) -> None:
+    """Marks the parameters ``tensor_parallel`` replaced by their shards: an optimizer built on them
+    before would step tensors the model no longer reads (and no gradient reaches), so its next step
+    raises (``_refuse_replaced_parameters``, a global optimizer step pre-hook registered once)."""
+    global _STEP_HOOK
+    kept = {id(p) for p in module.parameters()}
+    for param in dense:
+        if id(param) not in kept:
+            setattr(param, _REPLACED, True)
+    if _STEP_HOOK is None:
+        _STEP_HOOK = register_optimizer_step_pre_hook(_refuse_replaced_parameters)
+
+
+def _refuse_replaced_parameters(optimizer: torch.optim.Optimizer, *_) -> None:
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if getattr(param, _REPLACED, False):
+                raise ValueError(f"{type(optimizer).__name__}.step: the optimizer holds a parameter of shape "
+                                 f"{tuple(param.shape)} that torch_mp.tensor_parallel replaced by its shard (the "
+                                 "model no longer reads it: the step would change nothing); expected an optimizer "
+                                 "built after tensor_parallel(model), on model.parameters()")
 
 
 # --- swapping ----------------------------------------------------------------------------------
