@@ -199,17 +199,6 @@ at::Tensor read_entry(const std::string& name, const detail::IndexEntry& entry,
   return full;
 }
 
-std::vector<std::pair<std::string, at::Tensor>> named_tensors(const torch::nn::Module& module) {
-  std::vector<std::pair<std::string, at::Tensor>> tensors;
-  for (const auto& item : module.named_parameters()) {
-    tensors.emplace_back(item.key(), item.value());
-  }
-  for (const auto& item : module.named_buffers()) {
-    tensors.emplace_back(item.key(), item.value());
-  }
-  return tensors;
-}
-
 std::string names_of(const std::vector<std::string>& names) {
   std::ostringstream out;
   for (size_t i = 0; i < names.size() && i < 10; ++i) {
@@ -304,6 +293,18 @@ void on_every_rank(const detail::AgreeOnStep& agree, const std::string& step, Bo
 } // namespace
 
 namespace detail {
+
+std::vector<std::pair<std::string, at::Tensor>> named_tensors(const torch::nn::Module& module) {
+  std::vector<std::pair<std::string, at::Tensor>> tensors;
+  for (const auto& item : module.named_parameters()) {
+    tensors.emplace_back(item.key(), item.value());
+  }
+  for (const auto& item : module.named_buffers()) {
+    tensors.emplace_back(item.key(), item.value());
+  }
+  return tensors;
+}
+
 
 void save_checkpoint(
     const std::vector<std::pair<std::string, at::Tensor>>& tensors,
@@ -448,7 +449,7 @@ void load_checkpoint(
 } // namespace detail
 
 void save(const torch::nn::Module& module, const std::string& path) {
-  const auto tensors = named_tensors(module);
+  const auto tensors = detail::named_tensors(module);
   std::vector<std::string> model;
   for (const auto& [name, tensor] : tensors) {
     model.push_back(name);
@@ -461,7 +462,7 @@ void save(const torch::nn::Module& module, const std::string& path) {
 }
 
 void load(torch::nn::Module& module, const std::string& path) {
-  detail::load_checkpoint(named_tensors(module), path, false, 0, 1);
+  detail::load_checkpoint(detail::named_tensors(module), path, false, 0, 1);
 }
 
 } // namespace torch_mp

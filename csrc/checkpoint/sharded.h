@@ -10,7 +10,14 @@
 
 #include <ATen/core/Tensor.h>
 
+namespace torch::nn {
+class Module;
+} // namespace torch::nn
+
 namespace torch_mp::detail {
+
+// The parameters and buffers of `module`, by name (the stock names), in that order.
+std::vector<std::pair<std::string, at::Tensor>> named_tensors(const torch::nn::Module& module);
 
 // Called by every rank after each step of a save with this rank's error (null: none); throws on
 // every rank when any rank failed: this rank's own error where it failed. Names the step.

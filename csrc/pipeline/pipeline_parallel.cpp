@@ -693,20 +693,6 @@ at::Tensor PipelineParallelImpl::run(const at::Tensor& input, const at::Tensor* 
   return total.to(at::kCPU)[0];
 }
 
-namespace {
-
-std::vector<std::pair<std::string, at::Tensor>> held_tensors(const torch::nn::Module& module) {
-  std::vector<std::pair<std::string, at::Tensor>> tensors;
-  for (const auto& item : module.named_parameters()) {
-    tensors.emplace_back(item.key(), item.value());
-  }
-  for (const auto& item : module.named_buffers()) {
-    tensors.emplace_back(item.key(), item.value());
-  }
-  return tensors;
-}
-
-} // namespace
 
 void save(const PipelineParallel& model, const std::string& path) {
   const auto& group = model->group();
@@ -715,7 +701,7 @@ void save(const PipelineParallel& model, const std::string& path) {
     process_group = detail::resolve_group("torch_mp::save", group.name, group.size);
   }
   // The index names every layer's tensors: this rank's with their names, the others' gathered.
-  const auto mine = held_tensors(*model);
+  const auto mine = detail::named_tensors(*model);
   std::vector<std::string> names;
   for (const auto& [name, tensor] : mine) {
     names.push_back(name);
@@ -769,7 +755,7 @@ void save(const PipelineParallel& model, const std::string& path) {
 }
 
 void load(PipelineParallel& model, const std::string& path) {
-  detail::load_checkpoint(held_tensors(*model), path, true, model->group().rank, model->group().size);
+  detail::load_checkpoint(detail::named_tensors(*model), path, true, model->group().rank, model->group().size);
 }
 
 PipelineParallel pipeline_parallel(torch::nn::Sequential sequential, const Group& group, PipelineOptions options) {
