@@ -87,6 +87,14 @@ def _coupled_dims(outputs: List[torch.Tensor], sizes: List[int], batch_dim: int)
             and all(out.dim() == outputs[0].dim() and out.shape[d] == size for out, size in zip(outputs, sizes))]
 
 
+def non_batch_sizes(part, batch_dim: int) -> frozenset:
+    """The sizes an output may take from a micro-batch's inputs: those of its tensors' dims other than
+    ``batch_dim``, and its Python ints (a length to keep, a number of new tokens)."""
+    leaves = torch.utils._pytree.tree_leaves(part)
+    ints = {leaf for leaf in leaves if isinstance(leaf, int) and not isinstance(leaf, bool)}
+    return frozenset(ints | {size for t in tensors_in(part) for d, size in enumerate(t.shape) if d != batch_dim})
+
+
 def _path(path: str, key) -> str:
     return f"{path}.{key}" if path else str(key)
 
@@ -207,13 +215,17 @@ def micro_batch_sizes(batch: int, chunks: int) -> List[int]:
     return [base + (1 if m < extra else 0) for m in range(count)]
 
 
-def merge_outputs(outputs: List, sizes: List[int], batch_dim: int, merge: OutputMerge = None, path: str = ""):
+def merge_outputs(outputs: List, sizes: List[int], batch_dim: int, merge: OutputMerge = None, path: str = "",
+                  input_sizes: Sequence[frozenset] = ()):
     """The batch's output from its micro-batches': tensors with one row per sample are concatenated,
     scalars (a loss the model computes itself) merged as ``merge`` says for their path (``"loss"``,
     ``"extra.mean"``, ``"0"``: "mean" weighted by micro-batch sizes, "sum", or a callable (values,
     sizes) -> value; ValueError without it), values equal in every micro-batch taken once; tuples,
     lists, dicts (transformers' ModelOutput too) and dataclasses field by field. Anything else is
-    an error (ValueError, TypeError)."""
+    an error (ValueError, TypeError). ``input_sizes``: the sizes of the inputs' dims other than the
+    batch dim per micro-batch (``non_batch_sizes``); an output dim that has one of those sizes in
+    every micro-batch comes from the inputs (a sequence as long as the micro-batch), not from
+    coupling the samples."""
     first = outputs[0]
     if len(outputs) == 1:
         return first
@@ -221,7 +233,8 @@ def merge_outputs(outputs: List, sizes: List[int], batch_dim: int, merge: Output
         if first.dim() == 0:
             return _merge_scalars(outputs, sizes, merge, path)
         if first.dim() > batch_dim and all(out.shape[batch_dim] == size for out, size in zip(outputs, sizes)):
-            coupled = _coupled_dims(outputs, sizes, batch_dim)
+            coupled = [d for d in _coupled_dims(outputs, sizes, batch_dim)
+                       if not input_sizes or not all(out.shape[d] in known for out, known in zip(outputs, input_sizes))]
             if coupled and _merge_for(merge, path) != ROWS:
                 name = repr(path) if path else "(the whole output)"
                 example = f"{{{path!r}: 'cat'}}" if path else "'cat'"
@@ -239,20 +252,20 @@ def merge_outputs(outputs: List, sizes: List[int], batch_dim: int, merge: Output
                          f"{sizes} samples: neither one row per sample along batch_dim {batch_dim} nor the same in "
                          "every micro-batch, so the batch's cannot be told; expected outputs with a batch dimension")
     if isinstance(first, tuple) and hasattr(first, "_fields"):
-        return type(first)(*(merge_outputs(list(parts), sizes, batch_dim, merge, _path(path, name))
+        return type(first)(*(merge_outputs(list(parts), sizes, batch_dim, merge, _path(path, name), input_sizes)
                              for name, parts in zip(first._fields, zip(*outputs))))
     if isinstance(first, (list, tuple)):
-        return type(first)(merge_outputs(list(parts), sizes, batch_dim, merge, _path(path, i))
+        return type(first)(merge_outputs(list(parts), sizes, batch_dim, merge, _path(path, i), input_sizes)
                            for i, parts in enumerate(zip(*outputs)))
     if isinstance(first, dict):
         merged = copy.copy(first)
         for key in first:
-            merged[key] = merge_outputs([out[key] for out in outputs], sizes, batch_dim, merge, _path(path, key))
+            merged[key] = merge_outputs([out[key] for out in outputs], sizes, batch_dim, merge, _path(path, key), input_sizes)
         return merged
     if dataclasses.is_dataclass(first) and not isinstance(first, type):
         return dataclasses.replace(first, **{
             field.name: merge_outputs([getattr(out, field.name) for out in outputs], sizes, batch_dim, merge,
-                                      _path(path, field.name))
+                                      _path(path, field.name), input_sizes)
             for field in dataclasses.fields(first) if field.init})
     if is_cache(first):
         return merge_caches(outputs, sizes, path)

@@ -27,7 +27,7 @@ from torch_mp._pipelining.engine import current as current_micro_batch
 from torch_mp._pipelining.local import ThreadState, gated_forward, run_micro_batches
 from torch_mp._pipelining.microbatch import (BatchPlan, ChunkSpec, OutputMerge, check_batch_wide_outputs,
                                              check_chunk_spec, check_loss, check_output_merge, cut_target, loss_weights, merge_outputs,
-                                             micro_batch_sizes, shapes_of, write_back)
+                                             micro_batch_sizes, non_batch_sizes, shapes_of, write_back)
 from torch_mp._pipelining.timeline import Recorder, Timeline
 from torch_mp._pipelining.transport import GroupTransport
 from torch_mp._state import PIPELINE, SPLIT, ParallelState, attach, check_not_parallelized, state_of
@@ -130,7 +130,8 @@ class LocalPipe(_Pipe):
             self, forwards, count, lambda m: self._own_forward(*parts[m]), None,
             lambda m: self._recompute(m, count)))
         self._write_back(args, kwargs, parts, sizes)
-        return move_tensors(merge_outputs(outputs, sizes, self.batch_dim, self.output_merge), self._to_output)
+        return move_tensors(merge_outputs(outputs, sizes, self.batch_dim, self.output_merge,
+                                          input_sizes=[non_batch_sizes(part, self.batch_dim) for part in parts]), self._to_output)
 
     def train_step(self, *args, target=None, loss_fn: Callable, normalizer=None, timeline: bool = False,
                    max_norm: Optional[float] = None, **kwargs) -> torch.Tensor:
@@ -239,7 +240,7 @@ class DistributedPipe(_Pipe):
         if self.rank_of(self.num_stages - 1) != self.rank:
             return None
         return merge_outputs([self._output(mb.result, mb.index) for mb in micro_batches], sizes, self.batch_dim,
-                             self.output_merge)
+                             self.output_merge, input_sizes=[non_batch_sizes(part, self.batch_dim) for part in parts])
 
     def _output(self, output, microbatch: int):
         for tensor in tensors_in(output):

@@ -793,17 +793,18 @@ def _dense_dropout_regions(module: nn.Module, specs: Dict[str, ShardSpec], info:
     for child in module.modules():
         if isinstance(child, TensorParallelMultiheadAttention):  # its probabilities: [batch, heads, L, S]
             DenseDropoutRegion(info, heads=True).install(child)
+    modules = dict(module.named_modules())  # specs also name parameters (experts stored as 3-D tensors)
     for name, owner in _owners_of_shards(module, specs):
         if head_count_attributes(owner) or "Attention" in type(owner).__name__:
             DenseDropoutRegion(info, heads=True).install(owner)
         else:
             columns = {child: spec for child, spec in specs.items()
                        if child.rpartition(".")[0] == name and spec.style == COLWISE and not spec.gather_output
-                       and isinstance(module.get_submodule(child), ColumnParallelLinear)}
+                       and isinstance(modules.get(child), ColumnParallelLinear)}
             widths = {part // info.size for spec in columns.values() for part in (*spec.parts, sum(spec.parts))}
             rows = [child for child in owner.modules() if isinstance(child, RowParallelLinear)]
             DenseDropoutRegion(info, widths=widths).install(
-                owner, columns=[module.get_submodule(child) for child in columns], rows=rows)
+                owner, columns=[modules[child] for child in columns], rows=rows)
     for name in sequence_blocks:
         DenseDropoutRegion(info, sequence_dim=SEQUENCE_DIM).install(module.get_submodule(name))
 
