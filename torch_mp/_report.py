@@ -7,7 +7,7 @@ from torch import nn
 
 from torch_mp._group import all_gather_rows, resolve_group
 from torch_mp._checks import check_arg
-from torch_mp._state import SPLIT, TENSOR_PARALLEL, ParallelState, state_of
+from torch_mp._state import PIPELINE, SPLIT, TENSOR_PARALLEL, ParallelState, state_of
 
 
 @dataclass
@@ -83,8 +83,10 @@ class MemoryReport:
 
 
 def memory_report(module: nn.Module, png: Optional[str] = None) -> MemoryReport:
-    """Parameters and buffers per rank (a ``tensor_parallel`` model; a collective: every rank calls
-    it and gets the whole report), per stage (a ``split`` model) or per device (any other model).
+    """Parameters and buffers per rank (a ``tensor_parallel`` or ``pipeline`` model; a collective:
+    every rank calls it and gets the whole report; a pipeline rank counts what it holds, not the
+    meta stand-ins of other ranks' stages), per stage (a ``split`` model) or per device (any other
+    model).
     Each row counts bytes (``numel * element_size``; tied tensors once per stage); printing the
     report shows MiB and each row's share. ``png``: also save a bar chart there (matplotlib needed);
     ``report.save_png(path, limits=[bytes per row])`` draws each device's limit (``max_memory``) too.
@@ -95,6 +97,8 @@ def memory_report(module: nn.Module, png: Optional[str] = None) -> MemoryReport:
     state = state_of(module)
     if state is not None and state.kind == TENSOR_PARALLEL:
         report = _per_rank(module, state)
+    elif state is not None and state.kind == PIPELINE:
+        report = _per_pipeline_rank(module, state)
     elif state is not None and state.kind == SPLIT:
         report = _per_stage(module, state)
     else:
@@ -126,6 +130,16 @@ def _per_rank(module: nn.Module, state: ParallelState) -> MemoryReport:
     everyone = all_gather_rows(mine, state.group, "torch_mp.memory_report").tolist()
     rows = [MemoryRow(f"rank {rank}", *entry) for rank, entry in enumerate(everyone)]
     return MemoryReport(f"{type(module).__name__}: tensor parallel over {info.size} ranks", rows)
+
+
+def _per_pipeline_rank(module: nn.Module, state: ParallelState) -> MemoryReport:
+    pipe = state.pipe
+    held = [[t for t in tensors if not t.is_meta] for tensors in (module.parameters(), module.buffers())]
+    placed = sum(1 for name, stage in state.stage_of.items() if name and pipe.rank_of(stage) == pipe.rank)
+    mine = torch.tensor([_bytes(held[0]), _bytes(held[1]), placed])
+    everyone = all_gather_rows(mine, state.group, "torch_mp.memory_report").tolist()
+    rows = [MemoryRow(f"rank {rank}", *entry) for rank, entry in enumerate(everyone)]
+    return MemoryReport(f"{type(module).__name__}: pipeline over {len(rows)} ranks", rows)
 
 
 def _per_stage(module: nn.Module, state: ParallelState) -> MemoryReport:

@@ -109,6 +109,11 @@ class _Follow(TorchFunctionMode):
         else:
             origin = max((o for o in map(origins.get, tensors) if o is not None), default=None)
             out = func(*args, **kwargs)
+        used = self.step.pipe.used
+        if (used is not None and not _current.micro_batch.depth
+                and (not metas or (origin is not None and self.step.rank_of(origin) == self.step.rank))):
+            # Computed here (``pipe.used``: recorded on the first call): what it read is this rank's to hold.
+            used.update(i for i in map(id, tensors) if i in self.step.pipe.tracked)
         if origin is not None:
             for t in pytree.tree_leaves(out):
                 if isinstance(t, torch.Tensor):
@@ -352,6 +357,8 @@ def placed_forward(pipe, original: Callable, stage: int, module: torch.nn.Module
         micro_batch.depth += 1
         try:
             if step.rank_of(stage) == step.rank:
+                if pipe.used is not None:
+                    pipe.used.update(map(id, (*module.parameters(), *module.buffers())))
                 given = tensors_in((args, kwargs))
                 with torch._C.DisableTorchFunction():
                     args, kwargs = micro_batch.enter_local(stage, (args, kwargs), module)

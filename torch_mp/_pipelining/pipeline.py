@@ -7,7 +7,7 @@ import time
 import types
 import warnings
 import zlib
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -205,6 +205,12 @@ class DistributedPipe(_Pipe):
         self.transport = GroupTransport(group, self.rank, device, timeout)
         self.plan_checksum = zlib.crc32(repr(sorted(self.stage_of.items())).encode())
         self.ties: List = []
+        # Tensors outside the layers (by id): held by every rank until the first call records, in
+        # ``used``, those each rank computes with (``_hold_share``).
+        self.ranks_using: Dict[int, set] = {}
+        self.tracked: set = set()
+        self.used: Optional[set] = None
+        self.tie_groups: Dict[tuple, object] = {}
         if self.schedule in ZERO_BUBBLE:
             defer_linears(self.module.get_submodule(name) for name, stage in self.stage_of.items()
                           if name and self.rank_of(stage) == self.rank)
@@ -360,12 +366,30 @@ class DistributedPipe(_Pipe):
             for param, grad in zip(tied, earlier):
                 if grad is not None:
                     param.grad = grad if param.grad is None else grad + param.grad
+        if self.used is not None:
+            self._hold_share()
         if recorder is not None:
             gathered: List = [None] * self.world
             dist.all_gather_object(gathered, recorder.events, group=self.group)
             self.module.last_timeline = Timeline([e for events in gathered for e in events], self.schedule,
                                                  self.num_stages, count, "rank")
         return micro_batches
+
+
+    def _hold_share(self) -> None:
+        """After the first call: each parameter and buffer outside the layers stays only on the ranks
+        that computed with it (the embedding on the first stage's, the final norm and head on the
+        last's; a weight tied across them on both, its gradient summed between just them, as
+        Megatron-Core's embedding group does) and becomes meta on the others. One all-gather of a
+        flag per tensor, so every rank places alike. A tensor no rank used stays on every rank."""
+        tensors = [t for t in (*self.module.parameters(), *self.module.buffers()) if id(t) in self.tracked]
+        flags = torch.tensor([id(t) in self.used for t in tensors], dtype=torch.int32)
+        self.used = None
+        rows = self.transport.all_gather_rows(flags, "while finding which ranks use the tensors outside the layers")
+        for tensor, column in zip(tensors, rows.t().tolist()):
+            if any(column):
+                self.ranks_using[id(tensor)] = {rank for rank, used in enumerate(column) if used}
+        self.ties = _keep_local_tensors(self.module, self.ranks_using, self, self.device)
 
 
 def _sum_tied_gradients(params: List[nn.Parameter], group, transport) -> None:
@@ -515,7 +539,9 @@ def pipeline(
                            group=group,
                            stages_per_rank=stages_per_rank, device=device,
                            timeout=datetime.timedelta(seconds=_timeout_of(info, device) if timeout is None else timeout))
-    pipe.ties = _keep_local_tensors(module, _ranks_using(module, stage_of, layer_names, stage_ranks), pipe, device)
+    pipe.ranks_using, pipe.tracked = _ranks_using(module, stage_of, layer_names, stage_ranks)
+    pipe.used = set() if info.size > 1 and pipe.tracked else None
+    pipe.ties = _keep_local_tensors(module, pipe.ranks_using, pipe, device)
     attach(module, ParallelState(PIPELINE, group=group, stage_of=stage_of, pipe=pipe), "pipeline")
     install_pipe(module, pipe)
     return module
@@ -547,11 +573,12 @@ def _default_device(group) -> torch.device:
 
 
 def _ranks_using(module: nn.Module, stage_of: Dict[str, int], layer_names: List[str],
-                 stage_ranks: List[int]) -> Dict[int, set]:
-    """The ranks holding each parameter and buffer (by id): a layer's, the rank of its stage; every
-    rank for the others (embeddings, heads, norms, the root's own), which the forward may also use
-    outside their modules (a head tied to the embedding): the ranks that compute with them sum
-    their gradients."""
+                 stage_ranks: List[int]) -> Tuple[Dict[int, set], set]:
+    """The ranks holding each parameter and buffer (by id) when ``pipeline`` returns: a layer's, the
+    rank of its stage; every rank for the others (embeddings, heads, norms, the root's own), which
+    the forward may also use outside their modules (a head computed from the embedding's weight):
+    the ranks that compute with them sum their gradients. Also the ids of those others: the first
+    call finds which ranks compute with each (``DistributedPipe._hold_share``)."""
     ranks_using: Dict[int, set] = {}
     for name in layer_names:
         stage = stage_of[name]
@@ -559,10 +586,12 @@ def _ranks_using(module: nn.Module, stage_of: Dict[str, int], layer_names: List[
             submodule = module.get_submodule(name)
             for tensor in [*submodule.parameters(), *submodule.buffers()]:
                 ranks_using.setdefault(id(tensor), set()).add(stage_ranks[stage])
+    outside = set()
     for tensor in [*module.parameters(), *module.buffers()]:
         if id(tensor) not in ranks_using:
             ranks_using[id(tensor)] = set(stage_ranks)
-    return ranks_using
+            outside.add(id(tensor))
+    return ranks_using, outside
 
 
 def _keep_local_tensors(module: nn.Module, ranks_using: Dict[int, set], pipe: DistributedPipe,
@@ -594,10 +623,11 @@ def _keep_local_tensors(module: nn.Module, ranks_using: Dict[int, set], pipe: Di
                 table[name] = replaced[id(tensor)]
     ties = []
     for ranks in sorted(tied):  # every rank creates every group, in the same order
-        global_ranks = [dist.get_global_rank(pipe.group, r) if pipe.group is not None else r for r in ranks]
-        group = dist.new_group(global_ranks)
+        if ranks not in pipe.tie_groups:
+            global_ranks = [dist.get_global_rank(pipe.group, r) if pipe.group is not None else r for r in ranks]
+            pipe.tie_groups[ranks] = dist.new_group(global_ranks)
         if pipe.rank in ranks:
-            ties.append(([param for _, param in sorted(tied[ranks], key=lambda item: item[0])], group))
+            ties.append(([param for _, param in sorted(tied[ranks], key=lambda item: item[0])], pipe.tie_groups[ranks]))
     return ties
 
 
