@@ -125,3 +125,56 @@ def _on_ranks(rank, world, model):
 @pytest.mark.parametrize("model", ["llama", "gpt2"])
 def test_each_rank_holds_its_share(world, model):
     run_ranks(world, _on_ranks, model, timeout=280)
+
+
+class UsedBetweenLayers(nn.Module):
+    """Parameters outside the layers used by the code between them: the embedding's weight as the
+    head (on the last stage's rank), a scale applied to the inputs before the first layer (every
+    rank computes it alike), an offset added on the last stage."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 8)
+        self.scale = nn.Parameter(torch.randn(8))
+        self.offset = nn.Parameter(torch.randn(8))
+        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(4))
+
+    def forward(self, ids):
+        x = self.emb(ids) * self.scale.exp()
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return F.linear(x + self.offset, self.emb.weight)
+
+
+def _used_between_layers(rank, world):
+    torch.manual_seed(0)
+    model = UsedBetweenLayers()
+    piped = torch_mp.pipeline(copy.deepcopy(model), chunks=2, balance=[1, 2, 1], timeout=30)
+    ids, target = torch.randint(0, 11, (4, 3)), torch.randint(0, 11, (4, 3))
+
+    def loss_fn(logits, target):
+        return F.cross_entropy(logits.flatten(0, 1), target.flatten())
+
+    for _ in range(2):
+        loss = piped.train_step(ids, target=target, loss_fn=loss_fn)
+        dense = loss_fn(model(ids), target)
+        dense.backward()
+        torch.testing.assert_close(loss, dense.detach())
+        for (name, p), (_, q) in zip(piped.named_parameters(), model.named_parameters()):
+            if not p.is_meta and q.grad is not None:
+                torch.testing.assert_close(p.grad, q.grad, msg=name)
+        for m in (piped, model):
+            torch.optim.SGD([p for p in m.parameters() if not p.is_meta], lr=0.5).step()
+            m.zero_grad()
+    held = {name for name, p in piped.named_parameters() if not p.is_meta}
+    # The embedding on both ends (its module on the first, the head on the last), not between;
+    # the scale on every rank (computed from it alone, before any stage); the offset on the last.
+    assert ("emb.weight" in held) == (rank in (0, world - 1))
+    assert "scale" in held and ("offset" in held) == (rank == world - 1)
+    ties = {tuple(sorted(dist.get_process_group_ranks(group))): [id(p) for p in params]
+            for params, group in torch_mp.state_of(piped).pipe.ties}
+    assert ties.get((0, world - 1), []) == ([id(piped.emb.weight)] if rank in (0, world - 1) else [])
+
+
+def test_parameters_used_between_the_layers_keep_the_dense_numbers():
+    run_ranks(3, _used_between_layers, timeout=240)

@@ -479,9 +479,17 @@ def pipeline(
     runs the model's own forward per micro-batch, other ranks' layers as stand-ins on meta tensors
     (``_pipeline_engine``), so ``**kwargs``, Python flags and branches on shapes work; a branch on
     the value of a tensor another rank computes raises ValueError. ``train_step`` takes
-    ``normalizer=`` as ``split``'s does. Parameters outside the layers (embeddings, heads, norms)
-    live on every rank, and their gradients are summed across
-    those ranks after each step. ``model.compile(...)`` or ``torch.compile(model, ...)`` compiles
+    ``normalizer=`` as ``split``'s does. Parameters and buffers outside the layers (embeddings,
+    heads, norms, the root's own) live on every rank until the first call (``model(...)`` or
+    ``train_step``) records which ranks compute with each; from then on each stays only there and
+    is meta on the others: the embedding with the first stage's rank, the final norm and head with
+    the last's, a weight tied across the ends (GPT-2's head, T5's shared embedding) on both, its
+    gradient summed between just them after each step (Megatron-Core's embedding group). One used
+    by code between the layers that every rank runs alike (a value computed from parameters alone)
+    stays on every rank, its gradient summed over all of them. A later call that computes with a
+    tensor on a rank where the first did not (a branch on a Python flag) fails: ValueError on that
+    rank, ``torch_mp.CollectiveError`` on its peers past ``timeout``; call first the way that uses
+    the most. ``model.compile(...)`` or ``torch.compile(model, ...)`` compiles
     the placed modules of this rank's stages with those options (one graph each, its backward by
     AOT autograd); the schedule, the sends and receives and the stand-ins stay eager. Schedules after GPipe (Huang et al., 2019), 1F1B (PipeDream,
     Narayanan et al., 2019) and interleaved 1F1B (Narayanan et al., 2021, Megatron-LM).
