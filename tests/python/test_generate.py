@@ -136,6 +136,14 @@ def test_generate_property_random_causal_lms(kind, layers, batch, chunks, padded
     """Property: greedy generate() of a random small causal LM split with any chunks (batches of one
     sample, fewer samples than chunks, uneven micro-batches), with or without left padding, gives
     the dense tokens."""
+    dense, ids, mask = _random_causal_lm(kind, layers, batch, padded, seed)
+    model = torch_mp.split(copy.deepcopy(dense), ["cpu", "cpu"], chunks=chunks)
+    want = dense.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    assert torch.equal(got, want)
+
+
+def _random_causal_lm(kind, layers, batch, padded, seed):
     torch.manual_seed(seed)
     if kind == "llama":
         dense = transformers.LlamaForCausalLM(transformers.LlamaConfig(
@@ -148,10 +156,25 @@ def test_generate_property_random_causal_lms(kind, layers, batch, chunks, padded
     mask = torch.ones_like(ids)
     if padded:
         mask[0, :2] = 0
-    model = torch_mp.split(copy.deepcopy(dense), ["cpu", "cpu"], chunks=chunks)
+    return dense, ids, mask
+
+
+def _generate_random_on_ranks(rank, world, kind, layers, batch, chunks, padded, seed):
+    dense, ids, mask = _random_causal_lm(kind, layers, batch, padded, seed)
+    model = torch_mp.pipeline(copy.deepcopy(dense), chunks=chunks, timeout=60)
     want = dense.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
     got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
     assert torch.equal(got, want)
+
+
+@settings(max_examples=3, deadline=None, derandomize=True)
+@given(kind=st.sampled_from(["llama", "gpt2"]), layers=st.integers(2, 4), batch=st.integers(1, 5),
+       chunks=st.integers(1, 3), padded=st.booleans(), seed=st.integers(0, 2**16))
+def test_generate_property_random_causal_lms_on_two_ranks(kind, layers, batch, chunks, padded, seed):
+    """The same property for pipeline() on 2 ranks: every rank's tokens are the dense model's."""
+    from distributed import run_ranks
+
+    run_ranks(2, _generate_random_on_ranks, kind, layers, batch, chunks, padded, seed, timeout=240)
 
 
 def _generate_on_ranks(rank, world):
