@@ -284,32 +284,34 @@ def _same(a, b) -> bool:
 
 
 def write_back(original, parts: List, sizes: List[int], batch_dim: int, merge: OutputMerge = None,
-               path: str = "") -> None:
+               path: str = "", input_sizes: Sequence[frozenset] = ()) -> None:
     """What the micro-batches wrote into their copies of the caller's lists and dicts (a KV cache,
     a list collecting auxiliary losses) goes into the caller's, merged as outputs are (scalars by
-    ``merge`` at paths such as ``"args.2.0"``, ``"kwargs.aux.0"``)."""
+    ``merge`` at paths such as ``"args.2.0"``, ``"kwargs.aux.0"``; ``input_sizes`` as for
+    ``merge_outputs``: a [B, S] input with S equal to the micro-batch size is not taken for a
+    value coupling the samples)."""
     if len(parts) == 1 and parts[0] is original:
         return
     if isinstance(original, dict):
         for key in parts[0]:
             values = [part[key] for part in parts]
             if key in original and isinstance(original[key], (dict, list, tuple)):
-                write_back(original[key], values, sizes, batch_dim, merge, _path(path, key))
+                write_back(original[key], values, sizes, batch_dim, merge, _path(path, key), input_sizes)
             else:
-                original[key] = merge_outputs(values, sizes, batch_dim, merge, _path(path, key))
+                original[key] = merge_outputs(values, sizes, batch_dim, merge, _path(path, key), input_sizes)
     elif isinstance(original, list):
         for i in range(len(parts[0])):
             values = [part[i] for part in parts]
             if i < len(original) and isinstance(original[i], (dict, list, tuple)):
-                write_back(original[i], values, sizes, batch_dim, merge, _path(path, i))
+                write_back(original[i], values, sizes, batch_dim, merge, _path(path, i), input_sizes)
             elif i < len(original):
-                original[i] = merge_outputs(values, sizes, batch_dim, merge, _path(path, i))
+                original[i] = merge_outputs(values, sizes, batch_dim, merge, _path(path, i), input_sizes)
             else:
-                original.append(merge_outputs(values, sizes, batch_dim, merge, _path(path, i)))
+                original.append(merge_outputs(values, sizes, batch_dim, merge, _path(path, i), input_sizes))
     elif isinstance(original, tuple):
         for i, item in enumerate(original):
             if isinstance(item, (dict, list, tuple)):
-                write_back(item, [part[i] for part in parts], sizes, batch_dim, merge, _path(path, i))
+                write_back(item, [part[i] for part in parts], sizes, batch_dim, merge, _path(path, i), input_sizes)
             elif is_cache(item):
                 merge_caches([part[i] for part in parts], sizes, _path(path, i))
 

@@ -20,7 +20,6 @@ from torch_mp._hooks import held_post_accumulate_hooks, refused_gradient_hooks
 from torch_mp._layers import check_layers, find_layers
 from torch_mp._pipelining.batch_norm import check_batch_statistics, defer_batch_norms
 from torch_mp._pipelining.compiled import StageCompilation, install_entries
-from torch_mp._pipelining.caches import is_cache
 from torch_mp._pipelining.cut import UNLIMITED, Balance, balanced_device_map
 from torch_mp._pipelining.engine import CHECKPOINTS, RankStep, placed_forward
 from torch_mp._pipelining.engine import current as current_micro_batch
@@ -33,7 +32,7 @@ from torch_mp._pipelining.transport import GroupTransport
 from torch_mp._state import PIPELINE, SPLIT, ParallelState, attach, check_not_parallelized, state_of
 from torch_mp._pipelining.zero_bubble import ZERO_BUBBLE, allocate_slots, defer_linears
 from torch_mp._training import clip_grad_norm_
-from torch_mp._tensors import map_tensors, move_tensors, mover, tensors_in
+from torch_mp._tensors import copy_tensors, map_tensors, move_tensors, mover, tensors_in
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "zbv")
 
@@ -78,8 +77,10 @@ class _Pipe:
         return sizes, plan.cut((args, kwargs), sizes)
 
     def _write_back(self, args, kwargs, parts, sizes) -> None:
+        input_sizes = [non_batch_sizes(part, self.batch_dim) for part in parts]
         for i, name in enumerate(("args", "kwargs")):
-            write_back((args, kwargs)[i], [part[i] for part in parts], sizes, self.batch_dim, self.output_merge, name)
+            write_back((args, kwargs)[i], [part[i] for part in parts], sizes, self.batch_dim, self.output_merge, name,
+                       input_sizes)
 
     def _train_plan(self, args, kwargs, target, loss_fn: Callable, normalizer):
         """The micro-batches of a ``train_step``: their sizes, (args, kwargs), targets and loss weights."""
@@ -230,23 +231,22 @@ class DistributedPipe(_Pipe):
         return current_micro_batch().to_last_stage(type(self.module).forward(self.module, *args, **kwargs))
 
     def forward(self, *args, **kwargs):
-        caches = [name for name, value in (*enumerate(args), *kwargs.items()) if is_cache(value)]
-        if caches:  # raised on every rank alike, before any collective
-            raise ValueError(
-                f"pipeline: the forward is given a transformers cache ({caches[0]!r}: generate() passes one), and a "
-                "cache across ranks is not supported yet: the output reaches only the last stage's rank, and the "
-                "other ranks' layers would leave meta tensors in it; expected use_cache=False, or "
-                "torch_mp.split(model, devices, chunks=...) in one process, whose generate() gives the dense tokens")
         sizes, parts = self._plan(args, kwargs)
         count = len(sizes)
         actions = [(False, s, m) for s in self.local_stages() for m in range(count)]
         works = [lambda m=m: self._own_forward(*parts[m]) for m in range(count)]
         with torch.no_grad():
             micro_batches = self._batch(lambda: self._run(actions, works, parts, None, count, train=False))
-        if self.rank_of(self.num_stages - 1) != self.rank:
-            return None
-        return merge_outputs([self._output(mb.result, mb.index) for mb in micro_batches], sizes, self.batch_dim,
-                             self.output_merge, input_sizes=[non_batch_sizes(part, self.batch_dim) for part in parts])
+        last = self.rank_of(self.num_stages - 1)
+        outputs = [self._output(mb.result, mb.index) if last == self.rank else mb.result for mb in micro_batches]
+        merged = merge_outputs(outputs, sizes, self.batch_dim, self.output_merge,
+                               input_sizes=[non_batch_sizes(part, self.batch_dim) for part in parts])
+        # The output on every rank (generate() runs on each and picks the same tokens from it): its
+        # tensors broadcast from the last stage's rank, where the other ranks hold meta stand-ins.
+        # A cache in it is the caller's, each rank's holding the keys and values of its own layers.
+        return copy_tensors(merged, lambda t: self.transport.broadcast(
+            t if last == self.rank else torch.empty(t.shape, dtype=t.dtype, device=self.device), last,
+            "while sending the output from the last stage's rank"))
 
     def _output(self, output, microbatch: int):
         for tensor in tensors_in(output):
@@ -475,8 +475,10 @@ def pipeline(
     The schedule is computed on every rank and checked (every message has its receiver, no
     deadlock) and the ranks compare their options and batch shapes before each step, so a mismatch
     is an error, not a hang. ``model(inputs)`` runs the forward only (without grad) and returns the
-    output on the rank holding the last stage, None on the others. Nothing is traced: every rank
-    runs the model's own forward per micro-batch, other ranks' layers as stand-ins on meta tensors
+    output on every rank (its tensors broadcast from the rank holding the last stage, so that
+    ``generate()``, called on every rank, picks the same tokens on each; a cache passed in keeps on
+    each rank the keys and values of its own layers, meta tensors for the others'). Nothing is
+    traced: every rank runs the model's own forward per micro-batch, other ranks' layers as stand-ins on meta tensors
     (``_pipeline_engine``), so ``**kwargs``, Python flags and branches on shapes work; a branch on
     the value of a tensor another rank computes raises ValueError. ``train_step`` takes
     ``normalizer=`` as ``split``'s does. Parameters and buffers outside the layers (embeddings,
@@ -583,10 +585,11 @@ def _default_device(group) -> torch.device:
 def _ranks_using(module: nn.Module, stage_of: Dict[str, int], layer_names: List[str],
                  stage_ranks: List[int]) -> Tuple[Dict[int, set], set]:
     """The ranks holding each parameter and buffer (by id) when ``pipeline`` returns: a layer's, the
-    rank of its stage; every rank for the others (embeddings, heads, norms, the root's own), which
-    the forward may also use outside their modules (a head computed from the embedding's weight):
-    the ranks that compute with them sum their gradients. Also the ids of those others: the first
-    call finds which ranks compute with each (``DistributedPipe._hold_share``)."""
+    rank of its stage; every rank for the others (embeddings, heads, norms, the root's own, and a
+    layer's tensor that a module outside the layers holds too: a head tied to a layer's weight),
+    which the forward may also use outside their modules (a head computed from the embedding's
+    weight): the ranks that compute with them sum their gradients. Also the ids of those others:
+    the first call finds which ranks compute with each (``DistributedPipe._hold_share``)."""
     ranks_using: Dict[int, set] = {}
     for name in layer_names:
         stage = stage_of[name]
@@ -594,12 +597,19 @@ def _ranks_using(module: nn.Module, stage_of: Dict[str, int], layer_names: List[
             submodule = module.get_submodule(name)
             for tensor in [*submodule.parameters(), *submodule.buffers()]:
                 ranks_using.setdefault(id(tensor), set()).add(stage_ranks[stage])
+    # Every tensor reachable outside the layers, a layer's own too (a head outside them tied to a
+    # layer's weight): the code there may run on any rank.
     outside = set()
-    for tensor in [*module.parameters(), *module.buffers()]:
-        if id(tensor) not in ranks_using:
+    for name, tensor in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
+        if not any(_within(name, layer) for layer in layer_names):
             ranks_using[id(tensor)] = set(stage_ranks)
             outside.add(id(tensor))
     return ranks_using, outside
+
+
+def _within(name: str, module_name: str) -> bool:
+    """Whether the tensor ``name`` belongs to the module ``module_name`` ("" is the root)."""
+    return not module_name or name.startswith(module_name + ".")
 
 
 def _keep_local_tensors(module: nn.Module, ranks_using: Dict[int, set], pipe: DistributedPipe,

@@ -123,6 +123,15 @@ class GroupTransport:
         self._wait(work, doing)
         return summed
 
+    def broadcast(self, tensor: torch.Tensor, src: int, doing: str) -> torch.Tensor:
+        """``tensor`` of rank ``src`` of this pipeline's group, on every rank (in place), bounded as
+        ``all_gather_rows`` is."""
+        tensor = tensor.to(self.device).contiguous()
+        with self._failing(doing):
+            work = dist.broadcast(tensor, self._global(src), group=self.group, async_op=True)
+        self._wait(work, doing)
+        return tensor
+
     def finish(self) -> None:
         for work, _, dst in self._pending:
             self._wait(work, f"sending to rank {dst}")
