@@ -253,22 +253,23 @@ def _as_held(name: str, tensor: torch.Tensor, writer: str, owner: str) -> _Piece
 
 def _pieces_to_write(module: nn.Module, pieces: List[_Piece], states: Dict[str, dict], holders: Dict[str, int],
                      rank: int) -> Tuple[List[_Piece], Dict[str, dict]]:
-    """One copy of each tensor: the shards from the tensor-parallel group that holds rank 0 (the
-    other data-parallel replicas hold the same), each whole tensor and its optimizer state from the
-    lowest rank holding it; every rank's random state."""
+    """One copy of each tensor: its shards from the tensor-parallel group that holds the lowest rank
+    holding the tensor (rank 0's, or under a pipeline its stage's; the other data-parallel
+    replicas hold the same), each whole tensor and its optimizer state from the lowest rank holding
+    it; every rank's random state."""
     _, group, _ = tp_state(module)
-    writes_shards = rank in _ranks_of_group_with_rank_0(group)
-    mine = [piece for piece in pieces if piece.writer == OWN or (piece.writer == SHARDS and writes_shards) or
+    tp_ranks = _ranks_of_group(group)
+    mine = [piece for piece in pieces if piece.writer == OWN or
+            (piece.writer == SHARDS and holders.get(piece.owner, 0) in tp_ranks) or
             (piece.writer == WHOLE and holders.get(piece.owner, 0) == rank)]
     written = {piece.owner for piece in mine}
     return mine, {name: entry for name, entry in states.items() if name in written}
 
 
-def _ranks_of_group_with_rank_0(group) -> List[int]:
+def _ranks_of_group(group) -> List[int]:
     if not (dist.is_available() and dist.is_initialized()):
         return [0]
-    ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
-    return ranks if 0 in ranks else []
+    return dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
 
 
 def _optimizer_state_by_name(module: nn.Module, optimizer) -> Dict[str, Dict[str, Any]]:

@@ -18,7 +18,7 @@ from torch_mp._checkpoint.format import CheckpointReader, file_in_folder, find_c
 from torch_mp._group import all_gather_rows, process_group_of, resolve_group
 from torch_mp._checks import check_arg
 from torch_mp._checkpoint.safetensors import SafetensorsFile
-from torch_mp._state import PIPELINE, TENSOR_PARALLEL, state_of, unwrapped
+from torch_mp._state import PIPELINE, TENSOR_PARALLEL, held_state, unwrapped
 from torch_mp._tensor_parallel.sharding import ShardSpec, slice_bounds, take_slices, unshard
 
 StateSource = Union[Mapping[str, torch.Tensor], str, os.PathLike]
@@ -29,7 +29,8 @@ def full_state_dict(module: nn.Module) -> Dict[str, torch.Tensor]:
     """The stock state_dict of a model sharded by ``tensor_parallel``, split by ``split`` or
     ``pipeline``, with FSDP2's ``fully_shard`` on top or not: stock names and shapes, on the CPU,
     loadable by the unsharded model with ``strict=True``. A collective: every rank of the model's
-    groups must call it. Each sharded tensor is all-gathered (``[out / world, in] -> [out, in]`` for
+    groups must call it. A pipeline over a tensor-parallel model gathers each tensor's shard from
+    its stage's rank first, then the shards over the tensor-parallel group. Each sharded tensor is all-gathered (``[out / world, in] -> [out, in]`` for
     a colwise weight) and stored once per key; each tensor of a pipeline comes from the lowest rank
     of its group holding it (the others hold a meta stand-in): one all-gather per tensor. Memory:
     the whole model on the CPU of every rank.
@@ -42,7 +43,7 @@ def full_state_dict(module: nn.Module) -> Dict[str, torch.Tensor]:
     specs, group, world = tp_state(module)
     state = module.state_dict()
     if is_pipeline(module):
-        state = _gather_from_holders(state, state_of(module).group)
+        state = _gather_from_holders(state, held_state(module, PIPELINE).group)
     result = {}
     for key, value in state.items():
         spec, attr = spec_of(key, specs)
@@ -218,10 +219,10 @@ def _check_no_meta_outside(module, targets, keys) -> None:
 
 
 def tp_state(module: nn.Module):
-    """``(specs, process group, group size)`` of a ``tensor_parallel`` module; ``({}, None, 1)``
-    for any other."""
-    state = state_of(module)
-    if state is None or state.kind != TENSOR_PARALLEL:
+    """``(specs, process group, group size)`` of a ``tensor_parallel`` module (pipelined after or
+    not); ``({}, None, 1)`` for any other."""
+    state = held_state(module, TENSOR_PARALLEL)
+    if state is None:
         return {}, None, 1
     group = process_group_of(state.group)
     return state.specs, group, resolve_group(group).size if state.specs else 1
@@ -229,8 +230,7 @@ def tp_state(module: nn.Module):
 
 def is_pipeline(module: nn.Module) -> bool:
     """Whether ``module`` was returned by ``pipeline``: its other ranks' tensors are meta stand-ins."""
-    state = state_of(module)
-    return state is not None and state.kind == PIPELINE
+    return held_state(module, PIPELINE) is not None
 
 
 def spec_of(key: str, specs: Mapping[str, ShardSpec]) -> Tuple[Optional[ShardSpec], str]:
