@@ -89,8 +89,9 @@ def check_matches_dense(rank, world, pp, dp, tp, make, schedule, sequence_parall
     torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-6)
 
     # Every gradient, gathered as the dense model's state_dict: this rank's stages' shards hold theirs.
-    for param in [p for p in model.parameters() if not p.is_meta]:
-        param.data = param.grad.clone()
+    with torch.no_grad():
+        for param in [p for p in model.parameters() if not p.is_meta]:
+            param.copy_(param.grad)
     gathered = torch_mp.full_state_dict(model)
     for name, param in dense.named_parameters():
         torch.testing.assert_close(gathered[name], param.grad, rtol=1e-4, atol=1e-6)
