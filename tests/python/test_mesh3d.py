@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 import torch_mp
 from distributed import run_ranks
@@ -140,8 +141,10 @@ def check_grad_scaler_decides_over_the_mesh(rank, world):
     scaler = torch_mp.GradScaler("cpu", init_scale=4.0, model=model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     model.train_step(input_ids=ids, target=ids, loss_fn=lambda output, ids: scaler.scale(loss_fn(output, ids)))
-    if rank == 3:
-        next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
+    if rank == 3:  # in the local tensor: a DTensor's view(-1) would gather it, on this rank alone
+        grad = next(p for p in model.parameters() if p.grad is not None).grad
+        with torch.no_grad():
+            (grad.to_local() if isinstance(grad, DTensor) else grad).view(-1)[0] = float("inf")
     before = {name: p.detach().clone() for name, p in model.named_parameters() if not p.is_meta}
     scaler.step(optimizer)
     scaler.update()
