@@ -1,0 +1,175 @@
+"""Parameters of tensor-parallel modules as DTensors (``torch.distributed.tensor``), the language of
+PyTorch's ecosystem (FSDP2 and torchtitan hold their parameters so): a parameter is an
+``nn.Parameter(DTensor)`` on the TP group's DeviceMesh, ``Shard(dim)`` where its layer shards it,
+``_StridedShard`` for fused layouts cut in equal parts (q|k|v in thirds, gate|up in halves: each part
+sharded on its own) and ``Replicate()`` where every rank holds all of it. torch's
+``clip_grad_norm_``, ``get_total_norm``, optimizers and DCP then see the global values.
+
+The layers compute with the local tensors: ours call ``local()`` in forward, and a stock module
+holding DTensor parameters (a norm, a router, an embedding cut by heads) sees plain tensors during
+its forward: ``LocalViews`` puts ``param.to_local()`` in the module's ``__dict__`` (which attribute
+lookup reads before ``_parameters``) and takes it away after. ``to_local`` is differentiable: the
+gradient reaches the DTensor parameter with its placements.
+"""
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
+from torch.distributed.tensor.placement_types import _StridedShard
+
+from torch_mp._tensor_parallel.sharding import ShardSpec
+
+_MESHES: Dict[str, DeviceMesh] = {}
+
+
+def device_mesh(group) -> Optional[DeviceMesh]:
+    """The 1-D DeviceMesh of ``group`` (a ProcessGroup, a 1-D DeviceMesh, or None: the default
+    group): the mesh itself when one is given (so that FSDP2 finds the root mesh of
+    ``torch_mp.init_mesh``), else ``DeviceMesh.from_group``, one per group. None when
+    torch.distributed is not initialized (a group of one: parameters stay plain tensors)."""
+    if isinstance(group, DeviceMesh):
+        return group
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = dist.group.WORLD if group is None else group
+    mesh = _MESHES.get(group.group_name)
+    if mesh is None:
+        device_type = "cuda" if dist.get_backend(group) == "nccl" and torch.cuda.is_available() else "cpu"
+        mesh = _MESHES[group.group_name] = DeviceMesh.from_group(group, device_type)
+    return mesh
+
+
+def placements(spec: ShardSpec, world: int, dim: Optional[int] = None) -> Optional[List[Placement]]:
+    """The placement describing a weight (or, with ``dim=0``, a colwise bias) sharded by ``spec``
+    exactly, so that its norm counts every element of the dense tensor once and ``full_tensor()``
+    gives the dense layout: ``Shard(dim)`` for one part; ``_StridedShard(dim, split_factor=parts)``
+    for equal parts each sharded on its own; ``Replicate()`` where every rank holds all of every
+    part (key/value heads kept whole by every rank). None for layouts DTensor cannot describe
+    (unequal parts, or blocks kept by some ranks but not all)."""
+    dim = spec.dim if dim is None else dim
+    if spec.replicas is not None and any(r > 1 for r in spec.replicas):
+        return [Replicate()] if all(r == world for r in spec.replicas) else None
+    if len(spec.parts) == 1:
+        return [Shard(dim)]
+    if len(set(spec.parts)) == 1:
+        return [_StridedShard(dim, split_factor=len(spec.parts))]
+    return None
+
+
+class _ToLocal(torch.autograd.Function):
+    """``DTensor.to_local()`` for a parameter, about 4x cheaper in eager mode (measured on a 64 x 64
+    linear, forward and backward): the gradient is wrapped with the parameter's own spec (the same
+    placements, mesh, global shape) instead of one recomputed per call."""
+
+    @staticmethod
+    def forward(ctx, param: DTensor) -> torch.Tensor:
+        ctx.spec = param._spec
+        return param._local_tensor.view_as(param._local_tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> DTensor:
+        return DTensor(grad.contiguous(), ctx.spec, requires_grad=False)
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """The local tensor of a DTensor (differentiable: its gradient reaches the DTensor with the same
+    placements), a plain tensor as it is."""
+    if not isinstance(tensor, DTensor):
+        return tensor
+    if torch.compiler.is_compiling():
+        return tensor.to_local()  # what the compiler traces
+    return _ToLocal.apply(tensor)
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The local tensor of a DTensor, outside autograd (checkpoints, reports); a plain tensor as it is."""
+    return tensor._local_tensor if isinstance(tensor, DTensor) else tensor
+
+
+def distribute_parameter(param: nn.Parameter, mesh: DeviceMesh, where: Sequence[Placement],
+                         global_shape: Sequence[int]) -> nn.Parameter:
+    """``param`` (this rank's shard, a plain tensor) as an ``nn.Parameter(DTensor)`` of global shape
+    ``global_shape``, sharing its storage unless it is a slice of a larger one."""
+    contiguous = torch.empty(global_shape, device="meta").stride()
+    shard = param.detach()
+    if shard.storage_offset() or shard.untyped_storage().nbytes() != shard.numel() * shard.element_size():
+        # A slice of the dense tensor (a colwise shard taken by narrow): its own copy, so that the
+        # dense storage is freed and the DTensor's data_ptr is 0 (deepcopy of a wrapper relies on it).
+        shard = shard.clone()
+    value = DTensor.from_local(shard, mesh, list(where), run_check=False, shape=torch.Size(global_shape),
+                               stride=contiguous)
+    return nn.Parameter(value, requires_grad=param.requires_grad)
+
+
+def global_shape(local_shape: Sequence[int], where: Sequence[Placement], world: int) -> List[int]:
+    shape = list(local_shape)
+    for placement in where:
+        if isinstance(placement, (Shard, _StridedShard)):
+            shape[placement.dim] *= world
+    return shape
+
+
+class LocalViews:
+    """A forward pre-hook for a stock module holding DTensor parameters: each one's local tensor
+    (``local``, differentiable) stands in the module's ``__dict__`` during its forward, so the
+    module's own code computes with plain tensors. ``drop_local_views``, a forward hook run even
+    when the forward raises, removes them. A class, so a module holding it can be pickled."""
+
+    def __call__(self, module: nn.Module, *_) -> None:
+        for name, param in module._parameters.items():
+            if isinstance(param, DTensor):
+                module.__dict__[name] = local(param)
+
+
+def drop_local_views(module: nn.Module, *_) -> None:
+    for name in module._parameters:
+        module.__dict__.pop(name, None)
+
+
+def add_local_views(module: nn.Module) -> None:
+    """Registers ``LocalViews`` on ``module`` once."""
+    if not any(isinstance(hook, LocalViews) for hook in module._forward_pre_hooks.values()):
+        module.register_forward_pre_hook(LocalViews(), prepend=True)
+        module.register_forward_hook(drop_local_views, always_call=True)
+
+
+def rewrap(grad: torch.Tensor, fn) -> torch.Tensor:
+    """A gradient hook's ``fn`` (on plain tensors) applied to a DTensor gradient's local tensor,
+    the result wrapped with the same placements; a plain gradient goes to ``fn`` as it is."""
+    if not isinstance(grad, DTensor):
+        return fn(grad)
+    result = fn(grad._local_tensor)
+    return DTensor.from_local(result, grad.device_mesh, grad.placements, run_check=False, shape=grad.shape,
+                              stride=grad.stride())
+
+
+def tp_local(value: torch.Tensor, tensor_parallel: bool) -> torch.Tensor:
+    """What this rank of a tensor-parallel group holds of ``value`` (outside autograd): a DTensor's
+    local tensor along the TP mesh dim,
+    its other mesh dims (FSDP2's data-parallel shards) gathered first; a DTensor of a model without
+    tensor parallelism (``tensor_parallel`` False: FSDP2 alone) whole; a plain tensor as it is."""
+    if not isinstance(value, DTensor):
+        return value
+    mesh = value.device_mesh
+    if not tensor_parallel:
+        return value.full_tensor()
+    if mesh.ndim == 1:
+        return value._local_tensor  # a tensor-parallel model's parameter (FSDP2 on top makes it 2-D)
+    # FSDP2 over tensor parallelism: its data-parallel dims come first, the TP dim last (init_mesh's
+    # (dp, tp) order, which fully_shard requires).
+    wanted = [Replicate()] * (mesh.ndim - 1) + [value.placements[-1]]
+    if wanted != list(value.placements):
+        value = value.redistribute(mesh, wanted)
+    return value._local_tensor
+
+
+def like(param: torch.Tensor, local_value: torch.Tensor) -> torch.Tensor:
+    """``local_value`` (shaped as ``param``'s local tensor) as a DTensor placed as ``param`` is, for
+    a 1-D DTensor ``param`` (optimizer state loaded from a checkpoint); else as it is."""
+    if not isinstance(param, DTensor) or param.device_mesh.ndim != 1 or local_value.shape != param._local_tensor.shape:
+        return local_value
+    return DTensor.from_local(local_value, param.device_mesh, param.placements, run_check=False, shape=param.shape,
+                              stride=param.stride())
