@@ -2,7 +2,7 @@
 values (issue 21, items 1 and 4): ``torch.nn.utils.clip_grad_norm_`` returns the dense model's norm on
 every rank and clips to the dense gradients, optimizers then step to the dense parameters, and the
 replicated parameters stay identical on every rank. Fused layouts are described exactly
-(``_StridedShard``) or kept whole; an optimizer built before ``tensor_parallel`` is refused at its step.
+(``_StridedShard``) or kept whole.
 2 Gloo ranks, tiny transformers configs with random non-trivial weights (zoo.build)."""
 import copy
 
@@ -147,25 +147,3 @@ def check_layouts(rank, world):
 
 def test_fused_and_replicated_layouts_count_every_dense_element_once():
     run_ranks(2, check_layouts, timeout=400)
-
-
-def check_optimizer_built_before(rank, world):
-    for optimizer_class in (torch.optim.SGD, torch.optim.AdamW):
-        model = zoo.build("llama")
-        optimizer = optimizer_class(model.parameters(), lr=0.1)
-        torch_mp.tensor_parallel(model)
-        inputs = zoo.batch("llama")
-        _loss(model, "llama", inputs).backward()
-        before = {name: p.full_tensor() for name, p in model.named_parameters()}
-        with pytest.raises(ValueError, match=f"{optimizer_class.__name__}.step: the optimizer holds a parameter "
-                                             "of shape .* that torch_mp.tensor_parallel replaced"):
-            optimizer.step()
-        for name, p in model.named_parameters():
-            assert torch.equal(p.full_tensor(), before[name])
-        # Built after: it steps.
-        optimizer_class(model.parameters(), lr=0.1).step()
-        assert not torch.equal(model.lm_head.weight.full_tensor(), before["lm_head.weight"])
-
-
-def test_optimizer_built_before_tensor_parallel_is_refused_at_its_step():
-    run_ranks(2, check_optimizer_built_before)

@@ -10,8 +10,14 @@ holding DTensor parameters (a norm, a router, an embedding cut by heads) sees pl
 its forward: ``LocalViews`` puts ``param.to_local()`` in the module's ``__dict__`` (which attribute
 lookup reads before ``_parameters``) and takes it away after. ``to_local`` is differentiable: the
 gradient reaches the DTensor parameter with its placements.
+
+``DistributedDataParallel`` needs plain tensors (its broadcast of the module's states and its
+gradient buckets have no DTensor rules): ``local_parameters`` shows it each parameter's local tensor
+as a plain ``nn.Parameter``, which the layers then compute with (the autograd leaf DDP hooks), and
+makes the DTensor parameter's ``.grad`` that leaf's gradient wrapped with its placements.
 """
-from typing import Dict, List, Optional, Sequence
+import contextlib
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -20,6 +26,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
+from torch_mp._group import all_gather_rows
 from torch_mp._tensor_parallel.sharding import ShardSpec
 
 _MESHES: Dict[str, DeviceMesh] = {}
@@ -76,12 +83,100 @@ class _ToLocal(torch.autograd.Function):
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """The local tensor of a DTensor (differentiable: its gradient reaches the DTensor with the same
-    placements), a plain tensor as it is."""
+    placements, or, after ``local_parameters``, the plain leaf a data-parallel wrapper holds), a plain
+    tensor as it is."""
     if not isinstance(tensor, DTensor):
         return tensor
+    leaf = tensor.__dict__.get(_LEAF)
+    if leaf is not None:
+        if tensor.grad is None and leaf.grad is not None:  # zero_grad(set_to_none=True) set the DTensor's
+            leaf.grad = None
+        return leaf
     if torch.compiler.is_compiling():
         return tensor.to_local()  # what the compiler traces
     return _ToLocal.apply(tensor)
+
+
+def autograd_leaf(param: torch.Tensor) -> torch.Tensor:
+    """The tensor whose gradient the backward accumulates for ``param``: the plain leaf of a DTensor
+    parameter after ``local_parameters``, else ``param`` (where gradient hooks go)."""
+    return param.__dict__.get(_LEAF, param) if isinstance(param, DTensor) else param
+
+
+_LEAF = "_torch_mp_leaf"
+
+
+class _LeafGrads:
+    """The post-accumulate-grad hook of the plain leaves ``local_parameters`` made: at the end of the
+    backward each DTensor parameter's ``.grad`` becomes its leaf's gradient (the same storage) with
+    the parameter's placements. Queued twice, so that it runs after DDP's end-of-backward callback
+    (queued when its last bucket is ready), which writes the averaged gradients into the leaves."""
+
+    def __init__(self) -> None:
+        self.pairs: List[Tuple[DTensor, nn.Parameter]] = []
+        self.queued = False
+
+    def __call__(self, _leaf: torch.Tensor) -> None:
+        if not self.queued:
+            self.queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._queue_wrap)
+
+    def _queue_wrap(self) -> None:
+        torch.autograd.Variable._execution_engine.queue_callback(self._wrap)
+
+    def _wrap(self) -> None:
+        self.queued = False
+        for param, leaf in self.pairs:
+            grad = leaf.grad
+            if grad is not None and (param.grad is None or param.grad._local_tensor is not grad):
+                param.grad = DTensor(grad, param._spec, requires_grad=False)
+
+
+@contextlib.contextmanager
+def local_parameters(module: nn.Module) -> Iterator[nn.Module]:
+    """A context in which every DTensor parameter of ``module`` (a ``tensor_parallel`` model: its
+    sharded and replicated parameters on the TP group's 1-D mesh) is replaced by a plain
+    ``nn.Parameter`` holding its local tensor (the same storage, shape ``[out / ranks, in]`` for a
+    colwise weight), for wrappers that need plain tensors when they are built:
+    ``DistributedDataParallel``, whose broadcast of the module's states and gradient buckets have no
+    DTensor rules. On leaving it the DTensor parameters are back (what optimizers, ``state_dict`` and
+    ``torch.nn.utils.clip_grad_norm_`` see: the dense norm), while the forward computes with the
+    plain leaves the wrapper holds; at the end of each backward (after DDP's averaging) each DTensor
+    parameter's ``.grad`` is its leaf's gradient with the DTensor's placements. Tied parameters stay
+    one; other parameters are left as they are. After torch's ``_pre_dp_module_transform``
+    (``torch.distributed.tensor.parallel.ddp``), which instead swaps DTensors in around each forward.
+
+    Use: ``with torch_mp.local_parameters(model): ddp = DistributedDataParallel(model, process_group=
+    mesh["dp"].get_group())``. The backward then reaches the leaves, not the DTensor parameters: a
+    ``register_hook`` hook of the user's on a DTensor parameter no longer runs (torch_mp's own, the
+    gradient sums of sequence parallelism, go to the leaves); ``torch_mp.clip_grad_norm_`` and
+    ``torch.nn.utils.clip_grad_norm_`` on ``ddp.parameters()`` both give the dense norm.
+
+    Yields ``module``. Raises TypeError for a ``module`` that is not an ``nn.Module``."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"local_parameters: expected module to be a torch.nn.Module, got {type(module).__name__}")
+    grads = _LeafGrads()
+    swapped = []
+    for owner in module.modules():
+        for name, param in list(owner._parameters.items()):
+            if not (isinstance(param, DTensor) and param.device_mesh.ndim == 1):
+                continue
+            leaf = param.__dict__.get(_LEAF)
+            if leaf is None:
+                leaf = nn.Parameter(param._local_tensor, requires_grad=param.requires_grad)
+                if param.grad is not None:
+                    leaf.grad = param.grad._local_tensor
+                if leaf.requires_grad:
+                    leaf.register_post_accumulate_grad_hook(grads)
+                grads.pairs.append((param, leaf))
+                param.__dict__[_LEAF] = leaf
+            owner._parameters[name] = leaf
+            swapped.append((owner, name, param))
+    try:
+        yield module
+    finally:
+        for owner, name, param in swapped:
+            owner._parameters[name] = param
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -148,22 +243,35 @@ def rewrap(grad: torch.Tensor, fn) -> torch.Tensor:
 
 def tp_local(value: torch.Tensor, tensor_parallel: bool) -> torch.Tensor:
     """What this rank of a tensor-parallel group holds of ``value`` (outside autograd): a DTensor's
-    local tensor along the TP mesh dim,
-    its other mesh dims (FSDP2's data-parallel shards) gathered first; a DTensor of a model without
-    tensor parallelism (``tensor_parallel`` False: FSDP2 alone) whole; a plain tensor as it is."""
+    local tensor along the TP mesh dim (the last), FSDP2's data-parallel shards of it gathered first;
+    a DTensor of a model without tensor parallelism (``tensor_parallel`` False: FSDP2 alone) whole;
+    a plain tensor as it is. A collective over the data-parallel mesh dims for FSDP2's shards."""
     if not isinstance(value, DTensor):
         return value
-    mesh = value.device_mesh
     if not tensor_parallel:
         return value.full_tensor()
+    mesh, local = value.device_mesh, value._local_tensor
     if mesh.ndim == 1:
-        return value._local_tensor  # a tensor-parallel model's parameter (FSDP2 on top makes it 2-D)
-    # FSDP2 over tensor parallelism: its data-parallel dims come first, the TP dim last (init_mesh's
-    # (dp, tp) order, which fully_shard requires).
-    wanted = [Replicate()] * (mesh.ndim - 1) + [value.placements[-1]]
-    if wanted != list(value.placements):
-        value = value.redistribute(mesh, wanted)
-    return value._local_tensor
+        return local  # a tensor-parallel model's parameter (FSDP2 on top makes it 2-D)
+    # FSDP2 over tensor parallelism (init_mesh's (dp, tp) order): each data-parallel dim that shards
+    # holds torch.chunk's pieces of the TP-local tensor along its dim (the last rank's maybe shorter
+    # or empty). Gathered directly: DTensor's redistribute of FSDP2's _StridedShard over our own
+    # fused-layout _StridedShard gives the whole tensor, not the TP shard.
+    tp, tp_size = value.placements[-1], mesh.size(mesh.ndim - 1)
+    shape = list(value.shape)
+    if isinstance(tp, (Shard, _StridedShard)):
+        shape[tp.dim] //= tp_size
+    for mesh_dim in range(mesh.ndim - 2, -1, -1):
+        placement = value.placements[mesh_dim]
+        if not isinstance(placement, (Shard, _StridedShard)):
+            continue
+        dim, ranks = placement.dim, mesh.size(mesh_dim)
+        piece = -(-shape[dim] // ranks)
+        padded = local.new_zeros([piece if d == dim else n for d, n in enumerate(local.shape)])
+        padded.narrow(dim, 0, local.shape[dim]).copy_(local)
+        gathered = all_gather_rows(padded, mesh.get_group(mesh_dim), "torch_mp.full_state_dict")
+        local = torch.cat(gathered.unbind(0), dim).narrow(dim, 0, shape[dim])
+    return local
 
 
 def like(param: torch.Tensor, local_value: torch.Tensor) -> torch.Tensor:

@@ -598,6 +598,8 @@ class _InstallGradientHooks:
     def __call__(self, module: nn.Module, *_) -> None:
         for name, hook in self.hooks.items():
             parameter = _parameter_or_none(module, name)
+            if parameter is not None:
+                parameter = dtensor.autograd_leaf(parameter)  # after local_parameters: the plain leaf DDP holds
             if parameter is not None and parameter.requires_grad and not any(p is parameter for p in self.hooked):
                 parameter.register_hook(hook)
                 self.hooked.append(parameter)
