@@ -407,8 +407,8 @@ def _keep_undescribable_whole(specs: Dict[str, ShardSpec], world: int, explicit:
     for name, spec in list(specs.items()):
         if world == 1 or name not in specs or dtensor.placements(spec, world) is not None:
             continue
-        what = ("key/value heads kept whole by some ranks but not all" if spec.replicas is not None
-                else f"parts of unequal sizes {spec.parts}")
+        what = (f"sharded query heads next to key/value heads several ranks hold whole (ranks per part "
+                f"{spec.replicas})" if spec.replicas is not None else f"parts of unequal sizes {spec.parts}")
         why = (f"{name!r} ({_style_name(spec)}) would hold {what} on {world} ranks, which no DTensor placement "
                "describes (its gradient norm would count them wrong)")
         if explicit:
@@ -461,29 +461,43 @@ def _distribute_parameters(module: nn.Module, specs: Dict[str, ShardSpec], group
 
 _REPLACED = "_torch_mp_replaced"
 _STEP_HOOK = None
+# Optimizers whose update reads whole tensors in ways DTensor has no rules for: Adafactor (torch's and
+# transformers') factors the second moment into row and column statistics and scales by the update's
+# RMS (on DTensor parameters torch's fails in an in-place pow of a partial norm, transformers' on its
+# plain statistics next to DTensor gradients; per shard, as before DTensors, they were each rank's own).
+_FACTORED = ("Adafactor",)
 
 
 def _mark_replaced(dense: List[nn.Parameter], module: nn.Module) -> None:
     """Marks the parameters ``tensor_parallel`` replaced by their shards: an optimizer built on them
     before would step tensors the model no longer reads (and no gradient reaches), so its next step
-    raises (``_refuse_replaced_parameters``, a global optimizer step pre-hook registered once)."""
+    raises, as does a factored one (Adafactor) holding DTensor parameters, which it cannot step to
+    the dense numbers (``_check_optimizer``, a global optimizer step pre-hook registered once)."""
     global _STEP_HOOK
     kept = {id(p) for p in module.parameters()}
     for param in dense:
         if id(param) not in kept:
             setattr(param, _REPLACED, True)
     if _STEP_HOOK is None:
-        _STEP_HOOK = register_optimizer_step_pre_hook(_refuse_replaced_parameters)
+        _STEP_HOOK = register_optimizer_step_pre_hook(_check_optimizer)
 
 
-def _refuse_replaced_parameters(optimizer: torch.optim.Optimizer, *_) -> None:
+def _check_optimizer(optimizer: torch.optim.Optimizer, *_) -> None:
+    name = type(optimizer).__name__
     for group in optimizer.param_groups:
         for param in group["params"]:
             if getattr(param, _REPLACED, False):
-                raise ValueError(f"{type(optimizer).__name__}.step: the optimizer holds a parameter of shape "
+                raise ValueError(f"{name}.step: the optimizer holds a parameter of shape "
                                  f"{tuple(param.shape)} that torch_mp.tensor_parallel replaced by its DTensor shard "
                                  "(the model no longer reads it: the step would change nothing); expected an "
                                  "optimizer built after tensor_parallel(model), on model.parameters()")
+            if name in _FACTORED and isinstance(param, DTensor):
+                raise ValueError(f"{name}.step: optimizer = {name}, whose update factors each parameter's second "
+                                 "moment into row and column statistics of the whole tensor, holds the DTensor "
+                                 f"parameter of shape {tuple(param.shape)} (placements {param.placements}; "
+                                 "torch_mp.tensor_parallel's or FSDP2's), whose statistics it cannot compute as "
+                                 "the dense model does; expected an elementwise optimizer (SGD, Adam, AdamW, RMSprop, "
+                                 "Adagrad, ...)")
 
 
 # --- swapping ----------------------------------------------------------------------------------
