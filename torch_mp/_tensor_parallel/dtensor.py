@@ -87,7 +87,7 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
     tensor as it is."""
     if not isinstance(tensor, DTensor):
         return tensor
-    leaf = tensor.__dict__.get(_LEAF)
+    leaf = getattr(tensor, _LEAF, None)
     if leaf is not None:
         if tensor.grad is None and leaf.grad is not None:  # zero_grad(set_to_none=True) set the DTensor's
             leaf.grad = None
