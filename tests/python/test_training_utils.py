@@ -155,6 +155,11 @@ def check_dp_by_tp_norm(rank, world, fsdp):
             fully_shard(layer, mesh=mesh["dp"])
         model = fully_shard(sharded, mesh=mesh["dp"])
     else:
+        # DDP on the DTensor parameters: a clear error when it is built (it was DTensor's
+        # NotImplementedError for c10d.broadcast_).
+        with pytest.raises(ValueError, match=r"c10d.broadcast_ of DTensors .* expected DDP built inside "
+                                             r"torch_mp.local_parameters\(model\)"):
+            DistributedDataParallel(sharded, process_group=mesh["dp"].get_group())
         with torch_mp.local_parameters(sharded):
             model = DistributedDataParallel(sharded, process_group=mesh["dp"].get_group())
     dense(input_ids=ids).logits.square().mean().backward()

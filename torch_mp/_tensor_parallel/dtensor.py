@@ -179,6 +179,21 @@ def local_parameters(module: nn.Module) -> Iterator[nn.Module]:
             owner._parameters[name] = param
 
 
+def _refuse_broadcast(op_call, args, kwargs):
+    raise ValueError("c10d.broadcast_ of DTensors (DistributedDataParallel broadcasting the module's states when it "
+                     "is built): the parameters of a torch_mp.tensor_parallel model are DTensors, which DDP can "
+                     "neither broadcast nor put in its gradient buckets; expected DDP built inside "
+                     "torch_mp.local_parameters(model): `with torch_mp.local_parameters(model): ddp = "
+                     "DistributedDataParallel(model, ...)`")
+
+
+def refuse_dtensor_broadcast() -> None:
+    """Makes a broadcast of DTensors (which DTensor has no rule for: a NotImplementedError) a
+    ValueError naming ``local_parameters``: DDP built on a tensor-parallel model hits it first.
+    A custom op handler of DTensor's dispatcher, as torch's ``loss_parallel`` registers its own."""
+    DTensor._op_dispatcher._custom_op_handlers.setdefault(torch.ops.c10d.broadcast_.default, _refuse_broadcast)
+
+
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The local tensor of a DTensor, outside autograd (checkpoints, reports); a plain tensor as it is."""
     return tensor._local_tensor if isinstance(tensor, DTensor) else tensor

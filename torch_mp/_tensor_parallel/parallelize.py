@@ -431,6 +431,7 @@ def _distribute_parameters(module: nn.Module, specs: Dict[str, ShardSpec], group
     mesh = dtensor.device_mesh(group)
     if mesh is None:
         return
+    dtensor.refuse_dtensor_broadcast()
     where: Dict[Tuple[str, str], List] = {}
     for name, spec in specs.items():
         owner_name, _, leaf = name.rpartition(".")
