@@ -12,13 +12,13 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Uni
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from torch_mp._checkpoint.format import CheckpointReader, file_in_folder, find_checkpoint
 from torch_mp._group import all_gather_rows, process_group_of, resolve_group
 from torch_mp._checks import check_arg
 from torch_mp._checkpoint.safetensors import SafetensorsFile
 from torch_mp._state import PIPELINE, TENSOR_PARALLEL, held_state, unwrapped
+from torch_mp._tensor_parallel.dtensor import like, local_tensor, tp_local
 from torch_mp._tensor_parallel.sharding import ShardSpec, slice_bounds, take_slices, unshard
 
 StateSource = Union[Mapping[str, torch.Tensor], str, os.PathLike]
@@ -41,15 +41,13 @@ def full_state_dict(module: nn.Module) -> Dict[str, torch.Tensor]:
     check_arg("full_state_dict", "module", module, nn.Module, "a torch.nn.Module")
     module = unwrapped(module)
     specs, group, world = tp_state(module)
-    state = module.state_dict()
+    # This rank's shard of each tensor-parallel DTensor (FSDP2's data-parallel shards gathered).
+    state = {key: tp_local(value.detach(), bool(specs)) for key, value in module.state_dict().items()}
     if is_pipeline(module):
         state = _gather_from_holders(state, held_state(module, PIPELINE).group)
     result = {}
     for key, value in state.items():
         spec, attr = spec_of(key, specs)
-        value = value.detach()
-        if isinstance(value, DTensor):  # sharded again by FSDP2 (fully_shard) over a data-parallel mesh
-            value = value.full_tensor()
         if spec is not None and is_sharded(spec, attr) and world > 1:
             pieces = all_gather_rows(value, group, "torch_mp.full_state_dict").unbind(0)
             value = unshard(pieces, spec.dim if attr == "weight" else 0, spec.parts, spec.replicas)
@@ -57,12 +55,6 @@ def full_state_dict(module: nn.Module) -> Dict[str, torch.Tensor]:
             value = value.t()
         result[key] = value.cpu().contiguous().clone()
     return result
-
-
-def local_tensor(value: torch.Tensor) -> torch.Tensor:
-    """What this rank holds of ``value``: a DTensor's local tensor, any other tensor itself. Every
-    read of a parameter's, buffer's or optimizer state's local shard goes through here."""
-    return value.to_local() if isinstance(value, DTensor) else value
 
 
 def first_holders(tensors: Mapping[str, torch.Tensor], group, op: str) -> Dict[str, int]:
@@ -160,21 +152,21 @@ def load_full_state_dict(module: nn.Module, state_dict_or_path: StateSource, str
             if param is not None and param.device.type == "meta":
                 owners.setdefault(id(param), []).append((owner, name))
     materialized: Dict[int, nn.Parameter] = {}
-    total = sum(t.numel() * t.element_size() for k, t in targets.items() if k in keys)
+    targets = {key: (target, local_tensor(target)) for key, target in targets.items()}
+    total = sum(t.numel() * t.element_size() for k, (_, t) in targets.items() if k in keys)
     with _progress(total, rank) as progress, torch.no_grad():
-        for key, target in targets.items():
+        for key, (target, shard) in targets.items():
             if key not in keys:
                 continue
             value = read_local(key, *spec_of(key, specs), rank, world, read_full, read_slices)
-            local = local_tensor(target)
-            if value.shape != local.shape:
+            if value.shape != shard.shape:
                 raise ValueError(f"load_full_state_dict: {key!r} has shape {tuple(value.shape)} in the source but "
-                                 f"{tuple(local.shape)} is expected on this rank")
-            if local.device.type == "meta":
+                                 f"{tuple(shard.shape)} is expected on this rank")
+            if shard.device.type == "meta":
                 _materialize(target, value, device, borrowed, owners, materialized)
             else:
-                local.copy_(value)
-            progress(target.numel() * target.element_size())
+                shard.copy_(value)
+            progress(shard.numel() * shard.element_size())
     return module
 
 
@@ -203,7 +195,7 @@ def _materialize(target, value, device, borrowed, owners, materialized) -> None:
     if id(target) in materialized:
         return
     value = value.to(device or "cpu", copy=borrowed).contiguous()
-    materialized[id(target)] = nn.Parameter(value, requires_grad=target.requires_grad)
+    materialized[id(target)] = nn.Parameter(like(target, value), requires_grad=target.requires_grad)
     for owner, name in owners[id(target)]:
         owner._parameters[name] = materialized[id(target)]
 

@@ -32,6 +32,7 @@ from torch_mp._pipelining.microbatch import (BatchPlan, ChunkSpec, OutputMerge, 
                                              micro_batch_sizes, non_batch_sizes, shapes_of, write_back)
 from torch_mp._pipelining.timeline import Recorder, Timeline
 from torch_mp._pipelining.transport import GroupTransport
+from torch_mp._tensor_parallel.dtensor import like, local_tensor
 from torch_mp._state import PIPELINE, SPLIT, ParallelState, attach, check_not_parallelized, state_of
 from torch_mp._pipelining.zero_bubble import ZERO_BUBBLE, allocate_slots, defer_linears
 from torch_mp._training import clip_grad_norm_
@@ -388,9 +389,9 @@ def _sum_tied_gradients(params: List[nn.Parameter], group, transport) -> None:
     took = torch.tensor([param.grad is not None for param in params], dtype=torch.int32, device=params[0].device)
     took = transport.all_reduce_sum(took, group, "while finding which tied parameters have gradients").tolist()
     for param, ranks_with_grad in zip(params, took):
-        if ranks_with_grad:
-            grad = param.grad if param.grad is not None else torch.zeros_like(param)
-            param.grad = transport.all_reduce_sum(grad, group, "while summing tied parameters' gradients")
+        if ranks_with_grad:  # a DTensor's (tensor parallel's) local tensor, wrapped back after
+            grad = local_tensor(param.grad) if param.grad is not None else torch.zeros_like(local_tensor(param))
+            param.grad = like(param, transport.all_reduce_sum(grad, group, "while summing tied parameters' gradients"))
 
 
 def _average_over_replicas(params: List[nn.Parameter], group, transport) -> None:
@@ -408,15 +409,15 @@ def _average_over_replicas(params: List[nn.Parameter], group, transport) -> None
     by_kind: Dict[tuple, List[nn.Parameter]] = {}
     for param in params:
         if param.grad is None:
-            param.grad = torch.zeros_like(param)
+            param.grad = like(param, torch.zeros_like(local_tensor(param)))
         by_kind.setdefault((param.grad.device, param.grad.dtype), []).append(param)
     for kind_params in by_kind.values():
-        grads = [param.grad for param in kind_params]
+        grads = [local_tensor(param.grad) for param in kind_params]  # a DTensor's local tensor
         flat = torch._utils._flatten_dense_tensors(grads)
         flat = transport.all_reduce_sum(flat, group, "while averaging gradients over the data-parallel replicas")
         flat.div_(replicas)
-        for param, averaged in zip(kind_params, torch._utils._unflatten_dense_tensors(flat, grads)):
-            param.grad.copy_(averaged)
+        for grad, averaged in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            grad.copy_(averaged)
 
 
 def _describe(field: str, values: List[int], shapes: str, rank: int) -> str:
@@ -726,9 +727,10 @@ def _move_parameter(param: nn.Parameter, device: torch.device) -> None:
     if param.device == device:
         return
     with torch.no_grad():
-        moved = nn.Parameter(param.to(device), param.requires_grad)
+        # A DTensor (tensor parallel's) moves its local tensor, keeping its mesh and placements.
+        moved = nn.Parameter(like(param, local_tensor(param).to(device)), param.requires_grad)
         if param.grad is not None and device.type != "meta":
-            moved.grad = param.grad.to(device)
+            moved.grad = like(param, local_tensor(param.grad).to(device))
     hooks = param._backward_hooks, getattr(param, "_post_accumulate_grad_hooks", None)
     if weakref.getweakrefcount(param):
         # swap_tensors refuses a tensor with weak references; those of dead reference cycles (the
