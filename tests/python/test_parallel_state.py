@@ -127,7 +127,7 @@ def check_pipeline_and_tensor_parallel(rank, world):
 
     sharded = torch_mp.tensor_parallel(GPT(vocab=32, dim=16, heads=2, depth=2, context=8))
     state = assert_one_record(sharded, "tensor_parallel")
-    assert sharded.blocks[0].attn.proj.weight.shape == (16, 16 // world)
+    assert sharded.blocks[0].attn.proj.weight.to_local().shape == (16, 16 // world)  # a DTensor: its shard
     report = torch_mp.memory_report(sharded)
     assert [row.where for row in report.rows] == [f"rank {r}" for r in range(world)]
 
