@@ -16,7 +16,7 @@ CPU_PY   := $(CPU_VENV)/bin/python
 # The venv's tools (ninja among them) come first for the CMake builds.
 export PATH := $(VENV)/bin:$(PATH)
 
-.PHONY: all venv cpu-venv sysdeps install demo docs test test-python test-cpp test-cpu-smoke test-multinode test-zoo \
+.PHONY: all venv cpu-venv sysdeps install demo docs test test-python test-cpp test-cpu-smoke test-multinode test-zoo test-mesh3d \
         gpu-check bench clean
 
 all: install
@@ -90,6 +90,11 @@ test-python: install
 # that covers every kind of failure. `tests/python/zoo_table.py` prints the README's table.
 test-zoo: install
 	$(PY) -m pytest -q tests/python/test_zoo.py -m "zoo_full or not zoo_full"
+
+# Pipeline x tensor x data parallel: every test of tests/python/test_mesh3d.py, the 8-rank ones
+# included (`make test` runs the 4-rank part).
+test-mesh3d: install
+	$(PY) -m pytest -q tests/python/test_mesh3d.py -m "mesh3d_full or not mesh3d_full"
 
 # The C++ tests build against the installed package, as a LibTorch user's project would.
 test-cpp: install

@@ -32,6 +32,7 @@ from torch_mp._report import memory_report
 from torch_mp._split import split
 from torch_mp._state import ParallelState, state_of
 from torch_mp._checkpoint.state_dict import full_state_dict, init_empty_weights, load_full_state_dict
+from torch_mp._tensor_parallel.dtensor import local_parameters
 from torch_mp._tensor_parallel.parallelize import tensor_parallel
 from torch_mp._training import GradScaler, clip_grad_norm_, get_total_norm
 
@@ -62,6 +63,7 @@ __all__ = [
     "linear_hook",
     "load",
     "load_full_state_dict",
+    "local_parameters",
     "matmul_reduce_scatter",
     "memory_report",
     "nn",

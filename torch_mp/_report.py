@@ -8,6 +8,7 @@ from torch import nn
 from torch_mp._group import all_gather_rows, resolve_group
 from torch_mp._checks import check_arg
 from torch_mp._state import PIPELINE, SPLIT, TENSOR_PARALLEL, ParallelState, state_of
+from torch_mp._tensor_parallel.dtensor import local_tensor
 
 
 @dataclass
@@ -113,7 +114,8 @@ def _mib(nbytes: int) -> str:
 
 
 def _bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
+    # A DTensor parameter (tensor_parallel) weighs its local shard.
+    return sum(local_tensor(t).numel() * t.element_size() for t in tensors)
 
 
 def _unique_tensors(module: nn.Module, seen: set, parameters: bool):

@@ -2,7 +2,8 @@
 
 Each wrapper stores a :class:`ParallelState` under the module's one attribute ``_torch_mp_state``;
 every reader (state dicts, checkpoints, ``memory_report``, a second ``split``) fetches it with
-:func:`state_of`. The attributes documented for users (``device_map``, ``output_device``,
+:func:`state_of`. ``pipeline`` over ``tensor_parallel`` composes (torchtitan's order: tensor parallel,
+then pipeline): the pipeline's record holds the tensor-parallel one as its ``inner`` state. The attributes documented for users (``device_map``, ``output_device``,
 ``torch_mp_plan``, ``torch_mp_replicated``, ``torch_mp_kept_whole``) are plain views: the same
 objects as the record's fields. One state object per module follows FSDP2 (``fully_shard.state``).
 """
@@ -42,6 +43,8 @@ class ParallelState:
       name: stage index}), ``output_device``, ``pipe`` (with ``chunks > 1``: the micro-batch
       runner) and ``hooks`` (the removable handles of the hooks that move tensors).
     - ``pipeline``: ``group`` (the ProcessGroup, None for the default one), ``stage_of`` and ``pipe``.
+    - ``pipeline`` over ``tensor_parallel``: ``inner`` is the tensor-parallel record;
+      ``data_parallel`` the group of the pipeline's replicas (None: no replicas).
     - ``tensor_parallel``: ``group``, ``specs`` ({module or parameter name: how its weight is
       sharded}), ``plan`` ({module name: style}), ``replicated`` (the names of shardable layers
       left whole) and ``kept_whole`` ({module name: the error that kept it whole}).
@@ -60,6 +63,8 @@ class ParallelState:
     output_device: Optional[torch.device] = None
     pipe: Any = None
     hooks: List[Any] = field(default_factory=list)
+    inner: Optional["ParallelState"] = None
+    data_parallel: Any = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -76,7 +81,7 @@ class ParallelState:
                             f"then torch_mp.{self.kind} of the copy")
         copied = copy.copy(self)
         memo[id(self)] = copied
-        for name in (f.name for f in fields(self) if f.name != "group"):
+        for name in (f.name for f in fields(self) if f.name not in ("group", "data_parallel")):
             setattr(copied, name, copy.deepcopy(getattr(self, name), memo))
         return copied
 
@@ -98,11 +103,27 @@ def state_of(module: nn.Module, required: Union[None, str, Sequence[str]] = None
     unknown = [kind for kind in kinds if kind not in KINDS]
     if unknown:
         raise ValueError(f"{caller}: required = {required!r}; expected kinds among {list(KINDS)}")
-    if state is None or state.kind not in kinds:
+    found = next((held for held in states_of(module) if held.kind in kinds), None)
+    if found is None:
         held = "no torch_mp state" if state is None else f"the state of torch_mp.{state.kind}"
         expected = " or ".join(f"torch_mp.{kind}" for kind in kinds)
         raise ValueError(f"{caller}: {type(module).__name__} holds {held}; expected a module returned by {expected}")
-    return state
+    return found
+
+
+def states_of(module: nn.Module) -> List[ParallelState]:
+    """Every record on ``module``, the latest wrapper's first (a pipeline's, then the
+    tensor-parallel one under it); empty for a module no wrapper returned."""
+    chain, state = [], module.__dict__.get(_ATTRIBUTE)
+    while state is not None:
+        chain.append(state)
+        state = state.inner
+    return chain
+
+
+def held_state(module: nn.Module, kind: str) -> Optional[ParallelState]:
+    """The record of ``kind`` on ``module`` (the outer one or one under it); None when it has none."""
+    return next((state for state in states_of(module) if state.kind == kind), None)
 
 
 def unwrapped(module: nn.Module) -> nn.Module:
@@ -117,18 +138,30 @@ def unwrapped(module: nn.Module) -> nn.Module:
             return module
 
 
+# (outer, inner): the wrappers that may be applied over another's result.
+_COMPOSES = {(PIPELINE, TENSOR_PARALLEL)}
+
+
 def check_not_parallelized(module: nn.Module, caller: str) -> None:
-    """A module holds one state: one already there (another wrapper's, or a second ``pipeline`` /
-    ``tensor_parallel``) is a ValueError, raised before the wrapper changes anything."""
+    """A module holds one state, or a pipeline's over a tensor-parallel one (``_COMPOSES``): any
+    other already there (another wrapper's, a second ``pipeline`` / ``tensor_parallel``,
+    ``tensor_parallel`` over ``pipeline``) is a ValueError, raised before the wrapper changes anything."""
     held = module.__dict__.get(_ATTRIBUTE)
-    if held is not None:
+    if held is None or (caller, held.kind) in _COMPOSES:
+        return
+    if (held.kind, caller) in _COMPOSES:
         raise ValueError(f"{caller}: {type(module).__name__} was already returned by torch_mp.{held.kind}; "
-                         "expected a module no torch_mp wrapper has parallelized yet")
+                         f"expected torch_mp.{caller} first, then torch_mp.{held.kind} (torchtitan's order: "
+                         f"tensor_parallel(model, group=mesh['tp']), then pipeline(model, group=mesh['pp']))")
+    raise ValueError(f"{caller}: {type(module).__name__} was already returned by torch_mp.{held.kind}; "
+                     "expected a module no torch_mp wrapper has parallelized yet")
 
 
 def attach(module: nn.Module, state: ParallelState, caller: str) -> ParallelState:
-    """Stores ``state`` on ``module`` and sets its views."""
+    """Stores ``state`` on ``module`` and sets its views; a record already there (``_COMPOSES``)
+    becomes ``state.inner``, its views staying."""
     check_not_parallelized(module, caller)
+    state.inner = module.__dict__.get(_ATTRIBUTE)
     module.__dict__[_ATTRIBUTE] = state
     for attribute, name in _VIEWS[state.kind].items():
         setattr(module, attribute, getattr(state, name))
@@ -136,9 +169,12 @@ def attach(module: nn.Module, state: ParallelState, caller: str) -> ParallelStat
 
 
 def detach(module: nn.Module) -> Optional[ParallelState]:
-    """Removes the state and its views from ``module``; returns the state (None if it had none)."""
+    """Removes the outer state and its views from ``module`` (the one under it, if any, stays);
+    returns the state (None if it had none)."""
     state = module.__dict__.pop(_ATTRIBUTE, None)
     if state is not None:
         for attribute in _VIEWS[state.kind]:
             module.__dict__.pop(attribute, None)
+        if state.inner is not None:
+            module.__dict__[_ATTRIBUTE] = state.inner
     return state

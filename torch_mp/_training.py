@@ -9,14 +9,15 @@ Here each gradient element of the dense model counts exactly once, wherever it l
   block held by ``r`` ranks (key/value heads fewer than the ranks) on the first of them;
 - a parameter every rank of a group holds whole (replicated under tensor parallelism, kept on
   several pipeline ranks, a DTensor's ``Replicate`` mesh dim) on the first rank of the group;
-- a pipeline stage's parameters on the rank of the stage (the others hold meta tensors);
+- a pipeline stage's parameters on the rank of the stage (the others hold meta tensors); under
+  a pipeline over a tensor-parallel model, both rules: a stage's shard on the stage's rank;
 - a DTensor gradient (FSDP2's ``fully_shard``, sharded parameters as DTensors) by its local shard,
   its ``Shard`` mesh dims summed over.
 
 Each rank sums its elements' p-th powers (the max for ``inf``) and one all-reduce per group of the
 model (the pipeline group, the tensor-parallel group, the DTensor meshes' dims) makes the total.
 Data-parallel replicas (DDP) hold equal gradients after their all-reduce: each computes the same
-total, without a collective. After torchtitan's ``clip_grad_norm_`` (pipeline stages summed over the
+total, without a collective (a pipeline's ``data_parallel`` replicas average theirs in ``train_step``). After torchtitan's ``clip_grad_norm_`` (pipeline stages summed over the
 pipeline group) and Megatron-LM's ``get_grad_norm_fp32`` / ``check_for_nan_in_grad`` (shards and
 duplicates counted once over the model-parallel groups).
 """
@@ -31,7 +32,7 @@ from torch.distributed.tensor import DTensor, Replicate
 
 from torch_mp._checkpoint.state_dict import is_sharded, spec_of
 from torch_mp._group import all_reduce, process_group_of
-from torch_mp._state import PIPELINE, TENSOR_PARALLEL, state_of, unwrapped
+from torch_mp._state import PIPELINE, TENSOR_PARALLEL, states_of, unwrapped
 
 ModelOrParameters = Union[nn.Module, torch.Tensor, Iterable[torch.Tensor]]
 
@@ -100,15 +101,17 @@ def _tensor_parallel_parts(grad: torch.Tensor, name: str, state, ranks: Tuple[in
 def _layout_of_module(model: nn.Module) -> _Layout:
     root = unwrapped(model)
     distributed = _distributed()
-    # The innermost torch_mp state holding each parameter, with its name there.
-    owner: Dict[int, Tuple[object, str]] = {}
+    # The innermost module's torch_mp states holding each parameter (a pipeline's and the
+    # tensor-parallel one under it), with its name there.
+    owner: Dict[int, Tuple[List, str]] = {}
     for _, submodule in root.named_modules():
-        state = state_of(submodule)
-        if state is not None:
-            owner.update({id(param): (state, name) for name, param in submodule.named_parameters()})
+        states = states_of(submodule)
+        if states:
+            owner.update({id(param): (states, name) for name, param in submodule.named_parameters()})
     layout = _Layout()
     ranks_of: Dict[int, Tuple[int, ...]] = {}  # {id(state) or id(kept parameter): global ranks}
-    for state in {id(state): state for state, _ in owner.values()}.values():
+    every_state = {id(state): state for states, _ in owner.values() for state in states}
+    for state in every_state.values():
         if distributed and state.kind in (PIPELINE, TENSOR_PARALLEL):
             ranks_of[id(state)] = layout.add_group(process_group_of(state.group))
             for params, tie_group in state.pipe.ties if state.kind == PIPELINE else ():
@@ -121,16 +124,20 @@ def _layout_of_module(model: nn.Module) -> _Layout:
             continue
         local = _local(param.grad)
         layout.grads.append(local)
-        state, name = owner.get(id(param), (None, ""))
+        states, name = owner.get(id(param), ([], ""))
         if not counted:
             continue
-        if not distributed or state is None or id(state) not in ranks_of:
-            layout.counted.append(local)
-        elif state.kind == PIPELINE:  # a stage's parameter, or one kept on several ranks: on the first
-            if _is_first(ranks_of.get(id(param), (dist.get_rank(),))):
-                layout.counted.append(local)
-        else:
-            layout.counted += _tensor_parallel_parts(local, name, state, ranks_of[id(state)])
+        parts = [local]
+        for state in states if distributed else ():
+            if id(state) not in ranks_of:
+                continue
+            if state.kind == PIPELINE:  # a stage's parameter, or one kept on several ranks: on the first
+                if not _is_first(ranks_of.get(id(param), (dist.get_rank(),))):
+                    parts = []
+            else:
+                parts = [piece for part in parts for piece in _tensor_parallel_parts(part, name, state,
+                                                                                       ranks_of[id(state)])]
+        layout.counted += parts
     return layout
 
 

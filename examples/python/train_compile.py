@@ -63,7 +63,8 @@ def main():
     torch_mp.tensor_parallel(model, group=mesh["tp"])
     sharded = model
     if args.dp > 1:
-        model = DistributedDataParallel(model, process_group=mesh["dp"].get_group())
+        with torch_mp.local_parameters(model):  # DDP needs plain tensors; the DTensors are back after
+            model = DistributedDataParallel(model, process_group=mesh["dp"].get_group())
     report = torch_mp.memory_report(sharded)  # a collective: every rank takes part
     if rank == 0:
         print(f"{world} ranks: tp={mesh['tp'].size()} x dp={args.dp}, compile={args.compile}\n{report}")

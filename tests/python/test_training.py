@@ -35,7 +35,8 @@ def check_dp_by_tp(rank, world):
     mesh = torch_mp.init_mesh(dp=2, tp=2)
     dense, ids = dense_gpt_and_batch()
     sharded = torch_mp.tensor_parallel(copy.deepcopy(dense), group=mesh["tp"])
-    model = DistributedDataParallel(sharded, process_group=mesh["dp"].get_group())
+    with torch_mp.local_parameters(sharded):  # DDP needs plain tensors
+        model = DistributedDataParallel(sharded, process_group=mesh["dp"].get_group())
     assert_trains_like_dense(model, sharded, dense, ids, mesh["dp"].get_local_rank())
 
 

@@ -62,7 +62,8 @@ class Layout:
             self.mesh = self.mesh or torch_mp.init_mesh(dp=2, tp=2)
             self.dp_rank, self.dp_size = self.mesh["dp"].get_local_rank(), 2
             sharded = torch_mp.tensor_parallel(model, group=self.mesh["tp"])
-            return DistributedDataParallel(sharded, process_group=self.mesh["dp"].get_group())
+            with torch_mp.local_parameters(sharded):  # DDP needs plain tensors
+                return DistributedDataParallel(sharded, process_group=self.mesh["dp"].get_group())
         return model
 
     def rows(self, ids):

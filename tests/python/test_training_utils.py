@@ -155,16 +155,32 @@ def check_dp_by_tp_norm(rank, world, fsdp):
             fully_shard(layer, mesh=mesh["dp"])
         model = fully_shard(sharded, mesh=mesh["dp"])
     else:
-        model = DistributedDataParallel(sharded, process_group=mesh["dp"].get_group())
+        # DDP on the DTensor parameters: a clear error when it is built (it was DTensor's
+        # NotImplementedError for c10d.broadcast_).
+        with pytest.raises(ValueError, match=r"c10d.broadcast_ of DTensors .* expected DDP built inside "
+                                             r"torch_mp.local_parameters\(model\)"):
+            DistributedDataParallel(sharded, process_group=mesh["dp"].get_group())
+        with torch_mp.local_parameters(sharded):
+            model = DistributedDataParallel(sharded, process_group=mesh["dp"].get_group())
     dense(input_ids=ids).logits.square().mean().backward()
     model(input_ids=ids.chunk(2)[dp_rank]).logits.square().mean().backward()
     torch.testing.assert_close(torch_mp.get_total_norm(model), dense_norm(dense), rtol=1e-5, atol=0)
     torch.testing.assert_close(torch_mp.get_total_norm(model, math.inf), dense_norm(dense, math.inf), rtol=1e-5, atol=0)
+    # torch's own sees DTensor parameters (DDP's plain leaves' averaged gradients, FSDP2's 2-D shards).
+    expected = torch.nn.utils.clip_grad_norm_(dense.parameters(), 0.5)
+    torch.testing.assert_close(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)), float(expected),
+                               rtol=1e-5, atol=0)
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    torch.optim.SGD(dense.parameters(), lr=0.1).step()
+    gathered = torch_mp.full_state_dict(model)
+    for key, value in dense.state_dict().items():
+        torch.testing.assert_close(gathered[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
 def test_dp_by_tp_global_norm_matches_dense(fsdp):
-    """Data-parallel replicas (DDP) counted once; FSDP2's DTensor shards summed over the dp mesh."""
+    """Data-parallel replicas (DDP) counted once; FSDP2's DTensor shards summed over the dp mesh; torch's
+    own clip_grad_norm_ gives the dense norm too and the clipped SGD step the dense weights."""
     run_ranks(4, check_dp_by_tp_norm, fsdp, timeout=360.0)
 
 

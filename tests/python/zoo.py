@@ -272,7 +272,7 @@ def check_tensor_parallel(name, rank, world):
             raise
         return f"refused: {expected.split(',')[0]}", None
     assert (name, world) not in REFUSALS, f"{name} was expected to be refused"
-    local = sum(p.numel() for p in sharded.parameters())
+    local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in sharded.parameters())
     share = local / sum(p.numel() for p in dense.parameters())
     close(output_of(sharded, inputs), output_of(dense, inputs), f"{name} forward")
     _step(dense, inputs)

@@ -42,12 +42,12 @@ from torch_mp._checkpoint.format import (
 from torch_mp._group import all_reduce_sum, resolve_group
 from torch_mp._state import unwrapped
 from torch_mp._checkpoint.safetensors import dtype_name, write_file
+from torch_mp._tensor_parallel.dtensor import like, local_tensor, tp_local
 from torch_mp._tensor_parallel.sharding import ShardSpec, slice_bounds
 from torch_mp._checkpoint.state_dict import (
     first_holders,
     is_pipeline,
     load_full_state_dict,
-    local_tensor,
     read_local,
     spec_of,
     stock_layout,
@@ -212,7 +212,7 @@ def _pieces_of_this_rank(module: nn.Module, optimizer, rank: int) -> Tuple[List[
     not held), and {parameter name: its optimizer state's JSON entry} for the parameters it holds."""
     specs, group, tp_world = tp_state(module)
     tp_rank = resolve_group(group).rank if specs else 0
-    pieces = [_stock_piece(key, key, value, *spec_of(key, specs), tp_rank, tp_world)
+    pieces = [_stock_piece(key, key, _tp_shard(value, bool(specs)), *spec_of(key, specs), tp_rank, tp_world)
               for key, value in module.state_dict().items() if not local_tensor(value).is_meta]
     states = {}
     if optimizer is not None:
@@ -228,7 +228,9 @@ def _pieces_of_this_rank(module: nn.Module, optimizer, rank: int) -> Tuple[List[
                 stock = f"optimizer/{name}/{key}"
                 if not isinstance(value, torch.Tensor):
                     entry["values"][key] = value
-                elif local_tensor(value).shape == param.shape:  # Adam's moments: cut like the parameter
+                    continue
+                value = _tp_shard(value, bool(specs))
+                if local_tensor(value).shape == param.shape:  # Adam's moments: cut like the parameter
                     pieces.append(_stock_piece(stock, name, value, spec, role, tp_rank, tp_world))
                     entry["tensors"][key] = stock
                 elif sharded:  # another shape (Adafactor's row and column statistics): each rank's own
@@ -253,22 +255,31 @@ def _as_held(name: str, tensor: torch.Tensor, writer: str, owner: str) -> _Piece
 
 def _pieces_to_write(module: nn.Module, pieces: List[_Piece], states: Dict[str, dict], holders: Dict[str, int],
                      rank: int) -> Tuple[List[_Piece], Dict[str, dict]]:
-    """One copy of each tensor: the shards from the tensor-parallel group that holds rank 0 (the
-    other data-parallel replicas hold the same), each whole tensor and its optimizer state from the
-    lowest rank holding it; every rank's random state."""
+    """One copy of each tensor: its shards from the tensor-parallel group that holds the lowest rank
+    holding the tensor (rank 0's, or under a pipeline its stage's; the other data-parallel
+    replicas hold the same), each whole tensor and its optimizer state from the lowest rank holding
+    it; every rank's random state."""
     _, group, _ = tp_state(module)
-    writes_shards = rank in _ranks_of_group_with_rank_0(group)
-    mine = [piece for piece in pieces if piece.writer == OWN or (piece.writer == SHARDS and writes_shards) or
+    tp_ranks = _ranks_of_group(group)
+    mine = [piece for piece in pieces if piece.writer == OWN or
+            (piece.writer == SHARDS and holders.get(piece.owner, 0) in tp_ranks) or
             (piece.writer == WHOLE and holders.get(piece.owner, 0) == rank)]
     written = {piece.owner for piece in mine}
     return mine, {name: entry for name, entry in states.items() if name in written}
 
 
-def _ranks_of_group_with_rank_0(group) -> List[int]:
+def _tp_shard(value: torch.Tensor, tensor_parallel: bool) -> torch.Tensor:
+    """This rank's shard of a tensor-parallel DTensor parameter (or its optimizer state); anything
+    else as it is (FSDP2's DTensors are refused by ``_stock_piece``)."""
+    if isinstance(value, DTensor) and tensor_parallel and value.device_mesh.ndim == 1:
+        return tp_local(value, tensor_parallel)
+    return value
+
+
+def _ranks_of_group(group) -> List[int]:
     if not (dist.is_available() and dist.is_initialized()):
         return [0]
-    ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
-    return ranks if 0 in ranks else []
+    return dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
 
 
 def _optimizer_state_by_name(module: nn.Module, optimizer) -> Dict[str, Dict[str, Any]]:
@@ -457,7 +468,8 @@ def _read_optimizer(reader: CheckpointReader, module: nn.Module, optimizer, spec
         loaded = dict(entries["values"])
         for key, tensor_key in entries["tensors"].items():
             if reader.shape(tensor_key) == _stock_shape(param, spec, role):  # cut like its parameter
-                loaded[key] = read_local(tensor_key, spec, role, rank, world, reader.read_full, reader.read_slices)
+                loaded[key] = like(params[name], read_local(tensor_key, spec, role, rank, world, reader.read_full,
+                                                            reader.read_slices))
             else:
                 loaded[key] = _state_of_another_shape(reader, name, key, [tensor_key], sharded, rank, world)
         for key, copies in entries.get("per_rank", {}).items():

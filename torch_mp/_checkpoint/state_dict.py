@@ -12,13 +12,13 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Uni
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from torch_mp._checkpoint.format import CheckpointReader, file_in_folder, find_checkpoint
 from torch_mp._group import all_gather_rows, process_group_of, resolve_group
 from torch_mp._checks import check_arg
 from torch_mp._checkpoint.safetensors import SafetensorsFile
-from torch_mp._state import PIPELINE, TENSOR_PARALLEL, state_of, unwrapped
+from torch_mp._state import PIPELINE, TENSOR_PARALLEL, held_state, unwrapped
+from torch_mp._tensor_parallel.dtensor import like, local_tensor, tp_local
 from torch_mp._tensor_parallel.sharding import ShardSpec, slice_bounds, take_slices, unshard
 
 StateSource = Union[Mapping[str, torch.Tensor], str, os.PathLike]
@@ -29,7 +29,8 @@ def full_state_dict(module: nn.Module) -> Dict[str, torch.Tensor]:
     """The stock state_dict of a model sharded by ``tensor_parallel``, split by ``split`` or
     ``pipeline``, with FSDP2's ``fully_shard`` on top or not: stock names and shapes, on the CPU,
     loadable by the unsharded model with ``strict=True``. A collective: every rank of the model's
-    groups must call it. Each sharded tensor is all-gathered (``[out / world, in] -> [out, in]`` for
+    groups must call it. A pipeline over a tensor-parallel model gathers each tensor's shard from
+    its stage's rank first, then the shards over the tensor-parallel group. Each sharded tensor is all-gathered (``[out / world, in] -> [out, in]`` for
     a colwise weight) and stored once per key; each tensor of a pipeline comes from the lowest rank
     of its group holding it (the others hold a meta stand-in): one all-gather per tensor. Memory:
     the whole model on the CPU of every rank.
@@ -40,15 +41,13 @@ def full_state_dict(module: nn.Module) -> Dict[str, torch.Tensor]:
     check_arg("full_state_dict", "module", module, nn.Module, "a torch.nn.Module")
     module = unwrapped(module)
     specs, group, world = tp_state(module)
-    state = module.state_dict()
+    # This rank's shard of each tensor-parallel DTensor (FSDP2's data-parallel shards gathered).
+    state = {key: tp_local(value.detach(), bool(specs)) for key, value in module.state_dict().items()}
     if is_pipeline(module):
-        state = _gather_from_holders(state, state_of(module).group)
+        state = _gather_from_holders(state, held_state(module, PIPELINE).group)
     result = {}
     for key, value in state.items():
         spec, attr = spec_of(key, specs)
-        value = value.detach()
-        if isinstance(value, DTensor):  # sharded again by FSDP2 (fully_shard) over a data-parallel mesh
-            value = value.full_tensor()
         if spec is not None and is_sharded(spec, attr) and world > 1:
             pieces = all_gather_rows(value, group, "torch_mp.full_state_dict").unbind(0)
             value = unshard(pieces, spec.dim if attr == "weight" else 0, spec.parts, spec.replicas)
@@ -56,12 +55,6 @@ def full_state_dict(module: nn.Module) -> Dict[str, torch.Tensor]:
             value = value.t()
         result[key] = value.cpu().contiguous().clone()
     return result
-
-
-def local_tensor(value: torch.Tensor) -> torch.Tensor:
-    """What this rank holds of ``value``: a DTensor's local tensor, any other tensor itself. Every
-    read of a parameter's, buffer's or optimizer state's local shard goes through here."""
-    return value.to_local() if isinstance(value, DTensor) else value
 
 
 def first_holders(tensors: Mapping[str, torch.Tensor], group, op: str) -> Dict[str, int]:
@@ -159,21 +152,21 @@ def load_full_state_dict(module: nn.Module, state_dict_or_path: StateSource, str
             if param is not None and param.device.type == "meta":
                 owners.setdefault(id(param), []).append((owner, name))
     materialized: Dict[int, nn.Parameter] = {}
-    total = sum(t.numel() * t.element_size() for k, t in targets.items() if k in keys)
+    targets = {key: (target, local_tensor(target)) for key, target in targets.items()}
+    total = sum(t.numel() * t.element_size() for k, (_, t) in targets.items() if k in keys)
     with _progress(total, rank) as progress, torch.no_grad():
-        for key, target in targets.items():
+        for key, (target, shard) in targets.items():
             if key not in keys:
                 continue
             value = read_local(key, *spec_of(key, specs), rank, world, read_full, read_slices)
-            local = local_tensor(target)
-            if value.shape != local.shape:
+            if value.shape != shard.shape:
                 raise ValueError(f"load_full_state_dict: {key!r} has shape {tuple(value.shape)} in the source but "
-                                 f"{tuple(local.shape)} is expected on this rank")
-            if local.device.type == "meta":
+                                 f"{tuple(shard.shape)} is expected on this rank")
+            if shard.device.type == "meta":
                 _materialize(target, value, device, borrowed, owners, materialized)
             else:
-                local.copy_(value)
-            progress(target.numel() * target.element_size())
+                shard.copy_(value)
+            progress(shard.numel() * shard.element_size())
     return module
 
 
@@ -202,7 +195,7 @@ def _materialize(target, value, device, borrowed, owners, materialized) -> None:
     if id(target) in materialized:
         return
     value = value.to(device or "cpu", copy=borrowed).contiguous()
-    materialized[id(target)] = nn.Parameter(value, requires_grad=target.requires_grad)
+    materialized[id(target)] = nn.Parameter(like(target, value), requires_grad=target.requires_grad)
     for owner, name in owners[id(target)]:
         owner._parameters[name] = materialized[id(target)]
 
@@ -218,10 +211,10 @@ def _check_no_meta_outside(module, targets, keys) -> None:
 
 
 def tp_state(module: nn.Module):
-    """``(specs, process group, group size)`` of a ``tensor_parallel`` module; ``({}, None, 1)``
-    for any other."""
-    state = state_of(module)
-    if state is None or state.kind != TENSOR_PARALLEL:
+    """``(specs, process group, group size)`` of a ``tensor_parallel`` module (pipelined after or
+    not); ``({}, None, 1)`` for any other."""
+    state = held_state(module, TENSOR_PARALLEL)
+    if state is None:
         return {}, None, 1
     group = process_group_of(state.group)
     return state.specs, group, resolve_group(group).size if state.specs else 1
@@ -229,8 +222,7 @@ def tp_state(module: nn.Module):
 
 def is_pipeline(module: nn.Module) -> bool:
     """Whether ``module`` was returned by ``pipeline``: its other ranks' tensors are meta stand-ins."""
-    state = state_of(module)
-    return state is not None and state.kind == PIPELINE
+    return held_state(module, PIPELINE) is not None
 
 
 def spec_of(key: str, specs: Mapping[str, ShardSpec]) -> Tuple[Optional[ShardSpec], str]:

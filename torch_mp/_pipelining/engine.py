@@ -95,7 +95,11 @@ class _Follow(TorchFunctionMode):
             origin = max((o for o in map(origins.get, tensors) if o is not None), default=None)
             micro_batch = _current.micro_batch
             if origin is None:
-                args, kwargs = pytree.tree_map_only(torch.Tensor, _to_meta, (args, kwargs))
+                # Real operands follow on meta; meta ones stay the tensors they are, so an in-place
+                # operation on one (Mixtral's router: ``top /= top.sum(...)``) is not applied to a
+                # fresh leaf that requires grad, which autograd refuses.
+                args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t if t.is_meta else _to_meta(t),
+                                                    (args, kwargs))
             elif self.step.rank_of(origin) == self.step.rank:
                 args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: micro_batch.fetch(t, origin),
                                                     (args, kwargs))

@@ -2,10 +2,12 @@
 (``split(..., chunks=M)``) or with one stage per rank (``pipeline``)."""
 import contextlib
 import datetime
+import gc
 import os
 import time
 import types
 import warnings
+import weakref
 import zlib
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -15,7 +17,7 @@ from torch import nn
 
 from torch_mp import _C
 from torch_mp._devices import check_device
-from torch_mp._group import GroupLike, all_reduce_sum, process_group_of, resolve_group
+from torch_mp._group import GroupLike, all_gather_rows, all_reduce_sum, process_group_of, resolve_group
 from torch_mp._hooks import held_post_accumulate_hooks, refused_gradient_hooks
 from torch_mp._layers import check_layers, find_layers
 from torch_mp._pipelining.batch_norm import check_batch_statistics, defer_batch_norms
@@ -29,6 +31,7 @@ from torch_mp._pipelining.microbatch import (BatchPlan, ChunkSpec, OutputMerge, 
                                              micro_batch_sizes, non_batch_sizes, shapes_of, write_back)
 from torch_mp._pipelining.timeline import Recorder, Timeline
 from torch_mp._pipelining.transport import GroupTransport
+from torch_mp._tensor_parallel.dtensor import like, local_tensor
 from torch_mp._state import PIPELINE, SPLIT, ParallelState, attach, check_not_parallelized, state_of
 from torch_mp._pipelining.zero_bubble import ZERO_BUBBLE, allocate_slots, defer_linears
 from torch_mp._training import clip_grad_norm_
@@ -196,9 +199,10 @@ class DistributedPipe(_Pipe):
     runs the model's own forward per micro-batch, other ranks' stages as meta stand-ins
     (``_pipeline_engine``)."""
 
-    def __init__(self, *args, group, stages_per_rank: int, device: torch.device, timeout: datetime.timedelta):
+    def __init__(self, *args, group, stages_per_rank: int, device: torch.device, timeout: datetime.timedelta,
+                 data_parallel=None):
         super().__init__(*args)
-        self.group = group
+        self.group, self.data_parallel = group, data_parallel
         info = resolve_group(group, "pipeline(group=...)")
         self.world, self.rank = info.size, info.rank
         self.stages_per_rank, self.device = stages_per_rank, device
@@ -290,7 +294,11 @@ class DistributedPipe(_Pipe):
         loss = sum(loss.detach() for loss in losses) if last else None
         # The batch's loss on every rank, sent from the rank holding the last stage.
         buffer = loss.reshape(1).float() if loss is not None else torch.zeros(1, device=self.device)
-        return self.transport.all_reduce_sum(buffer, self.group, "while summing the batch's loss")[0]
+        loss = self.transport.all_reduce_sum(buffer, self.group, "while summing the batch's loss")[0]
+        if self.data_parallel is None:
+            return loss
+        replicas = resolve_group(self.data_parallel).size
+        return self.transport.all_reduce_sum(loss, self.data_parallel, "while averaging the replicas' loss") / replicas
 
     def _check_agreement(self, signature: int, shapes: str, timeline: bool, refusal: Optional[str] = None,
                          max_norm: Optional[float] = None) -> None:
@@ -366,6 +374,9 @@ class DistributedPipe(_Pipe):
             for param, grad in zip(tied, earlier):
                 if grad is not None:
                     param.grad = grad if param.grad is None else grad + param.grad
+            if train and self.data_parallel is not None:
+                _average_over_replicas([param for param in self.module.parameters() if not param.is_meta],
+                                       self.data_parallel, self.transport)
         if self.used is not None:
             self._hold_share()
         if recorder is not None:
@@ -402,9 +413,35 @@ def _sum_tied_gradients(params: List[nn.Parameter], group, transport) -> None:
     took = torch.tensor([param.grad is not None for param in params], dtype=torch.int32, device=params[0].device)
     took = transport.all_reduce_sum(took, group, "while finding which tied parameters have gradients").tolist()
     for param, ranks_with_grad in zip(params, took):
-        if ranks_with_grad:
-            grad = param.grad if param.grad is not None else torch.zeros_like(param)
-            param.grad = transport.all_reduce_sum(grad, group, "while summing tied parameters' gradients")
+        if ranks_with_grad:  # a DTensor's (tensor parallel's) local tensor, wrapped back after
+            grad = local_tensor(param.grad) if param.grad is not None else torch.zeros_like(local_tensor(param))
+            param.grad = like(param, transport.all_reduce_sum(grad, group, "while summing tied parameters' gradients"))
+
+
+def _average_over_replicas(params: List[nn.Parameter], group, transport) -> None:
+    """The gradients averaged over the pipeline's data-parallel replicas (``group``): one all-reduce
+    per device and dtype, of the gradients flattened, each wait bounded by the pipeline's timeout.
+    A parameter no replica's step gave a gradient keeps ``.grad`` None; one that some replicas' did
+    not (a branch on their data) takes zeros from them, as DDP's reducer does."""
+    params = [param for param in params if param.requires_grad]
+    if not params:
+        return
+    took = torch.tensor([param.grad is not None for param in params], dtype=torch.int32)
+    took = transport.all_reduce_sum(took, group, "while finding which parameters have gradients on the replicas")
+    params = [param for param, replicas in zip(params, took.tolist()) if replicas]
+    replicas = resolve_group(group).size
+    by_kind: Dict[tuple, List[nn.Parameter]] = {}
+    for param in params:
+        if param.grad is None:
+            param.grad = like(param, torch.zeros_like(local_tensor(param)))
+        by_kind.setdefault((param.grad.device, param.grad.dtype), []).append(param)
+    for kind_params in by_kind.values():
+        grads = [local_tensor(param.grad) for param in kind_params]  # a DTensor's local tensor
+        flat = torch._utils._flatten_dense_tensors(grads)
+        flat = transport.all_reduce_sum(flat, group, "while averaging gradients over the data-parallel replicas")
+        flat.div_(replicas)
+        for grad, averaged in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            grad.copy_(averaged)
 
 
 def _describe(field: str, values: List[int], shapes: str, rank: int) -> str:
@@ -436,6 +473,7 @@ def pipeline(
     output_merge: OutputMerge = None,
     sample=None,
     timeout: Optional[float] = None,
+    data_parallel: GroupLike = None,
 ) -> nn.Module:
     """Runs ``module`` as a pipeline with one stage per rank of ``group``, in place, and returns it.
 
@@ -471,6 +509,27 @@ def pipeline(
         timeout: seconds a rank waits for a peer's activations or gradients before raising
             ``torch_mp.CollectiveError``; by default the group's timeout (10 minutes for NCCL,
             whose own watchdog bounds its work).
+        data_parallel: the group of this pipeline's replicas (``mesh["dp"]``: the ranks holding the
+            same stages and shards, each given its own batch), or None. ``train_step`` then ends by
+            averaging every gradient over it (one all-reduce of the flattened gradients per device
+            and dtype, after the sums across pipeline ranks, before ``max_norm`` clipping) and
+            returns the mean of the replicas' losses: with batches of equal size and a mean loss,
+            the dense model's gradients of the replicas' batches concatenated. The pipeline runs its
+            own backward, one per micro-batch, so DDP's gradient hooks do not fit; the average after
+            the schedule is Megatron-Core's ``finalize_model_grads``.
+
+    Three-dimensional parallelism (torchtitan's order: tensor parallel, then pipeline, then data
+    parallel) on a ``torch_mp.init_mesh(pp=, dp=, tp=)`` mesh::
+
+        torch_mp.tensor_parallel(model, group=mesh["tp"])
+        torch_mp.pipeline(model, group=mesh["pp"], data_parallel=mesh["dp"], chunks=4)
+
+    Each rank keeps its stages' shards; the layers of other ranks' stages run as meta stand-ins, whose
+    tensor-parallel collectives run on meta tensors (no communication); this rank's stages run theirs
+    over its tensor-parallel group. ``pipeline`` before ``tensor_parallel`` is refused (ValueError
+    naming this order). Before anything else runs, the options are compared over the
+    tensor-parallel and data-parallel groups (one small all-gather each): ranks that disagree
+    (``chunks``, ``schedule``, ``balance`` ...) raise ValueError naming the option and the ranks.
 
     The schedule is computed on every rank and checked (every message has its receiver, no
     deadlock) and the ranks compare their options and batch shapes before each step, so a mismatch
@@ -522,6 +581,7 @@ def pipeline(
         raise TypeError(f"pipeline: expected module to be a torch.nn.Module, got {type(module).__name__}")
     check_not_parallelized(module, "pipeline")
     info = resolve_group(group, "pipeline(group=...)")
+    dim_name = _dim_name(group, "group")
     group = process_group_of(group)
     if schedule not in SCHEDULES:
         raise ValueError(f"pipeline: schedule = {schedule!r}; expected one of {list(SCHEDULES)}")
@@ -541,6 +601,19 @@ def pipeline(
                          f"stages ({info.size} ranks x {stages_per_rank}); expected one layer count per stage")
 
     layer_names = check_layers(module, layers) if layers is not None else find_layers(module)
+    if len(layer_names) < num_stages and (isinstance(balance, str) or not isinstance(balance, Sequence)):
+        raise ValueError(f"pipeline: {dim_name} = {info.size} ranks x {stages_per_rank} stage(s) "
+                         f"per rank = {num_stages} stages but {type(module).__name__} has {len(layer_names)} layers "
+                         f"to cut; expected at most {len(layer_names) // stages_per_rank} pipeline ranks (a stage "
+                         "holds one layer or more)")
+    inner = state_of(module)
+    replicas = _check_replica_group(data_parallel, group, inner)
+    _check_same_options([("schedule", SCHEDULES.index(schedule)), ("chunks", chunks),
+                         ("stages_per_rank", stages_per_rank), ("checkpoint", CHECKPOINTS.index(checkpoint)),
+                         ("batch_dim", batch_dim), ("balance", zlib.crc32(repr(balance).encode())),
+                         ("pipeline ranks", info.size), ("layers", zlib.crc32(repr(layer_names).encode())),
+                         ("data_parallel size", replicas)],
+                        ([inner.group] if inner is not None else []) + ([data_parallel] if replicas > 1 else []))
     costs = layer_costs(module, layer_names, sample, group, device) if balance == "time" else None
     _, stage_of = balanced_device_map(module, layer_names, [device] * num_stages, balance,
                                        [UNLIMITED] * num_stages, costs)
@@ -548,13 +621,61 @@ def pipeline(
     pipe = DistributedPipe(module, stage_of, num_stages, chunks, schedule, checkpoint, batch_dim, chunk_spec, output_merge,
                            group=group,
                            stages_per_rank=stages_per_rank, device=device,
-                           timeout=datetime.timedelta(seconds=_timeout_of(info, device) if timeout is None else timeout))
+                           timeout=datetime.timedelta(seconds=_timeout_of(info, device) if timeout is None else timeout),
+                           data_parallel=process_group_of(data_parallel) if replicas > 1 else None)
     pipe.ranks_using, pipe.tracked = _ranks_using(module, stage_of, layer_names, stage_ranks)
-    pipe.used = set() if info.size > 1 and pipe.tracked else None
+    # Each rank's share is found at the first call, whose tie groups every rank of the world makes
+    # together: over a mesh's pipeline group (the other groups' first calls run meanwhile) the
+    # tensors outside the layers stay on every stage's rank.
+    whole_world = info.size == (dist.get_world_size() if dist.is_initialized() else 1)
+    pipe.used = set() if info.size > 1 and pipe.tracked and whole_world else None
     pipe.ties = _keep_local_tensors(module, pipe.ranks_using, pipe, device)
-    attach(module, ParallelState(PIPELINE, group=group, stage_of=stage_of, pipe=pipe), "pipeline")
+    attach(module, ParallelState(PIPELINE, group=group, stage_of=stage_of, pipe=pipe, data_parallel=pipe.data_parallel),
+           "pipeline")
     install_pipe(module, pipe)
     return module
+
+
+def _dim_name(group: GroupLike, default: str) -> str:
+    """A mesh dim's name (``"pp"``), else ``default``: what errors call the group."""
+    names = getattr(group, "mesh_dim_names", None) if isinstance(group, dist.device_mesh.DeviceMesh) else None
+    return names[0] if names else default
+
+
+def _check_replica_group(data_parallel: GroupLike, group, inner) -> int:
+    """The size of the replicas' group (1 without one). Raises ValueError when it shares a rank other
+    than this one with the pipeline's ``group`` or the tensor-parallel group under it (mesh["pp"]
+    passed as data_parallel): the replicas must hold the same stages and shards."""
+    if data_parallel is None:
+        return 1
+    replicas = resolve_group(data_parallel, "pipeline(data_parallel=...)")
+    if replicas.size == 1:
+        return 1
+    mine = set(dist.get_process_group_ranks(process_group_of(data_parallel)))
+    others = [("group", group)] + ([("the tensor-parallel group", inner.group)] if inner is not None else [])
+    for what, other in others:
+        shared = mine & set(dist.get_process_group_ranks(process_group_of(other) or dist.group.WORLD))
+        if shared != {dist.get_rank()}:
+            raise ValueError(f"pipeline: data_parallel = {_dim_name(data_parallel, 'a group')} of ranks {sorted(mine)} "
+                             f"shares ranks {sorted(shared - {dist.get_rank()})} with {what}; expected the replicas' "
+                             "group, orthogonal to the pipeline and tensor-parallel groups (mesh['dp'])")
+    return replicas.size
+
+
+def _check_same_options(options: List[tuple], groups: List) -> None:
+    """Every rank of each of ``groups`` (a tensor-parallel and a data-parallel group) passes the
+    same options to ``pipeline``: one all-gather of them per group; a ValueError naming the options
+    and the ranks that differ, on every rank alike, before anything else runs."""
+    mine = torch.tensor([value for _, value in options], dtype=torch.int64)
+    for group in groups:
+        rows = all_gather_rows(mine, group, "torch_mp.pipeline (options check)").cpu()
+        ranks = dist.get_process_group_ranks(process_group_of(group) or dist.group.WORLD)
+        differ = [i for i in range(len(options)) if not bool((rows[:, i] == rows[0, i]).all())]
+        if differ:
+            by_rank = "; ".join(f"{options[i][0]}: {rows[:, i].tolist()}" for i in differ)
+            raise ValueError(f"pipeline: the ranks {ranks} of {_dim_name(group, 'a group')} pass different "
+                             f"{', '.join(options[i][0] for i in differ)} (by rank: {by_rank}); expected the same "
+                             "options on every rank of the mesh")
 
 
 def _derived_only(module: nn.Module, name: str) -> bool:
@@ -643,7 +764,11 @@ def _keep_local_tensors(module: nn.Module, ranks_using: Dict[int, set], pipe: Di
     for ranks in sorted(tied):  # every rank creates every group, in the same order
         if ranks not in pipe.tie_groups:
             global_ranks = [dist.get_global_rank(pipe.group, r) if pipe.group is not None else r for r in ranks]
-            pipe.tie_groups[ranks] = dist.new_group(global_ranks)
+            # Over a mesh only the members take part (local synchronization): a pipeline group of a
+            # mesh runs beside the other pipeline groups, whose ranks create their own tie groups
+            # meanwhile. (Over the whole world every rank makes every group.)
+            pipe.tie_groups[ranks] = dist.new_group(
+                global_ranks, use_local_synchronization=pipe.world < dist.get_world_size())
         if pipe.rank in ranks:
             ties.append(([param for _, param in sorted(tied[ranks], key=lambda item: item[0])], pipe.tie_groups[ranks]))
     return ties
@@ -656,10 +781,15 @@ def _move_parameter(param: nn.Parameter, device: torch.device) -> None:
     if param.device == device:
         return
     with torch.no_grad():
-        moved = nn.Parameter(param.to(device), param.requires_grad)
+        # A DTensor (tensor parallel's) moves its local tensor, keeping its mesh and placements.
+        moved = nn.Parameter(like(param, local_tensor(param).to(device)), param.requires_grad)
         if param.grad is not None and device.type != "meta":
-            moved.grad = param.grad.to(device)
+            moved.grad = like(param, local_tensor(param.grad).to(device))
     hooks = param._backward_hooks, getattr(param, "_post_accumulate_grad_hooks", None)
+    if weakref.getweakrefcount(param):
+        # swap_tensors refuses a tensor with weak references; those of dead reference cycles (the
+        # fake-tensor conversion of tensor_parallel's dry run) go with a collection.
+        gc.collect()
     torch.utils.swap_tensors(param, moved)
     # The hook dicts stay on the Python object; setting them again registers them with the moved tensor.
     param._backward_hooks, param._post_accumulate_grad_hooks = hooks

@@ -173,6 +173,8 @@ def _tensor_parallel_forward(self, hidden_states: torch.Tensor, top_k_index: tor
     """Each rank's slice of every expert on every token: partial outputs, summed by one all-reduce.
     The replicated inputs enter through copy_to_tp, whose backward sums the ranks' partial gradients
     (the router's gradient through ``top_k_weights`` included)."""
+    if hidden_states.is_meta:  # a pipeline's stand-in of another rank's stage: shapes only, no collective
+        return _shape_only_forward(hidden_states, top_k_index, top_k_weights)
     info: GroupInfo = self.torch_mp_group
     ops = torch.ops.torch_mp
     partial = self._stock_forward(ops.copy_to_tp(hidden_states, info.name, info.size), top_k_index,
@@ -185,6 +187,8 @@ def _expert_parallel_forward(self, hidden_states: torch.Tensor, top_k_index: tor
     """hidden_states ``[tokens, hidden]``, top_k_index and top_k_weights ``[tokens, k]``, replicated;
     returns ``[tokens, hidden]``, replicated. Every rank knows every token's experts, so each computes
     the all-to-all's split sizes for every rank without exchanging them."""
+    if hidden_states.is_meta:  # a pipeline's stand-in of another rank's stage: shapes only, no collective
+        return _shape_only_forward(hidden_states, top_k_index, top_k_weights)
     info: GroupInfo = self.torch_mp_group
     ops = torch.ops.torch_mp
     tokens, k = top_k_index.shape

@@ -36,9 +36,10 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, Replicate
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from torch_mp._tensor_parallel import moe
+from torch_mp._tensor_parallel import dtensor, moe
 from torch_mp._tensor_parallel.dropout import DenseDropoutRegion
 from torch_mp._group import GroupInfo, GroupLike, all_gather_rows, resolve_group
 from torch_mp._hooks import linear_hook
@@ -158,6 +159,7 @@ def tensor_parallel(module: nn.Module, plan: Union[str, Plan] = "auto", group: G
     # The experts' shards, checked here (before any collective), applied after the dry run.
     expert_specs = {f"{name}.{key}" if name else key: spec for name in moe_blocks
                     for key, spec in moe.expert_specs(module.get_submodule(name), info.size, name=name)[1].items()}
+    kept_early = _keep_undescribable_whole(specs, info.size, explicit=not isinstance(plan, str))
     _check_same_plan_on_every_rank({**specs, **expert_specs}, group, info.size)
 
     saved = _Saved(module, specs)
@@ -173,7 +175,7 @@ def tensor_parallel(module: nn.Module, plan: Union[str, Plan] = "auto", group: G
     _divide_sharded_attributes(module, specs, info.size, kv_replicas)
     # The same plan on every rank fails the same way on each: what it keeps whole is the same too.
     with moe.shape_only(module, moe_blocks):
-        kept_whole = _dry_run(module, specs, saved, explicit=not isinstance(plan, str))
+        kept_whole = {**kept_early, **_dry_run(module, specs, saved, explicit=not isinstance(plan, str))}
     grad_sums = [name for name in grad_sums if not any(_within(name, owner) for owner in kept_whole)]
     # Mixture-of-experts blocks: experts whole per rank or cut within each (torch_mp._moe), keyed by
     # parameter name; after the dry run, whose fake tensors have no counts to route tokens by.
@@ -196,6 +198,7 @@ def tensor_parallel(module: nn.Module, plan: Union[str, Plan] = "auto", group: G
     styles.update({name: SEQUENCE_PARALLEL for name in sequence_blocks})
     replicated = [name for name, child in module.named_modules()
                   if _is_shardable(child) and not any(inside(name, s) for s in specs)]
+    _distribute_parameters(module, specs, group, info)
     _mark_replaced(dense_parameters, module)
     attach(module, ParallelState(TENSOR_PARALLEL, group=group, specs=specs, plan=styles, replicated=replicated,
                                  kept_whole=kept_whole), "tensor_parallel")
@@ -393,31 +396,109 @@ def _check_same_plan_on_every_rank(specs: Dict[str, ShardSpec], group: GroupLike
                          "same model and plan on every rank")
 
 
+def _keep_undescribable_whole(specs: Dict[str, ShardSpec], world: int, explicit: bool) -> Dict[str, str]:
+    """Every sharded weight becomes a DTensor whose placements must count each dense element once
+    (else torch's clip_grad_norm_ would be silently wrong). A layout DTensor cannot describe (key/value
+    heads kept whole by some ranks but not all: Falcon's multi-query q|k|v, fewer KV heads than ranks
+    that do not equal one per rank) keeps the module holding it whole (its specs dropped) under
+    ``plan="auto"``; under a plan given as a dict it is a ValueError naming it. Before any collective.
+    Returns {kept module: why}."""
+    kept: Dict[str, str] = {}
+    for name, spec in list(specs.items()):
+        if world == 1 or name not in specs or dtensor.placements(spec, world) is not None:
+            continue
+        what = (f"sharded query heads next to key/value heads several ranks hold whole (ranks per part "
+                f"{spec.replicas})" if spec.replicas is not None else f"parts of unequal sizes {spec.parts}")
+        why = (f"{name!r} ({_style_name(spec)}) would hold {what} on {world} ranks, which no DTensor placement "
+               "describes (its gradient norm would count them wrong)")
+        if explicit:
+            raise ValueError(f"tensor_parallel: {why}; expected plan={{{name!r}: 'replicate'}} (and the layers of "
+                             "its attention), or a group size equal to or dividing the key/value heads")
+        owner = name.rpartition(".")[0]
+        kept[owner] = why
+        logger.warning("tensor_parallel: %s; %r stays whole (replicated)", why, owner)
+        for inner in [inner for inner in specs if _within(inner, owner)]:
+            del specs[inner]
+    return kept
+
+
+def _distribute_parameters(module: nn.Module, specs: Dict[str, ShardSpec], group: GroupLike,
+                           info: GroupInfo) -> None:
+    """Makes every parameter of ``module`` an ``nn.Parameter(DTensor)`` on the group's mesh: the
+    sharded ones with the placements of their specs (keyed by module or parameter name), the others
+    ``Replicate()``; stock modules holding them compute on local views (``dtensor.LocalViews``).
+    Tied parameters stay one. Nothing without torch.distributed."""
+    mesh = dtensor.device_mesh(group)
+    if mesh is None:
+        return
+    dtensor.refuse_dtensor_broadcast()
+    where: Dict[Tuple[str, str], List] = {}
+    for name, spec in specs.items():
+        owner_name, _, leaf = name.rpartition(".")
+        if leaf in module.get_submodule(owner_name)._parameters and name not in dict(module.named_modules()):
+            where[(owner_name, leaf)] = dtensor.placements(spec, info.size)
+            continue
+        where[(name, spec.weight_name)] = dtensor.placements(spec, info.size)
+        if spec.shards_bias():
+            where[(name, spec.bias_name)] = dtensor.placements(spec, info.size, dim=0)
+    made: Dict[int, nn.Parameter] = {}
+    for owner_name, owner in module.named_modules():
+        distributed = False
+        for leaf, param in list(owner._parameters.items()):
+            if param is None:
+                continue
+            if isinstance(param, DTensor):
+                distributed = True
+                continue
+            if id(param) not in made:
+                placements = where.get((owner_name, leaf)) or [Replicate()]
+                made[id(param)] = dtensor.distribute_parameter(
+                    param, mesh, placements, dtensor.global_shape(param.shape, placements, info.size))
+            owner._parameters[leaf] = made[id(param)]
+            distributed = True
+        if distributed and not isinstance(owner, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)):
+            dtensor.add_local_views(owner)
+
+
 _REPLACED = "_torch_mp_replaced"
 _STEP_HOOK = None
+# Optimizers whose update reads whole tensors in ways DTensor has no rules for: Adafactor (torch's and
+# transformers') factors the second moment into row and column statistics and scales by the update's
+# RMS (on DTensor parameters torch's fails in an in-place pow of a partial norm, transformers' on its
+# plain statistics next to DTensor gradients; per shard, as before DTensors, they were each rank's own).
+_FACTORED = ("Adafactor",)
 
 
 def _mark_replaced(dense: List[nn.Parameter], module: nn.Module) -> None:
     """Marks the parameters ``tensor_parallel`` replaced by their shards: an optimizer built on them
     before would step tensors the model no longer reads (and no gradient reaches), so its next step
-    raises (``_refuse_replaced_parameters``, a global optimizer step pre-hook registered once)."""
+    raises, as does a factored one (Adafactor) holding DTensor parameters, which it cannot step to
+    the dense numbers (``_check_optimizer``, a global optimizer step pre-hook registered once)."""
     global _STEP_HOOK
     kept = {id(p) for p in module.parameters()}
     for param in dense:
         if id(param) not in kept:
             setattr(param, _REPLACED, True)
     if _STEP_HOOK is None:
-        _STEP_HOOK = register_optimizer_step_pre_hook(_refuse_replaced_parameters)
+        _STEP_HOOK = register_optimizer_step_pre_hook(_check_optimizer)
 
 
-def _refuse_replaced_parameters(optimizer: torch.optim.Optimizer, *_) -> None:
+def _check_optimizer(optimizer: torch.optim.Optimizer, *_) -> None:
+    name = type(optimizer).__name__
     for group in optimizer.param_groups:
         for param in group["params"]:
             if getattr(param, _REPLACED, False):
-                raise ValueError(f"{type(optimizer).__name__}.step: the optimizer holds a parameter of shape "
-                                 f"{tuple(param.shape)} that torch_mp.tensor_parallel replaced by its shard (the "
-                                 "model no longer reads it: the step would change nothing); expected an optimizer "
-                                 "built after tensor_parallel(model), on model.parameters()")
+                raise ValueError(f"{name}.step: the optimizer holds a parameter of shape "
+                                 f"{tuple(param.shape)} that torch_mp.tensor_parallel replaced by its DTensor shard "
+                                 "(the model no longer reads it: the step would change nothing); expected an "
+                                 "optimizer built after tensor_parallel(model), on model.parameters()")
+            if name in _FACTORED and isinstance(param, DTensor):
+                raise ValueError(f"{name}.step: optimizer = {name}, whose update factors each parameter's second "
+                                 "moment into row and column statistics of the whole tensor, holds the DTensor "
+                                 f"parameter of shape {tuple(param.shape)} (placements {param.placements}; "
+                                 "torch_mp.tensor_parallel's or FSDP2's), whose statistics it cannot compute as "
+                                 "the dense model does; expected an elementwise optimizer (SGD, Adam, AdamW, RMSprop, "
+                                 "Adagrad, ...)")
 
 
 # --- swapping ----------------------------------------------------------------------------------
@@ -532,6 +613,8 @@ class _InstallGradientHooks:
     def __call__(self, module: nn.Module, *_) -> None:
         for name, hook in self.hooks.items():
             parameter = _parameter_or_none(module, name)
+            if parameter is not None:
+                parameter = dtensor.autograd_leaf(parameter)  # after local_parameters: the plain leaf DDP holds
             if parameter is not None and parameter.requires_grad and not any(p is parameter for p in self.hooked):
                 parameter.register_hook(hook)
                 self.hooked.append(parameter)
@@ -554,6 +637,9 @@ class _SumReplicated:
         self.local_parts, self.replicas, self.info = spec.local_parts(info.size), spec.replicas, info
 
     def __call__(self, grad: torch.Tensor) -> torch.Tensor:
+        return dtensor.rewrap(grad, self.sum)
+
+    def sum(self, grad: torch.Tensor) -> torch.Tensor:
         info = self.info
         pieces = list(grad.split(self.local_parts, 0))
         for i, replicas in enumerate(self.replicas):
@@ -866,6 +952,9 @@ class _SumOverRanks:
         self.info = info
 
     def __call__(self, grad: torch.Tensor) -> torch.Tensor:
+        return dtensor.rewrap(grad, self.sum)
+
+    def sum(self, grad: torch.Tensor) -> torch.Tensor:
         return torch.ops.torch_mp._all_reduce(grad, "sum", self.info.name, self.info.size)
 
 
@@ -913,7 +1002,7 @@ class _GatherAndMultiply:
         if not readers or torch.is_autocast_enabled(t.device.type):
             return torch.ops.torch_mp.gather_from_sp(t, SEQUENCE_DIM, info.name, info.size)
         gathered, products = torch.ops.torch_mp.all_gather_matmul(
-            t, [c.weight for c in readers], SEQUENCE_DIM, readers[0]._chunks_for(t.shape[SEQUENCE_DIM]), info.name,
+            t, [dtensor.local(c.weight) for c in readers], SEQUENCE_DIM, readers[0]._chunks_for(t.shape[SEQUENCE_DIM]), info.name,
             info.size)
         for column, product in zip(readers, products):
             column.gathered_product = (gathered, product)

@@ -6,7 +6,9 @@ from torch import nn
 
 from torch_mp._group import GroupLike, resolve_group
 from torch_mp._checks import check_arg
+from torch_mp._tensor_parallel.dtensor import device_mesh, distribute_parameter, global_shape, local
 from torch_mp._tensor_parallel.sharding import shard
+from torch.distributed.tensor import Replicate, Shard
 
 
 def _check_size(layer: str, what: str, value) -> None:
@@ -49,6 +51,18 @@ class _TensorParallel(nn.Module):
         info = resolve_group(group, f"{type(self).__name__}(group=...)")
         # Plain attributes, so the forward hands the operators constants (nothing for compile to trace).
         self.group_name, self.group_size, self.rank = info.name, info.size, info.rank
+
+    def _distribute(self, group: GroupLike, where) -> None:
+        """Makes the parameters named in ``where`` ({name: placements}) DTensors on the group's mesh
+        (see torch_mp._tensor_parallel.dtensor); nothing without torch.distributed."""
+        mesh = device_mesh(group)
+        if mesh is None:
+            return
+        for name, placements in where.items():
+            param = self._parameters.get(name)
+            if param is not None:
+                self._parameters[name] = distribute_parameter(
+                    param, mesh, placements, global_shape(param.shape, placements, self.group_size))
 
 
 class _SharedInputCopy:
@@ -167,6 +181,7 @@ class ColumnParallelLinear(_TensorParallel):
         self.weight = nn.Parameter(torch.empty(local, in_features, **factory))
         self.bias = nn.Parameter(torch.empty(local, **factory)) if bias else None
         _init_linear(self.weight, self.bias, in_features)
+        self._distribute(group, {"weight": [Shard(0)], "bias": [Shard(0)]})
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, group: GroupLike = None, gather_output: bool = False):
@@ -180,27 +195,29 @@ class ColumnParallelLinear(_TensorParallel):
         layer.weight = nn.Parameter(shard(linear.weight.detach(), 0, parts, rank, world))
         if linear.bias is not None:
             layer.bias = nn.Parameter(shard(linear.bias.detach(), 0, parts, rank, world))
+        layer._distribute(group, {"weight": [Shard(0)], "bias": [Shard(0)]})
         return layer
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        weight, bias = local(self.weight), None if self.bias is None else local(self.bias)
         if self.sequence_dim is not None:
             # The input was all-gathered along the sequence; that gather's backward (a reduce-scatter)
             # sums the input gradient's partial products across ranks.
             product, self.gathered_product = self.gathered_product, None
             if product is not None and product[0] is input:
-                return product[1] if self.bias is None else product[1] + self.bias
-            return torch.nn.functional.linear(input, self.weight, self.bias)
+                return product[1] if bias is None else product[1] + bias
+            return torch.nn.functional.linear(input, weight, bias)
         copied = input if self.input_is_copied else None
         if self.shared_input_copy is not None:
             copied = self.shared_input_copy(self, input)
         if copied is not None:
             # copy_to_tp's backward all-reduces the input gradient: a local matmul here.
-            output = torch.nn.functional.linear(copied, self.weight, self.bias)
+            output = torch.nn.functional.linear(copied, weight, bias)
             if self.gather_output:
                 output = torch.ops.torch_mp.gather_from_tp(output, -1, self.group_name, self.group_size)
             return output
         return torch.ops.torch_mp.column_parallel_linear(
-            input, self.weight, self.bias, self.gather_output, self.group_name, self.group_size)
+            input, weight, bias, self.gather_output, self.group_name, self.group_size)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -234,6 +251,7 @@ class RowParallelLinear(_TensorParallel):
         self.weight = nn.Parameter(torch.empty(out_features, local, **factory))
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
         _init_linear(self.weight, self.bias, in_features)
+        self._distribute(group, {"weight": [Shard(1)], "bias": [Replicate()]})
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, group: GroupLike = None, input_is_parallel: bool = True):
@@ -247,9 +265,11 @@ class RowParallelLinear(_TensorParallel):
                                           layer.group_size))
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().clone())
+        layer._distribute(group, {"weight": [Shard(1)], "bias": [Replicate()]})
         return layer
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        weight, bias = local(self.weight), None if self.bias is None else local(self.bias)
         if self.sequence_dim is not None:
             # The output leaves sharded along the sequence: reduce-scatter instead of all-reduce.
             if not self.input_is_parallel:
@@ -257,14 +277,14 @@ class RowParallelLinear(_TensorParallel):
             if self.async_tp_chunks is not None:
                 rows = input.shape[self.sequence_dim] // self.group_size
                 output = torch.ops.torch_mp.matmul_reduce_scatter(
-                    input, self.weight, self.sequence_dim, self._chunks_for(rows), self.group_name, self.group_size)
+                    input, weight, self.sequence_dim, self._chunks_for(rows), self.group_name, self.group_size)
             else:
-                partial = torch.nn.functional.linear(input, self.weight)
+                partial = torch.nn.functional.linear(input, weight)
                 output = torch.ops.torch_mp.reduce_scatter_to_sp(partial, self.sequence_dim, self.group_name,
                                                                  self.group_size)
-            return output if self.bias is None else output + self.bias
+            return output if bias is None else output + bias
         return torch.ops.torch_mp.row_parallel_linear(
-            input, self.weight, self.bias, self.input_is_parallel, self.group_name, self.group_size)
+            input, weight, bias, self.input_is_parallel, self.group_name, self.group_size)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -295,6 +315,7 @@ class VocabParallelEmbedding(_TensorParallel):
         self.vocab_start = self.rank * local
         self.weight = nn.Parameter(torch.empty(local, embedding_dim, device=device, dtype=dtype))
         nn.init.normal_(self.weight)
+        self._distribute(group, {"weight": [Shard(0)]})
 
     @classmethod
     def from_dense(cls, embedding: nn.Embedding, group: GroupLike = None):
@@ -306,11 +327,12 @@ class VocabParallelEmbedding(_TensorParallel):
                     dtype=embedding.weight.dtype)
         layer.weight = nn.Parameter(shard(embedding.weight.detach(), 0, (embedding.num_embeddings,), layer.rank,
                                           layer.group_size))
+        layer._distribute(group, {"weight": [Shard(0)]})
         return layer
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return torch.ops.torch_mp.vocab_parallel_embedding(
-            input, self.weight, self.vocab_start, self.group_name, self.group_size)
+            input, local(self.weight), self.vocab_start, self.group_name, self.group_size)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, group_size={self.group_size}"

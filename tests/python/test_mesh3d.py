@@ -1,0 +1,256 @@
+"""Pipeline x tensor x data parallel in one mesh (``init_mesh(pp=, dp=, tp=)``; ``tensor_parallel``
+on mesh["tp"], then ``pipeline`` on mesh["pp"] with ``data_parallel=mesh["dp"]``) against the dense
+model: the loss, every gradient gathered with ``full_state_dict``, ``torch_mp.clip_grad_norm_``, an
+AdamW step, ``torch_mp.GradScaler``'s decision, and checkpoints across layouts. Tiny transformers
+Llama and Mixtral with random weights, on 4 Gloo ranks (pp 2 x tp 2) and 8 (pp 2 x tp 2 x dp 2).
+
+The 8-rank runs and the less common combinations are marked ``mesh3d_full`` (``make test-mesh3d``
+runs them; ``make test`` the rest)."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+
+import torch_mp
+from distributed import run_ranks
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 64
+FULL = pytest.mark.mesh3d_full
+
+
+def randomized(model, seed):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.1 * torch.randn(param.shape))
+    return model
+
+
+def llama(seed=0, layers=4, heads=4, kv_heads=2):
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(num_hidden_layers=layers, hidden_size=8 * heads, intermediate_size=64,
+                                      num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=VOCAB,
+                                      max_position_embeddings=32, bos_token_id=0, eos_token_id=1, pad_token_id=0,
+                                      use_cache=False)
+    return randomized(transformers.LlamaForCausalLM(config), seed + 100)
+
+
+def mixtral(seed=0):
+    torch.manual_seed(seed)
+    config = transformers.MixtralConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=32,
+        use_cache=False, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    model = randomized(transformers.MixtralForCausalLM(config), seed + 100)
+    with torch.no_grad():  # experts and routers far from ties: every expert's output matters
+        for name, param in model.named_parameters():
+            if param.dim() == 3:
+                param.normal_(0, 0.2)
+            elif name.endswith("gate.weight"):
+                param.normal_(0, 0.5)
+    return model
+
+
+def loss_fn(output, ids):
+    return F.cross_entropy(output.logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+
+
+def batch(rows, seed=0):
+    return torch.randint(0, VOCAB, (rows, 8), generator=torch.Generator().manual_seed(seed))
+
+
+def parallelized(make, mesh, schedule="1f1b", sequence_parallel=False, chunks=2):
+    """torchtitan's order: tensor parallel over mesh["tp"], then the pipeline over mesh["pp"] with
+    its replicas over mesh["dp"]."""
+    model = torch_mp.tensor_parallel(make(), group=mesh["tp"], sequence_parallel=sequence_parallel)
+    return torch_mp.pipeline(model, group=mesh["pp"], data_parallel=mesh["dp"], chunks=chunks, schedule=schedule)
+
+
+def adamw(model, eps=1e-8):
+    return torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1, eps=eps)
+
+
+def check_matches_dense(rank, world, pp, dp, tp, make, schedule, sequence_parallel):
+    mesh = torch_mp.init_mesh(pp=pp, dp=dp, tp=tp)
+    dense = make()
+    model = parallelized(make, mesh, schedule, sequence_parallel)
+    rows = 4
+    ids = batch(rows * dp)
+    replica = mesh["dp"].get_local_rank()
+    mine = ids[rows * replica:rows * (replica + 1)]
+
+    loss = model.train_step(input_ids=mine, target=mine, loss_fn=loss_fn)
+    expected = loss_fn(dense(input_ids=ids), ids)
+    expected.backward()
+    torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-6)
+
+    # Every gradient, gathered as the dense model's state_dict: this rank's stages' shards hold theirs.
+    with torch.no_grad():
+        for param in [p for p in model.parameters() if not p.is_meta]:
+            param.copy_(param.grad)
+    gathered = torch_mp.full_state_dict(model)
+    for name, param in dense.named_parameters():
+        torch.testing.assert_close(gathered[name], param.grad, rtol=1e-4, atol=1e-6)
+    # Back to the weights (the gradients stay in .grad): the dense ones, sharded as before.
+    torch_mp.load_full_state_dict(model, dense.state_dict())
+
+    # The dense norm over the whole mesh (each element once), the dense clipping and AdamW step.
+    norm = torch_mp.clip_grad_norm_(model, max_norm=0.5)
+    dense_norm = torch.nn.utils.clip_grad_norm_(dense.parameters(), max_norm=0.5)
+    torch.testing.assert_close(norm, dense_norm, rtol=1e-5, atol=1e-6)
+    assert norm > 0.5  # the clip changed the step
+    # Adam's first step moves each element by lr * g / (|g| + eps): with eps 1e-8, where g is ~1e-7
+    # the float rounding of g (summed in another order across ranks) shows at 1e-4 of the weight;
+    # eps 1e-4 keeps the step a smooth function of g.
+    adamw(model, eps=1e-4).step()
+    adamw(dense, eps=1e-4).step()
+    stepped = torch_mp.full_state_dict(model)
+    for name, value in dense.state_dict().items():
+        torch.testing.assert_close(stepped[name], value, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("schedule,sequence_parallel", [
+    ("1f1b", False), ("zbv", True),
+    pytest.param("1f1b", True, marks=FULL), pytest.param("zbv", False, marks=FULL)])
+def test_llama_pp2_tp2_matches_dense(schedule, sequence_parallel):
+    run_ranks(4, check_matches_dense, 2, 1, 2, llama, schedule, sequence_parallel, timeout=400)
+
+
+@FULL
+@pytest.mark.parametrize("schedule,sequence_parallel", [("1f1b", True), ("zbv", False)])
+def test_llama_pp2_tp2_dp2_matches_dense(schedule, sequence_parallel):
+    run_ranks(8, check_matches_dense, 2, 2, 2, llama, schedule, sequence_parallel, timeout=600)
+
+
+def test_mixtral_pp2_tp2_matches_dense():
+    """Experts inside each stage, parallel over the stage's tensor-parallel group (all_to_all)."""
+    run_ranks(4, check_matches_dense, 2, 1, 2, mixtral, "1f1b", False, timeout=400)
+
+
+def check_grad_scaler_decides_over_the_mesh(rank, world):
+    """An overflow in one rank's shard (rank 3: the last stage's second shard) makes every rank of
+    the mesh skip the step and back off its scale alike."""
+    mesh = torch_mp.init_mesh(pp=2, dp=1, tp=2)
+    model = parallelized(llama, mesh)
+    ids = batch(4)
+    scaler = torch_mp.GradScaler("cpu", init_scale=4.0, model=model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.train_step(input_ids=ids, target=ids, loss_fn=lambda output, ids: scaler.scale(loss_fn(output, ids)))
+    if rank == 3:  # in the local tensor: a DTensor's view(-1) would gather it, on this rank alone
+        grad = next(p for p in model.parameters() if p.grad is not None).grad
+        with torch.no_grad():
+            (grad.to_local() if isinstance(grad, DTensor) else grad).view(-1)[0] = float("inf")
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if not p.is_meta}
+    scaler.step(optimizer)
+    scaler.update()
+    assert scaler.get_scale() == 2.0
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters() if not p.is_meta)
+
+
+def test_grad_scaler_skips_on_every_rank_of_the_mesh():
+    run_ranks(4, check_grad_scaler_decides_over_the_mesh, timeout=300)
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+
+def steps(model, optimizer, ids, count, piped=True):
+    losses = []
+    for _ in range(count):
+        optimizer.zero_grad()
+        if piped:
+            losses.append(model.train_step(input_ids=ids, target=ids, loss_fn=loss_fn))
+        else:
+            loss = loss_fn(model(input_ids=ids), ids)
+            loss.backward()
+            losses.append(loss.detach())
+        optimizer.step()
+    return torch.stack(losses)
+
+
+def check_checkpoints_across_layouts(rank, world, folder):
+    """Saved at (pp 2, tp 2): loaded into the plain Llama, at (pp 1, tp 2) and at (pp 2, tp 1), each
+    then stepping as the dense model does; resumed at (pp 2, tp 2) bit-identical to the run that
+    went on without stopping."""
+    path = os.path.join(folder, "checkpoint")
+    ids = batch(4)
+    mesh = torch_mp.init_mesh(pp=2, dp=1, tp=2)
+    model = parallelized(llama, mesh)
+    optimizer = adamw(model)
+    steps(model, optimizer, ids, 1)
+    torch_mp.save(model, path, optimizer=optimizer)
+    went_on = steps(model, optimizer, ids, 2)
+
+    resumed = parallelized(lambda: llama(seed=7), mesh)
+    resumed_optimizer = adamw(resumed)
+    torch_mp.load(resumed, path, optimizer=resumed_optimizer)
+    assert torch.equal(steps(resumed, resumed_optimizer, ids, 2), went_on)
+
+    dense = llama(seed=7)
+    dense_optimizer = adamw(dense)
+    torch_mp.load(dense, path, optimizer=dense_optimizer)
+    expected = steps(dense, dense_optimizer, ids, 2, piped=False)
+    torch.testing.assert_close(went_on, expected, rtol=1e-5, atol=1e-6)
+
+    for pp, dp, tp in ((1, 2, 2), (2, 2, 1)):
+        mesh = torch_mp.init_mesh(pp=pp, dp=dp, tp=tp)
+        other = torch_mp.tensor_parallel(llama(seed=7), group=mesh["tp"])
+        if pp > 1:
+            torch_mp.pipeline(other, group=mesh["pp"], chunks=2)
+        other_optimizer = adamw(other)
+        torch_mp.load(other, path, optimizer=other_optimizer)
+        losses = steps(other, other_optimizer, ids, 2, piped=pp > 1)
+        torch.testing.assert_close(losses, expected, rtol=1e-5, atol=1e-6, msg=f"pp {pp} x tp {tp}")
+
+
+def test_checkpoints_across_layouts(tmp_path):
+    run_ranks(4, check_checkpoints_across_layouts, str(tmp_path), timeout=500)
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+def check_bad_input(rank, world):
+    with pytest.raises(ValueError, match=r"init_mesh: pp=2 x dp=1 x tp=3 = 6 ranks but the world has 4; expected "
+                                         r"pp \* dp \* tp == world size"):
+        torch_mp.init_mesh(pp=2, dp=1, tp=3)
+    with pytest.raises(ValueError, match=r"init_mesh: pp = 0; expected an int >= 1"):
+        torch_mp.init_mesh(pp=0, dp=2, tp=2)
+    mesh = torch_mp.init_mesh(pp=2, dp=1, tp=2)
+    assert mesh.mesh_dim_names == ("pp", "dp", "tp")
+    # Tensor parallel innermost (Megatron-Core's order): ranks differing by one share a TP group.
+    assert dist.get_process_group_ranks(mesh["tp"].get_group()) == [rank - rank % 2, rank - rank % 2 + 1]
+    assert dist.get_process_group_ranks(mesh["pp"].get_group()) == [rank % 2, rank % 2 + 2]
+    assert torch_mp.init_mesh(dp=2, tp=2).mesh_dim_names == ("dp", "tp")  # without pp: 2-D, as before
+
+    # The other order is refused, naming the one to use.
+    piped = torch_mp.pipeline(llama(), group=mesh["pp"])
+    with pytest.raises(ValueError, match=r"tensor_parallel: LlamaForCausalLM was already returned by "
+                                         r"torch_mp.pipeline; expected torch_mp.tensor_parallel first, then "
+                                         r"torch_mp.pipeline"):
+        torch_mp.tensor_parallel(piped, group=mesh["tp"])
+    # More pipeline ranks than layers.
+    deep = torch_mp.init_mesh(pp=4, dp=1, tp=1)
+    with pytest.raises(ValueError, match=r"pipeline: pp = 4 ranks x 1 stage\(s\) per rank = 4 stages but "
+                                         r"LlamaForCausalLM has 2 layers to cut; expected at most 2 pipeline ranks"):
+        torch_mp.pipeline(llama(layers=2), group=deep["pp"])
+    # A tensor-parallel size that does not divide the heads.
+    with pytest.raises(ValueError, match=r"tensor_parallel: .*=6, not divisible by the group size 4"):
+        torch_mp.tensor_parallel(llama(heads=6, kv_heads=6), group=torch_mp.init_mesh(pp=1, dp=1, tp=4)["tp"])
+    # Options that differ across a tensor-parallel group: refused before anything runs.
+    sharded = torch_mp.tensor_parallel(llama(), group=mesh["tp"])
+    with pytest.raises(ValueError, match=r"pipeline: the ranks \[\d, \d\] of tp pass different chunks \(by rank: "
+                                         r"chunks: \[2, 4\]\); expected the same options on every rank of the mesh"):
+        torch_mp.pipeline(sharded, group=mesh["pp"], chunks=2 if rank % 2 == 0 else 4)
+    # A data-parallel group that is not orthogonal to the pipeline's.
+    replicas = torch_mp.init_mesh(pp=2, dp=2, tp=1)
+    with pytest.raises(ValueError, match=r"pipeline: data_parallel = pp of ranks \[\d, \d\] shares ranks \[\d\] with "
+                                         r"group; expected the replicas' group"):
+        torch_mp.pipeline(llama(), group=replicas["pp"], data_parallel=replicas["pp"])
+
+
+def test_bad_input_is_a_clear_error_before_any_collective():
+    run_ranks(4, check_bad_input, timeout=300)
