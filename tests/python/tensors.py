@@ -11,4 +11,11 @@ def leaf(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def close(actual, expected, msg: str = "", rtol: float = RTOL, atol: float = ATOL) -> None:
+    """``actual`` within tolerance of ``expected``. A DTensor ``actual`` (a tensor-parallel
+    parameter or gradient) against a plain ``expected`` compares its local shard when ``expected``
+    has that shape (the tests' expected shards), else its full tensor (a collective)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(actual, DTensor) and not isinstance(expected, DTensor):
+        actual = actual.to_local() if actual.to_local().shape == expected.shape else actual.full_tensor()
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=msg)

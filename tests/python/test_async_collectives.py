@@ -164,7 +164,7 @@ def check_block(rank, world):
     with torch.no_grad():
         h.mul_(2)
     second = parallel.k(h)
-    close(second, F.linear(h, parallel.k.weight, parallel.k.bias))
+    close(second, F.linear(h, parallel.k.weight.to_local(), parallel.k.bias.to_local()))  # DTensor parameters
     (first.sum() + second.sum()).backward()
     close(h.grad, (dense.q.weight.sum(0) + dense.k.weight.sum(0)).expand(2, 5, dim))
 

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from torch.distributed.tensor import DTensor
 import torch.distributed as dist
 from torch.library import opcheck
 from torch.nn import functional as F
@@ -195,7 +196,8 @@ def check_models(rank, world):
             assert grads.keys() == plain_grads.keys()
             # Parameters left whole (norms, embeddings; their gradients summed over ranks where they
             # see this rank's tokens only) hold the dense model's gradients.
-            replicated = [key for key in grads if grads[key].shape == dense_grads[key].shape]
+            replicated = [key for key in grads if isinstance(grads[key], DTensor)
+                          and all(p.is_replicate() for p in grads[key].placements)]
             assert any(key.endswith(("norm.weight", "ln_1.weight")) for key in replicated), replicated
             for key in replicated:
                 close(grads[key], dense_grads[key], f"{name} {key} grad against dense", MODEL_RTOL, MODEL_ATOL)

@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.nn import functional as F
 
 import torch_mp
@@ -81,13 +82,18 @@ def dense_and_sharded_grads(dense_module, sharded_module, inputs, sharded_inputs
     return dense_out, sharded_out, dense_inputs, sharded_inputs
 
 
+def local(tensor):
+    """This rank's shard of a DTensor parameter or gradient (the layers' parameters are DTensors)."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 def check_linear_layers(rank, world):
     x = torch.randn(5, 7, world * 4)
     for bias in (True, False):
         for gather_output in (False, True):
             dense = nn.Linear(world * 4, world * 6, bias=bias)
             layer = ColumnParallelLinear.from_dense(dense, gather_output=gather_output)
-            assert layer.weight.shape == (6, world * 4)
+            assert local(layer.weight).shape == (6, world * 4)
             xd, xs = leaf(x), leaf(x)
             yd, ys = dense(xd), layer(xs)
             expected = yd if gather_output else shard(yd, -1, rank, world)
@@ -96,9 +102,9 @@ def check_linear_layers(rank, world):
             yd.backward(grad)
             ys.backward(grad if gather_output else shard(grad, -1, rank, world))
             close(xs.grad, xd.grad, "column input grad")
-            close(layer.weight.grad, shard(dense.weight.grad, 0, rank, world), "column weight grad")
+            close(local(layer.weight.grad), shard(dense.weight.grad, 0, rank, world), "column weight grad")
             if bias:
-                close(layer.bias.grad, shard(dense.bias.grad, 0, rank, world), "column bias grad")
+                close(local(layer.bias.grad), shard(dense.bias.grad, 0, rank, world), "column bias grad")
 
         for input_is_parallel in (True, False):
             dense = nn.Linear(world * 4, 9, bias=bias)
@@ -111,9 +117,9 @@ def check_linear_layers(rank, world):
             yd.backward(grad)
             ys.backward(grad)
             close(xs.grad, shard(xd.grad, -1, rank, world) if input_is_parallel else xd.grad, "row input grad")
-            close(layer.weight.grad, shard(dense.weight.grad, 1, rank, world), "row weight grad")
+            close(local(layer.weight.grad), shard(dense.weight.grad, 1, rank, world), "row weight grad")
             if bias:
-                close(layer.bias.grad, dense.bias.grad, "row bias grad: added once")
+                close(local(layer.bias.grad), dense.bias.grad, "row bias grad: added once")
 
 
 def check_embedding_and_cross_entropy(rank, world):
@@ -126,7 +132,7 @@ def check_embedding_and_cross_entropy(rank, world):
     grad = torch.randn_like(yd)
     yd.backward(grad)
     ys.backward(grad)
-    close(layer.weight.grad, shard(dense.weight.grad, 0, rank, world), "embedding weight grad")
+    close(local(layer.weight.grad), shard(dense.weight.grad, 0, rank, world), "embedding weight grad")
 
     logits = torch.randn(4, 6, vocab)
     target = torch.randint(0, vocab, (4, 6))

@@ -35,6 +35,12 @@ def check_dp_by_tp(rank, world):
     mesh = torch_mp.init_mesh(dp=2, tp=2)
     dense, ids = dense_gpt_and_batch()
     sharded = torch_mp.tensor_parallel(copy.deepcopy(dense), group=mesh["tp"])
+    # DDP on the DTensor parameters: a clear error when it is built (it was DTensor's
+    # NotImplementedError for c10d.broadcast_). (A model with plain buffers fails before, in
+    # DTensor's "got mixed torch.Tensor and DTensor" for the cat of DDP's broadcast bucket.)
+    with pytest.raises(ValueError, match=r"c10d.broadcast_ of DTensors .* expected DDP built inside "
+                                         r"torch_mp.local_parameters\(model\)"):
+        DistributedDataParallel(sharded, process_group=mesh["dp"].get_group())
     with torch_mp.local_parameters(sharded):  # DDP needs plain tensors
         model = DistributedDataParallel(sharded, process_group=mesh["dp"].get_group())
     assert_trains_like_dense(model, sharded, dense, ids, mesh["dp"].get_local_rank())

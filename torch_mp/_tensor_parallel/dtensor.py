@@ -189,8 +189,10 @@ def _refuse_broadcast(op_call, args, kwargs):
 
 def refuse_dtensor_broadcast() -> None:
     """Makes a broadcast of DTensors (which DTensor has no rule for: a NotImplementedError) a
-    ValueError naming ``local_parameters``: DDP built on a tensor-parallel model hits it first.
-    A custom op handler of DTensor's dispatcher, as torch's ``loss_parallel`` registers its own."""
+    ValueError naming ``local_parameters``: DDP built on a tensor-parallel model without plain
+    buffers hits it first (with them, the cat of its broadcast bucket raises DTensor's "got mixed
+    torch.Tensor and DTensor" before). A custom op handler of DTensor's dispatcher, as torch's
+    ``loss_parallel`` registers its own."""
     DTensor._op_dispatcher._custom_op_handlers.setdefault(torch.ops.c10d.broadcast_.default, _refuse_broadcast)
 
 
