@@ -373,7 +373,7 @@ def check_optimizer_before_tensor_parallel(rank, world, optimizer_class):
     model = torch_mp.tensor_parallel(model)
     output_of(model, batch("llama")).float().pow(2).mean().backward()
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    with pytest.raises(ValueError, match="replaced by its shard.*optimizer built after tensor_parallel"):
+    with pytest.raises(ValueError, match="replaced by its DTensor shard.*optimizer built after tensor_parallel"):
         early.step()
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]), name
