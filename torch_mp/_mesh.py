@@ -28,7 +28,8 @@ def init_mesh(dp: int = 1, tp: Optional[int] = None, device_type: Optional[str] 
 
         mesh = torch_mp.init_mesh(dp=2, tp=4)  # no pipeline: 2-D
         torch_mp.tensor_parallel(model, group=mesh["tp"])
-        model = DistributedDataParallel(model, process_group=mesh["dp"].get_group())
+        with torch_mp.local_parameters(model):
+            model = DistributedDataParallel(model, process_group=mesh["dp"].get_group())
         # or torch.distributed.fsdp.fully_shard(model, mesh=mesh["dp"])
 
     ``tp`` defaults to world size / (pp * dp); ``device_type`` to "cuda" under NCCL, else "cpu".

@@ -99,7 +99,8 @@ def tp_dp(out: Path, checkpoint) -> None:
     model = make_gpt2()
     torch_mp.tensor_parallel(model, group=mesh["tp"])
     sharded = model
-    model = DistributedDataParallel(model, process_group=mesh["dp"].get_group())
+    with torch_mp.local_parameters(model):  # DDP needs plain tensors; the DTensors are back after
+        model = DistributedDataParallel(model, process_group=mesh["dp"].get_group())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     first = 0
     if checkpoint and (Path(checkpoint) / "torch_mp_checkpoint.json").exists():
