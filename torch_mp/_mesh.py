@@ -20,7 +20,7 @@ def init_mesh(dp: int = 1, tp: Optional[int] = None, device_type: Optional[str] 
     share a tensor-parallel group (the fast links inside a node); then data parallel; pipeline
     stages outermost, as Megatron-Core orders them (rank = (pp_index * dp + dp_index) * tp +
     tp_index). With 8 ranks, ``pp=2, dp=2, tp=2``: TP groups {0,1} {2,3} {4,5} {6,7}, DP groups
-    {0,2} {1,3} {4,6} {5,7}, PP groups {0,4} {1,5} {2,6} {3,7}.
+    {0,2} {1,3} {4,6} {5,7}, PP groups {0,4} {1,5} {2,6} {3,7}. For example::
 
         mesh = torch_mp.init_mesh(pp=2, dp=2, tp=2)
         torch_mp.tensor_parallel(model, group=mesh["tp"])
