@@ -16,7 +16,7 @@ CPU_PY   := $(CPU_VENV)/bin/python
 # The venv's tools (ninja among them) come first for the CMake builds.
 export PATH := $(VENV)/bin:$(PATH)
 
-.PHONY: all venv cpu-venv sysdeps install demo docs test test-python test-cpp test-cpu-smoke test-multinode test-zoo test-mesh3d \
+.PHONY: all venv cpu-venv sysdeps install demo docs test test-python test-full test-cpp test-cpu-smoke test-multinode test-zoo test-mesh3d \
         gpu-check bench clean
 
 all: install
@@ -83,8 +83,13 @@ test:
 test-part/%: install
 	@$(MAKE) -o install $* || { echo $* >> build/test-failed; echo "make test: $* failed; going on"; }
 
+# The representative part of the Python tests (the slowest 20 named at the end).
 test-python: install
-	$(PY) -m pytest -q tests/python
+	$(PY) -m pytest -q --durations=20 tests/python
+
+# Every Python test: the representative part, the cases marked full, the whole zoo and the 8-rank mesh.
+test-full: install
+	$(PY) -m pytest -q --durations=50 tests/python -m ""
 
 # The whole model zoo (tensor_parallel and split against the dense models); `make test` runs the part
 # that covers every kind of failure. `tests/python/zoo_table.py` prints the README's table.

@@ -12,7 +12,18 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _worker(rank: int, world_size: int, folder: str, fn, args, group_timeout: float, survivors: bool) -> None:
+# Ranks are forked from a server that imported these once (multiprocessing's "forkserver"), instead of
+# each importing torch, torch_mp and transformers anew (3-6 s of CPU per rank): every rank is still a
+# fresh process, with the caller's environment (the server's is the one it started with).
+_PRELOAD = ["torch", "torch_mp", "transformers", "transformers.models.llama.modeling_llama",
+            "transformers.models.gpt2.modeling_gpt2", "transformers.models.mixtral.modeling_mixtral",
+            "models"]
+
+
+def _worker(rank: int, world_size: int, folder: str, fn, args, group_timeout: float, survivors: bool,
+            environ: dict) -> None:
+    os.environ.clear()
+    os.environ.update(environ)
     torch.manual_seed(1234)  # the same "dense" tensors on every rank
     torch.set_num_threads(1)
     store = dist.FileStore(os.path.join(folder, "store"), world_size)
@@ -37,8 +48,10 @@ def _worker(rank: int, world_size: int, folder: str, fn, args, group_timeout: fl
 
 
 def _run(world_size: int, fn, args, timeout: float, group_timeout: float, survivors: bool, folder: str):
-    context = mp.start_processes(_worker, args=(world_size, folder, fn, args, group_timeout, survivors),
-                                 nprocs=world_size, join=False, start_method="spawn")
+    mp.get_context("forkserver").set_forkserver_preload(_PRELOAD)
+    context = mp.start_processes(_worker, args=(world_size, folder, fn, args, group_timeout, survivors,
+                                                dict(os.environ)),
+                                 nprocs=world_size, join=False, start_method="forkserver")
     deadline = time.monotonic() + timeout
     try:
         if survivors:
