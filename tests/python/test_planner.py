@@ -28,7 +28,7 @@ def table(layers=4, forward=1e-3, backward=2e-3, param=1 << 20, activation=1 << 
         param_bytes=(param,) * layers, sharded_param_bytes=(param,) * layers,
         first_param_bytes=0, first_sharded_bytes=0, last_param_bytes=0, last_sharded_bytes=0,
         activation_bytes=(activation,) * layers, outside_activation_bytes=0, boundary_bytes=256,
-        alpha_s=1e-5, beta_s_per_byte=1e-10, tp_must_divide=(heads,))
+        alpha_s=1e-5, beta_s_per_byte=1e-10, tp_must_divide=(heads,), sequence_parallel=True)
     fields.update(changes)
     return CostTable(**fields)
 
@@ -196,11 +196,13 @@ def check_plan_matches_dense(rank, world, plans):
 
 
 def test_applied_plans_give_the_dense_loss_and_gradients():
-    """Two memory limits, two layouts (the roomy one data parallel, the tight one cutting the
-    model), each applied on 4 Gloo ranks with the whole batch passed on every rank."""
+    """Two memory limits, two layouts (the roomy one data parallel, the tight one below every
+    layout without a pipeline), each applied on 4 Gloo ranks with the whole batch passed on every
+    rank."""
     costs = llama_costs()
     roomy = torch_mp.plan(llama(), 4, "1GiB", 8, costs=costs)
-    tight = torch_mp.plan(llama(), 4, roomy.peak_bytes - 1, 8, costs=costs)
-    assert (roomy.pp, roomy.tp, roomy.dp) != (tight.pp, tight.tp, tight.dp)
-    assert tight.pp * tight.tp > 1
+    unpipelined = min(c.peak for c in (roomy.chosen,) + roomy.alternatives if c.layout.pp == 1)
+    tight = torch_mp.plan(llama(), 4, unpipelined - 1, 8, costs=costs)
+    assert (roomy.pp, roomy.tp, roomy.dp) == (1, 1, 4)
+    assert tight.pp > 1 and tight.tp > 1
     run_ranks(4, check_plan_matches_dense, [roomy, tight], timeout=400)

@@ -2,7 +2,7 @@
 on this device (or given). Every figure here is per sample row or per layer of the plain model; the
 arithmetic that turns them into a layout's cost is in ``model.py``."""
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
@@ -48,7 +48,11 @@ class CostTable:
     output per row (what a stage sends, what a tensor-parallel all-reduce carries). Collectives
     follow the alpha-beta model (Hockney 1994; ring all-reduce as in Thakur et al. 2005):
     ``alpha_s + beta_s_per_byte * bytes * 2 (n - 1) / n`` for an all-reduce over n ranks,
-    ``alpha_s + beta_s_per_byte * bytes`` for a send.
+    ``alpha_s + beta_s_per_byte * bytes`` for a send. ``tp_must_divide``: the counts tensor
+    parallelism must divide (heads, key-value heads, experts); ``all_reduces_per_layer``: a
+    transformer block's 2 (attention, MLP); ``experts``: per MoE layer (0: none);
+    ``sequence_parallel``: whether the layers take (batch, sequence, hidden) activations, which
+    sequence parallelism can cut along the sequence.
     """
     layers: Tuple[str, ...]
     forward: Tuple[Line, ...]
@@ -70,7 +74,7 @@ class CostTable:
     tp_must_divide: Tuple[int, ...] = ()
     all_reduces_per_layer: int = 2
     experts: int = 0
-    notes: Tuple[str, ...] = field(default=())
+    sequence_parallel: bool = False
 
     def all_reduce_s(self, nbytes: float, ranks: int) -> float:
         return 0.0 if ranks <= 1 else self.alpha_s + self.beta_s_per_byte * nbytes * 2 * (ranks - 1) / ranks
@@ -160,7 +164,8 @@ def _param_bytes(module: nn.Module, layer_names: List[str]):
 def _tp_constraints(module: nn.Module) -> Tuple[Tuple[int, ...], int, int]:
     """What tensor parallelism must divide (heads, key-value heads, experts or their width), the
     all-reduces per layer (attention and MLP: 2; a plain MLP block: 1) and the experts (0: none),
-    read from a transformers config when there is one, else from the widths of the linear layers."""
+    read from a transformers config when there is one (a transformer: sequence parallel applies),
+    else from the widths of the linear layers."""
     config = getattr(module, "config", None)
     if config is not None and getattr(config, "num_attention_heads", None):
         divide = [config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads]
@@ -239,4 +244,5 @@ def measure_costs(module: nn.Module, sample, group=None, layers: Optional[List[s
         last_param_bytes=last, last_sharded_bytes=last_sharded,
         activation_bytes=tuple(-(-s // rows) for s in saved), outside_activation_bytes=-(-outside_saved // rows),
         boundary_bytes=-(-boundary // rows), param_element_size=element, alpha_s=alpha, beta_s_per_byte=beta,
-        tp_must_divide=divide, all_reduces_per_layer=all_reduces, experts=experts)
+        tp_must_divide=divide, all_reduces_per_layer=all_reduces, experts=experts,
+        sequence_parallel=all_reduces == 2 and not experts)

@@ -29,7 +29,9 @@ class Candidate:
 
 
 def _size(nbytes: float) -> str:
-    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 / 10 else f"{nbytes / 2**20:.1f} MiB"
+    if nbytes >= 2**30 / 10:
+        return f"{nbytes / 2**30:.2f} GiB"
+    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 * 10 else f"{nbytes / 2**20:.3f} MiB"
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,7 @@ class Plan:
         c = self.chosen.layout
         lines = [f"torch_mp.plan: {self.world_size} ranks, {_size(self.device_memory)} each, batch {self.batch}",
                  f"chosen: pp {c.pp} x tp {c.tp} x dp {c.dp}" + (f" (ep {self.ep})" if self.costs.experts else "") +
-                 f", {c.schedule if c.pp > 1 else 'no pipeline'}, {c.chunks} micro-batches, checkpoint {c.checkpoint}, "
+                 f", {c.schedule if c.pp > 1 else 'no pipeline'}, {c.chunks} micro-batch{'es' if c.chunks > 1 else ''}, checkpoint {c.checkpoint}, "
                  f"sequence parallel {'on' if c.sequence_parallel else 'off'}, layers per stage {list(c.balance)}",
                  f"predicted: {self.step_s * 1e3:.1f} ms per step, peak {_size(self.peak_bytes)} per rank",
                  "",
@@ -143,7 +145,7 @@ def layouts(costs: CostTable, world_size: int, batch: int, schedules: Sequence[s
             for chunks in [m for m in _divisors(batch // dp) if m <= max_chunks]:
                 for schedule in (schedules if pp > 1 else ("1f1b",)):
                     for checkpoint in checkpoints:
-                        for sp in ((False, True) if tp > 1 and not costs.experts else (False,)):
+                        for sp in ((False, True) if tp > 1 and costs.sequence_parallel else (False,)):
                             found.append(Layout(pp, tp, dp, schedule, chunks, checkpoint, sp, balance, batch))
     return found
 
