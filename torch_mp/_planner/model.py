@@ -74,7 +74,8 @@ def in_flight(layout: Layout, stage: int) -> int:
 def peak_bytes(costs: CostTable, layout: Layout) -> List[int]:
     """Predicted peak bytes per pipeline stage (each rank of that stage's tensor-parallel and
     data-parallel groups holds the same): parameters, their gradients, AdamW's two fp32 states,
-    the flattened gradients the data-parallel all-reduce sends, and the activations in flight
+    the flattened gradients the data-parallel all-reduce sends and its result (two copies of the
+    gradients), and the activations in flight
     (with ``checkpoint="always"``: each micro-batch's stage input, and one micro-batch's saved
     tensors while it is recomputed)."""
     rows = layout.rows
@@ -83,7 +84,7 @@ def peak_bytes(costs: CostTable, layout: Layout) -> List[int]:
         first, last = stage == 0, stage == layout.pp - 1
         params = _params(costs, layers, first, last, layout.tp)
         state = params * 2 + params / costs.param_element_size * 8  # parameters, gradients, 2 x fp32
-        flat = params if layout.dp > 1 else 0
+        flat = 2 * params if layout.dp > 1 else 0  # the flattened gradients and the all-reduce's result
         held = in_flight(layout, stage)
         one = _activations(costs, layers, rows, layout)
         if last:
