@@ -53,6 +53,13 @@ class CostTable:
     transformer block's 2 (attention, MLP); ``experts``: per MoE layer (0: none);
     ``sequence_parallel``: whether the layers take (batch, sequence, hidden) activations, which
     sequence parallelism can cut along the sequence.
+
+    ``torch_mp.plan(..., sample=)`` measures one (``torch_mp._planner.costs.measure_costs``);
+    pass your own as ``plan(..., costs=)`` (``dataclasses.replace`` of a measured one, or made from
+    another device's figures) for a plan that is a pure function of it.
+
+    Raises TypeError for a missing field (a dataclass); ``dataclasses.FrozenInstanceError`` on
+    assigning one.
     """
     layers: Tuple[str, ...]
     forward: Tuple[Line, ...]

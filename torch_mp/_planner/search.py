@@ -40,7 +40,13 @@ class Plan:
     ``chunks``, ``checkpoint``, ``sequence_parallel``, ``balance``) with its predicted step time
     (``step_s``, seconds) and peak bytes per rank (``peak_bytes``), the ``alternatives`` that fit
     (slower, ranked), the ``rejected`` ones that do not fit (ranked by the memory they need), and the
-    ``costs`` it was computed from. ``print(plan)`` shows them as a table."""
+    ``costs`` it was computed from. ``print(plan)`` shows them as a table: the pick, then up to 7
+    faster-ranked alternatives ("slower by x%") and the 4 rejected layouts that need the least
+    memory ("does not fit (needs X)"). Comparable with ``==`` (a plan is a pure function of the cost
+    table and the arguments) and picklable, so one rank can plan and send it to the others.
+
+    Raises ``dataclasses.FrozenInstanceError`` on assigning a field: make another plan instead.
+    """
     world_size: int
     device_memory: int
     batch: int
