@@ -164,7 +164,8 @@ def _rank_key(candidate: Candidate):
 
 def plan(model: nn.Module, world_size: int, device_memory: MemoryLike, batch: int, sample=None,
          costs: Optional[CostTable] = None, group=None, layers: Optional[Sequence[str]] = None,
-         schedules: Sequence[str] = SCHEDULES, max_chunks: int = 8) -> Plan:
+         schedules: Sequence[str] = SCHEDULES, max_chunks: int = 8,
+         collectives: Optional[Tuple[float, float]] = None) -> Plan:
     """Picks the parallel layout of ``model`` for ``world_size`` ranks of ``device_memory`` each
     (bytes, or a string such as ``"80GiB"`` as for ``max_memory``) and ``batch`` samples per step.
 
@@ -178,7 +179,10 @@ def plan(model: nn.Module, world_size: int, device_memory: MemoryLike, batch: in
     all; 1F1B: up to the stages), tensor parallel dividing matrices and (with sequence parallel
     all, else 24/34 of, Korthikanti et al. 2022) the activations; the pipeline bubble by replaying
     the C++ schedule with each action's duration. ``costs=``: a ``CostTable`` to plan from instead
-    of measuring (the plan is then a pure function of its arguments). Candidates are ranked by
+    of measuring (the plan is then a pure function of its arguments). ``collectives``:
+    ``(alpha_s, beta_s_per_byte)`` of the link instead of fitting them over ``group`` (for planning
+    on one process for a cluster). ``layers``: the blocks to cut between (as for ``pipeline``);
+    ``schedules``: the pipeline schedules to consider; ``max_chunks``: the most micro-batches. Candidates are ranked by
     predicted step time, ties by peak memory, then by the layout; those whose peak exceeds
     ``device_memory`` are rejected ("does not fit (needs X)"), the others listed as "slower by x%".
     After Alpa (Zheng et al., OSDI 2022) and Megatron-LM's rules of thumb (Narayanan et al., 2021),
@@ -202,7 +206,7 @@ def plan(model: nn.Module, world_size: int, device_memory: MemoryLike, batch: in
         if sample is None:
             raise ValueError("plan: sample = None and costs = None; expected sample= (inputs to time the layers on, "
                              "a tuple or a dict) or costs= (a CostTable)")
-        costs = measure_costs(model, sample, group, list(layers) if layers is not None else None)
+        costs = measure_costs(model, sample, group, list(layers) if layers is not None else None, collectives)
     elif not isinstance(costs, CostTable):
         raise TypeError(f"plan: costs is a {type(costs).__name__}; expected a torch_mp CostTable")
     candidates = sorted((Candidate(layout, step_seconds(costs, layout), tuple(peak_bytes(costs, layout)))
