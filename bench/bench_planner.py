@@ -39,7 +39,8 @@ from torch.nn import functional as F  # noqa: E402
 import torch_mp  # noqa: E402
 from torch_mp._planner.costs import measure_costs  # noqa: E402
 from torch_mp._planner.model import peak_bytes, step_seconds  # noqa: E402
-from torch_mp._planner.search import Candidate, Plan, layouts  # noqa: E402
+from torch_mp._planner.plans import Candidate, Plan  # noqa: E402
+from torch_mp._planner.search import layouts  # noqa: E402
 
 WORLD = 4
 VOCAB = 2048

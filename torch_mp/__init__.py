@@ -29,7 +29,8 @@ from torch_mp._mesh import init_mesh
 from torch_mp._pipelining.pipeline import pipeline
 from torch_mp._planner.apply import parallelize
 from torch_mp._planner.costs import CostTable
-from torch_mp._planner.search import Plan, plan
+from torch_mp._planner.plans import Plan
+from torch_mp._planner.search import plan
 from torch_mp._pipelining.timeline import Timeline, TimelineEvent, plot_timeline
 from torch_mp._report import memory_report
 from torch_mp._split import split

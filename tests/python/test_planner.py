@@ -209,3 +209,25 @@ def test_applied_plans_give_the_dense_loss_and_gradients():
     assert (roomy.pp, roomy.tp, roomy.dp) == (1, 1, 4)
     assert tight.pp > 1 and tight.tp > 1
     run_ranks(4, check_plan_matches_dense, [roomy, tight], timeout=400)
+
+
+def check_measure_keeps_the_fastest_measured(rank, world):
+    batch = ids()
+    plan = torch_mp.plan(llama(), world, "1GiB", 8, sample={"input_ids": batch[:2]}, measure=2, loss_fn=loss_fn,
+                         target=batch[:2], collectives=(5e-5, 1e-9))
+    assert len(plan.measured) == 2
+    fastest = min(plan.measured, key=lambda pair: pair[1])[0]
+    assert plan.chosen.layout == fastest
+    plans = [None] * world
+    torch.distributed.all_gather_object(plans, (plan.chosen.layout, [s for _, s in plan.measured]))
+    assert all(p == plans[0] for p in plans)  # every rank keeps the same layout, from the same figures
+
+
+@pytest.mark.planner_full
+def test_measure_runs_the_top_layouts_and_keeps_the_fastest():
+    run_ranks(2, check_measure_keeps_the_fastest_measured, timeout=300)
+
+
+def test_measure_needs_the_world_and_a_loss():
+    with pytest.raises(ValueError, match="measure = True runs the layouts on this world"):
+        torch_mp.plan(llama(), 4, "1GiB", 8, sample={"input_ids": ids()}, measure=True)

@@ -1,5 +1,10 @@
-"""``torch_mp.parallelize``: a plan applied, behind one ``train_step`` whatever the layout."""
+"""``torch_mp.parallelize``: a plan applied, behind one ``train_step`` whatever the layout; and the
+measured step time of candidate layouts (``plan(..., measure=)``)."""
+import copy
 import functools
+import statistics
+import time
+from typing import Callable, List
 
 import torch
 import torch.distributed as dist
@@ -8,7 +13,8 @@ from torch import nn
 from torch_mp._checks import check_arg
 from torch_mp._mesh import init_mesh
 from torch_mp._pipelining.pipeline import pipeline
-from torch_mp._planner.search import Plan
+from torch_mp._group import all_reduce
+from torch_mp._planner.plans import Candidate, Plan
 from torch_mp._tensor_parallel.parallelize import tensor_parallel
 from torch_mp._tensors import map_tensors, tensors_in
 
@@ -64,3 +70,24 @@ def _whole_batch_step(step, batch: int, replicas: int, replica: int, *args, targ
         return t.narrow(0, rows * replica, rows) if t.dim() else t
 
     return step(*map_tensors(args, mine), target=map_tensors(target, mine), **map_tensors(kwargs, mine))
+
+
+def measure_steps(model: nn.Module, plan: Plan, candidates: List[Candidate], inputs: dict, target,
+                  loss_fn: Callable, steps: int = 2) -> List[float]:
+    """Seconds per ``train_step`` of each candidate, applied to a deep copy of ``model``: the median
+    of ``steps`` after a warm-up, the slowest rank's (every rank of the default group calls it)."""
+    seconds = []
+    for candidate in candidates:
+        trial = parallelize(copy.deepcopy(model), Plan(plan.world_size, plan.device_memory, plan.batch, candidate,
+                                                       (), (), plan.costs))
+        times = []
+        for _ in range(steps + 1):
+            dist.barrier()
+            start = time.perf_counter()
+            trial.train_step(**inputs, target=target, loss_fn=loss_fn)
+            times.append(time.perf_counter() - start)
+        slowest = all_reduce(torch.tensor([statistics.median(times[1:])], dtype=torch.float64), "max", None,
+                             "plan(measure=...)")
+        seconds.append(float(slowest[0]))
+        del trial
+    return seconds

@@ -1,126 +1,19 @@
 """``torch_mp.plan``: every layout of the world's ranks, costed, the fastest that fits chosen."""
-from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
+import torch.distributed as dist
 from torch import nn
 
 from torch_mp import _C
 from torch_mp._pipelining.cut import UNLIMITED, MemoryLike, parse_bytes
+from torch_mp._tensors import map_tensors
+from torch_mp._planner.apply import measure_steps
 from torch_mp._planner.costs import CostTable, measure_costs
 from torch_mp._planner.model import Layout, peak_bytes, step_seconds
+from torch_mp._planner.plans import Candidate, Plan, size
 
 SCHEDULES = ("gpipe", "1f1b", "zb_h1")
 CHECKPOINTS = ("never", "always")
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """A layout with its predicted ``step_s`` (seconds per ``train_step``) and ``peak_bytes`` per
-    pipeline stage (every rank of a stage holds the same), and why it was not chosen ("" for the
-    pick)."""
-    layout: Layout
-    step_s: float
-    peak_bytes: Tuple[int, ...]
-    reason: str = ""
-
-    @property
-    def peak(self) -> int:
-        return max(self.peak_bytes)
-
-
-def _size(nbytes: float) -> str:
-    if nbytes >= 2**30 / 10:
-        return f"{nbytes / 2**30:.2f} GiB"
-    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 * 10 else f"{nbytes / 2**20:.3f} MiB"
-
-
-@dataclass(frozen=True)
-class Plan:
-    """The planner's answer: the chosen layout (``pp``, ``tp``, ``dp``, ``ep``, ``schedule``,
-    ``chunks``, ``checkpoint``, ``sequence_parallel``, ``balance``) with its predicted step time
-    (``step_s``, seconds) and peak bytes per rank (``peak_bytes``), the ``alternatives`` that fit
-    (slower, ranked), the ``rejected`` ones that do not fit (ranked by the memory they need), and the
-    ``costs`` it was computed from. ``print(plan)`` shows them as a table: the pick, then up to 7
-    faster-ranked alternatives ("slower by x%") and the 4 rejected layouts that need the least
-    memory ("does not fit (needs X)"). Comparable with ``==`` (a plan is a pure function of the cost
-    table and the arguments) and picklable, so one rank can plan and send it to the others.
-
-    Raises ``dataclasses.FrozenInstanceError`` on assigning a field: make another plan instead.
-    """
-    world_size: int
-    device_memory: int
-    batch: int
-    chosen: Candidate
-    alternatives: Tuple[Candidate, ...]
-    rejected: Tuple[Candidate, ...]
-    costs: CostTable
-
-    @property
-    def pp(self) -> int:
-        return self.chosen.layout.pp
-
-    @property
-    def tp(self) -> int:
-        return self.chosen.layout.tp
-
-    @property
-    def dp(self) -> int:
-        return self.chosen.layout.dp
-
-    @property
-    def schedule(self) -> str:
-        return self.chosen.layout.schedule
-
-    @property
-    def chunks(self) -> int:
-        return self.chosen.layout.chunks
-
-    @property
-    def checkpoint(self) -> str:
-        return self.chosen.layout.checkpoint
-
-    @property
-    def sequence_parallel(self) -> bool:
-        return self.chosen.layout.sequence_parallel
-
-    @property
-    def balance(self) -> Tuple[int, ...]:
-        return self.chosen.layout.balance
-
-    @property
-    def ep(self) -> int:
-        """Expert-parallel degree: the experts are cut over each stage's tensor-parallel group."""
-        return self.chosen.layout.tp if self.costs.experts else 1
-
-    @property
-    def step_s(self) -> float:
-        return self.chosen.step_s
-
-    @property
-    def peak_bytes(self) -> int:
-        return self.chosen.peak
-
-    def __str__(self) -> str:
-        c = self.chosen.layout
-        lines = [f"torch_mp.plan: {self.world_size} ranks, {_size(self.device_memory)} each, batch {self.batch}",
-                 f"chosen: pp {c.pp} x tp {c.tp} x dp {c.dp}" + (f" (ep {self.ep})" if self.costs.experts else "") +
-                 f", {c.schedule if c.pp > 1 else 'no pipeline'}, {c.chunks} micro-batch{'es' if c.chunks > 1 else ''}, checkpoint {c.checkpoint}, "
-                 f"sequence parallel {'on' if c.sequence_parallel else 'off'}, layers per stage {list(c.balance)}",
-                 f"predicted: {self.step_s * 1e3:.1f} ms per step, peak {_size(self.peak_bytes)} per rank",
-                 "",
-                 f"{'#':>3} {'pp':>2} {'tp':>2} {'dp':>2} {'schedule':<8} {'M':>2} {'ckpt':<6} {'sp':<3} "
-                 f"{'step ms':>8} {'peak':>10}  verdict"]
-        shown = [self.chosen] + list(self.alternatives[:7]) + list(self.rejected[:4])
-        for i, candidate in enumerate(shown):
-            layout = candidate.layout
-            lines.append(f"{i:>3} {layout.pp:>2} {layout.tp:>2} {layout.dp:>2} "
-                         f"{layout.schedule if layout.pp > 1 else '-':<8} {layout.chunks:>2} {layout.checkpoint:<6} "
-                         f"{'on' if layout.sequence_parallel else 'off':<3} {candidate.step_s * 1e3:>8.1f} "
-                         f"{_size(candidate.peak):>10}  {candidate.reason or 'chosen'}")
-        hidden = len(self.alternatives) + len(self.rejected) + 1 - len(shown)
-        if hidden:
-            lines.append(f"    ... {hidden} more ({len(self.alternatives)} fit in all, {len(self.rejected)} do not)")
-        return "\n".join(lines)
 
 
 def _divisors(n: int) -> List[int]:
@@ -165,7 +58,8 @@ def _rank_key(candidate: Candidate):
 def plan(model: nn.Module, world_size: int, device_memory: MemoryLike, batch: int, sample=None,
          costs: Optional[CostTable] = None, group=None, layers: Optional[Sequence[str]] = None,
          schedules: Sequence[str] = SCHEDULES, max_chunks: int = 8,
-         collectives: Optional[Tuple[float, float]] = None) -> Plan:
+         collectives: Optional[Tuple[float, float]] = None, measure: Union[bool, int] = False,
+         loss_fn: Optional[Callable] = None, target=None) -> Plan:
     """Picks the parallel layout of ``model`` for ``world_size`` ranks of ``device_memory`` each
     (bytes, or a string such as ``"80GiB"`` as for ``max_memory``) and ``batch`` samples per step.
 
@@ -188,17 +82,34 @@ def plan(model: nn.Module, world_size: int, device_memory: MemoryLike, batch: in
     After Alpa (Zheng et al., OSDI 2022) and Megatron-LM's rules of thumb (Narayanan et al., 2021),
     with a search small enough to enumerate.
 
+    ``measure``: True (3) or a count: run that many of the best-ranked layouts that fit for a few
+    steps each (every rank of the default group calls ``plan``; each layout applied to a deep copy
+    of ``model``, on ``sample`` tiled to ``batch`` rows, with ``loss_fn`` and ``target``, tiled
+    likewise when it has the sample's rows) and keep the fastest measured; ``plan.measured`` holds
+    their seconds.
+
     Returns a ``Plan``; apply it with ``torch_mp.parallelize(model, plan)``.
 
     Raises TypeError/ValueError naming the argument for a ``world_size`` or ``batch`` that is not
     an int >= 1 or a ``device_memory`` that is not a size; ValueError without ``sample`` or
     ``costs``, for a schedule outside ("gpipe", "1f1b", "zb_h1"), and when no layout fits,
-    naming the smallest ``device_memory`` one would need.
+    naming the smallest ``device_memory`` one would need; with ``measure``, ValueError without
+    ``loss_fn`` or ``sample``, or when torch.distributed's world is not ``world_size`` (before any
+    collective).
     """
     for name, value in (("world_size", world_size), ("batch", batch), ("max_chunks", max_chunks)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"plan: {name} = {value!r}; expected an int >= 1")
     memory = parse_bytes(device_memory, "device_memory")
+    trials = 3 if measure is True else 0 if measure is False else measure
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 0:
+        raise ValueError(f"plan: measure = {measure!r}; expected True, False or a count of layouts >= 0")
+    if trials:
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if world != world_size or loss_fn is None or sample is None:
+            raise ValueError(f"plan: measure = {measure!r} runs the layouts on this world ({world} ranks) with sample= "
+                             f"and loss_fn=; expected world_size = {world} (got {world_size}), sample and loss_fn given "
+                             f"(sample {'given' if sample is not None else 'None'}, loss_fn {loss_fn!r})")
     unknown = [s for s in schedules if s not in SCHEDULES]
     if unknown or not schedules:
         raise ValueError(f"plan: schedules = {list(schedules)!r}; expected some of {list(SCHEDULES)}")
@@ -219,13 +130,46 @@ def plan(model: nn.Module, world_size: int, device_memory: MemoryLike, batch: in
     if not fitting:
         smallest = min(candidates, key=lambda c: (c.peak, _rank_key(c)))
         lay = smallest.layout
-        raise ValueError(f"plan: device_memory = {_size(memory)} ({memory} bytes) fits no layout of "
+        raise ValueError(f"plan: device_memory = {size(memory)} ({memory} bytes) fits no layout of "
                          f"{type(model).__name__} on {world_size} ranks with batch {batch}; the smallest needs "
-                         f"{_size(smallest.peak)} ({smallest.peak} bytes: pp {lay.pp} x tp {lay.tp} x dp {lay.dp}, "
+                         f"{size(smallest.peak)} ({smallest.peak} bytes: pp {lay.pp} x tp {lay.tp} x dp {lay.dp}, "
                          f"{lay.chunks} micro-batches, checkpoint {lay.checkpoint}); expected device_memory >= that")
     best = fitting[0]
     alternatives = tuple(Candidate(c.layout, c.step_s, c.peak_bytes,
                                    f"slower by {(c.step_s / best.step_s - 1) * 100:.0f}%") for c in fitting[1:])
-    rejected = tuple(sorted((Candidate(c.layout, c.step_s, c.peak_bytes, f"does not fit (needs {_size(c.peak)})")
+    rejected = tuple(sorted((Candidate(c.layout, c.step_s, c.peak_bytes, f"does not fit (needs {size(c.peak)})")
                              for c in candidates if c.peak > memory), key=lambda c: (c.peak, _rank_key(c))))
-    return Plan(world_size, memory, batch, best, alternatives, rejected, costs)
+    plan = Plan(world_size, memory, batch, best, alternatives, rejected, costs)
+    if not trials:
+        return plan
+    tried = fitting[:trials]
+    seconds = measure_steps(model, plan, tried, _tiled(sample, batch), _tiled(target, batch, _rows_of(sample)),
+                            loss_fn)
+    fastest = min(range(len(tried)), key=lambda i: (seconds[i], i))
+    best = tried[fastest]
+    others = [c for c in fitting if c is not best]
+    alternatives = tuple(Candidate(c.layout, c.step_s, c.peak_bytes,
+                                   f"slower by {(c.step_s / best.step_s - 1) * 100:.0f}%"
+                                   + (f" (measured {seconds[tried.index(c)] * 1e3:.1f} ms)" if c in tried else ""))
+                         for c in others)
+    return Plan(world_size, memory, batch, best, alternatives, rejected, costs,
+                tuple((c.layout, s) for c, s in zip(tried, seconds)))
+
+
+def _rows_of(sample) -> int:
+    found: list = []
+    map_tensors(sample, lambda t: found.append(t.shape[0]) if t.dim() else None)
+    return found[0] if found else 0
+
+
+def _tiled(value, batch: int, rows: Optional[int] = None):
+    """``value``'s tensors repeated along dim 0 to ``batch`` rows (those of ``rows`` rows, or all)."""
+    def tile(t):
+        if not t.dim() or (rows is not None and t.shape[0] != rows):
+            return t
+        return t.repeat(*([-(-batch // t.shape[0])] + [1] * (t.dim() - 1)))[:batch]
+    if isinstance(value, dict):
+        return {key: map_tensors(item, tile) for key, item in value.items()}
+    if isinstance(value, tuple):
+        raise ValueError("plan: measure= needs sample as a dict of keyword inputs (train_step's **inputs)")
+    return map_tensors(value, tile)
