@@ -25,6 +25,7 @@ import gc
 import os
 import pickle
 import statistics
+import sys
 import tempfile
 import time
 
@@ -188,6 +189,7 @@ def main():
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # each line as it comes, also into a file
     if args.quick:
         args.models, args.max_chunks, args.steps = ["mlp"], 2, 2
     print(f"load average before: {os.getloadavg()[0]:.1f} (this host's cores: {os.cpu_count()})")
