@@ -121,6 +121,7 @@ def test_plan_never_proposes_an_infeasible_layout(layers, world, batch, memory_m
     assert chosen.pp * chosen.tp * chosen.dp == world and chosen.pp <= layers and heads % chosen.tp == 0
     assert batch % (chosen.dp * chosen.chunks) == 0 and sum(chosen.balance) == layers
     assert plan.peak_bytes <= memory_mib << 20
+    assert chosen.tp == 1 or chosen.checkpoint == "never"  # the pipeline cannot recompute a tp layer yet
     assert all(c.peak <= memory_mib << 20 and c.step_s >= plan.step_s for c in plan.alternatives)
     assert all(c.peak > memory_mib << 20 for c in plan.rejected)
 
