@@ -68,12 +68,8 @@ def build(name: str) -> nn.Module:
                   pad_token_id=0, use_cache=False)
     if name == "llama":
         return transformers.LlamaForCausalLM(transformers.LlamaConfig(intermediate_size=768, **common))
-    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+    return transformers.MixtralForCausalLM(transformers.MixtralConfig(
         intermediate_size=256, num_local_experts=4, num_experts_per_tok=2, **common))
-    # transformers' default grouped_mm experts fail on the pipeline's meta stand-ins in fp32 (the meta
-    # kernel wants bf16): the eager experts, as with tensor parallel.
-    model.config._experts_implementation = "eager"
-    return model
 
 
 def batch_of(name: str, rows: int):
