@@ -232,3 +232,10 @@ def test_measure_runs_the_top_layouts_and_keeps_the_fastest():
 def test_measure_needs_the_world_and_a_loss():
     with pytest.raises(ValueError, match="measure = True runs the layouts on this world"):
         torch_mp.plan(llama(), 4, "1GiB", 8, sample={"input_ids": ids()}, measure=True)
+
+
+def test_experts_are_planned_only_cut_over_tensor_parallel():
+    """transformers' Mixtral experts run in the pipeline only once tensor parallel replaced them."""
+    plan = torch_mp.plan(torch.nn.Module(), 4, "1GiB", 8, costs=table(experts=4))
+    assert all(c.layout.tp > 1 for c in (plan.chosen,) + plan.alternatives + plan.rejected)
+    assert plan.ep == plan.tp

@@ -39,6 +39,10 @@ def layouts(costs: CostTable, world_size: int, batch: int, schedules: Sequence[s
         for tp in _divisors(world_size // pp):
             if any(n % tp for n in costs.tp_must_divide):
                 continue
+            if costs.experts and tp == 1:
+                # transformers' experts do not run in our pipeline uncut: grouped_mm's meta kernel wants
+                # bf16, the eager experts branch on which experts got tokens; tensor parallel replaces them.
+                continue
             dp = world_size // pp // tp
             if batch % dp:
                 continue
