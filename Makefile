@@ -16,7 +16,7 @@ CPU_PY   := $(CPU_VENV)/bin/python
 # The venv's tools (ninja among them) come first for the CMake builds.
 export PATH := $(VENV)/bin:$(PATH)
 
-.PHONY: all venv cpu-venv sysdeps install demo docs test test-python test-full test-cpp test-cpu-smoke test-multinode test-zoo test-mesh3d \
+.PHONY: all venv cpu-venv sysdeps install demo docs test test-python test-full test-cpp test-cpu-smoke test-multinode test-zoo test-mesh3d test-planner \
         gpu-check bench clean
 
 all: install
@@ -100,6 +100,11 @@ test-zoo: install
 # included (`make test` runs the 4-rank part).
 test-mesh3d: install
 	$(PY) -m pytest -q tests/python/test_mesh3d.py -m "mesh3d_full or not mesh3d_full"
+
+# The planner: every test of tests/python/test_planner.py, the applied plans on 4 ranks included
+# (`make test` runs the cost model and the search, a few seconds).
+test-planner: install
+	$(PY) -m pytest -q tests/python/test_planner.py -m "planner_full or not planner_full"
 
 # The C++ tests build against the installed package, as a LibTorch user's project would.
 test-cpp: install

@@ -27,6 +27,10 @@ from torch_mp._checkpoint.checkpoint import load, save
 from torch_mp._hooks import linear_hook
 from torch_mp._mesh import init_mesh
 from torch_mp._pipelining.pipeline import pipeline
+from torch_mp._planner.apply import parallelize
+from torch_mp._planner.costs import CostTable
+from torch_mp._planner.plans import Plan
+from torch_mp._planner.search import plan
 from torch_mp._pipelining.timeline import Timeline, TimelineEvent, plot_timeline
 from torch_mp._report import memory_report
 from torch_mp._split import split
@@ -44,8 +48,10 @@ cmake_prefix_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sh
 
 __all__ = [
     "CollectiveError",
+    "CostTable",
     "GradScaler",
     "ParallelState",
+    "Plan",
     "all_gather_matmul",
     "Timeline",
     "TimelineEvent",
@@ -67,6 +73,8 @@ __all__ = [
     "matmul_reduce_scatter",
     "memory_report",
     "nn",
+    "parallelize",
+    "plan",
     "reduce_from_tp",
     "reduce_scatter_to_sp",
     "row_parallel_linear",

@@ -2,6 +2,7 @@
 (``split(..., chunks=M)``) or with one stage per rank (``pipeline``)."""
 import contextlib
 import datetime
+import functools
 import gc
 import os
 import time
@@ -9,6 +10,7 @@ import types
 import warnings
 import weakref
 import zlib
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -842,27 +844,50 @@ def layer_costs(module: nn.Module, layer_names: List[str], sample, group=None,
                  device: torch.device = torch.device("cpu")) -> List[int]:
     """Each layer's forward+backward time in microseconds on ``sample`` (the fastest of three runs
     after a warm-up), summed over the ranks of ``group`` so that every rank balances alike."""
+    times = time_layers(module, layer_names, sample, "balance='time'")
+    costs = torch.tensor([max(1, int((f + b) * 1e6)) for f, b in zip(times.forward, times.backward)],
+                         dtype=torch.int64, device=device)
+    return all_reduce_sum(costs, group, "torch_mp.pipeline(balance='time')").tolist()
+
+
+@dataclass
+class LayerTimes:
+    """Seconds on one sample, each the fastest of three runs after a warm-up: per layer ``forward``
+    and ``backward``, and the whole model's (``total_forward``, ``total_backward``: the layers and
+    what runs outside them, embeddings, heads)."""
+    forward: List[float]
+    backward: List[float]
+    total_forward: float
+    total_backward: float
+
+
+def time_layers(module: nn.Module, layer_names: List[str], sample, what: str) -> LayerTimes:
+    """Times each layer's forward and backward (hooks around each) and the whole model's on
+    ``sample`` (a tuple of positional inputs, a dict of keyword ones, or one input), the backward of
+    the sum of the output's differentiable tensors. The model is left as found: its gradients,
+    buffers (batch-norm statistics), modes, and the random generator's state. ``what`` names the
+    caller in errors (ValueError without a sample or without a differentiable output)."""
     if sample is None:
-        raise ValueError("balance='time' needs sample=: inputs to time the layers on (a tuple of positional "
+        raise ValueError(f"{what} needs sample=: inputs to time the layers on (a tuple of positional "
                          "inputs or a dict of keyword inputs)")
     args, kwargs = (sample, {}) if isinstance(sample, tuple) else ((), sample) if isinstance(sample, dict) \
         else ((sample,), {})
     layers = [module.get_submodule(name) for name in layer_names]
-    spent = [0.0] * len(layers)
+    spent = {"forward": [0.0] * len(layers), "backward": [0.0] * len(layers)}
     started: Dict[int, float] = {}
     handles = []
     for i, layer in enumerate(layers):
         def start(*_, i=i):
             started[i] = time.perf_counter()
 
-        def stop(*_, i=i):
-            spent[i] += time.perf_counter() - started[i]
+        def stop(*_, i=i, kind="forward"):
+            spent[kind][i] += time.perf_counter() - started[i]
 
         handles += [layer.register_forward_pre_hook(start), layer.register_forward_hook(stop),
-                    layer.register_full_backward_pre_hook(start), layer.register_full_backward_hook(stop)]
-    best = [float("inf")] * len(layers)
-    # The model is left as found: its gradients, buffers (batch-norm statistics), modes, and the
-    # random generator's state.
+                    layer.register_full_backward_pre_hook(start),
+                    layer.register_full_backward_hook(functools.partial(stop, i=i, kind="backward"))]
+    best = {"forward": [float("inf")] * len(layers), "backward": [float("inf")] * len(layers),
+            "total_forward": float("inf"), "total_backward": float("inf")}
     grads = [(param, param.grad) for param in module.parameters()]
     buffers = [(buffer, buffer.detach().clone()) for buffer in module.buffers()]
     modes = [(submodule, submodule.training) for submodule in module.modules()]
@@ -872,17 +897,23 @@ def layer_costs(module: nn.Module, layer_names: List[str], sample, group=None,
             # is what is timed; the warning about it says nothing to the user.
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             for run in range(4):  # a warm-up, then the fastest of three: a preempted run does not count
-                spent[:] = [0.0] * len(layers)
+                for kind in ("forward", "backward"):
+                    spent[kind][:] = [0.0] * len(layers)
                 module.zero_grad(set_to_none=True)
+                begin = time.perf_counter()
                 output = module(*args, **kwargs)
+                forward_done = time.perf_counter()
                 floats: List[torch.Tensor] = []
                 map_tensors(output, lambda t: floats.append(t) if t.is_floating_point() and t.requires_grad else None)
                 if not floats:
-                    raise ValueError("balance='time': the model's output on sample has no tensor that requires grad; "
+                    raise ValueError(f"{what}: the model's output on sample has no tensor that requires grad; "
                                      "expected a differentiable output to time the backward")
                 sum(t.float().sum() for t in floats).backward()
                 if run > 0:
-                    best = [min(b, s) for b, s in zip(best, spent)]
+                    for kind in ("forward", "backward"):
+                        best[kind] = [min(b, s) for b, s in zip(best[kind], spent[kind])]
+                    best["total_forward"] = min(best["total_forward"], forward_done - begin)
+                    best["total_backward"] = min(best["total_backward"], time.perf_counter() - forward_done)
     finally:
         for handle in handles:
             handle.remove()
@@ -893,5 +924,4 @@ def layer_costs(module: nn.Module, layer_names: List[str], sample, group=None,
                 buffer.copy_(value)
         for submodule, training in modes:
             submodule.training = training
-    costs = torch.tensor([max(1, int(s * 1e6)) for s in best], dtype=torch.int64, device=device)
-    return all_reduce_sum(costs, group, "torch_mp.pipeline(balance='time')").tolist()
+    return LayerTimes(best["forward"], best["backward"], best["total_forward"], best["total_backward"])

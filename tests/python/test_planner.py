@@ -1,0 +1,241 @@
+"""torch_mp.plan and torch_mp.parallelize: the cost model's arithmetic (the bubble replayed from the
+C++ schedules against the closed forms, memory sums), the search (deterministic for a fixed cost
+table, never an infeasible layout, a clear refusal naming the smallest memory), and applied plans
+against the dense model (tiny Llama, 4 Gloo ranks, two memory limits giving different layouts:
+marked ``planner_full``, run by ``make test-planner``; about 2 minutes on a loaded 2-core host)."""
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import torch_mp
+from torch_mp._planner.costs import CostTable, Line, measure_costs
+from torch_mp._planner.model import Layout, peak_bytes, simulate, step_seconds
+from distributed import run_ranks
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 64
+
+
+def table(layers=4, forward=1e-3, backward=2e-3, param=1 << 20, activation=1 << 12, heads=4, **changes):
+    fields = dict(
+        layers=tuple(f"layers.{i}" for i in range(layers)),
+        forward=(Line(0.0, forward),) * layers, backward=(Line(0.0, backward),) * layers,
+        outside_forward=Line(0.0, 0.0), outside_backward=Line(0.0, 0.0),
+        param_bytes=(param,) * layers, sharded_param_bytes=(param,) * layers,
+        first_param_bytes=0, first_sharded_bytes=0, last_param_bytes=0, last_sharded_bytes=0,
+        activation_bytes=(activation,) * layers, outside_activation_bytes=0, boundary_bytes=256,
+        alpha_s=1e-5, beta_s_per_byte=1e-10, tp_must_divide=(heads,), sequence_parallel=True)
+    fields.update(changes)
+    return CostTable(**fields)
+
+
+# --- the cost model -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("stages,chunks", [(2, 1), (2, 4), (4, 4), (4, 8), (3, 5)])
+def test_simulated_schedule_has_the_closed_form_bubble(schedule, stages, chunks):
+    """Equal stages, free sends: GPipe and 1F1B take (chunks + stages - 1) x (F + B) (Huang et al.
+    2019; Narayanan et al. 2019), the schedule replayed from the C++ action lists."""
+    makespan = simulate(schedule, stages, chunks, {0: [1.0] * stages, 1: [2.0] * stages, 2: [0.0] * stages}, 0.0)
+    assert makespan == pytest.approx((chunks + stages - 1) * 3.0)
+
+
+def test_zero_bubble_h1_is_shorter_than_1f1b():
+    """ZB-H1 fills the bubble with weight gradients: with B = W = 1 and F = 1 on 4 stages and 8
+    micro-batches, 1F1B takes 33 and ZB-H1 (Qi et al., 2024: bubble (p - 1)(F + B - W)) 8 x 3 + 3 = 27."""
+    durations = {0: [1.0] * 4, 1: [1.0] * 4, 2: [1.0] * 4}
+    assert simulate("1f1b", 4, 8, {0: [1.0] * 4, 1: [2.0] * 4, 2: [0.0] * 4}, 0.0) == pytest.approx(33.0)
+    assert simulate("zb_h1", 4, 8, durations, 0.0) == pytest.approx(27.0)
+
+
+def test_peak_memory_sums_state_and_activations_in_flight():
+    """4 layers of 1 MiB fp32 on pp 2: each stage holds 2 MiB of parameters, 2 of gradients, 4 of
+    AdamW state; 1F1B with 4 micro-batches of 2 rows keeps 2 in flight on stage 0 and 1 on stage 1,
+    GPipe 4 on both; checkpointing keeps each micro-batch's stage input (256 bytes a row) and one
+    micro-batch's saved tensors."""
+    costs = table()
+    mib = 1 << 20
+    layout = Layout(2, 1, 1, "1f1b", 4, "never", False, (2, 2), 8)
+    one = 2 * 4096 * 2  # two layers' saved bytes, 2 rows
+    assert peak_bytes(costs, layout) == [8 * mib + 2 * one, 8 * mib + one]
+    assert peak_bytes(costs, dataclasses.replace(layout, schedule="gpipe")) == [8 * mib + 4 * one] * 2
+    assert peak_bytes(costs, dataclasses.replace(layout, checkpoint="always")) == \
+        [8 * mib + 2 * 256 * 2 + one, 8 * mib + 256 * 2 + one]
+    # Data parallel adds the flattened gradients the all-reduce sends and its result; tensor parallel
+    # divides matrices.
+    assert peak_bytes(costs, Layout(1, 1, 2, "1f1b", 1, "never", False, (4,), 8))[0] == 16 * mib + 8 * mib + 4 * 4 * 4096
+    assert peak_bytes(costs, Layout(1, 2, 1, "1f1b", 1, "never", False, (4,), 8))[0] < 8 * mib + 4 * 8 * 4096
+
+
+def test_step_time_counts_the_tensor_parallel_all_reduces():
+    costs = table(layers=2)
+    plain = step_seconds(costs, Layout(1, 1, 1, "1f1b", 1, "never", False, (2,), 8))
+    assert plain == pytest.approx(2 * 8 * 3e-3)
+    tp2 = step_seconds(costs, Layout(1, 2, 1, "1f1b", 1, "never", False, (2,), 8))
+    # Half the compute, then 2 layers x 2 all-reduces, forward and backward, of 8 rows x 256 bytes.
+    assert tp2 == pytest.approx(plain / 2 + 2 * 2 * 2 * costs.all_reduce_s(8 * 256, 2))
+
+
+# --- the search -----------------------------------------------------------------------------------
+
+def test_plan_is_deterministic_for_a_fixed_cost_table():
+    costs = table(layers=8, activation=1 << 16)
+    plans = [torch_mp.plan(torch.nn.Module(), 8, "64MiB", 32, costs=costs) for _ in range(2)]
+    assert plans[0] == plans[1]
+    assert str(plans[0]) == str(plans[1])
+    assert "chosen" in str(plans[0]) and "slower by" in str(plans[0])
+
+
+def test_plan_prefers_more_memory_saving_layouts_as_memory_shrinks():
+    """8 layers of 1 MiB: one rank holding all (8 x 4 MiB of state) needs more than 32 MiB; at 64
+    MiB plain data parallel fits and is fastest (no bubble; with a link latency of 0.1 ms, tensor
+    parallel's 32 all-reduces cost more than one of the gradients); at 24 MiB only a split of the
+    layers fits."""
+    costs = table(layers=8, alpha_s=1e-4)
+    roomy = torch_mp.plan(torch.nn.Module(), 4, "64MiB", 16, costs=costs)
+    assert (roomy.pp, roomy.tp, roomy.dp) == (1, 1, 4)
+    tight = torch_mp.plan(torch.nn.Module(), 4, "24MiB", 16, costs=costs)
+    assert tight.pp * tight.tp > 1 and tight.peak_bytes <= 24 << 20
+    assert any(c.reason.startswith("does not fit (needs") for c in tight.rejected)
+
+
+@settings(max_examples=40, deadline=None)
+@given(layers=st.integers(1, 6), world=st.sampled_from([1, 2, 4, 6, 8]), batch=st.sampled_from([4, 8, 12, 16]),
+       memory_mib=st.integers(1, 64), activation=st.integers(0, 1 << 16), heads=st.sampled_from([1, 2, 3, 4, 8]),
+       forward=st.floats(1e-5, 1e-2), backward=st.floats(1e-5, 1e-2))
+def test_plan_never_proposes_an_infeasible_layout(layers, world, batch, memory_mib, activation, heads, forward,
+                                                 backward):
+    costs = table(layers=layers, param=1 << 18, activation=activation, heads=heads, forward=forward,
+                  backward=backward)
+    try:
+        plan = torch_mp.plan(torch.nn.Module(), world, memory_mib << 20, batch, costs=costs)
+    except ValueError as error:
+        assert "fits no layout" in str(error) or "no layout" in str(error)
+        return
+    chosen = plan.chosen.layout
+    assert chosen.pp * chosen.tp * chosen.dp == world and chosen.pp <= layers and heads % chosen.tp == 0
+    assert batch % (chosen.dp * chosen.chunks) == 0 and sum(chosen.balance) == layers
+    assert plan.peak_bytes <= memory_mib << 20
+    assert chosen.tp == 1 or chosen.checkpoint == "never"  # the pipeline cannot recompute a tp layer yet
+    assert all(c.peak <= memory_mib << 20 and c.step_s >= plan.step_s for c in plan.alternatives)
+    assert all(c.peak > memory_mib << 20 for c in plan.rejected)
+
+
+def test_plan_refuses_when_nothing_fits_naming_the_smallest_memory():
+    costs = table(layers=2)
+    smallest = min(c.peak for c in torch_mp.plan(torch.nn.Module(), 2, "1GiB", 8, costs=costs).alternatives +
+                   (torch_mp.plan(torch.nn.Module(), 2, "1GiB", 8, costs=costs).chosen,))
+    with pytest.raises(ValueError, match=f"fits no layout .* the smallest needs .*{smallest} bytes"):
+        torch_mp.plan(torch.nn.Module(), 2, smallest - 1, 8, costs=costs)
+    assert torch_mp.plan(torch.nn.Module(), 2, smallest, 8, costs=costs).peak_bytes == smallest
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(world_size=0), ValueError, "world_size = 0"),
+    (dict(batch=2.0), ValueError, "batch = 2.0"),
+    (dict(device_memory="lots"), ValueError, "device_memory = 'lots'"),
+    (dict(costs=None), ValueError, "expected sample="),
+    (dict(schedules=("zbv",)), ValueError, "schedules"),
+])
+def test_plan_bad_input(kwargs, error, match):
+    args = dict(world_size=2, device_memory="1GiB", batch=8, costs=table())
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        torch_mp.plan(torch.nn.Module(), **args)
+
+
+# --- applied plans against the dense model ---------------------------------------------------------
+
+def llama():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(num_hidden_layers=4, hidden_size=32, intermediate_size=64,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                                      max_position_embeddings=32, bos_token_id=0, eos_token_id=1, pad_token_id=0,
+                                      use_cache=False)
+    model = transformers.LlamaForCausalLM(config)
+    torch.manual_seed(100)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.1 * torch.randn(param.shape))
+    return model
+
+
+def loss_fn(output, ids):
+    return F.cross_entropy(output.logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+
+
+def ids(rows=8):
+    return torch.randint(0, VOCAB, (rows, 8), generator=torch.Generator().manual_seed(3))
+
+
+def llama_costs():
+    """The tiny Llama's measured bytes with fixed times (a deterministic plan)."""
+    measured = measure_costs(llama(), {"input_ids": ids()}, collectives=(5e-5, 1e-9))
+    count = len(measured.layers)
+    return dataclasses.replace(measured, forward=(Line(1e-4, 1e-4),) * count, backward=(Line(2e-4, 2e-4),) * count,
+                               outside_forward=Line(1e-4, 1e-4), outside_backward=Line(1e-4, 1e-4))
+
+
+def check_plan_matches_dense(rank, world, plans):
+    batch = ids()
+    for plan in plans:
+        dense = llama()
+        model = torch_mp.parallelize(llama(), plan)
+        loss = model.train_step(input_ids=batch, target=batch, loss_fn=loss_fn)
+        expected = loss_fn(dense(input_ids=batch), batch)
+        expected.backward()
+        torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-6)
+        with torch.no_grad():
+            for param in [p for p in model.parameters() if not p.is_meta]:
+                param.copy_(param.grad)
+        gathered = torch_mp.full_state_dict(model)
+        for name, param in dense.named_parameters():
+            torch.testing.assert_close(gathered[name], param.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.planner_full
+def test_applied_plans_give_the_dense_loss_and_gradients():
+    """Two memory limits, two layouts (the roomy one data parallel, the tight one below every
+    layout without a pipeline), each applied on 4 Gloo ranks with the whole batch passed on every
+    rank."""
+    costs = llama_costs()
+    roomy = torch_mp.plan(llama(), 4, "1GiB", 8, costs=costs)
+    unpipelined = min(c.peak for c in (roomy.chosen,) + roomy.alternatives if c.layout.pp == 1)
+    tight = torch_mp.plan(llama(), 4, unpipelined - 1, 8, costs=costs)
+    assert (roomy.pp, roomy.tp, roomy.dp) == (1, 1, 4)
+    assert tight.pp > 1 and tight.tp > 1
+    run_ranks(4, check_plan_matches_dense, [roomy, tight], timeout=400)
+
+
+def check_measure_keeps_the_fastest_measured(rank, world):
+    batch = ids()
+    plan = torch_mp.plan(llama(), world, "1GiB", 8, sample={"input_ids": batch[:2]}, measure=2, loss_fn=loss_fn,
+                         target=batch[:2], collectives=(5e-5, 1e-9))
+    assert len(plan.measured) == 2
+    fastest = min(plan.measured, key=lambda pair: pair[1])[0]
+    assert plan.chosen.layout == fastest
+    plans = [None] * world
+    torch.distributed.all_gather_object(plans, (plan.chosen.layout, [s for _, s in plan.measured]))
+    assert all(p == plans[0] for p in plans)  # every rank keeps the same layout, from the same figures
+
+
+@pytest.mark.planner_full
+def test_measure_runs_the_top_layouts_and_keeps_the_fastest():
+    run_ranks(2, check_measure_keeps_the_fastest_measured, timeout=300)
+
+
+def test_measure_needs_the_world_and_a_loss():
+    with pytest.raises(ValueError, match="measure = True runs the layouts on this world"):
+        torch_mp.plan(llama(), 4, "1GiB", 8, sample={"input_ids": ids()}, measure=True)
+
+
+def test_experts_are_planned_only_cut_over_tensor_parallel():
+    """transformers' Mixtral experts run in the pipeline only once tensor parallel replaced them."""
+    plan = torch_mp.plan(torch.nn.Module(), 4, "1GiB", 8, costs=table(experts=4))
+    assert all(c.layout.tp > 1 for c in (plan.chosen,) + plan.alternatives + plan.rejected)
+    assert plan.ep == plan.tp

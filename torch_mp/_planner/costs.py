@@ -1,0 +1,255 @@
+"""The planner's cost table: what one layout's step time and memory are computed from, measured once
+on this device (or given). Every figure here is per sample row or per layer of the plain model; the
+arithmetic that turns them into a layout's cost is in ``model.py``."""
+import time
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from torch_mp._group import all_reduce, resolve_group
+from torch_mp._layers import find_layers
+from torch_mp._pipelining.pipeline import time_layers
+from torch_mp._tensors import map_tensors, tensors_in
+
+
+@dataclass(frozen=True)
+class Line:
+    """Seconds as a function of the rows of a micro-batch: ``fixed + per_row * rows`` (the fixed
+    part is what small micro-batches pay per call: kernel launches, Python)."""
+    fixed: float
+    per_row: float
+
+    def at(self, rows: float) -> float:
+        return self.fixed + self.per_row * rows
+
+    @staticmethod
+    def through(one_row: float, rows: int, at_rows: float) -> "Line":
+        """The line through (1, ``one_row``) and (``rows``, ``at_rows``); proportional for one row;
+        a measured slope below zero (noise) is flattened to zero."""
+        if rows <= 1:
+            return Line(0.0, at_rows)
+        per_row = max(0.0, (at_rows - one_row) / (rows - 1))
+        return Line(max(0.0, one_row - per_row), per_row)
+
+
+@dataclass(frozen=True)
+class CostTable:
+    """What the planner's cost model reads, for one model, one device and one link.
+
+    Times are seconds on this device, per layer (``layers`` in order) and for what runs outside the
+    layers (embeddings, final norm, head: charged to the last stage). Bytes of parameters are
+    per layer and outside (``first_param_bytes`` with the first stage: embeddings; ``last_param_bytes``
+    with the last: final norm, head), each with the part tensor parallelism divides (matrices; norms
+    and biases of row-parallel layers stay whole). Activation bytes are those autograd saves per
+    sample row in each layer's forward (``saved_tensors_hooks``), and ``boundary_bytes`` a layer's
+    output per row (what a stage sends, what a tensor-parallel all-reduce carries). Collectives
+    follow the alpha-beta model (Hockney 1994; ring all-reduce as in Thakur et al. 2005):
+    ``alpha_s + beta_s_per_byte * bytes * 2 (n - 1) / n`` for an all-reduce over n ranks,
+    ``alpha_s + beta_s_per_byte * bytes`` for a send. ``tp_must_divide``: the counts tensor
+    parallelism must divide (heads, key-value heads, experts); ``all_reduces_per_layer``: a
+    transformer block's 2 (attention, MLP); ``experts``: per MoE layer (0: none);
+    ``sequence_parallel``: whether the layers take (batch, sequence, hidden) activations, which
+    sequence parallelism can cut along the sequence.
+
+    ``torch_mp.plan(..., sample=)`` measures one (``torch_mp._planner.costs.measure_costs``);
+    pass your own as ``plan(..., costs=)`` (``dataclasses.replace`` of a measured one, or made from
+    another device's figures) for a plan that is a pure function of it.
+
+    Raises TypeError for a missing field (a dataclass); ``dataclasses.FrozenInstanceError`` on
+    assigning one.
+    """
+    layers: Tuple[str, ...]
+    forward: Tuple[Line, ...]
+    backward: Tuple[Line, ...]
+    outside_forward: Line
+    outside_backward: Line
+    param_bytes: Tuple[int, ...]
+    sharded_param_bytes: Tuple[int, ...]
+    first_param_bytes: int
+    first_sharded_bytes: int
+    last_param_bytes: int
+    last_sharded_bytes: int
+    activation_bytes: Tuple[int, ...]
+    outside_activation_bytes: int
+    boundary_bytes: int
+    param_element_size: int = 4
+    alpha_s: float = 50e-6
+    beta_s_per_byte: float = 1e-9
+    tp_must_divide: Tuple[int, ...] = ()
+    all_reduces_per_layer: int = 2
+    experts: int = 0
+    sequence_parallel: bool = False
+
+    def all_reduce_s(self, nbytes: float, ranks: int) -> float:
+        return 0.0 if ranks <= 1 else self.alpha_s + self.beta_s_per_byte * nbytes * 2 * (ranks - 1) / ranks
+
+    def send_s(self, nbytes: float) -> float:
+        return self.alpha_s + self.beta_s_per_byte * nbytes
+
+
+def _rows(sample) -> int:
+    tensors = tensors_in(sample)
+    if not tensors or tensors[0].dim() == 0:
+        raise ValueError("plan: sample has no tensor with a batch dim; expected inputs (a tuple or a dict) whose "
+                         "first tensor's dim 0 counts the samples")
+    return tensors[0].shape[0]
+
+
+def _saved_bytes(module: nn.Module, layer_names: List[str], sample) -> Tuple[List[int], int, int]:
+    """Bytes autograd saves in each layer's forward on ``sample`` and outside the layers (each
+    storage once, parameters not counted), and the bytes of the largest layer output."""
+    args, kwargs = (sample, {}) if isinstance(sample, tuple) else ((), sample) if isinstance(sample, dict) \
+        else ((sample,), {})
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    seen: set = set()
+    per_layer = [0] * len(layer_names)
+    outside = [0]
+    boundary = [0]
+    current: List[int] = []
+    handles = []
+    for i, name in enumerate(layer_names):
+        layer = module.get_submodule(name)
+
+        def enter(*_, i=i):
+            current.append(i)
+
+        def leave(_module, _inputs, output):
+            current.pop()
+            boundary[0] = max([boundary[0]] + [t.numel() * t.element_size() for t in tensors_in(output)])
+
+        handles += [layer.register_forward_pre_hook(enter), layer.register_forward_hook(leave)]
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params and storage.data_ptr() not in seen and storage.device.type != "meta":
+            seen.add(storage.data_ptr())
+            if current:
+                per_layer[current[-1]] += storage.nbytes()
+            else:
+                outside[0] += storage.nbytes()
+        return tensor
+
+    try:
+        with torch.random.fork_rng(devices=[]), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            output = module(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    # The loss keeps the output (a log-softmax over the logits, for cross entropy) once more.
+    outside[0] += sum(t.numel() * t.element_size() for t in tensors_in(output) if t.is_floating_point())
+    return per_layer, outside[0], boundary[0]
+
+
+def _param_bytes(module: nn.Module, layer_names: List[str]):
+    """(per layer total, per layer sharded, first total, first sharded, last total, last sharded):
+    matrices count as sharded; tensors outside the layers go with the first stage when their module
+    comes before the first layer, else with the last (as the pipeline's cut places them)."""
+    seen: set = set()
+    index = {name: i for i, name in enumerate(layer_names)}
+    totals = [[0, 0] for _ in layer_names]
+    first, last = [0, 0], [0, 0]
+    before_first = True
+    for name, param in module.named_parameters():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        owner = next((index[layer] for layer in layer_names if name.startswith(layer + ".")), None)
+        nbytes = param.numel() * param.element_size()
+        if owner is not None:
+            before_first = False
+            slot = totals[owner]
+        else:
+            slot = first if before_first else last
+        slot[0] += nbytes
+        slot[1] += nbytes if param.dim() >= 2 else 0
+    return ([t for t, _ in totals], [s for _, s in totals], first[0], first[1], last[0], last[1])
+
+
+def _tp_constraints(module: nn.Module) -> Tuple[Tuple[int, ...], int, int]:
+    """What tensor parallelism must divide (heads, key-value heads, experts or their width), the
+    all-reduces per layer (attention and MLP: 2; a plain MLP block: 1) and the experts (0: none),
+    read from a transformers config when there is one (a transformer: sequence parallel applies),
+    else from the widths of the linear layers."""
+    config = getattr(module, "config", None)
+    if config is not None and getattr(config, "num_attention_heads", None):
+        divide = [config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads]
+        experts = getattr(config, "num_local_experts", 0) or 0
+        if experts:
+            divide.append(experts)
+        return tuple(divide), 2, experts
+    widths = sorted({m.out_features for m in module.modules() if isinstance(m, nn.Linear)})
+    return (widths[-1],) if widths else (), 1, 0
+
+
+def fit_collectives(group=None, sizes=(256, 16384, 262144)) -> Tuple[float, float]:
+    """``(alpha_s, beta_s_per_byte)``: a least-squares line through the median time of five
+    float32 all-reduces of each size (elements) over ``group`` (every rank calls it; the slowest
+    rank's times count, so every rank fits alike). With one rank, the defaults of ``CostTable``."""
+    info = resolve_group(group, "plan(group=...)")
+    if info.size == 1:
+        return CostTable.alpha_s, CostTable.beta_s_per_byte
+    xs, ys = [], []
+    for size in sizes:
+        tensor = torch.ones(size)
+        times = []
+        for _ in range(6):
+            dist.barrier(group)
+            start = time.perf_counter()
+            dist.all_reduce(tensor, group=group)
+            times.append(time.perf_counter() - start)
+        xs.append(size * 4 * 2 * (info.size - 1) / info.size)
+        ys.append(sorted(times[1:])[2])
+    slowest = all_reduce(torch.tensor(ys, dtype=torch.float64), "max", group, "plan").tolist()
+    n = len(xs)
+    mean_x, mean_y = sum(xs) / n, sum(slowest) / n
+    beta = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, slowest)) / sum((x - mean_x) ** 2 for x in xs)
+    beta = max(beta, 1e-12)
+    return max(mean_y - beta * mean_x, 1e-6), beta
+
+
+def measure_costs(module: nn.Module, sample, group=None, layers: Optional[List[str]] = None,
+                  collectives: Optional[Tuple[float, float]] = None) -> CostTable:
+    """The cost table of ``module`` on this device: each layer's forward and backward time on
+    ``sample`` and on its first row (a line in the rows), the bytes autograd saves, the parameter
+    bytes, and the alpha-beta fit of all-reduces over ``group`` (or ``collectives`` given as
+    ``(alpha_s, beta_s_per_byte)``). With a group, every rank calls it (all at once, so the times
+    include what the ranks take from each other on a shared host) and gets the same table: the
+    times are averaged over the ranks.
+
+    Raises ValueError for a sample without a batch dim or a model whose output on it has no
+    differentiable tensor."""
+    layer_names = list(layers) if layers is not None else find_layers(module)
+    rows = _rows(sample)
+    full = time_layers(module, layer_names, sample, "plan")
+    one = time_layers(module, layer_names, map_tensors(sample, lambda t: t[:1] if t.dim() else t), "plan") \
+        if rows > 1 else full
+    info = resolve_group(group, "plan(group=...)")
+    measured = torch.tensor(full.forward + full.backward + one.forward + one.backward +
+                            [full.total_forward, full.total_backward, one.total_forward, one.total_backward],
+                            dtype=torch.float64)
+    measured = (all_reduce(measured, "sum", group, "plan") / info.size).tolist()
+    count = len(layer_names)
+    f_n, b_n = measured[:count], measured[count:2 * count]
+    f_1, b_1 = measured[2 * count:3 * count], measured[3 * count:4 * count]
+    tf_n, tb_n, tf_1, tb_1 = measured[4 * count:]
+    saved, outside_saved, boundary = _saved_bytes(module, layer_names, sample)
+    params, sharded, first, first_sharded, last, last_sharded = _param_bytes(module, layer_names)
+    divide, all_reduces, experts = _tp_constraints(module)
+    alpha, beta = collectives if collectives is not None else fit_collectives(group)
+    element = next(module.parameters()).element_size()
+    return CostTable(
+        layers=tuple(layer_names),
+        forward=tuple(Line.through(a, rows, b) for a, b in zip(f_1, f_n)),
+        backward=tuple(Line.through(a, rows, b) for a, b in zip(b_1, b_n)),
+        outside_forward=Line.through(max(0.0, tf_1 - sum(f_1)), rows, max(0.0, tf_n - sum(f_n))),
+        outside_backward=Line.through(max(0.0, tb_1 - sum(b_1)), rows, max(0.0, tb_n - sum(b_n))),
+        param_bytes=tuple(params), sharded_param_bytes=tuple(sharded),
+        first_param_bytes=first, first_sharded_bytes=first_sharded,
+        last_param_bytes=last, last_sharded_bytes=last_sharded,
+        activation_bytes=tuple(-(-s // rows) for s in saved), outside_activation_bytes=-(-outside_saved // rows),
+        boundary_bytes=-(-boundary // rows), param_element_size=element, alpha_s=alpha, beta_s_per_byte=beta,
+        tp_must_divide=divide, all_reduces_per_layer=all_reduces, experts=experts,
+        sequence_parallel=all_reduces == 2 and not experts)

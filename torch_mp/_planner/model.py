@@ -1,0 +1,177 @@
+"""The cost model: a layout's step time and peak memory per rank from a ``CostTable``. Pure
+arithmetic (Python for now: it runs once per candidate, thousands in a second); the bubble is not a
+formula but the C++ schedule itself, replayed with each action's duration."""
+from dataclasses import dataclass
+from typing import Dict, List, Tuple
+
+from torch_mp import _C
+from torch_mp._planner.costs import CostTable
+
+# ZB-H1 splits each backward into the input gradient (B) and the weight gradient (W); for the
+# linear layers that dominate a block they cost about the same (Qi et al., ICLR 2024, section 2).
+WEIGHT_SHARE = 0.5
+# Activations a transformer layer saves that tensor parallelism does not divide without sequence
+# parallelism: 10 of 34 bytes per token and hidden unit (Korthikanti et al., 2022, table 2).
+REPLICATED_ACTIVATIONS = 10 / 34
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One candidate: the degrees, the schedule and its micro-batches (``chunks``), the checkpoint
+    policy, sequence parallelism, the layer counts per stage (``balance``) and the samples per
+    step (``batch``, all data-parallel groups together)."""
+    pp: int
+    tp: int
+    dp: int
+    schedule: str
+    chunks: int
+    checkpoint: str
+    sequence_parallel: bool
+    balance: Tuple[int, ...]
+    batch: int
+
+    @property
+    def rows(self) -> float:
+        """Samples per micro-batch on one data-parallel group."""
+        return self.batch / self.dp / self.chunks
+
+
+def stage_layers(balance: Tuple[int, ...]) -> List[range]:
+    start, ranges = 0, []
+    for count in balance:
+        ranges.append(range(start, start + count))
+        start += count
+    return ranges
+
+
+def _activations(costs: CostTable, layers: range, rows: float, layout: Layout) -> float:
+    """Bytes one micro-batch of ``rows`` leaves saved in a stage's layers."""
+    saved = sum(costs.activation_bytes[i] for i in layers) * rows
+    if layout.tp == 1:
+        return saved
+    if layout.sequence_parallel:
+        return saved / layout.tp
+    return saved * (REPLICATED_ACTIVATIONS + (1 - REPLICATED_ACTIVATIONS) / layout.tp)
+
+
+def _params(costs: CostTable, layers: range, first: bool, last: bool, tp: int) -> float:
+    total = sum(costs.param_bytes[i] for i in layers)
+    sharded = sum(costs.sharded_param_bytes[i] for i in layers)
+    if first:
+        total, sharded = total + costs.first_param_bytes, sharded + costs.first_sharded_bytes
+    if last:
+        total, sharded = total + costs.last_param_bytes, sharded + costs.last_sharded_bytes
+    return total - sharded + sharded / tp
+
+
+def in_flight(layout: Layout, stage: int) -> int:
+    """Micro-batches whose activations a stage holds at once: all of them under GPipe; under 1F1B
+    and ZB-H1 the ones started before the first backward reaches it (``pp - stage``, at most
+    ``chunks``)."""
+    return layout.chunks if layout.schedule == "gpipe" else min(layout.chunks, layout.pp - stage)
+
+
+def peak_bytes(costs: CostTable, layout: Layout) -> List[int]:
+    """Predicted peak bytes per pipeline stage (each rank of that stage's tensor-parallel and
+    data-parallel groups holds the same): parameters, their gradients, AdamW's two fp32 states,
+    the flattened gradients the data-parallel all-reduce sends and its result (two copies of the
+    gradients), and the activations in flight
+    (with ``checkpoint="always"``: each micro-batch's stage input, and one micro-batch's saved
+    tensors while it is recomputed)."""
+    rows = layout.rows
+    peaks = []
+    for stage, layers in enumerate(stage_layers(layout.balance)):
+        first, last = stage == 0, stage == layout.pp - 1
+        params = _params(costs, layers, first, last, layout.tp)
+        state = params * 2 + params / costs.param_element_size * 8  # parameters, gradients, 2 x fp32
+        flat = 2 * params if layout.dp > 1 else 0  # the flattened gradients and the all-reduce's result
+        held = in_flight(layout, stage)
+        one = _activations(costs, layers, rows, layout)
+        if last:
+            one += costs.outside_activation_bytes * rows / (layout.tp if costs.last_sharded_bytes else 1)
+        if layout.checkpoint == "always":
+            activations = held * costs.boundary_bytes * rows + one
+        else:
+            activations = held * one
+        peaks.append(int(state + flat + activations))
+    return peaks
+
+
+def stage_times(costs: CostTable, layout: Layout) -> Tuple[List[float], List[float], List[float]]:
+    """Seconds of one micro-batch's forward, backward and (zero-bubble schedules) weight-gradient
+    action per stage: the layers' compute divided by the tensor-parallel degree, plus its
+    all-reduces of the layer outputs (forward and backward alike), plus the recomputed forward under
+    ``checkpoint="always"``; what runs outside the layers goes to the last stage."""
+    rows = layout.rows
+    forwards, backwards, weights = [], [], []
+    for stage, layers in enumerate(stage_layers(layout.balance)):
+        forward = sum(costs.forward[i].at(rows) for i in layers) / layout.tp
+        backward = sum(costs.backward[i].at(rows) for i in layers) / layout.tp
+        collectives = len(layers) * costs.all_reduces_per_layer * costs.all_reduce_s(
+            costs.boundary_bytes * rows, layout.tp)
+        forward += collectives
+        backward += collectives
+        if stage == layout.pp - 1:
+            forward += costs.outside_forward.at(rows) / layout.tp
+            backward += costs.outside_backward.at(rows) / layout.tp
+        if layout.checkpoint == "always":
+            backward += forward
+        weight = backward * WEIGHT_SHARE if layout.schedule == "zb_h1" else 0.0
+        forwards.append(forward)
+        backwards.append(backward - weight)
+        weights.append(weight)
+    return forwards, backwards, weights
+
+
+def simulate(schedule: str, ranks: int, chunks: int, durations: Dict[int, List[float]], send_s: float) -> float:
+    """Seconds from the first action to the last of the C++ schedule (``_C._pipeline_schedule``:
+    the order every rank runs), each rank running its actions in order, each action starting once
+    its rank is free and its input has arrived (``send_s`` after its producer on another rank
+    ended): F(s, m) after F(s - 1, m); B(s, m) after B(s + 1, m), the last stage's after its F;
+    W(s, m) after B(s, m). ``durations[kind][stage]``, kind 0 F, 1 B, 2 W."""
+    actions = _C._pipeline_schedule(schedule, ranks, 1, chunks)
+    stages = ranks
+    ended: Dict[Tuple[int, int, int], float] = {}
+    position = [0] * ranks
+    free = [0.0] * ranks
+    remaining = sum(len(a) for a in actions)
+    while remaining:
+        progressed = False
+        for rank in range(ranks):
+            while position[rank] < len(actions[rank]):
+                kind, stage, microbatch = actions[rank][position[rank]]
+                if kind == 0:
+                    producer = (0, stage - 1, microbatch) if stage > 0 else None
+                elif kind == 1:
+                    producer = (1, stage + 1, microbatch) if stage < stages - 1 else (0, stage, microbatch)
+                else:
+                    producer = (1, stage, microbatch)
+                if producer is not None and producer not in ended:
+                    break
+                ready = 0.0 if producer is None else ended[producer] + (send_s if producer[1] != stage else 0.0)
+                ended[(kind, stage, microbatch)] = max(free[rank], ready) + durations[kind][stage]
+                free[rank] = ended[(kind, stage, microbatch)]
+                position[rank] += 1
+                remaining -= 1
+                progressed = True
+        if not progressed:
+            raise RuntimeError(f"plan: the {schedule} schedule on {ranks} ranks with {chunks} micro-batches does not "
+                               "progress in the simulation (a schedule the C++ check should have refused)")
+    return max(free)
+
+
+def step_seconds(costs: CostTable, layout: Layout) -> float:
+    """Predicted seconds of one ``train_step``: the simulated schedule over the stage times (with a
+    send of the stage output between ranks), then the data-parallel average of the largest stage's
+    gradients (one ring all-reduce)."""
+    forwards, backwards, weights = stage_times(costs, layout)
+    rows = layout.rows
+    send = costs.send_s(costs.boundary_bytes * rows / (layout.tp if layout.sequence_parallel else 1)) \
+        if layout.pp > 1 else 0.0
+    if layout.pp == 1:
+        compute = layout.chunks * (forwards[0] + backwards[0] + weights[0])
+    else:
+        compute = simulate(layout.schedule, layout.pp, layout.chunks, {0: forwards, 1: backwards, 2: weights}, send)
+    gradients = max(_params(costs, layers, stage == 0, stage == layout.pp - 1, layout.tp)
+                    for stage, layers in enumerate(stage_layers(layout.balance)))
+    return compute + costs.all_reduce_s(gradients, layout.dp)

@@ -1,0 +1,182 @@
+"""``torch_mp.plan``: every layout of the world's ranks, costed, the fastest that fits chosen."""
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import torch.distributed as dist
+from torch import nn
+
+from torch_mp import _C
+from torch_mp._pipelining.cut import UNLIMITED, MemoryLike, parse_bytes
+from torch_mp._tensors import map_tensors
+from torch_mp._planner.apply import measure_steps
+from torch_mp._planner.costs import CostTable, measure_costs
+from torch_mp._planner.model import Layout, peak_bytes, step_seconds
+from torch_mp._planner.plans import Candidate, Plan, size
+
+SCHEDULES = ("gpipe", "1f1b", "zb_h1")
+CHECKPOINTS = ("never", "always")
+
+
+def _divisors(n: int) -> List[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def layouts(costs: CostTable, world_size: int, batch: int, schedules: Sequence[str] = SCHEDULES,
+            max_chunks: int = 8, checkpoints: Sequence[str] = CHECKPOINTS) -> List[Layout]:
+    """Every layout the library can run: pp x tp x dp = ``world_size``; pp at most the layers;
+    tp dividing every count in ``costs.tp_must_divide`` (heads, key-value heads, experts); dp
+    dividing the batch and the micro-batches (up to ``max_chunks``) each group's rows; sequence
+    parallel only with tp > 1 and no experts; a schedule only with a pipeline (pp > 1; without one
+    the micro-batches run one after the other, "1f1b" in the layout); recompute (checkpoint
+    "always") only with tp 1, as the pipeline cannot yet recompute a tensor-parallel layer. Each pipeline's stages are
+    balanced by measured forward+backward time (``_C._balance_by_size``, as ``balance="time"``)."""
+    count = len(costs.layers)
+    layer_time = [max(1, int((f.at(1) + b.at(1)) * 1e6)) for f, b in zip(costs.forward, costs.backward)]
+    found = []
+    for pp in _divisors(world_size):
+        if pp > count:
+            continue
+        balance = tuple(_C._balance_by_size(layer_time, [UNLIMITED] * pp))
+        for tp in _divisors(world_size // pp):
+            if any(n % tp for n in costs.tp_must_divide):
+                continue
+            if costs.experts and tp == 1:
+                # transformers' experts do not run in our pipeline uncut: grouped_mm's meta kernel wants
+                # bf16, the eager experts branch on which experts got tokens; tensor parallel replaces them.
+                continue
+            dp = world_size // pp // tp
+            if batch % dp:
+                continue
+            for chunks in [m for m in _divisors(batch // dp) if m <= max_chunks]:
+                for schedule in (schedules if pp > 1 else ("1f1b",)):
+                    # The pipeline's recompute of a tensor-parallel layer fails today (aten.mul got mixed
+                    # torch.Tensor and DTensor): checkpointing only without tensor parallel.
+                    for checkpoint in (checkpoints if tp == 1 else [c for c in checkpoints if c == "never"]):
+                        for sp in ((False, True) if tp > 1 and costs.sequence_parallel else (False,)):
+                            found.append(Layout(pp, tp, dp, schedule, chunks, checkpoint, sp, balance, batch))
+    return found
+
+
+def _rank_key(candidate: Candidate):
+    layout = candidate.layout
+    return (round(candidate.step_s, 9), candidate.peak, layout.pp, layout.tp, layout.chunks,
+            layout.schedule, layout.checkpoint, layout.sequence_parallel)
+
+
+def plan(model: nn.Module, world_size: int, device_memory: MemoryLike, batch: int, sample=None,
+         costs: Optional[CostTable] = None, group=None, layers: Optional[Sequence[str]] = None,
+         schedules: Sequence[str] = SCHEDULES, max_chunks: int = 8,
+         collectives: Optional[Tuple[float, float]] = None, measure: Union[bool, int] = False,
+         loss_fn: Optional[Callable] = None, target=None) -> Plan:
+    """Picks the parallel layout of ``model`` for ``world_size`` ranks of ``device_memory`` each
+    (bytes, or a string such as ``"80GiB"`` as for ``max_memory``) and ``batch`` samples per step.
+
+    The cost model (``torch_mp._planner``): each layer's forward and backward time measured on
+    ``sample`` (inputs as for ``pipeline(balance="time")``: a tuple or a dict; its dim 0 the
+    samples) and on its first row, a line in the rows per micro-batch; all-reduces and sends from an
+    alpha-beta fit over ``group`` (every rank of it calls ``plan`` together: the default group when
+    torch.distributed is initialized; all get the same table and plan); memory per rank from the
+    parameters, their gradients, AdamW's two fp32 states, the flattened gradients the data-parallel
+    average sends and the activations autograd saves, times the micro-batches in flight (GPipe:
+    all; 1F1B: up to the stages), tensor parallel dividing matrices and (with sequence parallel
+    all, else 24/34 of, Korthikanti et al. 2022) the activations; the pipeline bubble by replaying
+    the C++ schedule with each action's duration. ``costs=``: a ``CostTable`` to plan from instead
+    of measuring (the plan is then a pure function of its arguments). ``collectives``:
+    ``(alpha_s, beta_s_per_byte)`` of the link instead of fitting them over ``group`` (for planning
+    on one process for a cluster). ``layers``: the blocks to cut between (as for ``pipeline``);
+    ``schedules``: the pipeline schedules to consider; ``max_chunks``: the most micro-batches. Candidates are ranked by
+    predicted step time, ties by peak memory, then by the layout; those whose peak exceeds
+    ``device_memory`` are rejected ("does not fit (needs X)"), the others listed as "slower by x%".
+    After Alpa (Zheng et al., OSDI 2022) and Megatron-LM's rules of thumb (Narayanan et al., 2021),
+    with a search small enough to enumerate.
+
+    ``measure``: True (3) or a count: run that many of the best-ranked layouts that fit for a few
+    steps each (every rank of the default group calls ``plan``; each layout applied to a deep copy
+    of ``model``, on ``sample`` tiled to ``batch`` rows, with ``loss_fn`` and ``target``, tiled
+    likewise when it has the sample's rows) and keep the fastest measured; ``plan.measured`` holds
+    their seconds.
+
+    Returns a ``Plan``; apply it with ``torch_mp.parallelize(model, plan)``.
+
+    Raises TypeError/ValueError naming the argument for a ``world_size`` or ``batch`` that is not
+    an int >= 1 or a ``device_memory`` that is not a size; ValueError without ``sample`` or
+    ``costs``, for a schedule outside ("gpipe", "1f1b", "zb_h1"), and when no layout fits,
+    naming the smallest ``device_memory`` one would need; with ``measure``, ValueError without
+    ``loss_fn`` or ``sample``, or when torch.distributed's world is not ``world_size`` (before any
+    collective).
+    """
+    for name, value in (("world_size", world_size), ("batch", batch), ("max_chunks", max_chunks)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"plan: {name} = {value!r}; expected an int >= 1")
+    memory = parse_bytes(device_memory, "device_memory")
+    trials = 3 if measure is True else 0 if measure is False else measure
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 0:
+        raise ValueError(f"plan: measure = {measure!r}; expected True, False or a count of layouts >= 0")
+    if trials:
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if world != world_size or loss_fn is None or sample is None:
+            raise ValueError(f"plan: measure = {measure!r} runs the layouts on this world ({world} ranks) with sample= "
+                             f"and loss_fn=; expected world_size = {world} (got {world_size}), sample and loss_fn given "
+                             f"(sample {'given' if sample is not None else 'None'}, loss_fn {loss_fn!r})")
+    unknown = [s for s in schedules if s not in SCHEDULES]
+    if unknown or not schedules:
+        raise ValueError(f"plan: schedules = {list(schedules)!r}; expected some of {list(SCHEDULES)}")
+    if costs is None:
+        if sample is None:
+            raise ValueError("plan: sample = None and costs = None; expected sample= (inputs to time the layers on, "
+                             "a tuple or a dict) or costs= (a CostTable)")
+        costs = measure_costs(model, sample, group, list(layers) if layers is not None else None, collectives)
+    elif not isinstance(costs, CostTable):
+        raise TypeError(f"plan: costs is a {type(costs).__name__}; expected a torch_mp CostTable")
+    candidates = sorted((Candidate(layout, step_seconds(costs, layout), tuple(peak_bytes(costs, layout)))
+                         for layout in layouts(costs, world_size, batch, schedules, max_chunks)), key=_rank_key)
+    if not candidates:
+        raise ValueError(f"plan: no layout of {type(model).__name__} runs on world_size = {world_size} with batch = "
+                         f"{batch} (tp must divide {list(costs.tp_must_divide)}, pp at most {len(costs.layers)} "
+                         "layers, dp must divide the batch)")
+    fitting = [c for c in candidates if c.peak <= memory]
+    if not fitting:
+        smallest = min(candidates, key=lambda c: (c.peak, _rank_key(c)))
+        lay = smallest.layout
+        raise ValueError(f"plan: device_memory = {size(memory)} ({memory} bytes) fits no layout of "
+                         f"{type(model).__name__} on {world_size} ranks with batch {batch}; the smallest needs "
+                         f"{size(smallest.peak)} ({smallest.peak} bytes: pp {lay.pp} x tp {lay.tp} x dp {lay.dp}, "
+                         f"{lay.chunks} micro-batches, checkpoint {lay.checkpoint}); expected device_memory >= that")
+    best = fitting[0]
+    alternatives = tuple(Candidate(c.layout, c.step_s, c.peak_bytes,
+                                   f"slower by {(c.step_s / best.step_s - 1) * 100:.0f}%") for c in fitting[1:])
+    rejected = tuple(sorted((Candidate(c.layout, c.step_s, c.peak_bytes, f"does not fit (needs {size(c.peak)})")
+                             for c in candidates if c.peak > memory), key=lambda c: (c.peak, _rank_key(c))))
+    plan = Plan(world_size, memory, batch, best, alternatives, rejected, costs)
+    if not trials:
+        return plan
+    tried = fitting[:trials]
+    seconds = measure_steps(model, plan, tried, _tiled(sample, batch), _tiled(target, batch, _rows_of(sample)),
+                            loss_fn)
+    fastest = min(range(len(tried)), key=lambda i: (seconds[i], i))
+    best = tried[fastest]
+    others = [c for c in fitting if c is not best]
+    alternatives = tuple(Candidate(c.layout, c.step_s, c.peak_bytes,
+                                   f"slower by {(c.step_s / best.step_s - 1) * 100:.0f}%"
+                                   + (f" (measured {seconds[tried.index(c)] * 1e3:.1f} ms)" if c in tried else ""))
+                         for c in others)
+    return Plan(world_size, memory, batch, best, alternatives, rejected, costs,
+                tuple((c.layout, s) for c, s in zip(tried, seconds)))
+
+
+def _rows_of(sample) -> int:
+    found: list = []
+    map_tensors(sample, lambda t: found.append(t.shape[0]) if t.dim() else None)
+    return found[0] if found else 0
+
+
+def _tiled(value, batch: int, rows: Optional[int] = None):
+    """``value``'s tensors repeated along dim 0 to ``batch`` rows (those of ``rows`` rows, or all)."""
+    def tile(t):
+        if not t.dim() or (rows is not None and t.shape[0] != rows):
+            return t
+        return t.repeat(*([-(-batch // t.shape[0])] + [1] * (t.dim() - 1)))[:batch]
+    if isinstance(value, dict):
+        return {key: map_tensors(item, tile) for key, item in value.items()}
+    if isinstance(value, tuple):
+        raise ValueError("plan: measure= needs sample as a dict of keyword inputs (train_step's **inputs)")
+    return map_tensors(value, tile)
