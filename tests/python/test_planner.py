@@ -1,8 +1,8 @@
 """torch_mp.plan and torch_mp.parallelize: the cost model's arithmetic (the bubble replayed from the
 C++ schedules against the closed forms, memory sums), the search (deterministic for a fixed cost
 table, never an infeasible layout, a clear refusal naming the smallest memory), and applied plans
-against the dense model (tiny Llama, 4 Gloo ranks, two memory limits giving different layouts:
-marked ``planner_full``, run by ``make test-planner``; about 2 minutes on a loaded 2-core host)."""
+against the dense model (tiny Llama, 4 Gloo ranks, two memory limits giving different layouts).
+``plan(measure=)`` runs layouts for real: marked ``planner_full``, run by ``make test-planner``."""
 import dataclasses
 
 import pytest
@@ -198,7 +198,6 @@ def check_plan_matches_dense(rank, world, plans):
             torch.testing.assert_close(gathered[name], param.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.planner_full
 def test_applied_plans_give_the_dense_loss_and_gradients():
     """Two memory limits, two layouts (the roomy one data parallel, the tight one below every
     layout without a pipeline), each applied on 4 Gloo ranks with the whole batch passed on every
