@@ -67,7 +67,8 @@ int main(int argc, char** argv) {
   const auto& group = mesh.pp;
   const torch_mp::TensorParallelPlan plan = {{"0", "vocab"}, {"[15]", "colwise"}, {"[37]", "rowwise"}};
   auto sharded = torch_mp::tensor_parallel(make_model(), tp > 1 ? plan : torch_mp::TensorParallelPlan{}, mesh.tp);
-  auto model = torch_mp::pipeline_parallel(sharded, group, torch_mp::PipelineOptions().schedule(schedule).chunks(chunks));
+  auto model =
+      torch_mp::pipeline_parallel(sharded, group, torch_mp::PipelineOptions().schedule(schedule).chunks(chunks));
   torch::optim::SGD optimizer(model->parameters(), 0.5);
   auto dense = make_model();
   torch::optim::SGD dense_optimizer(dense->parameters(), 0.5);
@@ -102,7 +103,8 @@ int main(int argc, char** argv) {
   torch_mp::destroy_process_group(mesh.pp);
   torch_mp::destroy_process_group(mesh.tp);
   if (worst > 1e-5) {
-    std::cerr << "pp rank " << group.rank << " tp rank " << mesh.tp.rank << ": the pipeline's losses differ from the dense model's by " << worst << "\n";
+    std::cerr << "pp rank " << group.rank << " tp rank " << mesh.tp.rank
+              << ": the pipeline's losses differ from the dense model's by " << worst << "\n";
     return 1;
   }
   return 0;

@@ -104,6 +104,7 @@ TEST(TensorParallel, DropoutDrawsTheDenseMasks) {
 }
 
 TEST(TensorParallel, DropoutProbabilityOutOfRange) {
-  EXPECT_NE(error_of([] { torch_mp::nn::ParallelDropout(1.5); }).find("ParallelDropout: p = 1.5; expected a probability in [0, 1]"),
+  EXPECT_NE(error_of([] { torch_mp::nn::ParallelDropout(1.5); })
+                .find("ParallelDropout: p = 1.5; expected a probability in [0, 1]"),
             std::string::npos);
 }
