@@ -65,6 +65,25 @@ int64_t env_int(const char* name, std::optional<int64_t> given) {
   return std::stoll(value);
 }
 
+// A TCPStore at MASTER_ADDR:MASTER_PORT, served by `rank` 0 unless torchrun's agent serves it.
+c10::intrusive_ptr<c10d::Store> torchrun_store(const char* op, int64_t rank, int64_t world_size,
+                                               std::chrono::milliseconds timeout) {
+  const char* addr = std::getenv("MASTER_ADDR");
+  const char* port = std::getenv("MASTER_PORT");
+  TORCH_CHECK_VALUE(
+      addr && port, op, ": MASTER_ADDR and MASTER_PORT are not set; expected them "
+      "in the environment (torchrun sets them) or a store in ProcessGroupOptions");
+  c10d::TCPStoreOptions store_options;
+  store_options.port = static_cast<std::uint16_t>(std::stoi(port));
+  // Under torchrun the agent serves the store already; rank 0 then joins it as a client.
+  const char* agent_store = std::getenv("TORCHELASTIC_USE_AGENT_STORE");
+  const bool agent_serves = agent_store && (std::string(agent_store) == "True" || std::string(agent_store) == "1");
+  store_options.isServer = rank == 0 && !agent_serves;
+  store_options.numWorkers = static_cast<std::size_t>(world_size);
+  store_options.timeout = timeout;
+  return c10::make_intrusive<c10d::TCPStore>(addr, store_options);
+}
+
 } // namespace
 
 Group init_process_group(const ProcessGroupOptions& options) {
@@ -73,23 +92,7 @@ Group init_process_group(const ProcessGroupOptions& options) {
   TORCH_CHECK_VALUE(
       world_size >= 1 && rank >= 0 && rank < world_size, "init_process_group: rank ", rank,
       " and world size ", world_size, "; expected 0 <= rank < world size");
-  auto store = options.store;
-  if (!store) {
-    const char* addr = std::getenv("MASTER_ADDR");
-    const char* port = std::getenv("MASTER_PORT");
-    TORCH_CHECK_VALUE(
-        addr && port, "init_process_group: MASTER_ADDR and MASTER_PORT are not set; expected them "
-        "in the environment (torchrun sets them) or a store in ProcessGroupOptions");
-    c10d::TCPStoreOptions store_options;
-    store_options.port = static_cast<std::uint16_t>(std::stoi(port));
-    // Under torchrun the agent serves the store already; rank 0 then joins it as a client.
-    const char* agent_store = std::getenv("TORCHELASTIC_USE_AGENT_STORE");
-    const bool agent_serves = agent_store && (std::string(agent_store) == "True" || std::string(agent_store) == "1");
-    store_options.isServer = rank == 0 && !agent_serves;
-    store_options.numWorkers = static_cast<std::size_t>(world_size);
-    store_options.timeout = options.timeout;
-    store = c10::make_intrusive<c10d::TCPStore>(addr, store_options);
-  }
+  auto store = options.store ? options.store : torchrun_store("init_process_group", rank, world_size, options.timeout);
   auto group_store = c10::make_intrusive<c10d::PrefixStore>(
       options.store_prefix.empty() ? options.group_name : options.store_prefix, store);
   auto group = c10::make_intrusive<c10d::ProcessGroup>(group_store, rank, world_size);
@@ -122,6 +125,39 @@ void destroy_process_group(const Group& group) {
   }
   c10d::unregister_process_group(group.name);
   process_group->shutdown();
+}
+
+Mesh init_mesh(int64_t pp, int64_t tp, const ProcessGroupOptions& options) {
+  TORCH_CHECK_VALUE(pp >= 1, "init_mesh: pp = ", pp, "; expected an int >= 1");
+  TORCH_CHECK_VALUE(tp >= 1, "init_mesh: tp = ", tp, "; expected an int >= 1");
+  const auto rank = env_int("RANK", options.rank);
+  const auto world_size = env_int("WORLD_SIZE", options.world_size);
+  TORCH_CHECK_VALUE(
+      pp * tp == world_size, "init_mesh: pp=", pp, " x tp=", tp, " = ", pp * tp, " ranks but the world has ",
+      world_size, "; expected pp * tp == world size");
+  TORCH_CHECK_VALUE(
+      rank >= 0 && rank < world_size, "init_mesh: rank ", rank, " and world size ", world_size,
+      "; expected 0 <= rank < world size");
+  auto store = options.store ? options.store : torchrun_store("init_mesh", rank, world_size, options.timeout);
+  const auto prefix = options.store_prefix.empty() ? options.group_name : options.store_prefix;
+  const auto pp_index = rank / tp, tp_index = rank % tp;
+  // One dim's group: this rank's row of the mesh along it, meeting under a key of its own.
+  auto make = [&](const char* dim, int64_t size, int64_t index, int64_t row) {
+    if (size == 1) {
+      return Group::single();
+    }
+    ProcessGroupOptions sub = options;
+    sub.rank = index;
+    sub.world_size = size;
+    sub.store = store;
+    sub.group_name = options.group_name + "/" + dim;
+    sub.store_prefix = prefix + "/" + dim + std::to_string(row);
+    return init_process_group(sub);
+  };
+  Mesh mesh;
+  mesh.pp = make("pp", pp, pp_index, tp_index);
+  mesh.tp = make("tp", tp, tp_index, pp_index);
+  return mesh;
 }
 
 } // namespace torch_mp

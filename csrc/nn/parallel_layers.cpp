@@ -5,6 +5,8 @@
 #include <torch/nn/init.h>
 #include <torch_mp/ops.h>
 
+#include "nn/parallel_group.h"
+
 namespace torch_mp::nn {
 namespace {
 
@@ -139,6 +141,45 @@ VocabParallelEmbedding vocab_parallel_from_dense(const torch::nn::Embedding& den
   return layer;
 }
 
+ParallelDropoutImpl::ParallelDropoutImpl(ParallelDropoutOptions options_) : options(std::move(options_)) {
+  reset();
+}
+
+void ParallelDropoutImpl::reset() {
+  TORCH_CHECK_VALUE(options.p() >= 0 && options.p() <= 1, "ParallelDropout: p = ", options.p(),
+                    "; expected a probability in [0, 1]");
+  const auto& group = options.group();
+  TORCH_CHECK_VALUE(group.size >= 1 && group.rank >= 0 && group.rank < group.size, "ParallelDropout: group '",
+                    group.name, "' has size ", group.size, " and rank ", group.rank,
+                    "; expected size >= 1 and 0 <= rank < size");
+}
+
+at::Tensor ParallelDropoutImpl::forward(const at::Tensor& input) {
+  const auto p = options.p();
+  if (!is_training() || p == 0 || input.numel() == 0) {
+    return input;
+  }
+  if (p == 1) {
+    return input * at::zeros({}, input.options());
+  }
+  const auto& group = options.group();
+  const bool sharded = options.sharded() && group.size > 1;
+  TORCH_CHECK_VALUE(!sharded || (input.dim() >= 1 && input.device().is_cpu()), "ParallelDropout: a sharded ",
+                    input.device(), " input of shape ", input.sizes(),
+                    "; expected a CPU tensor with a feature (last) dim");
+  // The dense model's mask (torch's CPU dropout: empty_like(input).bernoulli_(1 - p)), then this rank's block.
+  auto dense_shape = input.sizes().vec();
+  if (sharded) {
+    dense_shape.back() *= group.size;
+  }
+  auto noise = at::empty(dense_shape, input.options().memory_format(at::MemoryFormat::Contiguous));
+  noise.bernoulli_(1 - p, options.generator());
+  if (sharded) {
+    noise = noise.narrow(-1, group.rank * input.size(-1), input.size(-1));
+  }
+  return input * noise.div_(1 - p);
+}
+
 VocabParallelCrossEntropyLossImpl::VocabParallelCrossEntropyLossImpl(VocabParallelCrossEntropyLossOptions options_)
     : options(std::move(options_)) {
   reset();
@@ -167,3 +208,35 @@ at::Tensor VocabParallelCrossEntropyLossImpl::forward(const at::Tensor& logits, 
 }
 
 } // namespace torch_mp::nn
+
+namespace torch_mp::detail {
+
+std::optional<Group> tensor_parallel_group(const torch::nn::Module& module, std::string_view op,
+                                           std::unordered_set<const c10::TensorImpl*>* sharded) {
+  std::optional<Group> found;
+  auto take = [&](const Group& group, std::initializer_list<const at::Tensor*> shards) {
+    for (const auto* shard : shards) {
+      if (sharded && shard->defined()) {
+        sharded->insert(shard->unsafeGetTensorImpl());
+      }
+    }
+    if (group.size <= 1) {
+      return;
+    }
+    TORCH_CHECK_VALUE(!found || found->name == group.name, op, ": the module holds parallel layers of the groups '",
+                      found ? found->name : "", "' and '", group.name, "'; expected one tensor-parallel group");
+    found = group;
+  };
+  for (const auto& child : module.modules(/*include_self=*/true)) {
+    if (const auto* layer = dynamic_cast<const nn::ColumnParallelLinearImpl*>(child.get())) {
+      take(layer->options.group(), {&layer->weight, &layer->bias});
+    } else if (const auto* layer = dynamic_cast<const nn::RowParallelLinearImpl*>(child.get())) {
+      take(layer->options.group(), {&layer->weight});
+    } else if (const auto* layer = dynamic_cast<const nn::VocabParallelEmbeddingImpl*>(child.get())) {
+      take(layer->options.group(), {&layer->weight});
+    }
+  }
+  return found;
+}
+
+} // namespace torch_mp::detail

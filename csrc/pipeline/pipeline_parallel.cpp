@@ -5,9 +5,11 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <numeric>
+#include <optional>
 #include <sstream>
 #include <tuple>
 #include <utility>
@@ -15,11 +17,13 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 #include <torch/autograd.h>
+#include <torch_mp/training.h>
 
 #include "checkpoint/sharded.h"
 #include "comm/collectives.h"
 #include "comm/group.h"
 #include "detail/stage.h"
+#include "nn/parallel_group.h"
 
 namespace torch_mp {
 namespace {
@@ -184,6 +188,35 @@ class Transport {
     inbox_.clear();
   }
 
+  // `tensor` (defined on rank `root` only) on every rank: its header (dtype, shape) then its
+  // values broadcast from root, each wait bounded by the timeout.
+  at::Tensor broadcast(const at::Tensor& tensor, int64_t root) {
+    if (info_.size == 1) {
+      return tensor;
+    }
+    const auto doing = "receiving the pipeline's output from rank " + std::to_string(root);
+    std::vector<int64_t> values(kHeaderSlots, 0);
+    if (info_.rank == root) {
+      const auto& dtypes = message_dtypes();
+      const auto dtype = std::find(dtypes.begin(), dtypes.end(), tensor.scalar_type());
+      TORCH_CHECK_VALUE(dtype != dtypes.end() && tensor.dim() <= kHeaderSlots - 8, kOp, ": the output is a ",
+                        tensor.scalar_type(), " tensor of ", tensor.dim(), " dims; expected one of ", join(dtypes),
+                        " with at most ", kHeaderSlots - 8, " dims");
+      values[5] = dtype - dtypes.begin();
+      values[7] = tensor.dim();
+      std::copy(tensor.sizes().begin(), tensor.sizes().end(), values.begin() + 8);
+    }
+    auto head = header(values);
+    post_broadcast(head, root, doing);
+    const auto got = head.to(at::kCPU);
+    const auto* v = got.data_ptr<int64_t>();
+    auto out = info_.rank == root ? tensor.contiguous()
+                                  : at::empty(c10::IntArrayRef(v + 8, v[7]),
+                                              at::TensorOptions().dtype(message_dtypes()[v[5]]).device(device_));
+    post_broadcast(out, root, doing);
+    return out;
+  }
+
   std::string where() const {
     return "rank " + std::to_string(info_.rank) + " of " + std::to_string(info_.size) + " in group '" +
            info_.name + "'";
@@ -216,6 +249,19 @@ class Transport {
     } catch (const std::exception& error) {
       failed(doing, error);
     }
+  }
+
+  void post_broadcast(at::Tensor& tensor, int64_t root, const std::string& doing) {
+    std::vector<at::Tensor> tensors{tensor};
+    c10d::BroadcastOptions options;
+    options.rootRank = root;
+    c10::intrusive_ptr<c10d::Work> work;
+    try {
+      work = group_->broadcast(tensors, options);
+    } catch (const std::exception& error) {
+      failed(doing, error);
+    }
+    wait(work, doing);
   }
 
   [[noreturn]] void failed(const std::string& doing, const std::exception& error) const {
@@ -314,6 +360,28 @@ void agree(const c10::intrusive_ptr<c10d::ProcessGroup>& group, const Group& inf
   TORCH_CHECK_VALUE(refusing.empty(), kOp, ": rank(s) ", join(refusing),
                     " refused their arguments (their errors name why); expected ", expected);
   check_agreement(rows, fields, expected, show);
+}
+
+// agree() over the pipeline's group, then over the tensor-parallel one (when `tp` is set) with
+// `expected` naming it: a rank that failed the first takes part in the second as refusing, so that
+// no rank waits for it.
+void agree_in_mesh(const c10::intrusive_ptr<c10d::ProcessGroup>& group, const Group& info,
+                   const std::optional<Group>& tp, c10::Device device, std::exception_ptr refused,
+                   const std::vector<int64_t>& row, const std::vector<std::string>& fields,
+                   const std::string& expected,
+                   const std::function<std::string(size_t field, const at::Tensor& row)>& show) {
+  try {
+    agree(group, info, device, refused, row, fields, expected, show);
+  } catch (const c10::ValueError&) {
+    if (!tp) {
+      throw;
+    }
+    refused = std::current_exception();
+  }
+  if (tp) {
+    agree(detail::resolve_group(kOp, tp->name, tp->size), *tp, device, refused, row, fields,
+          expected + " (compared over the tensor-parallel group '" + tp->name + "')", show);
+  }
 }
 
 constexpr int64_t kShownDims = 8;
@@ -417,22 +485,32 @@ PipelineParallelImpl::PipelineParallelImpl(torch::nn::Sequential sequential, Gro
       throw;
     }
   }
-  // Every rank must run the same plan: compared before any activation moves.
+  // The tensor-parallel group of the Sequential's layers (pp x tp): its ranks run the same stages.
+  try {
+    if (!sequential.is_empty()) {
+      tensor_parallel_group_ = detail::tensor_parallel_group(*sequential, kOp);
+    }
+  } catch (const c10::ValueError&) {
+    refused = refused ? refused : std::current_exception();
+  }
+  // Every rank must run the same plan: compared before any activation moves, over the pipeline's
+  // group and then over the tensor-parallel one.
   int64_t balance_hash = 0;
   for (const auto count : balance) {
     balance_hash = balance_hash * 1000003 + count;
   }
-  agree(process_group, group_, options_.device(), refused,
-        {static_cast<int64_t>(kind_), options_.stages_per_rank(), options_.chunks(), num_layers_, balance_hash},
-        {"schedule", "stages_per_rank", "chunks", "Sequential layers", "balance"},
-        "every rank to call pipeline_parallel with the same options and the same Sequential",
-        [&](size_t field, const at::Tensor& r) {
-          const auto value = r[static_cast<int64_t>(field)].item<int64_t>();
-          if (field == 0) {
-            return "'" + pipeline::schedule_kind_name(static_cast<pipeline::ScheduleKind>(value)) + "'";
-          }
-          return field == 4 ? std::string("(a different balance)") : std::to_string(value);
-        });
+  const std::vector<int64_t> row = {static_cast<int64_t>(kind_), options_.stages_per_rank(), options_.chunks(),
+                                    num_layers_, balance_hash};
+  const auto show = [&](size_t field, const at::Tensor& r) {
+    const auto value = r[static_cast<int64_t>(field)].item<int64_t>();
+    if (field == 0) {
+      return "'" + pipeline::schedule_kind_name(static_cast<pipeline::ScheduleKind>(value)) + "'";
+    }
+    return field == 4 ? std::string("(a different balance)") : std::to_string(value);
+  };
+  const std::vector<std::string> fields = {"schedule", "stages_per_rank", "chunks", "Sequential layers", "balance"};
+  agree_in_mesh(process_group, group_, tensor_parallel_group_, options_.device(), refused, row, fields,
+                "every rank to call pipeline_parallel with the same options and the same Sequential", show);
   const auto num_stages = static_cast<int64_t>(stage_ranks_.size());
   int64_t first = 0;
   layers_.resize(static_cast<size_t>(num_layers_));
@@ -462,20 +540,21 @@ std::vector<int64_t> PipelineParallelImpl::local_stages() const {
 }
 
 at::Tensor PipelineParallelImpl::forward(const at::Tensor& input) {
-  return run(input, nullptr, nullptr, nullptr);
+  return run(input, nullptr, nullptr, nullptr, std::nullopt);
 }
 
 at::Tensor PipelineParallelImpl::train_step(
     const at::Tensor& input,
     const at::Tensor& target,
     const LossFunction& loss_fn,
-    std::vector<pipeline::TimelineEvent>* timeline) {
+    std::vector<pipeline::TimelineEvent>* timeline,
+    std::optional<double> max_norm) {
   TORCH_CHECK_VALUE(loss_fn != nullptr, kOp, ": train_step got an empty loss_fn; expected a loss function");
-  return run(input, &target, &loss_fn, timeline);
+  return run(input, &target, &loss_fn, timeline, max_norm);
 }
 
 at::Tensor PipelineParallelImpl::run(const at::Tensor& input, const at::Tensor* target, const LossFunction* loss_fn,
-                                     std::vector<pipeline::TimelineEvent>* timeline) {
+                                     std::vector<pipeline::TimelineEvent>* timeline, std::optional<double> max_norm) {
   TORCH_CHECK(!broken_, kOp, ": an earlier step failed on ", "rank ", group_.rank,
               "; the ranks' messages are out of step: build the pipeline again (and its group)");
   const bool train = target != nullptr;
@@ -497,27 +576,43 @@ at::Tensor PipelineParallelImpl::run(const at::Tensor& input, const at::Tensor* 
       TORCH_CHECK_VALUE(input.size(0) == target->size(0), kOp, ": train_step got ", input.size(0), " inputs but ",
                         target->size(0), " targets; expected one target per sample along dim 0");
       held.emplace(named_parameters(), chunks, kOp);
+      TORCH_CHECK_VALUE(!max_norm || *max_norm >= 0, kOp, ": train_step got max_norm = ", *max_norm,
+                        "; expected a number >= 0 (or none)");
     }
   } catch (const c10::ValueError&) {
     refused = std::current_exception();
   }
   {
+    // max_norm's bits (-1: none), so that ranks clipping differently are told apart.
+    int64_t max_norm_bits = -1;
+    if (max_norm) {
+      std::memcpy(&max_norm_bits, &*max_norm, sizeof(max_norm_bits));
+    }
     std::vector<int64_t> row = {train ? 1 : 0, timeline != nullptr ? 1 : 0};
     append_shape(row, input);
     append_shape(row, train ? *target : at::Tensor());
     const auto target_at = 2 + kShownDims + 2;
+    const auto max_norm_at = static_cast<int64_t>(row.size());
+    row.push_back(max_norm_bits);
     std::vector<std::string> fields = {"call", "timeline"};
     fields.resize(row.size());
     fields[2] = "input shape";
     fields[target_at] = "target shape";
-    agree(process_group, group_, options_.device(), refused, row, fields,
-          "every rank to call the same method (train_step or forward) with the same batch shapes",
+    fields[max_norm_at] = "max_norm";
+    agree_in_mesh(process_group, group_, tensor_parallel_group_, options_.device(), refused, row, fields,
+          "every rank to call the same method (train_step or forward) with the same batch shapes and max_norm",
           [&](size_t field, const at::Tensor& r) -> std::string {
             if (field == 0) {
               return r[0].item<int64_t>() ? "train_step" : "forward";
             }
             if (field == 1) {
               return r[1].item<int64_t>() ? "with a timeline" : "without a timeline";
+            }
+            if (field == static_cast<size_t>(max_norm_at)) {
+              const auto bits = r[max_norm_at].item<int64_t>();
+              double value = 0;
+              std::memcpy(&value, &bits, sizeof(value));
+              return bits == -1 ? std::string("none") : c10::str(value);
             }
             return show_shape(r, field < static_cast<size_t>(target_at) ? 2 : target_at);
           });
@@ -678,7 +773,7 @@ at::Tensor PipelineParallelImpl::run(const at::Tensor& input, const at::Tensor* 
   }
   const bool holds_last = stage_ranks_[last_stage] == group_.rank;
   if (!train) {
-    return holds_last ? at::cat(outputs, 0) : at::Tensor();
+    return transport.broadcast(holds_last ? at::cat(outputs, 0) : at::Tensor(), stage_ranks_[last_stage]);
   }
   // The batch's loss on every rank, from the rank holding the last stage.
   auto total = at::zeros({1}, at::TensorOptions().dtype(at::kDouble).device(device));
@@ -689,6 +784,9 @@ at::Tensor PipelineParallelImpl::run(const at::Tensor& input, const at::Tensor* 
   }
   if (process_group) {
     detail::start_all_reduce(std::string("torch_mp::") + kOp, process_group, total).wait();
+  }
+  if (max_norm) {
+    clip_grad_norm_(*this, *max_norm);
   }
   return total.to(at::kCPU)[0];
 }

@@ -5,6 +5,7 @@
 #include <set>
 
 #include <c10/util/Exception.h>
+#include <torch/nn/modules/dropout.h>
 #include <torch/nn/modules/embedding.h>
 #include <torch/nn/modules/linear.h>
 #include <torch_mp/nn.h>
@@ -15,7 +16,11 @@ namespace {
 struct Rebuild {
   const TensorParallelPlan& plan;
   const Group& group;
+  std::optional<at::Generator> generator;
   std::set<std::string> matched_patterns;
+  // Whether the activations flowing past the current layer are sharded on their last dim (after a
+  // colwise layer, until a rowwise one).
+  bool sharded = false;
 
   // The style of the first pattern matching `name`; every matching pattern counts as used.
   const std::string* style_of(const std::string& name) {
@@ -31,19 +36,31 @@ struct Rebuild {
 
   torch::nn::AnyModule layer(const std::string& name, const torch::nn::AnyModule& dense) {
     const auto* style = style_of(name);
+    if (auto dropout = std::dynamic_pointer_cast<torch::nn::DropoutImpl>(dense.ptr());
+        dropout && (style == nullptr || *style == "replicate")) {
+      return torch::nn::AnyModule(nn::ParallelDropout(
+          nn::ParallelDropoutOptions(dropout->options.p()).sharded(sharded).group(group).generator(generator)));
+    }
     if (style == nullptr || *style == "replicate") {
+      if (std::dynamic_pointer_cast<torch::nn::LinearImpl>(dense.ptr()) ||
+          std::dynamic_pointer_cast<torch::nn::EmbeddingImpl>(dense.ptr())) {
+        sharded = false;
+      }
       return dense;
     }
     if (auto linear = std::dynamic_pointer_cast<torch::nn::LinearImpl>(dense.ptr())) {
       if (*style == "colwise") {
+        sharded = true;
         return torch::nn::AnyModule(nn::column_parallel_from_dense(torch::nn::Linear(linear), group));
       }
       if (*style == "rowwise") {
+        sharded = false;
         return torch::nn::AnyModule(nn::row_parallel_from_dense(torch::nn::Linear(linear), group));
       }
     }
     if (auto embedding = std::dynamic_pointer_cast<torch::nn::EmbeddingImpl>(dense.ptr())) {
       if (*style == "vocab") {
+        sharded = false;
         return torch::nn::AnyModule(nn::vocab_parallel_from_dense(torch::nn::Embedding(embedding), group));
       }
     }
@@ -72,9 +89,10 @@ struct Rebuild {
 torch::nn::Sequential tensor_parallel(
     const torch::nn::Sequential& module,
     const TensorParallelPlan& plan,
-    const Group& group) {
+    const Group& group,
+    std::optional<at::Generator> generator) {
   TORCH_CHECK_VALUE(!module.is_empty(), "tensor_parallel: the Sequential is null; expected a module to shard");
-  Rebuild rebuild{plan, group, {}};
+  Rebuild rebuild{plan, group, std::move(generator), {}};
   auto result = rebuild.sequence(*module.ptr());
   for (const auto& entry : plan) {
     TORCH_CHECK_VALUE(

@@ -12,44 +12,32 @@
 
 #include <torch_mp/nn.h>
 #include <torch_mp/ops.h>
+#include <torch_mp/pipeline_parallel.h>
+
+#include "nn/parallel_group.h"
 
 namespace torch_mp {
 namespace {
 
-// What one rank counts: the gradients of the shards it holds, the replicated ones on rank 0.
+// What one rank counts: the gradients of the shards it holds, the replicated ones on its
+// tensor-parallel group's rank 0.
 struct Counted {
   std::vector<at::Tensor> grads;           // every gradient (clipping scales them all)
   std::vector<at::Tensor> counted;         // those this rank counts
   std::optional<Group> group;              // the parallel layers' group, if any
+  std::optional<Group> pipeline;           // a pipeline's group: each parameter on one of its ranks
 };
-
-void take_group(Counted& counted, const Group& group) {
-  if (group.size <= 1) {
-    return;
-  }
-  TORCH_CHECK_VALUE(
-      !counted.group || counted.group->name == group.name,
-      "torch_mp::get_total_norm: the module holds parallel layers of the groups '", counted.group->name,
-      "' and '", group.name, "'; expected one tensor-parallel group");
-  counted.group = group;
-}
 
 Counted gradients_of(const torch::nn::Module& module) {
   Counted counted;
   std::unordered_set<const c10::TensorImpl*> sharded;
-  for (const auto& child : module.modules(/*include_self=*/true)) {
-    if (const auto* layer = dynamic_cast<const nn::ColumnParallelLinearImpl*>(child.get())) {
-      take_group(counted, layer->options.group());
-      sharded.insert(layer->weight.unsafeGetTensorImpl());
-      if (layer->bias.defined()) {
-        sharded.insert(layer->bias.unsafeGetTensorImpl());
-      }
-    } else if (const auto* layer = dynamic_cast<const nn::RowParallelLinearImpl*>(child.get())) {
-      take_group(counted, layer->options.group());
-      sharded.insert(layer->weight.unsafeGetTensorImpl());
-    } else if (const auto* layer = dynamic_cast<const nn::VocabParallelEmbeddingImpl*>(child.get())) {
-      take_group(counted, layer->options.group());
-      sharded.insert(layer->weight.unsafeGetTensorImpl());
+  counted.group = detail::tensor_parallel_group(module, "torch_mp::get_total_norm", &sharded);
+  if (const auto* pipe = dynamic_cast<const PipelineParallelImpl*>(&module)) {
+    // A stage with no parallel layers of its own still counts its replicated layers once per tp
+    // group: the group the pipeline's whole Sequential was sharded over.
+    counted.group = pipe->tensor_parallel_group();
+    if (pipe->group().size > 1) {
+      counted.pipeline = pipe->group();
     }
   }
   const bool first = !counted.group || counted.group->rank == 0;
@@ -76,8 +64,10 @@ at::Tensor total_norm(const Counted& counted, double norm_type) {
     const auto norm = at::linalg_vector_norm(grad, norm_type, {}, false, at::kFloat).to(device);
     local = inf ? at::maximum(local, norm) : local + norm.pow(norm_type);
   }
-  if (counted.group) {
-    local = primitives::all_reduce(local, inf ? "max" : "sum", *counted.group);
+  for (const auto& group : {counted.group, counted.pipeline}) {
+    if (group) {
+      local = primitives::all_reduce(local, inf ? "max" : "sum", *group);
+    }
   }
   return inf ? local : local.pow(1.0 / norm_type);
 }

@@ -1,14 +1,18 @@
 // A small next-token model trained as a pipeline across ranks by a LibTorch program, one process
 // per rank:
 //   torchrun --nproc-per-node 2 --no-python ./train_pipeline [--schedule 1f1b] [--chunks 4] [--steps 20]
-//                                                            [--check-dense]
+//                                                            [--tp 1] [--check-dense]
 // The rendezvous is torchrun's (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE). Each rank holds only
-// its stages' layers; rank 0 prints each step's loss and the tokens per second. With --check-dense
+// its stages' layers; rank 0 prints each step's loss and the tokens per second. With --tp T (and
+// T x stages processes: `torchrun --nproc-per-node 4 ... --tp 2`) the ranks form a 2-D mesh,
+// tensor parallel innermost: each stage's layers are sharded over its T ranks. With --check-dense
 // every rank also trains the dense model on the same batches and exits 1 when a loss differs by
 // more than 1e-5 (what CTest runs).
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <iostream>
 #include <string>
@@ -37,7 +41,7 @@ at::Tensor next_token_loss(const at::Tensor& logits, const at::Tensor& targets) 
 
 int main(int argc, char** argv) {
   std::string schedule = "1f1b";
-  int64_t chunks = 4, steps = 20;
+  int64_t chunks = 4, steps = 20, tp = 1;
   bool check_dense = false;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
@@ -47,6 +51,8 @@ int main(int argc, char** argv) {
       chunks = std::stoll(argv[++i]);
     } else if (arg == "--steps" && i + 1 < argc) {
       steps = std::stoll(argv[++i]);
+    } else if (arg == "--tp" && i + 1 < argc) {
+      tp = std::stoll(argv[++i]);
     } else if (arg == "--check-dense") {
       check_dense = true;
     } else {
@@ -54,9 +60,15 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  const auto group = torch_mp::init_process_group(); // gloo; RANK, WORLD_SIZE, MASTER_ADDR/PORT from torchrun
-  auto model = torch_mp::pipeline_parallel(make_model(), group,
-                                           torch_mp::PipelineOptions().schedule(schedule).chunks(chunks));
+  // gloo; RANK, WORLD_SIZE, MASTER_ADDR/PORT from torchrun. Pipeline stages across pp = world / tp
+  // ranks, each stage's layers sharded over tp ranks (Megatron's MLP pattern: colwise then rowwise).
+  const auto world = std::stoll(std::getenv("WORLD_SIZE") ? std::getenv("WORLD_SIZE") : "1");
+  const auto mesh = torch_mp::init_mesh(world / std::max<int64_t>(tp, 1), tp);
+  const auto& group = mesh.pp;
+  const torch_mp::TensorParallelPlan plan = {{"0", "vocab"}, {"[15]", "colwise"}, {"[37]", "rowwise"}};
+  auto sharded = torch_mp::tensor_parallel(make_model(), tp > 1 ? plan : torch_mp::TensorParallelPlan{}, mesh.tp);
+  auto model =
+      torch_mp::pipeline_parallel(sharded, group, torch_mp::PipelineOptions().schedule(schedule).chunks(chunks));
   torch::optim::SGD optimizer(model->parameters(), 0.5);
   auto dense = make_model();
   torch::optim::SGD dense_optimizer(dense->parameters(), 0.5);
@@ -81,15 +93,18 @@ int main(int argc, char** argv) {
       worst = std::max(worst, std::abs(dense_loss.item<double>() - loss));
       dense_text = "  (dense " + std::to_string(dense_loss.item<double>()) + ")";
     }
-    if (group.rank == 0) {
-      std::printf("step %lld  loss %.6f%s  %.0f tokens/s  (%s, %lld ranks, %lld micro-batches)\n",
+    if (group.rank == 0 && mesh.tp.rank == 0) {
+      std::printf("step %lld  loss %.6f%s  %.0f tokens/s  (%s, pp %lld x tp %lld ranks, %lld micro-batches)\n",
                   static_cast<long long>(step), loss, dense_text.c_str(), kBatch * kSequence / seconds,
-                  schedule.c_str(), static_cast<long long>(group.size), static_cast<long long>(chunks));
+                  schedule.c_str(), static_cast<long long>(group.size), static_cast<long long>(mesh.tp.size),
+                  static_cast<long long>(chunks));
     }
   }
-  torch_mp::destroy_process_group(group);
+  torch_mp::destroy_process_group(mesh.pp);
+  torch_mp::destroy_process_group(mesh.tp);
   if (worst > 1e-5) {
-    std::cerr << "rank " << group.rank << ": the pipeline's losses differ from the dense model's by " << worst << "\n";
+    std::cerr << "pp rank " << group.rank << " tp rank " << mesh.tp.rank
+              << ": the pipeline's losses differ from the dense model's by " << worst << "\n";
     return 1;
   }
   return 0;

@@ -36,4 +36,12 @@ if(TORCHRUN)
       message(FATAL_ERROR "torchrun of the pipeline example (${schedule}) failed: ${torchrun_result}")
     endif()
   endforeach()
+  # A 2-D mesh: two stages, each sharded over two ranks (tensor parallel innermost), four processes.
+  execute_process(
+    COMMAND ${TORCHRUN} --standalone --nproc-per-node 4 --no-python ${BINARY_DIR}/train_pipeline
+            --tp 2 --steps 5 --check-dense
+    RESULT_VARIABLE torchrun_result TIMEOUT 300)
+  if(NOT torchrun_result EQUAL 0)
+    message(FATAL_ERROR "torchrun of the pipeline example at pp 2 x tp 2 failed: ${torchrun_result}")
+  endif()
 endif()

@@ -1,8 +1,10 @@
 // torch_mp::tensor_parallel on a torch::nn::Sequential, two ranks, against the dense model.
+#include <ATen/CPUGeneratorImpl.h>
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 #include <torch_mp/torch_mp.h>
 
+#include "error_of.h"
 #include "two_ranks.h"
 
 namespace {
@@ -60,4 +62,49 @@ TEST(TensorParallel, BadPlansAreClearErrors) {
       << error_of({{"2", "colwise"}});
   EXPECT_NE(error_of({{"1", "vocab"}}).find("expected a torch::nn::Embedding"), std::string::npos);
   EXPECT_NE(error_of({{"1", "diagonal"}}).find("expected colwise, rowwise, vocab or replicate"), std::string::npos);
+}
+
+// Dropout in training mode draws the dense model's masks: on a colwise layer's sharded output (each
+// rank keeps its block of the dense mask) and on replicated activations. The ranks are threads, so
+// each passes its own generator seeded as the dense run's default generator was.
+TEST(TensorParallel, DropoutDrawsTheDenseMasks) {
+  torch::manual_seed(0);
+  auto dense = torch::nn::Sequential(
+      torch::nn::Embedding(12, 8), torch::nn::Linear(8, 32), torch::nn::GELU(), torch::nn::Dropout(0.3),
+      torch::nn::Linear(32, 8), torch::nn::Dropout(0.2), torch::nn::Linear(8, 8));
+  const torch_mp::TensorParallelPlan plan = {{"0", "vocab"}, {"1", "colwise"}, {"4", "rowwise"}};
+  const auto ids = torch::randint(0, 12, {3, 5});
+  auto reference = std::dynamic_pointer_cast<torch::nn::SequentialImpl>(dense->clone());
+  reference->train();
+  torch::manual_seed(7);
+  const auto expected = reference->forward(ids);
+  expected.square().mean().backward();
+  const auto dense_grads = reference->named_parameters();
+  // Dropout is on: the output differs from eval mode's.
+  {
+    torch::NoGradGuard no_grad;
+    reference->eval();
+    ASSERT_FALSE(torch::allclose(reference->forward(ids), expected, 1e-3, 1e-4));
+  }
+  torch_mp::testing::run_two_ranks("tp_dropout", [&](const torch_mp::Group& group) {
+    auto sharded = torch_mp::tensor_parallel(
+        torch::nn::Sequential(std::dynamic_pointer_cast<torch::nn::SequentialImpl>(dense->clone())), plan, group,
+        at::make_generator<at::CPUGeneratorImpl>(7));
+    sharded->train();
+    const auto actual = sharded->forward(ids);
+    EXPECT_TRUE(torch::allclose(actual, expected, 1e-5, 1e-6)) << "rank " << group.rank;
+    actual.square().mean().backward();
+    const auto grads = sharded->named_parameters();
+    EXPECT_TRUE(torch::allclose(grads["1.weight"].grad(),
+                                dense_grads["1.weight"].grad().narrow(0, group.rank * 16, 16), 1e-4, 1e-7));
+    EXPECT_TRUE(torch::allclose(grads["4.weight"].grad(),
+                                dense_grads["4.weight"].grad().narrow(1, group.rank * 16, 16), 1e-4, 1e-7));
+    EXPECT_TRUE(torch::allclose(grads["6.weight"].grad(), dense_grads["6.weight"].grad(), 1e-4, 1e-7));
+  });
+}
+
+TEST(TensorParallel, DropoutProbabilityOutOfRange) {
+  EXPECT_NE(error_of([] { torch_mp::nn::ParallelDropout(1.5); })
+                .find("ParallelDropout: p = 1.5; expected a probability in [0, 1]"),
+            std::string::npos);
 }

@@ -52,4 +52,35 @@ inline void run_two_ranks(const std::string& name, const std::function<void(cons
   run_ranks(2, name, body, timeout);
 }
 
+// Runs `body` on pp x tp ranks as threads, each with its Mesh (torch_mp::init_mesh over one store).
+inline void run_mesh(int64_t pp, int64_t tp, const std::string& name, const std::function<void(const Mesh&)>& body,
+                     std::chrono::milliseconds timeout = std::chrono::seconds(60)) {
+  auto store = c10::make_intrusive<c10d::HashStore>();
+  auto run = [&](int64_t rank) {
+    try {
+      ProcessGroupOptions options;
+      options.rank = rank;
+      options.world_size = pp * tp;
+      options.store = store;
+      options.group_name = name + "_rank" + std::to_string(rank);
+      options.store_prefix = name;
+      options.timeout = timeout;
+      const auto mesh = init_mesh(pp, tp, options);
+      body(mesh);
+      destroy_process_group(mesh.pp);
+      destroy_process_group(mesh.tp);
+    } catch (const std::exception& error) {
+      ADD_FAILURE() << "rank " << rank << ": " << error.what();
+    }
+  };
+  std::vector<std::thread> others;
+  for (int64_t rank = 1; rank < pp * tp; ++rank) {
+    others.emplace_back(run, rank);
+  }
+  run(0);
+  for (auto& thread : others) {
+    thread.join();
+  }
+}
+
 } // namespace torch_mp::testing

@@ -68,4 +68,23 @@ Group init_process_group(const ProcessGroupOptions& options = {});
 // c10::ValueError when `group` was not made by init_process_group (or was destroyed already).
 void destroy_process_group(const Group& group);
 
+// The groups of a 2-D mesh of pp x tp ranks, tensor parallel innermost as Megatron-LM orders them
+// (and Python's torch_mp.init_mesh): rank = pp_index * tp + tp_index. `pp` joins the ranks with this
+// rank's tp_index (rank in it: pp_index), the pipeline's group; `tp` those with its pp_index (rank in
+// it: tp_index), the group of the stage's tensor-parallel layers. With 4 ranks and pp 2 x tp 2: tp
+// groups {0, 1} {2, 3}, pp groups {0, 2} {1, 3}. A dim of size 1 is Group::single().
+struct Mesh {
+  Group pp;
+  Group tp;
+};
+
+// Makes the mesh's groups over one rendezvous, what a LibTorch program under `torchrun
+// --nproc-per-node 4` calls before torch_mp::tensor_parallel(model, plan, mesh.tp) and
+// torch_mp::pipeline_parallel(model, mesh.pp). `options` as for init_process_group, for the whole
+// world (rank, world size, store, timeout, backend); the groups are registered as
+// options.group_name + "/pp" and "/tp" (destroy each with destroy_process_group). Errors:
+// c10::ValueError naming pp and tp when either is < 1 or pp * tp is not the world size, and those of
+// init_process_group.
+Mesh init_mesh(int64_t pp, int64_t tp, const ProcessGroupOptions& options = {});
+
 } // namespace torch_mp

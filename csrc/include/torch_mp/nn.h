@@ -9,7 +9,10 @@
 // sharded size is not a multiple of world, or the group's size or rank is out of range; forward
 // raises what the operator it calls raises (ops.h: c10::ValueError, c10::TypeError,
 // torch_mp::CollectiveError).
+#include <optional>
 #include <string>
+
+#include <ATen/core/Generator.h>
 
 #include <torch/arg.h>
 #include <torch/nn/cloneable.h>
@@ -108,6 +111,41 @@ ColumnParallelLinear column_parallel_from_dense(const torch::nn::Linear& dense, 
 RowParallelLinear row_parallel_from_dense(const torch::nn::Linear& dense, const Group& group,
                                           bool input_is_parallel = true);
 VocabParallelEmbedding vocab_parallel_from_dense(const torch::nn::Embedding& dense, const Group& group);
+
+struct ParallelDropoutOptions {
+  /* implicit */ ParallelDropoutOptions(double p = 0.5) : p_(p) {}
+  // The probability of zeroing an element, in [0, 1].
+  TORCH_ARG(double, p) = 0.5;
+  // The input's last dim is this rank's block (in rank order) of the dense activations' last dim,
+  // as after a colwise layer; false: the input is the dense activations, replicated.
+  TORCH_ARG(bool, sharded) = false;
+  TORCH_ARG(Group, group) = Group::single();
+  // The stream the masks are drawn from, the same state on every rank of the group; unset: the
+  // default CPU generator (seed every rank alike with torch::manual_seed). Ranks that are threads of
+  // one process share that one and need a generator each, seeded alike.
+  TORCH_ARG(std::optional<at::Generator>, generator) = std::nullopt;
+};
+
+// torch::nn::Dropout under tensor parallelism with the dense model's masks: in training mode each
+// rank draws the mask at the dense activations' shape ([*, last dim x world] when sharded) from the
+// shared stream, exactly as torch::nn::Dropout on the dense model draws it on the CPU (Bernoulli(1 -
+// p) in element order, scaled by 1 / (1 - p)), and keeps its block of the last dim. So the same seed
+// gives the dense model's outputs and gradients with dropout on, whatever the group size (Python:
+// torch_mp._tensor_parallel.dropout, which draws at the dense shape in the same way). Megatron-Core's
+// RNG tracker instead gives each tp rank a stream of its own for sharded regions (masks that differ
+// from the dense model's); torch_mp keeps the dense numbers, at the cost of drawing world times the
+// elements. Identity in eval mode. input [*, features] (sharded: features = this rank's block),
+// contiguous CPU tensors. Errors: c10::ValueError for p outside [0, 1] (constructor), a 0-dim or
+// CUDA input when sharded (forward).
+class ParallelDropoutImpl : public torch::nn::Cloneable<ParallelDropoutImpl> {
+ public:
+  explicit ParallelDropoutImpl(ParallelDropoutOptions options = {});
+  void reset() override;
+  at::Tensor forward(const at::Tensor& input);
+
+  ParallelDropoutOptions options;
+};
+TORCH_MODULE(ParallelDropout);
 
 struct VocabParallelCrossEntropyLossOptions {
   TORCH_ARG(Group, group) = Group::single();

@@ -58,8 +58,9 @@ class PipelineParallelImpl : public torch::nn::Module {
   PipelineParallelImpl(torch::nn::Sequential sequential, Group group, PipelineOptions options = {});
 
   // Inference: input [batch, *] (on every rank the same shape; only the first stage's rank reads
-  // its values) through every stage without autograd. Returns the output [batch, *] on the rank
-  // holding the last stage, an undefined tensor on the others. Errors as train_step's.
+  // its values) through every stage without autograd. Returns the output [batch, *] on every rank:
+  // the last stage's rank broadcasts it over the group (Python's pipeline(...)(x) does the same),
+  // each wait bounded by the timeout. Errors as train_step's.
   at::Tensor forward(const at::Tensor& input);
 
   // One training step: each micro-batch's forward and backward in the schedule's order, the
@@ -76,11 +77,15 @@ class PipelineParallelImpl : public torch::nn::Module {
   // scalar, raised on the last stage's rank and, as "rank r stopped the step", on the others.
   // CollectiveError for a peer that does not answer within the timeout. After an error the
   // pipeline is unusable (its messages are out of step): c10::Error on later calls.
+  // `max_norm` (a number >= 0; every rank the same, compared with the batch shapes): the step ends
+  // with torch_mp::clip_grad_norm_(*this, *max_norm), every gradient scaled by the dense model's
+  // norm (Python's train_step(..., max_norm=)); c10::ValueError for max_norm < 0 or NaN.
   at::Tensor train_step(
       const at::Tensor& input,
       const at::Tensor& target,
       const LossFunction& loss_fn,
-      std::vector<pipeline::TimelineEvent>* timeline = nullptr);
+      std::vector<pipeline::TimelineEvent>* timeline = nullptr,
+      std::optional<double> max_norm = std::nullopt);
 
   // Stage s's rank, for every stage.
   const std::vector<int64_t>& stage_ranks() const {
@@ -98,10 +103,16 @@ class PipelineParallelImpl : public torch::nn::Module {
   const PipelineOptions& options() const {
     return options_;
   }
+  // The group of the Sequential's tensor-parallel layers (torch_mp::tensor_parallel over a Mesh's
+  // tp group), whichever stage holds them; nullopt when there are none (or their group has one rank).
+  const std::optional<Group>& tensor_parallel_group() const {
+    return tensor_parallel_group_;
+  }
 
  private:
   Group group_;
   PipelineOptions options_;
+  std::optional<Group> tensor_parallel_group_;
   pipeline::ScheduleKind kind_;
   std::vector<int64_t> stage_ranks_;
   std::vector<std::pair<int64_t, int64_t>> stage_layers_;
@@ -111,7 +122,7 @@ class PipelineParallelImpl : public torch::nn::Module {
   bool broken_ = false;
 
   at::Tensor run(const at::Tensor& input, const at::Tensor* target, const LossFunction* loss_fn,
-                 std::vector<pipeline::TimelineEvent>* timeline);
+                 std::vector<pipeline::TimelineEvent>* timeline, std::optional<double> max_norm);
 };
 TORCH_MODULE(PipelineParallel);
 
@@ -124,6 +135,14 @@ TORCH_MODULE(PipelineParallel);
 // the length of options.balance; a balance entry < 1 or a balance that does not add up to the
 // layer count; a Sequential with fewer layers than stages; options or layer counts that differ
 // between ranks (naming each field and every rank's value).
+//
+// Pipeline x tensor parallel (a 2-D mesh, torch_mp::init_mesh): shard the Sequential with
+// torch_mp::tensor_parallel(model, plan, mesh.tp) on every rank, then pipeline it over mesh.pp:
+// each stage's layers are sharded over its tp group, whose ranks run the same schedule, each
+// sending its activations (replicated, or its shard when a stage ends between a colwise and a
+// rowwise layer) to the rank of the next stage with its tp index.
+// The options are then compared over the tp group as well (the same c10::ValueError), and
+// train_step gives the dense loss and, gathered over tp, the dense gradients.
 PipelineParallel pipeline_parallel(torch::nn::Sequential sequential, const Group& group, PipelineOptions options = {});
 
 // Saves a pipeline's parameters and buffers in torch_mp.save's format (torch_mp/_checkpoint/

@@ -2,7 +2,8 @@
 
 // Training utilities that see the whole model (the C++ face of torch_mp.clip_grad_norm_ and
 // torch_mp.get_total_norm): the dense model's gradient norm, the same on every rank, for a
-// SplitSequential, the Sequential that torch_mp::tensor_parallel returns, or any module.
+// SplitSequential, the Sequential that torch_mp::tensor_parallel returns, a PipelineParallel (of
+// tensor-parallel stages too), or any module.
 #include <ATen/core/Tensor.h>
 #include <torch/nn/module.h>
 
@@ -12,7 +13,9 @@ namespace torch_mp {
 // `module`'s parameters as one vector, each element of the dense model counted once: the shards of
 // nn::ColumnParallelLinear (weight, bias), nn::RowParallelLinear (weight) and
 // nn::VocabParallelEmbedding (weight) on their ranks, summed over their group (one all-reduce); every
-// other parameter (replicated: whole on each rank) on the group's rank 0 only. Parameters without a
+// other parameter (replicated: whole on each rank) on the group's rank 0 only. A PipelineParallel's
+// parameters are each on one rank of its group: the sum goes on over that group too (a second
+// all-reduce), its tensor-parallel group the one its Sequential was sharded over. Parameters without a
 // gradient do not count. Returns a 0-dim float32 tensor on the first gradient's device (the CPU when
 // there is none), equal on every rank. A collective when the module holds parallel layers: every rank
 // of their group calls it. What torch.nn.utils.get_total_norm gives on the dense model (Megatron-LM's
