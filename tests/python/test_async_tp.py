@@ -249,8 +249,5 @@ def check_compiled(rank, world):
         close(grads[f"_orig_mod.{key}"], dense_grads[key], f"compiled {key} grad against dense", MODEL_RTOL, MODEL_ATOL)
 
 
-@pytest.mark.xfail(strict=True, reason="regression with DTensor parameters: torch.compile of an async-TP model with "
-                   "sequence parallelism makes 11 graphs (the stock modules' to_local views and hooks break the "
-                   "graph, with no break reason); open work in issue 21")
 def test_compiled_async_tp_has_no_graph_break_and_matches_eager():
     run_ranks(2, check_compiled, timeout=280)

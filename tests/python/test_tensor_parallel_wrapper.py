@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import Shard
 
 import torch_mp
 from distributed import run_ranks
@@ -262,29 +263,76 @@ def test_shard_and_unshard_are_inverse_with_replicated_parts():
     check()
 
 
-def check_kv_heads_kept_whole_save_and_load(rank, world, folder):
-    """Llama with 2 KV heads on 4 ranks: a KV head held by 2 of the 4 ranks has no DTensor placement
-    (its gradient norm would be counted twice), so under plan="auto" the attention stays whole (and
-    says why) while the MLPs are sharded; torch_mp.save, load at TP=4 and into the dense model give
-    the dense numbers."""
+def check_kv_heads_shared_by_ranks(rank, world, folder):
+    """Llama (4 query heads, 2 KV heads) on 4 ranks: ranks {0, 1} use KV head 0, {2, 3} head 1. Each
+    rank holds 1/4 of k_proj's and v_proj's rows (a Shard(0) DTensor: half of the head its query head
+    uses, all-gathered with the other rank using it in the forward), not both heads whole: torch's
+    clip_grad_norm_ gives the dense norm (each row counted once, its gradient summed over the two
+    ranks), AdamW steps to the dense weights, a save/load round trip is bit-identical, and the
+    checkpoint loads into the dense model."""
     import zoo
 
     dense = zoo.build("llama")
-    sharded = torch_mp.tensor_parallel(copy.deepcopy(dense))
-    assert "no DTensor placement" in sharded.torch_mp_kept_whole["model.layers.0.self_attn"]
-    assert sharded.model.layers[0].mlp.up_proj.weight.to_local().shape[0] == dense.config.intermediate_size // world
-    torch_mp.save(sharded, folder)
-    dist.barrier()
+    model = torch_mp.tensor_parallel(copy.deepcopy(dense))
+    assert not model.torch_mp_kept_whole
+    for layer in range(dense.config.num_hidden_layers):
+        attention, dense_attention = model.model.layers[layer].self_attn, dense.model.layers[layer].self_attn
+        for proj in ("k_proj", "v_proj"):
+            weight, dense_weight = getattr(attention, proj).weight, getattr(dense_attention, proj).weight
+            assert weight.placements == (Shard(0),)
+            local = weight.to_local()
+            assert local.untyped_storage().nbytes() == dense_weight.numel() * dense_weight.element_size() // world
+            torch.testing.assert_close(local, dense_weight.chunk(world)[rank], rtol=0, atol=0)
     inputs = zoo.batch("llama")
+    torch.testing.assert_close(zoo.output_of(model, inputs), zoo.output_of(dense, inputs), rtol=1e-5, atol=1e-5)
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=0.05, weight_decay=0.1, eps=1e-3) for m in (dense, model)]
+    for step in range(2):
+        norms = []
+        for m, optimizer in zip((dense, model), optimizers):
+            optimizer.zero_grad()
+            zoo.output_of(m, inputs).square().mean().backward()
+            if m is model:
+                norms.append(float(torch_mp.get_total_norm(m)))
+            norms.append(float(torch.nn.utils.clip_grad_norm_(m.parameters(), 0.5)))
+            optimizer.step()
+        assert norms[1:] == pytest.approx(norms[:1] * 2, rel=1e-5), (step, norms)
+    full = torch_mp.full_state_dict(model)
+    for key, value in dense.state_dict().items():
+        torch.testing.assert_close(full[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    torch_mp.save(model, folder)
+    dist.barrier()
     fresh = torch_mp.tensor_parallel(zoo.build("llama", seed=5))
     torch_mp.load(fresh, folder)
-    torch.testing.assert_close(zoo.output_of(fresh, inputs), zoo.output_of(dense, inputs), rtol=1e-5, atol=1e-5)
-    fresh = torch_mp.load_full_state_dict(torch_mp.tensor_parallel(zoo.build("llama", seed=5)), dense.state_dict())
-    torch.testing.assert_close(zoo.output_of(fresh, inputs), zoo.output_of(dense, inputs), rtol=1e-5, atol=1e-5)
+    for (key, value), (fresh_key, fresh_value) in zip(model.state_dict().items(), fresh.state_dict().items()):
+        assert key == fresh_key and torch.equal(value.to_local(), fresh_value.to_local()), key
     whole = zoo.build("llama", seed=5)
     torch_mp.load(whole, folder)
-    torch.testing.assert_close(zoo.output_of(whole, inputs), zoo.output_of(dense, inputs), rtol=1e-5, atol=1e-5)
+    for key, value in whole.state_dict().items():
+        assert torch.equal(value, full[key]), key
 
 
-def test_kv_heads_kept_whole_save_and_load(tmp_path):
-    run_ranks(4, check_kv_heads_kept_whole_save_and_load, str(tmp_path / "checkpoint"), timeout=200)
+def check_kv_heads_shared_by_ranks_sequence_parallel(rank, world):
+    """The same Llama on 4 ranks with sequence parallelism, with and without async TP (k and v take
+    their products from the one all_gather_matmul with q, with their gathered weights): the dense
+    logits and gradients."""
+    import zoo
+
+    dense = zoo.build("llama")
+    inputs = zoo.batch("llama")
+    for async_tp in (False, True):
+        model = torch_mp.tensor_parallel(copy.deepcopy(dense), sequence_parallel=True, async_tp=async_tp)
+        for m in (dense, model):
+            m.zero_grad()
+            zoo.output_of(m, inputs).square().mean().backward()
+        torch.testing.assert_close(zoo.output_of(model, inputs), zoo.output_of(dense, inputs), rtol=1e-5, atol=1e-5)
+        grads = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
+        for name, p in dense.named_parameters():
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-5, msg=f"async_tp={async_tp} {name}")
+
+
+def test_kv_heads_shared_by_ranks_are_sharded_and_give_the_dense_numbers(tmp_path):
+    run_ranks(4, check_kv_heads_shared_by_ranks, str(tmp_path / "checkpoint"), timeout=400)
+
+
+def test_kv_heads_shared_by_ranks_under_sequence_parallelism_give_the_dense_numbers():
+    run_ranks(4, check_kv_heads_shared_by_ranks_sequence_parallel, timeout=400)

@@ -118,13 +118,15 @@ def check_layouts(rank, world):
     x = torch.randn(3, 8)
     torch.testing.assert_close(_norm_after_backward(model, lambda m: m(x).square().sum()),
                                _norm_after_backward(dense, lambda m: m(x).square().sum()), rtol=1e-5, atol=0)
-    # One KV head on 2 ranks: each rank holds all of k and v, Replicate (counted once).
+    # One KV head on 2 ranks: each rank holds half of k's and v's rows (Shard(0), gathered in the
+    # forward), not the whole head.
     config = dict(zoo._LLAMA_LIKE, num_key_value_heads=1)
     torch.manual_seed(0)
     import transformers
     dense = transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=zoo.VOCAB, **config))
     model = torch_mp.tensor_parallel(copy.deepcopy(dense))
-    assert model.model.layers[0].self_attn.k_proj.weight.placements == (Replicate(),)
+    assert model.model.layers[0].self_attn.k_proj.weight.placements == (Shard(0),)
+    assert model.model.layers[0].self_attn.k_proj.weight.to_local().shape[0] == config["hidden_size"] // 4 // world
     assert model.model.layers[0].self_attn.q_proj.weight.placements == (Shard(0),)
     inputs = zoo.batch("llama")
     torch.testing.assert_close(_norm_after_backward(model, lambda m: _loss(m, "llama", inputs)),

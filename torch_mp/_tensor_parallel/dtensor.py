@@ -100,7 +100,7 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
 def autograd_leaf(param: torch.Tensor) -> torch.Tensor:
     """The tensor whose gradient the backward accumulates for ``param``: the plain leaf of a DTensor
     parameter after ``local_parameters``, else ``param`` (where gradient hooks go)."""
-    return param.__dict__.get(_LEAF, param) if isinstance(param, DTensor) else param
+    return getattr(param, _LEAF, param) if isinstance(param, DTensor) else param
 
 
 _LEAF = "_torch_mp_leaf"

@@ -35,13 +35,14 @@ import logging
 from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from torch_mp._tensor_parallel import dtensor, moe
 from torch_mp._tensor_parallel.dropout import DenseDropoutRegion
-from torch_mp._group import GroupInfo, GroupLike, all_gather_rows, resolve_group
+from torch_mp._group import GroupInfo, GroupLike, all_gather_rows, process_group_of, resolve_group
 from torch_mp._hooks import linear_hook
 from torch_mp._tensor_parallel.sharding import COLWISE, HEADS, ROWWISE, VOCAB, ShardSpec, shard
 from torch_mp._tensor_parallel.plan import (
@@ -330,7 +331,11 @@ def _replicate_kv_heads(module: nn.Module, specs: Dict[str, ShardSpec], world: i
             continue
         heads = spec.parts[0] // head_dim
         if heads % world and world % heads == 0:
-            specs[name] = dataclasses.replace(spec, replicas=(world // heads,))
+            # Each rank holds 1/world of the rows (a plain Shard(0)), all-gathered over the ranks
+            # sharing a head; rows the group size does not divide: each head whole on its ranks.
+            divides = spec.parts[0] % world == 0
+            specs[name] = dataclasses.replace(spec, **({"weight_gather": world // heads} if divides
+                                                       else {"replicas": (world // heads,)}))
             replicas[owner_name] = world // heads
     return replicas
 
@@ -541,8 +546,28 @@ def _swap(module: nn.Module, name: str, spec: ShardSpec, group: GroupLike, info:
             layer.bias = local(bias, 0, replicas=spec.replicas) if spec.shards_bias() else bias
         if spec.replicas is not None and max(spec.replicas) > 1 and info.size > 1:
             _hook_gradients(layer, {"weight": _SumReplicated(spec, info), "bias": _SumReplicated(spec, info)})
+        if spec.weight_gather > 1:
+            layer.weight_gather = _head_sharing_group(group, info, spec.weight_gather)
     layer.tp_spec = spec
     setattr(module.get_submodule(parent_name), child_name, layer)
+
+
+_HEAD_SHARING_GROUPS: Dict[Tuple[str, Tuple[int, ...]], str] = {}
+
+
+def _head_sharing_group(group: GroupLike, info: GroupInfo, size: int) -> Tuple[str, int]:
+    """(name, size) of the process group of the ``size`` consecutive ranks of ``group`` that this
+    rank's key/value heads are shared by (the whole group when ``size`` is its size), made once per
+    set of ranks, by its members only."""
+    if size == info.size:
+        return info.name, size
+    ranks = dist.get_process_group_ranks(process_group_of(group) or dist.group.WORLD)
+    start = info.rank // size * size
+    members = tuple(ranks[start:start + size])
+    key = (info.name, members)
+    if key not in _HEAD_SHARING_GROUPS:
+        _HEAD_SHARING_GROUPS[key] = dist.new_group(list(members), use_local_synchronization=True).group_name
+    return _HEAD_SHARING_GROUPS[key], size
 
 
 class _VocabParallelLookup(nn.Embedding):
@@ -1002,7 +1027,7 @@ class _GatherAndMultiply:
         if not readers or torch.is_autocast_enabled(t.device.type):
             return torch.ops.torch_mp.gather_from_sp(t, SEQUENCE_DIM, info.name, info.size)
         gathered, products = torch.ops.torch_mp.all_gather_matmul(
-            t, [dtensor.local(c.weight) for c in readers], SEQUENCE_DIM, readers[0]._chunks_for(t.shape[SEQUENCE_DIM]), info.name,
+            t, [c.gathered(c.weight) for c in readers], SEQUENCE_DIM, readers[0]._chunks_for(t.shape[SEQUENCE_DIM]), info.name,
             info.size)
         for column, product in zip(readers, products):
             column.gathered_product = (gathered, product)

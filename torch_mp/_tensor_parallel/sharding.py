@@ -29,6 +29,9 @@ class ShardSpec:
     replicas: Optional[Tuple[int, ...]] = None  # per part: how many ranks hold each block (None: 1 each)
     input_is_parallel: bool = True  # rowwise only: False when the input arrives whole (transformers' rowwise_split_input)
     shard_dim: Optional[int] = None  # the dim cut of a weight not in nn.Linear layout (3-D expert weights)
+    # colwise key/value heads fewer than the ranks: the ranks sharing each head, which all-gather their
+    # rows of it (each rank holds 1/world of the rows, as for weight_gather=1) before computing
+    weight_gather: int = 1
 
     @property
     def dim(self) -> int:

@@ -167,6 +167,20 @@ class ColumnParallelLinear(_TensorParallel):
     # hook that gathers the input of the module holding this layer (with its siblings' products);
     # used once, by a call with that very input.
     gathered_product: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+    # Set by tensor_parallel for key/value heads fewer than the ranks: (group name, size) of the ranks
+    # whose query heads use this rank's KV heads. Each holds its share of their rows (Shard(0) over the
+    # whole group) and the forward all-gathers them over that group (its backward a reduce-scatter: the
+    # gradient summed over the ranks using the heads), as ZeRO-3 gathers a shard before use.
+    weight_gather: Optional[Tuple[str, int]] = None
+
+    def gathered(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The weight (or bias) this rank computes with: ``tensor``'s local rows, all-gathered over
+        ``weight_gather``'s group when set (``[rows * size, ...]``)."""
+        tensor = local(tensor)
+        if self.weight_gather is None:
+            return tensor
+        name, size = self.weight_gather
+        return torch.ops.torch_mp.gather_from_sp(tensor, 0, name, size)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, gather_output: bool = False,
                  group: GroupLike = None, device=None, dtype=None, input_is_copied: bool = False):
@@ -199,14 +213,15 @@ class ColumnParallelLinear(_TensorParallel):
         return layer
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        weight, bias = local(self.weight), None if self.bias is None else local(self.bias)
+        bias = None if self.bias is None else self.gathered(self.bias)
         if self.sequence_dim is not None:
             # The input was all-gathered along the sequence; that gather's backward (a reduce-scatter)
             # sums the input gradient's partial products across ranks.
             product, self.gathered_product = self.gathered_product, None
             if product is not None and product[0] is input:
                 return product[1] if bias is None else product[1] + bias
-            return torch.nn.functional.linear(input, weight, bias)
+            return torch.nn.functional.linear(input, self.gathered(self.weight), bias)
+        weight = self.gathered(self.weight)
         copied = input if self.input_is_copied else None
         if self.shared_input_copy is not None:
             copied = self.shared_input_copy(self, input)
