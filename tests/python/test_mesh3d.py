@@ -6,6 +6,7 @@ Llama and Mixtral with random weights, on 4 Gloo ranks (pp 2 x tp 2) and 8 (pp 2
 
 The 8-rank runs and the less common combinations are marked ``mesh3d_full`` (``make test-mesh3d``
 runs them; ``make test`` the rest)."""
+import functools
 import os
 
 import pytest
@@ -31,12 +32,12 @@ def randomized(model, seed):
     return model
 
 
-def llama(seed=0, layers=4, heads=4, kv_heads=2):
+def llama(seed=0, layers=4, heads=4, kv_heads=2, tied=False):
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(num_hidden_layers=layers, hidden_size=8 * heads, intermediate_size=64,
                                       num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=VOCAB,
                                       max_position_embeddings=32, bos_token_id=0, eos_token_id=1, pad_token_id=0,
-                                      use_cache=False)
+                                      use_cache=False, tie_word_embeddings=tied)
     return randomized(transformers.LlamaForCausalLM(config), seed + 100)
 
 
@@ -130,6 +131,71 @@ def test_llama_pp2_tp2_dp2_matches_dense(schedule, sequence_parallel):
 def test_mixtral_pp2_tp2_matches_dense():
     """Experts inside each stage, parallel over the stage's tensor-parallel group (all_to_all)."""
     run_ranks(4, check_matches_dense, 2, 1, 2, mixtral, "1f1b", False, timeout=400)
+
+
+def gathered_gradients(model, dense):
+    """The model's gradients gathered as the dense model's state_dict (``full_state_dict`` of the
+    gradients copied into the weights), then the dense weights loaded back, sharded as before."""
+    with torch.no_grad():
+        for param in [p for p in model.parameters() if not p.is_meta]:
+            param.copy_(param.grad)
+    gathered = torch_mp.full_state_dict(model)
+    torch_mp.load_full_state_dict(model, dense.state_dict())
+    return gathered
+
+
+def check_each_rank_holds_its_share(rank, world):
+    """pp 2 x tp 2: after the first step each rank holds only what its stage uses (the embedding on
+    the first stage, the final norm and head on the last; a tied embedding/head on both, its
+    gradient summed between just them), in shards of its tensor-parallel group; the dense numbers
+    over three AdamW steps."""
+    mesh = torch_mp.init_mesh(pp=2, dp=1, tp=2)
+    first = mesh["pp"].get_local_rank() == 0
+    ids = batch(4)
+    for tied in (True, False):
+        make = functools.partial(llama, layers=2, tied=tied)
+        dense = make()
+        model = parallelized(make, mesh)
+        assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+        dense_optimizer, optimizer = adamw(dense, eps=1e-4), adamw(model, eps=1e-4)
+        for step in range(3):  # the first places the tensors outside the layers; the others run so
+            loss = model.train_step(input_ids=ids, target=ids, loss_fn=loss_fn)
+            expected = loss_fn(dense(input_ids=ids), ids)
+            expected.backward()
+            torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-6, msg=f"tied {tied}, step {step}")
+            gathered = gathered_gradients(model, dense)
+            for name, param in dense.named_parameters():
+                torch.testing.assert_close(gathered[name], param.grad, rtol=1e-4, atol=1e-6,
+                                           msg=lambda m, name=name: f"tied {tied}, step {step}: {name}: {m}")
+            optimizer.step()
+            dense_optimizer.step()
+            optimizer.zero_grad()
+            dense_optimizer.zero_grad()
+        stepped = torch_mp.full_state_dict(model)
+        for name, value in dense.state_dict().items():
+            torch.testing.assert_close(stepped[name], value, rtol=1e-4, atol=1e-6)
+
+        # What this rank holds: its stage's layer, with the embedding on the first stage and the
+        # final norm and head on the last (the tied weight on both).
+        held = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.is_meta}
+        ends = {"model.embed_tokens.weight"} if first else {"model.norm.weight", "lm_head.weight"}
+        if tied:
+            ends |= {"model.embed_tokens.weight", "lm_head.weight"}
+        layer = f"model.layers.{0 if first else 1}."
+        assert held == ends | {name for name, _ in dense.named_parameters() if name.startswith(layer)}, held
+        # Bytes held per rank against the ideal: the dense model's (a tied weight once per end it is
+        # used at) over the 4 ranks; shards and norms replicated over tp make up the difference.
+        mine = sum(p.to_local().nbytes if isinstance(p, DTensor) else p.nbytes
+                   for p in model.parameters() if not p.is_meta)
+        shares = [None] * world
+        dist.all_gather_object(shares, mine)
+        ideal = (sum(p.nbytes for p in dense.parameters())
+                 + (dense.lm_head.weight.nbytes if tied else 0)) / world
+        assert max(shares) <= 1.02 * ideal, (tied, shares, ideal)
+
+
+def test_each_rank_holds_its_share_pp2_tp2():
+    run_ranks(4, check_each_rank_holds_its_share, timeout=400)
 
 
 def check_grad_scaler_decides_over_the_mesh(rank, world):
