@@ -21,6 +21,7 @@ from torch_mp._group import GroupLike, all_gather_rows, all_reduce_sum, process_
 from torch_mp._hooks import held_post_accumulate_hooks, refused_gradient_hooks
 from torch_mp._layers import check_layers, find_layers
 from torch_mp._pipelining.batch_norm import check_batch_statistics, defer_batch_norms
+from torch_mp._pipelining.caches import training_without_cache
 from torch_mp._pipelining.compiled import StageCompilation, install_entries
 from torch_mp._pipelining.cut import UNLIMITED, Balance, balanced_device_map
 from torch_mp._pipelining.engine import CHECKPOINTS, RankStep, placed_forward
@@ -150,7 +151,9 @@ class LocalPipe(_Pipe):
         with ``torch_mp.plot_timeline``); the numbers are the same either way. With ``max_norm``
         (a number >= 0) the step ends with ``torch_mp.clip_grad_norm_(module, max_norm)``: the
         gradients clipped by the dense model's norm (ValueError before anything runs for another
-        value)."""
+        value). A transformers model's ``config.use_cache`` is False during the step (a cache serves
+        decoding, not training), True again after it; ``use_cache=`` passed to ``train_step``
+        goes to the forward as given."""
         _check_timeline_flag(timeline)
         _check_max_norm(max_norm)
         sizes, parts, targets, weights = self._train_plan(args, kwargs, target, loss_fn, normalizer)
@@ -178,7 +181,8 @@ class LocalPipe(_Pipe):
             (loss * weights[m]).backward()
 
         try:
-            with held_post_accumulate_hooks(self.module.parameters() if in_parts else ()):
+            with held_post_accumulate_hooks(self.module.parameters() if in_parts else ()), \
+                    training_without_cache(self.module, kwargs):
                 losses = self._batch(lambda: run_micro_batches(
                     self, schedule, count, forward,
                     backward if recorder is None else recorder.timed_backward(backward, self.num_stages),
@@ -285,7 +289,7 @@ class DistributedPipe(_Pipe):
 
         actions = _C._pipeline_schedule(self.schedule, self.world, self.stages_per_rank, count)[self.rank]
         works = [lambda m=m: work(m) for m in range(count)]
-        with torch.enable_grad():
+        with torch.enable_grad(), training_without_cache(self.module, kwargs):
             self._batch(lambda: self._run(actions, works, (parts, targets), losses, count, train=True,
                                           timeline=timeline, max_norm=max_norm))
         if max_norm is not None:
