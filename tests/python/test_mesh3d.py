@@ -244,8 +244,8 @@ def steps(model, optimizer, ids, count, piped=True):
 
 def check_checkpoints_across_layouts(rank, world, folder):
     """Saved at (pp 2, tp 2): loaded into the plain Llama, at (pp 1, tp 2), (pp 2, tp 1) and (pp 4,
-    tp 1: one layer per rank), each then stepping as the dense model does; resumed at (pp 2, tp 2) bit-identical to the run that
-    went on without stopping."""
+    tp 1: one layer per rank), each then stepping as the dense model does; resumed at (pp 2, tp 2)
+    bit-identical to the run that went on without stopping."""
     path = os.path.join(folder, "checkpoint")
     ids = batch(4)
     mesh = torch_mp.init_mesh(pp=2, dp=1, tp=2)
