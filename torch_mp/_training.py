@@ -114,8 +114,10 @@ def _layout_of_module(model: nn.Module) -> _Layout:
     for state in every_state.values():
         if distributed and state.kind in (PIPELINE, TENSOR_PARALLEL):
             ranks_of[id(state)] = layout.add_group(process_group_of(state.group))
-            for params, tie_group in state.pipe.ties if state.kind == PIPELINE else ():
-                ranks_of.update({id(param): tuple(dist.get_process_group_ranks(tie_group)) for param in params})
+            group = process_group_of(state.group)
+            for params, ranks in state.pipe.ties if state.kind == PIPELINE else ():
+                tied = tuple(dist.get_global_rank(group, r) if group is not None else r for r in ranks)
+                ranks_of.update({id(param): tied for param in params})
     for param in root.parameters():
         if param.is_meta:  # another pipeline rank's stage
             continue

@@ -5,6 +5,7 @@
 #include <limits>
 #include <numeric>
 #include <sstream>
+#include <utility>
 
 #include <c10/util/Exception.h>
 #include <torch_mp/ops.h>
@@ -79,26 +80,15 @@ std::vector<int64_t> balance_by_size(
   }
 
   // best[j][i]: the least possible largest device load when layers [0, i) sit on devices [0, j),
-  // each device holding a contiguous run (possibly empty) that fits its capacity; empty[j][i]: the
-  // fewest empty runs among those cuts. Among equally good cuts the one with fewest empty devices
-  // wins (parameter-free layers weigh nothing: [0, 2] would be as good as [1, 1] by load alone).
+  // each device holding a contiguous run (possibly empty) that fits its capacity.
   std::vector<std::vector<int64_t>> best(k + 1, std::vector<int64_t>(n + 1, kUnlimited));
-  std::vector<std::vector<size_t>> empty(k + 1, std::vector<size_t>(n + 1, 0));
-  std::vector<std::vector<size_t>> cut(k + 1, std::vector<size_t>(n + 1, 0));
   best[0][0] = 0;
   for (size_t j = 1; j <= k; ++j) {
     for (size_t i = 0; i <= n; ++i) {
       for (size_t t = 0; t <= i; ++t) {
         const auto load = prefix[i] - prefix[t];
-        if (best[j - 1][t] == kUnlimited || load > capacities[j - 1]) {
-          continue;
-        }
-        const auto worst = std::max(best[j - 1][t], load);
-        const auto empties = empty[j - 1][t] + (t == i ? 1 : 0);
-        if (worst < best[j][i] || (worst == best[j][i] && empties < empty[j][i])) {
-          best[j][i] = worst;
-          empty[j][i] = empties;
-          cut[j][i] = t;
+        if (best[j - 1][t] != kUnlimited && load <= capacities[j - 1]) {
+          best[j][i] = std::min(best[j][i], std::max(best[j - 1][t], load));
         }
       }
     }
@@ -109,6 +99,35 @@ std::vector<int64_t> balance_by_size(
       " layers need ", prefix[n], " bytes in all and the largest needs ",
       *std::max_element(layer_bytes.begin(), layer_bytes.end()),
       " bytes; expected max_memory large enough for contiguous runs of layers");
+
+  // Among the cuts whose largest load is that least one, the fewest empty runs (parameter-free
+  // layers weigh nothing: [0, 2] would be as good as [1, 1] by load alone), then the fewest layers
+  // on the busiest device: layers of equal bytes cost about equal time, so ends that hold an
+  // embedding or a head as large as several layers get one layer each and the middle devices share
+  // the rest evenly ([1, 3, 3, 1], not [1, 1, 5, 1]). rank[j][i] = (empty runs, largest run in
+  // layers) of the best such cut of layers [0, i) over devices [0, j): a sum, then a maximum, so
+  // the best cut's prefix is a best cut of its own.
+  const auto bound = best[k][n];
+  using Rank = std::pair<size_t, size_t>;
+  const Rank none{std::numeric_limits<size_t>::max(), std::numeric_limits<size_t>::max()};
+  std::vector<std::vector<Rank>> rank(k + 1, std::vector<Rank>(n + 1, none));
+  std::vector<std::vector<size_t>> cut(k + 1, std::vector<size_t>(n + 1, 0));
+  rank[0][0] = {0, 0};
+  for (size_t j = 1; j <= k; ++j) {
+    for (size_t i = 0; i <= n; ++i) {
+      for (size_t t = 0; t <= i; ++t) {
+        const auto load = prefix[i] - prefix[t];
+        if (rank[j - 1][t] == none || load > capacities[j - 1] || load > bound) {
+          continue;
+        }
+        const Rank candidate{rank[j - 1][t].first + (t == i ? 1 : 0), std::max(rank[j - 1][t].second, i - t)};
+        if (candidate < rank[j][i]) {
+          rank[j][i] = candidate;
+          cut[j][i] = t;
+        }
+      }
+    }
+  }
 
   std::vector<int64_t> counts(k, 0);
   for (size_t j = k, i = n; j > 0; --j) {

@@ -83,6 +83,15 @@ TEST(Split, BalanceBySizeEvensOutBytes) {
   EXPECT_EQ(torch_mp::balance_by_size({10, 10, 10, 10}, {10, unlimited}), (std::vector<int64_t>{1, 3}));
 }
 
+TEST(Split, BalanceBySizeBreaksTiesByLayerCount) {
+  // Heavy ends (an embedding, a head) fix the largest load; the middle devices share the rest evenly.
+  const int64_t unlimited = std::numeric_limits<int64_t>::max();
+  const std::vector<int64_t> four(4, unlimited);
+  EXPECT_EQ(torch_mp::balance_by_size({19, 3, 3, 3, 3, 3, 3, 19}, four), (std::vector<int64_t>{1, 3, 3, 1}));
+  EXPECT_EQ(torch_mp::balance_by_size({40, 1, 1, 1, 1, 1, 1}, {unlimited, unlimited, unlimited}),
+            (std::vector<int64_t>{1, 3, 3}));
+}
+
 TEST(Split, BalanceBySizeLeavesNoDeviceEmptyAmongEqualCuts) {
   // Parameter-free layers weigh nothing: every cut is as good by load, and [0, 2] left a device idle.
   const int64_t unlimited = std::numeric_limits<int64_t>::max();

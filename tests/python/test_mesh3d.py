@@ -6,6 +6,7 @@ Llama and Mixtral with random weights, on 4 Gloo ranks (pp 2 x tp 2) and 8 (pp 2
 
 The 8-rank runs and the less common combinations are marked ``mesh3d_full`` (``make test-mesh3d``
 runs them; ``make test`` the rest)."""
+import functools
 import os
 
 import pytest
@@ -31,12 +32,12 @@ def randomized(model, seed):
     return model
 
 
-def llama(seed=0, layers=4, heads=4, kv_heads=2):
+def llama(seed=0, layers=4, heads=4, kv_heads=2, tied=False):
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(num_hidden_layers=layers, hidden_size=8 * heads, intermediate_size=64,
                                       num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=VOCAB,
                                       max_position_embeddings=32, bos_token_id=0, eos_token_id=1, pad_token_id=0,
-                                      use_cache=False)
+                                      use_cache=False, tie_word_embeddings=tied)
     return randomized(transformers.LlamaForCausalLM(config), seed + 100)
 
 
@@ -132,6 +133,71 @@ def test_mixtral_pp2_tp2_matches_dense():
     run_ranks(4, check_matches_dense, 2, 1, 2, mixtral, "1f1b", False, timeout=400)
 
 
+def gathered_gradients(model, dense):
+    """The model's gradients gathered as the dense model's state_dict (``full_state_dict`` of the
+    gradients copied into the weights), then the dense weights loaded back, sharded as before."""
+    with torch.no_grad():
+        for param in [p for p in model.parameters() if not p.is_meta]:
+            param.copy_(param.grad)
+    gathered = torch_mp.full_state_dict(model)
+    torch_mp.load_full_state_dict(model, dense.state_dict())
+    return gathered
+
+
+def check_each_rank_holds_its_share(rank, world):
+    """pp 2 x tp 2: after the first step each rank holds only what its stage uses (the embedding on
+    the first stage, the final norm and head on the last; a tied embedding/head on both, its
+    gradient summed between just them), in shards of its tensor-parallel group; the dense numbers
+    over three AdamW steps."""
+    mesh = torch_mp.init_mesh(pp=2, dp=1, tp=2)
+    first = mesh["pp"].get_local_rank() == 0
+    ids = batch(4)
+    for tied in (True, False):
+        make = functools.partial(llama, layers=2, tied=tied)
+        dense = make()
+        model = parallelized(make, mesh)
+        assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+        dense_optimizer, optimizer = adamw(dense, eps=1e-4), adamw(model, eps=1e-4)
+        for step in range(3):  # the first places the tensors outside the layers; the others run so
+            loss = model.train_step(input_ids=ids, target=ids, loss_fn=loss_fn)
+            expected = loss_fn(dense(input_ids=ids), ids)
+            expected.backward()
+            torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-6, msg=f"tied {tied}, step {step}")
+            gathered = gathered_gradients(model, dense)
+            for name, param in dense.named_parameters():
+                torch.testing.assert_close(gathered[name], param.grad, rtol=1e-4, atol=1e-6,
+                                           msg=lambda m, name=name: f"tied {tied}, step {step}: {name}: {m}")
+            optimizer.step()
+            dense_optimizer.step()
+            optimizer.zero_grad()
+            dense_optimizer.zero_grad()
+        stepped = torch_mp.full_state_dict(model)
+        for name, value in dense.state_dict().items():
+            torch.testing.assert_close(stepped[name], value, rtol=1e-4, atol=1e-6)
+
+        # What this rank holds: its stage's layer, with the embedding on the first stage and the
+        # final norm and head on the last (the tied weight on both).
+        held = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.is_meta}
+        ends = {"model.embed_tokens.weight"} if first else {"model.norm.weight", "lm_head.weight"}
+        if tied:
+            ends |= {"model.embed_tokens.weight", "lm_head.weight"}
+        layer = f"model.layers.{0 if first else 1}."
+        assert held == ends | {name for name, _ in dense.named_parameters() if name.startswith(layer)}, held
+        # Bytes held per rank against the ideal: the dense model's (a tied weight once per end it is
+        # used at) over the 4 ranks; shards and norms replicated over tp make up the difference.
+        mine = sum(p.to_local().nbytes if isinstance(p, DTensor) else p.nbytes
+                   for p in model.parameters() if not p.is_meta)
+        shares = [None] * world
+        dist.all_gather_object(shares, mine)
+        ideal = (sum(p.nbytes for p in dense.parameters())
+                 + (dense.lm_head.weight.nbytes if tied else 0)) / world
+        assert max(shares) <= 1.02 * ideal, (tied, shares, ideal)
+
+
+def test_each_rank_holds_its_share_pp2_tp2():
+    run_ranks(4, check_each_rank_holds_its_share, timeout=400)
+
+
 def check_grad_scaler_decides_over_the_mesh(rank, world):
     """An overflow in one rank's shard (rank 3: the last stage's second shard) makes every rank of
     the mesh skip the step and back off its scale alike."""
@@ -145,11 +211,15 @@ def check_grad_scaler_decides_over_the_mesh(rank, world):
         grad = next(p for p in model.parameters() if p.grad is not None).grad
         with torch.no_grad():
             (grad.to_local() if isinstance(grad, DTensor) else grad).view(-1)[0] = float("inf")
-    before = {name: p.detach().clone() for name, p in model.named_parameters() if not p.is_meta}
+    # Local tensors: torch.equal of DTensors is an all-reduce over the world, and the ranks of the
+    # two stages hold different numbers of parameters (each only its share).
+    held = {name: p.to_local() if isinstance(p, DTensor) else p for name, p in model.named_parameters()
+            if not p.is_meta}
+    before = {name: p.detach().clone() for name, p in held.items()}
     scaler.step(optimizer)
     scaler.update()
     assert scaler.get_scale() == 2.0
-    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters() if not p.is_meta)
+    assert all(torch.equal(p, before[name]) for name, p in held.items())
 
 
 def test_grad_scaler_skips_on_every_rank_of_the_mesh():
@@ -173,9 +243,9 @@ def steps(model, optimizer, ids, count, piped=True):
 
 
 def check_checkpoints_across_layouts(rank, world, folder):
-    """Saved at (pp 2, tp 2): loaded into the plain Llama, at (pp 1, tp 2) and at (pp 2, tp 1), each
-    then stepping as the dense model does; resumed at (pp 2, tp 2) bit-identical to the run that
-    went on without stopping."""
+    """Saved at (pp 2, tp 2): loaded into the plain Llama, at (pp 1, tp 2), (pp 2, tp 1) and (pp 4,
+    tp 1: one layer per rank), each then stepping as the dense model does; resumed at (pp 2, tp 2)
+    bit-identical to the run that went on without stopping."""
     path = os.path.join(folder, "checkpoint")
     ids = batch(4)
     mesh = torch_mp.init_mesh(pp=2, dp=1, tp=2)
@@ -196,7 +266,7 @@ def check_checkpoints_across_layouts(rank, world, folder):
     expected = steps(dense, dense_optimizer, ids, 2, piped=False)
     torch.testing.assert_close(went_on, expected, rtol=1e-5, atol=1e-6)
 
-    for pp, dp, tp in ((1, 2, 2), (2, 2, 1)):
+    for pp, dp, tp in ((1, 2, 2), (2, 2, 1), (4, 1, 1)):
         mesh = torch_mp.init_mesh(pp=pp, dp=dp, tp=tp)
         other = torch_mp.tensor_parallel(llama(seed=7), group=mesh["tp"])
         if pp > 1:

@@ -91,7 +91,7 @@ def _check(rank, world, make, schedule):
     assert holders[head] == {last}
     # The tied weight sums its gradient between the two ends only (one group of both, or none
     # where ZB-V puts both ends on rank 0).
-    ties = [sorted(dist.get_process_group_ranks(group)) for _, group in pipe.ties]
+    ties = [list(ranks) for _, ranks in pipe.ties]
     assert all(len(ranks) < world for ranks in ties) or world == 2 and ties == [[0, 1]]
     share = sum(p.numel() for p in piped.parameters() if not p.is_meta) / sum(p.numel() for p in model.parameters())
     shares = [None] * world
@@ -171,8 +171,7 @@ def _used_between_layers(rank, world):
     # the scale on every rank (computed from it alone, before any stage); the offset on the last.
     assert ("emb.weight" in held) == (rank in (0, world - 1))
     assert "scale" in held and ("offset" in held) == (rank == world - 1)
-    ties = {tuple(sorted(dist.get_process_group_ranks(group))): [id(p) for p in params]
-            for params, group in torch_mp.state_of(piped).pipe.ties}
+    ties = {ranks: [id(p) for p in params] for params, ranks in torch_mp.state_of(piped).pipe.ties}
     assert ties.get((0, world - 1), []) == ([id(piped.emb.weight)] if rank in (0, world - 1) else [])
 
 

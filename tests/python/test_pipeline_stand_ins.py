@@ -74,3 +74,62 @@ def _stand_ins_across_steps(rank, world):
 
 def test_stand_ins_run_once_per_kind_of_call_with_dense_numbers():
     run_ranks(2, _stand_ins_across_steps, timeout=180)
+
+
+def _tiny_llama():
+    """A tiny Llama with transformers' default use_cache=True and non-trivial weights."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=97, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                      attn_implementation="eager")
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn(param.shape))
+    assert model.config.use_cache is True
+    return model
+
+
+def _train_without_cache(piped, dense):
+    """Two train_steps of ``piped`` against ``dense``: the dense loss and gradients, no layer given
+    a cache during the steps (each layer's calls recorded), ``config.use_cache`` True after them,
+    and ``use_cache=True`` passed to train_step reaching the layers."""
+    seen = []  # the cache each layer call is given (its keyword by transformers' version)
+    for layer in piped.model.layers:
+        layer.register_forward_pre_hook(lambda module, args, kwargs: seen.append(next(
+            (kwargs[key] for key in ("cache", "past_key_values", "past_key_value") if kwargs.get(key) is not None),
+            None)), with_kwargs=True)
+    ids, target = torch.randint(0, 97, (4, 8)), torch.randint(0, 97, (4, 8))
+
+    def loss_fn(output, target):
+        return torch.nn.functional.cross_entropy(output.logits.flatten(0, 1), target.flatten())
+
+    for step in range(2):
+        loss = piped.train_step(ids, target=target, loss_fn=loss_fn)
+        dense.zero_grad()
+        expected = loss_fn(dense(ids), target)
+        expected.backward()
+        torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-6)
+        for (name, p), (_, q) in zip(piped.named_parameters(), dense.named_parameters()):
+            if not p.is_meta:
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+        piped.zero_grad()
+    assert seen and all(cache is None for cache in seen), [type(cache).__name__ for cache in seen]
+    assert piped.config.use_cache is True
+    seen.clear()
+    piped.train_step(ids, target=target, loss_fn=loss_fn, use_cache=True)  # the caller's choice, as given
+    assert seen and all(cache is not None for cache in seen)
+
+
+def _llama_without_cache(rank, world):
+    dense = _tiny_llama()
+    _train_without_cache(torch_mp.pipeline(copy.deepcopy(dense), chunks=2, timeout=120), dense)
+
+
+def test_train_step_runs_transformers_models_without_cache():
+    """transformers' use_cache=True made every rank's stand-ins replay the other ranks' layers on
+    meta to fill a cache (seconds per micro-batch): train_step turns it off for the step."""
+    run_ranks(2, _llama_without_cache, timeout=240)
+    _train_without_cache(torch_mp.split(copy.deepcopy(_tiny_llama()), ["cpu", "cpu"], chunks=2), _tiny_llama())

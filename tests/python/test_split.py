@@ -136,6 +136,23 @@ def test_auto_balance_evens_out_bytes():
     assert torch_mp._C._balance_by_size([4160, 4160, 16640, 16448], [2**63 - 1] * 2) == [3, 1]
 
 
+def test_auto_balance_breaks_ties_by_layer_count():
+    """Equal bytes, unequal compute: a Llama whose embedding and head each weigh about four layers
+    was cut [1, 1, 5, 1] over 4 devices (the largest load is the head's stage whatever the middle
+    does); among the cuts of that least largest load, the fewest layers on the busiest device win."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=600, hidden_size=16, intermediate_size=32, num_hidden_layers=8,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                      attn_implementation="eager", use_cache=False)
+    ids = torch.randint(0, 600, (2, 8))
+    split = assert_split_matches_dense(lambda: transformers.LlamaForCausalLM(config), lambda: ((ids,), {}),
+                                       ["cpu"] * 4)
+    layers = [torch_mp.state_of(split).stage_of[f"model.layers.{i}"] for i in range(8)]
+    assert [layers.count(stage) for stage in range(4)] == [1, 3, 3, 1]
+    assert torch_mp._C._balance_by_size([19, 3, 3, 3, 3, 3, 3, 19], [2**63 - 1] * 4) == [1, 3, 3, 1]
+
+
 def test_max_memory_shifts_layers(devices):
     model = mlp((16, 64, 64, 64, 64))  # Linear layers of 4352, 16640, 16640, 16640 bytes
     split = torch_mp.split(model, devices, max_memory=[4352 + 16640, "1MB"])

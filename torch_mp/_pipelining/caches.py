@@ -11,6 +11,7 @@ copied into each micro-batch's cache and must come back equal in every one; coun
 micro-batch sizes (a static layer's ``batch_size``) are summed. Anything else that differs across
 the micro-batches is a ValueError naming it. After transformers' ``batch_select_indices`` /
 ``reorder_cache`` (the cache's rows are its samples)."""
+import contextlib
 import copy
 from typing import List, Optional
 
@@ -27,6 +28,26 @@ def is_cache(value) -> bool:
     transformers need not be imported."""
     return (not isinstance(value, (type, torch.Tensor)) and hasattr(value, "__dict__")
             and any(cls.__module__ == _CACHE_MODULE for cls in type(value).__mro__))
+
+
+@contextlib.contextmanager
+def training_without_cache(module: torch.nn.Module, kwargs: dict):
+    """Within: the configurations of ``module``'s submodules that set ``use_cache=True`` (transformers'
+    default for causal LMs) set it False, and back to True on the way out, errors included. A
+    training step needs no cache, and with one a pipeline's stand-ins replay the other ranks' layers
+    on meta tensors to fill it (seconds per micro-batch for a small Llama). A ``use_cache`` passed
+    to the step itself (``kwargs``) is the caller's choice and is left alone; so is a ``use_cache``
+    the forward takes only as an argument."""
+    configs = {} if "use_cache" in kwargs else {
+        id(config): config for config in (getattr(submodule, "config", None) for submodule in module.modules())
+        if getattr(config, "use_cache", None) is True}
+    for config in configs.values():
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        for config in configs.values():
+            config.use_cache = True
 
 
 def cut_cache(cache, start: int, size: int, batch: int):

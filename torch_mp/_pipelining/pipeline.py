@@ -23,6 +23,7 @@ from torch_mp._group import GroupLike, all_gather_rows, all_reduce_sum, process_
 from torch_mp._hooks import held_post_accumulate_hooks, refused_gradient_hooks
 from torch_mp._layers import check_layers, find_layers
 from torch_mp._pipelining.batch_norm import check_batch_statistics, defer_batch_norms
+from torch_mp._pipelining.caches import training_without_cache
 from torch_mp._pipelining.compiled import StageCompilation, install_entries
 from torch_mp._pipelining.cut import UNLIMITED, Balance, balanced_device_map
 from torch_mp._pipelining.engine import CHECKPOINTS, RankStep, placed_forward
@@ -152,7 +153,9 @@ class LocalPipe(_Pipe):
         with ``torch_mp.plot_timeline``); the numbers are the same either way. With ``max_norm``
         (a number >= 0) the step ends with ``torch_mp.clip_grad_norm_(module, max_norm)``: the
         gradients clipped by the dense model's norm (ValueError before anything runs for another
-        value)."""
+        value). A transformers model's ``config.use_cache`` is False during the step (a cache serves
+        decoding, not training), True again after it; ``use_cache=`` passed to ``train_step``
+        goes to the forward as given."""
         _check_timeline_flag(timeline)
         _check_max_norm(max_norm)
         sizes, parts, targets, weights = self._train_plan(args, kwargs, target, loss_fn, normalizer)
@@ -180,7 +183,8 @@ class LocalPipe(_Pipe):
             (loss * weights[m]).backward()
 
         try:
-            with held_post_accumulate_hooks(self.module.parameters() if in_parts else ()):
+            with held_post_accumulate_hooks(self.module.parameters() if in_parts else ()), \
+                    training_without_cache(self.module, kwargs):
                 losses = self._batch(lambda: run_micro_batches(
                     self, schedule, count, forward,
                     backward if recorder is None else recorder.timed_backward(backward, self.num_stages),
@@ -217,7 +221,6 @@ class DistributedPipe(_Pipe):
         self.ranks_using: Dict[int, set] = {}
         self.tracked: set = set()
         self.used: Optional[set] = None
-        self.tie_groups: Dict[tuple, object] = {}
         if self.schedule in ZERO_BUBBLE:
             defer_linears(self.module.get_submodule(name) for name, stage in self.stage_of.items()
                           if name and self.rank_of(stage) == self.rank)
@@ -288,7 +291,7 @@ class DistributedPipe(_Pipe):
 
         actions = _C._pipeline_schedule(self.schedule, self.world, self.stages_per_rank, count)[self.rank]
         works = [lambda m=m: work(m) for m in range(count)]
-        with torch.enable_grad():
+        with torch.enable_grad(), training_without_cache(self.module, kwargs):
             self._batch(lambda: self._run(actions, works, (parts, targets), losses, count, train=True,
                                           timeline=timeline, max_norm=max_norm))
         if max_norm is not None:
@@ -371,8 +374,8 @@ class DistributedPipe(_Pipe):
                     self.transport.finish()
                 raise
             self.transport.finish()
-            for (params, group) in self.ties if train else []:
-                _sum_tied_gradients([param for param in params if param.requires_grad], group, self.transport)
+            for (params, ranks) in self.ties if train else []:
+                _sum_tied_gradients([param for param in params if param.requires_grad], ranks, self.transport)
             for param, grad in zip(tied, earlier):
                 if grad is not None:
                     param.grad = grad if param.grad is None else grad + param.grad
@@ -405,19 +408,20 @@ class DistributedPipe(_Pipe):
         self.ties = _keep_local_tensors(self.module, self.ranks_using, self, self.device)
 
 
-def _sum_tied_gradients(params: List[nn.Parameter], group, transport) -> None:
-    """Sums the gradients of parameters held by every rank of ``group`` over it, each wait bounded
-    by the pipeline's timeout. One that no rank's step gave a gradient (unused by this batch's
-    forward) keeps ``.grad`` None, as in the dense model: an optimizer then skips it (no weight
-    decay on it)."""
+def _sum_tied_gradients(params: List[nn.Parameter], ranks: Tuple[int, ...], transport) -> None:
+    """Sums the gradients of parameters held by the pipeline ranks ``ranks`` (of its group) between
+    just them, over the pipeline's own send/recv (``GroupTransport.sum_among``: no process group of
+    their own, so a mesh's pipeline groups need no world-wide call), each wait bounded by the
+    pipeline's timeout. One that no rank's step gave a gradient (unused by this batch's forward)
+    keeps ``.grad`` None, as in the dense model: an optimizer then skips it (no weight decay on it)."""
     if not params:
         return
     took = torch.tensor([param.grad is not None for param in params], dtype=torch.int32, device=params[0].device)
-    took = transport.all_reduce_sum(took, group, "while finding which tied parameters have gradients").tolist()
+    took = transport.sum_among(took, ranks, "while finding which tied parameters have gradients").tolist()
     for param, ranks_with_grad in zip(params, took):
         if ranks_with_grad:  # a DTensor's (tensor parallel's) local tensor, wrapped back after
             grad = local_tensor(param.grad) if param.grad is not None else torch.zeros_like(local_tensor(param))
-            param.grad = like(param, transport.all_reduce_sum(grad, group, "while summing tied parameters' gradients"))
+            param.grad = like(param, transport.sum_among(grad, ranks, "while summing tied parameters' gradients"))
 
 
 def _average_over_replicas(params: List[nn.Parameter], group, transport) -> None:
@@ -626,11 +630,9 @@ def pipeline(
                            timeout=datetime.timedelta(seconds=_timeout_of(info, device) if timeout is None else timeout),
                            data_parallel=process_group_of(data_parallel) if replicas > 1 else None)
     pipe.ranks_using, pipe.tracked = _ranks_using(module, stage_of, layer_names, stage_ranks)
-    # Each rank's share is found at the first call, whose tie groups every rank of the world makes
-    # together: over a mesh's pipeline group (the other groups' first calls run meanwhile) the
-    # tensors outside the layers stay on every stage's rank.
-    whole_world = info.size == (dist.get_world_size() if dist.is_initialized() else 1)
-    pipe.used = set() if info.size > 1 and pipe.tracked and whole_world else None
+    # Each rank's share is found at the first call (over the pipeline's group only: a mesh's other
+    # pipeline groups find theirs meanwhile).
+    pipe.used = set() if info.size > 1 and pipe.tracked else None
     pipe.ties = _keep_local_tensors(module, pipe.ranks_using, pipe, device)
     attach(module, ParallelState(PIPELINE, group=group, stage_of=stage_of, pipe=pipe, data_parallel=pipe.data_parallel),
            "pipeline")
@@ -740,7 +742,8 @@ def _keep_local_tensors(module: nn.Module, ranks_using: Dict[int, set], pipe: Di
     """Moves the tensors this rank's stages use to ``device`` and the others to the meta device.
     Parameters stay the same Python objects (``_move_parameter``): an optimizer built before
     ``pipeline`` steps them, and it skips the other ranks' (meta, never given a ``.grad``).
-    Returns the tied parameters (held on several ranks), each rank set with a group of its own."""
+    Returns the tied parameters (held on several ranks) that this rank holds, as ``(parameters,
+    ranks)`` per set of ranks (of the pipeline's group), in the same order on every rank."""
     # Parameters by their first stock name: the same on every rank, so tied ones pair up in order.
     canonical = {id(param): name for name, param in module.named_parameters()}
     replaced: Dict[int, torch.Tensor] = {}
@@ -762,18 +765,9 @@ def _keep_local_tensors(module: nn.Module, ranks_using: Dict[int, set], pipe: Di
                         with torch.no_grad():
                             replaced[id(tensor)] = tensor.to(target)
                 table[name] = replaced[id(tensor)]
-    ties = []
-    for ranks in sorted(tied):  # every rank creates every group, in the same order
-        if ranks not in pipe.tie_groups:
-            global_ranks = [dist.get_global_rank(pipe.group, r) if pipe.group is not None else r for r in ranks]
-            # Over a mesh only the members take part (local synchronization): a pipeline group of a
-            # mesh runs beside the other pipeline groups, whose ranks create their own tie groups
-            # meanwhile. (Over the whole world every rank makes every group.)
-            pipe.tie_groups[ranks] = dist.new_group(
-                global_ranks, use_local_synchronization=pipe.world < dist.get_world_size())
-        if pipe.rank in ranks:
-            ties.append(([param for _, param in sorted(tied[ranks], key=lambda item: item[0])], pipe.tie_groups[ranks]))
-    return ties
+    # Sorted alike on every rank: the sums between overlapping sets of ranks run in one order.
+    return [([param for _, param in sorted(tied[ranks], key=lambda item: item[0])], ranks)
+            for ranks in sorted(tied) if pipe.rank in ranks]
 
 
 def _move_parameter(param: nn.Parameter, device: torch.device) -> None:

@@ -123,6 +123,33 @@ class GroupTransport:
         self._wait(work, doing)
         return summed
 
+    def sum_among(self, tensor: torch.Tensor, ranks, doing: str) -> torch.Tensor:
+        """The sum of ``tensor`` over the ranks ``ranks`` of this pipeline's group (sorted, this rank
+        among them), by send/recv between just them: each sends its tensor to the others and adds
+        theirs in rank order, so that every one holds the same sum, bit for bit, and they need no
+        process group of their own (Megatron-Core's embedding group, without creating one on every
+        rank of the world). Over the whole group: one all-reduce. Bounded as ``all_gather_rows``
+        is; only within a step (between ``begin`` and ``finish``), after the schedule's messages."""
+        if len(ranks) == self.group_size:
+            return self.all_reduce_sum(tensor, self.group, doing)
+        tensor = tensor.to(self.device).contiguous()
+        for peer in ranks:
+            if peer != self.rank:
+                self._post_send(tensor, peer)
+        parts = []
+        for peer in ranks:
+            if peer == self.rank:
+                parts.append(tensor)
+                continue
+            buffer = torch.empty_like(tensor)
+            self._wait(self._irecv(buffer, peer, f"{doing} from rank {peer}"), f"{doing} from rank {peer}")
+            parts.append(buffer)
+        self.finish()
+        total = parts[0].clone()
+        for part in parts[1:]:
+            total += part
+        return total
+
     def broadcast(self, tensor: torch.Tensor, src: int, doing: str) -> torch.Tensor:
         """``tensor`` of rank ``src`` of this pipeline's group, on every rank (in place), bounded as
         ``all_gather_rows`` is."""

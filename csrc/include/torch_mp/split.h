@@ -39,7 +39,9 @@ using LossFunction = std::function<at::Tensor(const at::Tensor& output, const at
 // The layer count of each device that balance by size: layer_bytes (bytes of parameters and buffers
 // per layer, in order) cut into capacities.size() contiguous runs (some possibly empty), run i
 // holding at most capacities[i] bytes, with the largest run as small as possible and, among those
-// cuts, the fewest empty runs (none when there are as many layers as devices and they fit). c10::ValueError
+// cuts, the fewest empty runs (none when there are as many layers as devices and they fit), then the
+// fewest layers in the longest run (equal bytes, unequal compute: [1, 3, 3, 1] rather than
+// [1, 1, 5, 1] for a model whose embedding and head each weigh several layers). c10::ValueError
 // when there are no layers or no devices, a size is negative, or no cut fits the capacities.
 std::vector<int64_t> balance_by_size(
     const std::vector<int64_t>& layer_bytes,
