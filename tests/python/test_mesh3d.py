@@ -1,7 +1,8 @@
 """Pipeline x tensor x data parallel in one mesh (``init_mesh(pp=, dp=, tp=)``; ``tensor_parallel``
 on mesh["tp"], then ``pipeline`` on mesh["pp"] with ``data_parallel=mesh["dp"]``) against the dense
 model: the loss, every gradient gathered with ``full_state_dict``, ``torch_mp.clip_grad_norm_``, an
-AdamW step, ``torch_mp.GradScaler``'s decision, and checkpoints across layouts. Tiny transformers
+AdamW step, ``torch_mp.GradScaler``'s decision, the pipeline's own recompute (``checkpoint=``), and
+checkpoints across layouts. Tiny transformers
 Llama and Mixtral with random weights, on 4 Gloo ranks (pp 2 x tp 2) and 8 (pp 2 x tp 2 x dp 2).
 
 The 8-rank runs and the less common combinations are marked ``mesh3d_full`` (``make test-mesh3d``
