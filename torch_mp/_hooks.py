@@ -10,6 +10,8 @@ hook on such a parameter would see each part instead of the whole batch's gradie
 - ``param.register_post_accumulate_grad_hook(h)`` hooks are held back while the parts accumulate
   and run once per step, in their order of registration, when the parameter's gradient is whole
   (:class:`held_post_accumulate_hooks`): what the dense model's backward does.
+
+Also the forward hooks a pipeline's recompute replays (:func:`forward_state_hook`).
 """
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -103,9 +105,9 @@ class held_post_accumulate_hooks:
 
 
 # Forward hooks that set up what a module's forward reads for its duration and return nothing
-# (tensor parallelism's local views of DTensor parameters, its dense-dropout regions): a
-# recomputation that calls the bare forward (a pipeline's checkpoint of a placed module, whose
-# hooks ran around the first call only) replays them around each later call.
+# (tensor parallelism's local views of DTensor parameters): a recomputation that calls the bare
+# forward (a pipeline's checkpoint of a placed module, whose hooks ran around the first call only)
+# replays them around each later call, as torch.utils.checkpoint around ``module(...)`` would.
 _STATE = "_torch_mp_forward_state"
 
 
@@ -131,7 +133,7 @@ def replaying_state_hooks(module: torch.nn.Module, forward: Callable) -> Callabl
             return forward(*args, **kwargs)
         for key, hook in list(module._forward_pre_hooks.items()):
             if getattr(hook, _STATE, False):
-                hook(module, args, kwargs) if key in module._forward_pre_hooks_with_kwargs else hook(module, args)
+                hook(module, *((args, kwargs) if key in module._forward_pre_hooks_with_kwargs else (args,)))
         out = None
         try:
             out = forward(*args, **kwargs)
@@ -139,7 +141,6 @@ def replaying_state_hooks(module: torch.nn.Module, forward: Callable) -> Callabl
         finally:
             for key, hook in list(module._forward_hooks.items()):
                 if getattr(hook, _STATE, False):
-                    (hook(module, args, kwargs, out) if key in module._forward_hooks_with_kwargs
-                     else hook(module, args, out))
+                    hook(module, *((args, kwargs) if key in module._forward_hooks_with_kwargs else (args,)), out)
 
     return replayed
