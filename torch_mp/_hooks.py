@@ -10,6 +10,8 @@ hook on such a parameter would see each part instead of the whole batch's gradie
 - ``param.register_post_accumulate_grad_hook(h)`` hooks are held back while the parts accumulate
   and run once per step, in their order of registration, when the parameter's gradient is whole
   (:class:`held_post_accumulate_hooks`): what the dense model's backward does.
+
+Also the forward hooks a pipeline's recompute replays (:func:`forward_state_hook`).
 """
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -100,3 +102,45 @@ class held_post_accumulate_hooks:
             for hook in list(hooks_of[id(param)].values()):
                 if hook(param) is not None:
                     raise RuntimeError("Tensor post accumulate grad hooks should return None.")
+
+
+# Forward hooks that set up what a module's forward reads for its duration and return nothing
+# (tensor parallelism's local views of DTensor parameters): a recomputation that calls the bare
+# forward (a pipeline's checkpoint of a placed module, whose hooks ran around the first call only)
+# replays them around each later call, as torch.utils.checkpoint around ``module(...)`` would.
+_STATE = "_torch_mp_forward_state"
+
+
+def forward_state_hook(hook: Callable) -> Callable:
+    """Marks ``hook`` (a forward pre-hook or forward hook, returning None) as one that sets up or
+    takes down the state the module's forward reads (``replaying_state_hooks`` replays it).
+    Returns ``hook`` itself; a method is marked through its function."""
+    setattr(getattr(hook, "__func__", hook), _STATE, True)
+    return hook
+
+
+def replaying_state_hooks(module: torch.nn.Module, forward: Callable) -> Callable:
+    """``forward`` (the bare forward of ``module``, called inside its hooks the first time) for a
+    checkpoint to recompute: each later call runs the module's ``forward_state_hook`` pre-hooks
+    before it and its marked forward hooks after it (even when it raises), in their order of
+    registration, as ``module(...)`` would. The inputs are as the first call got them: the
+    checkpoint saved them after every pre-hook ran."""
+    calls = [0]
+
+    def replayed(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 1:
+            return forward(*args, **kwargs)
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if getattr(hook, _STATE, False):
+                hook(module, *((args, kwargs) if key in module._forward_pre_hooks_with_kwargs else (args,)))
+        out = None
+        try:
+            out = forward(*args, **kwargs)
+            return out
+        finally:
+            for key, hook in list(module._forward_hooks.items()):
+                if getattr(hook, _STATE, False):
+                    hook(module, *((args, kwargs) if key in module._forward_hooks_with_kwargs else (args,)), out)
+
+    return replayed

@@ -1,7 +1,8 @@
 """Pipeline x tensor x data parallel in one mesh (``init_mesh(pp=, dp=, tp=)``; ``tensor_parallel``
 on mesh["tp"], then ``pipeline`` on mesh["pp"] with ``data_parallel=mesh["dp"]``) against the dense
 model: the loss, every gradient gathered with ``full_state_dict``, ``torch_mp.clip_grad_norm_``, an
-AdamW step, ``torch_mp.GradScaler``'s decision, and checkpoints across layouts. Tiny transformers
+AdamW step, ``torch_mp.GradScaler``'s decision, the pipeline's own recompute (``checkpoint=``), and
+checkpoints across layouts. Tiny transformers
 Llama and Mixtral with random weights, on 4 Gloo ranks (pp 2 x tp 2) and 8 (pp 2 x tp 2 x dp 2).
 
 The 8-rank runs and the less common combinations are marked ``mesh3d_full`` (``make test-mesh3d``
@@ -196,6 +197,36 @@ def check_each_rank_holds_its_share(rank, world):
 
 def test_each_rank_holds_its_share_pp2_tp2():
     run_ranks(4, check_each_rank_holds_its_share, timeout=400)
+
+
+def check_recompute_matches_dense(rank, world, pp, tp, checkpoint, reentrant):
+    """The pipeline's own recompute (``checkpoint=``) of placed modules holding DTensor parameters
+    (the final norm: its weight is seen through ``LocalViews`` during its forward only): the loss
+    and every gradient of the dense model. ``reentrant`` not None: transformers' gradient
+    checkpointing around the decoder layers too (with use_reentrant=reentrant)."""
+    mesh = torch_mp.init_mesh(pp=pp, dp=1, tp=tp)
+    dense = llama(layers=2 * pp)
+    model = torch_mp.tensor_parallel(llama(layers=2 * pp), group=mesh["tp"])
+    if reentrant is not None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model = torch_mp.pipeline(model, group=mesh["pp"], chunks=2, schedule="1f1b", checkpoint=checkpoint)
+    ids = batch(4)
+    loss = model.train_step(input_ids=ids, target=ids, loss_fn=loss_fn)
+    expected = loss_fn(dense(input_ids=ids), ids)
+    expected.backward()
+    torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-6)
+    gathered = gathered_gradients(model, dense)
+    for name, param in dense.named_parameters():
+        torch.testing.assert_close(gathered[name], param.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("checkpoint,reentrant", [("always", None), ("except_last", True)])
+def test_llama_pp1_tp2_recompute_matches_dense(checkpoint, reentrant):
+    run_ranks(2, check_recompute_matches_dense, 1, 2, checkpoint, reentrant, timeout=300)
+
+
+def test_llama_pp2_tp2_recompute_matches_dense():
+    run_ranks(4, check_recompute_matches_dense, 2, 2, "always", False, timeout=400)
 
 
 def check_grad_scaler_decides_over_the_mesh(rank, world):

@@ -29,6 +29,7 @@ from torch.utils.checkpoint import CheckpointFunction
 from torch.utils.checkpoint import checkpoint as checkpointed
 from torch.utils.weak import WeakIdKeyDictionary
 
+from torch_mp._hooks import replaying_state_hooks
 from torch_mp._pipelining import zero_bubble
 from torch_mp._pipelining.transport import ACTIVATION, GRADIENT
 from torch_mp._tensors import copy_tensors, map_tensors, tensors_in
@@ -373,7 +374,9 @@ def placed_forward(pipe, original: Callable, stage: int, module: torch.nn.Module
                         record_random_state(module, given[0], step.device)
                         out = original(*args, **kwargs)
                     elif step.recompute(micro_batch.index) and module.training and torch.is_grad_enabled():
-                        out = checkpointed(original, *args, use_reentrant=False, **kwargs)
+                        # The recompute calls the bare forward: the module's hooks ran around this call only.
+                        out = checkpointed(replaying_state_hooks(module, original), *args, use_reentrant=False,
+                                           **kwargs)
                     else:
                         out = original(*args, **kwargs)
             else:

@@ -27,6 +27,7 @@ from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
 from torch_mp._group import all_gather_rows
+from torch_mp._hooks import forward_state_hook
 from torch_mp._tensor_parallel.sharding import ShardSpec
 
 _MESHES: Dict[str, DeviceMesh] = {}
@@ -224,11 +225,13 @@ def global_shape(local_shape: Sequence[int], where: Sequence[Placement], world: 
     return shape
 
 
+@forward_state_hook
 class LocalViews:
     """A forward pre-hook for a stock module holding DTensor parameters: each one's local tensor
     (``local``, differentiable) stands in the module's ``__dict__`` during its forward, so the
     module's own code computes with plain tensors. ``drop_local_views``, a forward hook run even
-    when the forward raises, removes them. A class, so a module holding it can be pickled."""
+    when the forward raises, removes them. Both are forward state hooks: a pipeline's recompute of
+    the bare forward replays them. A class, so a module holding it can be pickled."""
 
     def __call__(self, module: nn.Module, *_) -> None:
         for name, param in module._parameters.items():
@@ -236,6 +239,7 @@ class LocalViews:
                 module.__dict__[name] = local(param)
 
 
+@forward_state_hook
 def drop_local_views(module: nn.Module, *_) -> None:
     for name in module._parameters:
         module.__dict__.pop(name, None)
