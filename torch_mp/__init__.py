@@ -32,7 +32,7 @@ from torch_mp._planner.costs import CostTable
 from torch_mp._planner.plans import Plan
 from torch_mp._planner.search import plan
 from torch_mp._pipelining.timeline import Timeline, TimelineEvent, plot_timeline
-from torch_mp._report import memory_report
+from torch_mp._report import measure_peak, memory_report
 from torch_mp._split import split
 from torch_mp._state import ParallelState, state_of
 from torch_mp._checkpoint.state_dict import full_state_dict, init_empty_weights, load_full_state_dict
@@ -71,6 +71,7 @@ __all__ = [
     "load_full_state_dict",
     "local_parameters",
     "matmul_reduce_scatter",
+    "measure_peak",
     "memory_report",
     "nn",
     "parallelize",

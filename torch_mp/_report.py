@@ -1,14 +1,22 @@
 """Where a model's parameters and buffers live, and how many bytes each rank or device holds."""
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+import ctypes
+import os
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from torch_mp._group import all_gather_rows, resolve_group
 from torch_mp._checks import check_arg
+from torch_mp._planner.costs import CostTable
+from torch_mp._planner.model import Layout, StagePeak, stage_peaks
+from torch_mp._tensors import tensors_in
 from torch_mp._state import PIPELINE, SPLIT, TENSOR_PARALLEL, ParallelState, state_of
 from torch_mp._tensor_parallel.dtensor import local_tensor
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 
 
 @dataclass
@@ -17,6 +25,7 @@ class MemoryRow:
     parameters: int     # bytes
     buffers: int        # bytes
     modules: int        # placed or sharded modules there
+    predicted: Optional[StagePeak] = None  # the planner's predicted peak (memory_report(costs=, sample=))
 
     @property
     def total(self) -> int:
@@ -34,6 +43,13 @@ class MemoryReport:
         for row in self.rows:
             lines.append(f"{row.where:<22} {_mib(row.parameters):>12} {_mib(row.buffers):>12} {_mib(row.total):>12} "
                          f"{row.total / model_total:>6.1%} {row.modules:>7}")
+        if any(row.predicted for row in self.rows):
+            lines.append(f"{'predicted train_step':<22} {'gradients':>12} {'optimizer':>12} {'activations':>12} "
+                         f"{'peak':>12}")
+            for row in self.rows:
+                peak = row.predicted
+                lines.append(f"{row.where:<22} {_mib(peak.gradients):>12} {_mib(peak.optimizer):>12} "
+                             f"{_mib(peak.activations + peak.flat):>12} {_mib(peak.total):>12}")
         return "\n".join(lines)
 
     def save_png(self, path: str, limits: Optional[Sequence[int]] = None) -> None:
@@ -83,7 +99,8 @@ class MemoryReport:
         return figure
 
 
-def memory_report(module: nn.Module, png: Optional[str] = None) -> MemoryReport:
+def memory_report(module: nn.Module, png: Optional[str] = None, costs: Optional[CostTable] = None, sample=None,
+                  optimizer: Optional[torch.optim.Optimizer] = None) -> MemoryReport:
     """Parameters and buffers per rank (a ``tensor_parallel`` or ``pipeline`` model; a collective:
     every rank calls it and gets the whole report; a pipeline rank counts what it holds, not the
     meta stand-ins of other ranks' stages), per stage (a ``split`` model) or per device (any other
@@ -92,10 +109,28 @@ def memory_report(module: nn.Module, png: Optional[str] = None) -> MemoryReport:
     report shows MiB and each row's share. ``png``: also save a bar chart there (matplotlib needed);
     ``report.save_png(path, limits=[bytes per row])`` draws each device's limit (``max_memory``) too.
 
-    Raises TypeError for a ``module`` that is not an ``nn.Module``; ImportError for ``png`` without
-    matplotlib; ``torch_mp.CollectiveError`` when a tensor-parallel peer does not answer."""
+    With ``costs`` (the dense model's ``CostTable``: ``torch_mp.plan(...).costs``, whose activation
+    bytes per layer autograd's ``saved_tensors_hooks`` measured) and ``sample`` (one
+    ``train_step``'s inputs on this rank; its first tensor's dim 0 counts the samples), each row of a
+    ``tensor_parallel`` or ``pipeline`` model also gets ``predicted``, the planner's peak of a
+    ``train_step`` on that rank (``torch_mp._planner.model.stage_peaks`` for the model's schedule,
+    micro-batches, checkpoint policy and degrees; summed over a rank's stages): parameters,
+    gradients, optimizer state, activations in flight (under 1F1B ``pp - stage`` micro-batches;
+    Narayanan et al., 2021). The optimizer state is AdamW's two fp32 copies without ``optimizer``;
+    with one, its actual state tensors once it has stepped, else its kind's (Adam/AdamW: 2, 3 with
+    amsgrad; SGD: 1 with momentum, else 0 per parameter byte). Compare with ``measure_peak``.
+
+    Raises TypeError for a ``module`` that is not an ``nn.Module`` or ``costs`` that is not a
+    ``CostTable``; ValueError for ``costs`` without ``sample`` (or the reverse), ``costs`` on a
+    model that is neither tensor-parallel nor a pipeline, ``costs.layers`` that are not this
+    model's, or an optimizer other than Adam, AdamW or SGD before its first step (all before any
+    collective); ImportError for ``png`` without matplotlib; ``torch_mp.CollectiveError`` when a
+    peer does not answer."""
     check_arg("memory_report", "module", module, nn.Module, "a torch.nn.Module")
     state = state_of(module)
+    predicted = None
+    if costs is not None or sample is not None:
+        predicted = _predict(module, state, costs, sample, optimizer)
     if state is not None and state.kind == TENSOR_PARALLEL:
         report = _per_rank(module, state)
     elif state is not None and state.kind == PIPELINE:
@@ -104,9 +139,130 @@ def memory_report(module: nn.Module, png: Optional[str] = None) -> MemoryReport:
         report = _per_stage(module, state)
     else:
         report = _per_device(module)
+    if predicted is not None:
+        everyone = all_gather_rows(torch.tensor(predicted), state.group, "torch_mp.memory_report").tolist()
+        for row, parts in zip(report.rows, everyone):
+            row.predicted = StagePeak(*parts)
     if png is not None:
         report.save_png(png)
     return report
+
+
+def _predict(module: nn.Module, state: Optional[ParallelState], costs, sample, optimizer) -> List[int]:
+    """This rank's predicted peak, by kind (``StagePeak``'s fields in order)."""
+    if costs is None or sample is None:
+        raise ValueError(f"memory_report: got costs={'None' if costs is None else 'a CostTable'} and sample="
+                         f"{'None' if sample is None else 'inputs'}; expected both (the prediction needs the "
+                         "dense model's cost table and one train_step's inputs) or neither")
+    check_arg("memory_report", "costs", costs, CostTable, "a torch_mp.CostTable")
+    if state is None or state.kind not in (TENSOR_PARALLEL, PIPELINE):
+        raise ValueError(f"memory_report: costs= predicts the peak of a tensor_parallel or pipeline model; got a "
+                         f"{'plain' if state is None else state.kind} {type(module).__name__}")
+    tensors = tensors_in(sample)
+    if not tensors or tensors[0].dim() == 0:
+        raise ValueError("memory_report: sample has no tensor with a batch dim; expected one train_step's inputs "
+                         "whose first tensor's dim 0 counts the samples")
+    rows = tensors[0].shape[0]
+    if state.kind == TENSOR_PARALLEL:
+        tp = resolve_group(state.group).size
+        layout = Layout(1, tp, 1, "1f1b", 1, "never", "sequence_parallel" in state.plan.values(),
+                        (len(costs.layers),), rows)
+        mine = [0]
+    else:
+        pipe, inner = state.pipe, state.inner
+        missing = [name for name in costs.layers if name not in state.stage_of]
+        if missing:
+            raise ValueError(f"memory_report: costs.layers {missing[:3]} are not layers of this pipeline; expected "
+                             "the cost table of the model it was made from")
+        balance = [0] * pipe.num_stages
+        for name in costs.layers:
+            balance[state.stage_of[name]] += 1
+        tp = resolve_group(inner.group).size if inner is not None else 1
+        dp = resolve_group(state.data_parallel).size if state.data_parallel is not None else 1
+        layout = Layout(pipe.num_stages, tp, dp, pipe.schedule, pipe.chunks, pipe.checkpoint,
+                        inner is not None and "sequence_parallel" in inner.plan.values(), tuple(balance), rows * dp)
+        mine = pipe.local_stages()
+    peaks = stage_peaks(costs, layout)
+    parts = [sum(getattr(peaks[stage], field) for stage in mine)
+             for field in ("parameters", "gradients", "optimizer", "flat", "activations")]
+    if optimizer is not None:
+        parts[2] = _optimizer_bytes(optimizer)
+    return parts
+
+
+def _optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """The bytes of the optimizer's state on this rank: its tensors once it has stepped, else its
+    kind's copies of its (local, non-meta) parameters."""
+    state = [t for entry in optimizer.state.values() for t in entry.values() if torch.is_tensor(t) and not t.is_meta]
+    if state:
+        return _bytes(state)
+    total = 0
+    for group in optimizer.param_groups:
+        if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            copies = 3 if group.get("amsgrad") else 2
+        elif isinstance(optimizer, torch.optim.SGD):
+            copies = 1 if group.get("momentum") else 0
+        else:
+            raise ValueError(f"memory_report: optimizer is a {type(optimizer).__name__} that has not stepped; "
+                             "expected Adam, AdamW or SGD, or any optimizer after its first step (its state is "
+                             "then counted)")
+        total += copies * _bytes(p for p in group["params"] if not p.is_meta)
+    return total
+
+
+def measure_peak(fn: Callable, *args, device: Optional[torch.device] = None, **kwargs) -> Tuple[object, int]:
+    """``(fn(*args, **kwargs), bytes)``: what ``fn`` returns and how many bytes this process's
+    peak memory rose by while it ran (add the bytes held before it, such as parameters and optimizer
+    state, for the peak ``memory_report(costs=, sample=)`` predicts).
+
+    On a CUDA ``device``: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, less
+    what was allocated before. On the CPU (``device`` None or cpu), torch's allocator keeps no peak,
+    and ``tracemalloc`` does not see tensors (they are allocated in C++): the rise of the process's
+    resident high-water mark (``VmHWM`` in ``/proc/self/status``, reset to the current resident size
+    by writing ``5`` to ``/proc/self/clear_refs``; Linux only) above the resident size at the start.
+    Large tensors are their own ``mmap`` blocks that glibc returns when freed, so this follows the
+    tensors; it also counts the small allocations of Python and the allocator's cached blocks (a
+    few MiB).
+
+    Raises ValueError for a CPU ``device`` where ``/proc/self/clear_refs`` is missing (not Linux)."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        result = fn(*args, **kwargs)
+        torch.cuda.synchronize(device)
+        return result, torch.cuda.max_memory_allocated(device) - start
+    if not os.path.exists("/proc/self/clear_refs"):
+        raise ValueError(f"measure_peak: device={device} needs /proc/self/clear_refs (Linux) to reset the "
+                         "process's peak; expected Linux or a CUDA device")
+    _return_freed_memory()
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+    start = _status_kib("VmRSS")
+    result = fn(*args, **kwargs)
+    return result, (_status_kib("VmHWM") - start) * 1024
+
+
+def _return_freed_memory() -> None:
+    """Makes glibc give every block of 128 KiB or more its own ``mmap`` (returned to the system when
+    freed: ``M_MMAP_THRESHOLD`` fixed, which turns off glibc's threshold that grows to 32 MiB after such
+    frees and keeps later blocks in the heap) and returns the heap's free pages (``malloc_trim``), so
+    that the resident size follows the live tensors. Without glibc (musl), nothing."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+    libc.malloc_trim(0)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise ValueError(f"measure_peak: /proc/self/status has no {field}")
 
 
 def _mib(nbytes: int) -> str:

@@ -71,19 +71,36 @@ def in_flight(layout: Layout, stage: int) -> int:
     return layout.chunks if layout.schedule == "gpipe" else min(layout.chunks, layout.pp - stage)
 
 
-def peak_bytes(costs: CostTable, layout: Layout) -> List[int]:
-    """Predicted peak bytes per pipeline stage (each rank of that stage's tensor-parallel and
+@dataclass(frozen=True)
+class StagePeak:
+    """Predicted bytes one rank of a stage holds at its peak, by kind: ``parameters``, their
+    ``gradients``, the ``optimizer`` state, the ``flat`` gradients of the data-parallel all-reduce
+    (and its result) and the ``activations`` in flight."""
+    parameters: int
+    gradients: int
+    optimizer: int
+    flat: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.parameters + self.gradients + self.optimizer + self.flat + self.activations
+
+
+def stage_peaks(costs: CostTable, layout: Layout) -> List[StagePeak]:
+    """Predicted peak per pipeline stage, by kind (each rank of that stage's tensor-parallel and
     data-parallel groups holds the same): parameters, their gradients, AdamW's two fp32 states,
     the flattened gradients the data-parallel all-reduce sends and its result (two copies of the
     gradients), and the activations in flight
     (with ``checkpoint="always"``: each micro-batch's stage input, and one micro-batch's saved
-    tensors while it is recomputed)."""
+    tensors while it is recomputed). Gradients and activations are summed (an upper bound where a stage runs no forward after its first
+    backward: GPipe, one micro-batch)."""
     rows = layout.rows
     peaks = []
     for stage, layers in enumerate(stage_layers(layout.balance)):
         first, last = stage == 0, stage == layout.pp - 1
         params = _params(costs, layers, first, last, layout.tp)
-        state = params * 2 + params / costs.param_element_size * 8  # parameters, gradients, 2 x fp32
+        optimizer = params / costs.param_element_size * 8  # 2 x fp32
         flat = 2 * params if layout.dp > 1 else 0  # the flattened gradients and the all-reduce's result
         held = in_flight(layout, stage)
         one = _activations(costs, layers, rows, layout)
@@ -93,8 +110,13 @@ def peak_bytes(costs: CostTable, layout: Layout) -> List[int]:
             activations = held * costs.boundary_bytes * rows + one
         else:
             activations = held * one
-        peaks.append(int(state + flat + activations))
+        peaks.append(StagePeak(int(params), int(params), int(optimizer), int(flat), int(activations)))
     return peaks
+
+
+def peak_bytes(costs: CostTable, layout: Layout) -> List[int]:
+    """Predicted peak bytes per pipeline stage: the sum of ``stage_peaks``."""
+    return [peak.total for peak in stage_peaks(costs, layout)]
 
 
 def stage_times(costs: CostTable, layout: Layout) -> Tuple[List[float], List[float], List[float]]:
