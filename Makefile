@@ -151,7 +151,7 @@ clean:
 # The libFuzzer target of the C++ checkpoint reader (tests/fuzz: safetensors headers and checkpoint
 # indexes), built with clang and run for FUZZ_SECONDS from the seeds and the corpus found so far.
 # A single allocation over 1 MiB (the inputs are at most 4 KiB) counts as a finding.
-FUZZ_SECONDS ?= 60
+FUZZ_SECONDS ?= 30
 .PHONY: test-fuzz
 TEST_PARTS += test-fuzz
 test-fuzz: venv sysdeps

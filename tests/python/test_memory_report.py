@@ -65,11 +65,13 @@ def dense_costs():
     return measure_costs(llama(), {"input_ids": ids()}, collectives=(5e-5, 1e-9))
 
 
+@pytest.mark.full  # a process's peak moves by a few MiB from run to run: kept out of make test
 def test_pipeline_first_stage_peak_within_ten_percent_of_measured():
     """1F1B, 2 micro-batches of 4 rows: stage 0 holds both in flight (measured 63.3-66.6 MiB over runs, predicted 61.0)."""
     run_ranks(2, check_predicted_peak, "pipeline", dense_costs(), (0,), timeout=400)
 
 
+@pytest.mark.full
 @pytest.mark.xfail(strict=True, reason="not modelled yet. Last stage: measured 62.7-63.7 MiB, predicted 49.2; "
                    "the extra is about one more micro-batch's activations though the 1F1B schedule runs F0 B0 F1 B1 "
                    "there. Tensor parallel: measured 95 MiB, predicted 70.6; the layers' saved bytes match the "

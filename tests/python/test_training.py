@@ -143,12 +143,14 @@ def test_compiled_tensor_parallel_training():
     run_ranks(2, check_compiled_tensor_parallel, timeout=600)
 
 
+@pytest.mark.full  # compiled split: test_pipeline_compile.py in make test; this whole check in make test-full
 def test_compiled_split_training():
     dense, ids, sizes = gpt_and_inputs()
     compile_checks(torch_mp.split(copy.deepcopy(dense), ["cpu", "cpu"]),
                    torch_mp.split(copy.deepcopy(dense), ["cpu", "cpu"]), ids, sizes)
 
 
+@pytest.mark.full  # torchrun examples: test_tensor_parallel.py in make test; compiled too in make test-full
 def test_train_compile_example_under_torchrun(tmp_path):
     import os
     import subprocess
