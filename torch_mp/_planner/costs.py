@@ -130,10 +130,12 @@ def _saved_bytes(module: nn.Module, layer_names: List[str], sample) -> Tuple[Lis
                 per_layer[current[-1]] += storage.nbytes()
             else:
                 outside[0] += storage.nbytes()
-        return tensor
+        # Nothing is kept: this forward never runs backward, and a saved parameter would keep a
+        # reference to it that outlives the graph (torch.utils.swap_tensors, which pipeline() uses on
+        # the same model afterwards, then refuses it).
 
     try:
-        with torch.random.fork_rng(devices=[]), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.random.fork_rng(devices=[]), torch.autograd.graph.saved_tensors_hooks(pack, lambda _: None):
             output = module(*args, **kwargs)
     finally:
         for handle in handles:
