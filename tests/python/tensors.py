@@ -19,3 +19,17 @@ def close(actual, expected, msg: str = "", rtol: float = RTOL, atol: float = ATO
     if isinstance(actual, DTensor) and not isinstance(expected, DTensor):
         actual = actual.to_local() if actual.to_local().shape == expected.shape else actual.full_tensor()
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=msg)
+
+
+def gathered_gradients(model, dense):
+    """A parallel model's gradients gathered as the dense model's state_dict (``full_state_dict``
+    of the gradients copied into the weights), then the dense weights loaded back, sharded as
+    before (the gradients stay in ``.grad``). A collective: every rank calls it."""
+    import torch_mp
+
+    with torch.no_grad():
+        for param in [p for p in model.parameters() if not p.is_meta]:
+            param.copy_(param.grad)
+    gathered = torch_mp.full_state_dict(model)
+    torch_mp.load_full_state_dict(model, dense.state_dict())
+    return gathered

@@ -18,6 +18,7 @@ from torch.distributed.tensor import DTensor
 
 import torch_mp
 from distributed import run_ranks
+from tensors import gathered_gradients
 
 transformers = pytest.importorskip("transformers")
 
@@ -92,14 +93,9 @@ def check_matches_dense(rank, world, pp, dp, tp, make, schedule, sequence_parall
     torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-6)
 
     # Every gradient, gathered as the dense model's state_dict: this rank's stages' shards hold theirs.
-    with torch.no_grad():
-        for param in [p for p in model.parameters() if not p.is_meta]:
-            param.copy_(param.grad)
-    gathered = torch_mp.full_state_dict(model)
+    gathered = gathered_gradients(model, dense)
     for name, param in dense.named_parameters():
         torch.testing.assert_close(gathered[name], param.grad, rtol=1e-4, atol=1e-6)
-    # Back to the weights (the gradients stay in .grad): the dense ones, sharded as before.
-    torch_mp.load_full_state_dict(model, dense.state_dict())
 
     # The dense norm over the whole mesh (each element once), the dense clipping and AdamW step.
     norm = torch_mp.clip_grad_norm_(model, max_norm=0.5)
@@ -132,17 +128,6 @@ def test_llama_pp2_tp2_dp2_matches_dense(schedule, sequence_parallel):
 def test_mixtral_pp2_tp2_matches_dense():
     """Experts inside each stage, parallel over the stage's tensor-parallel group (all_to_all)."""
     run_ranks(4, check_matches_dense, 2, 1, 2, mixtral, "1f1b", False, timeout=400)
-
-
-def gathered_gradients(model, dense):
-    """The model's gradients gathered as the dense model's state_dict (``full_state_dict`` of the
-    gradients copied into the weights), then the dense weights loaded back, sharded as before."""
-    with torch.no_grad():
-        for param in [p for p in model.parameters() if not p.is_meta]:
-            param.copy_(param.grad)
-    gathered = torch_mp.full_state_dict(model)
-    torch_mp.load_full_state_dict(model, dense.state_dict())
-    return gathered
 
 
 def check_each_rank_holds_its_share(rank, world):

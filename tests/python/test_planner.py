@@ -15,6 +15,7 @@ import torch_mp
 from torch_mp._planner.costs import CostTable, Line, measure_costs
 from torch_mp._planner.model import Layout, peak_bytes, simulate, step_seconds
 from distributed import run_ranks
+from tensors import gathered_gradients
 
 transformers = pytest.importorskip("transformers")
 
@@ -191,10 +192,7 @@ def check_plan_matches_dense(rank, world, plans):
         expected = loss_fn(dense(input_ids=batch), batch)
         expected.backward()
         torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-6)
-        with torch.no_grad():
-            for param in [p for p in model.parameters() if not p.is_meta]:
-                param.copy_(param.grad)
-        gathered = torch_mp.full_state_dict(model)
+        gathered = gathered_gradients(model, dense)
         for name, param in dense.named_parameters():
             torch.testing.assert_close(gathered[name], param.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
