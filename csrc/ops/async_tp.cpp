@@ -65,8 +65,8 @@ at::Tensor matmul_reduce_scatter(
 
 namespace {
 
-constexpr char kAllGatherMatmul[] = "torch_mp.all_gather_matmul";
-constexpr char kMatmulReduceScatter[] = "torch_mp.matmul_reduce_scatter";
+using detail::kAllGatherMatmul;
+using detail::kMatmulReduceScatter;
 
 // [group size * rows, *rest] laid back along `dim`: the rank blocks in rank order, as gather_from_sp
 // lays them. A copy only when dim is not 0.

@@ -53,26 +53,26 @@ using MatmulReduceScatterPrimitiveOp = at::Tensor(
 using CrossEntropyOp =
     at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t, c10::string_view, int64_t);
 
-constexpr char kColumnParallelLinear[] = "torch_mp::column_parallel_linear";
-constexpr char kRowParallelLinear[] = "torch_mp::row_parallel_linear";
-constexpr char kRowParallelLinearPrimitive[] = "torch_mp::_row_parallel_linear";
-constexpr char kDeferredLinear[] = "torch_mp::deferred_linear";
-constexpr char kAllGatherMatmul[] = "torch_mp::all_gather_matmul";
-constexpr char kMatmulReduceScatter[] = "torch_mp::matmul_reduce_scatter";
-constexpr char kMatmulReduceScatterPrimitive[] = "torch_mp::_matmul_reduce_scatter";
-constexpr char kVocabParallelCrossEntropy[] = "torch_mp::vocab_parallel_cross_entropy";
+constexpr char kColumnParallelLinearSchema[] = "torch_mp::column_parallel_linear";
+constexpr char kRowParallelLinearSchema[] = "torch_mp::row_parallel_linear";
+constexpr char kRowParallelLinearPrimitiveSchema[] = "torch_mp::_row_parallel_linear";
+constexpr char kDeferredLinearSchema[] = "torch_mp::deferred_linear";
+constexpr char kAllGatherMatmulSchema[] = "torch_mp::all_gather_matmul";
+constexpr char kMatmulReduceScatterSchema[] = "torch_mp::matmul_reduce_scatter";
+constexpr char kMatmulReduceScatterPrimitiveSchema[] = "torch_mp::_matmul_reduce_scatter";
+constexpr char kVocabParallelCrossEntropySchema[] = "torch_mp::vocab_parallel_cross_entropy";
 
 template <c10::DeviceType device>
 void register_autocast(torch::Library& m) {
   constexpr auto lower = CastPolicy::lower_precision_fp;
-  cast_then_run<lower, device, kColumnParallelLinear, LinearOp>(m);
-  cast_then_run<lower, device, kRowParallelLinear, LinearOp>(m);
-  cast_then_run<lower, device, kRowParallelLinearPrimitive, RowPrimitiveOp>(m);
-  cast_then_run<lower, device, kDeferredLinear, DeferredLinearOp>(m);
-  cast_then_run<lower, device, kAllGatherMatmul, AllGatherMatmulOp>(m);
-  cast_then_run<lower, device, kMatmulReduceScatter, MatmulReduceScatterOp>(m);
-  cast_then_run<lower, device, kMatmulReduceScatterPrimitive, MatmulReduceScatterPrimitiveOp>(m);
-  cast_then_run<CastPolicy::fp32, device, kVocabParallelCrossEntropy, CrossEntropyOp>(m);
+  cast_then_run<lower, device, kColumnParallelLinearSchema, LinearOp>(m);
+  cast_then_run<lower, device, kRowParallelLinearSchema, LinearOp>(m);
+  cast_then_run<lower, device, kRowParallelLinearPrimitiveSchema, RowPrimitiveOp>(m);
+  cast_then_run<lower, device, kDeferredLinearSchema, DeferredLinearOp>(m);
+  cast_then_run<lower, device, kAllGatherMatmulSchema, AllGatherMatmulOp>(m);
+  cast_then_run<lower, device, kMatmulReduceScatterSchema, MatmulReduceScatterOp>(m);
+  cast_then_run<lower, device, kMatmulReduceScatterPrimitiveSchema, MatmulReduceScatterPrimitiveOp>(m);
+  cast_then_run<CastPolicy::fp32, device, kVocabParallelCrossEntropySchema, CrossEntropyOp>(m);
   for (const char* name :
        {"copy_to_tp", "reduce_from_tp", "gather_from_tp", "scatter_to_tp", "reduce_scatter_to_sp", "gather_from_sp",
         "vocab_parallel_embedding", "_all_reduce", "_all_reduce_start_", "_wait_", "_all_gather", "_reduce_scatter",

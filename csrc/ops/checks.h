@@ -7,6 +7,10 @@
 
 namespace torch_mp::detail {
 
+// The async tensor-parallel ops' names in their errors (the forward's checks and the autograd functions).
+inline constexpr char kAllGatherMatmul[] = "torch_mp.all_gather_matmul";
+inline constexpr char kMatmulReduceScatter[] = "torch_mp.matmul_reduce_scatter";
+
 // Checks that `group_size` is at least 1, naming `op`.
 void check_group_size(std::string_view op, int64_t group_size);
 

@@ -22,11 +22,14 @@
 #include "checkpoint/sharded.h"
 #include "comm/collectives.h"
 #include "comm/group.h"
+#include "detail/join.h"
 #include "detail/stage.h"
 #include "nn/parallel_group.h"
 
 namespace torch_mp {
 namespace {
+
+using detail::join;
 
 constexpr const char* kOp = "pipeline_parallel";
 
@@ -43,17 +46,6 @@ constexpr int64_t kActivation = 0, kGradient = 1, kAbort = 2;
 
 // (kind, micro-batch, stage that made the tensor, stage that uses it)
 using Key = std::tuple<int64_t, int64_t, int64_t, int64_t>;
-
-template <typename T>
-std::string join(const std::vector<T>& values) {
-  std::ostringstream out;
-  out << "[";
-  for (size_t i = 0; i < values.size(); ++i) {
-    out << (i ? ", " : "") << values[i];
-  }
-  out << "]";
-  return out.str();
-}
 
 std::string describe(const Key& key, int64_t peer) {
   const auto [kind, micro_batch, made_by, used_by] = key;

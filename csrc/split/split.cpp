@@ -11,9 +11,12 @@
 #include <torch_mp/ops.h>
 
 #include "detail/device.h"
+#include "detail/join.h"
 
 namespace torch_mp {
 namespace {
+
+using detail::join;
 
 constexpr int64_t kUnlimited = std::numeric_limits<int64_t>::max();
 
@@ -26,22 +29,6 @@ int64_t module_bytes(const torch::nn::Module& module) {
     bytes += tensor.numel() * static_cast<int64_t>(tensor.element_size());
   }
   return bytes;
-}
-
-template <typename T>
-std::string join(const std::vector<T>& values) {
-  std::ostringstream out;
-  out << "[";
-  for (size_t i = 0; i < values.size(); ++i) {
-    out << (i ? ", " : "");
-    if (values[i] == kUnlimited) {
-      out << "unlimited";
-    } else {
-      out << values[i];
-    }
-  }
-  out << "]";
-  return out.str();
 }
 
 void check_balance(
@@ -93,9 +80,13 @@ std::vector<int64_t> balance_by_size(
       }
     }
   }
+  std::vector<std::string> shown_capacities;
+  for (const auto capacity : capacities) {
+    shown_capacities.push_back(capacity == kUnlimited ? "unlimited" : std::to_string(capacity));
+  }
   TORCH_CHECK_VALUE(
       best[k][n] != kUnlimited,
-      "split: max_memory ", join(capacities), " (bytes per device) cannot hold the model: its ", n,
+      "split: max_memory ", join(shown_capacities), " (bytes per device) cannot hold the model: its ", n,
       " layers need ", prefix[n], " bytes in all and the largest needs ",
       *std::max_element(layer_bytes.begin(), layer_bytes.end()),
       " bytes; expected max_memory large enough for contiguous runs of layers");

@@ -27,7 +27,7 @@ at::Tensor shard(const at::Tensor& tensor, int64_t dim, int64_t rank) {
   return tensor.chunk(kWorld, dim)[rank];
 }
 
-struct Dense {
+struct MlpInputs {
   at::Tensor input = torch::randn({3, 8, 8});  // [batch, sequence, features]
   at::Tensor up = torch::randn({16, 8});
   at::Tensor gate = torch::randn({16, 8});
@@ -35,7 +35,7 @@ struct Dense {
   at::Tensor direction = torch::randn({3, 8, 8});
 };
 
-void check_rank(const torch_mp::Group& group, const Dense& dense, int64_t chunks) {
+void check_rank(const torch_mp::Group& group, const MlpInputs& dense, int64_t chunks) {
   const auto rank = group.rank;
   const auto what = [&](const char* name) { return std::string(name) + " chunks=" + std::to_string(chunks); };
   auto x = dense.input.clone().requires_grad_();
@@ -68,7 +68,7 @@ void check_rank(const torch_mp::Group& group, const Dense& dense, int64_t chunks
 
 TEST(AsyncTensorParallel, TwoRanksMatchDenseMlp) {
   torch::manual_seed(0);
-  const Dense dense;
+  const MlpInputs dense;
   for (const int64_t chunks : {1, 2}) {
     torch_mp::testing::run_two_ranks(
         "async_tp" + std::to_string(chunks), [&](const torch_mp::Group& group) { check_rank(group, dense, chunks); });

@@ -11,6 +11,7 @@
 #include <torch/torch.h>
 #include <torch_mp/torch_mp.h>
 
+#include "dense.h"
 #include "error_of.h"
 #include "two_ranks.h"
 
@@ -26,14 +27,6 @@ torch::nn::Sequential make_model() {
 
 const torch_mp::TensorParallelPlan kPlan = {{"[04]", "colwise"}, {"[26]", "rowwise"}};
 
-torch::nn::Sequential copy_of(const torch::nn::Sequential& model) {
-  return torch::nn::Sequential(std::dynamic_pointer_cast<torch::nn::SequentialImpl>(model->clone()));
-}
-
-at::Tensor mse(const at::Tensor& output, const at::Tensor& target) {
-  return torch::mse_loss(output, target);
-}
-
 // This tp rank's part of a dense tensor: the whole tensor when `local` has its shape, else the
 // block along the one dim where they differ.
 at::Tensor shard_of(const at::Tensor& dense, const at::Tensor& local, int64_t tp_rank) {
@@ -43,15 +36,6 @@ at::Tensor shard_of(const at::Tensor& dense, const at::Tensor& local, int64_t tp
     }
   }
   return dense;
-}
-
-// The dense model's norm of its gradients (torch's formula: the norm of the per-tensor norms).
-double dense_norm(const torch::nn::Module& model, double norm_type) {
-  std::vector<at::Tensor> norms;
-  for (const auto& param : model.parameters()) {
-    norms.push_back(torch::linalg_vector_norm(param.grad(), norm_type, {}, false, torch::kFloat));
-  }
-  return torch::linalg_vector_norm(torch::stack(norms), norm_type, {}, false, torch::kFloat).item<double>();
 }
 
 // The dense model's numbers for two SGD steps on one batch (clipped to max_norm when > 0): each

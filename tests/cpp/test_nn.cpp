@@ -18,7 +18,7 @@ at::Tensor shard(const at::Tensor& tensor, int64_t dim, int64_t rank) {
   return tensor.chunk(kWorld, dim)[rank];
 }
 
-struct Dense {
+struct LayerInputs {
   torch::nn::Linear up{torch::nn::LinearOptions(8, 16)};
   torch::nn::Linear down{torch::nn::LinearOptions(16, 8)};
   torch::nn::Embedding embedding{torch::nn::EmbeddingOptions(10, 8)};
@@ -27,7 +27,7 @@ struct Dense {
   at::Tensor logits = torch::randn({3, 5, 10});
 };
 
-void check_rank(const torch_mp::Group& group, const Dense& shared) {
+void check_rank(const torch_mp::Group& group, const LayerInputs& shared) {
   const auto rank = group.rank;
 
   // Private copies: the threads must not accumulate gradients into shared modules.
@@ -76,7 +76,7 @@ void check_rank(const torch_mp::Group& group, const Dense& shared) {
 
 TEST(ParallelLayers, TwoRanksMatchDenseLayers) {
   torch::manual_seed(0);
-  const Dense shared;
+  const LayerInputs shared;
   torch_mp::testing::run_two_ranks("layers", [&](const torch_mp::Group& group) { check_rank(group, shared); });
 }
 

@@ -12,6 +12,7 @@
 #include <torch/torch.h>
 #include <torch_mp/torch_mp.h>
 
+#include "dense.h"
 #include "error_of.h"
 #include "two_ranks.h"
 
@@ -24,14 +25,6 @@ torch::nn::Sequential make_mlp() {
       torch::nn::Linear(8, 16), torch::nn::Tanh(), torch::nn::Linear(16, 16), torch::nn::Tanh(),
       torch::nn::Linear(16, 16), torch::nn::Tanh(), torch::nn::Linear(16, 16), torch::nn::Tanh(),
       torch::nn::Linear(16, 4));
-}
-
-torch::nn::Sequential copy_of(const torch::nn::Sequential& model) {
-  return torch::nn::Sequential(std::dynamic_pointer_cast<torch::nn::SequentialImpl>(model->clone()));
-}
-
-at::Tensor mse(const at::Tensor& output, const at::Tensor& target) {
-  return torch::mse_loss(output, target);
 }
 
 // The dense model's numbers for two SGD steps on one batch: each step's loss, the first step's

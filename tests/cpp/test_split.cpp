@@ -6,6 +6,7 @@
 #include <torch/torch.h>
 #include <torch_mp/torch_mp.h>
 
+#include "dense.h"
 #include "error_of.h"
 
 namespace {
@@ -21,14 +22,6 @@ std::vector<torch::Device> two_stages() {
 }
 
 // A copy of `model` with the same weights, to split while `model` stays the dense reference.
-torch::nn::Sequential copy_of(const torch::nn::Sequential& model) {
-  return torch::nn::Sequential(std::dynamic_pointer_cast<torch::nn::SequentialImpl>(model->clone()));
-}
-
-at::Tensor mse(const at::Tensor& output, const at::Tensor& target) {
-  return torch::mse_loss(output, target);
-}
-
 } // namespace
 
 TEST(Split, MatchesUnsplitModelThroughAnOptimizerStep) {

@@ -7,6 +7,7 @@
 #include <torch/torch.h>
 #include <torch_mp/torch_mp.h>
 
+#include "dense.h"
 #include "two_ranks.h"
 
 namespace {
@@ -16,19 +17,6 @@ torch::nn::Sequential make_model() {
       torch::nn::Embedding(12, 8),
       torch::nn::Linear(8, 32), torch::nn::GELU(), torch::nn::Linear(32, 8),
       torch::nn::Linear(8, 16), torch::nn::Tanh(), torch::nn::Linear(16, 8));
-}
-
-torch::nn::Sequential copy_of(const torch::nn::Sequential& model) {
-  return torch::nn::Sequential(std::dynamic_pointer_cast<torch::nn::SequentialImpl>(model->clone()));
-}
-
-// The dense model's norm of its gradients (torch's formula: the norm of the per-tensor norms).
-double dense_norm(const torch::nn::Module& model, double norm_type) {
-  std::vector<at::Tensor> norms;
-  for (const auto& param : model.parameters()) {
-    norms.push_back(torch::linalg_vector_norm(param.grad(), norm_type, {}, false, torch::kFloat));
-  }
-  return torch::linalg_vector_norm(torch::stack(norms), norm_type, {}, false, torch::kFloat).item<double>();
 }
 
 } // namespace

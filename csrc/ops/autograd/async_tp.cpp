@@ -8,6 +8,7 @@
 
 #include "comm/collectives.h"
 #include "ops/autograd/group_function.h"
+#include "ops/checks.h"
 #include "ops/autograd/linear_grads.h"
 
 namespace torch_mp {
@@ -16,8 +17,8 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-constexpr char kAllGatherMatmul[] = "torch_mp.all_gather_matmul";
-constexpr char kMatmulReduceScatter[] = "torch_mp.matmul_reduce_scatter";
+using detail::kAllGatherMatmul;
+using detail::kMatmulReduceScatter;
 
 // forward: gathered = all_gather(input, dim), outputs[i] = gathered @ weights[i].T, returned as
 // [gathered, *outputs]; backward: grad input = reduce_scatter(grad gathered + sum_i grad outputs[i] @
