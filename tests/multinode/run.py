@@ -167,8 +167,8 @@ def kill_scenario(nodes: Nodes, scenario: str, out: Path, reference) -> None:
         error = json.loads(path.read_text())
         assert error["type"] == "CollectiveError", error
         assert error["after_s"] < error["timeout_s"] + 5.0, error
-        print(f"kill {scenario}: {path.stem[len('error-'):]} raised torch_mp.CollectiveError {error['after_s']:.1f} s after "
-              f"node 1 stopped (group timeout {error['timeout_s']:.0f} s): {error['message'][:100]}...")
+        print(f"kill {scenario}: {path.stem[len('error-'):]} raised torch_mp.CollectiveError "
+              f"{error['after_s']:.1f} s after node 1 stopped (group timeout {error['timeout_s']:.0f} s): {error['message'][:100]}...")
     replacement = nodes.torchrun(1, job, 2, args, out)
     wait([survivor, replacement], f"kill {scenario} (resumed)", out)
     compare(f"kill: resumed {scenario}", losses(out, scenario), reference, exact=True)

@@ -1,8 +1,9 @@
 """Pipeline x tensor x data parallel in one mesh (``init_mesh(pp=, dp=, tp=)``; ``tensor_parallel``
 on mesh["tp"], then ``pipeline`` on mesh["pp"] with ``data_parallel=mesh["dp"]``) against the dense
 model: the loss, every gradient gathered with ``full_state_dict``, ``torch_mp.clip_grad_norm_``, an
-AdamW step, ``torch_mp.GradScaler``'s decision, the pipeline's own recompute (``checkpoint=``), and
-checkpoints across layouts. Tiny transformers
+AdamW step, ``torch_mp.GradScaler``'s decision, the pipeline's own recompute (``checkpoint=``),
+checkpoints across layouts, and examples/python/train_3d.py under torchrun (each rank within its
+``--max-memory``, the dense losses). Tiny transformers
 Llama and Mixtral with random weights, on 4 Gloo ranks (pp 2 x tp 2) and 8 (pp 2 x tp 2 x dp 2).
 
 The 8-rank runs and the less common combinations are marked ``mesh3d_full`` (``make test-mesh3d``
@@ -396,5 +397,6 @@ def test_train_3d_example_refuses_a_rank_over_max_memory():
     result = run_train_3d(2, "--pp", "2", "--tp", "1", "--steps", "2")
     assert result.returncode != 0
     assert ("train_3d: ranks [0, 1] hold ['1.379 MiB', '1.380 MiB'] (parameters, buffers, gradients, AdamW state) "
-            "after the first step; expected at most --max-memory 1.000 MiB each") in result.stderr, result.stderr[-3000:]
+            "after the first step; expected at most --max-memory 1.000 MiB each") in result.stderr, \
+        result.stderr[-3000:]
     assert [int(step[0]) for step in loss_rows(result.stdout)] == [0], result.stdout  # no second step
