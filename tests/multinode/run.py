@@ -8,10 +8,13 @@ Checks, each against the single-process dense run of tests/multinode/train.py:
 1. tp_dp: tensor parallel across the nodes x data parallel inside them (4 ranks) trains with the
    dense run's losses;
 2. pipeline: one stage per node (2 ranks) trains with the dense run's losses;
-3. kill: the tp_dp job, saving with torch_mp.save every 2 steps; one node dies mid-step. The
-   survivors raise torch_mp.CollectiveError within the group's timeout, `torchrun --max-restarts 1`
-   restarts them, a new node takes the dead one's place, and the job resumes from the last save with
-   the uninterrupted run's losses, bit for bit.
+3. pp_tp: the 3-D mesh's pipeline x tensor parallel (init_mesh(pp=2, tp=2), 4 ranks): one stage per
+   node, each stage tensor parallel over its node's two ranks, the activations crossing the link;
+   trains with the dense run's losses;
+4. kill, for tp_dp and for pp_tp: the job, saving with torch_mp.save every 2 steps; one node dies
+   mid-step. The survivors raise torch_mp.CollectiveError within the group's timeout,
+   `torchrun --max-restarts 1` restarts them, a new node takes the dead one's place, and the job
+   resumes from the last save with the uninterrupted run's losses, bit for bit.
 The namespaces (and with them the veth pair and addresses) are removed whatever happens.
 """
 import argparse
@@ -139,16 +142,18 @@ def compare(name: str, got, expected, exact: bool = False) -> None:
           f"({'bit for bit' if exact else 'rtol %g' % TOLERANCE['rtol']})")
 
 
-def kill_scenario(nodes: Nodes, out: Path, reference) -> None:
+def kill_scenario(nodes: Nodes, scenario: str, out: Path, reference) -> None:
+    """``scenario`` (2 ranks per node) with node 1 killed mid-step, restarted, resumed."""
     checkpoint = out / "ckpt"
-    args = ["tp_dp", "--checkpoint", str(checkpoint)]
+    args = [scenario, "--checkpoint", str(checkpoint)]
     kill_step = 3
-    survivor = nodes.torchrun(0, "kill", 2, args, out, max_restarts=1)
-    dying = nodes.torchrun(1, "kill", 2, args, out, env={"TORCH_MP_TEST_KILL_STEP": str(kill_step)})
+    job = f"kill-{scenario}"
+    survivor = nodes.torchrun(0, job, 2, args, out, max_restarts=1)
+    dying = nodes.torchrun(1, job, 2, args, out, env={"TORCH_MP_TEST_KILL_STEP": str(kill_step)})
     deadline = time.monotonic() + RUN_TIMEOUT
     while len(list(out.glob("dying-rank*.json"))) < 2:
         if time.monotonic() > deadline or survivor.poll() is not None or dying.poll() is not None:
-            raise SystemExit(f"kill: node 1 never reached step {kill_step}; logs in {out}")
+            raise SystemExit(f"kill {scenario}: node 1 never reached step {kill_step}; logs in {out}")
         time.sleep(0.1)
     Nodes.kill(nodes.names[1])
     dying.wait()
@@ -156,18 +161,17 @@ def kill_scenario(nodes: Nodes, out: Path, reference) -> None:
     # node 0 has restarted its workers and waits for it at the rendezvous.
     while len(errors := sorted(out.glob("error-rank*.json"))) < 2:
         if time.monotonic() > deadline or survivor.poll() is not None:
-            raise SystemExit(f"kill: {len(errors)} of the 2 survivors wrote their error; logs in {out}")
+            raise SystemExit(f"kill {scenario}: {len(errors)} of the 2 survivors wrote their error; logs in {out}")
         time.sleep(0.2)
     for path in errors:
         error = json.loads(path.read_text())
         assert error["type"] == "CollectiveError", error
         assert error["after_s"] < error["timeout_s"] + 5.0, error
-        print(f"kill: {path.stem[len('error-'):]} raised torch_mp.CollectiveError {error['after_s']:.1f} s after "
-              f"node 1 stopped (group timeout {error['timeout_s']:.0f} s): {error['message'][:100]}...")
-    replacement = nodes.torchrun(1, "kill", 2, args, out)
-    wait([survivor, replacement], "kill (resumed)", out)
-    resumed = losses(out, "tp_dp")
-    compare("kill: resumed tp_dp", resumed, reference, exact=True)
+        print(f"kill {scenario}: {path.stem[len('error-'):]} raised torch_mp.CollectiveError "
+              f"{error['after_s']:.1f} s after node 1 stopped (group timeout {error['timeout_s']:.0f} s): {error['message'][:100]}...")
+    replacement = nodes.torchrun(1, job, 2, args, out)
+    wait([survivor, replacement], f"kill {scenario} (resumed)", out)
+    compare(f"kill: resumed {scenario}", losses(out, scenario), reference, exact=True)
 
 
 def main() -> None:
@@ -184,14 +188,15 @@ def main() -> None:
     with Nodes() as nodes:
         print(f"nodes: {nodes.names[0]} ({nodes.addresses[0]}), {nodes.names[1]} ({nodes.addresses[1]}), "
               f"veth {nodes.links[0]} <-> {nodes.links[1]}")
-        for scenario, nproc in (("tp_dp", 2), ("pipeline", 1)):
+        for scenario, nproc in (("tp_dp", 2), ("pipeline", 1), ("pp_tp", 2)):
             folder = out / scenario
             folder.mkdir(parents=True, exist_ok=True)
             wait([nodes.torchrun(node, scenario, nproc, [scenario], folder) for node in range(2)], scenario, folder)
             compare(f"{scenario} on 2 nodes", losses(folder, scenario), dense)
-        folder = out / "kill"
-        folder.mkdir(parents=True, exist_ok=True)
-        kill_scenario(nodes, folder, losses(out / "tp_dp", "tp_dp"))
+        for scenario in ("tp_dp", "pp_tp"):
+            folder = out / f"kill-{scenario}"
+            folder.mkdir(parents=True, exist_ok=True)
+            kill_scenario(nodes, scenario, folder, losses(out / scenario, scenario))
     print(f"multinode: passed in {time.monotonic() - start:.0f} s; logs in {out}")
 
 

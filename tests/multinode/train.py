@@ -3,12 +3,13 @@
 
     torchrun ... train.py tp_dp    --out DIR [--checkpoint DIR]   # 4 ranks: tp=2 across the nodes, dp=2
     torchrun ... train.py pipeline --out DIR                      # 2 ranks: one pipeline stage per node
+    torchrun ... train.py pp_tp    --out DIR [--checkpoint DIR]   # 4 ranks: pp=2 across the nodes, tp=2 inside
     python train.py dense --out DIR                               # both, in one process, no parallelism
 
 Each run appends one line per step to DIR/<scenario>.losses: "step loss" with the loss written
 exactly (float.hex), the loss of the whole batch (averaged over the data-parallel replicas).
 
-tp_dp with --checkpoint saves with torch_mp.save every 2 steps and resumes from the last save when
+tp_dp and pp_tp with --checkpoint save with torch_mp.save every 2 steps and resume from the last save when
 started again (torchrun --max-restarts). With TORCH_MP_TEST_KILL_STEP=K set on a node, that node
 stops in the middle of step K's forward, once, each rank writing DIR/dying-rank<R>.json; run.py then
 kills every process of the node. The survivors raise torch_mp.CollectiveError within the group's timeout, write
@@ -102,9 +103,7 @@ def tp_dp(out: Path, checkpoint) -> None:
     with torch_mp.local_parameters(model):  # DDP needs plain tensors; the DTensors are back after
         model = DistributedDataParallel(model, process_group=mesh["dp"].get_group())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    first = 0
-    if checkpoint and (Path(checkpoint) / "torch_mp_checkpoint.json").exists():
-        first = torch_mp.load(sharded, checkpoint, optimizer=optimizer)["step"]
+    first = resume(sharded, optimizer, checkpoint)
     step = first
     stop_mid_step(sharded, out, lambda: step)
     for step in range(first, STEPS):
@@ -120,8 +119,19 @@ def tp_dp(out: Path, checkpoint) -> None:
         dist.all_reduce(mean, group=mesh["dp"].get_group())
         if dist.get_rank() == 0:
             record(out, "tp_dp", step, mean.item() / DP)
-        if checkpoint and (step + 1) % 2 == 0:
-            torch_mp.save(sharded, checkpoint, optimizer=optimizer, extra={"step": step + 1})
+        save_every_2(sharded, optimizer, checkpoint, step)
+
+
+def resume(model: torch.nn.Module, optimizer, checkpoint) -> int:
+    """The step to start at: 0, or the one saved in ``checkpoint`` (model and optimizer loaded)."""
+    if checkpoint and (Path(checkpoint) / "torch_mp_checkpoint.json").exists():
+        return torch_mp.load(model, checkpoint, optimizer=optimizer)["step"]
+    return 0
+
+
+def save_every_2(model: torch.nn.Module, optimizer, checkpoint, step: int) -> None:
+    if checkpoint and (step + 1) % 2 == 0:
+        torch_mp.save(model, checkpoint, optimizer=optimizer, extra={"step": step + 1})
 
 
 def report_error(out: Path, error: Exception) -> None:
@@ -148,9 +158,37 @@ def pipeline(out: Path) -> None:
             record(out, "pipeline", step, loss.item())
 
 
+def pp_tp(out: Path, checkpoint) -> None:
+    """4 ranks: a 2-stage pipeline across the nodes (stage 0 on ranks 0 and 1, stage 1 on 2 and 3),
+    each stage tensor parallel over its node's two ranks (init_mesh(pp=2, tp=2)): the TP collectives
+    stay inside a node, the micro-batches' activations and gradients cross the veth link."""
+    if dist.get_world_size() != 4:
+        raise SystemExit(f"pp_tp: expected 4 ranks (2 nodes x 2), got {dist.get_world_size()}")
+    mesh = torch_mp.init_mesh(pp=2, tp=2)
+    model = torch_mp.tensor_parallel(make_gpt2(), group=mesh["tp"])
+    torch_mp.pipeline(model, group=mesh["pp"], chunks=4, schedule="1f1b")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    first = resume(model, optimizer, checkpoint)
+    step = first
+    stop_mid_step(model, out, lambda: step)
+    for step in range(first, STEPS):
+        parts = [batch(step, replica) for replica in range(DP)]
+        ids, targets = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        try:
+            loss = model.train_step(input_ids=ids, target=targets,
+                                    loss_fn=lambda output, t: loss_fn(output.logits, t))
+        except torch_mp.CollectiveError as error:
+            report_error(out, error)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if dist.get_rank() == 0:
+            record(out, "pp_tp", step, loss.item())
+        save_every_2(model, optimizer, checkpoint, step)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("scenario", choices=["tp_dp", "pipeline", "dense"])
+    parser.add_argument("scenario", choices=["tp_dp", "pipeline", "pp_tp", "dense"])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--checkpoint", default=None)
     args = parser.parse_args()
@@ -160,7 +198,10 @@ def main() -> None:
         return dense(args.out)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=GROUP_TIMEOUT))
     try:
-        tp_dp(args.out, args.checkpoint) if args.scenario == "tp_dp" else pipeline(args.out)
+        if args.scenario == "pipeline":
+            pipeline(args.out)
+        else:
+            {"tp_dp": tp_dp, "pp_tp": pp_tp}[args.scenario](args.out, args.checkpoint)
     finally:
         dist.destroy_process_group()
 
