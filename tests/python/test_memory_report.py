@@ -1,6 +1,7 @@
 """memory_report(costs=, sample=): the planner's predicted peak of a train_step per rank against the
-peak measure_peak measures (the rise of the process's VmHWM plus the tensors held before the step),
-on 2 Gloo ranks: a tiny Llama pipelined (1F1B, 2 micro-batches) and tensor parallel."""
+tensors held at the step's peak (LiveTensorPeak, plus the parameters and optimizer state held before
+it; the process's peak from measure_peak is printed beside it), on 2 Gloo ranks: a tiny Llama
+pipelined (1F1B, 2 micro-batches) and tensor parallel; and on one process, unparallelized."""
 import weakref
 
 import pytest
