@@ -114,9 +114,14 @@ def memory_report(module: nn.Module, png: Optional[str] = None, costs: Optional[
     ``train_step``'s inputs on this rank; its first tensor's dim 0 counts the samples), each row of a
     ``tensor_parallel`` or ``pipeline`` model also gets ``predicted``, the planner's peak of a
     ``train_step`` on that rank (``torch_mp._planner.model.stage_peaks`` for the model's schedule,
-    micro-batches, checkpoint policy and degrees; summed over a rank's stages): parameters,
+    micro-batches, checkpoint policy and degrees; summed over a rank's stages): the largest of the
+    step's phases (the first backward's start, before any gradient; the last backward's start,
+    with the gradients; the data-parallel all-reduce), each what is held then: parameters,
     gradients, optimizer state, activations in flight (under 1F1B ``pp - stage`` micro-batches;
-    Narayanan et al., 2021). The optimizer state is AdamW's two fp32 copies without ``optimizer``;
+    Narayanan et al., 2021) with the loss's gradients of the logits and what the pipeline keeps of
+    finished micro-batches. It counts tensors, as CUDA's ``max_memory_allocated`` does; a CPU
+    process's ``VmHWM`` (``measure_peak``) is also raised by the pages glibc keeps of freed blocks
+    (8-12 MiB on a tiny Llama's step). The optimizer state is AdamW's two fp32 copies without ``optimizer``;
     with one, its actual state tensors once it has stepped, else its kind's (Adam/AdamW: 2, 3 with
     amsgrad; SGD: 1 with momentum, else 0 per parameter byte). Compare with ``measure_peak``.
 
@@ -221,8 +226,8 @@ def measure_peak(fn: Callable, *args, device: Optional[torch.device] = None, **k
     resident high-water mark (``VmHWM`` in ``/proc/self/status``, reset to the current resident size
     by writing ``5`` to ``/proc/self/clear_refs``; Linux only) above the resident size at the start.
     Large tensors are their own ``mmap`` blocks that glibc returns when freed, so this follows the
-    tensors; it also counts the small allocations of Python and the allocator's cached blocks (a
-    few MiB).
+    tensors; it also counts the small allocations of Python and the pages glibc keeps of freed
+    blocks (8-12 MiB on a tiny Llama's ``train_step``, above the tensors held at the peak).
 
     Raises ValueError for a CPU ``device`` where ``/proc/self/clear_refs`` is missing (not Linux)."""
     device = torch.device(device) if device is not None else torch.device("cpu")

@@ -54,22 +54,29 @@ def test_zero_bubble_h1_is_shorter_than_1f1b():
     assert simulate("zb_h1", 4, 8, durations, 0.0) == pytest.approx(27.0)
 
 
-def test_peak_memory_sums_state_and_activations_in_flight():
+def test_peak_memory_is_the_largest_phase():
     """4 layers of 1 MiB fp32 on pp 2: each stage holds 2 MiB of parameters, 2 of gradients, 4 of
-    AdamW state; 1F1B with 4 micro-batches of 2 rows keeps 2 in flight on stage 0 and 1 on stage 1,
-    GPipe 4 on both; checkpointing keeps each micro-batch's stage input (256 bytes a row) and one
+    AdamW state; 1F1B with 4 micro-batches of 2 rows keeps 2 in flight on stage 0 and 1 on stage 1
+    with the gradients (a forward runs after a backward), and stage 1 the gradients of 3 finished
+    micro-batches' received inputs (256 bytes a row); GPipe runs every forward first: 4 in flight
+    without gradients or 3 with them; checkpointing keeps each micro-batch's stage input and one
     micro-batch's saved tensors."""
     costs = table()
     mib = 1 << 20
     layout = Layout(2, 1, 1, "1f1b", 4, "never", False, (2, 2), 8)
     one = 2 * 4096 * 2  # two layers' saved bytes, 2 rows
-    assert peak_bytes(costs, layout) == [8 * mib + 2 * one, 8 * mib + one]
-    assert peak_bytes(costs, dataclasses.replace(layout, schedule="gpipe")) == [8 * mib + 4 * one] * 2
+    inputs = 3 * 256 * 2
+    assert peak_bytes(costs, layout) == [8 * mib + 2 * one, 8 * mib + one + inputs]
+    assert peak_bytes(costs, dataclasses.replace(layout, schedule="gpipe")) == \
+        [8 * mib + 3 * one, 8 * mib + 3 * one + inputs]
     assert peak_bytes(costs, dataclasses.replace(layout, checkpoint="always")) == \
-        [8 * mib + 2 * 256 * 2 + one, 8 * mib + 256 * 2 + one]
-    # Data parallel adds the flattened gradients the all-reduce sends and its result; tensor parallel
-    # divides matrices.
-    assert peak_bytes(costs, Layout(1, 1, 2, "1f1b", 1, "never", False, (4,), 8))[0] == 16 * mib + 8 * mib + 4 * 4 * 4096
+        [8 * mib + 2 * 256 * 2 + one, 8 * mib + 256 * 2 + one + inputs]
+    # Activations larger than the gradients: the first backward's start, before any gradient.
+    big = table(activation=1 << 20)
+    assert peak_bytes(big, dataclasses.replace(layout, schedule="gpipe")) == [6 * mib + 4 * 2 * 2 * mib] * 2
+    # The data-parallel all-reduce runs after the backwards: the gradients, the flattened copy it
+    # sends and its result, no activations. Tensor parallel divides matrices.
+    assert peak_bytes(costs, Layout(1, 1, 2, "1f1b", 1, "never", False, (4,), 8))[0] == 16 * mib + 8 * mib
     assert peak_bytes(costs, Layout(1, 2, 1, "1f1b", 1, "never", False, (4,), 8))[0] < 8 * mib + 4 * 8 * 4096
 
 
@@ -199,12 +206,12 @@ def check_plan_matches_dense(rank, world, plans):
 
 def test_applied_plans_give_the_dense_loss_and_gradients():
     """Two memory limits, two layouts (the roomy one data parallel, the tight one below every
-    layout without a pipeline), each applied on 4 Gloo ranks with the whole batch passed on every
-    rank."""
+    layout without both a pipeline and tensor parallelism), each applied on 4 Gloo ranks with the
+    whole batch passed on every rank."""
     costs = llama_costs()
     roomy = torch_mp.plan(llama(), 4, "1GiB", 8, costs=costs)
-    unpipelined = min(c.peak for c in (roomy.chosen,) + roomy.alternatives if c.layout.pp == 1)
-    tight = torch_mp.plan(llama(), 4, unpipelined - 1, 8, costs=costs)
+    one_kind = min(c.peak for c in (roomy.chosen,) + roomy.alternatives if c.layout.pp == 1 or c.layout.tp == 1)
+    tight = torch_mp.plan(llama(), 4, one_kind - 1, 8, costs=costs)
     assert (roomy.pp, roomy.tp, roomy.dp) == (1, 1, 4)
     assert tight.pp > 1 and tight.tp > 1
     run_ranks(4, check_plan_matches_dense, [roomy, tight], timeout=400)

@@ -44,8 +44,11 @@ class CostTable:
     per layer and outside (``first_param_bytes`` with the first stage: embeddings; ``last_param_bytes``
     with the last: final norm, head), each with the part tensor parallelism divides (matrices; norms
     and biases of row-parallel layers stay whole). Activation bytes are those autograd saves per
-    sample row in each layer's forward (``saved_tensors_hooks``), and ``boundary_bytes`` a layer's
-    output per row (what a stage sends, what a tensor-parallel all-reduce carries). Collectives
+    sample row in each layer's forward (``saved_tensors_hooks``), ``boundary_bytes`` a layer's
+    output per row (what a stage sends, what a tensor-parallel all-reduce carries) and
+    ``output_bytes`` the model's floating-point output per row (the logits: what the loss's backward
+    makes two gradients of, and what a pipeline's last stage keeps per finished micro-batch; 0: not
+    counted). Collectives
     follow the alpha-beta model (Hockney 1994; ring all-reduce as in Thakur et al. 2005):
     ``alpha_s + beta_s_per_byte * bytes * 2 (n - 1) / n`` for an all-reduce over n ranks,
     ``alpha_s + beta_s_per_byte * bytes`` for a send. ``tp_must_divide``: the counts tensor
@@ -75,6 +78,7 @@ class CostTable:
     activation_bytes: Tuple[int, ...]
     outside_activation_bytes: int
     boundary_bytes: int
+    output_bytes: int = 0
     param_element_size: int = 4
     alpha_s: float = 50e-6
     beta_s_per_byte: float = 1e-9
@@ -98,13 +102,17 @@ def _rows(sample) -> int:
     return tensors[0].shape[0]
 
 
-def _saved_bytes(module: nn.Module, layer_names: List[str], sample) -> Tuple[List[int], int, int]:
+def _saved_bytes(module: nn.Module, layer_names: List[str], sample) -> Tuple[List[int], int, int, int]:
     """Bytes autograd saves in each layer's forward on ``sample`` and outside the layers (each
-    storage once, parameters not counted), and the bytes of the largest layer output."""
+    storage once, parameters not counted), the bytes of the largest layer output and of the
+    output's floating-point tensors."""
     args, kwargs = (sample, {}) if isinstance(sample, tuple) else ((), sample) if isinstance(sample, dict) \
         else ((sample,), {})
     params = {p.untyped_storage().data_ptr() for p in module.parameters()}
     seen: set = set()
+    # The counted storages stay alive until the forward ends: a freed one's address, reused by a
+    # later saved tensor, would count that one as seen.
+    kept: List[torch.UntypedStorage] = []
     per_layer = [0] * len(layer_names)
     outside = [0]
     boundary = [0]
@@ -126,6 +134,7 @@ def _saved_bytes(module: nn.Module, layer_names: List[str], sample) -> Tuple[Lis
         storage = tensor.untyped_storage()
         if storage.data_ptr() not in params and storage.data_ptr() not in seen and storage.device.type != "meta":
             seen.add(storage.data_ptr())
+            kept.append(storage)
             if current:
                 per_layer[current[-1]] += storage.nbytes()
             else:
@@ -140,9 +149,10 @@ def _saved_bytes(module: nn.Module, layer_names: List[str], sample) -> Tuple[Lis
     finally:
         for handle in handles:
             handle.remove()
+    kept.clear()
     # The loss keeps the output (a log-softmax over the logits, for cross entropy) once more.
-    outside[0] += sum(t.numel() * t.element_size() for t in tensors_in(output) if t.is_floating_point())
-    return per_layer, outside[0], boundary[0]
+    output_bytes = sum(t.numel() * t.element_size() for t in tensors_in(output) if t.is_floating_point())
+    return per_layer, outside[0] + output_bytes, boundary[0], output_bytes
 
 
 def _param_bytes(module: nn.Module, layer_names: List[str]):
@@ -237,7 +247,7 @@ def measure_costs(module: nn.Module, sample, group=None, layers: Optional[List[s
     f_n, b_n = measured[:count], measured[count:2 * count]
     f_1, b_1 = measured[2 * count:3 * count], measured[3 * count:4 * count]
     tf_n, tb_n, tf_1, tb_1 = measured[4 * count:]
-    saved, outside_saved, boundary = _saved_bytes(module, layer_names, sample)
+    saved, outside_saved, boundary, output = _saved_bytes(module, layer_names, sample)
     params, sharded, first, first_sharded, last, last_sharded = _param_bytes(module, layer_names)
     divide, all_reduces, experts = _tp_constraints(module)
     alpha, beta = collectives if collectives is not None else fit_collectives(group)
@@ -252,6 +262,6 @@ def measure_costs(module: nn.Module, sample, group=None, layers: Optional[List[s
         first_param_bytes=first, first_sharded_bytes=first_sharded,
         last_param_bytes=last, last_sharded_bytes=last_sharded,
         activation_bytes=tuple(-(-s // rows) for s in saved), outside_activation_bytes=-(-outside_saved // rows),
-        boundary_bytes=-(-boundary // rows), param_element_size=element, alpha_s=alpha, beta_s_per_byte=beta,
+        boundary_bytes=-(-boundary // rows), output_bytes=-(-output // rows), param_element_size=element, alpha_s=alpha, beta_s_per_byte=beta,
         tp_must_divide=divide, all_reduces_per_layer=all_reduces, experts=experts,
         sequence_parallel=all_reduces == 2 and not experts)

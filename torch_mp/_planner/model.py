@@ -74,8 +74,10 @@ def in_flight(layout: Layout, stage: int) -> int:
 @dataclass(frozen=True)
 class StagePeak:
     """Predicted bytes one rank of a stage holds at its peak, by kind: ``parameters``, their
-    ``gradients``, the ``optimizer`` state, the ``flat`` gradients of the data-parallel all-reduce
-    (and its result) and the ``activations`` in flight."""
+    ``gradients`` (those held at that moment: none where the peak comes before the first
+    backward), the ``optimizer`` state, the ``flat`` gradients of the data-parallel all-reduce
+    (and its result) and the ``activations`` (with the loss's gradients and the finished
+    micro-batches' outputs and input gradients) held then."""
     parameters: int
     gradients: int
     optimizer: int
@@ -89,28 +91,59 @@ class StagePeak:
 
 def stage_peaks(costs: CostTable, layout: Layout) -> List[StagePeak]:
     """Predicted peak per pipeline stage, by kind (each rank of that stage's tensor-parallel and
-    data-parallel groups holds the same): parameters, their gradients, AdamW's two fp32 states,
-    the flattened gradients the data-parallel all-reduce sends and its result (two copies of the
-    gradients), and the activations in flight
-    (with ``checkpoint="always"``: each micro-batch's stage input, and one micro-batch's saved
-    tensors while it is recomputed). Gradients and activations are summed (an upper bound where a stage runs no forward after its first
-    backward: GPipe, one micro-batch)."""
+    data-parallel groups holds the same): the largest of the step's phases, each the sum of what
+    is held then.
+
+    Always held: the parameters and AdamW's two fp32 states. Phases:
+
+    - a backward's start, before any gradient exists (the first backward): the activations of the
+      micro-batches in flight (``in_flight``; with ``checkpoint="always"`` each one's stage input,
+      and one micro-batch's saved tensors while it is recomputed), on the last stage with the
+      loss's two gradients of the output (cross entropy: of the log-probabilities and of the
+      logits, ``2 * output_bytes``);
+    - the last micro-batch's backward start, the gradients all allocated: the parameters'
+      gradients plus the activations in flight then (``in_flight`` where a forward runs after a
+      backward, as in 1F1B's steady state; one fewer where all forwards ran first: GPipe, or
+      ``chunks <= pp - stage``), the loss's gradients, and what the pipeline keeps of each
+      finished micro-batch until the step ends: on the last stage its output
+      (``output_bytes``), on every stage but the first the gradient of its received input
+      (``boundary_bytes``);
+    - with data parallelism, the all-reduce after the backwards: the gradients, the flattened
+      copy it sends and its result (two copies of the gradients).
+
+    Tensor parallelism divides the layers' saved tensors (``_activations``); what is saved
+    outside the layers (embedding output, final norm, the logits the column-parallel head
+    gathers, the loss's log-probabilities) is held whole on every rank. Peaks of one stage's
+    activations over a micro-batch: Korthikanti et al., 2022; 1F1B's in-flight count:
+    Narayanan et al., 2021."""
     rows = layout.rows
     peaks = []
     for stage, layers in enumerate(stage_layers(layout.balance)):
         first, last = stage == 0, stage == layout.pp - 1
         params = _params(costs, layers, first, last, layout.tp)
         optimizer = params / costs.param_element_size * 8  # 2 x fp32
-        flat = 2 * params if layout.dp > 1 else 0  # the flattened gradients and the all-reduce's result
         held = in_flight(layout, stage)
         one = _activations(costs, layers, rows, layout)
+        loss_gradients = finished = 0.0
         if last:
-            one += costs.outside_activation_bytes * rows / (layout.tp if costs.last_sharded_bytes else 1)
+            one += costs.outside_activation_bytes * rows
+            loss_gradients = 2 * costs.output_bytes * rows
+        if layout.pp > 1:
+            finished = (layout.chunks - 1) * rows * ((costs.output_bytes if last else 0) +
+                                                     (costs.boundary_bytes if stage > 0 else 0))
         if layout.checkpoint == "always":
-            activations = held * costs.boundary_bytes * rows + one
+            def activations(count):
+                return count * costs.boundary_bytes * rows + one if count else 0.0
         else:
-            activations = held * one
-        peaks.append(StagePeak(int(params), int(params), int(optimizer), int(flat), int(activations)))
+            def activations(count):
+                return count * one
+        steady = layout.schedule != "gpipe" and layout.chunks > held
+        phases = [StagePeak(int(params), 0, int(optimizer), 0, int(activations(held) + loss_gradients)),
+                  StagePeak(int(params), int(params), int(optimizer), 0,
+                            int(activations(held if steady else held - 1) + loss_gradients + finished))]
+        if layout.dp > 1:  # the flattened gradients and the all-reduce's result
+            phases.append(StagePeak(int(params), int(params), int(optimizer), int(2 * params), 0))
+        peaks.append(max(phases, key=lambda peak: peak.total))
     return peaks
 
 
