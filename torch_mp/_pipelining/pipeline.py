@@ -41,6 +41,8 @@ from torch_mp._training import clip_grad_norm_
 from torch_mp._tensors import copy_tensors, map_tensors, move_tensors, mover, tensors_in
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "zbv")
+# Why a rank refuses a step, compared across the ranks before it runs (``_check_agreement``).
+REFUSED_HOOK, REFUSED_FULLY_SHARD = 1, 2
 
 
 def check_options(chunks: int, schedule: str, checkpoint: str, batch_dim: int, allowed=SCHEDULES) -> None:
@@ -57,6 +59,29 @@ def check_options(chunks: int, schedule: str, checkpoint: str, batch_dim: int, a
 def _check_loss_fn(loss_fn) -> None:
     if not callable(loss_fn):
         raise TypeError(f"pipeline: loss_fn = {loss_fn!r}; expected a callable (output, target) -> loss")
+
+
+def fully_sharded_refusal(module: nn.Module, caller: str) -> Optional[str]:
+    """The error message for a ``module`` some of whose submodules (or itself) FSDP2's
+    ``torch.distributed.fsdp.fully_shard`` has sharded; None when none is. A pipeline moves each
+    parameter to the ranks of its stage (the meta device elsewhere, the tensors outside the layers
+    after the first call), runs one backward per micro-batch and averages the gradients over
+    ``data_parallel`` itself: FSDP2's parameters, hooks and reduce-scatters are not its, and would
+    train other weights than the dense model's (the sharded layers moved to the meta device, their
+    gradients lost, or shards of different rows averaged together)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = [repr(name) if name else "the root module" for name, submodule in module.named_modules()
+               if isinstance(submodule, FSDPModule)]
+    if not sharded:
+        return None
+    shown = ", ".join(sharded[:4]) + (f" and {len(sharded) - 4} more" if len(sharded) > 4 else "")
+    return (f"{caller}: {shown} {'was' if len(sharded) == 1 else 'were'} sharded by torch.distributed.fsdp.fully_shard, "
+            "which does not compose with "
+            "a pipeline (the pipeline places each stage's parameters on its ranks and runs a backward per "
+            "micro-batch, so FSDP2's sharded parameters and gradient reduce-scatters would train other weights than "
+            "the dense model's); expected pipeline(model, group=mesh['pp'], data_parallel=mesh['dp']) on a model "
+            "fully_shard has not touched (the pipeline averages the gradients over the replicas)")
 
 
 class _Pipe:
@@ -305,20 +330,25 @@ class DistributedPipe(_Pipe):
         replicas = resolve_group(self.data_parallel).size
         return self.transport.all_reduce_sum(loss, self.data_parallel, "while averaging the replicas' loss") / replicas
 
-    def _check_agreement(self, signature: int, shapes: str, timeline: bool, refusal: Optional[str] = None,
-                         max_norm: Optional[float] = None) -> None:
+    def _check_agreement(self, signature: int, shapes: str, timeline: bool,
+                         refusal: Optional[Tuple[int, str]] = None, max_norm: Optional[float] = None) -> None:
         """Every rank runs the same schedule on the same shapes, or none runs anything; a rank
-        refusing a gradient hook (``refusal``: its message) stops every rank."""
+        refusing the step (``refusal``: ``(REFUSED_HOOK or REFUSED_FULLY_SHARD, its message)``)
+        stops every rank."""
         fields = ["schedule", "stages", "stages_per_rank", "chunks", "input shapes", "stage plan", "timeline",
                   "max_norm"]
         clip = zlib.crc32(repr(max_norm if max_norm is None else float(max_norm)).encode())
         mine = [SCHEDULES.index(self.schedule), self.num_stages, self.stages_per_rank, self.chunks, signature,
-                self.plan_checksum, int(timeline), clip, int(refusal is not None)]
+                self.plan_checksum, int(timeline), clip, refusal[0] if refusal else 0]
         rows = self.transport.all_gather_rows(torch.tensor(mine, dtype=torch.int64),
                                               "while comparing the ranks' options and batch shapes").tolist()
-        if refusal is not None:
-            raise ValueError(refusal)
+        if refusal:
+            raise ValueError(refusal[1])
         refusing = [r for r, row in enumerate(rows) if row[-1]]
+        if any(rows[r][-1] == REFUSED_FULLY_SHARD for r in refusing):
+            raise ValueError(f"pipeline: rank(s) {[r for r in refusing if rows[r][-1] == REFUSED_FULLY_SHARD]} hold "
+                             "modules sharded by torch.distributed.fsdp.fully_shard (their error names them); expected "
+                             "pipeline(model, group=mesh['pp'], data_parallel=mesh['dp']) without fully_shard")
         if refusing:
             raise ValueError(f"pipeline: rank(s) {refusing} refuse a gradient hook on a parameter of their stages "
                              "(their error names it); expected chunks=1, or post-accumulate-grad hooks")
@@ -346,11 +376,13 @@ class DistributedPipe(_Pipe):
         tied_ids = {id(param) for param in tied}
         in_parts = [(name, param) for name, param in self.module.named_parameters()
                     if train and not param.is_meta and (count > 1 or id(param) in tied_ids)]
-        refusal = refused_gradient_hooks(
+        refusal = fully_sharded_refusal(self.module, "pipeline: train_step" if train else "pipeline: forward")
+        kind = REFUSED_FULLY_SHARD if refusal else REFUSED_HOOK
+        refusal = refusal or refused_gradient_hooks(
             in_parts, "pipeline", f"{count} micro-batches" if count > 1 else "one per rank holding it",
             "expected the hook registered with register_post_accumulate_grad_hook (run once per step, on the whole "
             "gradient)" + (", or chunks=1" if count > 1 else ""))
-        self._check_agreement(signature, shapes, timeline, refusal, max_norm)
+        self._check_agreement(signature, shapes, timeline, refusal and (kind, refusal), max_norm)
         recorder = None
         if timeline:  # every rank's times count from the barrier's exit
             self.transport.all_gather_rows(torch.zeros(1), "while starting a timeline (a barrier)")
@@ -574,7 +606,9 @@ def pipeline(
     Raises TypeError for a ``module`` that is not an ``nn.Module`` or a ``group`` of another type;
     ValueError for an unknown ``schedule``, ``stages_per_rank`` that does not fit it, a ``balance``
     without one entry per stage, bad ``chunks`` / ``checkpoint`` / ``batch_dim`` values, or a
-    module another torch_mp wrapper returned already, or fewer layers than stages under
+    module another torch_mp wrapper returned already, or a module FSDP2's ``fully_shard`` sharded
+    (or one of its submodules: at ``pipeline``, or, sharded after it, at the next ``train_step`` or
+    forward on every rank before the schedule runs; use ``data_parallel=``), or fewer layers than stages under
     ``balance="auto"`` / ``"time"``; during a step, ValueError when the ranks disagree on options or
     batch shapes, a rank refuses a gradient hook, the model computes a statistic over the whole batch
     in more than one micro-batch (as for ``split``), a reentrant ``torch.utils.checkpoint`` wraps
@@ -586,6 +620,9 @@ def pipeline(
     if not isinstance(module, nn.Module):
         raise TypeError(f"pipeline: expected module to be a torch.nn.Module, got {type(module).__name__}")
     check_not_parallelized(module, "pipeline")
+    refusal = fully_sharded_refusal(module, "pipeline")
+    if refusal:
+        raise ValueError(refusal)
     info = resolve_group(group, "pipeline(group=...)")
     dim_name = _dim_name(group, "group")
     group = process_group_of(group)
