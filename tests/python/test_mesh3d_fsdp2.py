@@ -1,16 +1,23 @@
 """FSDP2 (``torch.distributed.fsdp.fully_shard``) with a pipeline on a pp 2 x dp 2 mesh of 4 Gloo
-ranks, tiny transformers Llama with random weights: a clear error before anything runs, never other
-numbers than the dense model's. Before the check, ``fully_shard`` on the model failed in the forward
+ranks, tiny transformers Llama with random weights.
+
+``pipeline(..., data_parallel=mesh["dp"], fully_shard=...)`` shards each layer of a rank's stages
+over its replicas (torchtitan's composition): the dense loss, every gradient through
+``full_state_dict``, ``clip_grad_norm_``, AdamW steps, and 1/(pp * dp) of the layers' parameters and
+Adam state per rank. ``fully_shard`` applied by the user, before or after ``pipeline``: a clear
+error before anything runs. Before that check, ``fully_shard`` on the model failed in the forward
 ("aten.embedding.default got mixed torch.Tensor and DTensor"), and on this rank's layers only it gave
 the dense loss, then moved the sharded layers to the meta device after the step (their gradients
 lost, the optimizer stepping nothing there)."""
 import pytest
 import torch
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 
 import torch_mp
 from distributed import run_ranks
-from test_mesh3d import batch, llama, loss_fn
+from tensors import gathered_gradients
+from test_mesh3d import adamw, batch, llama, loss_fn
 
 pytest.importorskip("transformers")
 
@@ -60,6 +67,21 @@ def check_fully_shard_with_a_pipeline_is_refused(rank, world):
     with pytest.raises(ValueError, match=message):
         model.train_step(input_ids=ids, target=ids, loss_fn=loss_fn)
 
+    # pipeline(..., fully_shard=) options it does not run with: before any collective.
+    for kwargs, error, message in [
+            (dict(fully_shard="yes"), TypeError, r"fully_shard = 'yes'; expected True, False or a dict"),
+            (dict(fully_shard={"mesh": mesh["dp"]}), ValueError, r"fully_shard holds 'mesh'; expected the mesh as "
+                                                                 r"data_parallel=mesh\['dp'\]"),
+            (dict(fully_shard=True, data_parallel=mesh["dp"].get_group()), ValueError,
+             r"fully_shard = True with data_parallel a ProcessGroup; expected data_parallel a 1-D DeviceMesh"),
+            (dict(fully_shard=True, schedule="zbv"), ValueError, r"fully_shard with schedule = 'zbv'.*expected schedule "
+                                                                 r"'gpipe', '1f1b' or 'interleaved_1f1b'"),
+            (dict(fully_shard=True, checkpoint="always"), ValueError, r"fully_shard with checkpoint = 'always'")]:
+        options = dict(group=mesh["pp"], data_parallel=mesh["dp"], chunks=2)
+        options.update(kwargs)
+        with pytest.raises(error, match=r"^pipeline: " + message):
+            torch_mp.pipeline(llama(), **options)
+
     # The recipe the errors name gives the dense numbers (the replicas' batches concatenated).
     dense = llama()
     model = torch_mp.pipeline(llama(), group=mesh["pp"], data_parallel=mesh["dp"], chunks=2)
@@ -69,3 +91,59 @@ def check_fully_shard_with_a_pipeline_is_refused(rank, world):
 
 def test_fully_shard_with_a_pipeline_is_a_clear_error():
     run_ranks(4, check_fully_shard_with_a_pipeline_is_refused, timeout=300)
+
+
+def local_elements(tensors):
+    return sum(t.to_local().numel() if isinstance(t, DTensor) else t.numel() for t in tensors if not t.is_meta)
+
+
+def check_fully_shard_matches_dense(rank, world, schedule, reshard_after_forward):
+    mesh = torch_mp.init_mesh(pp=2, dp=2, tp=1)
+    replica = mesh["dp"].get_local_rank()
+    dense = llama()
+    model = torch_mp.pipeline(llama(), group=mesh["pp"], data_parallel=mesh["dp"], chunks=2, schedule=schedule,
+                              fully_shard={"reshard_after_forward": reshard_after_forward})
+    # This rank's stages' layers are FSDP2's, sharded over the replicas; the other ranks' stay meta
+    # stand-ins, untouched.
+    mine = own_layers(model)
+    assert len(mine) == 2 and all(isinstance(layer, FSDPModule) for layer in mine)
+    assert all(isinstance(param, DTensor) for layer in mine for param in layer.parameters())
+    others = [layer for layer in model.model.layers if layer not in mine]
+    assert all(not isinstance(layer, FSDPModule) and all(p.is_meta for p in layer.parameters()) for layer in others)
+
+    optimizer, dense_optimizer = adamw(model, eps=1e-4), adamw(dense, eps=1e-4)
+    for step in range(2):  # the second after the first call placed the embedding and head
+        ids = batch(8, seed=step)
+        rows = ids[4 * replica:4 * (replica + 1)]
+        loss = model.train_step(input_ids=rows, target=rows, loss_fn=loss_fn)
+        expected = loss_fn(dense(input_ids=ids), ids)
+        expected.backward()
+        torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-6)
+        gathered = gathered_gradients(model, dense)
+        for name, param in dense.named_parameters():
+            torch.testing.assert_close(gathered[name], param.grad, rtol=1e-4, atol=1e-6)
+        norm = torch_mp.clip_grad_norm_(model, max_norm=0.5)
+        torch.testing.assert_close(norm, torch.nn.utils.clip_grad_norm_(dense.parameters(), max_norm=0.5),
+                                   rtol=1e-5, atol=1e-6)
+        assert norm > 0.5  # the clip changed the step
+        optimizer.step()
+        dense_optimizer.step()
+        optimizer.zero_grad()
+        dense_optimizer.zero_grad()
+        stepped = torch_mp.full_state_dict(model)
+        for name, value in dense.state_dict().items():
+            torch.testing.assert_close(stepped[name], value, rtol=1e-4, atol=1e-6)
+
+    # Held per rank: a quarter of the layers' parameters and Adam state (1/(pp * dp)); the
+    # embedding (first stage) or the final norm and head (last stage) whole, as without sharding.
+    layers = local_elements(p for layer in model.model.layers for p in layer.parameters())
+    assert layers * 4 == sum(p.numel() for layer in dense.model.layers for p in layer.parameters())
+    state = [t for layer in mine for p in layer.parameters() for t in optimizer.state[p].values() if t.dim()]
+    assert local_elements(state) == 2 * layers
+    held, ideal = local_elements(model.parameters()), sum(p.numel() for p in dense.parameters()) / 4
+    assert held <= 1.11 * ideal, (held, ideal)
+
+
+@pytest.mark.parametrize("schedule,reshard_after_forward", [("1f1b", True), ("interleaved_1f1b", False)])
+def test_fully_shard_over_a_pipeline_matches_dense_pp2_dp2(schedule, reshard_after_forward):
+    run_ranks(4, check_fully_shard_matches_dense, schedule, reshard_after_forward, timeout=400)

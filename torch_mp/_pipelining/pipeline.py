@@ -61,9 +61,10 @@ def _check_loss_fn(loss_fn) -> None:
         raise TypeError(f"pipeline: loss_fn = {loss_fn!r}; expected a callable (output, target) -> loss")
 
 
-def fully_sharded_refusal(module: nn.Module, caller: str) -> Optional[str]:
+def fully_sharded_refusal(module: nn.Module, caller: str, own: Sequence[nn.Module] = ()) -> Optional[str]:
     """The error message for a ``module`` some of whose submodules (or itself) FSDP2's
-    ``torch.distributed.fsdp.fully_shard`` has sharded; None when none is. A pipeline moves each
+    ``torch.distributed.fsdp.fully_shard`` has sharded, other than ``own`` (those
+    ``pipeline(..., fully_shard=)`` sharded); None when none is. A pipeline moves each
     parameter to the ranks of its stage (the meta device elsewhere, the tensors outside the layers
     after the first call), runs one backward per micro-batch and averages the gradients over
     ``data_parallel`` itself: FSDP2's parameters, hooks and reduce-scatters are not its, and would
@@ -71,8 +72,9 @@ def fully_sharded_refusal(module: nn.Module, caller: str) -> Optional[str]:
     gradients lost, or shards of different rows averaged together)."""
     from torch.distributed.fsdp import FSDPModule
 
+    own_ids = {id(submodule) for submodule in own}
     sharded = [repr(name) if name else "the root module" for name, submodule in module.named_modules()
-               if isinstance(submodule, FSDPModule)]
+               if isinstance(submodule, FSDPModule) and id(submodule) not in own_ids]
     if not sharded:
         return None
     shown = ", ".join(sharded[:4]) + (f" and {len(sharded) - 4} more" if len(sharded) > 4 else "")
@@ -81,7 +83,8 @@ def fully_sharded_refusal(module: nn.Module, caller: str) -> Optional[str]:
             "a pipeline (the pipeline places each stage's parameters on its ranks and runs a backward per "
             "micro-batch, so FSDP2's sharded parameters and gradient reduce-scatters would train other weights than "
             "the dense model's); expected pipeline(model, group=mesh['pp'], data_parallel=mesh['dp']) on a model "
-            "fully_shard has not touched (the pipeline averages the gradients over the replicas)")
+            "fully_shard has not touched (the pipeline averages the gradients over the replicas), with "
+            "fully_shard=True to shard each stage's layers over the replicas")
 
 
 class _Pipe:
@@ -241,6 +244,8 @@ class DistributedPipe(_Pipe):
         self.transport = GroupTransport(group, self.rank, device, timeout)
         self.plan_checksum = zlib.crc32(repr(sorted(self.stage_of.items())).encode())
         self.ties: List = []
+        # {stage: its layers FSDP2 shards over the replicas} (``pipeline(..., fully_shard=)``), this rank's stages.
+        self.fully_sharded: Dict[int, List[nn.Module]] = {}
         # Tensors outside the layers (by id): held by every rank until the first call records, in
         # ``used``, those each rank computes with (``_hold_share``).
         self.ranks_using: Dict[int, set] = {}
@@ -260,6 +265,28 @@ class DistributedPipe(_Pipe):
 
     def local_stages(self) -> List[int]:
         return [stage for stage in range(self.num_stages) if self.stage_ranks[stage] == self.rank]
+
+    def shard_stages(self, layer_names: List[str], mesh, options: dict) -> None:
+        """FSDP2's ``fully_shard(layer, mesh=mesh, **options)`` on each layer of this rank's
+        stages (torchtitan's per-block wrapping): each replica keeps 1/mesh.size() of their
+        parameters, gradients and optimizer state. FSDP2 places their parameters from then on
+        (``_keep_local_tensors`` leaves them); other ranks' layers stay meta stand-ins."""
+        from torch.distributed.fsdp import fully_shard
+
+        for name in layer_names:
+            stage = self.stage_of[name]
+            if name and self.rank_of(stage) == self.rank:
+                layer = fully_shard(self.module.get_submodule(name), mesh=mesh, **options)
+                self.fully_sharded.setdefault(stage, []).append(layer)
+
+    def before_backward(self, stage: int, last: bool) -> None:
+        """Before a backward of ``stage``: its sharded layers keep their gradients unsharded and
+        their parameters gathered, without communication, until its ``last`` micro-batch's backward
+        reduce-scatters the sum (as ``torch.distributed.pipelining``'s stages do with FSDP2)."""
+        for layer in self.fully_sharded.get(stage, ()):
+            layer.set_is_last_backward(last)
+            layer.set_reshard_after_backward(last)
+            layer.set_requires_gradient_sync(last)
 
     def _own_forward(self, args, kwargs):
         return current_micro_batch().to_last_stage(type(self.module).forward(self.module, *args, **kwargs))
@@ -376,7 +403,8 @@ class DistributedPipe(_Pipe):
         tied_ids = {id(param) for param in tied}
         in_parts = [(name, param) for name, param in self.module.named_parameters()
                     if train and not param.is_meta and (count > 1 or id(param) in tied_ids)]
-        refusal = fully_sharded_refusal(self.module, "pipeline: train_step" if train else "pipeline: forward")
+        refusal = fully_sharded_refusal(self.module, "pipeline: train_step" if train else "pipeline: forward",
+                                        [module for modules in self.fully_sharded.values() for module in modules])
         kind = REFUSED_FULLY_SHARD if refusal else REFUSED_HOOK
         refusal = refusal or refused_gradient_hooks(
             in_parts, "pipeline", f"{count} micro-batches" if count > 1 else "one per rank holding it",
@@ -412,7 +440,11 @@ class DistributedPipe(_Pipe):
                 if grad is not None:
                     param.grad = grad if param.grad is None else grad + param.grad
             if train and self.data_parallel is not None:
-                _average_over_replicas([param for param in self.module.parameters() if not param.is_meta],
+                # The sharded layers' gradients are the replicas' mean already (FSDP2's reduce-scatter).
+                sharded = {id(param) for layers in self.fully_sharded.values() for layer in layers
+                           for param in layer.parameters()}
+                _average_over_replicas([param for param in self.module.parameters()
+                                        if not param.is_meta and id(param) not in sharded],
                                        self.data_parallel, self.transport)
         if self.used is not None:
             self._hold_share()
@@ -512,6 +544,7 @@ def pipeline(
     sample=None,
     timeout: Optional[float] = None,
     data_parallel: GroupLike = None,
+    fully_shard: Union[bool, dict] = False,
 ) -> nn.Module:
     """Runs ``module`` as a pipeline with one stage per rank of ``group``, in place, and returns it.
 
@@ -555,6 +588,19 @@ def pipeline(
             the dense model's gradients of the replicas' batches concatenated. The pipeline runs its
             own backward, one per micro-batch, so DDP's gradient hooks do not fit; the average after
             the schedule is Megatron-Core's ``finalize_model_grads``.
+        fully_shard: with ``data_parallel`` a 1-D DeviceMesh (``mesh["dp"]``): True, or a dict of
+            keyword arguments for it (``{"reshard_after_forward": False}``, ``mp_policy`` ...),
+            applies FSDP2's ``torch.distributed.fsdp.fully_shard(layer, mesh=data_parallel,
+            **options)`` to each layer of this rank's stages, torchtitan's composition of FSDP2
+            with pipelining: each replica holds 1/dp of its stages' layer parameters, gradients and
+            optimizer state (build the optimizer after ``pipeline``: FSDP2 replaces the parameters).
+            Each layer's gradient stays unsharded over the micro-batches and is reduce-scattered
+            (the replicas' mean) in its stage's last backward (``set_requires_gradient_sync``, as
+            ``torch.distributed.pipelining`` does); the parameters outside the layers (embedding,
+            final norm, head) stay whole on their ranks, averaged over the replicas after the
+            schedule. ValueError without a DeviceMesh ``data_parallel``, for a dict holding
+            ``mesh``, with a zero-bubble schedule (its deferred weight gradients bypass FSDP2's
+            hooks), ``checkpoint`` other than ``"never"``, or over ``tensor_parallel``.
 
     Three-dimensional parallelism (torchtitan's order: tensor parallel, then pipeline, then data
     parallel) on a ``torch_mp.init_mesh(pp=, dp=, tp=)`` mesh::
@@ -651,11 +697,12 @@ def pipeline(
                          "holds one layer or more)")
     inner = state_of(module)
     replicas = _check_replica_group(data_parallel, group, inner)
+    shard_options = _check_fully_shard(fully_shard, data_parallel, schedule, checkpoint, inner)
     _check_same_options([("schedule", SCHEDULES.index(schedule)), ("chunks", chunks),
                          ("stages_per_rank", stages_per_rank), ("checkpoint", CHECKPOINTS.index(checkpoint)),
                          ("batch_dim", batch_dim), ("balance", zlib.crc32(repr(balance).encode())),
                          ("pipeline ranks", info.size), ("layers", zlib.crc32(repr(layer_names).encode())),
-                         ("data_parallel size", replicas)],
+                         ("data_parallel size", replicas), ("fully_shard", shard_options is not None)],
                         ([inner.group] if inner is not None else []) + ([data_parallel] if replicas > 1 else []))
     costs = layer_costs(module, layer_names, sample, group, device) if balance == "time" else None
     _, stage_of = balanced_device_map(module, layer_names, [device] * num_stages, balance,
@@ -671,6 +718,8 @@ def pipeline(
     # pipeline groups find theirs meanwhile).
     pipe.used = set() if info.size > 1 and pipe.tracked else None
     pipe.ties = _keep_local_tensors(module, pipe.ranks_using, pipe, device)
+    if shard_options is not None:
+        pipe.shard_stages(layer_names, data_parallel, shard_options)
     attach(module, ParallelState(PIPELINE, group=group, stage_of=stage_of, pipe=pipe, data_parallel=pipe.data_parallel),
            "pipeline")
     install_pipe(module, pipe)
@@ -681,6 +730,34 @@ def _dim_name(group: GroupLike, default: str) -> str:
     """A mesh dim's name (``"pp"``), else ``default``: what errors call the group."""
     names = getattr(group, "mesh_dim_names", None) if isinstance(group, dist.device_mesh.DeviceMesh) else None
     return names[0] if names else default
+
+
+def _check_fully_shard(fully_shard, data_parallel: GroupLike, schedule: str, checkpoint: str,
+                       inner) -> Optional[dict]:
+    """The keyword arguments of ``pipeline(..., fully_shard=)`` for FSDP2's ``fully_shard`` (None:
+    no sharding); TypeError / ValueError for what it does not run with, before any collective."""
+    if fully_shard is False:
+        return None
+    if fully_shard is not True and not isinstance(fully_shard, dict):
+        raise TypeError(f"pipeline: fully_shard = {fully_shard!r}; expected True, False or a dict of keyword "
+                        "arguments for torch.distributed.fsdp.fully_shard")
+    options = {} if fully_shard is True else dict(fully_shard)
+    if "mesh" in options:
+        raise ValueError("pipeline: fully_shard holds 'mesh'; expected the mesh as data_parallel=mesh['dp'] "
+                         "(the layers are sharded over it)")
+    if not isinstance(data_parallel, dist.device_mesh.DeviceMesh):
+        raise ValueError(f"pipeline: fully_shard = {fully_shard!r} with data_parallel a {type(data_parallel).__name__}; "
+                         "expected data_parallel a 1-D DeviceMesh (mesh['dp']) to shard the stages' layers over")
+    if schedule in ZERO_BUBBLE:
+        raise ValueError(f"pipeline: fully_shard with schedule = {schedule!r}, whose deferred weight gradients "
+                         "bypass FSDP2's gradient hooks; expected schedule 'gpipe', '1f1b' or 'interleaved_1f1b'")
+    if checkpoint != "never":
+        raise ValueError(f"pipeline: fully_shard with checkpoint = {checkpoint!r}; expected checkpoint 'never' (the "
+                         "pipeline's recompute runs a layer's forward outside FSDP2's hooks)")
+    if inner is not None:
+        raise ValueError(f"pipeline: fully_shard over torch_mp.{inner.kind}, not supported yet; expected "
+                         "fully_shard=False (data_parallel= alone averages the gradients over the replicas)")
+    return options
 
 
 def _check_replica_group(data_parallel: GroupLike, group, inner) -> int:
@@ -785,7 +862,12 @@ def _keep_local_tensors(module: nn.Module, ranks_using: Dict[int, set], pipe: Di
     canonical = {id(param): name for name, param in module.named_parameters()}
     replaced: Dict[int, torch.Tensor] = {}
     tied: Dict[tuple, List] = {}
+    # The layers FSDP2 shards (``pipeline(..., fully_shard=)``) hold what FSDP2 puts there: theirs to place.
+    sharded = {id(submodule) for layers in pipe.fully_sharded.values() for layer in layers
+               for submodule in layer.modules()}
     for submodule in module.modules():
+        if id(submodule) in sharded:
+            continue
         for table in (submodule._parameters, submodule._buffers):
             for name, tensor in table.items():
                 if tensor is None:
