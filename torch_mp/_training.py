@@ -138,7 +138,7 @@ def _layout_of_module(model: nn.Module) -> _Layout:
             if state.kind == PIPELINE:  # a stage's parameter, or one kept on several ranks: on the first
                 if not _is_first(ranks_of.get(id(param), (dist.get_rank(),))):
                     parts = []
-                if state.pipe.fully_sharded and not isinstance(param, DTensor):
+                if state.pipe.fully_sharded and state.data_parallel is not None and not isinstance(param, DTensor):
                     # Beside FSDP2's shards, summed over the replicas, a parameter every replica
                     # holds whole (averaged in train_step): on the first replica.
                     if not _is_first(layout.add_group(state.data_parallel)):

@@ -97,12 +97,12 @@ def local_elements(tensors):
     return sum(t.to_local().numel() if isinstance(t, DTensor) else t.numel() for t in tensors if not t.is_meta)
 
 
-def check_fully_shard_matches_dense(rank, world, schedule, reshard_after_forward):
+def check_fully_shard_matches_dense(rank, world, schedule, reshard_after_forward, tied):
     mesh = torch_mp.init_mesh(pp=2, dp=2, tp=1)
     replica = mesh["dp"].get_local_rank()
-    dense = llama()
-    model = torch_mp.pipeline(llama(), group=mesh["pp"], data_parallel=mesh["dp"], chunks=2, schedule=schedule,
-                              fully_shard={"reshard_after_forward": reshard_after_forward})
+    dense = llama(tied=tied)
+    model = torch_mp.pipeline(llama(tied=tied), group=mesh["pp"], data_parallel=mesh["dp"], chunks=2,
+                              schedule=schedule, fully_shard={"reshard_after_forward": reshard_after_forward})
     # This rank's stages' layers are FSDP2's, sharded over the replicas; the other ranks' stay meta
     # stand-ins, untouched.
     mine = own_layers(model)
@@ -134,16 +134,22 @@ def check_fully_shard_matches_dense(rank, world, schedule, reshard_after_forward
         for name, value in dense.state_dict().items():
             torch.testing.assert_close(stepped[name], value, rtol=1e-4, atol=1e-6)
 
+    # The forward alone, on every rank; the layers resharded after it, whatever reshard_after_forward.
+    ids = batch(4, seed=7)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, dense(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+
     # Held per rank: a quarter of the layers' parameters and Adam state (1/(pp * dp)); the
     # embedding (first stage) or the final norm and head (last stage) whole, as without sharding.
     layers = local_elements(p for layer in model.model.layers for p in layer.parameters())
-    assert layers * 4 == sum(p.numel() for layer in dense.model.layers for p in layer.parameters())
+    assert layers * 4 == sum(p.numel() for layer in dense.model.layers for p in layer.parameters()), (rank, layers)
     state = [t for layer in mine for p in layer.parameters() for t in optimizer.state[p].values() if t.dim()]
     assert local_elements(state) == 2 * layers
     held, ideal = local_elements(model.parameters()), sum(p.numel() for p in dense.parameters()) / 4
-    assert held <= 1.11 * ideal, (held, ideal)
+    assert held <= (1.11 if not tied else 1.16) * ideal, (held, ideal)  # with the ends whole on their ranks
 
 
-@pytest.mark.parametrize("schedule,reshard_after_forward", [("1f1b", True), ("interleaved_1f1b", False)])
-def test_fully_shard_over_a_pipeline_matches_dense_pp2_dp2(schedule, reshard_after_forward):
-    run_ranks(4, check_fully_shard_matches_dense, schedule, reshard_after_forward, timeout=400)
+@pytest.mark.parametrize("schedule,reshard_after_forward,tied", [("1f1b", True, False),
+                                                                 ("interleaved_1f1b", False, True)])
+def test_fully_shard_over_a_pipeline_matches_dense_pp2_dp2(schedule, reshard_after_forward, tied):
+    run_ranks(4, check_fully_shard_matches_dense, schedule, reshard_after_forward, tied, timeout=400)

@@ -298,6 +298,9 @@ class DistributedPipe(_Pipe):
         works = [lambda m=m: self._own_forward(*parts[m]) for m in range(count)]
         with torch.no_grad():
             micro_batches = self._batch(lambda: self._run(actions, works, parts, None, count, train=False))
+        for layers in self.fully_sharded.values():
+            for layer in layers:  # no backward reshards them: each rank holds its shards again
+                layer.reshard()
         last = self.rank_of(self.num_stages - 1)
         outputs = [self._output(mb.result, mb.index) if last == self.rank else mb.result for mb in micro_batches]
         merged = merge_outputs(outputs, sizes, self.batch_dim, self.output_merge,
