@@ -266,18 +266,44 @@ class DistributedPipe(_Pipe):
     def local_stages(self) -> List[int]:
         return [stage for stage in range(self.num_stages) if self.stage_ranks[stage] == self.rank]
 
-    def shard_stages(self, layer_names: List[str], mesh, options: dict) -> None:
-        """FSDP2's ``fully_shard(layer, mesh=mesh, **options)`` on each layer of this rank's
-        stages (torchtitan's per-block wrapping): each replica keeps 1/mesh.size() of their
-        parameters, gradients and optimizer state. FSDP2 places their parameters from then on
-        (``_keep_local_tensors`` leaves them); other ranks' layers stay meta stand-ins."""
+    def claim_ends(self, layer_names: List[str]) -> List[str]:
+        """The placed modules outside the layers that ``shard_stages`` shards (the embedding, the
+        final norm, the head): those none of whose tensors another module holds (a tied
+        embedding and head stay whole on both ends' ranks, their gradient summed between them).
+        Each is held by its stage's rank from now on, not only after the first call, alike on
+        every rank."""
+        holders: Dict[int, set] = {}
+        for owner, submodule in self.module.named_modules(remove_duplicate=False):
+            for tensor in (*submodule._parameters.values(), *submodule._buffers.values()):
+                if tensor is not None:
+                    holders.setdefault(id(tensor), set()).add(owner)
+        ends = []
+        for name, stage in self.stage_of.items():
+            if not name or any(layer == name or layer.startswith(name + ".") for layer in layer_names):
+                continue
+            inside = {owner for owner, _ in self.module.named_modules(remove_duplicate=False)
+                      if owner == name or owner.startswith(name + ".")}
+            tensors = [*self.module.get_submodule(name).parameters(), *self.module.get_submodule(name).buffers()]
+            if tensors and all(holders[id(tensor)] <= inside for tensor in tensors):
+                ends.append(name)
+                for tensor in tensors:
+                    self.ranks_using[id(tensor)] = {self.rank_of(stage)}
+                    self.tracked.discard(id(tensor))
+        return ends
+
+    def shard_stages(self, names: List[str], mesh, options: dict) -> None:
+        """FSDP2's ``fully_shard(module, mesh=mesh, **options)`` on each of the placed modules
+        ``names`` (layers, and the ends ``claim_ends`` returned) of this rank's stages
+        (torchtitan's per-block wrapping): each replica keeps 1/mesh.size() of their parameters,
+        gradients and optimizer state. FSDP2 places their parameters from then on
+        (``_keep_local_tensors`` leaves them); other ranks' stay meta stand-ins."""
         from torch.distributed.fsdp import fully_shard
 
-        for name in layer_names:
+        for name in names:
             stage = self.stage_of[name]
             if name and self.rank_of(stage) == self.rank:
-                layer = fully_shard(self.module.get_submodule(name), mesh=mesh, **options)
-                self.fully_sharded.setdefault(stage, []).append(layer)
+                placed = fully_shard(self.module.get_submodule(name), mesh=mesh, **options)
+                self.fully_sharded.setdefault(stage, []).append(placed)
 
     def before_backward(self, stage: int, last: bool) -> None:
         """Before a backward of ``stage``: its sharded layers keep their gradients unsharded and
@@ -594,14 +620,17 @@ def pipeline(
         fully_shard: with ``data_parallel`` a 1-D DeviceMesh (``mesh["dp"]``): True, or a dict of
             keyword arguments for it (``{"reshard_after_forward": False}``, ``mp_policy`` ...),
             applies FSDP2's ``torch.distributed.fsdp.fully_shard(layer, mesh=data_parallel,
-            **options)`` to each layer of this rank's stages, torchtitan's composition of FSDP2
-            with pipelining: each replica holds 1/dp of its stages' layer parameters, gradients and
-            optimizer state (build the optimizer after ``pipeline``: FSDP2 replaces the parameters).
-            Each layer's gradient stays unsharded over the micro-batches and is reduce-scattered
-            (the replicas' mean) in its stage's last backward (``set_requires_gradient_sync``, as
-            ``torch.distributed.pipelining`` does); the parameters outside the layers (embedding,
-            final norm, head) stay whole on their ranks, averaged over the replicas after the
-            schedule. ValueError without a DeviceMesh ``data_parallel``, for a dict holding
+            **options)`` to each layer of this rank's stages and to the placed modules outside the
+            layers it holds (embedding on the first stage, final norm and head on the last; those
+            are held by their stage's ranks from ``pipeline`` on), torchtitan's composition of
+            FSDP2 with pipelining: each rank holds 1/(pp * dp) of the parameters, gradients and
+            optimizer state (build the optimizer after ``pipeline``: FSDP2 replaces the
+            parameters). Each module's gradient stays unsharded over the micro-batches and is
+            reduce-scattered (the replicas' mean) in its stage's last backward
+            (``set_requires_gradient_sync``, as ``torch.distributed.pipelining`` does). A module
+            sharing a tensor with another (a tied embedding and head) stays whole on the ranks
+            using it, its gradient averaged over the replicas after the schedule; so does a
+            parameter the code outside the placed modules uses. ValueError without a DeviceMesh ``data_parallel``, for a dict holding
             ``mesh``, with a zero-bubble schedule (its deferred weight gradients bypass FSDP2's
             hooks), ``checkpoint`` other than ``"never"``, or over ``tensor_parallel``.
 
@@ -717,12 +746,13 @@ def pipeline(
                            timeout=datetime.timedelta(seconds=_timeout_of(info, device) if timeout is None else timeout),
                            data_parallel=process_group_of(data_parallel) if replicas > 1 else None)
     pipe.ranks_using, pipe.tracked = _ranks_using(module, stage_of, layer_names, stage_ranks)
+    ends = pipe.claim_ends(layer_names) if shard_options is not None else []
     # Each rank's share is found at the first call (over the pipeline's group only: a mesh's other
     # pipeline groups find theirs meanwhile).
     pipe.used = set() if info.size > 1 and pipe.tracked else None
     pipe.ties = _keep_local_tensors(module, pipe.ranks_using, pipe, device)
     if shard_options is not None:
-        pipe.shard_stages(layer_names, data_parallel, shard_options)
+        pipe.shard_stages(layer_names + ends, data_parallel, shard_options)
     attach(module, ParallelState(PIPELINE, group=group, stage_of=stage_of, pipe=pipe, data_parallel=pipe.data_parallel),
            "pipeline")
     install_pipe(module, pipe)
