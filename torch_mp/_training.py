@@ -17,7 +17,9 @@ Here each gradient element of the dense model counts exactly once, wherever it l
 Each rank sums its elements' p-th powers (the max for ``inf``) and one all-reduce per group of the
 model (the pipeline group, the tensor-parallel group, the DTensor meshes' dims) makes the total.
 Data-parallel replicas (DDP) hold equal gradients after their all-reduce: each computes the same
-total, without a collective (a pipeline's ``data_parallel`` replicas average theirs in ``train_step``). After torchtitan's ``clip_grad_norm_`` (pipeline stages summed over the
+total, without a collective (a pipeline's ``data_parallel`` replicas average theirs in ``train_step``;
+with ``fully_shard=`` its layers' shards are summed over the replicas and the parameters the
+replicas hold whole are counted on the first). After torchtitan's ``clip_grad_norm_`` (pipeline stages summed over the
 pipeline group) and Megatron-LM's ``get_grad_norm_fp32`` / ``check_for_nan_in_grad`` (shards and
 duplicates counted once over the model-parallel groups).
 """
@@ -136,6 +138,11 @@ def _layout_of_module(model: nn.Module) -> _Layout:
             if state.kind == PIPELINE:  # a stage's parameter, or one kept on several ranks: on the first
                 if not _is_first(ranks_of.get(id(param), (dist.get_rank(),))):
                     parts = []
+                if state.pipe.fully_sharded and state.data_parallel is not None and not isinstance(param, DTensor):
+                    # Beside FSDP2's shards, summed over the replicas, a parameter every replica
+                    # holds whole (averaged in train_step): on the first replica.
+                    if not _is_first(layout.add_group(state.data_parallel)):
+                        parts = []
             else:
                 parts = [piece for part in parts for piece in _tensor_parallel_parts(part, name, state,
                                                                                        ranks_of[id(state)])]

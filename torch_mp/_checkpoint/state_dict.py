@@ -18,7 +18,7 @@ from torch_mp._group import all_gather_rows, process_group_of, resolve_group
 from torch_mp._checks import check_arg
 from torch_mp._checkpoint.safetensors import SafetensorsFile
 from torch_mp._state import PIPELINE, TENSOR_PARALLEL, held_state, unwrapped
-from torch_mp._tensor_parallel.dtensor import like, local_tensor, tp_local
+from torch_mp._tensor_parallel.dtensor import dp_local, like, local_tensor, tp_local
 from torch_mp._tensor_parallel.sharding import ShardSpec, slice_bounds, take_slices, unshard
 
 StateSource = Union[Mapping[str, torch.Tensor], str, os.PathLike]
@@ -158,7 +158,9 @@ def load_full_state_dict(module: nn.Module, state_dict_or_path: StateSource, str
         for key, (target, shard) in targets.items():
             if key not in keys:
                 continue
-            value = read_local(key, *spec_of(key, specs), rank, world, read_full, read_slices)
+            # This rank's slice, then its FSDP2 shard (a data-parallel mesh dim of a DTensor).
+            value = dp_local(target, read_local(key, *spec_of(key, specs), rank, world, read_full, read_slices),
+                             bool(specs))
             if value.shape != shard.shape:
                 raise ValueError(f"load_full_state_dict: {key!r} has shape {tuple(value.shape)} in the source but "
                                  f"{tuple(shard.shape)} is expected on this rank")

@@ -681,6 +681,7 @@ class RankStep:
                 roots.append(tensor)
                 grads.append(self.transport.recv(dst, (GRADIENT,) + key[1:]))
         if roots:
+            self.pipe.before_backward(stage, micro_batch.index == len(self.micro_batches) - 1)
             torch.autograd.backward(roots, grads)
         for leaf, src, key in micro_batch.received:
             if key[3] == stage and leaf.requires_grad:

@@ -41,6 +41,8 @@ from torch_mp._training import clip_grad_norm_
 from torch_mp._tensors import copy_tensors, map_tensors, move_tensors, mover, tensors_in
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "zbv")
+# Why a rank refuses a step, compared across the ranks before it runs (``_check_agreement``).
+REFUSED_HOOK, REFUSED_FULLY_SHARD = 1, 2
 
 
 def check_options(chunks: int, schedule: str, checkpoint: str, batch_dim: int, allowed=SCHEDULES) -> None:
@@ -57,6 +59,32 @@ def check_options(chunks: int, schedule: str, checkpoint: str, batch_dim: int, a
 def _check_loss_fn(loss_fn) -> None:
     if not callable(loss_fn):
         raise TypeError(f"pipeline: loss_fn = {loss_fn!r}; expected a callable (output, target) -> loss")
+
+
+def fully_sharded_refusal(module: nn.Module, caller: str, own: Sequence[nn.Module] = ()) -> Optional[str]:
+    """The error message for a ``module`` some of whose submodules (or itself) FSDP2's
+    ``torch.distributed.fsdp.fully_shard`` has sharded, other than ``own`` (those
+    ``pipeline(..., fully_shard=)`` sharded); None when none is. A pipeline moves each
+    parameter to the ranks of its stage (the meta device elsewhere, the tensors outside the layers
+    after the first call), runs one backward per micro-batch and averages the gradients over
+    ``data_parallel`` itself: FSDP2's parameters, hooks and reduce-scatters are not its, and would
+    train other weights than the dense model's (the sharded layers moved to the meta device, their
+    gradients lost, or shards of different rows averaged together)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    own_ids = {id(submodule) for submodule in own}
+    sharded = [repr(name) if name else "the root module" for name, submodule in module.named_modules()
+               if isinstance(submodule, FSDPModule) and id(submodule) not in own_ids]
+    if not sharded:
+        return None
+    shown = ", ".join(sharded[:4]) + (f" and {len(sharded) - 4} more" if len(sharded) > 4 else "")
+    return (f"{caller}: {shown} {'was' if len(sharded) == 1 else 'were'} sharded by torch.distributed.fsdp.fully_shard, "
+            "which does not compose with "
+            "a pipeline (the pipeline places each stage's parameters on its ranks and runs a backward per "
+            "micro-batch, so FSDP2's sharded parameters and gradient reduce-scatters would train other weights than "
+            "the dense model's); expected pipeline(model, group=mesh['pp'], data_parallel=mesh['dp']) on a model "
+            "fully_shard has not touched (the pipeline averages the gradients over the replicas), with "
+            "fully_shard=True to shard each stage's layers over the replicas")
 
 
 class _Pipe:
@@ -216,6 +244,8 @@ class DistributedPipe(_Pipe):
         self.transport = GroupTransport(group, self.rank, device, timeout)
         self.plan_checksum = zlib.crc32(repr(sorted(self.stage_of.items())).encode())
         self.ties: List = []
+        # {stage: its layers FSDP2 shards over the replicas} (``pipeline(..., fully_shard=)``), this rank's stages.
+        self.fully_sharded: Dict[int, List[nn.Module]] = {}
         # Tensors outside the layers (by id): held by every rank until the first call records, in
         # ``used``, those each rank computes with (``_hold_share``).
         self.ranks_using: Dict[int, set] = {}
@@ -236,6 +266,54 @@ class DistributedPipe(_Pipe):
     def local_stages(self) -> List[int]:
         return [stage for stage in range(self.num_stages) if self.stage_ranks[stage] == self.rank]
 
+    def claim_ends(self, layer_names: List[str]) -> List[str]:
+        """The placed modules outside the layers that ``shard_stages`` shards (the embedding, the
+        final norm, the head): those none of whose tensors another module holds (a tied
+        embedding and head stay whole on both ends' ranks, their gradient summed between them).
+        Each is held by its stage's rank from now on, not only after the first call, alike on
+        every rank."""
+        holders: Dict[int, set] = {}
+        for owner, submodule in self.module.named_modules(remove_duplicate=False):
+            for tensor in (*submodule._parameters.values(), *submodule._buffers.values()):
+                if tensor is not None:
+                    holders.setdefault(id(tensor), set()).add(owner)
+        ends = []
+        for name, stage in self.stage_of.items():
+            if not name or any(layer == name or layer.startswith(name + ".") for layer in layer_names):
+                continue
+            inside = {owner for owner, _ in self.module.named_modules(remove_duplicate=False)
+                      if owner == name or owner.startswith(name + ".")}
+            tensors = [*self.module.get_submodule(name).parameters(), *self.module.get_submodule(name).buffers()]
+            if tensors and all(holders[id(tensor)] <= inside for tensor in tensors):
+                ends.append(name)
+                for tensor in tensors:
+                    self.ranks_using[id(tensor)] = {self.rank_of(stage)}
+                    self.tracked.discard(id(tensor))
+        return ends
+
+    def shard_stages(self, names: List[str], mesh, options: dict) -> None:
+        """FSDP2's ``fully_shard(module, mesh=mesh, **options)`` on each of the placed modules
+        ``names`` (layers, and the ends ``claim_ends`` returned) of this rank's stages
+        (torchtitan's per-block wrapping): each replica keeps 1/mesh.size() of their parameters,
+        gradients and optimizer state. FSDP2 places their parameters from then on
+        (``_keep_local_tensors`` leaves them); other ranks' stay meta stand-ins."""
+        from torch.distributed.fsdp import fully_shard
+
+        for name in names:
+            stage = self.stage_of[name]
+            if name and self.rank_of(stage) == self.rank:
+                placed = fully_shard(self.module.get_submodule(name), mesh=mesh, **options)
+                self.fully_sharded.setdefault(stage, []).append(placed)
+
+    def before_backward(self, stage: int, last: bool) -> None:
+        """Before a backward of ``stage``: its sharded layers keep their gradients unsharded and
+        their parameters gathered, without communication, until its ``last`` micro-batch's backward
+        reduce-scatters the sum (as ``torch.distributed.pipelining``'s stages do with FSDP2)."""
+        for layer in self.fully_sharded.get(stage, ()):
+            layer.set_is_last_backward(last)
+            layer.set_reshard_after_backward(last)
+            layer.set_requires_gradient_sync(last)
+
     def _own_forward(self, args, kwargs):
         return current_micro_batch().to_last_stage(type(self.module).forward(self.module, *args, **kwargs))
 
@@ -246,6 +324,9 @@ class DistributedPipe(_Pipe):
         works = [lambda m=m: self._own_forward(*parts[m]) for m in range(count)]
         with torch.no_grad():
             micro_batches = self._batch(lambda: self._run(actions, works, parts, None, count, train=False))
+        for layers in self.fully_sharded.values():
+            for layer in layers:  # no backward reshards them: each rank holds its shards again
+                layer.reshard()
         last = self.rank_of(self.num_stages - 1)
         outputs = [self._output(mb.result, mb.index) if last == self.rank else mb.result for mb in micro_batches]
         merged = merge_outputs(outputs, sizes, self.batch_dim, self.output_merge,
@@ -305,20 +386,25 @@ class DistributedPipe(_Pipe):
         replicas = resolve_group(self.data_parallel).size
         return self.transport.all_reduce_sum(loss, self.data_parallel, "while averaging the replicas' loss") / replicas
 
-    def _check_agreement(self, signature: int, shapes: str, timeline: bool, refusal: Optional[str] = None,
-                         max_norm: Optional[float] = None) -> None:
+    def _check_agreement(self, signature: int, shapes: str, timeline: bool,
+                         refusal: Optional[Tuple[int, str]] = None, max_norm: Optional[float] = None) -> None:
         """Every rank runs the same schedule on the same shapes, or none runs anything; a rank
-        refusing a gradient hook (``refusal``: its message) stops every rank."""
+        refusing the step (``refusal``: ``(REFUSED_HOOK or REFUSED_FULLY_SHARD, its message)``)
+        stops every rank."""
         fields = ["schedule", "stages", "stages_per_rank", "chunks", "input shapes", "stage plan", "timeline",
                   "max_norm"]
         clip = zlib.crc32(repr(max_norm if max_norm is None else float(max_norm)).encode())
         mine = [SCHEDULES.index(self.schedule), self.num_stages, self.stages_per_rank, self.chunks, signature,
-                self.plan_checksum, int(timeline), clip, int(refusal is not None)]
+                self.plan_checksum, int(timeline), clip, refusal[0] if refusal else 0]
         rows = self.transport.all_gather_rows(torch.tensor(mine, dtype=torch.int64),
                                               "while comparing the ranks' options and batch shapes").tolist()
-        if refusal is not None:
-            raise ValueError(refusal)
+        if refusal:
+            raise ValueError(refusal[1])
         refusing = [r for r, row in enumerate(rows) if row[-1]]
+        if any(rows[r][-1] == REFUSED_FULLY_SHARD for r in refusing):
+            raise ValueError(f"pipeline: rank(s) {[r for r in refusing if rows[r][-1] == REFUSED_FULLY_SHARD]} hold "
+                             "modules sharded by torch.distributed.fsdp.fully_shard (their error names them); expected "
+                             "pipeline(model, group=mesh['pp'], data_parallel=mesh['dp']) without fully_shard")
         if refusing:
             raise ValueError(f"pipeline: rank(s) {refusing} refuse a gradient hook on a parameter of their stages "
                              "(their error names it); expected chunks=1, or post-accumulate-grad hooks")
@@ -346,11 +432,14 @@ class DistributedPipe(_Pipe):
         tied_ids = {id(param) for param in tied}
         in_parts = [(name, param) for name, param in self.module.named_parameters()
                     if train and not param.is_meta and (count > 1 or id(param) in tied_ids)]
-        refusal = refused_gradient_hooks(
+        refusal = fully_sharded_refusal(self.module, "pipeline: train_step" if train else "pipeline: forward",
+                                        [module for modules in self.fully_sharded.values() for module in modules])
+        kind = REFUSED_FULLY_SHARD if refusal else REFUSED_HOOK
+        refusal = refusal or refused_gradient_hooks(
             in_parts, "pipeline", f"{count} micro-batches" if count > 1 else "one per rank holding it",
             "expected the hook registered with register_post_accumulate_grad_hook (run once per step, on the whole "
             "gradient)" + (", or chunks=1" if count > 1 else ""))
-        self._check_agreement(signature, shapes, timeline, refusal, max_norm)
+        self._check_agreement(signature, shapes, timeline, refusal and (kind, refusal), max_norm)
         recorder = None
         if timeline:  # every rank's times count from the barrier's exit
             self.transport.all_gather_rows(torch.zeros(1), "while starting a timeline (a barrier)")
@@ -380,7 +469,11 @@ class DistributedPipe(_Pipe):
                 if grad is not None:
                     param.grad = grad if param.grad is None else grad + param.grad
             if train and self.data_parallel is not None:
-                _average_over_replicas([param for param in self.module.parameters() if not param.is_meta],
+                # The sharded layers' gradients are the replicas' mean already (FSDP2's reduce-scatter).
+                sharded = {id(param) for layers in self.fully_sharded.values() for layer in layers
+                           for param in layer.parameters()}
+                _average_over_replicas([param for param in self.module.parameters()
+                                        if not param.is_meta and id(param) not in sharded],
                                        self.data_parallel, self.transport)
         if self.used is not None:
             self._hold_share()
@@ -480,6 +573,7 @@ def pipeline(
     sample=None,
     timeout: Optional[float] = None,
     data_parallel: GroupLike = None,
+    fully_shard: Union[bool, dict] = False,
 ) -> nn.Module:
     """Runs ``module`` as a pipeline with one stage per rank of ``group``, in place, and returns it.
 
@@ -523,6 +617,22 @@ def pipeline(
             the dense model's gradients of the replicas' batches concatenated. The pipeline runs its
             own backward, one per micro-batch, so DDP's gradient hooks do not fit; the average after
             the schedule is Megatron-Core's ``finalize_model_grads``.
+        fully_shard: with ``data_parallel`` a 1-D DeviceMesh (``mesh["dp"]``): True, or a dict of
+            keyword arguments for it (``{"reshard_after_forward": False}``, ``mp_policy`` ...),
+            applies FSDP2's ``torch.distributed.fsdp.fully_shard(layer, mesh=data_parallel,
+            **options)`` to each layer of this rank's stages and to the placed modules outside the
+            layers it holds (embedding on the first stage, final norm and head on the last; those
+            are held by their stage's ranks from ``pipeline`` on), torchtitan's composition of
+            FSDP2 with pipelining: each rank holds 1/(pp * dp) of the parameters, gradients and
+            optimizer state (build the optimizer after ``pipeline``: FSDP2 replaces the
+            parameters). Each module's gradient stays unsharded over the micro-batches and is
+            reduce-scattered (the replicas' mean) in its stage's last backward
+            (``set_requires_gradient_sync``, as ``torch.distributed.pipelining`` does). A module
+            sharing a tensor with another (a tied embedding and head) stays whole on the ranks
+            using it, its gradient averaged over the replicas after the schedule; so does a
+            parameter the code outside the placed modules uses. ValueError without a DeviceMesh ``data_parallel``, for a dict holding
+            ``mesh``, with a zero-bubble schedule (its deferred weight gradients bypass FSDP2's
+            hooks), ``checkpoint`` other than ``"never"``, or over ``tensor_parallel``.
 
     Three-dimensional parallelism (torchtitan's order: tensor parallel, then pipeline, then data
     parallel) on a ``torch_mp.init_mesh(pp=, dp=, tp=)`` mesh::
@@ -574,7 +684,9 @@ def pipeline(
     Raises TypeError for a ``module`` that is not an ``nn.Module`` or a ``group`` of another type;
     ValueError for an unknown ``schedule``, ``stages_per_rank`` that does not fit it, a ``balance``
     without one entry per stage, bad ``chunks`` / ``checkpoint`` / ``batch_dim`` values, or a
-    module another torch_mp wrapper returned already, or fewer layers than stages under
+    module another torch_mp wrapper returned already, or a module FSDP2's ``fully_shard`` sharded
+    (or one of its submodules: at ``pipeline``, or, sharded after it, at the next ``train_step`` or
+    forward on every rank before the schedule runs; use ``data_parallel=``), or fewer layers than stages under
     ``balance="auto"`` / ``"time"``; during a step, ValueError when the ranks disagree on options or
     batch shapes, a rank refuses a gradient hook, the model computes a statistic over the whole batch
     in more than one micro-batch (as for ``split``), a reentrant ``torch.utils.checkpoint`` wraps
@@ -586,6 +698,9 @@ def pipeline(
     if not isinstance(module, nn.Module):
         raise TypeError(f"pipeline: expected module to be a torch.nn.Module, got {type(module).__name__}")
     check_not_parallelized(module, "pipeline")
+    refusal = fully_sharded_refusal(module, "pipeline")
+    if refusal:
+        raise ValueError(refusal)
     info = resolve_group(group, "pipeline(group=...)")
     dim_name = _dim_name(group, "group")
     group = process_group_of(group)
@@ -614,11 +729,12 @@ def pipeline(
                          "holds one layer or more)")
     inner = state_of(module)
     replicas = _check_replica_group(data_parallel, group, inner)
+    shard_options = _check_fully_shard(fully_shard, data_parallel, schedule, checkpoint, inner)
     _check_same_options([("schedule", SCHEDULES.index(schedule)), ("chunks", chunks),
                          ("stages_per_rank", stages_per_rank), ("checkpoint", CHECKPOINTS.index(checkpoint)),
                          ("batch_dim", batch_dim), ("balance", zlib.crc32(repr(balance).encode())),
                          ("pipeline ranks", info.size), ("layers", zlib.crc32(repr(layer_names).encode())),
-                         ("data_parallel size", replicas)],
+                         ("data_parallel size", replicas), ("fully_shard", shard_options is not None)],
                         ([inner.group] if inner is not None else []) + ([data_parallel] if replicas > 1 else []))
     costs = layer_costs(module, layer_names, sample, group, device) if balance == "time" else None
     _, stage_of = balanced_device_map(module, layer_names, [device] * num_stages, balance,
@@ -630,10 +746,13 @@ def pipeline(
                            timeout=datetime.timedelta(seconds=_timeout_of(info, device) if timeout is None else timeout),
                            data_parallel=process_group_of(data_parallel) if replicas > 1 else None)
     pipe.ranks_using, pipe.tracked = _ranks_using(module, stage_of, layer_names, stage_ranks)
+    ends = pipe.claim_ends(layer_names) if shard_options is not None else []
     # Each rank's share is found at the first call (over the pipeline's group only: a mesh's other
     # pipeline groups find theirs meanwhile).
     pipe.used = set() if info.size > 1 and pipe.tracked else None
     pipe.ties = _keep_local_tensors(module, pipe.ranks_using, pipe, device)
+    if shard_options is not None:
+        pipe.shard_stages(layer_names + ends, data_parallel, shard_options)
     attach(module, ParallelState(PIPELINE, group=group, stage_of=stage_of, pipe=pipe, data_parallel=pipe.data_parallel),
            "pipeline")
     install_pipe(module, pipe)
@@ -644,6 +763,34 @@ def _dim_name(group: GroupLike, default: str) -> str:
     """A mesh dim's name (``"pp"``), else ``default``: what errors call the group."""
     names = getattr(group, "mesh_dim_names", None) if isinstance(group, dist.device_mesh.DeviceMesh) else None
     return names[0] if names else default
+
+
+def _check_fully_shard(fully_shard, data_parallel: GroupLike, schedule: str, checkpoint: str,
+                       inner) -> Optional[dict]:
+    """The keyword arguments of ``pipeline(..., fully_shard=)`` for FSDP2's ``fully_shard`` (None:
+    no sharding); TypeError / ValueError for what it does not run with, before any collective."""
+    if fully_shard is False:
+        return None
+    if fully_shard is not True and not isinstance(fully_shard, dict):
+        raise TypeError(f"pipeline: fully_shard = {fully_shard!r}; expected True, False or a dict of keyword "
+                        "arguments for torch.distributed.fsdp.fully_shard")
+    options = {} if fully_shard is True else dict(fully_shard)
+    if "mesh" in options:
+        raise ValueError("pipeline: fully_shard holds 'mesh'; expected the mesh as data_parallel=mesh['dp'] "
+                         "(the layers are sharded over it)")
+    if not isinstance(data_parallel, dist.device_mesh.DeviceMesh):
+        raise ValueError(f"pipeline: fully_shard = {fully_shard!r} with data_parallel a {type(data_parallel).__name__}; "
+                         "expected data_parallel a 1-D DeviceMesh (mesh['dp']) to shard the stages' layers over")
+    if schedule in ZERO_BUBBLE:
+        raise ValueError(f"pipeline: fully_shard with schedule = {schedule!r}, whose deferred weight gradients "
+                         "bypass FSDP2's gradient hooks; expected schedule 'gpipe', '1f1b' or 'interleaved_1f1b'")
+    if checkpoint != "never":
+        raise ValueError(f"pipeline: fully_shard with checkpoint = {checkpoint!r}; expected checkpoint 'never' (the "
+                         "pipeline's recompute runs a layer's forward outside FSDP2's hooks)")
+    if inner is not None:
+        raise ValueError(f"pipeline: fully_shard over torch_mp.{inner.kind}, not supported yet; expected "
+                         "fully_shard=False (data_parallel= alone averages the gradients over the replicas)")
+    return options
 
 
 def _check_replica_group(data_parallel: GroupLike, group, inner) -> int:
@@ -748,7 +895,12 @@ def _keep_local_tensors(module: nn.Module, ranks_using: Dict[int, set], pipe: Di
     canonical = {id(param): name for name, param in module.named_parameters()}
     replaced: Dict[int, torch.Tensor] = {}
     tied: Dict[tuple, List] = {}
+    # The layers FSDP2 shards (``pipeline(..., fully_shard=)``) hold what FSDP2 puts there: theirs to place.
+    sharded = {id(submodule) for layers in pipe.fully_sharded.values() for layer in layers
+               for submodule in layer.modules()}
     for submodule in module.modules():
+        if id(submodule) in sharded:
+            continue
         for table in (submodule._parameters, submodule._buffers):
             for name, tensor in table.items():
                 if tensor is None:

@@ -295,6 +295,27 @@ def tp_local(value: torch.Tensor, tensor_parallel: bool) -> torch.Tensor:
     return local
 
 
+def dp_local(target: torch.Tensor, value: torch.Tensor, tensor_parallel: bool) -> torch.Tensor:
+    """The inverse of ``tp_local``, without communication: what this rank holds of ``value`` (a
+    stock tensor, or the tensor-parallel shard of one when ``tensor_parallel``) for the DTensor
+    ``target``, cut along each of its mesh dims that FSDP2 shards (every dim of a model without
+    tensor parallelism; all but the last, the TP dim, with it) into torch.chunk's pieces (the last
+    rank's maybe shorter or empty), as FSDP2 holds them. A plain ``target``: ``value`` as it is."""
+    if not isinstance(target, DTensor):
+        return value
+    mesh, coordinate = target.device_mesh, target.device_mesh.get_coordinate()
+    if tensor_parallel and mesh.ndim == 1:
+        return value  # a tensor-parallel model's parameter: read as its TP shard already
+    for mesh_dim in range(mesh.ndim - 1 if tensor_parallel else mesh.ndim):
+        placement = target.placements[mesh_dim]
+        if isinstance(placement, (Shard, _StridedShard)):
+            dim, size = placement.dim, value.shape[placement.dim]
+            piece = -(-size // mesh.size(mesh_dim))
+            start = min(size, piece * coordinate[mesh_dim])
+            value = value.narrow(dim, start, min(piece, size - start))
+    return value
+
+
 def like(param: torch.Tensor, local_value: torch.Tensor) -> torch.Tensor:
     """``local_value`` (shaped as ``param``'s local tensor) as a DTensor placed as ``param`` is, for
     a 1-D DTensor ``param`` (optimizer state loaded from a checkpoint); else as it is."""
