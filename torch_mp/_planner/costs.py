@@ -12,6 +12,7 @@ from torch import nn
 from torch_mp._group import all_reduce, resolve_group
 from torch_mp._layers import find_layers
 from torch_mp._pipelining.pipeline import time_layers
+from torch_mp._tensor_parallel.dtensor import local_tensor
 from torch_mp._tensors import map_tensors, tensors_in
 
 
@@ -100,11 +101,13 @@ def _rows(sample) -> int:
 
 def _saved_bytes(module: nn.Module, layer_names: List[str], sample) -> Tuple[List[int], int, int]:
     """Bytes autograd saves in each layer's forward on ``sample`` and outside the layers (each
-    storage once, parameters not counted), and the bytes of the largest layer output."""
+    storage once, parameters not counted), and the bytes of the largest layer output; of a DTensor,
+    its local tensor (what this rank holds)."""
     args, kwargs = (sample, {}) if isinstance(sample, tuple) else ((), sample) if isinstance(sample, dict) \
         else ((sample,), {})
-    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    params = {local_tensor(p).untyped_storage().data_ptr() for p in module.parameters()}
     seen: set = set()
+    kept = []  # the counted storages, alive until the forward ends: a freed one's address comes back
     per_layer = [0] * len(layer_names)
     outside = [0]
     boundary = [0]
@@ -118,20 +121,21 @@ def _saved_bytes(module: nn.Module, layer_names: List[str], sample) -> Tuple[Lis
 
         def leave(_module, _inputs, output):
             current.pop()
-            boundary[0] = max([boundary[0]] + [t.numel() * t.element_size() for t in tensors_in(output)])
+            boundary[0] = max([boundary[0]] + [local_tensor(t).nbytes for t in tensors_in(output)])
 
         handles += [layer.register_forward_pre_hook(enter), layer.register_forward_hook(leave)]
 
     def pack(tensor):
-        storage = tensor.untyped_storage()
+        storage = local_tensor(tensor).untyped_storage()
         if storage.data_ptr() not in params and storage.data_ptr() not in seen and storage.device.type != "meta":
             seen.add(storage.data_ptr())
+            kept.append(storage)
             if current:
                 per_layer[current[-1]] += storage.nbytes()
             else:
                 outside[0] += storage.nbytes()
-        # Nothing is kept: this forward never runs backward, and a saved parameter would keep a
-        # reference to it that outlives the graph (torch.utils.swap_tensors, which pipeline() uses on
+        # The graph keeps nothing: this forward never runs backward, and a saved parameter would keep
+        # a reference to it that outlives the graph (torch.utils.swap_tensors, which pipeline() uses on
         # the same model afterwards, then refuses it).
 
     try:
@@ -147,8 +151,9 @@ def _saved_bytes(module: nn.Module, layer_names: List[str], sample) -> Tuple[Lis
 
 def _param_bytes(module: nn.Module, layer_names: List[str]):
     """(per layer total, per layer sharded, first total, first sharded, last total, last sharded):
-    matrices count as sharded; tensors outside the layers go with the first stage when their module
-    comes before the first layer, else with the last (as the pipeline's cut places them)."""
+    matrices count as sharded (in a tensor-parallel model: the DTensors sharded on some dim, counted at
+    their global size); tensors outside the layers go with the first stage when their module comes
+    before the first layer, else with the last (as the pipeline's cut places them)."""
     seen: set = set()
     index = {name: i for i, name in enumerate(layer_names)}
     totals = [[0, 0] for _ in layer_names]
@@ -166,7 +171,9 @@ def _param_bytes(module: nn.Module, layer_names: List[str]):
         else:
             slot = first if before_first else last
         slot[0] += nbytes
-        slot[1] += nbytes if param.dim() >= 2 else 0
+        placements = getattr(param, "placements", None)
+        sharded = any(p.is_shard() for p in placements) if placements is not None else param.dim() >= 2
+        slot[1] += nbytes if sharded else 0
     return ([t for t, _ in totals], [s for _, s in totals], first[0], first[1], last[0], last[1])
 
 
@@ -219,7 +226,9 @@ def measure_costs(module: nn.Module, sample, group=None, layers: Optional[List[s
     bytes, and the alpha-beta fit of all-reduces over ``group`` (or ``collectives`` given as
     ``(alpha_s, beta_s_per_byte)``). With a group, every rank calls it (all at once, so the times
     include what the ranks take from each other on a shared host) and gets the same table: the
-    times are averaged over the ranks.
+    times are averaged over the ranks. A ``tensor_parallel`` module is measured as this rank runs
+    it: its times and saved bytes are one rank's, its parameters count at their global size (sharded
+    as placed), the dense model's bytes.
 
     Raises ValueError for a sample without a batch dim or a model whose output on it has no
     differentiable tensor."""
