@@ -35,8 +35,9 @@ class Plan:
     (``step_s``, seconds) and peak bytes per rank (``peak_bytes``), the ``alternatives`` that fit
     (slower, ranked), the ``rejected`` ones that do not fit (ranked by the memory they need), and the
     ``costs`` it was computed from. ``print(plan)`` shows them as a table: the pick, then up to 7
-    faster-ranked alternatives ("slower by x%") and the 4 rejected layouts that need the least
-    memory ("does not fit (needs X)"). Comparable with ``==`` (a plan is a pure function of the cost
+    alternatives by predicted step time ("slower by x%") and the 4 rejected layouts that need the least
+    memory ("does not fit (needs X, Y over)", and how much faster than the pick a faster one would
+    be), under a line of their own. Comparable with ``==`` (a plan is a pure function of the cost
     table and the arguments; with ``measure=`` the ``measured`` seconds per step of the top
     candidates, (layout, seconds) pairs, decide) and picklable, so one rank can plan and send it to the others.
 
@@ -109,6 +110,8 @@ class Plan:
         shown = [self.chosen] + list(self.alternatives[:7]) + list(self.rejected[:4])
         for i, candidate in enumerate(shown):
             layout = candidate.layout
+            if i == len(shown) - len(self.rejected[:4]):
+                lines.append(f"    does not fit {size(self.device_memory)}, least over first:")
             lines.append(f"{i:>3} {layout.pp:>2} {layout.tp:>2} {layout.dp:>2} "
                          f"{layout.schedule if layout.pp > 1 else '-':<8} {layout.chunks:>2} {layout.checkpoint:<6} "
                          f"{'on' if layout.sequence_parallel else 'off':<3} {candidate.step_s * 1e3:>8.1f} "

@@ -144,9 +144,7 @@ def plan(model: nn.Module, world_size: int, device_memory: MemoryLike, batch: in
     best = fitting[0]
     alternatives = tuple(Candidate(c.layout, c.step_s, c.peak_bytes,
                                    f"slower by {(c.step_s / best.step_s - 1) * 100:.0f}%") for c in fitting[1:])
-    rejected = tuple(sorted((Candidate(c.layout, c.step_s, c.peak_bytes, f"does not fit (needs {size(c.peak)})")
-                             for c in candidates if c.peak > memory), key=lambda c: (c.peak, _rank_key(c))))
-    plan = Plan(world_size, memory, batch, best, alternatives, rejected, costs)
+    plan = Plan(world_size, memory, batch, best, alternatives, _rejected(candidates, memory, best), costs)
     if not trials:
         return plan
     tried = fitting[:trials]
@@ -159,8 +157,18 @@ def plan(model: nn.Module, world_size: int, device_memory: MemoryLike, batch: in
                                    f"slower by {(c.step_s / best.step_s - 1) * 100:.0f}%"
                                    + (f" (measured {seconds[tried.index(c)] * 1e3:.1f} ms)" if c in tried else ""))
                          for c in others)
-    return Plan(world_size, memory, batch, best, alternatives, rejected, costs,
+    return Plan(world_size, memory, batch, best, alternatives, _rejected(candidates, memory, best), costs,
                 tuple((c.layout, s) for c, s in zip(tried, seconds)))
+
+
+def _rejected(candidates: List[Candidate], memory: int, best: Candidate) -> Tuple[Candidate, ...]:
+    """The candidates over ``memory``, least over first, each saying by how much (and how much faster
+    than ``best`` it would be, if it would)."""
+    over = sorted((c for c in candidates if c.peak > memory), key=lambda c: (c.peak, _rank_key(c)))
+    return tuple(Candidate(c.layout, c.step_s, c.peak_bytes,
+                           f"does not fit (needs {size(c.peak)}, {size(c.peak - memory)} over)"
+                           + (f"; {(1 - c.step_s / best.step_s) * 100:.0f}% faster" if c.step_s < best.step_s else ""))
+                 for c in over)
 
 
 def _rows_of(sample) -> int:
