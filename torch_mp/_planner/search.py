@@ -26,8 +26,8 @@ def layouts(costs: CostTable, world_size: int, batch: int, schedules: Sequence[s
     tp dividing every count in ``costs.tp_must_divide`` (heads, key-value heads, experts); dp
     dividing the batch and the micro-batches (up to ``max_chunks``) each group's rows; sequence
     parallel only with tp > 1 and no experts; a schedule only with a pipeline (pp > 1; without one
-    the micro-batches run one after the other, "1f1b" in the layout); recompute (checkpoint
-    "always") only with tp 1, as the pipeline cannot yet recompute a tensor-parallel layer. Each pipeline's stages are
+    the micro-batches run one after the other, "1f1b" in the layout); checkpoint "never" and
+    "always" (recompute) with any degrees. Each pipeline's stages are
     balanced by measured forward+backward time (``_C._balance_by_size``, as ``balance="time"``)."""
     count = len(costs.layers)
     layer_time = [max(1, int((f.at(1) + b.at(1)) * 1e6)) for f, b in zip(costs.forward, costs.backward)]
@@ -48,9 +48,7 @@ def layouts(costs: CostTable, world_size: int, batch: int, schedules: Sequence[s
                 continue
             for chunks in [m for m in _divisors(batch // dp) if m <= max_chunks]:
                 for schedule in (schedules if pp > 1 else ("1f1b",)):
-                    # The pipeline's recompute of a tensor-parallel layer fails today (aten.mul got mixed
-                    # torch.Tensor and DTensor): checkpointing only without tensor parallel.
-                    for checkpoint in (checkpoints if tp == 1 else [c for c in checkpoints if c == "never"]):
+                    for checkpoint in checkpoints:
                         for sp in ((False, True) if tp > 1 and costs.sequence_parallel else (False,)):
                             found.append(Layout(pp, tp, dp, schedule, chunks, checkpoint, sp, balance, batch))
     return found
