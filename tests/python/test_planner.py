@@ -56,6 +56,60 @@ def test_zero_bubble_h1_is_shorter_than_1f1b():
     assert simulate("zb_h1", 4, 8, durations, 0.0) == pytest.approx(27.0)
 
 
+@pytest.mark.parametrize("stages,chunks", [(2, 2), (2, 4), (3, 6), (4, 4), (4, 8)])
+def test_simulated_interleaved_1f1b_has_the_closed_form_bubble(stages, chunks):
+    """Two stages per rank, F = 1 and B = 2 each, chunks a multiple of the ranks: 2 chunks x 3 per
+    rank plus a bubble of (p - 1) x 3, a half of 1F1B's (Narayanan et al. 2021, section 2.2: the
+    bubble divided by the stages per rank)."""
+    twice = 2 * stages
+    makespan = simulate("interleaved_1f1b", stages, chunks, {0: [1.0] * twice, 1: [2.0] * twice, 2: [0.0] * twice},
+                        0.0)
+    assert makespan == pytest.approx((2 * chunks + stages - 1) * 3.0)
+
+
+@pytest.mark.parametrize("stages,chunks", [(2, 4), (2, 8), (3, 6), (3, 8), (4, 8)])
+def test_simulated_zero_bubble_v_leaves_only_the_warm_up(stages, chunks):
+    """ZB-V (Qi et al., ICLR 2024, section 6), F = B = W = 1 per stage, two stages per rank in a V,
+    at least 2 p micro-batches: each rank's 6 m of work and the (p - 1) forwards before the last
+    rank's first; shorter than ZB-H1 and 1F1B doing the same work on whole stages."""
+    twice = 2 * stages
+    makespan = simulate("zbv", stages, chunks, {kind: [1.0] * twice for kind in (0, 1, 2)}, 0.0)
+    assert makespan == pytest.approx(6 * chunks + stages - 1)
+    assert makespan < simulate("zb_h1", stages, chunks, {kind: [2.0] * stages for kind in (0, 1, 2)}, 0.0)
+    assert makespan < simulate("1f1b", stages, chunks, {0: [2.0] * stages, 1: [4.0] * stages, 2: [0.0] * stages}, 0.0)
+
+
+def test_two_stages_per_rank_hold_the_activations_their_schedule_keeps():
+    """8 layers without parameters on 4 ranks, 8 micro-batches of one row, A bytes a layer: 1F1B
+    (2 layers a stage) holds 4, 3, 2, 1 micro-batches of 2 A; ZB-V (1 layer a stage, two per rank
+    in a V) holds 8 A on every rank (Qi et al. 2024: 1F1B's first rank's, on every rank);
+    interleaved 1F1B 11 A on the first rank, p (1 + (p - 1) / (p v)) stages' worth (Narayanan
+    et al. 2021, section 2.2), down to 5 A on the last."""
+    activation = 1000
+    costs = table(layers=8, param=0, activation=activation)
+    one_f_one_b = Layout(4, 1, 1, "1f1b", 8, "never", False, (2, 2, 2, 2), 8)
+    assert peak_bytes(costs, one_f_one_b) == [8 * activation, 6 * activation, 4 * activation, 2 * activation]
+    zbv = Layout(4, 1, 1, "zbv", 8, "never", False, (1,) * 8, 8)
+    assert peak_bytes(costs, zbv) == [8 * activation] * 4
+    interleaved = dataclasses.replace(zbv, schedule="interleaved_1f1b")
+    assert peak_bytes(costs, interleaved) == [11 * activation, 9 * activation, 7 * activation, 5 * activation]
+
+
+def test_search_offers_two_stages_per_rank():
+    """Interleaved 1F1B and ZB-V are candidates with 2 pp stages (pp at most half the layers); with
+    1 MiB a rank and no tensor parallel only pp 4 fits, where ZB-V, the shortest bubble, is chosen."""
+    costs = table(layers=8, param=1 << 16, activation=1 << 10)
+    plan = torch_mp.plan(torch.nn.Module(), 4, "1GiB", 16, costs=costs, schedules=("1f1b", "zb_h1", "zbv",
+                                                                                        "interleaved_1f1b"))
+    every = (plan.chosen,) + plan.alternatives + plan.rejected
+    for schedule in ("zbv", "interleaved_1f1b"):
+        found = [c.layout for c in every if c.layout.schedule == schedule]
+        assert found and all(len(layout.balance) == 2 * layout.pp and sum(layout.balance) == 8 for layout in found)
+    pipelined = torch_mp.plan(torch.nn.Module(), 4, "1MiB", 16, costs=dataclasses.replace(costs, tp_must_divide=(1,)),
+                              schedules=("1f1b", "zb_h1", "zbv"), max_chunks=16)
+    assert pipelined.schedule == "zbv" and pipelined.pp == 4, str(pipelined)
+
+
 def test_peak_memory_sums_state_and_activations_in_flight():
     """4 layers of 1 MiB fp32 on pp 2: each stage holds 2 MiB of parameters, 2 of gradients, 4 of
     AdamW state; 1F1B with 4 micro-batches of 2 rows keeps 2 in flight on stage 0 and 1 on stage 1,
@@ -169,7 +223,7 @@ def test_plan_refuses_when_nothing_fits_naming_the_smallest_memory():
     (dict(batch=2.0), ValueError, "batch = 2.0"),
     (dict(device_memory="lots"), ValueError, "device_memory = 'lots'"),
     (dict(costs=None), ValueError, "expected sample="),
-    (dict(schedules=("zbv",)), ValueError, "schedules"),
+    (dict(schedules=("zb_v",)), ValueError, "schedules"),
 ])
 def test_plan_bad_input(kwargs, error, match):
     args = dict(world_size=2, device_memory="1GiB", batch=8, costs=table())

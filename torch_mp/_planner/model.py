@@ -13,13 +13,18 @@ WEIGHT_SHARE = 0.5
 # Activations a transformer layer saves that tensor parallelism does not divide without sequence
 # parallelism: 10 of 34 bytes per token and hidden unit (Korthikanti et al., 2022, table 2).
 REPLICATED_ACTIVATIONS = 10 / 34
+# Schedules that run two stages on each rank (the pipeline's default for them): stage s on rank
+# s % ranks for interleaved 1F1B, a V for ZB-V (rank r: stages r and 2 ranks - 1 - r).
+TWO_STAGES_PER_RANK = ("interleaved_1f1b", "zbv")
+ZERO_BUBBLE = ("zb_h1", "zbv")
 
 
 @dataclass(frozen=True)
 class Layout:
     """One candidate: the degrees, the schedule and its micro-batches (``chunks``), the checkpoint
-    policy, sequence parallelism, the layer counts per stage (``balance``) and the samples per
-    step (``batch``, all data-parallel groups together)."""
+    policy, sequence parallelism, the layer counts per stage (``balance``: ``pp`` entries, or
+    ``2 pp`` for the schedules with two stages per rank, ``TWO_STAGES_PER_RANK``) and the samples
+    per step (``batch``, all data-parallel groups together)."""
     pp: int
     tp: int
     dp: int
@@ -34,6 +39,15 @@ class Layout:
     def rows(self) -> float:
         """Samples per micro-batch on one data-parallel group."""
         return self.batch / self.dp / self.chunks
+
+    @property
+    def stages_per_rank(self) -> int:
+        return 2 if self.schedule in TWO_STAGES_PER_RANK else 1
+
+    def stage_ranks(self) -> List[int]:
+        """The pipeline rank of each stage (``_C._pipeline_stage_ranks``, as the pipeline places them)."""
+        return list(_C._pipeline_stage_ranks(self.schedule, self.pp, self.stages_per_rank)) \
+            if self.stages_per_rank > 1 else list(range(self.pp))
 
 
 def stage_layers(balance: Tuple[int, ...]) -> List[range]:
@@ -62,6 +76,26 @@ def _params(costs: CostTable, layers: range, first: bool, last: bool, tp: int) -
     if last:
         total, sharded = total + costs.last_param_bytes, sharded + costs.last_sharded_bytes
     return total - sharded + sharded / tp
+
+
+def _in_flight_at_rank_peaks(layout: Layout, stage_bytes: List[float]) -> List[int]:
+    """For two stages per rank: the micro-batches each stage holds when its rank holds the most
+    activations (``stage_bytes`` a micro-batch), replaying the rank's actions of the C++ schedule (a
+    forward takes one micro-batch's, its input-gradient backward frees them)."""
+    held = [0] * len(stage_bytes)
+    for actions in _C._pipeline_schedule(layout.schedule, layout.pp, layout.stages_per_rank, layout.chunks):
+        count: Dict[int, int] = {}
+        best, best_bytes = {}, -1.0
+        for kind, stage, _ in actions:
+            if kind == 2:
+                continue
+            count[stage] = count.get(stage, 0) + (1 if kind == 0 else -1)
+            total = sum(n * stage_bytes[s] for s, n in count.items())
+            if total > best_bytes:
+                best, best_bytes = dict(count), total
+        for stage, n in best.items():
+            held[stage] = n
+    return held
 
 
 def in_flight(layout: Layout, stage: int) -> int:
@@ -94,18 +128,26 @@ def stage_peaks(costs: CostTable, layout: Layout) -> List[StagePeak]:
     gradients), and the activations in flight
     (with ``checkpoint="always"``: each micro-batch's stage input, and one micro-batch's saved
     tensors while it is recomputed). Gradients and activations are summed (an upper bound where a stage runs no forward after its first
-    backward: GPipe, one micro-batch)."""
+    backward: GPipe, one micro-batch). With two stages per rank, each stage's activations are those
+    it holds when its rank holds the most (``_in_flight_at_rank_peaks``), so a rank's two stages
+    sum to its peak (with recompute, both stages' one micro-batch: an upper bound)."""
     rows = layout.rows
     peaks = []
-    for stage, layers in enumerate(stage_layers(layout.balance)):
-        first, last = stage == 0, stage == layout.pp - 1
+    ranges = stage_layers(layout.balance)
+    ones = []
+    for stage, layers in enumerate(ranges):
+        one = _activations(costs, layers, rows, layout)
+        if stage == len(ranges) - 1:
+            one += costs.outside_activation_bytes * rows / (layout.tp if costs.last_sharded_bytes else 1)
+        ones.append(one)
+    at_peaks = _in_flight_at_rank_peaks(layout, ones) if layout.stages_per_rank > 1 else None
+    for stage, layers in enumerate(ranges):
+        first, last = stage == 0, stage == len(ranges) - 1
         params = _params(costs, layers, first, last, layout.tp)
         optimizer = params / costs.param_element_size * 8  # 2 x fp32
         flat = 2 * params if layout.dp > 1 else 0  # the flattened gradients and the all-reduce's result
-        held = in_flight(layout, stage)
-        one = _activations(costs, layers, rows, layout)
-        if last:
-            one += costs.outside_activation_bytes * rows / (layout.tp if costs.last_sharded_bytes else 1)
+        held = in_flight(layout, stage) if at_peaks is None else at_peaks[stage]
+        one = ones[stage]
         if layout.checkpoint == "always":
             activations = held * costs.boundary_bytes * rows + one
         else:
@@ -115,8 +157,11 @@ def stage_peaks(costs: CostTable, layout: Layout) -> List[StagePeak]:
 
 
 def peak_bytes(costs: CostTable, layout: Layout) -> List[int]:
-    """Predicted peak bytes per pipeline stage: the sum of ``stage_peaks``."""
-    return [peak.total for peak in stage_peaks(costs, layout)]
+    """Predicted peak bytes per pipeline rank: the sum of ``stage_peaks`` over its stages."""
+    totals = [0] * layout.pp
+    for rank, peak in zip(layout.stage_ranks(), stage_peaks(costs, layout)):
+        totals[rank] += peak.total
+    return totals
 
 
 def stage_times(costs: CostTable, layout: Layout) -> Tuple[List[float], List[float], List[float]]:
@@ -133,12 +178,12 @@ def stage_times(costs: CostTable, layout: Layout) -> Tuple[List[float], List[flo
             costs.boundary_bytes * rows, layout.tp)
         forward += collectives
         backward += collectives
-        if stage == layout.pp - 1:
+        if stage == len(layout.balance) - 1:
             forward += costs.outside_forward.at(rows) / layout.tp
             backward += costs.outside_backward.at(rows) / layout.tp
         if layout.checkpoint == "always":
             backward += forward
-        weight = backward * WEIGHT_SHARE if layout.schedule == "zb_h1" else 0.0
+        weight = backward * WEIGHT_SHARE if layout.schedule in ZERO_BUBBLE else 0.0
         forwards.append(forward)
         backwards.append(backward - weight)
         weights.append(weight)
@@ -147,12 +192,15 @@ def stage_times(costs: CostTable, layout: Layout) -> Tuple[List[float], List[flo
 
 def simulate(schedule: str, ranks: int, chunks: int, durations: Dict[int, List[float]], send_s: float) -> float:
     """Seconds from the first action to the last of the C++ schedule (``_C._pipeline_schedule``:
-    the order every rank runs), each rank running its actions in order, each action starting once
-    its rank is free and its input has arrived (``send_s`` after its producer on another rank
-    ended): F(s, m) after F(s - 1, m); B(s, m) after B(s + 1, m), the last stage's after its F;
-    W(s, m) after B(s, m). ``durations[kind][stage]``, kind 0 F, 1 B, 2 W."""
-    actions = _C._pipeline_schedule(schedule, ranks, 1, chunks)
-    stages = ranks
+    the order every rank runs; two stages per rank for ``TWO_STAGES_PER_RANK``), each rank running
+    its actions in order, each action starting once its rank is free and its input has arrived
+    (``send_s`` after its producer on another rank ended): F(s, m) after F(s - 1, m); B(s, m) after
+    B(s + 1, m), the last stage's after its F; W(s, m) after B(s, m). ``durations[kind][stage]``,
+    kind 0 F, 1 B, 2 W."""
+    per_rank = 2 if schedule in TWO_STAGES_PER_RANK else 1
+    actions = _C._pipeline_schedule(schedule, ranks, per_rank, chunks)
+    rank_of = _C._pipeline_stage_ranks(schedule, ranks, per_rank) if per_rank > 1 else list(range(ranks))
+    stages = ranks * per_rank
     ended: Dict[Tuple[int, int, int], float] = {}
     position = [0] * ranks
     free = [0.0] * ranks
@@ -170,7 +218,8 @@ def simulate(schedule: str, ranks: int, chunks: int, durations: Dict[int, List[f
                     producer = (1, stage, microbatch)
                 if producer is not None and producer not in ended:
                     break
-                ready = 0.0 if producer is None else ended[producer] + (send_s if producer[1] != stage else 0.0)
+                ready = 0.0 if producer is None else \
+                    ended[producer] + (send_s if rank_of[producer[1]] != rank_of[stage] else 0.0)
                 ended[(kind, stage, microbatch)] = max(free[rank], ready) + durations[kind][stage]
                 free[rank] = ended[(kind, stage, microbatch)]
                 position[rank] += 1
@@ -194,6 +243,9 @@ def step_seconds(costs: CostTable, layout: Layout) -> float:
         compute = layout.chunks * (forwards[0] + backwards[0] + weights[0])
     else:
         compute = simulate(layout.schedule, layout.pp, layout.chunks, {0: forwards, 1: backwards, 2: weights}, send)
-    gradients = max(_params(costs, layers, stage == 0, stage == layout.pp - 1, layout.tp)
-                    for stage, layers in enumerate(stage_layers(layout.balance)))
+    ranges = stage_layers(layout.balance)
+    held = [0.0] * layout.pp
+    for rank, (stage, layers) in zip(layout.stage_ranks(), enumerate(ranges)):
+        held[rank] += _params(costs, layers, stage == 0, stage == len(ranges) - 1, layout.tp)
+    gradients = max(held)
     return compute + costs.all_reduce_s(gradients, layout.dp)

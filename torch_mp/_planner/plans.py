@@ -105,7 +105,7 @@ class Plan:
                  f"sequence parallel {'on' if c.sequence_parallel else 'off'}, layers per stage {list(c.balance)}",
                  f"predicted: {self.step_s * 1e3:.1f} ms per step, peak {size(self.peak_bytes)} per rank",
                  "",
-                 f"{'#':>3} {'pp':>2} {'tp':>2} {'dp':>2} {'schedule':<8} {'M':>2} {'ckpt':<6} {'sp':<3} "
+                 f"{'#':>3} {'pp':>2} {'tp':>2} {'dp':>2} {'schedule':<16} {'M':>2} {'ckpt':<6} {'sp':<3} "
                  f"{'step ms':>8} {'peak':>10}  verdict"]
         shown = [self.chosen] + list(self.alternatives[:7]) + list(self.rejected[:4])
         for i, candidate in enumerate(shown):
@@ -113,7 +113,7 @@ class Plan:
             if i == len(shown) - len(self.rejected[:4]):
                 lines.append(f"    does not fit {size(self.device_memory)}, least over first:")
             lines.append(f"{i:>3} {layout.pp:>2} {layout.tp:>2} {layout.dp:>2} "
-                         f"{layout.schedule if layout.pp > 1 else '-':<8} {layout.chunks:>2} {layout.checkpoint:<6} "
+                         f"{layout.schedule if layout.pp > 1 else '-':<16} {layout.chunks:>2} {layout.checkpoint:<6} "
                          f"{'on' if layout.sequence_parallel else 'off':<3} {candidate.step_s * 1e3:>8.1f} "
                          f"{size(candidate.peak):>10}  {candidate.reason or 'chosen'}")
         for layout, seconds in self.measured:

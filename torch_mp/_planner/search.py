@@ -9,10 +9,10 @@ from torch_mp._pipelining.cut import UNLIMITED, MemoryLike, parse_bytes
 from torch_mp._tensors import map_tensors
 from torch_mp._planner.apply import measure_steps
 from torch_mp._planner.costs import CostTable, measure_costs
-from torch_mp._planner.model import Layout, peak_bytes, step_seconds
+from torch_mp._planner.model import TWO_STAGES_PER_RANK, Layout, peak_bytes, step_seconds
 from torch_mp._planner.plans import Candidate, Plan, size
 
-SCHEDULES = ("gpipe", "1f1b", "zb_h1")
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "zbv")
 CHECKPOINTS = ("never", "always")
 
 
@@ -22,7 +22,8 @@ def _divisors(n: int) -> List[int]:
 
 def layouts(costs: CostTable, world_size: int, batch: int, schedules: Sequence[str] = SCHEDULES,
             max_chunks: int = 8, checkpoints: Sequence[str] = CHECKPOINTS) -> List[Layout]:
-    """Every layout the library can run: pp x tp x dp = ``world_size``; pp at most the layers;
+    """Every layout the library can run: pp x tp x dp = ``world_size``; the stages (pp, or 2 pp
+    for interleaved 1F1B and ZB-V, ``TWO_STAGES_PER_RANK``) at most the layers;
     tp dividing every count in ``costs.tp_must_divide`` (heads, key-value heads, experts); dp
     dividing the batch and the micro-batches (up to ``max_chunks``) each group's rows; sequence
     parallel only with tp > 1 and no experts; a schedule only with a pipeline (pp > 1; without one
@@ -35,7 +36,8 @@ def layouts(costs: CostTable, world_size: int, batch: int, schedules: Sequence[s
     for pp in _divisors(world_size):
         if pp > count:
             continue
-        balance = tuple(_C._balance_by_size(layer_time, [UNLIMITED] * pp))
+        balances = {per_rank: tuple(_C._balance_by_size(layer_time, [UNLIMITED] * (pp * per_rank)))
+                    for per_rank in (1, 2) if pp * per_rank <= count}
         for tp in _divisors(world_size // pp):
             if any(n % tp for n in costs.tp_must_divide):
                 continue
@@ -48,6 +50,9 @@ def layouts(costs: CostTable, world_size: int, batch: int, schedules: Sequence[s
                 continue
             for chunks in [m for m in _divisors(batch // dp) if m <= max_chunks]:
                 for schedule in (schedules if pp > 1 else ("1f1b",)):
+                    balance = balances.get(2 if schedule in TWO_STAGES_PER_RANK else 1)
+                    if balance is None:
+                        continue
                     for checkpoint in checkpoints:
                         for sp in ((False, True) if tp > 1 and costs.sequence_parallel else (False,)):
                             found.append(Layout(pp, tp, dp, schedule, chunks, checkpoint, sp, balance, batch))
@@ -97,7 +102,7 @@ def plan(model: nn.Module, world_size: int, device_memory: MemoryLike, batch: in
 
     Raises TypeError/ValueError naming the argument for a ``world_size`` or ``batch`` that is not
     an int >= 1 or a ``device_memory`` that is not a size; ValueError without ``sample`` or
-    ``costs``, for a schedule outside ("gpipe", "1f1b", "zb_h1"), and when no layout fits,
+    ``costs``, for a schedule outside ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "zbv"), and when no layout fits,
     naming the smallest ``device_memory`` one would need; with ``measure``, ValueError without
     ``loss_fn`` or ``sample``, or when torch.distributed's world is not ``world_size`` (before any
     collective).
