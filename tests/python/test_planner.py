@@ -287,7 +287,7 @@ def test_applied_plans_give_the_dense_loss_and_gradients():
     unpipelined = min(c.peak for c in (roomy.chosen,) + roomy.alternatives if c.layout.pp == 1)
     tight = torch_mp.plan(llama(), 4, unpipelined - 1, 8, costs=costs)
     assert (roomy.pp, roomy.tp, roomy.dp) == (1, 1, 4)
-    assert tight.pp > 1 and tight.tp > 1
+    assert tight.pp > 1 and tight.tp > 1 and tight.schedule == "zbv"
     run_ranks(4, check_plan_matches_dense, [roomy, tight], timeout=400)
 
 
@@ -296,13 +296,18 @@ def test_applied_plan_recomputing_tensor_parallel_layers_gives_the_dense_numbers
     """Below every layout that keeps its activations, the plan recomputes them (checkpoint "always")
     in a pipeline of tensor-parallel stages: pp 2 x tp 2, sequence parallel, ZB-H1, 8 micro-batches;
     applied on 4 Gloo ranks it gives the dense loss and gradients. (The search offered no recompute
-    with tp > 1 while the pipeline's recompute of a tensor-parallel layer failed.)"""
+    with tp > 1 while the pipeline's recompute of a tensor-parallel layer failed.) So does the
+    interleaved 1F1B plan below every layout without a pipeline: pp 2 x tp 2, two layers a rank.
+    (ZB-V is the pick there among all schedules: test_applied_plans_give_the_dense_loss_and_gradients.)"""
     costs = llama_costs()
     roomy = torch_mp.plan(llama(), 4, "1GiB", 8, costs=costs)
     keeping = min(c.peak for c in (roomy.chosen,) + roomy.alternatives if c.layout.checkpoint == "never")
     recomputing = torch_mp.plan(llama(), 4, keeping - 1, 8, costs=costs)
     assert (recomputing.pp, recomputing.tp, recomputing.checkpoint) == (2, 2, "always")
-    run_ranks(4, check_plan_matches_dense, [recomputing], timeout=400)
+    unpipelined = min(c.peak for c in (roomy.chosen,) + roomy.alternatives if c.layout.pp == 1)
+    interleaved = torch_mp.plan(llama(), 4, unpipelined - 1, 8, costs=costs, schedules=("interleaved_1f1b",))
+    assert (interleaved.pp, interleaved.tp, interleaved.schedule) == (2, 2, "interleaved_1f1b")
+    run_ranks(4, check_plan_matches_dense, [recomputing, interleaved], timeout=400)
 
 
 def check_measure_keeps_the_fastest_measured(rank, world):

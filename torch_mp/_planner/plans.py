@@ -10,8 +10,8 @@ from torch_mp._planner.model import Layout
 @dataclass(frozen=True)
 class Candidate:
     """A layout with its predicted ``step_s`` (seconds per ``train_step``) and ``peak_bytes`` per
-    pipeline stage (every rank of a stage holds the same), and why it was not chosen ("" for the
-    pick)."""
+    pipeline rank (its stages together; each tensor- and data-parallel rank alike), and why it was
+    not chosen ("" for the pick)."""
     layout: Layout
     step_s: float
     peak_bytes: Tuple[int, ...]

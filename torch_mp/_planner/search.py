@@ -80,13 +80,14 @@ def plan(model: nn.Module, world_size: int, device_memory: MemoryLike, batch: in
     torch.distributed is initialized; all get the same table and plan); memory per rank from the
     parameters, their gradients, AdamW's two fp32 states, the flattened gradients the data-parallel
     average sends and the activations autograd saves, times the micro-batches in flight (GPipe:
-    all; 1F1B: up to the stages), tensor parallel dividing matrices and (with sequence parallel
+    all; 1F1B: up to the stages; interleaved 1F1B and ZB-V, two stages per rank: replayed from the
+    schedule's actions), tensor parallel dividing matrices and (with sequence parallel
     all, else 24/34 of, Korthikanti et al. 2022) the activations; the pipeline bubble by replaying
     the C++ schedule with each action's duration. ``costs=``: a ``CostTable`` to plan from instead
     of measuring (the plan is then a pure function of its arguments). ``collectives``:
     ``(alpha_s, beta_s_per_byte)`` of the link instead of fitting them over ``group`` (for planning
     on one process for a cluster). ``layers``: the blocks to cut between (as for ``pipeline``);
-    ``schedules``: the pipeline schedules to consider; ``max_chunks``: the most micro-batches. Candidates are ranked by
+    ``schedules``: the pipeline schedules to consider (those of ``pipeline``); ``max_chunks``: the most micro-batches. Candidates are ranked by
     predicted step time, ties by peak memory, then by the layout; those whose peak exceeds
     ``device_memory`` are rejected ("does not fit (needs X)"), the others listed as "slower by x%".
     After Alpa (Zheng et al., OSDI 2022) and Megatron-LM's rules of thumb (Narayanan et al., 2021),
