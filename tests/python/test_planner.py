@@ -135,7 +135,41 @@ def test_step_time_counts_the_tensor_parallel_all_reduces():
     assert plain == pytest.approx(2 * 8 * 3e-3)
     tp2 = step_seconds(costs, Layout(1, 2, 1, "1f1b", 1, "never", False, (2,), 8))
     # Half the compute, then 2 layers x 2 all-reduces, forward and backward, of 8 rows x 256 bytes.
-    assert tp2 == pytest.approx(plain / 2 + 2 * 2 * 2 * costs.all_reduce_s(8 * 256, 2))
+    assert tp2 == pytest.approx(plain / 2 + 2 * 2 * 2 * costs.all_reduce_s(8 * 256, 2, "tp"))
+
+
+def test_each_mesh_dim_costs_over_its_own_link():
+    """Past one node, tensor parallel's all-reduces, data parallel's gradient average and the
+    pipeline's sends go over different links: each term of the step time takes its dim's
+    (alpha, beta), the others the fitted one."""
+    costs = table(layers=2, tp_link=(1e-6, 1e-12), dp_link=(1e-2, 1e-8), pp_link=(0.5, 1e-7))
+    plain = 2 * 8 * 3e-3
+    tp2 = step_seconds(costs, Layout(1, 2, 1, "1f1b", 1, "never", False, (2,), 8))
+    # 2 layers x 2 all-reduces, forward and backward, of 8 rows x 256 bytes over 2 ranks (ring: half
+    # the bytes twice).
+    assert tp2 == pytest.approx(plain / 2 + 8 * (1e-6 + 1e-12 * 8 * 256))
+    dp2 = step_seconds(costs, Layout(1, 1, 2, "1f1b", 1, "never", False, (2,), 8))
+    assert dp2 == pytest.approx(plain / 2 + 1e-2 + 1e-8 * (2 << 20))
+    pp2 = step_seconds(costs, Layout(2, 1, 1, "1f1b", 1, "never", False, (1, 1), 8))
+    assert pp2 == pytest.approx(plain + 2 * (0.5 + 1e-7 * 8 * 256))  # one send forward, one back
+    fitted = table(layers=2)
+    assert fitted.link("tp") == fitted.link("dp") == fitted.link("pp") == (1e-5, 1e-10)
+
+
+def test_plan_takes_a_link_per_mesh_dim():
+    """8 layers of 1 MiB at 64 MiB a rank: over one link with 0.1 ms latency plain data parallel
+    is the pick (test_plan_prefers_more_memory_saving_layouts_as_memory_shrinks); with data parallel
+    across nodes (10 ms, 100 MB/s) and tensor parallel within one (1 us, 100 GB/s), tensor parallel
+    4. ``collectives=`` as a dict by dim sets the links of a ``costs=`` table too, and of a measured
+    one (the fitted link for the dims it leaves out)."""
+    costs = table(layers=8, alpha_s=1e-4)
+    links = {"tp": (1e-6, 1e-11), "dp": (1e-2, 1e-8)}
+    across = torch_mp.plan(torch.nn.Module(), 4, "64MiB", 16, costs=costs, collectives=links)
+    assert (across.pp, across.tp, across.dp) == (1, 4, 1)
+    assert across == torch_mp.plan(torch.nn.Module(), 4, "64MiB", 16,
+                                   costs=dataclasses.replace(costs, tp_link=links["tp"], dp_link=links["dp"]))
+    measured = measure_costs(llama(), {"input_ids": ids()}, collectives={**links, "pp": (5e-5, 1e-9)})
+    assert [measured.link(dim) for dim in ("tp", "dp", "pp")] == [links["tp"], links["dp"], (5e-5, 1e-9)]
 
 
 # --- the search -----------------------------------------------------------------------------------
@@ -224,6 +258,8 @@ def test_plan_refuses_when_nothing_fits_naming_the_smallest_memory():
     (dict(device_memory="lots"), ValueError, "device_memory = 'lots'"),
     (dict(costs=None), ValueError, "expected sample="),
     (dict(schedules=("zb_v",)), ValueError, "schedules"),
+    (dict(collectives={"ep": (1e-5, 1e-9)}), ValueError, r"collectives = \{'ep'"),
+    (dict(collectives=(1e-5,)), ValueError, r"collectives = \(1e-05,\); expected \(alpha_s, beta_s_per_byte\)"),
 ])
 def test_plan_bad_input(kwargs, error, match):
     args = dict(world_size=2, device_memory="1GiB", batch=8, costs=table())

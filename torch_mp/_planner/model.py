@@ -167,7 +167,7 @@ def peak_bytes(costs: CostTable, layout: Layout) -> List[int]:
 def stage_times(costs: CostTable, layout: Layout) -> Tuple[List[float], List[float], List[float]]:
     """Seconds of one micro-batch's forward, backward and (zero-bubble schedules) weight-gradient
     action per stage: the layers' compute divided by the tensor-parallel degree, plus its
-    all-reduces of the layer outputs (forward and backward alike), plus the recomputed forward under
+    all-reduces of the layer outputs over the "tp" link (forward and backward alike), plus the recomputed forward under
     ``checkpoint="always"``; what runs outside the layers goes to the last stage."""
     rows = layout.rows
     forwards, backwards, weights = [], [], []
@@ -175,7 +175,7 @@ def stage_times(costs: CostTable, layout: Layout) -> Tuple[List[float], List[flo
         forward = sum(costs.forward[i].at(rows) for i in layers) / layout.tp
         backward = sum(costs.backward[i].at(rows) for i in layers) / layout.tp
         collectives = len(layers) * costs.all_reduces_per_layer * costs.all_reduce_s(
-            costs.boundary_bytes * rows, layout.tp)
+            costs.boundary_bytes * rows, layout.tp, "tp")
         forward += collectives
         backward += collectives
         if stage == len(layout.balance) - 1:
@@ -233,8 +233,8 @@ def simulate(schedule: str, ranks: int, chunks: int, durations: Dict[int, List[f
 
 def step_seconds(costs: CostTable, layout: Layout) -> float:
     """Predicted seconds of one ``train_step``: the simulated schedule over the stage times (with a
-    send of the stage output between ranks), then the data-parallel average of the largest stage's
-    gradients (one ring all-reduce)."""
+    send of the stage output between ranks, over the "pp" link), then the data-parallel average of
+    the largest rank's gradients (one ring all-reduce over the "dp" link)."""
     forwards, backwards, weights = stage_times(costs, layout)
     rows = layout.rows
     send = costs.send_s(costs.boundary_bytes * rows / (layout.tp if layout.sequence_parallel else 1)) \
@@ -248,4 +248,4 @@ def step_seconds(costs: CostTable, layout: Layout) -> float:
     for rank, (stage, layers) in zip(layout.stage_ranks(), enumerate(ranges)):
         held[rank] += _params(costs, layers, stage == 0, stage == len(ranges) - 1, layout.tp)
     gradients = max(held)
-    return compute + costs.all_reduce_s(gradients, layout.dp)
+    return compute + costs.all_reduce_s(gradients, layout.dp, "dp")

@@ -8,7 +8,7 @@ from torch_mp import _C
 from torch_mp._pipelining.cut import UNLIMITED, MemoryLike, parse_bytes
 from torch_mp._tensors import map_tensors
 from torch_mp._planner.apply import measure_steps
-from torch_mp._planner.costs import CostTable, measure_costs
+from torch_mp._planner.costs import Collectives, CostTable, measure_costs, with_links
 from torch_mp._planner.model import TWO_STAGES_PER_RANK, Layout, peak_bytes, step_seconds
 from torch_mp._planner.plans import Candidate, Plan, size
 
@@ -68,7 +68,7 @@ def _rank_key(candidate: Candidate):
 def plan(model: nn.Module, world_size: int, device_memory: MemoryLike, batch: int, sample=None,
          costs: Optional[CostTable] = None, group=None, layers: Optional[Sequence[str]] = None,
          schedules: Sequence[str] = SCHEDULES, max_chunks: int = 8,
-         collectives: Optional[Tuple[float, float]] = None, measure: Union[bool, int] = False,
+         collectives: Optional[Collectives] = None, measure: Union[bool, int] = False,
          loss_fn: Optional[Callable] = None, target=None) -> Plan:
     """Picks the parallel layout of ``model`` for ``world_size`` ranks of ``device_memory`` each
     (bytes, or a string such as ``"80GiB"`` as for ``max_memory``) and ``batch`` samples per step.
@@ -86,7 +86,11 @@ def plan(model: nn.Module, world_size: int, device_memory: MemoryLike, batch: in
     the C++ schedule with each action's duration. ``costs=``: a ``CostTable`` to plan from instead
     of measuring (the plan is then a pure function of its arguments). ``collectives``:
     ``(alpha_s, beta_s_per_byte)`` of the link instead of fitting them over ``group`` (for planning
-    on one process for a cluster). ``layers``: the blocks to cut between (as for ``pipeline``);
+    on one process for a cluster), or a dict of them by mesh dim, ``{"tp": ..., "dp": ...,
+    "pp": ...}`` (tensor parallel's all-reduces, data parallel's gradient average, the pipeline's
+    sends: within a node and across nodes are different links; a dim left out gets the fit over
+    ``group``, as every dim does by default). A ``costs=`` table holds them as ``tp_link``,
+    ``dp_link``, ``pp_link``; ``collectives`` with ``costs=`` replaces those it names. ``layers``: the blocks to cut between (as for ``pipeline``);
     ``schedules``: the pipeline schedules to consider (those of ``pipeline``); ``max_chunks``: the most micro-batches. Candidates are ranked by
     predicted step time, ties by peak memory, then by the layout; those whose peak exceeds
     ``device_memory`` are rejected ("does not fit (needs X)"), the others listed as "slower by x%".
@@ -102,7 +106,7 @@ def plan(model: nn.Module, world_size: int, device_memory: MemoryLike, batch: in
     Returns a ``Plan``; apply it with ``torch_mp.parallelize(model, plan)``.
 
     Raises TypeError/ValueError naming the argument for a ``world_size`` or ``batch`` that is not
-    an int >= 1 or a ``device_memory`` that is not a size; ValueError without ``sample`` or
+    an int >= 1, a ``device_memory`` that is not a size or ``collectives`` of another form; ValueError without ``sample`` or
     ``costs``, for a schedule outside ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "zbv"), and when no layout fits,
     naming the smallest ``device_memory`` one would need; with ``measure``, ValueError without
     ``loss_fn`` or ``sample``, or when torch.distributed's world is not ``world_size`` (before any
@@ -131,6 +135,8 @@ def plan(model: nn.Module, world_size: int, device_memory: MemoryLike, batch: in
         costs = measure_costs(model, sample, group, list(layers) if layers is not None else None, collectives)
     elif not isinstance(costs, CostTable):
         raise TypeError(f"plan: costs is a {type(costs).__name__}; expected a torch_mp CostTable")
+    elif collectives is not None:
+        costs = with_links(costs, collectives)
     candidates = sorted((Candidate(layout, step_seconds(costs, layout), tuple(peak_bytes(costs, layout)))
                          for layout in layouts(costs, world_size, batch, schedules, max_chunks)), key=_rank_key)
     if not candidates:
