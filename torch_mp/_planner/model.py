@@ -42,7 +42,8 @@ class Layout:
 
     @property
     def stages_per_rank(self) -> int:
-        return 2 if self.schedule in TWO_STAGES_PER_RANK else 1
+        """Stages on each pipeline rank: ``len(balance) // pp``."""
+        return len(self.balance) // self.pp
 
     def stage_ranks(self) -> List[int]:
         """The pipeline rank of each stage (``_C._pipeline_stage_ranks``, as the pipeline places them)."""
@@ -192,12 +193,12 @@ def stage_times(costs: CostTable, layout: Layout) -> Tuple[List[float], List[flo
 
 def simulate(schedule: str, ranks: int, chunks: int, durations: Dict[int, List[float]], send_s: float) -> float:
     """Seconds from the first action to the last of the C++ schedule (``_C._pipeline_schedule``:
-    the order every rank runs; two stages per rank for ``TWO_STAGES_PER_RANK``), each rank running
+    the order every rank runs; ``len(durations[0]) // ranks`` stages per rank), each rank running
     its actions in order, each action starting once its rank is free and its input has arrived
     (``send_s`` after its producer on another rank ended): F(s, m) after F(s - 1, m); B(s, m) after
     B(s + 1, m), the last stage's after its F; W(s, m) after B(s, m). ``durations[kind][stage]``,
     kind 0 F, 1 B, 2 W."""
-    per_rank = 2 if schedule in TWO_STAGES_PER_RANK else 1
+    per_rank = len(durations[0]) // ranks
     actions = _C._pipeline_schedule(schedule, ranks, per_rank, chunks)
     rank_of = _C._pipeline_stage_ranks(schedule, ranks, per_rank) if per_rank > 1 else list(range(ranks))
     stages = ranks * per_rank
