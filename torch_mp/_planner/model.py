@@ -80,7 +80,7 @@ def _params(costs: CostTable, layers: range, first: bool, last: bool, tp: int) -
 
 
 def _in_flight_at_rank_peaks(layout: Layout, stage_bytes: List[float]) -> List[int]:
-    """For two stages per rank: the micro-batches each stage holds when its rank holds the most
+    """For several stages per rank: the micro-batches each stage holds when its rank holds the most
     activations (``stage_bytes`` a micro-batch), replaying the rank's actions of the C++ schedule (a
     forward takes one micro-batch's, its input-gradient backward frees them)."""
     held = [0] * len(stage_bytes)
@@ -129,7 +129,7 @@ def stage_peaks(costs: CostTable, layout: Layout) -> List[StagePeak]:
     gradients), and the activations in flight
     (with ``checkpoint="always"``: each micro-batch's stage input, and one micro-batch's saved
     tensors while it is recomputed). Gradients and activations are summed (an upper bound where a stage runs no forward after its first
-    backward: GPipe, one micro-batch). With two stages per rank, each stage's activations are those
+    backward: GPipe, one micro-batch). With several stages per rank, each stage's activations are those
     it holds when its rank holds the most (``_in_flight_at_rank_peaks``), so a rank's two stages
     sum to its peak (with recompute, both stages' one micro-batch: an upper bound)."""
     rows = layout.rows
@@ -168,8 +168,8 @@ def peak_bytes(costs: CostTable, layout: Layout) -> List[int]:
 def stage_times(costs: CostTable, layout: Layout) -> Tuple[List[float], List[float], List[float]]:
     """Seconds of one micro-batch's forward, backward and (zero-bubble schedules) weight-gradient
     action per stage: the layers' compute divided by the tensor-parallel degree, plus its
-    all-reduces of the layer outputs over the "tp" link (forward and backward alike), plus the recomputed forward under
-    ``checkpoint="always"``; what runs outside the layers goes to the last stage."""
+    all-reduces of the layer outputs over the "tp" link (forward and backward alike), plus the
+    recomputed forward under ``checkpoint="always"``; what runs outside the layers goes to the last stage."""
     rows = layout.rows
     forwards, backwards, weights = [], [], []
     for stage, layers in enumerate(stage_layers(layout.balance)):
