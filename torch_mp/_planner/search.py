@@ -90,8 +90,9 @@ def plan(model: nn.Module, world_size: int, device_memory: MemoryLike, batch: in
     "pp": ...}`` (tensor parallel's all-reduces, data parallel's gradient average, the pipeline's
     sends: within a node and across nodes are different links; a dim left out gets the fit over
     ``group``, as every dim does by default). A ``costs=`` table holds them as ``tp_link``,
-    ``dp_link``, ``pp_link``; ``collectives`` with ``costs=`` replaces those it names. ``layers``: the blocks to cut between (as for ``pipeline``);
-    ``schedules``: the pipeline schedules to consider (those of ``pipeline``); ``max_chunks``: the most micro-batches. Candidates are ranked by
+    ``dp_link``, ``pp_link``; ``collectives`` with ``costs=`` replaces those it names. ``layers``:
+    the blocks to cut between (as for ``pipeline``); ``schedules``: the pipeline schedules to
+    consider (those of ``pipeline``); ``max_chunks``: the most micro-batches. Candidates are ranked by
     predicted step time, ties by peak memory, then by the layout; those whose peak exceeds
     ``device_memory`` are rejected ("does not fit (needs X)"), the others listed as "slower by x%".
     After Alpa (Zheng et al., OSDI 2022) and Megatron-LM's rules of thumb (Narayanan et al., 2021),
@@ -106,9 +107,9 @@ def plan(model: nn.Module, world_size: int, device_memory: MemoryLike, batch: in
     Returns a ``Plan``; apply it with ``torch_mp.parallelize(model, plan)``.
 
     Raises TypeError/ValueError naming the argument for a ``world_size`` or ``batch`` that is not
-    an int >= 1, a ``device_memory`` that is not a size or ``collectives`` of another form; ValueError without ``sample`` or
-    ``costs``, for a schedule outside ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "zbv"), and when no layout fits,
-    naming the smallest ``device_memory`` one would need; with ``measure``, ValueError without
+    an int >= 1, a ``device_memory`` that is not a size or ``collectives`` of another form;
+    ValueError without ``sample`` or ``costs``, for a schedule outside ("gpipe", "1f1b",
+    "interleaved_1f1b", "zb_h1", "zbv"), and when no layout fits, naming the smallest ``device_memory`` one would need; with ``measure``, ValueError without
     ``loss_fn`` or ``sample``, or when torch.distributed's world is not ``world_size`` (before any
     collective).
     """
