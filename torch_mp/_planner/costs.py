@@ -268,7 +268,8 @@ def measure_costs(module: nn.Module, sample, group=None, layers: Optional[List[s
     bytes, and the alpha-beta fit of all-reduces over ``group`` for every mesh dim; or
     ``collectives`` given: ``(alpha_s, beta_s_per_byte)`` for every dim, or a dict of them by dim
     (``{"tp": ..., "dp": ..., "pp": ...}``; a dim left out gets the fit over ``group``). With a
-    group, every rank calls it (all at once, so the times include what the ranks take from each other on a shared host) and gets the same table: the
+    group, every rank calls it (all at once, so the times include what the ranks take from each
+    other on a shared host) and gets the same table: the
     times are averaged over the ranks. A ``tensor_parallel`` module is measured as this rank runs
     it: its times and saved bytes are one rank's, its parameters count at their global size (sharded
     as placed), the dense model's bytes.

@@ -109,7 +109,8 @@ def plan(model: nn.Module, world_size: int, device_memory: MemoryLike, batch: in
     Raises TypeError/ValueError naming the argument for a ``world_size`` or ``batch`` that is not
     an int >= 1, a ``device_memory`` that is not a size or ``collectives`` of another form;
     ValueError without ``sample`` or ``costs``, for a schedule outside ("gpipe", "1f1b",
-    "interleaved_1f1b", "zb_h1", "zbv"), and when no layout fits, naming the smallest ``device_memory`` one would need; with ``measure``, ValueError without
+    "interleaved_1f1b", "zb_h1", "zbv"), and when no layout fits, naming the smallest
+    ``device_memory`` one would need; with ``measure``, ValueError without
     ``loss_fn`` or ``sample``, or when torch.distributed's world is not ``world_size`` (before any
     collective).
     """
