@@ -144,7 +144,7 @@ def _rank(rank, store_path, name, rows, steps, max_chunks, out):
 
 def _describe(layout) -> str:
     schedule = layout.schedule if layout.pp > 1 else "-"
-    return (f"pp{layout.pp} tp{layout.tp} dp{layout.dp} {schedule:<5} M{layout.chunks} "
+    return (f"pp{layout.pp} tp{layout.tp} dp{layout.dp} {schedule:<16} M{layout.chunks} "
             f"{'ckpt' if layout.checkpoint == 'always' else '    '} {'sp' if layout.sequence_parallel else '  '}")
 
 

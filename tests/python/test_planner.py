@@ -2,7 +2,8 @@
 C++ schedules against the closed forms, memory sums), the search (deterministic for a fixed cost
 table, never an infeasible layout, a clear refusal naming the smallest memory), and applied plans
 against the dense model (tiny Llama, 4 Gloo ranks, two memory limits giving different layouts).
-``plan(measure=)`` runs layouts for real: marked ``planner_full``, run by ``make test-planner``."""
+``plan(measure=)`` runs layouts for real, and a recomputing pp 2 x tp 2 plan is applied: marked
+``planner_full``, run by ``make test-planner``."""
 import dataclasses
 
 import pytest
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 import torch_mp
 from torch_mp._planner.costs import CostTable, Line, measure_costs
 from torch_mp._planner.model import Layout, peak_bytes, simulate, step_seconds
+from torch_mp._planner.plans import size
 from distributed import run_ranks
 from tensors import gathered_gradients
 
@@ -54,6 +56,61 @@ def test_zero_bubble_h1_is_shorter_than_1f1b():
     assert simulate("zb_h1", 4, 8, durations, 0.0) == pytest.approx(27.0)
 
 
+@pytest.mark.parametrize("stages,chunks", [(2, 2), (2, 4), (3, 6), (4, 4), (4, 8)])
+def test_simulated_interleaved_1f1b_has_the_closed_form_bubble(stages, chunks):
+    """Two stages per rank, F = 1 and B = 2 each, chunks a multiple of the ranks: 2 chunks x 3 per
+    rank plus a bubble of (p - 1) x 3, a half of 1F1B's (Narayanan et al. 2021, section 2.2: the
+    bubble divided by the stages per rank)."""
+    twice = 2 * stages
+    makespan = simulate("interleaved_1f1b", stages, chunks, {0: [1.0] * twice, 1: [2.0] * twice, 2: [0.0] * twice},
+                        0.0)
+    assert makespan == pytest.approx((2 * chunks + stages - 1) * 3.0)
+
+
+@pytest.mark.parametrize("stages,chunks", [(2, 4), (2, 8), (3, 6), (3, 8), (4, 8)])
+def test_simulated_zero_bubble_v_leaves_only_the_warm_up(stages, chunks):
+    """ZB-V (Qi et al., ICLR 2024, section 6), F = B = W = 1 per stage, two stages per rank in a V,
+    at least 2 p micro-batches: each rank's 6 m of work and the (p - 1) forwards before the last
+    rank's first; shorter than ZB-H1 and 1F1B doing the same work on whole stages."""
+    twice = 2 * stages
+    makespan = simulate("zbv", stages, chunks, {kind: [1.0] * twice for kind in (0, 1, 2)}, 0.0)
+    assert makespan == pytest.approx(6 * chunks + stages - 1)
+    assert makespan < simulate("zb_h1", stages, chunks, {kind: [2.0] * stages for kind in (0, 1, 2)}, 0.0)
+    assert makespan < simulate("1f1b", stages, chunks, {0: [2.0] * stages, 1: [4.0] * stages, 2: [0.0] * stages}, 0.0)
+
+
+def test_two_stages_per_rank_hold_the_activations_their_schedule_keeps():
+    """8 layers without parameters on 4 ranks, 8 micro-batches of one row, A bytes a layer: 1F1B
+    (2 layers a stage) holds 4, 3, 2, 1 micro-batches of 2 A; ZB-V (1 layer a stage, two per rank
+    in a V) holds 8 A on every rank (Qi et al. 2024: 1F1B's first rank's, on every rank);
+    interleaved 1F1B 11 A on the first rank, p (1 + (p - 1) / (p v)) stages' worth (Narayanan
+    et al. 2021, section 2.2), down to 5 A on the last."""
+    activation = 1000
+    # boundary_bytes 0: no received inputs' gradients kept (their own term), the in-flight counts alone
+    costs = table(layers=8, param=0, activation=activation, boundary_bytes=0)
+    one_f_one_b = Layout(4, 1, 1, "1f1b", 8, "never", False, (2, 2, 2, 2), 8)
+    assert peak_bytes(costs, one_f_one_b) == [8 * activation, 6 * activation, 4 * activation, 2 * activation]
+    zbv = Layout(4, 1, 1, "zbv", 8, "never", False, (1,) * 8, 8)
+    assert peak_bytes(costs, zbv) == [8 * activation] * 4
+    interleaved = dataclasses.replace(zbv, schedule="interleaved_1f1b")
+    assert peak_bytes(costs, interleaved) == [11 * activation, 9 * activation, 7 * activation, 5 * activation]
+
+
+def test_search_offers_two_stages_per_rank():
+    """Interleaved 1F1B and ZB-V are candidates with 2 pp stages (pp at most half the layers); with
+    1 MiB a rank and no tensor parallel only pp 4 fits, where ZB-V, the shortest bubble, is chosen."""
+    costs = table(layers=8, param=1 << 16, activation=1 << 10)
+    plan = torch_mp.plan(torch.nn.Module(), 4, "1GiB", 16, costs=costs, schedules=("1f1b", "zb_h1", "zbv",
+                                                                                        "interleaved_1f1b"))
+    every = (plan.chosen,) + plan.alternatives + plan.rejected
+    for schedule in ("zbv", "interleaved_1f1b"):
+        found = [c.layout for c in every if c.layout.schedule == schedule]
+        assert found and all(len(layout.balance) == 2 * layout.pp and sum(layout.balance) == 8 for layout in found)
+    pipelined = torch_mp.plan(torch.nn.Module(), 4, "1MiB", 16, costs=dataclasses.replace(costs, tp_must_divide=(1,)),
+                              schedules=("1f1b", "zb_h1", "zbv"), max_chunks=16)
+    assert pipelined.schedule == "zbv" and pipelined.pp == 4, str(pipelined)
+
+
 def test_peak_memory_is_the_largest_phase():
     """4 layers of 1 MiB fp32 on pp 2: each stage holds 2 MiB of parameters, 2 of gradients, 4 of
     AdamW state; 1F1B with 4 micro-batches of 2 rows keeps 2 in flight on stage 0 and 1 on stage 1
@@ -86,7 +143,41 @@ def test_step_time_counts_the_tensor_parallel_all_reduces():
     assert plain == pytest.approx(2 * 8 * 3e-3)
     tp2 = step_seconds(costs, Layout(1, 2, 1, "1f1b", 1, "never", False, (2,), 8))
     # Half the compute, then 2 layers x 2 all-reduces, forward and backward, of 8 rows x 256 bytes.
-    assert tp2 == pytest.approx(plain / 2 + 2 * 2 * 2 * costs.all_reduce_s(8 * 256, 2))
+    assert tp2 == pytest.approx(plain / 2 + 2 * 2 * 2 * costs.all_reduce_s(8 * 256, 2, "tp"))
+
+
+def test_each_mesh_dim_costs_over_its_own_link():
+    """Past one node, tensor parallel's all-reduces, data parallel's gradient average and the
+    pipeline's sends go over different links: each term of the step time takes its dim's
+    (alpha, beta), the others the fitted one."""
+    costs = table(layers=2, tp_link=(1e-6, 1e-12), dp_link=(1e-2, 1e-8), pp_link=(0.5, 1e-7))
+    plain = 2 * 8 * 3e-3
+    tp2 = step_seconds(costs, Layout(1, 2, 1, "1f1b", 1, "never", False, (2,), 8))
+    # 2 layers x 2 all-reduces, forward and backward, of 8 rows x 256 bytes over 2 ranks (ring: half
+    # the bytes twice).
+    assert tp2 == pytest.approx(plain / 2 + 8 * (1e-6 + 1e-12 * 8 * 256))
+    dp2 = step_seconds(costs, Layout(1, 1, 2, "1f1b", 1, "never", False, (2,), 8))
+    assert dp2 == pytest.approx(plain / 2 + 1e-2 + 1e-8 * (2 << 20))
+    pp2 = step_seconds(costs, Layout(2, 1, 1, "1f1b", 1, "never", False, (1, 1), 8))
+    assert pp2 == pytest.approx(plain + 2 * (0.5 + 1e-7 * 8 * 256))  # one send forward, one back
+    fitted = table(layers=2)
+    assert fitted.link("tp") == fitted.link("dp") == fitted.link("pp") == (1e-5, 1e-10)
+
+
+def test_plan_takes_a_link_per_mesh_dim():
+    """8 layers of 1 MiB at 64 MiB a rank: over one link with 0.1 ms latency plain data parallel
+    is the pick (test_plan_prefers_more_memory_saving_layouts_as_memory_shrinks); with data parallel
+    across nodes (10 ms, 100 MB/s) and tensor parallel within one (1 us, 100 GB/s), tensor parallel
+    4. ``collectives=`` as a dict by dim sets the links of a ``costs=`` table too, and of a measured
+    one (the fitted link for the dims it leaves out)."""
+    costs = table(layers=8, alpha_s=1e-4)
+    links = {"tp": (1e-6, 1e-11), "dp": (1e-2, 1e-8)}
+    across = torch_mp.plan(torch.nn.Module(), 4, "64MiB", 16, costs=costs, collectives=links)
+    assert (across.pp, across.tp, across.dp) == (1, 4, 1)
+    assert across == torch_mp.plan(torch.nn.Module(), 4, "64MiB", 16,
+                                   costs=dataclasses.replace(costs, tp_link=links["tp"], dp_link=links["dp"]))
+    measured = measure_costs(llama(), {"input_ids": ids()}, collectives={**links, "pp": (5e-5, 1e-9)})
+    assert [measured.link(dim) for dim in ("tp", "dp", "pp")] == [links["tp"], links["dp"], (5e-5, 1e-9)]
 
 
 # --- the search -----------------------------------------------------------------------------------
@@ -112,6 +203,32 @@ def test_plan_prefers_more_memory_saving_layouts_as_memory_shrinks():
     assert any(c.reason.startswith("does not fit (needs") for c in tight.rejected)
 
 
+def test_printed_plan_reads_by_step_time_then_by_memory_over_the_limit():
+    """print(plan): the pick and the alternatives that fit by predicted step time, then, under a line
+    of their own, the layouts that do not fit, least over the limit first, each saying by how much
+    (and, where it would be faster than the pick, by how much: here plain data parallel, 2% faster,
+    needs 48 MiB of 24)."""
+    memory = 24 << 20
+    plan = torch_mp.plan(torch.nn.Module(), 4, memory, 16, costs=table(layers=8, alpha_s=1e-4))
+    lines = str(plan).splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["#", "pp"])
+    split = next(i for i, line in enumerate(lines) if "does not fit 24.0 MiB, least over first:" in line)
+    fit = [line.split() for line in lines[header + 1:split]]
+    over = [line.split() for line in lines[split + 1:split + 5]]
+    assert [row[-1] for row in fit[:1]] == ["chosen"] and all("slower by" in " ".join(row) for row in fit[1:])
+    times = [float(row[8]) for row in fit]
+    assert times == sorted(times) and len(fit) == 8 and len(over) == 4
+    assert [c.peak for c in plan.rejected] == sorted(c.peak for c in plan.rejected)
+    for row, candidate in zip(over, plan.rejected):
+        assert " ".join(row).endswith(candidate.reason)
+        assert candidate.reason.startswith(f"does not fit (needs {size(candidate.peak)}, "
+                                           f"{size(candidate.peak - memory)} over)")
+    data_parallel = next(c for c in plan.rejected if c.layout.dp == 4)
+    assert data_parallel.step_s < plan.step_s
+    assert data_parallel.reason.endswith(f"; {(1 - data_parallel.step_s / plan.step_s) * 100:.0f}% faster")
+    assert all("faster" not in c.reason for c in plan.rejected if c.step_s >= plan.step_s)
+
+
 @settings(max_examples=40, deadline=None)
 @given(layers=st.integers(1, 6), world=st.sampled_from([1, 2, 4, 6, 8]), batch=st.sampled_from([4, 8, 12, 16]),
        memory_mib=st.integers(1, 64), activation=st.integers(0, 1 << 16), heads=st.sampled_from([1, 2, 3, 4, 8]),
@@ -129,7 +246,6 @@ def test_plan_never_proposes_an_infeasible_layout(layers, world, batch, memory_m
     assert chosen.pp * chosen.tp * chosen.dp == world and chosen.pp <= layers and heads % chosen.tp == 0
     assert batch % (chosen.dp * chosen.chunks) == 0 and sum(chosen.balance) == layers
     assert plan.peak_bytes <= memory_mib << 20
-    assert chosen.tp == 1 or chosen.checkpoint == "never"  # the pipeline cannot recompute a tp layer yet
     # Ranked by step time rounded to the nanosecond, then peak: an alternative may be faster by less.
     assert all(c.peak <= memory_mib << 20 and c.step_s >= plan.step_s - 1e-9 for c in plan.alternatives)
     assert all(c.peak > memory_mib << 20 for c in plan.rejected)
@@ -149,7 +265,9 @@ def test_plan_refuses_when_nothing_fits_naming_the_smallest_memory():
     (dict(batch=2.0), ValueError, "batch = 2.0"),
     (dict(device_memory="lots"), ValueError, "device_memory = 'lots'"),
     (dict(costs=None), ValueError, "expected sample="),
-    (dict(schedules=("zbv",)), ValueError, "schedules"),
+    (dict(schedules=("zb_v",)), ValueError, "schedules"),
+    (dict(collectives={"ep": (1e-5, 1e-9)}), ValueError, r"collectives = \{'ep'"),
+    (dict(collectives=(1e-5,)), ValueError, r"collectives = \(1e-05,\); expected \(alpha_s, beta_s_per_byte\)"),
 ])
 def test_plan_bad_input(kwargs, error, match):
     args = dict(world_size=2, device_memory="1GiB", batch=8, costs=table())
@@ -217,6 +335,26 @@ def test_applied_plans_give_the_dense_loss_and_gradients():
     run_ranks(4, check_plan_matches_dense, [roomy, tight], timeout=400)
 
 
+@pytest.mark.planner_full
+def test_applied_plans_of_every_kind_of_pipeline_give_the_dense_numbers():
+    """The search's other pp 2 x tp 2 layouts, each applied on 4 Gloo ranks with the dense loss and
+    gradients: recomputing the tensor-parallel layers (checkpoint "always", sequence parallel; the
+    search offered no recompute with tp > 1 while the pipeline's recompute of a tensor-parallel
+    layer failed), ZB-V and interleaved 1F1B (two stages a rank)."""
+    costs = llama_costs()
+    roomy = torch_mp.plan(llama(), 4, "1GiB", 8, costs=costs)
+
+    def first(**fields):
+        found = next(c for c in (roomy.chosen,) + roomy.alternatives
+                     if c.layout.pp == 2 and c.layout.tp == 2
+                     and all(getattr(c.layout, name) == value for name, value in fields.items()))
+        return dataclasses.replace(roomy, chosen=found)
+
+    plans = [first(checkpoint="always", sequence_parallel=True), first(schedule="zbv"),
+             first(schedule="interleaved_1f1b")]
+    run_ranks(4, check_plan_matches_dense, plans, timeout=400)
+
+
 def check_measure_keeps_the_fastest_measured(rank, world):
     batch = ids()
     plan = torch_mp.plan(llama(), world, "1GiB", 8, sample={"input_ids": batch[:2]}, measure=2, loss_fn=loss_fn,
@@ -254,3 +392,48 @@ def test_measuring_a_model_leaves_it_ready_for_parallelize():
     measure_costs(model, {"input_ids": ids()}, collectives=(5e-5, 1e-9))
     for name, param in model.named_parameters():
         torch.utils.swap_tensors(param, torch.nn.Parameter(param.detach().clone()))
+
+
+def test_saved_bytes_count_each_storage_the_forward_saves_once():
+    """The bytes autograd saves, each storage once while the forward runs: the same as a count that
+    keeps the graph (and so every saved storage) alive, and the same for the tiny Llama's identical
+    layers 1 to 3. Measuring kept nothing, and a later storage at a freed one's address was taken
+    for it: layers of 17600 bytes a row measured 704 to 12480, different on every call."""
+    model = llama()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def keep(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        output = model(input_ids=ids())
+    logits = output.logits.numel() * 4  # the loss's copy, which measure_costs adds
+    costs = [measure_costs(model, {"input_ids": ids()}, collectives=(5e-5, 1e-9)) for _ in range(2)]
+    assert costs[0].activation_bytes == costs[1].activation_bytes
+    assert costs[0].activation_bytes[1] == costs[0].activation_bytes[2] == costs[0].activation_bytes[3]
+    assert (sum(costs[0].activation_bytes) + costs[0].outside_activation_bytes) * 8 == sum(saved.values()) + logits
+
+
+def check_costs_of_a_tensor_parallel_model(rank, world):
+    dense = measure_costs(llama(), {"input_ids": ids()}, collectives=(5e-5, 1e-9))
+    model = torch_mp.tensor_parallel(llama())
+    costs = measure_costs(model, {"input_ids": ids()}, collectives=(5e-5, 1e-9))
+    for field in ("param_bytes", "sharded_param_bytes", "first_param_bytes", "first_sharded_bytes",
+                  "last_param_bytes", "last_sharded_bytes", "boundary_bytes", "tp_must_divide"):
+        assert getattr(costs, field) == getattr(dense, field), field
+    # What one of 2 ranks saves: the sharded part halved (Korthikanti et al.: 24/34 of a block's).
+    for held, whole in zip(costs.activation_bytes, dense.activation_bytes):
+        assert 0.55 * whole < held < 0.75 * whole
+    plan = torch_mp.plan(model, world, "1GiB", 8, sample={"input_ids": ids()}, collectives=(5e-5, 1e-9))
+    assert plan.costs.param_bytes == dense.param_bytes
+
+
+def test_costs_of_a_tensor_parallel_model_are_the_dense_models_parameters():
+    """measure_costs (and plan(sample=)) on a tensor_parallel model: DTensor parameters have no
+    storage of their own ("invalid python storage" from untyped_storage); their local tensors' are
+    used. Parameters count at their global size, sharded as placed: the dense model's bytes."""
+    run_ranks(2, check_costs_of_a_tensor_parallel_model, timeout=300)

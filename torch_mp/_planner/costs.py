@@ -1,9 +1,10 @@
 """The planner's cost table: what one layout's step time and memory are computed from, measured once
 on this device (or given). Every figure here is per sample row or per layer of the plain model; the
 arithmetic that turns them into a layout's cost is in ``model.py``."""
+import dataclasses
 import time
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -12,6 +13,7 @@ from torch import nn
 from torch_mp._group import all_reduce, resolve_group
 from torch_mp._layers import find_layers
 from torch_mp._pipelining.pipeline import time_layers
+from torch_mp._tensor_parallel.dtensor import local_tensor
 from torch_mp._tensors import map_tensors, tensors_in
 
 
@@ -37,7 +39,7 @@ class Line:
 
 @dataclass(frozen=True)
 class CostTable:
-    """What the planner's cost model reads, for one model, one device and one link.
+    """What the planner's cost model reads, for one model, one device and the links of its mesh.
 
     Times are seconds on this device, per layer (``layers`` in order) and for what runs outside the
     layers (embeddings, final norm, head: charged to the last stage). Bytes of parameters are
@@ -51,7 +53,11 @@ class CostTable:
     counted). Collectives
     follow the alpha-beta model (Hockney 1994; ring all-reduce as in Thakur et al. 2005):
     ``alpha_s + beta_s_per_byte * bytes * 2 (n - 1) / n`` for an all-reduce over n ranks,
-    ``alpha_s + beta_s_per_byte * bytes`` for a send. ``tp_must_divide``: the counts tensor
+    ``alpha_s + beta_s_per_byte * bytes`` for a send; each mesh dim over its own link (past one
+    node, tensor parallel within a node, data parallel and the pipeline's sends across them):
+    ``tp_link``, ``dp_link``, ``pp_link`` as ``(alpha_s, beta_s_per_byte)``, or None for the
+    ``alpha_s`` and ``beta_s_per_byte`` fitted over the group (every dim alike on one machine).
+    ``tp_must_divide``: the counts tensor
     parallelism must divide (heads, key-value heads, experts); ``all_reduces_per_layer``: a
     transformer block's 2 (attention, MLP); ``experts``: per MoE layer (0: none);
     ``sequence_parallel``: whether the layers take (batch, sequence, hidden) activations, which
@@ -86,12 +92,49 @@ class CostTable:
     all_reduces_per_layer: int = 2
     experts: int = 0
     sequence_parallel: bool = False
+    tp_link: Optional[Tuple[float, float]] = None
+    dp_link: Optional[Tuple[float, float]] = None
+    pp_link: Optional[Tuple[float, float]] = None
 
-    def all_reduce_s(self, nbytes: float, ranks: int) -> float:
-        return 0.0 if ranks <= 1 else self.alpha_s + self.beta_s_per_byte * nbytes * 2 * (ranks - 1) / ranks
+    def link(self, dim: str) -> Tuple[float, float]:
+        """``(alpha_s, beta_s_per_byte)`` of mesh dim ``dim`` ("tp", "dp" or "pp")."""
+        own = {"tp": self.tp_link, "dp": self.dp_link, "pp": self.pp_link}[dim]
+        return own if own is not None else (self.alpha_s, self.beta_s_per_byte)
+
+    def all_reduce_s(self, nbytes: float, ranks: int, dim: str) -> float:
+        """Seconds of a ring all-reduce of ``nbytes`` over ``ranks`` ranks of mesh dim ``dim``."""
+        alpha, beta = self.link(dim)
+        return 0.0 if ranks <= 1 else alpha + beta * nbytes * 2 * (ranks - 1) / ranks
 
     def send_s(self, nbytes: float) -> float:
-        return self.alpha_s + self.beta_s_per_byte * nbytes
+        """Seconds of a send of ``nbytes`` between pipeline ranks (the "pp" link)."""
+        alpha, beta = self.link("pp")
+        return alpha + beta * nbytes
+
+
+MESH_DIMS = ("tp", "dp", "pp")
+Collectives = Union[Tuple[float, float], Dict[str, Tuple[float, float]]]
+
+
+def _links(collectives, name: str) -> Dict[str, Tuple[float, float]]:
+    """``collectives`` as ``{dim: (alpha_s, beta_s_per_byte)}``: a pair for every dim, or a dict of
+    some dims."""
+    def pair(value) -> bool:
+        return isinstance(value, tuple) and len(value) == 2 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in value)
+
+    if pair(collectives):
+        return {dim: (float(collectives[0]), float(collectives[1])) for dim in MESH_DIMS}
+    if isinstance(collectives, dict) and collectives and set(collectives) <= set(MESH_DIMS) \
+            and all(pair(v) for v in collectives.values()):
+        return {dim: (float(v[0]), float(v[1])) for dim, v in collectives.items()}
+    raise ValueError(f"{name}: collectives = {collectives!r}; expected (alpha_s, beta_s_per_byte), two numbers >= 0, "
+                     f"or a dict of such pairs by mesh dim, keys among {list(MESH_DIMS)}")
+
+
+def with_links(costs: CostTable, collectives: Collectives) -> CostTable:
+    """``costs`` with the links of ``collectives`` (as for ``measure_costs``) in place of its own."""
+    return dataclasses.replace(costs, **{f"{dim}_link": link for dim, link in _links(collectives, "plan").items()})
 
 
 def _rows(sample) -> int:
@@ -105,10 +148,10 @@ def _rows(sample) -> int:
 def _saved_bytes(module: nn.Module, layer_names: List[str], sample) -> Tuple[List[int], int, int, int]:
     """Bytes autograd saves in each layer's forward on ``sample`` and outside the layers (each
     storage once, parameters not counted), the bytes of the largest layer output and of the
-    output's floating-point tensors."""
+    output's floating-point tensors; of a DTensor, its local tensor (what this rank holds)."""
     args, kwargs = (sample, {}) if isinstance(sample, tuple) else ((), sample) if isinstance(sample, dict) \
         else ((sample,), {})
-    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    params = {local_tensor(p).untyped_storage().data_ptr() for p in module.parameters()}
     seen: set = set()
     # The counted storages stay alive until the forward ends: a freed one's address, reused by a
     # later saved tensor, would count that one as seen.
@@ -126,12 +169,12 @@ def _saved_bytes(module: nn.Module, layer_names: List[str], sample) -> Tuple[Lis
 
         def leave(_module, _inputs, output):
             current.pop()
-            boundary[0] = max([boundary[0]] + [t.numel() * t.element_size() for t in tensors_in(output)])
+            boundary[0] = max([boundary[0]] + [local_tensor(t).nbytes for t in tensors_in(output)])
 
         handles += [layer.register_forward_pre_hook(enter), layer.register_forward_hook(leave)]
 
     def pack(tensor):
-        storage = tensor.untyped_storage()
+        storage = local_tensor(tensor).untyped_storage()
         if storage.data_ptr() not in params and storage.data_ptr() not in seen and storage.device.type != "meta":
             seen.add(storage.data_ptr())
             kept.append(storage)
@@ -139,8 +182,8 @@ def _saved_bytes(module: nn.Module, layer_names: List[str], sample) -> Tuple[Lis
                 per_layer[current[-1]] += storage.nbytes()
             else:
                 outside[0] += storage.nbytes()
-        # Nothing is kept: this forward never runs backward, and a saved parameter would keep a
-        # reference to it that outlives the graph (torch.utils.swap_tensors, which pipeline() uses on
+        # The graph keeps nothing: this forward never runs backward, and a saved parameter would keep
+        # a reference to it that outlives the graph (torch.utils.swap_tensors, which pipeline() uses on
         # the same model afterwards, then refuses it).
 
     try:
@@ -157,8 +200,9 @@ def _saved_bytes(module: nn.Module, layer_names: List[str], sample) -> Tuple[Lis
 
 def _param_bytes(module: nn.Module, layer_names: List[str]):
     """(per layer total, per layer sharded, first total, first sharded, last total, last sharded):
-    matrices count as sharded; tensors outside the layers go with the first stage when their module
-    comes before the first layer, else with the last (as the pipeline's cut places them)."""
+    matrices count as sharded (in a tensor-parallel model: the DTensors sharded on some dim, counted at
+    their global size); tensors outside the layers go with the first stage when their module comes
+    before the first layer, else with the last (as the pipeline's cut places them)."""
     seen: set = set()
     index = {name: i for i, name in enumerate(layer_names)}
     totals = [[0, 0] for _ in layer_names]
@@ -176,7 +220,9 @@ def _param_bytes(module: nn.Module, layer_names: List[str]):
         else:
             slot = first if before_first else last
         slot[0] += nbytes
-        slot[1] += nbytes if param.dim() >= 2 else 0
+        placements = getattr(param, "placements", None)
+        sharded = any(p.is_shard() for p in placements) if placements is not None else param.dim() >= 2
+        slot[1] += nbytes if sharded else 0
     return ([t for t, _ in totals], [s for _, s in totals], first[0], first[1], last[0], last[1])
 
 
@@ -223,16 +269,21 @@ def fit_collectives(group=None, sizes=(256, 16384, 262144)) -> Tuple[float, floa
 
 
 def measure_costs(module: nn.Module, sample, group=None, layers: Optional[List[str]] = None,
-                  collectives: Optional[Tuple[float, float]] = None) -> CostTable:
+                  collectives: Optional[Collectives] = None) -> CostTable:
     """The cost table of ``module`` on this device: each layer's forward and backward time on
     ``sample`` and on its first row (a line in the rows), the bytes autograd saves, the parameter
-    bytes, and the alpha-beta fit of all-reduces over ``group`` (or ``collectives`` given as
-    ``(alpha_s, beta_s_per_byte)``). With a group, every rank calls it (all at once, so the times
-    include what the ranks take from each other on a shared host) and gets the same table: the
-    times are averaged over the ranks.
+    bytes, and the alpha-beta fit of all-reduces over ``group`` for every mesh dim; or
+    ``collectives`` given: ``(alpha_s, beta_s_per_byte)`` for every dim, or a dict of them by dim
+    (``{"tp": ..., "dp": ..., "pp": ...}``; a dim left out gets the fit over ``group``). With a
+    group, every rank calls it (all at once, so the times include what the ranks take from each
+    other on a shared host) and gets the same table: the
+    times are averaged over the ranks. A ``tensor_parallel`` module is measured as this rank runs
+    it: its times and saved bytes are one rank's, its parameters count at their global size (sharded
+    as placed), the dense model's bytes.
 
-    Raises ValueError for a sample without a batch dim or a model whose output on it has no
-    differentiable tensor."""
+    Raises ValueError for a sample without a batch dim, a model whose output on it has no
+    differentiable tensor, or ``collectives`` of another form (before any collective)."""
+    links = _links(collectives, "plan") if collectives is not None else {}
     layer_names = list(layers) if layers is not None else find_layers(module)
     rows = _rows(sample)
     full = time_layers(module, layer_names, sample, "plan")
@@ -250,7 +301,7 @@ def measure_costs(module: nn.Module, sample, group=None, layers: Optional[List[s
     saved, outside_saved, boundary, output = _saved_bytes(module, layer_names, sample)
     params, sharded, first, first_sharded, last, last_sharded = _param_bytes(module, layer_names)
     divide, all_reduces, experts = _tp_constraints(module)
-    alpha, beta = collectives if collectives is not None else fit_collectives(group)
+    alpha, beta = links["dp"] if len(links) == len(MESH_DIMS) else fit_collectives(group)
     element = next(module.parameters()).element_size()
     return CostTable(
         layers=tuple(layer_names),
@@ -264,4 +315,5 @@ def measure_costs(module: nn.Module, sample, group=None, layers: Optional[List[s
         activation_bytes=tuple(-(-s // rows) for s in saved), outside_activation_bytes=-(-outside_saved // rows),
         boundary_bytes=-(-boundary // rows), output_bytes=-(-output // rows), param_element_size=element, alpha_s=alpha, beta_s_per_byte=beta,
         tp_must_divide=divide, all_reduces_per_layer=all_reduces, experts=experts,
-        sequence_parallel=all_reduces == 2 and not experts)
+        sequence_parallel=all_reduces == 2 and not experts,
+        **{f"{dim}_link": link for dim, link in links.items() if link != (alpha, beta)})

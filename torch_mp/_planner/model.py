@@ -13,13 +13,18 @@ WEIGHT_SHARE = 0.5
 # Activations a transformer layer saves that tensor parallelism does not divide without sequence
 # parallelism: 10 of 34 bytes per token and hidden unit (Korthikanti et al., 2022, table 2).
 REPLICATED_ACTIVATIONS = 10 / 34
+# Schedules that run two stages on each rank (the pipeline's default for them): stage s on rank
+# s % ranks for interleaved 1F1B, a V for ZB-V (rank r: stages r and 2 ranks - 1 - r).
+TWO_STAGES_PER_RANK = ("interleaved_1f1b", "zbv")
+ZERO_BUBBLE = ("zb_h1", "zbv")
 
 
 @dataclass(frozen=True)
 class Layout:
     """One candidate: the degrees, the schedule and its micro-batches (``chunks``), the checkpoint
-    policy, sequence parallelism, the layer counts per stage (``balance``) and the samples per
-    step (``batch``, all data-parallel groups together)."""
+    policy, sequence parallelism, the layer counts per stage (``balance``: ``pp`` entries, or
+    ``2 pp`` for the schedules with two stages per rank, ``TWO_STAGES_PER_RANK``) and the samples
+    per step (``batch``, all data-parallel groups together)."""
     pp: int
     tp: int
     dp: int
@@ -34,6 +39,16 @@ class Layout:
     def rows(self) -> float:
         """Samples per micro-batch on one data-parallel group."""
         return self.batch / self.dp / self.chunks
+
+    @property
+    def stages_per_rank(self) -> int:
+        """Stages on each pipeline rank: ``len(balance) // pp``."""
+        return len(self.balance) // self.pp
+
+    def stage_ranks(self) -> List[int]:
+        """The pipeline rank of each stage (``_C._pipeline_stage_ranks``, as the pipeline places them)."""
+        return list(_C._pipeline_stage_ranks(self.schedule, self.pp, self.stages_per_rank)) \
+            if self.stages_per_rank > 1 else list(range(self.pp))
 
 
 def stage_layers(balance: Tuple[int, ...]) -> List[range]:
@@ -62,6 +77,26 @@ def _params(costs: CostTable, layers: range, first: bool, last: bool, tp: int) -
     if last:
         total, sharded = total + costs.last_param_bytes, sharded + costs.last_sharded_bytes
     return total - sharded + sharded / tp
+
+
+def _in_flight_at_rank_peaks(layout: Layout, stage_bytes: List[float]) -> List[int]:
+    """For several stages per rank: the micro-batches each stage holds when its rank holds the most
+    activations (``stage_bytes`` a micro-batch), replaying the rank's actions of the C++ schedule (a
+    forward takes one micro-batch's, its input-gradient backward frees them)."""
+    held = [0] * len(stage_bytes)
+    for actions in _C._pipeline_schedule(layout.schedule, layout.pp, layout.stages_per_rank, layout.chunks):
+        count: Dict[int, int] = {}
+        best, best_bytes = {}, -1.0
+        for kind, stage, _ in actions:
+            if kind == 2:
+                continue
+            count[stage] = count.get(stage, 0) + (1 if kind == 0 else -1)
+            total = sum(n * stage_bytes[s] for s, n in count.items())
+            if total > best_bytes:
+                best, best_bytes = dict(count), total
+        for stage, n in best.items():
+            held[stage] = n
+    return held
 
 
 def in_flight(layout: Layout, stage: int) -> int:
@@ -113,20 +148,29 @@ def stage_peaks(costs: CostTable, layout: Layout) -> List[StagePeak]:
 
     Tensor parallelism divides the layers' saved tensors (``_activations``); what is saved
     outside the layers (embedding output, final norm, the logits the column-parallel head
-    gathers, the loss's log-probabilities) is held whole on every rank. Peaks of one stage's
+    gathers, the loss's log-probabilities) is held whole on every rank. With several stages per
+    rank (interleaved 1F1B, ZB-V), each stage's in-flight count is the one it has when its rank
+    holds the most (``_in_flight_at_rank_peaks``), so a rank's stages sum to its peak. Peaks of one stage's
     activations over a micro-batch: Korthikanti et al., 2022; 1F1B's in-flight count:
     Narayanan et al., 2021."""
     rows = layout.rows
     peaks = []
-    for stage, layers in enumerate(stage_layers(layout.balance)):
-        first, last = stage == 0, stage == layout.pp - 1
+    ranges = stage_layers(layout.balance)
+    ones = []
+    for stage, layers in enumerate(ranges):
+        one = _activations(costs, layers, rows, layout)
+        if stage == len(ranges) - 1:
+            one += costs.outside_activation_bytes * rows
+        ones.append(one)
+    at_peaks = _in_flight_at_rank_peaks(layout, ones) if layout.stages_per_rank > 1 else None
+    for stage, layers in enumerate(ranges):
+        first, last = stage == 0, stage == len(ranges) - 1
         params = _params(costs, layers, first, last, layout.tp)
         optimizer = params / costs.param_element_size * 8  # 2 x fp32
-        held = in_flight(layout, stage)
-        one = _activations(costs, layers, rows, layout)
+        held = in_flight(layout, stage) if at_peaks is None else at_peaks[stage]
+        one = ones[stage]
         loss_gradients = finished = 0.0
         if last:
-            one += costs.outside_activation_bytes * rows
             loss_gradients = 2 * costs.output_bytes * rows
         if layout.pp > 1:
             finished = (layout.chunks - 1) * rows * ((costs.output_bytes if last else 0) +
@@ -148,30 +192,33 @@ def stage_peaks(costs: CostTable, layout: Layout) -> List[StagePeak]:
 
 
 def peak_bytes(costs: CostTable, layout: Layout) -> List[int]:
-    """Predicted peak bytes per pipeline stage: the sum of ``stage_peaks``."""
-    return [peak.total for peak in stage_peaks(costs, layout)]
+    """Predicted peak bytes per pipeline rank: the sum of ``stage_peaks`` over its stages."""
+    totals = [0] * layout.pp
+    for rank, peak in zip(layout.stage_ranks(), stage_peaks(costs, layout)):
+        totals[rank] += peak.total
+    return totals
 
 
 def stage_times(costs: CostTable, layout: Layout) -> Tuple[List[float], List[float], List[float]]:
     """Seconds of one micro-batch's forward, backward and (zero-bubble schedules) weight-gradient
     action per stage: the layers' compute divided by the tensor-parallel degree, plus its
-    all-reduces of the layer outputs (forward and backward alike), plus the recomputed forward under
-    ``checkpoint="always"``; what runs outside the layers goes to the last stage."""
+    all-reduces of the layer outputs over the "tp" link (forward and backward alike), plus the
+    recomputed forward under ``checkpoint="always"``; what runs outside the layers goes to the last stage."""
     rows = layout.rows
     forwards, backwards, weights = [], [], []
     for stage, layers in enumerate(stage_layers(layout.balance)):
         forward = sum(costs.forward[i].at(rows) for i in layers) / layout.tp
         backward = sum(costs.backward[i].at(rows) for i in layers) / layout.tp
         collectives = len(layers) * costs.all_reduces_per_layer * costs.all_reduce_s(
-            costs.boundary_bytes * rows, layout.tp)
+            costs.boundary_bytes * rows, layout.tp, "tp")
         forward += collectives
         backward += collectives
-        if stage == layout.pp - 1:
+        if stage == len(layout.balance) - 1:
             forward += costs.outside_forward.at(rows) / layout.tp
             backward += costs.outside_backward.at(rows) / layout.tp
         if layout.checkpoint == "always":
             backward += forward
-        weight = backward * WEIGHT_SHARE if layout.schedule == "zb_h1" else 0.0
+        weight = backward * WEIGHT_SHARE if layout.schedule in ZERO_BUBBLE else 0.0
         forwards.append(forward)
         backwards.append(backward - weight)
         weights.append(weight)
@@ -180,12 +227,15 @@ def stage_times(costs: CostTable, layout: Layout) -> Tuple[List[float], List[flo
 
 def simulate(schedule: str, ranks: int, chunks: int, durations: Dict[int, List[float]], send_s: float) -> float:
     """Seconds from the first action to the last of the C++ schedule (``_C._pipeline_schedule``:
-    the order every rank runs), each rank running its actions in order, each action starting once
-    its rank is free and its input has arrived (``send_s`` after its producer on another rank
-    ended): F(s, m) after F(s - 1, m); B(s, m) after B(s + 1, m), the last stage's after its F;
-    W(s, m) after B(s, m). ``durations[kind][stage]``, kind 0 F, 1 B, 2 W."""
-    actions = _C._pipeline_schedule(schedule, ranks, 1, chunks)
-    stages = ranks
+    the order every rank runs; ``len(durations[0]) // ranks`` stages per rank), each rank running
+    its actions in order, each action starting once its rank is free and its input has arrived
+    (``send_s`` after its producer on another rank ended): F(s, m) after F(s - 1, m); B(s, m) after
+    B(s + 1, m), the last stage's after its F; W(s, m) after B(s, m). ``durations[kind][stage]``,
+    kind 0 F, 1 B, 2 W."""
+    per_rank = len(durations[0]) // ranks
+    actions = _C._pipeline_schedule(schedule, ranks, per_rank, chunks)
+    rank_of = _C._pipeline_stage_ranks(schedule, ranks, per_rank) if per_rank > 1 else list(range(ranks))
+    stages = ranks * per_rank
     ended: Dict[Tuple[int, int, int], float] = {}
     position = [0] * ranks
     free = [0.0] * ranks
@@ -203,7 +253,8 @@ def simulate(schedule: str, ranks: int, chunks: int, durations: Dict[int, List[f
                     producer = (1, stage, microbatch)
                 if producer is not None and producer not in ended:
                     break
-                ready = 0.0 if producer is None else ended[producer] + (send_s if producer[1] != stage else 0.0)
+                ready = 0.0 if producer is None else \
+                    ended[producer] + (send_s if rank_of[producer[1]] != rank_of[stage] else 0.0)
                 ended[(kind, stage, microbatch)] = max(free[rank], ready) + durations[kind][stage]
                 free[rank] = ended[(kind, stage, microbatch)]
                 position[rank] += 1
@@ -217,8 +268,8 @@ def simulate(schedule: str, ranks: int, chunks: int, durations: Dict[int, List[f
 
 def step_seconds(costs: CostTable, layout: Layout) -> float:
     """Predicted seconds of one ``train_step``: the simulated schedule over the stage times (with a
-    send of the stage output between ranks), then the data-parallel average of the largest stage's
-    gradients (one ring all-reduce)."""
+    send of the stage output between ranks, over the "pp" link), then the data-parallel average of
+    the largest rank's gradients (one ring all-reduce over the "dp" link)."""
     forwards, backwards, weights = stage_times(costs, layout)
     rows = layout.rows
     send = costs.send_s(costs.boundary_bytes * rows / (layout.tp if layout.sequence_parallel else 1)) \
@@ -227,6 +278,9 @@ def step_seconds(costs: CostTable, layout: Layout) -> float:
         compute = layout.chunks * (forwards[0] + backwards[0] + weights[0])
     else:
         compute = simulate(layout.schedule, layout.pp, layout.chunks, {0: forwards, 1: backwards, 2: weights}, send)
-    gradients = max(_params(costs, layers, stage == 0, stage == layout.pp - 1, layout.tp)
-                    for stage, layers in enumerate(stage_layers(layout.balance)))
-    return compute + costs.all_reduce_s(gradients, layout.dp)
+    ranges = stage_layers(layout.balance)
+    held = [0.0] * layout.pp
+    for rank, (stage, layers) in zip(layout.stage_ranks(), enumerate(ranges)):
+        held[rank] += _params(costs, layers, stage == 0, stage == len(ranges) - 1, layout.tp)
+    gradients = max(held)
+    return compute + costs.all_reduce_s(gradients, layout.dp, "dp")

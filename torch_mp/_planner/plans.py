@@ -10,8 +10,8 @@ from torch_mp._planner.model import Layout
 @dataclass(frozen=True)
 class Candidate:
     """A layout with its predicted ``step_s`` (seconds per ``train_step``) and ``peak_bytes`` per
-    pipeline stage (every rank of a stage holds the same), and why it was not chosen ("" for the
-    pick)."""
+    pipeline rank (its stages together; each tensor- and data-parallel rank alike), and why it was
+    not chosen ("" for the pick)."""
     layout: Layout
     step_s: float
     peak_bytes: Tuple[int, ...]
@@ -35,8 +35,9 @@ class Plan:
     (``step_s``, seconds) and peak bytes per rank (``peak_bytes``), the ``alternatives`` that fit
     (slower, ranked), the ``rejected`` ones that do not fit (ranked by the memory they need), and the
     ``costs`` it was computed from. ``print(plan)`` shows them as a table: the pick, then up to 7
-    faster-ranked alternatives ("slower by x%") and the 4 rejected layouts that need the least
-    memory ("does not fit (needs X)"). Comparable with ``==`` (a plan is a pure function of the cost
+    alternatives by predicted step time ("slower by x%") and the 4 rejected layouts that need the least
+    memory ("does not fit (needs X, Y over)", and how much faster than the pick a faster one would
+    be), under a line of their own. Comparable with ``==`` (a plan is a pure function of the cost
     table and the arguments; with ``measure=`` the ``measured`` seconds per step of the top
     candidates, (layout, seconds) pairs, decide) and picklable, so one rank can plan and send it to the others.
 
@@ -104,13 +105,15 @@ class Plan:
                  f"sequence parallel {'on' if c.sequence_parallel else 'off'}, layers per stage {list(c.balance)}",
                  f"predicted: {self.step_s * 1e3:.1f} ms per step, peak {size(self.peak_bytes)} per rank",
                  "",
-                 f"{'#':>3} {'pp':>2} {'tp':>2} {'dp':>2} {'schedule':<8} {'M':>2} {'ckpt':<6} {'sp':<3} "
+                 f"{'#':>3} {'pp':>2} {'tp':>2} {'dp':>2} {'schedule':<16} {'M':>2} {'ckpt':<6} {'sp':<3} "
                  f"{'step ms':>8} {'peak':>10}  verdict"]
         shown = [self.chosen] + list(self.alternatives[:7]) + list(self.rejected[:4])
         for i, candidate in enumerate(shown):
             layout = candidate.layout
+            if i == len(shown) - len(self.rejected[:4]):
+                lines.append(f"    does not fit {size(self.device_memory)}, least over first:")
             lines.append(f"{i:>3} {layout.pp:>2} {layout.tp:>2} {layout.dp:>2} "
-                         f"{layout.schedule if layout.pp > 1 else '-':<8} {layout.chunks:>2} {layout.checkpoint:<6} "
+                         f"{layout.schedule if layout.pp > 1 else '-':<16} {layout.chunks:>2} {layout.checkpoint:<6} "
                          f"{'on' if layout.sequence_parallel else 'off':<3} {candidate.step_s * 1e3:>8.1f} "
                          f"{size(candidate.peak):>10}  {candidate.reason or 'chosen'}")
         for layout, seconds in self.measured:

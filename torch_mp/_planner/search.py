@@ -8,11 +8,11 @@ from torch_mp import _C
 from torch_mp._pipelining.cut import UNLIMITED, MemoryLike, parse_bytes
 from torch_mp._tensors import map_tensors
 from torch_mp._planner.apply import measure_steps
-from torch_mp._planner.costs import CostTable, measure_costs
-from torch_mp._planner.model import Layout, peak_bytes, step_seconds
+from torch_mp._planner.costs import Collectives, CostTable, measure_costs, with_links
+from torch_mp._planner.model import TWO_STAGES_PER_RANK, Layout, peak_bytes, step_seconds
 from torch_mp._planner.plans import Candidate, Plan, size
 
-SCHEDULES = ("gpipe", "1f1b", "zb_h1")
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "zbv")
 CHECKPOINTS = ("never", "always")
 
 
@@ -22,12 +22,13 @@ def _divisors(n: int) -> List[int]:
 
 def layouts(costs: CostTable, world_size: int, batch: int, schedules: Sequence[str] = SCHEDULES,
             max_chunks: int = 8, checkpoints: Sequence[str] = CHECKPOINTS) -> List[Layout]:
-    """Every layout the library can run: pp x tp x dp = ``world_size``; pp at most the layers;
+    """Every layout the library can run: pp x tp x dp = ``world_size``; the stages (pp, or 2 pp
+    for interleaved 1F1B and ZB-V, ``TWO_STAGES_PER_RANK``) at most the layers;
     tp dividing every count in ``costs.tp_must_divide`` (heads, key-value heads, experts); dp
     dividing the batch and the micro-batches (up to ``max_chunks``) each group's rows; sequence
     parallel only with tp > 1 and no experts; a schedule only with a pipeline (pp > 1; without one
-    the micro-batches run one after the other, "1f1b" in the layout); recompute (checkpoint
-    "always") only with tp 1, as the pipeline cannot yet recompute a tensor-parallel layer. Each pipeline's stages are
+    the micro-batches run one after the other, "1f1b" in the layout); checkpoint "never" and
+    "always" (recompute) with any degrees. Each pipeline's stages are
     balanced by measured forward+backward time (``_C._balance_by_size``, as ``balance="time"``)."""
     count = len(costs.layers)
     layer_time = [max(1, int((f.at(1) + b.at(1)) * 1e6)) for f, b in zip(costs.forward, costs.backward)]
@@ -35,7 +36,8 @@ def layouts(costs: CostTable, world_size: int, batch: int, schedules: Sequence[s
     for pp in _divisors(world_size):
         if pp > count:
             continue
-        balance = tuple(_C._balance_by_size(layer_time, [UNLIMITED] * pp))
+        balances = {per_rank: tuple(_C._balance_by_size(layer_time, [UNLIMITED] * (pp * per_rank)))
+                    for per_rank in (1, 2) if pp * per_rank <= count}
         for tp in _divisors(world_size // pp):
             if any(n % tp for n in costs.tp_must_divide):
                 continue
@@ -48,9 +50,10 @@ def layouts(costs: CostTable, world_size: int, batch: int, schedules: Sequence[s
                 continue
             for chunks in [m for m in _divisors(batch // dp) if m <= max_chunks]:
                 for schedule in (schedules if pp > 1 else ("1f1b",)):
-                    # The pipeline's recompute of a tensor-parallel layer fails today (aten.mul got mixed
-                    # torch.Tensor and DTensor): checkpointing only without tensor parallel.
-                    for checkpoint in (checkpoints if tp == 1 else [c for c in checkpoints if c == "never"]):
+                    balance = balances.get(2 if schedule in TWO_STAGES_PER_RANK else 1)
+                    if balance is None:
+                        continue
+                    for checkpoint in checkpoints:
                         for sp in ((False, True) if tp > 1 and costs.sequence_parallel else (False,)):
                             found.append(Layout(pp, tp, dp, schedule, chunks, checkpoint, sp, balance, batch))
     return found
@@ -65,7 +68,7 @@ def _rank_key(candidate: Candidate):
 def plan(model: nn.Module, world_size: int, device_memory: MemoryLike, batch: int, sample=None,
          costs: Optional[CostTable] = None, group=None, layers: Optional[Sequence[str]] = None,
          schedules: Sequence[str] = SCHEDULES, max_chunks: int = 8,
-         collectives: Optional[Tuple[float, float]] = None, measure: Union[bool, int] = False,
+         collectives: Optional[Collectives] = None, measure: Union[bool, int] = False,
          loss_fn: Optional[Callable] = None, target=None) -> Plan:
     """Picks the parallel layout of ``model`` for ``world_size`` ranks of ``device_memory`` each
     (bytes, or a string such as ``"80GiB"`` as for ``max_memory``) and ``batch`` samples per step.
@@ -77,13 +80,19 @@ def plan(model: nn.Module, world_size: int, device_memory: MemoryLike, batch: in
     torch.distributed is initialized; all get the same table and plan); memory per rank from the
     parameters, their gradients, AdamW's two fp32 states, the flattened gradients the data-parallel
     average sends and the activations autograd saves, times the micro-batches in flight (GPipe:
-    all; 1F1B: up to the stages), tensor parallel dividing matrices and (with sequence parallel
+    all; 1F1B: up to the stages; interleaved 1F1B and ZB-V, two stages per rank: replayed from the
+    schedule's actions), tensor parallel dividing matrices and (with sequence parallel
     all, else 24/34 of, Korthikanti et al. 2022) the activations; the pipeline bubble by replaying
     the C++ schedule with each action's duration. ``costs=``: a ``CostTable`` to plan from instead
     of measuring (the plan is then a pure function of its arguments). ``collectives``:
     ``(alpha_s, beta_s_per_byte)`` of the link instead of fitting them over ``group`` (for planning
-    on one process for a cluster). ``layers``: the blocks to cut between (as for ``pipeline``);
-    ``schedules``: the pipeline schedules to consider; ``max_chunks``: the most micro-batches. Candidates are ranked by
+    on one process for a cluster), or a dict of them by mesh dim, ``{"tp": ..., "dp": ...,
+    "pp": ...}`` (tensor parallel's all-reduces, data parallel's gradient average, the pipeline's
+    sends: within a node and across nodes are different links; a dim left out gets the fit over
+    ``group``, as every dim does by default). A ``costs=`` table holds them as ``tp_link``,
+    ``dp_link``, ``pp_link``; ``collectives`` with ``costs=`` replaces those it names. ``layers``:
+    the blocks to cut between (as for ``pipeline``); ``schedules``: the pipeline schedules to
+    consider (those of ``pipeline``); ``max_chunks``: the most micro-batches. Candidates are ranked by
     predicted step time, ties by peak memory, then by the layout; those whose peak exceeds
     ``device_memory`` are rejected ("does not fit (needs X)"), the others listed as "slower by x%".
     After Alpa (Zheng et al., OSDI 2022) and Megatron-LM's rules of thumb (Narayanan et al., 2021),
@@ -98,9 +107,10 @@ def plan(model: nn.Module, world_size: int, device_memory: MemoryLike, batch: in
     Returns a ``Plan``; apply it with ``torch_mp.parallelize(model, plan)``.
 
     Raises TypeError/ValueError naming the argument for a ``world_size`` or ``batch`` that is not
-    an int >= 1 or a ``device_memory`` that is not a size; ValueError without ``sample`` or
-    ``costs``, for a schedule outside ("gpipe", "1f1b", "zb_h1"), and when no layout fits,
-    naming the smallest ``device_memory`` one would need; with ``measure``, ValueError without
+    an int >= 1, a ``device_memory`` that is not a size or ``collectives`` of another form;
+    ValueError without ``sample`` or ``costs``, for a schedule outside ("gpipe", "1f1b",
+    "interleaved_1f1b", "zb_h1", "zbv"), and when no layout fits, naming the smallest
+    ``device_memory`` one would need; with ``measure``, ValueError without
     ``loss_fn`` or ``sample``, or when torch.distributed's world is not ``world_size`` (before any
     collective).
     """
@@ -127,6 +137,8 @@ def plan(model: nn.Module, world_size: int, device_memory: MemoryLike, batch: in
         costs = measure_costs(model, sample, group, list(layers) if layers is not None else None, collectives)
     elif not isinstance(costs, CostTable):
         raise TypeError(f"plan: costs is a {type(costs).__name__}; expected a torch_mp CostTable")
+    elif collectives is not None:
+        costs = with_links(costs, collectives)
     candidates = sorted((Candidate(layout, step_seconds(costs, layout), tuple(peak_bytes(costs, layout)))
                          for layout in layouts(costs, world_size, batch, schedules, max_chunks)), key=_rank_key)
     if not candidates:
@@ -144,9 +156,7 @@ def plan(model: nn.Module, world_size: int, device_memory: MemoryLike, batch: in
     best = fitting[0]
     alternatives = tuple(Candidate(c.layout, c.step_s, c.peak_bytes,
                                    f"slower by {(c.step_s / best.step_s - 1) * 100:.0f}%") for c in fitting[1:])
-    rejected = tuple(sorted((Candidate(c.layout, c.step_s, c.peak_bytes, f"does not fit (needs {size(c.peak)})")
-                             for c in candidates if c.peak > memory), key=lambda c: (c.peak, _rank_key(c))))
-    plan = Plan(world_size, memory, batch, best, alternatives, rejected, costs)
+    plan = Plan(world_size, memory, batch, best, alternatives, _rejected(candidates, memory, best), costs)
     if not trials:
         return plan
     tried = fitting[:trials]
@@ -159,8 +169,18 @@ def plan(model: nn.Module, world_size: int, device_memory: MemoryLike, batch: in
                                    f"slower by {(c.step_s / best.step_s - 1) * 100:.0f}%"
                                    + (f" (measured {seconds[tried.index(c)] * 1e3:.1f} ms)" if c in tried else ""))
                          for c in others)
-    return Plan(world_size, memory, batch, best, alternatives, rejected, costs,
+    return Plan(world_size, memory, batch, best, alternatives, _rejected(candidates, memory, best), costs,
                 tuple((c.layout, s) for c, s in zip(tried, seconds)))
+
+
+def _rejected(candidates: List[Candidate], memory: int, best: Candidate) -> Tuple[Candidate, ...]:
+    """The candidates over ``memory``, least over first, each saying by how much (and how much faster
+    than ``best`` it would be, if it would)."""
+    over = sorted((c for c in candidates if c.peak > memory), key=lambda c: (c.peak, _rank_key(c)))
+    return tuple(Candidate(c.layout, c.step_s, c.peak_bytes,
+                           f"does not fit (needs {size(c.peak)}, {size(c.peak - memory)} over)"
+                           + (f"; {(1 - c.step_s / best.step_s) * 100:.0f}% faster" if c.step_s < best.step_s else ""))
+                 for c in over)
 
 
 def _rows_of(sample) -> int:
