@@ -2,10 +2,12 @@
 from dataclasses import dataclass
 import ctypes
 import os
+import weakref
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from torch_mp._group import all_gather_rows, resolve_group
 from torch_mp._checks import check_arg
@@ -119,9 +121,9 @@ def memory_report(module: nn.Module, png: Optional[str] = None, costs: Optional[
     with the gradients; the data-parallel all-reduce), each what is held then: parameters,
     gradients, optimizer state, activations in flight (under 1F1B ``pp - stage`` micro-batches;
     Narayanan et al., 2021) with the loss's gradients of the logits and what the pipeline keeps of
-    finished micro-batches. It counts tensors, as CUDA's ``max_memory_allocated`` does; a CPU
-    process's ``VmHWM`` (``measure_peak``) is also raised by the pages glibc keeps of freed blocks
-    (8-12 MiB on a tiny Llama's step). The optimizer state is AdamW's two fp32 copies without ``optimizer``;
+    finished micro-batches. It counts tensors, as ``measure_peak`` does (CUDA's
+    ``max_memory_allocated``); a CPU process's resident peak (``measure_peak(what="resident")``) is
+    also raised by the pages glibc keeps of freed blocks (8-13 MiB on a tiny Llama's step). The optimizer state is AdamW's two fp32 copies without ``optimizer``;
     with one, its actual state tensors once it has stepped, else its kind's (Adam/AdamW: 2, 3 with
     amsgrad; SGD: 1 with momentum, else 0 per parameter byte). Compare with ``measure_peak``.
 
@@ -215,38 +217,99 @@ def _optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
     return total
 
 
-def measure_peak(fn: Callable, *args, device: Optional[torch.device] = None, **kwargs) -> Tuple[object, int]:
-    """``(fn(*args, **kwargs), bytes)``: what ``fn`` returns and how many bytes this process's
-    peak memory rose by while it ran (add the bytes held before it, such as parameters and optimizer
-    state, for the peak ``memory_report(costs=, sample=)`` predicts).
+def measure_peak(fn: Callable, *args, device: Optional[torch.device] = None, what: str = "tensors",
+                 **kwargs) -> Tuple[object, int]:
+    """``(fn(*args, **kwargs), bytes)``: what ``fn`` returns and how many bytes the peak rose by
+    while it ran (add the bytes held before it, such as parameters and optimizer state, for the peak
+    ``memory_report(costs=, sample=)`` predicts).
 
-    On a CUDA ``device``: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, less
-    what was allocated before. On the CPU (``device`` None or cpu), torch's allocator keeps no peak,
-    and ``tracemalloc`` does not see tensors (they are allocated in C++): the rise of the process's
-    resident high-water mark (``VmHWM`` in ``/proc/self/status``, reset to the current resident size
-    by writing ``5`` to ``/proc/self/clear_refs``; Linux only) above the resident size at the start.
-    Large tensors are their own ``mmap`` blocks that glibc returns when freed, so this follows the
-    tensors; it also counts the small allocations of Python and the pages glibc keeps of freed
-    blocks (8-12 MiB on a tiny Llama's ``train_step``, above the tensors held at the peak).
+    ``what="tensors"`` (the default) counts tensors, on either device the same way:
 
-    Raises ValueError for a CPU ``device`` where ``/proc/self/clear_refs`` is missing (not Linux)."""
+    - CUDA ``device``: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, less
+      what was allocated before;
+    - CPU (``device`` None or cpu): torch's CPU allocator keeps no peak, so a dispatch mode
+      (``TorchDispatchMode``) follows every CPU tensor the ops of ``fn`` make (an op's outputs that
+      alias no input: in-place results and views are not new memory; a DTensor by its local tensor),
+      each storage once, from the op that makes it until it is freed. It sees the ops of this thread
+      and of autograd's CPU backward; not tensors other threads make (``split``'s stage threads) nor
+      an op's temporaries inside its kernel.
+
+    ``what="resident"`` counts the process's memory instead: on CUDA ``max_memory_reserved`` (the
+    caching allocator's segments); on the CPU the rise of the resident high-water mark (``VmHWM`` in
+    ``/proc/self/status``, reset to the current resident size by writing ``5`` to
+    ``/proc/self/clear_refs``; Linux only), with glibc told to give large blocks back when freed
+    (its mmap threshold fixed for the rest of the process). It also counts Python's small
+    allocations and the pages glibc keeps of freed blocks: 8-12 MiB above the tensors on a tiny
+    Llama's ``train_step``.
+
+    Raises ValueError for ``what`` other than "tensors" or "resident", and for ``what="resident"``
+    on a CPU where ``/proc/self/clear_refs`` is missing (not Linux)."""
+    if what not in ("tensors", "resident"):
+        raise ValueError(f"measure_peak: what={what!r}; expected 'tensors' or 'resident'")
     device = torch.device(device) if device is not None else torch.device("cpu")
     if device.type == "cuda":
+        allocated = what == "tensors"
         torch.cuda.synchronize(device)
-        start = torch.cuda.memory_allocated(device)
+        start = torch.cuda.memory_allocated(device) if allocated else torch.cuda.memory_reserved(device)
         torch.cuda.reset_peak_memory_stats(device)
         result = fn(*args, **kwargs)
         torch.cuda.synchronize(device)
-        return result, torch.cuda.max_memory_allocated(device) - start
+        peak = torch.cuda.max_memory_allocated(device) if allocated else torch.cuda.max_memory_reserved(device)
+        return result, peak - start
+    if what == "tensors":
+        with _TensorPeak() as tracker:
+            result = fn(*args, **kwargs)
+        return result, tracker.peak
     if not os.path.exists("/proc/self/clear_refs"):
-        raise ValueError(f"measure_peak: device={device} needs /proc/self/clear_refs (Linux) to reset the "
-                         "process's peak; expected Linux or a CUDA device")
+        raise ValueError(f"measure_peak: what='resident' on device={device} needs /proc/self/clear_refs (Linux) "
+                         "to reset the process's peak; expected Linux, a CUDA device or what='tensors'")
     _return_freed_memory()
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")
     start = _status_kib("VmRSS")
     result = fn(*args, **kwargs)
     return result, (_status_kib("VmHWM") - start) * 1024
+
+
+class _TensorPeak(TorchDispatchMode):
+    """The peak bytes of the CPU tensors that the ops run under it make and that are alive at once
+    (``measure_peak(what="tensors")`` on the CPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: Dict[int, int] = {}
+        self.refs: Dict[int, object] = {}
+        self.total = self.peak = 0
+
+    def _freed(self, key: int) -> None:
+        self.total -= self.live.pop(key)
+        del self.refs[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        returns = func._schema.returns
+        if not returns:
+            return out
+        outputs = (out,) if len(returns) == 1 else out
+        for declared, value in zip(returns, outputs):
+            if declared.alias_info is not None:  # a view or an in-place result: no new memory
+                continue
+            for tensor in value if isinstance(value, (list, tuple)) else (value,):
+                if isinstance(tensor, torch.Tensor):
+                    self._add(local_tensor(tensor))
+        return out
+
+    def _add(self, tensor: torch.Tensor) -> None:
+        if tensor.device.type != "cpu":
+            return
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if not storage.nbytes() or key in self.live:
+            return
+        self.live[key] = storage.nbytes()
+        self.refs[key] = weakref.ref(storage, lambda _, key=key: self._freed(key))
+        self.total += storage.nbytes()
+        self.peak = max(self.peak, self.total)
 
 
 def _return_freed_memory() -> None:

@@ -1,13 +1,10 @@
 """memory_report(costs=, sample=): the planner's predicted peak of a train_step per rank against the
-tensors held at the step's peak (LiveTensorPeak, plus the parameters and optimizer state held before
-it; the process's peak from measure_peak is printed beside it), on 2 Gloo ranks: a tiny Llama
+tensors held at the step's peak (measure_peak, plus the parameters and optimizer state held before
+it; the process's resident peak, measure_peak(what="resident"), is printed beside it), on 2 Gloo ranks: a tiny Llama
 pipelined (1F1B, 2 micro-batches) and tensor parallel; and on one process, unparallelized."""
-import weakref
-
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import torch_mp
 from torch_mp._planner.costs import measure_costs
@@ -36,41 +33,6 @@ def ids():
     return torch.randint(0, VOCAB, (8, 64), generator=torch.Generator().manual_seed(3))
 
 
-class LiveTensorPeak(TorchDispatchMode):
-    """The peak bytes of the CPU tensors made under it and alive at once (each storage once, from
-    the op that made it until it is freed): what CUDA's max_memory_allocated counts, without the
-    resident pages glibc keeps of freed blocks, which a CPU process's VmHWM also counts (9-13 MiB
-    on these steps, measured as VmRSS less these bytes after each op)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live, self.refs, self.total, self.peak = {}, {}, 0, 0
-
-    def _freed(self, key):
-        self.total -= self.live.pop(key)
-        del self.refs[key]
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if type(t) is torch.Tensor and t.device.type == "cpu":
-                storage = t.untyped_storage()
-                key = storage.data_ptr()
-                if storage.nbytes() and key not in self.live and key not in self.before:
-                    self.live[key] = storage.nbytes()
-                    self.total += storage.nbytes()
-                    self.refs[key] = weakref.ref(storage, lambda _, key=key: self._freed(key))
-        self.peak = max(self.peak, self.total)
-        return out
-
-    def measure(self, fn, held):
-        """The peak of ``fn()``'s tensors, not counting views of the tensors ``held`` (parameters)."""
-        self.before = {t.untyped_storage().data_ptr() for t in held}
-        with self:
-            fn()
-        return self.peak
-
-
 def local(tensor):
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
@@ -93,12 +55,12 @@ def check_predicted_peak(rank, world, kind, costs, checked):
     optimizer.step()  # the optimizer's state exists from here on
     optimizer.zero_grad(set_to_none=True)
     report = torch_mp.memory_report(model, costs=costs, sample={"input_ids": batch}, optimizer=optimizer)
-    _, rise = torch_mp.measure_peak(step)
+    _, rise = torch_mp.measure_peak(step, what="resident")
     # A DTensor's state (tensor parallel) weighs its local shard: numel() is the global one.
     held = report.rows[rank].total + sum(local(t).numel() * t.element_size() for s in optimizer.state.values()
                                          for t in s.values() if torch.is_tensor(t))
-    optimizer.zero_grad(set_to_none=True)  # as before measure_peak's step: no gradient held before
-    tensors = held + LiveTensorPeak().measure(step, [local(p) for p in model.parameters() if not p.is_meta])
+    optimizer.zero_grad(set_to_none=True)  # as before the first measured step: no gradient held before
+    tensors = held + torch_mp.measure_peak(step)[1]
     predicted = report.rows[rank].predicted.total
     print(report, f"\nrank {rank}: predicted {predicted / 2**20:.2f} MiB, tensors at the peak {tensors / 2**20:.2f} "
           f"MiB, the process's peak (VmHWM) {(held + rise) / 2**20:.2f} MiB")
@@ -130,8 +92,7 @@ def test_single_process_peak_is_the_larger_phase_not_activations_plus_gradients(
     model, batch = llama(), ids()
     costs = measure_costs(model, {"input_ids": batch}, collectives=(5e-5, 1e-9))
     peak = stage_peaks(costs, Layout(1, 1, 1, "1f1b", 1, "never", False, (len(costs.layers),), batch.shape[0]))[0]
-    tensors = LiveTensorPeak().measure(lambda: loss_fn(model(input_ids=batch), batch).backward(),
-                                       list(model.parameters()))
+    _, tensors = torch_mp.measure_peak(lambda: loss_fn(model(input_ids=batch), batch).backward())
     predicted = peak.total - peak.parameters - peak.optimizer
     assert abs(predicted - tensors) <= 0.1 * tensors, (predicted / 2**20, tensors / 2**20)
 
@@ -147,13 +108,27 @@ def test_prediction_arguments_are_checked_before_anything_runs():
         torch_mp.memory_report(llama(), costs={}, sample={"input_ids": ids()})
 
 
-def test_measure_peak_counts_a_tensor_made_where_a_freed_one_was():
-    """A 16 MiB tensor made inside fn raises the peak by 16 MiB (allocator noise: a few MiB), also
-    after tensors of that size were freed (glibc's growing mmap threshold would keep them in the
-    heap, resident before fn starts)."""
+def test_measure_peak_counts_the_tensors_ops_make_until_they_are_freed():
+    """A 16 MiB tensor made inside fn: 16 MiB; views and in-place results of tensors made before: 0;
+    a forward and backward: what is alive at once (x * 2 and its relu in the forward, 4 MiB each; the
+    relu's output, its gradient and x's gradient, freed as the backward goes: 8 MiB, and the 4 bytes
+    of the sum and of its gradient), not the sum of all made (16 MiB); ``what`` checked."""
+    tensor, peak = torch_mp.measure_peak(lambda: torch.ones(4 << 20))
+    assert peak == 16 << 20
+    assert torch_mp.measure_peak(lambda: (tensor.add_(1), tensor.view(2, -1), tensor[:10].t()))[1] == 0
+    x = torch.randn(1 << 20, requires_grad=True)
+    assert torch_mp.measure_peak(lambda: (x * 2).relu().sum().backward())[1] == (8 << 20) + 8
+    with pytest.raises(ValueError, match="measure_peak: what='rss'; expected 'tensors' or 'resident'"):
+        torch_mp.measure_peak(lambda: None, what="rss")
+
+
+def test_measure_peak_resident_counts_a_tensor_made_where_a_freed_one_was():
+    """what="resident": a 16 MiB tensor made inside fn raises the process's peak by 16 MiB
+    (allocator noise: a few MiB), also after tensors of that size were freed (glibc's growing mmap
+    threshold would keep them in the heap, resident before fn starts)."""
     for _ in range(2):
         torch.ones(4 << 20).sum()
-    tensor, rise = torch_mp.measure_peak(lambda: torch.ones(4 << 20))
+    tensor, rise = torch_mp.measure_peak(lambda: torch.ones(4 << 20), what="resident")
     assert 16 << 20 <= rise <= 20 << 20, rise / 2**20
     del tensor
 
