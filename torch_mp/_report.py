@@ -186,7 +186,8 @@ def _predict(module: nn.Module, state: Optional[ParallelState], costs, sample, o
             balance[state.stage_of[name]] += 1
         tp = resolve_group(inner.group).size if inner is not None else 1
         dp = resolve_group(state.data_parallel).size if state.data_parallel is not None else 1
-        layout = Layout(pipe.num_stages, tp, dp, pipe.schedule, pipe.chunks, pipe.checkpoint,
+        # pp counts pipeline ranks: interleaved 1F1B and ZB-V hold two stages on each.
+        layout = Layout(pipe.num_stages // pipe.stages_per_rank, tp, dp, pipe.schedule, pipe.chunks, pipe.checkpoint,
                         inner is not None and "sequence_parallel" in inner.plan.values(), tuple(balance), rows * dp)
         mine = pipe.local_stages()
     peaks = stage_peaks(costs, layout)

@@ -97,6 +97,25 @@ def test_single_process_peak_is_the_larger_phase_not_activations_plus_gradients(
     assert abs(predicted - tensors) <= 0.1 * tensors, (predicted / 2**20, tensors / 2**20)
 
 
+def check_two_stages_per_rank(rank, world, costs):
+    batch = ids()
+    model = torch_mp.pipeline(llama(), chunks=4, schedule="interleaved_1f1b", timeout=120)
+    report = torch_mp.memory_report(model, costs=costs, sample={"input_ids": batch})
+    layout = Layout(2, 1, 1, "interleaved_1f1b", 4, "never", False, (1, 1, 1, 1), batch.shape[0])
+    peaks = stage_peaks(costs, layout)
+    mine = [stage for stage, owner in enumerate(layout.stage_ranks()) if owner == rank]
+    assert len(mine) == 2
+    expected = sum(peaks[stage].activations for stage in mine)
+    assert report.rows[rank].predicted.activations == expected, (report.rows[rank].predicted, expected)
+
+
+def test_prediction_for_two_stages_per_rank_replays_each_ranks_schedule():
+    """An interleaved 1F1B pipeline of 4 stages on 2 ranks is costed as 2 pipeline ranks with two
+    stages each (each rank's activations replayed from its own actions), not as 4 ranks of one
+    stage (the in-flight counts of a 4-stage 1F1B)."""
+    run_ranks(2, check_two_stages_per_rank, dense_costs(), timeout=300)
+
+
 def test_prediction_arguments_are_checked_before_anything_runs():
     costs = dense_costs()
     with pytest.raises(ValueError, match="got costs=a CostTable and sample=None; expected both"):
