@@ -76,11 +76,24 @@ def check_fully_shard_with_a_pipeline_is_refused(rank, world):
              r"fully_shard = True with data_parallel a ProcessGroup; expected data_parallel a 1-D DeviceMesh"),
             (dict(fully_shard=True, schedule="zbv"), ValueError, r"fully_shard with schedule = 'zbv'.*expected schedule "
                                                                  r"'gpipe', '1f1b' or 'interleaved_1f1b'"),
-            (dict(fully_shard=True, checkpoint="always"), ValueError, r"fully_shard with checkpoint = 'always'")]:
+            (dict(fully_shard=True, checkpoint="always"), ValueError, r"fully_shard with checkpoint = 'always'"),
+            (dict(fully_shard=True, schedule="interleaved_1f1b", chunks=4), ValueError,
+             r"fully_shard with schedule = 'interleaved_1f1b' and chunks = 4 > 2 pipeline ranks, not supported yet")]:
         options = dict(group=mesh["pp"], data_parallel=mesh["dp"], chunks=2)
         options.update(kwargs)
         with pytest.raises(error, match=r"^pipeline: " + message):
             torch_mp.pipeline(llama(), **options)
+
+    # An optimizer built before pipeline(..., fully_shard=True) holds the parameters FSDP2 replaced by
+    # its shards: its step raises (it stepped nothing the model reads: wrong numbers from step 2 on).
+    model = llama()
+    early = torch.optim.AdamW(model.parameters())
+    model = torch_mp.pipeline(model, group=mesh["pp"], data_parallel=mesh["dp"], chunks=2, fully_shard=True)
+    model.train_step(input_ids=ids, target=ids, loss_fn=loss_fn)
+    with pytest.raises(ValueError, match=r"AdamW.step: the optimizer holds a parameter of shape .* that "
+                       r"pipeline\(..., fully_shard=True\) replaced by its DTensor shard .*expected an optimizer "
+                       r"built after pipeline\(..., fully_shard=True\)"):
+        early.step()
 
     # The recipe the errors name gives the dense numbers (the replicas' batches concatenated).
     dense = llama()

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from torch_mp import _C
+from torch_mp._checks import mark_replaced
 from torch_mp._devices import check_device
 from torch_mp._group import GroupLike, all_gather_rows, all_reduce_sum, process_group_of, resolve_group
 from torch_mp._hooks import held_post_accumulate_hooks, refused_gradient_hooks
@@ -299,11 +300,14 @@ class DistributedPipe(_Pipe):
         (``_keep_local_tensors`` leaves them); other ranks' stay meta stand-ins."""
         from torch.distributed.fsdp import fully_shard
 
+        dense = list(self.module.parameters())
         for name in names:
             stage = self.stage_of[name]
             if name and self.rank_of(stage) == self.rank:
                 placed = fully_shard(self.module.get_submodule(name), mesh=mesh, **options)
                 self.fully_sharded.setdefault(stage, []).append(placed)
+        # An optimizer built before on the parameters FSDP2 replaced would step nothing the model reads.
+        mark_replaced(dense, self.module, "pipeline(..., fully_shard=True)")
 
     def before_backward(self, stage: int, last: bool) -> None:
         """Before a backward of ``stage``: its sharded layers keep their gradients unsharded and
@@ -729,7 +733,7 @@ def pipeline(
                          "holds one layer or more)")
     inner = state_of(module)
     replicas = _check_replica_group(data_parallel, group, inner)
-    shard_options = _check_fully_shard(fully_shard, data_parallel, schedule, checkpoint, inner)
+    shard_options = _check_fully_shard(fully_shard, data_parallel, schedule, checkpoint, chunks, info.size, inner)
     _check_same_options([("schedule", SCHEDULES.index(schedule)), ("chunks", chunks),
                          ("stages_per_rank", stages_per_rank), ("checkpoint", CHECKPOINTS.index(checkpoint)),
                          ("batch_dim", batch_dim), ("balance", zlib.crc32(repr(balance).encode())),
@@ -765,8 +769,8 @@ def _dim_name(group: GroupLike, default: str) -> str:
     return names[0] if names else default
 
 
-def _check_fully_shard(fully_shard, data_parallel: GroupLike, schedule: str, checkpoint: str,
-                       inner) -> Optional[dict]:
+def _check_fully_shard(fully_shard, data_parallel: GroupLike, schedule: str, checkpoint: str, chunks: int,
+                       ranks: int, inner) -> Optional[dict]:
     """The keyword arguments of ``pipeline(..., fully_shard=)`` for FSDP2's ``fully_shard`` (None:
     no sharding); TypeError / ValueError for what it does not run with, before any collective."""
     if fully_shard is False:
@@ -784,6 +788,11 @@ def _check_fully_shard(fully_shard, data_parallel: GroupLike, schedule: str, che
     if schedule in ZERO_BUBBLE:
         raise ValueError(f"pipeline: fully_shard with schedule = {schedule!r}, whose deferred weight gradients "
                          "bypass FSDP2's gradient hooks; expected schedule 'gpipe', '1f1b' or 'interleaved_1f1b'")
+    if schedule == "interleaved_1f1b" and chunks > ranks:
+        raise ValueError(f"pipeline: fully_shard with schedule = 'interleaved_1f1b' and chunks = {chunks} > {ranks} "
+                         "pipeline ranks, not supported yet (a rank's two stages interleave their micro-batches and "
+                         "a layer runs on its resharded DTensor parameters); expected chunks <= the pipeline ranks "
+                         "or schedule '1f1b'")
     if checkpoint != "never":
         raise ValueError(f"pipeline: fully_shard with checkpoint = {checkpoint!r}; expected checkpoint 'never' (the "
                          "pipeline's recompute runs a layer's forward outside FSDP2's hooks)")

@@ -42,6 +42,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from torch_mp._tensor_parallel import dtensor, moe
 from torch_mp._tensor_parallel.dropout import DenseDropoutRegion
+from torch_mp._checks import mark_replaced
 from torch_mp._group import GroupInfo, GroupLike, all_gather_rows, process_group_of, resolve_group
 from torch_mp._hooks import linear_hook
 from torch_mp._tensor_parallel.sharding import COLWISE, HEADS, ROWWISE, VOCAB, ShardSpec, shard
@@ -465,8 +466,7 @@ def _distribute_parameters(module: nn.Module, specs: Dict[str, ShardSpec], group
             dtensor.add_local_views(owner)
 
 
-_REPLACED = "_torch_mp_replaced"
-_STEP_HOOK = None
+_FACTORED_HOOK = None
 # Optimizers whose update reads whole tensors in ways DTensor has no rules for: Adafactor (torch's and
 # transformers') factors the second moment into row and column statistics and scales by the update's
 # RMS (on DTensor parameters torch's fails in an in-place pow of a partial norm, transformers' on its
@@ -475,28 +475,20 @@ _FACTORED = ("Adafactor",)
 
 
 def _mark_replaced(dense: List[nn.Parameter], module: nn.Module) -> None:
-    """Marks the parameters ``tensor_parallel`` replaced by their shards: an optimizer built on them
-    before would step tensors the model no longer reads (and no gradient reaches), so its next step
-    raises, as does a factored one (Adafactor) holding DTensor parameters, which it cannot step to
-    the dense numbers (``_check_optimizer``, a global optimizer step pre-hook registered once)."""
-    global _STEP_HOOK
-    kept = {id(p) for p in module.parameters()}
-    for param in dense:
-        if id(param) not in kept:
-            setattr(param, _REPLACED, True)
-    if _STEP_HOOK is None:
-        _STEP_HOOK = register_optimizer_step_pre_hook(_check_optimizer)
+    """Marks the parameters ``tensor_parallel`` replaced by their shards (``mark_replaced``: an
+    optimizer built on them before raises at its next step), and makes a factored optimizer
+    (Adafactor) holding DTensor parameters raise too, as it cannot step them to the dense numbers
+    (``_check_optimizer``, a global optimizer step pre-hook registered once)."""
+    global _FACTORED_HOOK
+    mark_replaced(dense, module, "tensor_parallel(model)")
+    if _FACTORED_HOOK is None:
+        _FACTORED_HOOK = register_optimizer_step_pre_hook(_check_optimizer)
 
 
 def _check_optimizer(optimizer: torch.optim.Optimizer, *_) -> None:
     name = type(optimizer).__name__
     for group in optimizer.param_groups:
         for param in group["params"]:
-            if getattr(param, _REPLACED, False):
-                raise ValueError(f"{name}.step: the optimizer holds a parameter of shape "
-                                 f"{tuple(param.shape)} that torch_mp.tensor_parallel replaced by its DTensor shard "
-                                 "(the model no longer reads it: the step would change nothing); expected an "
-                                 "optimizer built after tensor_parallel(model), on model.parameters()")
             if name in _FACTORED and isinstance(param, DTensor):
                 raise ValueError(f"{name}.step: optimizer = {name}, whose update factors each parameter's second "
                                  "moment into row and column statistics of the whole tensor, holds the DTensor "
