@@ -33,3 +33,18 @@ def gathered_gradients(model, dense):
     gathered = torch_mp.full_state_dict(model)
     torch_mp.load_full_state_dict(model, dense.state_dict())
     return gathered
+
+
+def expect_dense_step(model, dense, rows, ids, loss_fn):
+    """One ``model.train_step`` on this replica's ``rows`` against the dense model's forward and
+    backward on the whole batch ``ids``: the same loss, and every gradient, gathered as the dense
+    model's state_dict (``gathered_gradients``: this rank's stages' shards hold theirs). Returns the
+    parallel model's loss. A collective: every rank calls it."""
+    loss = model.train_step(input_ids=rows, target=rows, loss_fn=loss_fn)
+    expected = loss_fn(dense(input_ids=ids), ids)
+    expected.backward()
+    torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-6)
+    gathered = gathered_gradients(model, dense)
+    for name, param in dense.named_parameters():
+        torch.testing.assert_close(gathered[name], param.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    return loss

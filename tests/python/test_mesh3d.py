@@ -19,7 +19,7 @@ from torch.distributed.tensor import DTensor
 
 import torch_mp
 from distributed import run_ranks
-from tensors import gathered_gradients
+from tensors import expect_dense_step, gathered_gradients
 
 transformers = pytest.importorskip("transformers")
 
@@ -88,15 +88,8 @@ def check_matches_dense(rank, world, pp, dp, tp, make, schedule, sequence_parall
     replica = mesh["dp"].get_local_rank()
     mine = ids[rows * replica:rows * (replica + 1)]
 
-    loss = model.train_step(input_ids=mine, target=mine, loss_fn=loss_fn)
-    expected = loss_fn(dense(input_ids=ids), ids)
-    expected.backward()
-    torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-6)
-
-    # Every gradient, gathered as the dense model's state_dict: this rank's stages' shards hold theirs.
-    gathered = gathered_gradients(model, dense)
-    for name, param in dense.named_parameters():
-        torch.testing.assert_close(gathered[name], param.grad, rtol=1e-4, atol=1e-6)
+    # The loss and every gradient, gathered as the dense model's state_dict.
+    expect_dense_step(model, dense, mine, ids, loss_fn)
 
     # The dense norm over the whole mesh (each element once), the dense clipping and AdamW step.
     norm = torch_mp.clip_grad_norm_(model, max_norm=0.5)
@@ -197,13 +190,7 @@ def check_recompute_matches_dense(rank, world, pp, tp, checkpoint, reentrant):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     model = torch_mp.pipeline(model, group=mesh["pp"], chunks=2, schedule="1f1b", checkpoint=checkpoint)
     ids = batch(4)
-    loss = model.train_step(input_ids=ids, target=ids, loss_fn=loss_fn)
-    expected = loss_fn(dense(input_ids=ids), ids)
-    expected.backward()
-    torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-6)
-    gathered = gathered_gradients(model, dense)
-    for name, param in dense.named_parameters():
-        torch.testing.assert_close(gathered[name], param.grad, rtol=1e-4, atol=1e-6)
+    expect_dense_step(model, dense, ids, ids, loss_fn)
 
 
 @pytest.mark.parametrize("checkpoint,reentrant", [("always", None), ("except_last", True)])

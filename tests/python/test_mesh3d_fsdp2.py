@@ -16,7 +16,7 @@ from torch.distributed.tensor import DTensor
 
 import torch_mp
 from distributed import run_ranks
-from tensors import gathered_gradients
+from tensors import expect_dense_step
 from test_mesh3d import adamw, batch, llama, loss_fn
 
 pytest.importorskip("transformers")
@@ -135,13 +135,7 @@ def check_fully_shard_matches_dense(rank, world, schedule, reshard_after_forward
     for step in range(2):  # the second after the first call placed the embedding and head
         ids = batch(8, seed=step)
         rows = ids[4 * replica:4 * (replica + 1)]
-        loss = model.train_step(input_ids=rows, target=rows, loss_fn=loss_fn)
-        expected = loss_fn(dense(input_ids=ids), ids)
-        expected.backward()
-        torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-6)
-        gathered = gathered_gradients(model, dense)
-        for name, param in dense.named_parameters():
-            torch.testing.assert_close(gathered[name], param.grad, rtol=1e-4, atol=1e-6)
+        expect_dense_step(model, dense, rows, ids, loss_fn)
         norm = torch_mp.clip_grad_norm_(model, max_norm=0.5)
         torch.testing.assert_close(norm, torch.nn.utils.clip_grad_norm_(dense.parameters(), max_norm=0.5),
                                    rtol=1e-5, atol=1e-6)
