@@ -309,8 +309,13 @@ def check_bad_input(rank, world):
     # More pipeline ranks than layers.
     deep = torch_mp.init_mesh(pp=4, dp=1, tp=1)
     with pytest.raises(ValueError, match=r"pipeline: pp = 4 ranks x 1 stage\(s\) per rank = 4 stages but "
-                                         r"LlamaForCausalLM has 2 layers to cut; expected at most 2 pipeline ranks"):
+                                         r"LlamaForCausalLM has 2 layers to cut \(a stage holds one layer or more\); "
+                                         r"expected at most 2 pipeline ranks for schedule '1f1b'$"):
         torch_mp.pipeline(llama(layers=2), group=deep["pp"])
+    # ZB-V's two stages per rank: the message says how many ranks it takes and the way out.
+    with pytest.raises(ValueError, match=r"expected at most 1 pipeline ranks for schedule 'zbv', or a schedule with "
+                                         r"one stage per rank \('1f1b', 'zb_h1', 'gpipe'\) on up to 3 ranks"):
+        torch_mp.pipeline(llama(layers=3), group=mesh["pp"], schedule="zbv")
     # A tensor-parallel size that does not divide the heads.
     with pytest.raises(ValueError, match=r"tensor_parallel: .*=6, not divisible by the group size 4"):
         torch_mp.tensor_parallel(llama(heads=6, kv_heads=6), group=torch_mp.init_mesh(pp=1, dp=1, tp=4)["tp"])

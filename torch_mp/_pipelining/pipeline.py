@@ -729,8 +729,10 @@ def pipeline(
     if len(layer_names) < num_stages and (isinstance(balance, str) or not isinstance(balance, Sequence)):
         raise ValueError(f"pipeline: {dim_name} = {info.size} ranks x {stages_per_rank} stage(s) "
                          f"per rank = {num_stages} stages but {type(module).__name__} has {len(layer_names)} layers "
-                         f"to cut; expected at most {len(layer_names) // stages_per_rank} pipeline ranks (a stage "
-                         "holds one layer or more)")
+                         f"to cut (a stage holds one layer or more); expected at most "
+                         f"{len(layer_names) // stages_per_rank} pipeline ranks for schedule '{schedule}'"
+                         + (f", or a schedule with one stage per rank ('1f1b', 'zb_h1', 'gpipe') on up to "
+                            f"{len(layer_names)} ranks" if stages_per_rank > 1 else ""))
     inner = state_of(module)
     replicas = _check_replica_group(data_parallel, group, inner)
     shard_options = _check_fully_shard(fully_shard, data_parallel, schedule, checkpoint, chunks, info.size, inner)
