@@ -14,19 +14,25 @@ Memory: the dense model's parameters and AdamW state (two fp32 copies) exceed ``
 (default 1 MiB: the model is 0.69 MiB of parameters, 2.07 MiB with AdamW's state), the limit of one
 device; each rank holds its stage's layers in its tensor-parallel shards (the embedding with the
 first stage, the final norm and head with the last), their gradients and AdamW state, and must fit
-it. The pipeline settles each rank's share in the first step, so the script measures the bytes
-each rank holds after it (parameters, buffers, gradients and AdamW state, tensor-parallel shards
-by their local size, other stages' meta stand-ins not counted), prints them, and stops on every
-rank with an error naming the ranks over the limit. Every rank builds the whole model before
-``tensor_parallel`` and ``pipeline`` shard it: the limit is on what a rank holds while it trains.
+it. No rank builds the whole model: rank 0 writes the dense weights to a safetensors file
+(``--checkpoint``), every rank builds the model on the meta device (``torch_mp.init_empty_weights``),
+shards it and reads only its share of the file (``torch_mp.load_full_state_dict``). The pipeline
+settles each rank's share of the tensors outside the layers (embedding, final norm, head) in the
+first step, so the script measures the bytes each rank holds after it (parameters, buffers,
+gradients and AdamW state, tensor-parallel shards by their local size, other stages' meta stand-ins
+not counted), prints them, and stops on every rank with an error naming the ranks over the limit.
 
 Exits with an error when a step's loss differs from the dense model's (rtol 1e-5, atol 1e-6).
 """
 import argparse
+import os
+import shutil
+import tempfile
 
 import torch
 import torch.distributed as dist
 import transformers
+from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 from torch.nn import functional as F
 
@@ -45,6 +51,9 @@ def parse_args():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=4, help="sequences per data-parallel replica")
     parser.add_argument("--seq", type=int, default=32)
+    parser.add_argument("--checkpoint", default=None,
+                        help="folder for the dense weights rank 0 writes and every rank reads its share of "
+                             "(default: a temporary folder; on several nodes, one they share)")
     parser.add_argument("--max-memory", type=size, default="1MiB",
                         help="the most bytes one rank (device) may hold: parameters, buffers, gradients and AdamW "
                              "state (a byte count or e.g. '1MiB'; default 1MiB, less than the dense model needs)")
@@ -115,14 +124,27 @@ def main():
     def loss_fn(output, ids):
         return F.cross_entropy(output.logits[:, :-1].reshape(-1, vocab), ids[:, 1:].reshape(-1))
 
-    model = torch_mp.tensor_parallel(llama(vocab, args.seq), group=mesh["tp"], sequence_parallel=args.sequence_parallel)
-    torch_mp.pipeline(model, group=mesh["pp"], data_parallel=mesh["dp"], chunks=args.chunks, schedule=args.schedule)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    # The reference: the dense model on rank 0 alone, its loss sent to every rank each step.
-    dense = llama(vocab, args.seq)
-    parameters = sum(p.numel() * p.element_size() for p in dense.parameters())
+    # The reference: the dense model on rank 0 alone, its weights written for the others to read
+    # their shares of, its loss sent to every rank each step.
+    dense = llama(vocab, args.seq) if rank == 0 else None
+    folder = [args.checkpoint or (tempfile.mkdtemp(prefix="train_3d-") if rank == 0 else None)]
+    dist.broadcast_object_list(folder, src=0)
+    if rank == 0:
+        os.makedirs(folder[0], exist_ok=True)
+        save_file({name: value.contiguous() for name, value in dense.state_dict().items()},
+                  os.path.join(folder[0], "model.safetensors"))
+    dist.barrier()
+    with torch_mp.init_empty_weights():  # parameters on the meta device: no memory yet
+        model = llama(vocab, args.seq)
+    parameters = sum(p.numel() * p.element_size() for p in model.parameters())
     dense_bytes = 4 * parameters  # parameters, gradients, AdamW's two fp32 copies
-    dense = dense if rank == 0 else None
+    torch_mp.tensor_parallel(model, group=mesh["tp"], sequence_parallel=args.sequence_parallel)
+    torch_mp.pipeline(model, group=mesh["pp"], data_parallel=mesh["dp"], chunks=args.chunks, schedule=args.schedule)
+    torch_mp.load_full_state_dict(model, folder[0])  # this rank's stages' shards only
+    dist.barrier()
+    if rank == 0 and args.checkpoint is None:
+        shutil.rmtree(folder[0])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     dense_optimizer = torch.optim.AdamW(dense.parameters(), lr=1e-3) if rank == 0 else None
     replica = mesh["dp"].get_local_rank()
     if rank == 0:

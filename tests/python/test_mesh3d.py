@@ -124,6 +124,14 @@ def test_mixtral_pp2_tp2_matches_dense():
     run_ranks(4, check_matches_dense, 2, 1, 2, mixtral, "1f1b", False, timeout=400)
 
 
+@pytest.mark.parametrize("schedule", ["1f1b", "zbv"])
+def test_mixtral_pp2_matches_dense(schedule):
+    """Pipelined alone, its experts whole on their stage's rank: the other rank runs them as meta
+    stand-ins, whose grouped matmul (transformers' experts) has a meta kernel for bf16 only (it
+    raised "Expected mat_a to be BFloat16")."""
+    run_ranks(2, check_matches_dense, 2, 1, 1, mixtral, schedule, False, timeout=400)
+
+
 def check_each_rank_holds_its_share(rank, world):
     """pp 2 x tp 2: after the first step each rank holds only what its stage uses (the embedding on
     the first stage, the final norm and head on the last; a tied embedding/head on both, its
@@ -283,6 +291,50 @@ def check_checkpoints_across_layouts(rank, world, folder):
 
 def test_checkpoints_across_layouts(tmp_path):
     run_ranks(4, check_checkpoints_across_layouts, str(tmp_path), timeout=500)
+
+
+def check_built_on_meta(rank, world, path):
+    mesh = torch_mp.init_mesh(pp=2, dp=1, tp=2)
+    with torch_mp.init_empty_weights():  # no rank ever holds the whole model
+        model = parallelized(functools.partial(llama, tied=True), mesh)
+    optimizer = adamw(model, eps=1e-4)  # built before the load: it steps the loaded parameters
+    stage = mesh["pp"].get_local_rank()
+    layers = model.model.layers
+    held = [name for name, param in layers.named_parameters() if not param.is_meta]
+    assert held == [], held  # this rank's layers wait on the meta device for their values
+    ids = batch(4)
+    with pytest.raises(ValueError, match=r"on the meta device.*expected torch_mp.load_full_state_dict\(model, "
+                                         r"state_dict_or_path\)"):
+        model.train_step(input_ids=ids, target=ids, loss_fn=loss_fn)
+
+    torch_mp.load_full_state_dict(model, path)  # each rank reads its stages' slices of the file
+    mine = {name.split(".")[0] for name, param in layers.named_parameters() if not param.is_meta}
+    assert mine == ({"0", "1"} if stage == 0 else {"2", "3"}), mine  # the other stage's layers stay stand-ins
+    dense = llama(tied=True)
+    layer_bytes = sum(p.numel() for p in dense.model.layers.parameters())
+    local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel()
+                for p in layers.parameters() if not p.is_meta)
+    assert local < 0.3 * layer_bytes, (local, layer_bytes)  # its stage's half, sharded over tp 2 (norms whole)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied after the load
+    expect_dense_step(model, dense, ids, ids, loss_fn)
+    torch_mp.clip_grad_norm_(model, max_norm=0.5)  # as check_matches_dense: Adam's step smooth in g
+    torch.nn.utils.clip_grad_norm_(dense.parameters(), max_norm=0.5)
+    optimizer.step()
+    adamw(dense, eps=1e-4).step()
+    stepped = torch_mp.full_state_dict(model)
+    for name, value in dense.state_dict().items():
+        torch.testing.assert_close(stepped[name], value, rtol=1e-4, atol=1e-6)
+
+
+def test_built_on_meta_loads_only_each_ranks_share(tmp_path):
+    """A model built under init_empty_weights, sharded over pp 2 x tp 2, then loaded from a
+    safetensors file: each rank materializes only its stages' shards, in place (the optimizer built
+    before steps them; the tied head stays tied), and trains to the dense numbers; a step before
+    the load is a ValueError on every rank, not a step on meta tensors."""
+    safetensors = pytest.importorskip("safetensors.torch")
+    state = {name: value.clone().contiguous() for name, value in llama(tied=True).state_dict().items()}
+    safetensors.save_file(state, str(tmp_path / "model.safetensors"))
+    run_ranks(4, check_built_on_meta, str(tmp_path), timeout=300)
 
 
 # --- bad input ---------------------------------------------------------------------------------

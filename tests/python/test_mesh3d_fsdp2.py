@@ -83,6 +83,11 @@ def check_fully_shard_with_a_pipeline_is_refused(rank, world):
         options.update(kwargs)
         with pytest.raises(error, match=r"^pipeline: " + message):
             torch_mp.pipeline(llama(), **options)
+    with torch_mp.init_empty_weights():
+        empty = llama()
+    with pytest.raises(ValueError, match=r"^pipeline: fully_shard = True on a LlamaForCausalLM whose parameters are "
+                                         r"on the meta device \(torch_mp.init_empty_weights\(\)\), not supported yet"):
+        torch_mp.pipeline(empty, group=mesh["pp"], data_parallel=mesh["dp"], chunks=2, fully_shard=True)
 
     # An optimizer built before pipeline(..., fully_shard=True) holds the parameters FSDP2 replaced by
     # its shards: its step raises (it stepped nothing the model reads: wrong numbers from step 2 on).

@@ -18,7 +18,7 @@ from torch_mp._group import all_gather_rows, process_group_of, resolve_group
 from torch_mp._checks import check_arg
 from torch_mp._checkpoint.safetensors import SafetensorsFile
 from torch_mp._state import PIPELINE, TENSOR_PARALLEL, held_state, unwrapped
-from torch_mp._tensor_parallel.dtensor import dp_local, like, local_tensor, tp_local
+from torch_mp._tensor_parallel.dtensor import dp_local, like, local_tensor, swap_in, tp_local
 from torch_mp._tensor_parallel.sharding import ShardSpec, slice_bounds, take_slices, unshard
 
 StateSource = Union[Mapping[str, torch.Tensor], str, os.PathLike]
@@ -121,7 +121,9 @@ def load_full_state_dict(module: nn.Module, state_dict_or_path: StateSource, str
     slice by slice from safetensors files. The inverse of ``full_state_dict``.
 
     Parameters still on the meta device (``init_empty_weights``) are materialized on ``device``
-    (default: the CPU), holding only this rank's slice; tied parameters stay tied. Each rank reads
+    (default: a pipeline's device, else the CPU), holding only this rank's slice (a pipeline rank
+    only its stages' tensors), in place: tied parameters stay tied and an optimizer built before
+    steps them. Each rank reads
     ``1 / group size`` of each sharded tensor's bytes (safetensors slices, as transformers'
     tensor-parallel loading does); a progress bar shows loads over 256 MiB.
 
@@ -143,15 +145,13 @@ def load_full_state_dict(module: nn.Module, state_dict_or_path: StateSource, str
     if strict and (missing or unexpected):
         raise ValueError(f"load_full_state_dict: missing keys {missing[:10]}, unexpected keys {unexpected[:10]}; "
                          "expected the stock state_dict of this model (or strict=False)")
-    if is_pipeline(module):  # other ranks' stages: meta stand-ins, loaded there
-        targets = {key: target for key, target in targets.items() if not local_tensor(target).is_meta}
+    pipe = getattr(held_state(module, PIPELINE), "pipe", None)
+    if pipe is not None:  # other ranks' stages: meta stand-ins, loaded there
+        targets = {key: target for key, target in targets.items()
+                   if not local_tensor(target).is_meta or pipe.holds(target)}
+        device = pipe.device if device is None else device
     _check_no_meta_outside(module, targets, keys)
-    owners: Dict[int, List[Tuple[nn.Module, str]]] = {}
-    for owner in module.modules():
-        for name, param in owner._parameters.items():
-            if param is not None and param.device.type == "meta":
-                owners.setdefault(id(param), []).append((owner, name))
-    materialized: Dict[int, nn.Parameter] = {}
+    materialized: set = set()
     targets = {key: (target, local_tensor(target)) for key, target in targets.items()}
     total = sum(t.numel() * t.element_size() for k, (_, t) in targets.items() if k in keys)
     with _progress(total, rank) as progress, torch.no_grad():
@@ -165,7 +165,7 @@ def load_full_state_dict(module: nn.Module, state_dict_or_path: StateSource, str
                 raise ValueError(f"load_full_state_dict: {key!r} has shape {tuple(value.shape)} in the source but "
                                  f"{tuple(shard.shape)} is expected on this rank")
             if shard.device.type == "meta":
-                _materialize(target, value, device, borrowed, owners, materialized)
+                _materialize(target, value, device, borrowed, materialized)
             else:
                 shard.copy_(value)
             progress(shard.numel() * shard.element_size())
@@ -191,15 +191,13 @@ def stock_layout(spec: Optional[ShardSpec], role: str) -> Tuple[Optional[int], b
     return (1 - dim if transposed else dim), transposed
 
 
-def _materialize(target, value, device, borrowed, owners, materialized) -> None:
-    """Puts a real parameter holding ``value`` wherever the meta parameter ``target`` is: a parameter
-    tied to several modules is replaced in each by the same new one."""
+def _materialize(target, value, device, borrowed, materialized: set) -> None:
+    """Makes the meta parameter ``target`` hold ``value`` in place (``swap_in``): modules it is tied
+    to, an optimizer built before and the pipeline's records of it keep the same object."""
     if id(target) in materialized:
         return
-    value = value.to(device or "cpu", copy=borrowed).contiguous()
-    materialized[id(target)] = nn.Parameter(like(target, value), requires_grad=target.requires_grad)
-    for owner, name in owners[id(target)]:
-        owner._parameters[name] = materialized[id(target)]
+    materialized.add(id(target))
+    swap_in(target, like(target, value.to(device or "cpu", copy=borrowed).contiguous()))
 
 
 def _check_no_meta_outside(module, targets, keys) -> None:

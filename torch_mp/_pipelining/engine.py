@@ -110,7 +110,7 @@ class _Follow(TorchFunctionMode):
             # A data-dependent shape (a boolean mask's selection) on meta takes every element: a
             # placeholder, replaced by the real tensor where a stage receives it.
             with _assume_all_nonzero():
-                out = func(*args, **kwargs)
+                out = _on_meta(func, args, kwargs)
         else:
             origin = max((o for o in map(origins.get, tensors) if o is not None), default=None)
             out = func(*args, **kwargs)
@@ -124,6 +124,23 @@ class _Follow(TorchFunctionMode):
                 if isinstance(t, torch.Tensor):
                     origins[t] = origin
         return out
+
+
+def _on_meta(func, args, kwargs):
+    """``func(*args, **kwargs)``, its tensors on the meta device or fetched. A grouped matmul
+    (transformers' MoE experts) has a meta kernel for bf16 and fp16 only, the CUDA kernel's dtypes,
+    though the CPU runs it in fp32: on meta operands it runs in bf16 and its result is cast back,
+    the shapes being all a stand-in needs."""
+    tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    if func is not torch._grouped_mm or not all(t.is_meta for t in tensors) or args[0].dtype in _GROUPED_MM_DTYPES:
+        return func(*args, **kwargs)
+    dtype = kwargs.get("out_dtype") or args[0].dtype
+    args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.to(torch.bfloat16) if t.is_floating_point() else t,
+                                        (args, {**kwargs, "out_dtype": None}))
+    return func(*args, **kwargs).to(dtype)
+
+
+_GROUPED_MM_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _is_meta_device(value) -> bool:

@@ -3,12 +3,10 @@
 import contextlib
 import datetime
 import functools
-import gc
 import os
 import time
 import types
 import warnings
-import weakref
 import zlib
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -35,7 +33,7 @@ from torch_mp._pipelining.microbatch import (BatchPlan, ChunkSpec, OutputMerge, 
                                              micro_batch_sizes, non_batch_sizes, shapes_of, write_back)
 from torch_mp._pipelining.timeline import Recorder, Timeline
 from torch_mp._pipelining.transport import GroupTransport
-from torch_mp._tensor_parallel.dtensor import like, local_tensor
+from torch_mp._tensor_parallel.dtensor import like, local_tensor, swap_in
 from torch_mp._state import PIPELINE, SPLIT, ParallelState, attach, check_not_parallelized, state_of
 from torch_mp._pipelining.zero_bubble import ZERO_BUBBLE, allocate_slots, defer_linears
 from torch_mp._training import clip_grad_norm_
@@ -43,7 +41,7 @@ from torch_mp._tensors import copy_tensors, map_tensors, move_tensors, mover, te
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "zbv")
 # Why a rank refuses a step, compared across the ranks before it runs (``_check_agreement``).
-REFUSED_HOOK, REFUSED_FULLY_SHARD = 1, 2
+REFUSED_HOOK, REFUSED_FULLY_SHARD, REFUSED_UNLOADED = 1, 2, 3
 
 
 def check_options(chunks: int, schedule: str, checkpoint: str, batch_dim: int, allowed=SCHEDULES) -> None:
@@ -252,6 +250,8 @@ class DistributedPipe(_Pipe):
         self.ranks_using: Dict[int, set] = {}
         self.tracked: set = set()
         self.used: Optional[set] = None
+        # Whether every tensor this rank holds is off the meta device (``unloaded``), once found.
+        self.loaded = False
         if self.schedule in ZERO_BUBBLE:
             defer_linears(self.module.get_submodule(name) for name, stage in self.stage_of.items()
                           if name and self.rank_of(stage) == self.rank)
@@ -263,6 +263,21 @@ class DistributedPipe(_Pipe):
 
     def rank_of(self, stage: int) -> int:
         return self.stage_ranks[stage]
+
+    def holds(self, tensor: torch.Tensor) -> bool:
+        """Whether this rank holds ``tensor`` (its stages', or one outside the layers it uses); the
+        others' are meta stand-ins."""
+        return self.rank in self.ranks_using.get(id(tensor), ())
+
+    def unloaded(self) -> List[str]:
+        """Names of the tensors this rank holds that are still on the meta device (a model built
+        under ``init_empty_weights`` and not loaded yet); empty once they all hold values."""
+        if self.loaded:
+            return []
+        names = [name for name, tensor in (*self.module.named_parameters(), *self.module.named_buffers())
+                 if tensor.is_meta and self.holds(tensor)]
+        self.loaded = not names
+        return names
 
     def local_stages(self) -> List[int]:
         return [stage for stage in range(self.num_stages) if self.stage_ranks[stage] == self.rank]
@@ -393,8 +408,8 @@ class DistributedPipe(_Pipe):
     def _check_agreement(self, signature: int, shapes: str, timeline: bool,
                          refusal: Optional[Tuple[int, str]] = None, max_norm: Optional[float] = None) -> None:
         """Every rank runs the same schedule on the same shapes, or none runs anything; a rank
-        refusing the step (``refusal``: ``(REFUSED_HOOK or REFUSED_FULLY_SHARD, its message)``)
-        stops every rank."""
+        refusing the step (``refusal``: ``(REFUSED_HOOK, REFUSED_FULLY_SHARD or REFUSED_UNLOADED,
+        its message)``) stops every rank."""
         fields = ["schedule", "stages", "stages_per_rank", "chunks", "input shapes", "stage plan", "timeline",
                   "max_norm"]
         clip = zlib.crc32(repr(max_norm if max_norm is None else float(max_norm)).encode())
@@ -405,6 +420,10 @@ class DistributedPipe(_Pipe):
         if refusal:
             raise ValueError(refusal[1])
         refusing = [r for r, row in enumerate(rows) if row[-1]]
+        if any(rows[r][-1] == REFUSED_UNLOADED for r in refusing):
+            raise ValueError(f"pipeline: rank(s) {[r for r in refusing if rows[r][-1] == REFUSED_UNLOADED]} hold "
+                             "parameters still on the meta device (their error names them); expected "
+                             "torch_mp.load_full_state_dict(model, state_dict_or_path) on every rank first")
         if any(rows[r][-1] == REFUSED_FULLY_SHARD for r in refusing):
             raise ValueError(f"pipeline: rank(s) {[r for r in refusing if rows[r][-1] == REFUSED_FULLY_SHARD]} hold "
                              "modules sharded by torch.distributed.fsdp.fully_shard (their error names them); expected "
@@ -439,6 +458,13 @@ class DistributedPipe(_Pipe):
         refusal = fully_sharded_refusal(self.module, "pipeline: train_step" if train else "pipeline: forward",
                                         [module for modules in self.fully_sharded.values() for module in modules])
         kind = REFUSED_FULLY_SHARD if refusal else REFUSED_HOOK
+        unloaded = self.unloaded() if not refusal else []
+        if unloaded:
+            kind, refusal = REFUSED_UNLOADED, (
+                f"pipeline: {'train_step' if train else 'forward'} on rank {self.rank}: {unloaded[:5]}"
+                f"{f' and {len(unloaded) - 5} more' if len(unloaded) > 5 else ''} of this rank's stages are on "
+                "the meta device (the model was built under torch_mp.init_empty_weights()); expected "
+                "torch_mp.load_full_state_dict(model, state_dict_or_path) first, which fills this rank's share")
         refusal = refusal or refused_gradient_hooks(
             in_parts, "pipeline", f"{count} micro-batches" if count > 1 else "one per rank holding it",
             "expected the hook registered with register_post_accumulate_grad_hook (run once per step, on the whole "
@@ -736,6 +762,10 @@ def pipeline(
     inner = state_of(module)
     replicas = _check_replica_group(data_parallel, group, inner)
     shard_options = _check_fully_shard(fully_shard, data_parallel, schedule, checkpoint, chunks, info.size, inner)
+    if shard_options is not None and any(param.is_meta for param in module.parameters()):
+        raise ValueError(f"pipeline: fully_shard = {fully_shard!r} on a {type(module).__name__} whose parameters are on "
+                         "the meta device (torch_mp.init_empty_weights()), not supported yet; expected a model with "
+                         "its weights, or fully_shard=False and then torch_mp.load_full_state_dict")
     _check_same_options([("schedule", SCHEDULES.index(schedule)), ("chunks", chunks),
                          ("stages_per_rank", stages_per_rank), ("checkpoint", CHECKPOINTS.index(checkpoint)),
                          ("batch_dim", batch_dim), ("balance", zlib.crc32(repr(balance).encode())),
@@ -925,8 +955,8 @@ def _keep_local_tensors(module: nn.Module, ranks_using: Dict[int, set], pipe: Di
                             tied.setdefault(ranks, []).append((canonical[id(tensor)], tensor))
                         replaced[id(tensor)] = tensor
                     else:
-                        with torch.no_grad():
-                            replaced[id(tensor)] = tensor.to(target)
+                        with torch.no_grad():  # a buffer built on the meta device stays there, as parameters do
+                            replaced[id(tensor)] = tensor if tensor.is_meta else tensor.to(target)
                 table[name] = replaced[id(tensor)]
     # Sorted alike on every rank: the sums between overlapping sets of ranks run in one order.
     return [([param for _, param in sorted(tied[ranks], key=lambda item: item[0])], ranks)
@@ -934,24 +964,17 @@ def _keep_local_tensors(module: nn.Module, ranks_using: Dict[int, set], pipe: Di
 
 
 def _move_parameter(param: nn.Parameter, device: torch.device) -> None:
-    """Moves ``param`` to ``device`` in place, keeping the Python object (``torch.utils.swap_tensors``):
-    optimizers, gradient hooks and their handles keep working on it. A gradient it holds moves
-    with it; to the meta device it is dropped."""
-    if param.device == device:
+    """Moves ``param`` to ``device`` in place, keeping the Python object (``swap_in``): optimizers,
+    gradient hooks and their handles keep working on it. A gradient it holds moves with it; to the
+    meta device it is dropped. One still on the meta device (built under ``init_empty_weights``)
+    stays there: ``load_full_state_dict`` materializes this rank's share of it."""
+    if param.device == device or param.is_meta:
         return
     with torch.no_grad():
         # A DTensor (tensor parallel's) moves its local tensor, keeping its mesh and placements.
-        moved = nn.Parameter(like(param, local_tensor(param).to(device)), param.requires_grad)
-        if param.grad is not None and device.type != "meta":
-            moved.grad = like(param, local_tensor(param.grad).to(device))
-    hooks = param._backward_hooks, getattr(param, "_post_accumulate_grad_hooks", None)
-    if weakref.getweakrefcount(param):
-        # swap_tensors refuses a tensor with weak references; those of dead reference cycles (the
-        # fake-tensor conversion of tensor_parallel's dry run) go with a collection.
-        gc.collect()
-    torch.utils.swap_tensors(param, moved)
-    # The hook dicts stay on the Python object; setting them again registers them with the moved tensor.
-    param._backward_hooks, param._post_accumulate_grad_hooks = hooks
+        grad = like(param, local_tensor(param.grad).to(device)) \
+            if param.grad is not None and device.type != "meta" else None
+        swap_in(param, like(param, local_tensor(param).to(device)), grad)
 
 
 def plain_train_step(module: nn.Module) -> Callable:

@@ -17,6 +17,8 @@ as a plain ``nn.Parameter``, which the layers then compute with (the autograd le
 makes the DTensor parameter's ``.grad`` that leaf's gradient wrapped with its placements.
 """
 import contextlib
+import gc
+import weakref
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -323,3 +325,20 @@ def like(param: torch.Tensor, local_value: torch.Tensor) -> torch.Tensor:
         return local_value
     return DTensor.from_local(local_value, param.device_mesh, param.placements, run_check=False, shape=param.shape,
                               stride=param.stride())
+
+
+def swap_in(param: torch.nn.Parameter, value: torch.Tensor, grad: Optional[torch.Tensor] = None) -> None:
+    """Makes ``param`` hold ``value`` (and ``grad``) in place, keeping the Python object
+    (``torch.utils.swap_tensors``): optimizers, gradient hooks and their handles, tied modules and
+    anything keyed by ``id(param)`` keep working on it. ``value`` is of ``param``'s kind (``like``)."""
+    moved = torch.nn.Parameter(value, param.requires_grad)
+    if grad is not None:
+        moved.grad = grad
+    hooks = param._backward_hooks, getattr(param, "_post_accumulate_grad_hooks", None)
+    if weakref.getweakrefcount(param):
+        # swap_tensors refuses a tensor with weak references; those of dead reference cycles (the
+        # fake-tensor conversion of tensor_parallel's dry run) go with a collection.
+        gc.collect()
+    torch.utils.swap_tensors(param, moved)
+    # The hook dicts stay on the Python object; setting them again registers them with the moved tensor.
+    param._backward_hooks, param._post_accumulate_grad_hooks = hooks
