@@ -181,6 +181,39 @@ def test_plan_takes_a_link_per_mesh_dim():
     assert [measured.link(dim) for dim in ("tp", "dp", "pp")] == [links["tp"], links["dp"], (5e-5, 1e-9)]
 
 
+def check_links_fitted_per_dim(rank, world):
+    """Each dim's link fitted on its own group: over the world (tp on neighbouring ranks, pp
+    between ranks two apart, dp over all four) and over an init_mesh DeviceMesh; a dim given in
+    ``collectives`` is kept."""
+    model, sample = llama(), {"input_ids": ids()}
+
+    def check(costs):
+        links = [costs.tp_link, costs.dp_link, costs.pp_link]
+        assert all(link is not None and link[0] > 0 and link[1] > 0 for link in links), links
+        assert len(set(links)) == 3, links  # three fits, not one for every dim
+
+    measured = measure_costs(model, sample)
+    check(measured)
+    on_mesh = measure_costs(model, sample, group=torch_mp.init_mesh(pp=2, dp=2, tp=1),
+                            collectives={"tp": (1e-6, 1e-11)})
+    check(on_mesh)
+    assert on_mesh.tp_link == (1e-6, 1e-11)
+    # step_seconds reads each dim's own link: the data-parallel average over "dp", the sends over "pp".
+    dp2 = Layout(1, 1, 2, "1f1b", 1, "never", False, (len(measured.layers),), 8)
+    slow_dp = dataclasses.replace(measured, dp_link=(1.0, measured.dp_link[1]))
+    assert step_seconds(slow_dp, dp2) - step_seconds(measured, dp2) == pytest.approx(1.0 - measured.dp_link[0])
+    pp2 = Layout(2, 1, 1, "1f1b", 1, "never", False, (2, 2), 8)
+    slow_pp = dataclasses.replace(measured, pp_link=(1.0, measured.pp_link[1]))
+    assert step_seconds(slow_pp, pp2) - step_seconds(measured, pp2) == pytest.approx(2 * (1.0 - measured.pp_link[0]))
+
+
+def test_plan_fits_a_link_per_mesh_dim_on_its_own_group():
+    """With the ranks at hand (4 Gloo ranks), measure_costs (what plan(sample=) calls) fits "tp" and
+    "dp" by all-reduces and "pp" by sends between neighbours, each on its own group, instead of
+    one fit over the world for every dim."""
+    run_ranks(4, check_links_fitted_per_dim, timeout=400)
+
+
 # --- the search -----------------------------------------------------------------------------------
 
 def test_plan_is_deterministic_for_a_fixed_cost_table():
