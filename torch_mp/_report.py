@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from torch_mp._group import all_gather_rows, resolve_group
+from torch_mp._pipelining.engine import THREAD_CONTEXTS
 from torch_mp._checks import check_arg
 from torch_mp._planner.costs import CostTable
 from torch_mp._planner.model import Layout, StagePeak, stage_peaks
@@ -231,9 +232,10 @@ def measure_peak(fn: Callable, *args, device: Optional[torch.device] = None, wha
     - CPU (``device`` None or cpu): torch's CPU allocator keeps no peak, so a dispatch mode
       (``TorchDispatchMode``) follows every CPU tensor the ops of ``fn`` make (an op's outputs that
       alias no input: in-place results and views are not new memory; a DTensor by its local tensor),
-      each storage once, from the op that makes it until it is freed. It sees the ops of this thread
-      and of autograd's CPU backward; not tensors other threads make (``split``'s stage threads) nor
-      an op's temporaries inside its kernel.
+      each storage once, from the op that makes it until it is freed. It sees the ops of this thread,
+      of autograd's CPU backward and of the threads a pipeline rank runs its actions on while a
+      forward waits (two stages per rank: interleaved 1F1B, ZB-V); not tensors other threads make
+      (``split``'s stage threads) nor an op's temporaries inside its kernel.
 
     ``what="resident"`` counts the process's memory instead: on CUDA ``max_memory_reserved`` (the
     caching allocator's segments); on the CPU the rise of the resident high-water mark (``VmHWM`` in
@@ -259,7 +261,13 @@ def measure_peak(fn: Callable, *args, device: Optional[torch.device] = None, wha
         return result, peak - start
     if what == "tensors":
         with _TensorPeak() as tracker:
-            result = fn(*args, **kwargs)
+            def enter():
+                return tracker
+            THREAD_CONTEXTS.append(enter)
+            try:
+                result = fn(*args, **kwargs)
+            finally:
+                THREAD_CONTEXTS.remove(enter)
         return result, tracker.peak
     if not os.path.exists("/proc/self/clear_refs"):
         raise ValueError(f"measure_peak: what='resident' on device={device} needs /proc/self/clear_refs (Linux) "
