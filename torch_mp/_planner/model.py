@@ -133,7 +133,8 @@ def stage_peaks(costs: CostTable, layout: Layout) -> List[StagePeak]:
       stage its output (``output_bytes``), on every stage but the first the gradient of its
       received input (``boundary_bytes``);
     - with data parallelism, the all-reduce after the backwards: every gradient of the rank, the
-      flattened copy it sends and its result (two copies of the rank's gradients), no activations.
+      flattened copy it sends and its result (two copies of the rank's gradients), and what is
+      kept of every finished micro-batch (the step has not ended).
 
     Tensor parallelism divides the layers' saved tensors (``_activations``); what is saved
     outside the layers (embedding output, final norm, the logits the column-parallel head
@@ -188,11 +189,12 @@ def stage_peaks(costs: CostTable, layout: Layout) -> List[StagePeak]:
             else:
                 waiting[stage] -= 1
         everything = sum(params[s] for s in mine)
-        flat = layout.dp > 1 and 3 * everything > best_total
+        outputs = {s: layout.chunks * finished[s] for s in mine}
+        flat = layout.dp > 1 and 3 * everything + sum(outputs.values()) > best_total
         for s in mine:
             optimizer = params[s] / costs.param_element_size * 8  # 2 x fp32
             if flat:
-                peaks[s] = StagePeak(int(params[s]), int(params[s]), int(optimizer), int(2 * params[s]), 0)
+                peaks[s] = StagePeak(int(params[s]), int(params[s]), int(optimizer), int(2 * params[s]), int(outputs[s]))
             else:
                 peaks[s] = StagePeak(int(params[s]), int(best[s][0]), int(optimizer), 0, int(best[s][1]))
     return peaks
