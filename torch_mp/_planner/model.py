@@ -129,7 +129,10 @@ def stage_peaks(costs: CostTable, layout: Layout) -> List[StagePeak]:
       input, ``boundary_bytes``); its backward (B) frees them;
     - under the zero-bubble schedules (ZB-H1, ZB-V) B leaves ``WEIGHT_HELD`` of a micro-batch's
       layer activations (the linears' inputs), and on the last stage the head's output gradient
-      (``output_bytes``), to its weight-gradient action (W), which frees them;
+      (``output_bytes``), to its weight-gradient action (W), which frees them (nothing under
+      ``checkpoint="always"``: the recomputed linears' B computes their weight gradients);
+    - a B (or W) that adds to the stage's existing gradients: ``ACCUMULATED`` of its largest
+      layer's (or embedding's, or head's) parameter bytes;
     - at a B: the loss's two gradients of the output on the last stage (cross entropy: of the
       log-probabilities and of the logits, ``2 * output_bytes``), and under checkpointing the
       micro-batch's saved tensors, recomputed;
@@ -154,7 +157,10 @@ def stage_peaks(costs: CostTable, layout: Layout) -> List[StagePeak]:
     one = [part + (costs.outside_activation_bytes * rows if s == last else 0.0) for s, part in enumerate(layer_part)]
     kept = one if layout.checkpoint != "always" else [costs.boundary_bytes * rows] * len(ranges)
     zero_bubble = layout.schedule in ZERO_BUBBLE and layout.pp > 1
-    pending = [WEIGHT_HELD * part + (costs.output_bytes * rows if s == last else 0.0)
+    # A recomputed stage's linears run outside the stage's forward: their B computes the weight
+    # gradients (zero_bubble._defers), and W keeps nothing.
+    pending = [0.0 if layout.checkpoint == "always" else WEIGHT_HELD * part + (costs.output_bytes * rows if s == last
+                                                                               else 0.0)
                for s, part in enumerate(layer_part)]
     finished = [rows * ((costs.output_bytes if s == last else 0.0) + (costs.boundary_bytes if s > 0 else 0.0))
                 for s in range(len(ranges))]
