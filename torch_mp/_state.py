@@ -45,6 +45,8 @@ class ParallelState:
     - ``pipeline``: ``group`` (the ProcessGroup, None for the default one), ``stage_of`` and ``pipe``.
     - ``pipeline`` over ``tensor_parallel``: ``inner`` is the tensor-parallel record;
       ``data_parallel`` the group of the pipeline's replicas (None: no replicas).
+    - a model ``parallelize`` returned (a pipeline): ``whole_batch``, the rows its ``train_step``
+      takes (the whole batch, every data-parallel group's; None elsewhere: a replica's own rows).
     - ``tensor_parallel``: ``group``, ``specs`` ({module or parameter name: how its weight is
       sharded}), ``plan`` ({module name: style}), ``replicated`` (the names of shardable layers
       left whole) and ``kept_whole`` ({module name: the error that kept it whole}).
@@ -65,6 +67,7 @@ class ParallelState:
     hooks: List[Any] = field(default_factory=list)
     inner: Optional["ParallelState"] = None
     data_parallel: Any = None
+    whole_batch: Optional[int] = None
 
     def __post_init__(self):
         if self.kind not in KINDS:

@@ -116,18 +116,21 @@ def test_peak_memory_is_the_largest_phase():
     AdamW state; 1F1B with 4 micro-batches of 2 rows keeps 2 in flight on stage 0 and 1 on stage 1
     with the gradients (a forward runs after a backward), and stage 1 the gradients of 3 finished
     micro-batches' received inputs (256 bytes a row); GPipe runs every forward first: 4 in flight
-    without gradients or 3 with them; checkpointing keeps each micro-batch's stage input and one
-    micro-batch's saved tensors."""
+    without gradients or, at the second backward's start, 3 with them and one finished
+    micro-batch's input gradient; checkpointing keeps each micro-batch's stage input and one
+    micro-batch's saved tensors. A backward that adds to existing gradients has half a layer's
+    weight gradients in flight (``ACCUMULATED``): 0.5 MiB."""
     costs = table()
     mib = 1 << 20
     layout = Layout(2, 1, 1, "1f1b", 4, "never", False, (2, 2), 8)
     one = 2 * 4096 * 2  # two layers' saved bytes, 2 rows
     inputs = 3 * 256 * 2
-    assert peak_bytes(costs, layout) == [8 * mib + 2 * one, 8 * mib + one + inputs]
+    accumulated = mib // 2
+    assert peak_bytes(costs, layout) == [8 * mib + accumulated + 2 * one, 8 * mib + accumulated + one + inputs]
     assert peak_bytes(costs, dataclasses.replace(layout, schedule="gpipe")) == \
-        [8 * mib + 3 * one, 8 * mib + 3 * one + inputs]
+        [8 * mib + accumulated + 3 * one, 8 * mib + accumulated + 3 * one + inputs // 3]
     assert peak_bytes(costs, dataclasses.replace(layout, checkpoint="always")) == \
-        [8 * mib + 2 * 256 * 2 + one, 8 * mib + 256 * 2 + one + inputs]
+        [8 * mib + accumulated + 2 * 256 * 2 + one, 8 * mib + accumulated + 256 * 2 + one + inputs]
     # Activations larger than the gradients: the first backward's start, before any gradient.
     big = table(activation=1 << 20)
     assert peak_bytes(big, dataclasses.replace(layout, schedule="gpipe")) == [6 * mib + 4 * 2 * 2 * mib] * 2
@@ -178,6 +181,39 @@ def test_plan_takes_a_link_per_mesh_dim():
                                    costs=dataclasses.replace(costs, tp_link=links["tp"], dp_link=links["dp"]))
     measured = measure_costs(llama(), {"input_ids": ids()}, collectives={**links, "pp": (5e-5, 1e-9)})
     assert [measured.link(dim) for dim in ("tp", "dp", "pp")] == [links["tp"], links["dp"], (5e-5, 1e-9)]
+
+
+def check_links_fitted_per_dim(rank, world):
+    """Each dim's link fitted on its own group: over the world (tp on neighbouring ranks, pp
+    between ranks two apart, dp over all four) and over an init_mesh DeviceMesh; a dim given in
+    ``collectives`` is kept."""
+    model, sample = llama(), {"input_ids": ids()}
+
+    def check(costs):
+        links = [costs.tp_link, costs.dp_link, costs.pp_link]
+        assert all(link is not None and link[0] > 0 and link[1] > 0 for link in links), links
+        assert len(set(links)) == 3, links  # three fits, not one for every dim
+
+    measured = measure_costs(model, sample)
+    check(measured)
+    on_mesh = measure_costs(model, sample, group=torch_mp.init_mesh(pp=2, dp=2, tp=1),
+                            collectives={"tp": (1e-6, 1e-11)})
+    check(on_mesh)
+    assert on_mesh.tp_link == (1e-6, 1e-11)
+    # step_seconds reads each dim's own link: the data-parallel average over "dp", the sends over "pp".
+    dp2 = Layout(1, 1, 2, "1f1b", 1, "never", False, (len(measured.layers),), 8)
+    slow_dp = dataclasses.replace(measured, dp_link=(1.0, measured.dp_link[1]))
+    assert step_seconds(slow_dp, dp2) - step_seconds(measured, dp2) == pytest.approx(1.0 - measured.dp_link[0])
+    pp2 = Layout(2, 1, 1, "1f1b", 1, "never", False, (2, 2), 8)
+    slow_pp = dataclasses.replace(measured, pp_link=(1.0, measured.pp_link[1]))
+    assert step_seconds(slow_pp, pp2) - step_seconds(measured, pp2) == pytest.approx(2 * (1.0 - measured.pp_link[0]))
+
+
+def test_plan_fits_a_link_per_mesh_dim_on_its_own_group():
+    """With the ranks at hand (4 Gloo ranks), measure_costs (what plan(sample=) calls) fits "tp" and
+    "dp" by all-reduces and "pp" by sends between neighbours, each on its own group, instead of
+    one fit over the world for every dim."""
+    run_ranks(4, check_links_fitted_per_dim, timeout=400)
 
 
 # --- the search -----------------------------------------------------------------------------------

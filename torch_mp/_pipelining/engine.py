@@ -540,6 +540,12 @@ def _check_flows_forward(micro_batch: MicroBatch, module: torch.nn.Module, stage
         "are), or run the model with torch_mp.split in one process")
 
 
+# What every pooled action thread enters around each task it runs, as the thread that started the
+# step would have: a dispatch mode is its thread's own (torch_mp.measure_peak's tensor tracker adds
+# itself here while it runs, so the tensors these threads make count too).
+THREAD_CONTEXTS: List[Callable[[], contextlib.AbstractContextManager]] = []
+
+
 class _Pooled:
     """A thread that runs a step's actions on for a thread whose forward paused, kept for later ones."""
 
@@ -552,7 +558,10 @@ class _Pooled:
         while True:
             self.wake.acquire()
             task, self.task = self.task, None
-            task(self.wake)
+            with contextlib.ExitStack() as entered:
+                for context in list(THREAD_CONTEXTS):
+                    entered.enter_context(context())
+                task(self.wake)
             with _pool_guard:
                 _pool.append(self)
 

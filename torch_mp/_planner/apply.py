@@ -15,6 +15,7 @@ from torch_mp._mesh import init_mesh
 from torch_mp._pipelining.pipeline import pipeline
 from torch_mp._group import all_reduce
 from torch_mp._planner.plans import Candidate, Plan
+from torch_mp._state import PIPELINE, state_of
 from torch_mp._tensor_parallel.parallelize import tensor_parallel
 from torch_mp._tensors import map_tensors, tensors_in
 
@@ -54,6 +55,7 @@ def parallelize(model: nn.Module, plan: Plan) -> nn.Module:
              checkpoint=layout.checkpoint, balance=list(layout.balance), layers=list(plan.costs.layers))
     model.train_step = functools.partial(_whole_batch_step, model.train_step, plan.batch, layout.dp,
                                          mesh["dp"].get_local_rank())
+    state_of(model, PIPELINE).whole_batch = plan.batch
     return model
 
 

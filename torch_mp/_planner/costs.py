@@ -4,13 +4,15 @@ arithmetic that turns them into a layout's cost is in ``model.py``."""
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from torch_mp._group import all_reduce, resolve_group
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from torch_mp._group import all_reduce, process_group_of, resolve_group
 from torch_mp._layers import find_layers
 from torch_mp._pipelining.pipeline import time_layers
 from torch_mp._tensor_parallel.dtensor import local_tensor
@@ -55,8 +57,8 @@ class CostTable:
     ``alpha_s + beta_s_per_byte * bytes * 2 (n - 1) / n`` for an all-reduce over n ranks,
     ``alpha_s + beta_s_per_byte * bytes`` for a send; each mesh dim over its own link (past one
     node, tensor parallel within a node, data parallel and the pipeline's sends across them):
-    ``tp_link``, ``dp_link``, ``pp_link`` as ``(alpha_s, beta_s_per_byte)``, or None for the
-    ``alpha_s`` and ``beta_s_per_byte`` fitted over the group (every dim alike on one machine).
+    ``tp_link``, ``dp_link``, ``pp_link`` as ``(alpha_s, beta_s_per_byte)`` (``measure_costs``
+    fits each on its own group: ``fit_links``), or None for ``alpha_s`` and ``beta_s_per_byte``.
     ``tp_must_divide``: the counts tensor
     parallelism must divide (heads, key-value heads, experts); ``all_reduces_per_layer``: a
     transformer block's 2 (attention, MLP); ``experts``: per MoE layer (0: none);
@@ -242,24 +244,9 @@ def _tp_constraints(module: nn.Module) -> Tuple[Tuple[int, ...], int, int]:
     return (widths[-1],) if widths else (), 1, 0
 
 
-def fit_collectives(group=None, sizes=(256, 16384, 262144)) -> Tuple[float, float]:
-    """``(alpha_s, beta_s_per_byte)``: a least-squares line through the median time of five
-    float32 all-reduces of each size (elements) over ``group`` (every rank calls it; the slowest
-    rank's times count, so every rank fits alike). With one rank, the defaults of ``CostTable``."""
-    info = resolve_group(group, "plan(group=...)")
-    if info.size == 1:
-        return CostTable.alpha_s, CostTable.beta_s_per_byte
-    xs, ys = [], []
-    for size in sizes:
-        tensor = torch.ones(size)
-        times = []
-        for _ in range(6):
-            dist.barrier(group)
-            start = time.perf_counter()
-            dist.all_reduce(tensor, group=group)
-            times.append(time.perf_counter() - start)
-        xs.append(size * 4 * 2 * (info.size - 1) / info.size)
-        ys.append(sorted(times[1:])[2])
+def _line_through(xs: List[float], ys: List[float], group) -> Tuple[float, float]:
+    """``(alpha_s, beta_s_per_byte)``: the least-squares line through (bytes, seconds), the slowest
+    rank's seconds of each size (so every rank of ``group`` fits alike)."""
     slowest = all_reduce(torch.tensor(ys, dtype=torch.float64), "max", group, "plan").tolist()
     n = len(xs)
     mean_x, mean_y = sum(xs) / n, sum(slowest) / n
@@ -268,22 +255,123 @@ def fit_collectives(group=None, sizes=(256, 16384, 262144)) -> Tuple[float, floa
     return max(mean_y - beta * mean_x, 1e-6), beta
 
 
+def _device_of(group) -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) \
+        if dist.get_backend(process_group_of(group)) == "nccl" else torch.device("cpu")
+
+
+def fit_collectives(group=None, sizes=(256, 16384, 262144)) -> Tuple[float, float]:
+    """``(alpha_s, beta_s_per_byte)``: a least-squares line through the median time of five
+    float32 all-reduces of each size (elements) over ``group`` (every rank calls it; the slowest
+    rank's times count, so every rank fits alike). With one rank, the defaults of ``CostTable``."""
+    info = resolve_group(group, "plan(group=...)")
+    if info.size == 1:
+        return CostTable.alpha_s, CostTable.beta_s_per_byte
+    pg = process_group_of(group)
+    xs, ys = [], []
+    for size in sizes:
+        tensor = torch.ones(size, device=_device_of(group))
+        times = []
+        for _ in range(6):
+            dist.barrier(pg)
+            start = time.perf_counter()
+            dist.all_reduce(tensor, group=pg)
+            times.append(time.perf_counter() - start)
+        xs.append(size * 4 * 2 * (info.size - 1) / info.size)
+        ys.append(sorted(times[1:])[2])
+    return _line_through(xs, ys, group)
+
+
+def fit_sends(group=None, sizes=(256, 16384, 262144)) -> Tuple[float, float]:
+    """``(alpha_s, beta_s_per_byte)`` of a send between neighbouring ranks of ``group`` (a
+    pipeline's stages): half the median round trip of five float32 tensors of each size (elements)
+    between its ranks 2i and 2i + 1 (an odd last rank waits), a least-squares line through the
+    slowest pair's (every rank calls it). With one rank, the defaults of ``CostTable``."""
+    info = resolve_group(group, "plan(group=...)")
+    if info.size == 1:
+        return CostTable.alpha_s, CostTable.beta_s_per_byte
+    pg = process_group_of(group)
+    partner = info.rank ^ 1
+    peer = dist.get_global_rank(pg, partner) if partner < info.size else None
+    xs, ys = [], []
+    for size in sizes:
+        tensor = torch.ones(size, device=_device_of(group))
+        times = []
+        for _ in range(6):
+            dist.barrier(pg)
+            start = time.perf_counter()
+            if peer is not None and info.rank % 2 == 0:
+                dist.send(tensor, peer, group=pg)
+                dist.recv(tensor, peer, group=pg)
+            elif peer is not None:
+                dist.recv(tensor, peer, group=pg)
+                dist.send(tensor, peer, group=pg)
+            times.append((time.perf_counter() - start) / 2)
+        xs.append(size * 4)
+        ys.append(sorted(times[1:])[2])
+    return _line_through(xs, ys, group)
+
+
+def _dim_groups(group) -> Dict[str, object]:
+    """The group each mesh dim's link is fitted on: of a DeviceMesh whose dims are named among
+    ``MESH_DIMS``, each such dim of 2 or more ranks (``mesh[dim]``); the others, or all for a
+    process group (None: the default one) of n ranks, as ``init_mesh`` lays out a pipeline of 2
+    stages (pp outermost, tp innermost): "tp" over ranks next to each other (n/2 of them: within a
+    node), "pp" between ranks n/2 apart, "dp" over all n (the widest data-parallel group). With
+    fewer than 4 ranks, the whole group for each."""
+    mesh = group if _is_mesh(group) else None
+    dims = {dim: mesh[dim] for dim in (mesh.mesh_dim_names if mesh is not None else ())
+            if dim in MESH_DIMS and mesh[dim].size() > 1}
+    if len(dims) == len(MESH_DIMS):
+        return dims
+    world = None if mesh is not None else group
+    size = resolve_group(world, "plan(group=...)").size
+    if size < 4 or size % 2:
+        return {dim: dims.get(dim, world) for dim in MESH_DIMS}
+    halves = init_device_mesh(_device_of(world).type, (2, size // 2), mesh_dim_names=("pp", "tp")) \
+        if world is None or world is dist.group.WORLD else None
+    if halves is None:  # a subgroup: its own ranks, not the world's layout
+        return {dim: dims.get(dim, world) for dim in MESH_DIMS}
+    return {"tp": dims.get("tp", halves["tp"]), "dp": dims.get("dp", world), "pp": dims.get("pp", halves["pp"])}
+
+
+def _is_mesh(group) -> bool:
+    """A DeviceMesh of named dims among ``MESH_DIMS`` (``init_mesh``'s), not a 1-D group."""
+    names = getattr(group, "mesh_dim_names", None) if isinstance(group, DeviceMesh) else None
+    return bool(names) and set(names) <= set(MESH_DIMS)
+
+
+def fit_links(group=None, dims: Sequence[str] = MESH_DIMS) -> Dict[str, Tuple[float, float]]:
+    """``{dim: (alpha_s, beta_s_per_byte)}`` for each of ``dims`` ("tp", "dp", "pp"), each fitted on its own group
+    (``_dim_groups``): all-reduces for "tp" and "dp" (``fit_collectives``), sends between
+    neighbours for "pp" (``fit_sends``). Every rank of ``group`` (a process group, None: the
+    default one, or an ``init_mesh`` DeviceMesh) calls it and gets the same fits."""
+    groups = _dim_groups(group)
+    return {dim: (fit_sends if dim == "pp" else fit_collectives)(groups[dim]) for dim in dims}
+
+
 def measure_costs(module: nn.Module, sample, group=None, layers: Optional[List[str]] = None,
                   collectives: Optional[Collectives] = None) -> CostTable:
     """The cost table of ``module`` on this device: each layer's forward and backward time on
     ``sample`` and on its first row (a line in the rows), the bytes autograd saves, the parameter
-    bytes, and the alpha-beta fit of all-reduces over ``group`` for every mesh dim; or
-    ``collectives`` given: ``(alpha_s, beta_s_per_byte)`` for every dim, or a dict of them by dim
-    (``{"tp": ..., "dp": ..., "pp": ...}``; a dim left out gets the fit over ``group``). With a
-    group, every rank calls it (all at once, so the times include what the ranks take from each
-    other on a shared host) and gets the same table: the
-    times are averaged over the ranks. A ``tensor_parallel`` module is measured as this rank runs
+    bytes, and an alpha-beta fit per mesh dim, each on its own group of ``group`` (``fit_links``:
+    a process group, None for the default one, or an ``init_mesh`` DeviceMesh spanning the world;
+    "tp" and "dp" by all-reduces, "pp" by sends between neighbours); or ``collectives`` given:
+    ``(alpha_s, beta_s_per_byte)`` for every dim, or a dict of them by dim (``{"tp": ..., "dp":
+    ..., "pp": ...}``; a dim left out gets its fit). With a group, every rank calls it (all at
+    once, so the times include what the ranks take from each other on a shared host) and gets the
+    same table: the times are averaged over the ranks. A ``tensor_parallel`` module is measured as this rank runs
     it: its times and saved bytes are one rank's, its parameters count at their global size (sharded
     as placed), the dense model's bytes.
 
     Raises ValueError for a sample without a batch dim, a model whose output on it has no
-    differentiable tensor, or ``collectives`` of another form (before any collective)."""
+    differentiable tensor, ``collectives`` of another form, or a DeviceMesh ``group`` that does
+    not span the world (before any collective)."""
     links = _links(collectives, "plan") if collectives is not None else {}
+    mesh, group = (group, None) if _is_mesh(group) else (None, group)
+    if mesh is not None and mesh.size() != dist.get_world_size():
+        raise ValueError(f"plan: group = a DeviceMesh of {mesh.size()} ranks {tuple(mesh.mesh_dim_names)}; expected one "
+                         f"spanning the world's {dist.get_world_size()} ranks (init_mesh), whose dims' links are fitted")
     layer_names = list(layers) if layers is not None else find_layers(module)
     rows = _rows(sample)
     full = time_layers(module, layer_names, sample, "plan")
@@ -301,7 +389,9 @@ def measure_costs(module: nn.Module, sample, group=None, layers: Optional[List[s
     saved, outside_saved, boundary, output = _saved_bytes(module, layer_names, sample)
     params, sharded, first, first_sharded, last, last_sharded = _param_bytes(module, layer_names)
     divide, all_reduces, experts = _tp_constraints(module)
-    alpha, beta = links["dp"] if len(links) == len(MESH_DIMS) else fit_collectives(group)
+    if len(links) < len(MESH_DIMS):
+        links = {**fit_links(mesh if mesh is not None else group, [d for d in MESH_DIMS if d not in links]), **links}
+    alpha, beta = links["dp"]
     element = next(module.parameters()).element_size()
     return CostTable(
         layers=tuple(layer_names),
@@ -316,4 +406,4 @@ def measure_costs(module: nn.Module, sample, group=None, layers: Optional[List[s
         boundary_bytes=-(-boundary // rows), output_bytes=-(-output // rows), param_element_size=element, alpha_s=alpha, beta_s_per_byte=beta,
         tp_must_divide=divide, all_reduces_per_layer=all_reduces, experts=experts,
         sequence_parallel=all_reduces == 2 and not experts,
-        **{f"{dim}_link": link for dim, link in links.items() if link != (alpha, beta)})
+        **{f"{dim}_link": link for dim, link in links.items()})

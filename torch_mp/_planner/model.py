@@ -17,6 +17,16 @@ REPLICATED_ACTIVATIONS = 10 / 34
 # s % ranks for interleaved 1F1B, a V for ZB-V (rank r: stages r and 2 ranks - 1 - r).
 TWO_STAGES_PER_RANK = ("interleaved_1f1b", "zbv")
 ZERO_BUBBLE = ("zb_h1", "zbv")
+# The share of a micro-batch's saved layer activations that a zero-bubble B leaves to its W (the
+# linears' inputs, which the deferred weight gradients read): measured on the benchmark's Llama at
+# pp 4, ZB-H1 held a third of a block's saved bytes per pending W more than 1F1B (0.9 MiB on its
+# third rank, 2.9 on its last with the head's output gradients).
+WEIGHT_HELD = 1 / 3
+# A backward that adds to existing gradients computes each weight's gradient before adding it to
+# ``.grad`` (autograd's AccumulateGrad; a zero-bubble W likewise): the share of a stage's largest
+# layer (or its embedding, or its head) whose gradients are in flight at once, measured on the
+# test's Llama (2.25 MiB above the activations in a second backward, a block of 3.75 MiB).
+ACCUMULATED = 0.5
 
 
 @dataclass(frozen=True)
@@ -79,40 +89,22 @@ def _params(costs: CostTable, layers: range, first: bool, last: bool, tp: int) -
     return total - sharded + sharded / tp
 
 
-def _in_flight_at_rank_peaks(layout: Layout, stage_bytes: List[float]) -> List[int]:
-    """For several stages per rank: the micro-batches each stage holds when its rank holds the most
-    activations (``stage_bytes`` a micro-batch), replaying the rank's actions of the C++ schedule (a
-    forward takes one micro-batch's, its input-gradient backward frees them)."""
-    held = [0] * len(stage_bytes)
-    for actions in _C._pipeline_schedule(layout.schedule, layout.pp, layout.stages_per_rank, layout.chunks):
-        count: Dict[int, int] = {}
-        best, best_bytes = {}, -1.0
-        for kind, stage, _ in actions:
-            if kind == 2:
-                continue
-            count[stage] = count.get(stage, 0) + (1 if kind == 0 else -1)
-            total = sum(n * stage_bytes[s] for s, n in count.items())
-            if total > best_bytes:
-                best, best_bytes = dict(count), total
-        for stage, n in best.items():
-            held[stage] = n
-    return held
-
-
-def in_flight(layout: Layout, stage: int) -> int:
-    """Micro-batches whose activations a stage holds at once: all of them under GPipe; under 1F1B
-    and ZB-H1 the ones started before the first backward reaches it (``pp - stage``, at most
-    ``chunks``)."""
-    return layout.chunks if layout.schedule == "gpipe" else min(layout.chunks, layout.pp - stage)
+def _actions(layout: Layout) -> List[List[Tuple[int, int, int]]]:
+    """Each pipeline rank's actions in order, ``(kind, stage, micro-batch)`` (kind 0 F, 1 B, 2 W):
+    the C++ schedule's (``_C._pipeline_schedule``); without a pipeline, each micro-batch's forward
+    then its backward."""
+    if layout.pp == 1:
+        return [[(kind, 0, m) for m in range(layout.chunks) for kind in (0, 1)]]
+    return [list(a) for a in _C._pipeline_schedule(layout.schedule, layout.pp, layout.stages_per_rank, layout.chunks)]
 
 
 @dataclass(frozen=True)
 class StagePeak:
-    """Predicted bytes one rank of a stage holds at its peak, by kind: ``parameters``, their
-    ``gradients`` (those held at that moment: none where the peak comes before the first
-    backward), the ``optimizer`` state, the ``flat`` gradients of the data-parallel all-reduce
-    (and its result) and the ``activations`` (with the loss's gradients and the finished
-    micro-batches' outputs and input gradients) held then."""
+    """Predicted bytes one rank of a stage holds at its rank's peak, by kind: ``parameters``,
+    their ``gradients`` (those held at that moment: none before the stage's first backward), the
+    ``optimizer`` state, the ``flat`` gradients of the data-parallel all-reduce (and its result)
+    and the ``activations`` (with the loss's gradients, the zero-bubble schedules' pending weight
+    gradients' inputs and the finished micro-batches' outputs and input gradients) held then."""
     parameters: int
     gradients: int
     optimizer: int
@@ -125,69 +117,101 @@ class StagePeak:
 
 
 def stage_peaks(costs: CostTable, layout: Layout) -> List[StagePeak]:
-    """Predicted peak per pipeline stage, by kind (each rank of that stage's tensor-parallel and
-    data-parallel groups holds the same): the largest of the step's phases, each the sum of what
-    is held then.
+    """Predicted bytes per pipeline stage at its rank's peak, by kind (each rank of that stage's
+    tensor-parallel and data-parallel groups holds the same); a rank's stages sum to its peak.
 
-    Always held: the parameters and AdamW's two fp32 states. Phases:
+    Always held: the parameters and AdamW's two fp32 states. The rank's actions (``_actions``:
+    the C++ schedule, which every rank runs in order) are replayed, and the peak is the largest
+    of what is held at the start of each action and of the data-parallel all-reduce:
 
-    - a backward's start, before any gradient exists (the first backward): the activations of the
-      micro-batches in flight (``in_flight``; with ``checkpoint="always"`` each one's stage input,
-      and one micro-batch's saved tensors while it is recomputed), on the last stage with the
-      loss's two gradients of the output (cross entropy: of the log-probabilities and of the
-      logits, ``2 * output_bytes``);
-    - the last micro-batch's backward start, the gradients all allocated: the parameters'
-      gradients plus the activations in flight then (``in_flight`` where a forward runs after a
-      backward, as in 1F1B's steady state; one fewer where all forwards ran first: GPipe, or
-      ``chunks <= pp - stage``), the loss's gradients, and what the pipeline keeps of each
-      finished micro-batch until the step ends: on the last stage its output
-      (``output_bytes``), on every stage but the first the gradient of its received input
-      (``boundary_bytes``);
-    - with data parallelism, the all-reduce after the backwards: the gradients, the flattened
-      copy it sends and its result (two copies of the gradients).
+    - a forward adds one micro-batch's saved tensors of the stage (``_activations``; on the last
+      stage also what is saved outside the layers; with ``checkpoint="always"`` only the stage
+      input, ``boundary_bytes``); its backward (B) frees them;
+    - under the zero-bubble schedules (ZB-H1, ZB-V) B leaves ``WEIGHT_HELD`` of a micro-batch's
+      layer activations (the linears' inputs), and on the last stage the head's output gradient
+      (``output_bytes``), to its weight-gradient action (W), which frees them (nothing under
+      ``checkpoint="always"``: the recomputed linears' B computes their weight gradients);
+    - a B (or W) that adds to the stage's existing gradients: ``ACCUMULATED`` of its largest
+      layer's (or embedding's, or head's) parameter bytes;
+    - at a B: the loss's two gradients of the output on the last stage (cross entropy: of the
+      log-probabilities and of the logits, ``2 * output_bytes``), and under checkpointing the
+      micro-batch's saved tensors, recomputed;
+    - a stage's gradients exist from its first B on;
+    - what the pipeline keeps of each finished micro-batch until the step ends: on the last
+      stage its output (``output_bytes``), on every stage but the first the gradient of its
+      received input (``boundary_bytes``);
+    - with data parallelism, the all-reduce after the backwards: every gradient of the rank, the
+      flattened copy it sends and its result (two copies of the rank's gradients), and what is
+      kept of every finished micro-batch (the step has not ended).
 
     Tensor parallelism divides the layers' saved tensors (``_activations``); what is saved
     outside the layers (embedding output, final norm, the logits the column-parallel head
-    gathers, the loss's log-probabilities) is held whole on every rank. With several stages per
-    rank (interleaved 1F1B, ZB-V), each stage's in-flight count is the one it has when its rank
-    holds the most (``_in_flight_at_rank_peaks``), so a rank's stages sum to its peak. Peaks of one stage's
-    activations over a micro-batch: Korthikanti et al., 2022; 1F1B's in-flight count:
-    Narayanan et al., 2021."""
+    gathers, the loss's log-probabilities) is held whole on every rank. Peaks of one stage's
+    activations over a micro-batch: Korthikanti et al., 2022; 1F1B's in-flight count (``pp -
+    stage``): Narayanan et al., 2021; the B/W split: Qi et al., 2024."""
     rows = layout.rows
-    peaks = []
     ranges = stage_layers(layout.balance)
-    ones = []
-    for stage, layers in enumerate(ranges):
-        one = _activations(costs, layers, rows, layout)
-        if stage == len(ranges) - 1:
-            one += costs.outside_activation_bytes * rows
-        ones.append(one)
-    at_peaks = _in_flight_at_rank_peaks(layout, ones) if layout.stages_per_rank > 1 else None
-    for stage, layers in enumerate(ranges):
-        first, last = stage == 0, stage == len(ranges) - 1
-        params = _params(costs, layers, first, last, layout.tp)
-        optimizer = params / costs.param_element_size * 8  # 2 x fp32
-        held = in_flight(layout, stage) if at_peaks is None else at_peaks[stage]
-        one = ones[stage]
-        loss_gradients = finished = 0.0
-        if last:
-            loss_gradients = 2 * costs.output_bytes * rows
-        if layout.pp > 1:
-            finished = (layout.chunks - 1) * rows * ((costs.output_bytes if last else 0) +
-                                                     (costs.boundary_bytes if stage > 0 else 0))
-        if layout.checkpoint == "always":
-            def activations(count):
-                return count * costs.boundary_bytes * rows + one if count else 0.0
-        else:
-            def activations(count):
-                return count * one
-        steady = layout.schedule != "gpipe" and layout.chunks > held
-        phases = [StagePeak(int(params), 0, int(optimizer), 0, int(activations(held) + loss_gradients)),
-                  StagePeak(int(params), int(params), int(optimizer), 0,
-                            int(activations(held if steady else held - 1) + loss_gradients + finished))]
-        if layout.dp > 1:  # the flattened gradients and the all-reduce's result
-            phases.append(StagePeak(int(params), int(params), int(optimizer), int(2 * params), 0))
-        peaks.append(max(phases, key=lambda peak: peak.total))
+    last = len(ranges) - 1
+    params = [_params(costs, layers, s == 0, s == last, layout.tp) for s, layers in enumerate(ranges)]
+    layer_part = [_activations(costs, layers, rows, layout) for layers in ranges]
+    one = [part + (costs.outside_activation_bytes * rows if s == last else 0.0) for s, part in enumerate(layer_part)]
+    kept = one if layout.checkpoint != "always" else [costs.boundary_bytes * rows] * len(ranges)
+    zero_bubble = layout.schedule in ZERO_BUBBLE and layout.pp > 1
+    # A recomputed stage's linears run outside the stage's forward: their B computes the weight
+    # gradients (zero_bubble._defers), and W keeps nothing.
+    pending = [0.0 if layout.checkpoint == "always" else WEIGHT_HELD * part + (costs.output_bytes * rows if s == last
+                                                                               else 0.0)
+               for s, part in enumerate(layer_part)]
+    finished = [rows * ((costs.output_bytes if s == last else 0.0) + (costs.boundary_bytes if s > 0 else 0.0))
+                for s in range(len(ranges))]
+    widest = [max([_params(costs, range(i, i + 1), False, False, layout.tp) for i in layers] +
+                  [_params(costs, range(0), s == 0, s == last, layout.tp)]) for s, layers in enumerate(ranges)]
+    stage_ranks = layout.stage_ranks()
+    peaks: List[StagePeak] = [StagePeak(0, 0, 0, 0, 0)] * len(ranges)
+    for rank, actions in enumerate(_actions(layout)):
+        mine = [s for s, owner in enumerate(stage_ranks) if owner == rank]
+        forwarded = {s: 0 for s in mine}
+        waiting = {s: 0 for s in mine}
+        done = {s: 0 for s in mine}
+        graded = {s: False for s in mine}
+
+        def held(kind: int, stage: int) -> Dict[int, Tuple[float, float]]:
+            """{stage: (gradient bytes, activation bytes)} at the start of the action."""
+            now = {}
+            for s in mine:
+                activations = forwarded[s] * kept[s] + waiting[s] * pending[s] + done[s] * finished[s]
+                if kind == 1 and s == stage:
+                    activations += (2 * costs.output_bytes * rows if s == last else 0.0) + \
+                        (one[s] if layout.checkpoint == "always" else 0.0)
+                if s == stage and graded[s] and kind != 0:
+                    activations += ACCUMULATED * widest[s]
+                now[s] = (params[s] if graded[s] else 0.0, activations)
+            return now
+
+        best, best_total = None, -1.0
+        for kind, stage, _ in actions:
+            now = held(kind, stage)
+            total = sum(g + a for g, a in now.values())
+            if total > best_total:
+                best, best_total = now, total
+            if kind == 0:
+                forwarded[stage] += 1
+            elif kind == 1:
+                forwarded[stage] -= 1
+                done[stage] += 1
+                waiting[stage] += zero_bubble
+                graded[stage] = True
+            else:
+                waiting[stage] -= 1
+        everything = sum(params[s] for s in mine)
+        outputs = {s: layout.chunks * finished[s] for s in mine}
+        flat = layout.dp > 1 and 3 * everything + sum(outputs.values()) > best_total
+        for s in mine:
+            optimizer = params[s] / costs.param_element_size * 8  # 2 x fp32
+            if flat:
+                peaks[s] = StagePeak(int(params[s]), int(params[s]), int(optimizer), int(2 * params[s]), int(outputs[s]))
+            else:
+                peaks[s] = StagePeak(int(params[s]), int(best[s][0]), int(optimizer), 0, int(best[s][1]))
     return peaks
 
 

@@ -76,21 +76,22 @@ def plan(model: nn.Module, world_size: int, device_memory: MemoryLike, batch: in
     The cost model (``torch_mp._planner``): each layer's forward and backward time measured on
     ``sample`` (inputs as for ``pipeline(balance="time")``: a tuple or a dict; its dim 0 the
     samples) and on its first row, a line in the rows per micro-batch; all-reduces and sends from an
-    alpha-beta fit over ``group`` (every rank of it calls ``plan`` together: the default group when
-    torch.distributed is initialized; all get the same table and plan); memory per rank from the
+    alpha-beta fit per mesh dim, each on its own group of ``group`` (every rank of it calls ``plan``
+    together: the default group when torch.distributed is initialized, or an ``init_mesh``
+    DeviceMesh; all get the same table and plan): "tp" and "dp" by all-reduces, "pp" by sends
+    between neighbours (``torch_mp._planner.costs.fit_links``); memory per rank from the
     parameters, their gradients, AdamW's two fp32 states, the flattened gradients the data-parallel
-    average sends and the activations autograd saves, times the micro-batches in flight (GPipe:
-    all; 1F1B: up to the stages; interleaved 1F1B and ZB-V, two stages per rank: replayed from the
-    schedule's actions), tensor parallel dividing matrices and (with sequence parallel
+    average sends and the activations autograd saves, held as each pipeline rank's actions in the
+    C++ schedule replay them (a forward to its backward; under ZB-H1 and ZB-V part of them to the
+    weight-gradient action), tensor parallel dividing matrices and (with sequence parallel
     all, else 24/34 of, Korthikanti et al. 2022) the activations; the pipeline bubble by replaying
     the C++ schedule with each action's duration. ``costs=``: a ``CostTable`` to plan from instead
     of measuring (the plan is then a pure function of its arguments). ``collectives``:
     ``(alpha_s, beta_s_per_byte)`` of the link instead of fitting them over ``group`` (for planning
     on one process for a cluster), or a dict of them by mesh dim, ``{"tp": ..., "dp": ...,
     "pp": ...}`` (tensor parallel's all-reduces, data parallel's gradient average, the pipeline's
-    sends: within a node and across nodes are different links; a dim left out gets the fit over
-    ``group``, as every dim does by default). A ``costs=`` table holds them as ``tp_link``,
-    ``dp_link``, ``pp_link``; ``collectives`` with ``costs=`` replaces those it names. ``layers``:
+    sends: within a node and across nodes are different links; a dim left out gets its fit). A
+    ``costs=`` table holds them as ``tp_link``, ``dp_link``, ``pp_link``; ``collectives`` with ``costs=`` replaces those it names. ``layers``:
     the blocks to cut between (as for ``pipeline``); ``schedules``: the pipeline schedules to
     consider (those of ``pipeline``); ``max_chunks``: the most micro-batches. Candidates are ranked by
     predicted step time, ties by peak memory, then by the layout; those whose peak exceeds
@@ -110,7 +111,8 @@ def plan(model: nn.Module, world_size: int, device_memory: MemoryLike, batch: in
     an int >= 1, a ``device_memory`` that is not a size or ``collectives`` of another form;
     ValueError without ``sample`` or ``costs``, for a schedule outside ("gpipe", "1f1b",
     "interleaved_1f1b", "zb_h1", "zbv"), and when no layout fits, naming the smallest
-    ``device_memory`` one would need; with ``measure``, ValueError without
+    ``device_memory`` one would need, and for a DeviceMesh ``group`` that does not span the world;
+    with ``measure``, ValueError without
     ``loss_fn`` or ``sample``, or when torch.distributed's world is not ``world_size`` (before any
     collective).
     """
