@@ -309,11 +309,34 @@ def dp_local(target: torch.Tensor, value: torch.Tensor, tensor_parallel: bool) -
     for mesh_dim in range(mesh.ndim - 1 if tensor_parallel else mesh.ndim):
         placement = target.placements[mesh_dim]
         if isinstance(placement, (Shard, _StridedShard)):
-            dim, size = placement.dim, value.shape[placement.dim]
-            piece = -(-size // mesh.size(mesh_dim))
-            start = min(size, piece * coordinate[mesh_dim])
-            value = value.narrow(dim, start, min(piece, size - start))
+            start, stop = chunk_range(value.shape[placement.dim], mesh.size(mesh_dim), coordinate[mesh_dim])
+            value = value.narrow(placement.dim, start, stop - start)
     return value
+
+
+def chunk_range(size: int, ranks: int, index: int) -> Tuple[int, int]:
+    """``[start, stop)``: the range of ``size`` elements that piece ``index`` of ``torch.chunk`` into
+    ``ranks`` pieces holds, as FSDP2 shards a dim (pieces of ``ceil(size / ranks)``, the last ones
+    shorter or empty)."""
+    piece = -(-size // ranks)
+    start = min(size, piece * index)
+    return start, min(size, start + piece)
+
+
+def dp_shard_range(value: DTensor) -> Optional[Tuple[int, int, int]]:
+    """``(dim, start, stop)``: the range along ``dim`` of the global tensor that this rank's local
+    tensor of ``value`` holds, for a DTensor on a 1-D mesh placed ``Shard(dim)`` (FSDP2's parameters
+    and their optimizer state without tensor parallelism: ``chunk_range``'s pieces); None for a
+    replicated one. Raises ValueError for a DTensor on a mesh of more dims or placed otherwise
+    (``_StridedShard``'s ranges are not one range)."""
+    placement = value.placements[0]
+    if value.device_mesh.ndim != 1 or not (type(placement) is Shard or placement.is_replicate()):
+        raise ValueError(f"dp_shard_range: a DTensor on a {value.device_mesh.ndim}-D mesh placed {value.placements}; "
+                         "expected a 1-D mesh, Shard(dim) or Replicate()")
+    if placement.is_replicate():
+        return None
+    start, stop = chunk_range(value.shape[placement.dim], value.device_mesh.size(0), value.device_mesh.get_coordinate()[0])
+    return placement.dim, start, stop
 
 
 def like(param: torch.Tensor, local_value: torch.Tensor) -> torch.Tensor:
