@@ -110,7 +110,8 @@ def load(module: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Opti
     split of the layers, or ``tensor_parallel`` at any tensor-parallel size that divides the
     model, whichever of them saved it; parameters on the meta device are materialized with this
     rank's slices, and ``optimizer`` is given the new ones; a pipeline rank loads its stages and
-    leaves the stand-ins of the others), and into ``optimizer`` if given. Returns the ``extra``
+    leaves the stand-ins of the others; under ``pipeline(..., fully_shard=True)`` each replica its
+    FSDP2 shard of them and of their optimizer state), and into ``optimizer`` if given. Returns the ``extra``
     saved with it. Optimizer state of another shape than its parameter (Adafactor's statistics)
     loads where the parameter is held as when saved (whole, or cut across as many ranks); a scalar
     that every rank saved alike (a step count) loads anywhere.

@@ -23,8 +23,9 @@ ZERO_BUBBLE = ("zb_h1", "zbv")
 class Layout:
     """One candidate: the degrees, the schedule and its micro-batches (``chunks``), the checkpoint
     policy, sequence parallelism, the layer counts per stage (``balance``: ``pp`` entries, or
-    ``2 pp`` for the schedules with two stages per rank, ``TWO_STAGES_PER_RANK``) and the samples
-    per step (``batch``, all data-parallel groups together)."""
+    ``2 pp`` for the schedules with two stages per rank, ``TWO_STAGES_PER_RANK``), the samples
+    per step (``batch``, all data-parallel groups together) and ``fully_shard``: FSDP2 shards each
+    stage's parameters over the ``dp`` replicas (``pipeline(..., fully_shard=True)``)."""
     pp: int
     tp: int
     dp: int
@@ -34,6 +35,7 @@ class Layout:
     sequence_parallel: bool
     balance: Tuple[int, ...]
     batch: int
+    fully_shard: bool = False
 
     @property
     def rows(self) -> float:
@@ -76,6 +78,8 @@ def _params(costs: CostTable, layers: range, first: bool, last: bool, tp: int) -
         total, sharded = total + costs.first_param_bytes, sharded + costs.first_sharded_bytes
     if last:
         total, sharded = total + costs.last_param_bytes, sharded + costs.last_sharded_bytes
+    if last and not first:  # a pipeline's last stage holds its own copy of a tied head
+        total, sharded = total + costs.tied_param_bytes, sharded + costs.tied_sharded_bytes
     return total - sharded + sharded / tp
 
 
@@ -146,6 +150,15 @@ def stage_peaks(costs: CostTable, layout: Layout) -> List[StagePeak]:
     - with data parallelism, the all-reduce after the backwards: the gradients, the flattened
       copy it sends and its result (two copies of the gradients).
 
+    With ``fully_shard`` (FSDP2 over the ``dp`` replicas, torchtitan's composition) each rank
+    stores 1/dp of its stage's parameters and of their optimizer state (a tied head's stays whole),
+    and holds them all-gathered from its first forward to its last backward (each layer is its own
+    FSDP2 root, which keeps its parameters after its forward, and the pipeline reshards them only
+    in the last micro-batch's backward), with their gradients unsharded until that backward
+    reduce-scatters them; only the whole ones are all-reduced. (With ``fully_shard={
+    "reshard_after_forward": True}`` a layer reshards after each forward: the first backward's
+    phase holds less than predicted.)
+
     Tensor parallelism divides the layers' saved tensors (``_activations``); what is saved
     outside the layers (embedding output, final norm, the logits the column-parallel head
     gathers, the loss's log-probabilities) is held whole on every rank. With several stages per
@@ -166,7 +179,11 @@ def stage_peaks(costs: CostTable, layout: Layout) -> List[StagePeak]:
     for stage, layers in enumerate(ranges):
         first, last = stage == 0, stage == len(ranges) - 1
         params = _params(costs, layers, first, last, layout.tp)
-        optimizer = params / costs.param_element_size * 8  # 2 x fp32
+        # fully_shard: 1/dp of what FSDP2 shards stored (not a tied head: whole on both ends), all of
+        # it gathered through the step.
+        gathered = params - (costs.tied_param_bytes if first or last else 0) if layout.fully_shard else 0.0
+        stored = params - gathered + gathered / layout.dp
+        optimizer = stored / costs.param_element_size * 8  # 2 x fp32
         held = in_flight(layout, stage) if at_peaks is None else at_peaks[stage]
         one = ones[stage]
         loss_gradients = finished = 0.0
@@ -182,11 +199,12 @@ def stage_peaks(costs: CostTable, layout: Layout) -> List[StagePeak]:
             def activations(count):
                 return count * one
         steady = layout.schedule != "gpipe" and layout.chunks > held
-        phases = [StagePeak(int(params), 0, int(optimizer), 0, int(activations(held) + loss_gradients)),
-                  StagePeak(int(params), int(params), int(optimizer), 0,
+        phases = [StagePeak(int(stored + gathered), 0, int(optimizer), 0, int(activations(held) + loss_gradients)),
+                  StagePeak(int(stored + gathered), int(params), int(optimizer), 0,
                             int(activations(held if steady else held - 1) + loss_gradients + finished))]
-        if layout.dp > 1:  # the flattened gradients and the all-reduce's result
-            phases.append(StagePeak(int(params), int(params), int(optimizer), int(2 * params), 0))
+        if layout.dp > 1:  # the flattened gradients and the all-reduce's result (FSDP2's: reduce-scattered)
+            phases.append(StagePeak(int(stored), int(stored if layout.fully_shard else params), int(optimizer),
+                                    int(2 * (params - gathered)), 0))
         peaks.append(max(phases, key=lambda peak: peak.total))
     return peaks
 
