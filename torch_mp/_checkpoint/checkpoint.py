@@ -42,7 +42,7 @@ from torch_mp._checkpoint.format import (
 from torch_mp._group import all_reduce_sum, resolve_group
 from torch_mp._state import unwrapped
 from torch_mp._checkpoint.safetensors import dtype_name, write_file
-from torch_mp._tensor_parallel.dtensor import dp_local, dp_shard_range, like, local_tensor, tp_local
+from torch_mp._tensor_parallel.dtensor import dp_local, dp_shard_range, like, local_tensor, tp_local, tp_local_shape
 from torch_mp._tensor_parallel.sharding import ShardSpec, slice_bounds
 from torch_mp._checkpoint.state_dict import (
     first_holders,
@@ -75,7 +75,9 @@ def save(module: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Opti
     a pipeline rank writes its stages' tensors, whole); data-parallel replicas other than rank 0's
     write only their random state, unless FSDP2 shards the tensor over them (``pipeline(...,
     fully_shard=True)``): then each replica writes its shard (torch.chunk's range of dim 0), with
-    its optimizer state, and the checkpoint loads into the plain model or any other layout alike.
+    its optimizer state, and the checkpoint loads into the plain model or any other layout alike;
+    over ``tensor_parallel`` (2-D DTensors on (dp, tp)) each tensor-parallel shard is gathered over
+    the replicas first and written as without FSDP2.
     Each tensor is stored whole-shaped in the index (its stock shape), each rank's pieces in a
     safetensors file of its own; resharding on load as in PyTorch's distributed checkpoint
     (``torch.distributed.checkpoint``). Optimizer state of its
@@ -85,7 +87,7 @@ def save(module: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Opti
 
     Raises TypeError for a ``module`` that is not an ``nn.Module``, an ``optimizer`` that is not a
     ``torch.optim.Optimizer``, an ``extra`` that is not a dict, or DTensor parameters on a 2-D mesh
-    (FSDP2 over tensor parallelism: save ``full_state_dict`` instead);
+    of a model without tensor parallelism (HSDP: save ``full_state_dict`` instead);
     ValueError for values that are not JSON or tensors on the meta device on every rank; FileExistsError when
     ``path`` holds something other than a checkpoint; RuntimeError on every rank when another rank
     failed; ``torch_mp.CollectiveError`` when a peer does not answer within the group's timeout.
@@ -203,10 +205,13 @@ def _stock_shape(value: torch.Tensor, spec: Optional[ShardSpec], role: str) -> T
 def _target_stock_shape(target: torch.Tensor, spec: Optional[ShardSpec], role: str,
                         tensor_parallel: bool) -> Tuple[int, ...]:
     """The stock shape of the model's tensor ``target``: an FSDP2 DTensor's own shape (a model
-    without tensor parallelism), else that of its local tensor in the stock layout."""
+    without tensor parallelism), else that of its tensor-parallel shard (FSDP2's over it
+    gathered) in the stock layout."""
     if isinstance(target, DTensor) and not tensor_parallel:
         return tuple(target.shape)
-    return _stock_shape(local_tensor(target), spec, role)
+    if isinstance(target, DTensor):
+        return _stock_shape(torch.empty(tp_local_shape(target), device="meta"), spec, role)
+    return _stock_shape(target, spec, role)
 
 
 def _stock_piece(name: str, owner: str, value: torch.Tensor, spec: Optional[ShardSpec], role: str, rank: int,
@@ -221,14 +226,14 @@ def _stock_piece(name: str, owner: str, value: torch.Tensor, spec: Optional[Shar
 
 
 def _data_parallel_piece(name: str, owner: str, value: DTensor) -> _Piece:
-    """This rank's shard of an FSDP2 DTensor (``pipeline(..., fully_shard=True)``: its data-parallel
-    replicas each hold torch.chunk's piece of dim 0): the range of the stock tensor it covers, written
-    by every replica holding it, as tensor-parallel shards are. TypeError for FSDP2 over tensor
-    parallelism (a 2-D mesh), which no wrapper of ours builds."""
+    """This rank's shard of an FSDP2 DTensor of a model without tensor parallelism
+    (``pipeline(..., fully_shard=True)``: its data-parallel replicas each hold torch.chunk's piece
+    of dim 0): the range of the stock tensor it covers, written by every replica holding it, as
+    tensor-parallel shards are. TypeError for a DTensor on a mesh of more dims (HSDP)."""
     if value.device_mesh.ndim != 1:
         raise TypeError(f"torch_mp.save: {name!r} is a DTensor on a {value.device_mesh.ndim}-D mesh placed "
-                        f"{value.placements} (FSDP2 over tensor parallelism); expected FSDP2's 1-D data-parallel "
-                        "mesh (pipeline(..., fully_shard=True)) or a tensor_parallel model's: save "
+                        f"{value.placements} in a model without tensor_parallel (HSDP); expected FSDP2 on a 1-D "
+                        "data-parallel mesh (pipeline(..., fully_shard=True)), over tensor_parallel or not: save "
                         "torch_mp.full_state_dict(model) instead")
     local = value._local_tensor.detach()
     cut = dp_shard_range(value)
@@ -249,9 +254,10 @@ def _pieces_of_this_rank(module: nn.Module, optimizer, rank: int) -> Tuple[List[
     if optimizer is not None:
         params = dict(module.named_parameters())
         for name, state in _optimizer_state_by_name(module, optimizer).items():
-            param = local_tensor(params[name])
-            if param.is_meta:
+            param = params[name]
+            if local_tensor(param).is_meta:
                 continue
+            shape = tp_local_shape(param) if isinstance(param, DTensor) and specs else list(local_tensor(param).shape)
             spec, role = spec_of(name, specs)
             sharded = stock_layout(spec, role)[0] is not None
             entry = {"values": {}, "tensors": {}, "per_rank": {}}
@@ -261,7 +267,7 @@ def _pieces_of_this_rank(module: nn.Module, optimizer, rank: int) -> Tuple[List[
                     entry["values"][key] = value
                     continue
                 value = _tp_shard(value, bool(specs))
-                if local_tensor(value).shape == param.shape:  # Adam's moments: cut like the parameter
+                if list(local_tensor(value).shape) == shape:  # Adam's moments: cut like the parameter
                     pieces.append(_stock_piece(stock, name, value, spec, role, tp_rank, tp_world))
                     entry["tensors"][key] = stock
                 elif sharded:  # another shape (Adafactor's row and column statistics): each rank's own
@@ -300,9 +306,11 @@ def _pieces_to_write(module: nn.Module, pieces: List[_Piece], states: Dict[str, 
 
 
 def _tp_shard(value: torch.Tensor, tensor_parallel: bool) -> torch.Tensor:
-    """This rank's shard of a tensor-parallel DTensor parameter (or its optimizer state); anything
-    else as it is (FSDP2's DTensors: ``_data_parallel_piece`` writes their shards)."""
-    if isinstance(value, DTensor) and tensor_parallel and value.device_mesh.ndim == 1:
+    """This rank's shard of a tensor-parallel DTensor parameter (or its optimizer state), FSDP2's
+    shards over it gathered (a collective over the data-parallel group: FSDP2 over tensor
+    parallelism, 2-D DTensors); anything else as it is (FSDP2's DTensors without tensor
+    parallelism: ``_data_parallel_piece`` writes their shards)."""
+    if isinstance(value, DTensor) and tensor_parallel:
         return tp_local(value, tensor_parallel)
     return value
 

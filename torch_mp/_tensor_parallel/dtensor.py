@@ -278,10 +278,7 @@ def tp_local(value: torch.Tensor, tensor_parallel: bool) -> torch.Tensor:
     # holds torch.chunk's pieces of the TP-local tensor along its dim (the last rank's maybe shorter
     # or empty). Gathered directly: DTensor's redistribute of FSDP2's _StridedShard over our own
     # fused-layout _StridedShard gives the whole tensor, not the TP shard.
-    tp, tp_size = value.placements[-1], mesh.size(mesh.ndim - 1)
-    shape = list(value.shape)
-    if isinstance(tp, (Shard, _StridedShard)):
-        shape[tp.dim] //= tp_size
+    shape = tp_local_shape(value)
     for mesh_dim in range(mesh.ndim - 2, -1, -1):
         placement = value.placements[mesh_dim]
         if not isinstance(placement, (Shard, _StridedShard)):
@@ -293,6 +290,19 @@ def tp_local(value: torch.Tensor, tensor_parallel: bool) -> torch.Tensor:
         gathered = all_gather_rows(padded, mesh.get_group(mesh_dim), "torch_mp.full_state_dict")
         local = torch.cat(gathered.unbind(0), dim).narrow(dim, 0, shape[dim])
     return local
+
+
+def tp_local_shape(value: DTensor) -> List[int]:
+    """The shape of what this rank of the tensor-parallel group holds of the DTensor ``value``
+    (``tp_local``'s result, without communication): its local tensor's on a 1-D mesh; on FSDP2's
+    (dp, tp) mesh the global shape cut along the TP dim (the last mesh dim)."""
+    mesh = value.device_mesh
+    if mesh.ndim == 1:
+        return list(value._local_tensor.shape)
+    tp, shape = value.placements[-1], list(value.shape)
+    if isinstance(tp, (Shard, _StridedShard)):
+        shape[tp.dim] //= mesh.size(mesh.ndim - 1)
+    return shape
 
 
 def dp_local(target: torch.Tensor, value: torch.Tensor, tensor_parallel: bool) -> torch.Tensor:
@@ -341,8 +351,9 @@ def dp_shard_range(value: DTensor) -> Optional[Tuple[int, int, int]]:
 
 def like(param: torch.Tensor, local_value: torch.Tensor) -> torch.Tensor:
     """``local_value`` (shaped as ``param``'s local tensor) as a DTensor placed as ``param`` is, for
-    a 1-D DTensor ``param`` (optimizer state loaded from a checkpoint); else as it is."""
-    if not isinstance(param, DTensor) or param.device_mesh.ndim != 1 or local_value.shape != param._local_tensor.shape:
+    a DTensor ``param`` (optimizer state loaded from a checkpoint; FSDP2 over tensor parallelism's
+    on a 2-D mesh too); else as it is."""
+    if not isinstance(param, DTensor) or local_value.shape != param._local_tensor.shape:
         return local_value
     return DTensor.from_local(local_value, param.device_mesh, param.placements, run_check=False, shape=param.shape,
                               stride=param.stride())
