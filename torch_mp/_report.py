@@ -106,8 +106,11 @@ def memory_report(module: nn.Module, png: Optional[str] = None, costs: Optional[
                   optimizer: Optional[torch.optim.Optimizer] = None) -> MemoryReport:
     """Parameters and buffers per rank (a ``tensor_parallel`` or ``pipeline`` model; a collective:
     every rank calls it and gets the whole report; a pipeline rank counts what it holds, not the
-    meta stand-ins of other ranks' stages), per stage (a ``split`` model) or per device (any other
-    model).
+    meta stand-ins of other ranks' stages, and FSDP2's shard of its stage's parameters under
+    ``pipeline(..., fully_shard=True)``; a pipeline with replicas (``data_parallel=``) or over
+    ``tensor_parallel`` has a row per rank of the default group, ``report.rows[rank]`` for the
+    global ``rank``, a collective over that group), per stage (a ``split`` model) or per device
+    (any other model).
     Each row counts bytes (``numel * element_size``; tied tensors once per stage); printing the
     report shows MiB and each row's share. ``png``: also save a bar chart there (matplotlib needed);
     ``report.save_png(path, limits=[bytes per row])`` draws each device's limit (``max_memory``) too.
@@ -124,7 +127,10 @@ def memory_report(module: nn.Module, png: Optional[str] = None, costs: Optional[
     replayed, the most held at the start of one of them or at the data-parallel all-reduce:
     parameters, gradients, optimizer state, activations in flight (under 1F1B ``pp - stage``
     micro-batches; Narayanan et al., 2021; under ZB-H1 and ZB-V part of them until the W) with the
-    loss's gradients of the logits and what the pipeline keeps of finished micro-batches. It counts tensors, as ``measure_peak`` does (CUDA's
+    loss's gradients of the logits and what the pipeline keeps of finished micro-batches; under
+    ``fully_shard=True``, 1/dp of the parameters FSDP2 shards and of their optimizer state, their
+    all-gathered copies held through the step and their unsharded gradients. It counts tensors, as
+    ``measure_peak`` does (CUDA's
     ``max_memory_allocated``); a CPU process's resident peak (``measure_peak(what="resident")``) is
     also raised by the pages glibc keeps of freed blocks (8-13 MiB on a tiny Llama's step). The optimizer state is AdamW's two fp32 copies without ``optimizer``;
     with one, its actual state tensors once it has stepped, else its kind's (Adam/AdamW: 2, 3 with
@@ -150,7 +156,7 @@ def memory_report(module: nn.Module, png: Optional[str] = None, costs: Optional[
     else:
         report = _per_device(module)
     if predicted is not None:
-        everyone = all_gather_rows(torch.tensor(predicted), state.group, "torch_mp.memory_report").tolist()
+        everyone = all_gather_rows(torch.tensor(predicted), _row_group(state), "torch_mp.memory_report").tolist()
         for row, parts in zip(report.rows, everyone):
             row.predicted = StagePeak(*parts)
     if png is not None:
@@ -194,7 +200,7 @@ def _predict(module: nn.Module, state: Optional[ParallelState], costs, sample, o
         # a pipeline's own, this replica's rows.
         layout = Layout(pipe.num_stages // pipe.stages_per_rank, tp, dp, pipe.schedule, pipe.chunks, pipe.checkpoint,
                         inner is not None and "sequence_parallel" in inner.plan.values(), tuple(balance),
-                        rows if state.whole_batch is not None else rows * dp)
+                        rows if state.whole_batch is not None else rows * dp, fully_shard=bool(pipe.fully_sharded))
         mine = pipe.local_stages()
     peaks = stage_peaks(costs, layout)
     parts = [sum(getattr(peaks[stage], field) for stage in mine)
@@ -237,9 +243,12 @@ def measure_peak(fn: Callable, *args, device: Optional[torch.device] = None, wha
     - CPU (``device`` None or cpu): torch's CPU allocator keeps no peak, so a dispatch mode
       (``TorchDispatchMode``) follows every CPU tensor the ops of ``fn`` make (an op's outputs that
       alias no input: in-place results and views are not new memory; a DTensor by its local tensor),
-      each storage once, from the op that makes it until it is freed. It sees the ops of this thread,
-      of autograd's CPU backward and of the threads a pipeline rank runs its actions on while a
-      forward waits (two stages per rank: interleaved 1F1B, ZB-V); not tensors other threads make
+      each storage once, from the op that makes it until it is freed, and every CPU storage resized
+      while ``fn`` runs (``UntypedStorage.resize_``, replaced meanwhile: FSDP2 allocates and frees
+      its all-gathered parameters so; a storage made before that shrinks lowers the count). It sees
+      the ops of this thread, of autograd's CPU backward and of the threads a pipeline rank runs its
+      actions on while a forward waits (two stages per rank: interleaved 1F1B, ZB-V); not tensors
+      other threads make
       (``split``'s stage threads) nor an op's temporaries inside its kernel.
 
     ``what="resident"`` counts the process's memory instead: on CUDA ``max_memory_reserved`` (the
@@ -287,13 +296,37 @@ def measure_peak(fn: Callable, *args, device: Optional[torch.device] = None, wha
 
 class _TensorPeak(TorchDispatchMode):
     """The peak bytes of the CPU tensors that the ops run under it make and that are alive at once
-    (``measure_peak(what="tensors")`` on the CPU)."""
+    (``measure_peak(what="tensors")`` on the CPU), and of the storages resized while it is active
+    (``UntypedStorage.resize_``: how FSDP2 allocates and frees its all-gathered parameters, which
+    no op makes; a storage held before shrinking lowers the count)."""
 
     def __init__(self):
         super().__init__()
         self.live: Dict[int, int] = {}
         self.refs: Dict[int, object] = {}
         self.total = self.peak = 0
+        self.resize = None
+
+    def __enter__(self):
+        self.resize = resize = torch.UntypedStorage.resize_
+
+        def counted(storage, size):
+            key, before = storage.data_ptr(), storage.nbytes()
+            result = resize(storage, size)
+            if key in self.live and self.refs[key]() is storage:
+                self._freed(key)  # made under the mode: counted again below at its new size
+                self._add_storage(storage)
+            elif storage.device.type == "cpu":
+                self.total += storage.nbytes() - before
+                self.peak = max(self.peak, self.total)
+            return result
+
+        torch.UntypedStorage.resize_ = counted
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.UntypedStorage.resize_ = self.resize
+        return super().__exit__(*exc)
 
     def _freed(self, key: int) -> None:
         self.total -= self.live.pop(key)
@@ -314,14 +347,22 @@ class _TensorPeak(TorchDispatchMode):
         return out
 
     def _add(self, tensor: torch.Tensor) -> None:
-        if tensor.device.type != "cpu":
-            return
-        storage = tensor.untyped_storage()
+        if tensor.device.type == "cpu":
+            self._add_storage(tensor.untyped_storage())
+
+    def _add_storage(self, storage) -> None:
         key = storage.data_ptr()
         if not storage.nbytes() or key in self.live:
             return
         self.live[key] = storage.nbytes()
-        self.refs[key] = weakref.ref(storage, lambda _, key=key: self._freed(key))
+        reference = None
+
+        def freed(_, key=key):
+            if self.refs.get(key) is reference:  # not a storage resized since, now at another address
+                self._freed(key)
+
+        reference = weakref.ref(storage, freed)
+        self.refs[key] = reference
         self.total += storage.nbytes()
         self.peak = max(self.peak, self.total)
 
@@ -372,14 +413,23 @@ def _per_rank(module: nn.Module, state: ParallelState) -> MemoryReport:
     return MemoryReport(f"{type(module).__name__}: tensor parallel over {info.size} ranks", rows)
 
 
+def _row_group(state: ParallelState):
+    """The group with a row per rank: the default group for a pipeline with replicas or over
+    tensor parallelism (its stages' ranks hold different shares), else the model's own group."""
+    if state.kind == PIPELINE and (state.data_parallel is not None or state.inner is not None):
+        return None
+    return state.group
+
+
 def _per_pipeline_rank(module: nn.Module, state: ParallelState) -> MemoryReport:
     pipe = state.pipe
     held = [[t for t in tensors if not t.is_meta] for tensors in (module.parameters(), module.buffers())]
     placed = sum(1 for name, stage in state.stage_of.items() if name and pipe.rank_of(stage) == pipe.rank)
     mine = torch.tensor([_bytes(held[0]), _bytes(held[1]), placed])
-    everyone = all_gather_rows(mine, state.group, "torch_mp.memory_report").tolist()
+    everyone = all_gather_rows(mine, _row_group(state), "torch_mp.memory_report").tolist()
     rows = [MemoryRow(f"rank {rank}", *entry) for rank, entry in enumerate(everyone)]
-    return MemoryReport(f"{type(module).__name__}: pipeline over {len(rows)} ranks", rows)
+    return MemoryReport(f"{type(module).__name__}: pipeline over {pipe.world} ranks"
+                        + (f", {len(rows)} ranks in all" if len(rows) != pipe.world else ""), rows)
 
 
 def _per_stage(module: nn.Module, state: ParallelState) -> MemoryReport:

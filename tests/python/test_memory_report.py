@@ -1,7 +1,9 @@
 """memory_report(costs=, sample=): the planner's predicted peak of a train_step per rank against the
 tensors held at the step's peak (measure_peak, plus the parameters and optimizer state held before
 it; the process's resident peak, measure_peak(what="resident"), is printed beside it), on 2 Gloo ranks: a tiny Llama
-pipelined (1F1B, 2 micro-batches) and tensor parallel; and on one process, unparallelized."""
+pipelined (1F1B, 2 micro-batches) and tensor parallel; on 4 Gloo ranks, pp 2 x dp 2 with and without
+FSDP2 (``fully_shard=True``), a tiny Llama and a GPT-2 whose head is tied to its embedding; and on one
+process, unparallelized."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -216,3 +218,88 @@ def test_saved_bytes_count_every_layer_alike():
     costs = dense_costs()
     for saved in costs.activation_bytes:
         assert abs(saved * 8 - 13.5 * 2**20) <= 0.01 * 13.5 * 2**20, [a * 8 / 2**20 for a in costs.activation_bytes]
+
+
+def gpt2():
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=128, n_layer=4, n_head=4, n_positions=64,
+                                     bos_token_id=0, eos_token_id=1)
+    return transformers.GPT2LMHeadModel(config)
+
+
+MODELS = {"llama": llama, "gpt2": gpt2}
+
+
+def check_pp_dp_rows_and_peaks(rank, world, kind, costs):
+    """pp 2 x dp 2 (init_mesh: ranks 0 and 1 the first stage's replicas), 1F1B, 2 micro-batches of
+    4 rows on each replica, first without FSDP2, then with it."""
+    mesh = torch_mp.init_mesh(pp=2, dp=2, tp=1)
+    batch = ids()
+    held = {}
+    for fully_shard in (False, True):
+        model = torch_mp.pipeline(MODELS[kind](), group=mesh["pp"], data_parallel=mesh["dp"], chunks=2,
+                                  fully_shard=fully_shard)
+
+        def step():
+            model.train_step(input_ids=batch, target=batch, loss_fn=loss_fn)
+
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if not p.is_meta])
+        step()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        # A row per rank (it was one per pipeline rank: rows[2] raised IndexError), each with the
+        # bytes that rank holds: under fully_shard its FSDP2 shard.
+        report = torch_mp.memory_report(model, costs=costs, sample={"input_ids": batch})
+        row = report.rows[rank]
+        assert len(report.rows) == 4 and row.parameters == sum(local(p).numel() * 4 for p in model.parameters()
+                                                               if not p.is_meta)
+        held[fully_shard] = row.parameters
+        state = sum(local(t).numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                    if torch.is_tensor(t))
+        # Predicted: AdamW's two fp32 copies of what the rank stores; without fully_shard every
+        # parameter the rank holds (GPT-2's last stage its copy of the tied head: 1.514 MiB predicted
+        # against 2.002 held, before); with it the stored shard and the stage's all-gathered parameters.
+        assert row.predicted.optimizer == pytest.approx(state, rel=1e-3), (row.predicted, state)
+        if not fully_shard:
+            assert row.predicted.parameters == row.parameters, (row.predicted, row.parameters)
+        tensors = row.total + state + torch_mp.measure_peak(step)[1]
+        print(report, f"\nrank {rank} fully_shard={fully_shard}: predicted {row.predicted.total / 2**20:.2f} MiB, "
+              f"tensors at the peak {tensors / 2**20:.2f} MiB")
+        assert abs(row.predicted.total - tensors) <= 0.1 * tensors, (rank, fully_shard, row.predicted, tensors)
+    # fully_shard: half the stage's parameters per replica, but for a tied head (whole on both ends).
+    tied = 4 * 128 * VOCAB if kind == "gpt2" else 0
+    assert held[True] - tied == (held[False] - tied) // 2, (held, tied)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", pytest.param("llama", marks=pytest.mark.full)])
+def test_pp_dp_report_has_a_row_per_rank_and_predicts_each_peak_with_and_without_fully_shard(kind):
+    """Measured (tensors at the peak; FSDP2's all-gathered parameters counted since measure_peak
+    sees storage resizes) against predicted, GPT-2 / Llama: without FSDP2 25.9 / 24.1 and
+    56.3 / 52.5 MiB on the first stage's ranks, 22.4 / 21.4 and 53.8 / 52.3 on the last's; with it
+    25.1 / 23.3, 52.0 / 48.2 and 21.6 / 20.7, 49.3 / 48.1 (each rank stores half its stage's
+    parameters and AdamW state, and holds the stage's all-gathered parameters through the step:
+    before, predicted 44.0 against 52.0 for the Llama's first stage)."""
+    model = MODELS[kind]()
+    run_ranks(4, check_pp_dp_rows_and_peaks, kind,
+              measure_costs(model, {"input_ids": ids()}, collectives=(5e-5, 1e-9)), timeout=600)
+
+
+def test_measure_peak_counts_storages_resized_while_it_runs():
+    """FSDP2 allocates and frees its all-gathered parameters by resizing their storages
+    (``UntypedStorage.resize_``), which no op makes: a 16 MiB resize counts 16 MiB, a shrink of a
+    storage made before lowers the count, and resize_ is torch's own again after (it counted 0)."""
+    held = torch.ones(4 << 20)
+    storage = torch.empty(0).untyped_storage()
+    resize = torch.UntypedStorage.resize_
+
+    def grow_then_free():
+        storage.resize_(16 << 20)
+        storage.resize_(0)
+        held.untyped_storage().resize_(0)
+        return torch.ones(4 << 20)
+
+    assert torch_mp.measure_peak(grow_then_free)[1] == 16 << 20
+    assert torch.UntypedStorage.resize_ is resize
+    made = []
+    assert torch_mp.measure_peak(lambda: made.append(torch.ones(1 << 20)) or made[0].untyped_storage().resize_(
+        8 << 20))[1] == 8 << 20

@@ -172,3 +172,75 @@ def check_fully_shard_matches_dense(rank, world, schedule, reshard_after_forward
                                                                  ("interleaved_1f1b", False, True)])
 def test_fully_shard_over_a_pipeline_matches_dense_pp2_dp2(schedule, reshard_after_forward, tied):
     run_ranks(4, check_fully_shard_matches_dense, schedule, reshard_after_forward, tied, timeout=400)
+
+
+def check_fully_shard_over_tensor_parallel_matches_dense(rank, world, folder):
+    """pp 2 x dp 2 x tp 2: tensor_parallel on mesh["tp"], then the pipeline with fully_shard over
+    mesh["dp"] (torch's 2-D composition, torchtitan's order): the layers' parameters 2-D DTensors
+    on (dp, tp); the dense loss, gradients, clipped norm, AdamW steps and logits; torch_mp.save
+    (each tensor-parallel shard gathered over the replicas) resumes bit-identical and loads into
+    the plain model."""
+    mesh = torch_mp.init_mesh(pp=2, dp=2, tp=2)
+    replica = mesh["dp"].get_local_rank()
+    dense = llama()
+
+    def sharded(seed):
+        return torch_mp.pipeline(torch_mp.tensor_parallel(llama(seed), group=mesh["tp"]), group=mesh["pp"],
+                                 data_parallel=mesh["dp"], chunks=2, fully_shard=True)
+
+    model = sharded(0)
+    mine = own_layers(model)
+    assert len(mine) == 2 and all(isinstance(layer, FSDPModule) for layer in mine)
+    assert all(isinstance(p, DTensor) and p.device_mesh.mesh_dim_names == ("dp", "tp")
+               for layer in mine for p in layer.parameters())
+    optimizer, dense_optimizer = adamw(model, eps=1e-4), adamw(dense, eps=1e-4)
+    for step in range(2):
+        ids = batch(8, seed=step)
+        expect_dense_step(model, dense, ids[4 * replica:4 * (replica + 1)], ids, loss_fn)
+        norm = torch_mp.clip_grad_norm_(model, max_norm=0.5)
+        torch.testing.assert_close(norm, torch.nn.utils.clip_grad_norm_(dense.parameters(), max_norm=0.5),
+                                   rtol=1e-5, atol=1e-6)
+        optimizer.step()
+        dense_optimizer.step()
+        optimizer.zero_grad()
+        dense_optimizer.zero_grad()
+        stepped = torch_mp.full_state_dict(model)
+        for name, value in dense.state_dict().items():
+            torch.testing.assert_close(stepped[name], value, rtol=1e-4, atol=1e-6)
+    ids = batch(4, seed=7)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, dense(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+    # Each rank holds an eighth of the layers' parameters (the norms, whole across tp, a quarter).
+    layers = local_elements(p for layer in model.model.layers for p in layer.parameters())
+    dense_layers = sum(p.numel() for layer in dense.model.layers for p in layer.parameters())
+    assert layers * 8 <= 1.05 * dense_layers, (layers, dense_layers)
+
+    # Saved after 2 steps: a fresh model at the same layout resumes bit-identical; the plain model
+    # loads the dense run's weights.
+    saved = torch_mp.full_state_dict(model)
+    torch_mp.save(model, folder, optimizer=optimizer)
+    resumed = sharded(5)
+    resumed_optimizer = adamw(resumed, eps=1e-4)
+    torch_mp.load(resumed, folder, optimizer=resumed_optimizer)
+    ids = batch(8, seed=2)
+    losses = []
+    for each, each_optimizer in ((model, optimizer), (resumed, resumed_optimizer)):
+        losses.append(each.train_step(input_ids=ids[4 * replica:4 * (replica + 1)], target=ids[4 * replica:4 * (replica + 1)],
+                                      loss_fn=loss_fn))
+        each_optimizer.step()
+    assert torch.equal(losses[0], losses[1])
+    after = [torch_mp.full_state_dict(each) for each in (model, resumed)]
+    assert all(torch.equal(after[0][key], after[1][key]) for key in after[0])
+    plain = llama(seed=6)
+    torch_mp.load(plain, folder, optimizer=adamw(plain))
+    for name, value in dense.state_dict().items():
+        assert torch.equal(plain.state_dict()[name], saved[name]), name
+        torch.testing.assert_close(plain.state_dict()[name], value, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.mesh3d_full  # 8 ranks
+def test_fully_shard_over_tensor_parallel_matches_dense_pp2_dp2_tp2(tmp_path):
+    """Before, pipeline(tensor_parallel(model), ..., fully_shard=True) was a ValueError ('fully_shard
+    over torch_mp.tensor_parallel, not supported yet'), and torch_mp.save of FSDP2 over
+    tensor_parallel a TypeError."""
+    run_ranks(8, check_fully_shard_over_tensor_parallel_matches_dense, str(tmp_path / "checkpoint"), timeout=900)

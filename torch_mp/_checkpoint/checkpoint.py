@@ -42,7 +42,7 @@ from torch_mp._checkpoint.format import (
 from torch_mp._group import all_reduce_sum, resolve_group
 from torch_mp._state import unwrapped
 from torch_mp._checkpoint.safetensors import dtype_name, write_file
-from torch_mp._tensor_parallel.dtensor import like, local_tensor, tp_local
+from torch_mp._tensor_parallel.dtensor import dp_local, dp_shard_range, like, local_tensor, tp_local, tp_local_shape
 from torch_mp._tensor_parallel.sharding import ShardSpec, slice_bounds
 from torch_mp._checkpoint.state_dict import (
     first_holders,
@@ -73,15 +73,21 @@ def save(module: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Opti
     with the same ``path``, on a file system all ranks share. A tensor-parallel rank writes its own
     slices; each whole tensor is written by the lowest rank holding it (rank 0 for replicated ones;
     a pipeline rank writes its stages' tensors, whole); data-parallel replicas other than rank 0's
-    write only their random state. Each tensor is stored whole-shaped in the index (its stock
-    shape), each rank's pieces in a safetensors file of its own; resharding on load as in
-    PyTorch's distributed checkpoint (``torch.distributed.checkpoint``). Optimizer state of its
+    write only their random state, unless FSDP2 shards the tensor over them (``pipeline(...,
+    fully_shard=True)``): then each replica writes its shard (torch.chunk's range of dim 0), with
+    its optimizer state, and the checkpoint loads into the plain model or any other layout alike;
+    over ``tensor_parallel`` (2-D DTensors on (dp, tp)) each tensor-parallel shard is gathered over
+    the replicas first and written as without FSDP2.
+    Each tensor is stored whole-shaped in the index (its stock shape), each rank's pieces in a
+    safetensors file of its own; resharding on load as in PyTorch's distributed checkpoint
+    (``torch.distributed.checkpoint``). Optimizer state of its
     parameter's shape (Adam's moments) is stored as the parameter is; state of another shape
     (Adafactor's row and column statistics) of a parameter cut across ranks is stored per rank, as
     each rank holds it (state of replicated parameters is the same on every rank: stored once).
 
     Raises TypeError for a ``module`` that is not an ``nn.Module``, an ``optimizer`` that is not a
-    ``torch.optim.Optimizer``, an ``extra`` that is not a dict or DTensor parameters (FSDP2);
+    ``torch.optim.Optimizer``, an ``extra`` that is not a dict, or DTensor parameters on a 2-D mesh
+    of a model without tensor parallelism (HSDP: save ``full_state_dict`` instead);
     ValueError for values that are not JSON or tensors on the meta device on every rank; FileExistsError when
     ``path`` holds something other than a checkpoint; RuntimeError on every rank when another rank
     failed; ``torch_mp.CollectiveError`` when a peer does not answer within the group's timeout.
@@ -106,7 +112,8 @@ def load(module: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Opti
     split of the layers, or ``tensor_parallel`` at any tensor-parallel size that divides the
     model, whichever of them saved it; parameters on the meta device are materialized with this
     rank's slices, and ``optimizer`` is given the new ones; a pipeline rank loads its stages and
-    leaves the stand-ins of the others), and into ``optimizer`` if given. Returns the ``extra``
+    leaves the stand-ins of the others; under ``pipeline(..., fully_shard=True)`` each replica its
+    FSDP2 shard of them and of their optimizer state), and into ``optimizer`` if given. Returns the ``extra``
     saved with it. Optimizer state of another shape than its parameter (Adafactor's statistics)
     loads where the parameter is held as when saved (whole, or cut across as many ranks); a scalar
     that every rank saved alike (a step count) loads anywhere.
@@ -136,7 +143,7 @@ def load(module: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Opti
                              "this model (or strict=False)")
     for key, target in targets.items():
         if key in reader.model_keys:
-            expected = _stock_shape(local_tensor(target), *spec_of(key, specs))
+            expected = _target_stock_shape(target, *spec_of(key, specs), bool(specs))
             if reader.shape(key) != expected:
                 raise ValueError(f"torch_mp.load: {key!r} has shape {reader.shape(key)} in the checkpoint at "
                                  f"{reader.folder}; the model expects {expected} (the stock shape)")
@@ -195,16 +202,45 @@ def _stock_shape(value: torch.Tensor, spec: Optional[ShardSpec], role: str) -> T
     return tuple(shape)
 
 
+def _target_stock_shape(target: torch.Tensor, spec: Optional[ShardSpec], role: str,
+                        tensor_parallel: bool) -> Tuple[int, ...]:
+    """The stock shape of the model's tensor ``target``: an FSDP2 DTensor's own shape (a model
+    without tensor parallelism), else that of its tensor-parallel shard (FSDP2's over it
+    gathered) in the stock layout."""
+    if isinstance(target, DTensor) and not tensor_parallel:
+        return tuple(target.shape)
+    if isinstance(target, DTensor):
+        return _stock_shape(torch.empty(tp_local_shape(target), device="meta"), spec, role)
+    return _stock_shape(target, spec, role)
+
+
 def _stock_piece(name: str, owner: str, value: torch.Tensor, spec: Optional[ShardSpec], role: str, rank: int,
                  world: int) -> _Piece:
-    if isinstance(value, DTensor):
-        raise TypeError(f"torch_mp.save: {name!r} is a DTensor (FSDP2's fully_shard); expected plain tensors: "
-                        "torch_mp.save does not save FSDP2-sharded models yet")
+    if isinstance(value, DTensor):  # FSDP2's (a tensor-parallel one is this rank's local tensor by now)
+        return _data_parallel_piece(name, owner, value)
     dim, transposed = stock_layout(spec, role)
     value = local_tensor(value).detach()
     return _Piece(name, value.t() if transposed else value, list(_stock_shape(value, spec, role)), dim,
                   None if dim is None else slice_bounds(spec.parts, rank, world, spec.replicas),
                   WHOLE if dim is None else SHARDS, owner)
+
+
+def _data_parallel_piece(name: str, owner: str, value: DTensor) -> _Piece:
+    """This rank's shard of an FSDP2 DTensor of a model without tensor parallelism
+    (``pipeline(..., fully_shard=True)``: its data-parallel replicas each hold torch.chunk's piece
+    of dim 0): the range of the stock tensor it covers, written by every replica holding it, as
+    tensor-parallel shards are. TypeError for a DTensor on a mesh of more dims (HSDP)."""
+    if value.device_mesh.ndim != 1:
+        raise TypeError(f"torch_mp.save: {name!r} is a DTensor on a {value.device_mesh.ndim}-D mesh placed "
+                        f"{value.placements} in a model without tensor_parallel (HSDP); expected FSDP2 on a 1-D "
+                        "data-parallel mesh (pipeline(..., fully_shard=True)), over tensor_parallel or not: save "
+                        "torch_mp.full_state_dict(model) instead")
+    local = value._local_tensor.detach()
+    cut = dp_shard_range(value)
+    if cut is None:
+        return _Piece(name, local, list(value.shape), None, None, WHOLE, owner)
+    dim, start, stop = cut
+    return _Piece(name, local, list(value.shape), dim, [(start, stop)], SHARDS, owner)
 
 
 def _pieces_of_this_rank(module: nn.Module, optimizer, rank: int) -> Tuple[List[_Piece], Dict[str, dict]]:
@@ -218,9 +254,10 @@ def _pieces_of_this_rank(module: nn.Module, optimizer, rank: int) -> Tuple[List[
     if optimizer is not None:
         params = dict(module.named_parameters())
         for name, state in _optimizer_state_by_name(module, optimizer).items():
-            param = local_tensor(params[name])
-            if param.is_meta:
+            param = params[name]
+            if local_tensor(param).is_meta:
                 continue
+            shape = tp_local_shape(param) if isinstance(param, DTensor) and specs else list(local_tensor(param).shape)
             spec, role = spec_of(name, specs)
             sharded = stock_layout(spec, role)[0] is not None
             entry = {"values": {}, "tensors": {}, "per_rank": {}}
@@ -230,7 +267,7 @@ def _pieces_of_this_rank(module: nn.Module, optimizer, rank: int) -> Tuple[List[
                     entry["values"][key] = value
                     continue
                 value = _tp_shard(value, bool(specs))
-                if local_tensor(value).shape == param.shape:  # Adam's moments: cut like the parameter
+                if list(local_tensor(value).shape) == shape:  # Adam's moments: cut like the parameter
                     pieces.append(_stock_piece(stock, name, value, spec, role, tp_rank, tp_world))
                     entry["tensors"][key] = stock
                 elif sharded:  # another shape (Adafactor's row and column statistics): each rank's own
@@ -269,9 +306,11 @@ def _pieces_to_write(module: nn.Module, pieces: List[_Piece], states: Dict[str, 
 
 
 def _tp_shard(value: torch.Tensor, tensor_parallel: bool) -> torch.Tensor:
-    """This rank's shard of a tensor-parallel DTensor parameter (or its optimizer state); anything
-    else as it is (FSDP2's DTensors are refused by ``_stock_piece``)."""
-    if isinstance(value, DTensor) and tensor_parallel and value.device_mesh.ndim == 1:
+    """This rank's shard of a tensor-parallel DTensor parameter (or its optimizer state), FSDP2's
+    shards over it gathered (a collective over the data-parallel group: FSDP2 over tensor
+    parallelism, 2-D DTensors); anything else as it is (FSDP2's DTensors without tensor
+    parallelism: ``_data_parallel_piece`` writes their shards)."""
+    if isinstance(value, DTensor) and tensor_parallel:
         return tp_local(value, tensor_parallel)
     return value
 
@@ -467,9 +506,10 @@ def _read_optimizer(reader: CheckpointReader, module: nn.Module, optimizer, spec
         sharded = stock_layout(spec, role)[0] is not None
         loaded = dict(entries["values"])
         for key, tensor_key in entries["tensors"].items():
-            if reader.shape(tensor_key) == _stock_shape(param, spec, role):  # cut like its parameter
-                loaded[key] = like(params[name], read_local(tensor_key, spec, role, rank, world, reader.read_full,
-                                                            reader.read_slices))
+            if reader.shape(tensor_key) == _target_stock_shape(params[name], spec, role, bool(specs)):
+                # Cut like its parameter (tensor-parallel shards, then FSDP2's).
+                value = read_local(tensor_key, spec, role, rank, world, reader.read_full, reader.read_slices)
+                loaded[key] = like(params[name], dp_local(params[name], value, bool(specs)))
             else:
                 loaded[key] = _state_of_another_shape(reader, name, key, [tensor_key], sharded, rank, world)
         for key, copies in entries.get("per_rank", {}).items():

@@ -660,9 +660,12 @@ def pipeline(
             (``set_requires_gradient_sync``, as ``torch.distributed.pipelining`` does). A module
             sharing a tensor with another (a tied embedding and head) stays whole on the ranks
             using it, its gradient averaged over the replicas after the schedule; so does a
-            parameter the code outside the placed modules uses. ValueError without a DeviceMesh ``data_parallel``, for a dict holding
-            ``mesh``, with a zero-bubble schedule (its deferred weight gradients bypass FSDP2's
-            hooks), ``checkpoint`` other than ``"never"``, or over ``tensor_parallel``.
+            parameter the code outside the placed modules uses. Over ``tensor_parallel`` (on
+            ``mesh["tp"]`` of the same ``init_mesh``), torch's 2-D composition: FSDP2 shards the
+            tensor-parallel DTensor parameters over ``dp`` (2-D DTensors on (dp, tp)), each rank
+            holding 1/(pp * dp * tp). ValueError without a DeviceMesh ``data_parallel``, for a dict
+            holding ``mesh``, with a zero-bubble schedule (its deferred weight gradients bypass
+            FSDP2's hooks) or ``checkpoint`` other than ``"never"``.
 
     Three-dimensional parallelism (torchtitan's order: tensor parallel, then pipeline, then data
     parallel) on a ``torch_mp.init_mesh(pp=, dp=, tp=)`` mesh::
@@ -761,7 +764,7 @@ def pipeline(
                             f"{len(layer_names)} ranks" if stages_per_rank > 1 else ""))
     inner = state_of(module)
     replicas = _check_replica_group(data_parallel, group, inner)
-    shard_options = _check_fully_shard(fully_shard, data_parallel, schedule, checkpoint, chunks, info.size, inner)
+    shard_options = _check_fully_shard(fully_shard, data_parallel, schedule, checkpoint, chunks, info.size)
     if shard_options is not None and any(param.is_meta for param in module.parameters()):
         raise ValueError(f"pipeline: fully_shard = {fully_shard!r} on a {type(module).__name__} whose parameters are on "
                          "the meta device (torch_mp.init_empty_weights()), not supported yet; expected a model with "
@@ -802,7 +805,7 @@ def _dim_name(group: GroupLike, default: str) -> str:
 
 
 def _check_fully_shard(fully_shard, data_parallel: GroupLike, schedule: str, checkpoint: str, chunks: int,
-                       ranks: int, inner) -> Optional[dict]:
+                       ranks: int) -> Optional[dict]:
     """The keyword arguments of ``pipeline(..., fully_shard=)`` for FSDP2's ``fully_shard`` (None:
     no sharding); TypeError / ValueError for what it does not run with, before any collective."""
     if fully_shard is False:
@@ -828,9 +831,6 @@ def _check_fully_shard(fully_shard, data_parallel: GroupLike, schedule: str, che
     if checkpoint != "never":
         raise ValueError(f"pipeline: fully_shard with checkpoint = {checkpoint!r}; expected checkpoint 'never' (the "
                          "pipeline's recompute runs a layer's forward outside FSDP2's hooks)")
-    if inner is not None:
-        raise ValueError(f"pipeline: fully_shard over torch_mp.{inner.kind}, not supported yet; expected "
-                         "fully_shard=False (data_parallel= alone averages the gradients over the replicas)")
     return options
 
 

@@ -47,7 +47,9 @@ class CostTable:
     layers (embeddings, final norm, head: charged to the last stage). Bytes of parameters are
     per layer and outside (``first_param_bytes`` with the first stage: embeddings; ``last_param_bytes``
     with the last: final norm, head), each with the part tensor parallelism divides (matrices; norms
-    and biases of row-parallel layers stay whole). Activation bytes are those autograd saves per
+    and biases of row-parallel layers stay whole); ``tied_param_bytes`` (and its divided part,
+    ``tied_sharded_bytes``), those of ``first_param_bytes`` tied to a module after the layers (GPT-2's
+    head, the embedding's weight), which a pipeline's last stage holds too. Activation bytes are those autograd saves per
     sample row in each layer's forward (``saved_tensors_hooks``), ``boundary_bytes`` a layer's
     output per row (what a stage sends, what a tensor-parallel all-reduce carries) and
     ``output_bytes`` the model's floating-point output per row (the logits: what the loss's backward
@@ -97,6 +99,8 @@ class CostTable:
     tp_link: Optional[Tuple[float, float]] = None
     dp_link: Optional[Tuple[float, float]] = None
     pp_link: Optional[Tuple[float, float]] = None
+    tied_param_bytes: int = 0
+    tied_sharded_bytes: int = 0
 
     def link(self, dim: str) -> Tuple[float, float]:
         """``(alpha_s, beta_s_per_byte)`` of mesh dim ``dim`` ("tp", "dp" or "pp")."""
@@ -201,31 +205,41 @@ def _saved_bytes(module: nn.Module, layer_names: List[str], sample) -> Tuple[Lis
 
 
 def _param_bytes(module: nn.Module, layer_names: List[str]):
-    """(per layer total, per layer sharded, first total, first sharded, last total, last sharded):
-    matrices count as sharded (in a tensor-parallel model: the DTensors sharded on some dim, counted at
-    their global size); tensors outside the layers go with the first stage when their module comes
-    before the first layer, else with the last (as the pipeline's cut places them)."""
+    """(per layer total, per layer sharded, first total, first sharded, last total, last sharded,
+    tied total, tied sharded): matrices count as sharded (in a tensor-parallel model: the DTensors
+    sharded on some dim, counted at their global size); tensors outside the layers go with the
+    first stage when their module comes before the first layer, else with the last (as the
+    pipeline's cut places them); a first-stage tensor that a module after the layers holds too
+    (a tied head) counts once more as tied."""
     seen: set = set()
     index = {name: i for i, name in enumerate(layer_names)}
     totals = [[0, 0] for _ in layer_names]
-    first, last = [0, 0], [0, 0]
+    first, last, tied = [0, 0], [0, 0], [0, 0]
+    firsts: set = set()
     before_first = True
-    for name, param in module.named_parameters():
-        if id(param) in seen:
-            continue
-        seen.add(id(param))
+    for name, param in module.named_parameters(remove_duplicate=False):
         owner = next((index[layer] for layer in layer_names if name.startswith(layer + ".")), None)
-        nbytes = param.numel() * param.element_size()
         if owner is not None:
             before_first = False
+        if id(param) in seen:
+            if id(param) in firsts and owner is None and not before_first:
+                firsts.discard(id(param))  # once, however many modules after the layers hold it
+                slot = tied
+            else:
+                continue
+        elif owner is not None:
             slot = totals[owner]
         else:
             slot = first if before_first else last
+            if before_first:
+                firsts.add(id(param))
+        seen.add(id(param))
+        nbytes = param.numel() * param.element_size()
         slot[0] += nbytes
         placements = getattr(param, "placements", None)
         sharded = any(p.is_shard() for p in placements) if placements is not None else param.dim() >= 2
         slot[1] += nbytes if sharded else 0
-    return ([t for t, _ in totals], [s for _, s in totals], first[0], first[1], last[0], last[1])
+    return ([t for t, _ in totals], [s for _, s in totals], first[0], first[1], last[0], last[1], tied[0], tied[1])
 
 
 def _tp_constraints(module: nn.Module) -> Tuple[Tuple[int, ...], int, int]:
@@ -387,7 +401,7 @@ def measure_costs(module: nn.Module, sample, group=None, layers: Optional[List[s
     f_1, b_1 = measured[2 * count:3 * count], measured[3 * count:4 * count]
     tf_n, tb_n, tf_1, tb_1 = measured[4 * count:]
     saved, outside_saved, boundary, output = _saved_bytes(module, layer_names, sample)
-    params, sharded, first, first_sharded, last, last_sharded = _param_bytes(module, layer_names)
+    params, sharded, first, first_sharded, last, last_sharded, tied, tied_sharded = _param_bytes(module, layer_names)
     divide, all_reduces, experts = _tp_constraints(module)
     if len(links) < len(MESH_DIMS):
         links = {**fit_links(mesh if mesh is not None else group, [d for d in MESH_DIMS if d not in links]), **links}
@@ -401,7 +415,7 @@ def measure_costs(module: nn.Module, sample, group=None, layers: Optional[List[s
         outside_backward=Line.through(max(0.0, tb_1 - sum(b_1)), rows, max(0.0, tb_n - sum(b_n))),
         param_bytes=tuple(params), sharded_param_bytes=tuple(sharded),
         first_param_bytes=first, first_sharded_bytes=first_sharded,
-        last_param_bytes=last, last_sharded_bytes=last_sharded,
+        last_param_bytes=last, last_sharded_bytes=last_sharded, tied_param_bytes=tied, tied_sharded_bytes=tied_sharded,
         activation_bytes=tuple(-(-s // rows) for s in saved), outside_activation_bytes=-(-outside_saved // rows),
         boundary_bytes=-(-boundary // rows), output_bytes=-(-output // rows), param_element_size=element, alpha_s=alpha, beta_s_per_byte=beta,
         tp_must_divide=divide, all_reduces_per_layer=all_reduces, experts=experts,

@@ -280,10 +280,7 @@ def tp_local(value: torch.Tensor, tensor_parallel: bool) -> torch.Tensor:
     # holds torch.chunk's pieces of the TP-local tensor along its dim (the last rank's maybe shorter
     # or empty). Gathered directly: DTensor's redistribute of FSDP2's _StridedShard over our own
     # fused-layout _StridedShard gives the whole tensor, not the TP shard.
-    tp, tp_size = value.placements[-1], mesh.size(mesh.ndim - 1)
-    shape = list(value.shape)
-    if isinstance(tp, (Shard, _StridedShard)):
-        shape[tp.dim] //= tp_size
+    shape = tp_local_shape(value)
     for mesh_dim in range(mesh.ndim - 2, -1, -1):
         placement = value.placements[mesh_dim]
         if not isinstance(placement, (Shard, _StridedShard)):
@@ -295,6 +292,19 @@ def tp_local(value: torch.Tensor, tensor_parallel: bool) -> torch.Tensor:
         gathered = all_gather_rows(padded, mesh.get_group(mesh_dim), "torch_mp.full_state_dict")
         local = torch.cat(gathered.unbind(0), dim).narrow(dim, 0, shape[dim])
     return local
+
+
+def tp_local_shape(value: DTensor) -> List[int]:
+    """The shape of what this rank of the tensor-parallel group holds of the DTensor ``value``
+    (``tp_local``'s result, without communication): its local tensor's on a 1-D mesh; on FSDP2's
+    (dp, tp) mesh the global shape cut along the TP dim (the last mesh dim)."""
+    mesh = value.device_mesh
+    if mesh.ndim == 1:
+        return list(value._local_tensor.shape)
+    tp, shape = value.placements[-1], list(value.shape)
+    if isinstance(tp, (Shard, _StridedShard)):
+        shape[tp.dim] //= mesh.size(mesh.ndim - 1)
+    return shape
 
 
 def dp_local(target: torch.Tensor, value: torch.Tensor, tensor_parallel: bool) -> torch.Tensor:
@@ -311,17 +321,41 @@ def dp_local(target: torch.Tensor, value: torch.Tensor, tensor_parallel: bool) -
     for mesh_dim in range(mesh.ndim - 1 if tensor_parallel else mesh.ndim):
         placement = target.placements[mesh_dim]
         if isinstance(placement, (Shard, _StridedShard)):
-            dim, size = placement.dim, value.shape[placement.dim]
-            piece = -(-size // mesh.size(mesh_dim))
-            start = min(size, piece * coordinate[mesh_dim])
-            value = value.narrow(dim, start, min(piece, size - start))
+            start, stop = chunk_range(value.shape[placement.dim], mesh.size(mesh_dim), coordinate[mesh_dim])
+            value = value.narrow(placement.dim, start, stop - start)
     return value
+
+
+def chunk_range(size: int, ranks: int, index: int) -> Tuple[int, int]:
+    """``[start, stop)``: the range of ``size`` elements that piece ``index`` of ``torch.chunk`` into
+    ``ranks`` pieces holds, as FSDP2 shards a dim (pieces of ``ceil(size / ranks)``, the last ones
+    shorter or empty)."""
+    piece = -(-size // ranks)
+    start = min(size, piece * index)
+    return start, min(size, start + piece)
+
+
+def dp_shard_range(value: DTensor) -> Optional[Tuple[int, int, int]]:
+    """``(dim, start, stop)``: the range along ``dim`` of the global tensor that this rank's local
+    tensor of ``value`` holds, for a DTensor on a 1-D mesh placed ``Shard(dim)`` (FSDP2's parameters
+    and their optimizer state without tensor parallelism: ``chunk_range``'s pieces); None for a
+    replicated one. Raises ValueError for a DTensor on a mesh of more dims or placed otherwise
+    (``_StridedShard``'s ranges are not one range)."""
+    placement = value.placements[0]
+    if value.device_mesh.ndim != 1 or not (type(placement) is Shard or placement.is_replicate()):
+        raise ValueError(f"dp_shard_range: a DTensor on a {value.device_mesh.ndim}-D mesh placed {value.placements}; "
+                         "expected a 1-D mesh, Shard(dim) or Replicate()")
+    if placement.is_replicate():
+        return None
+    start, stop = chunk_range(value.shape[placement.dim], value.device_mesh.size(0), value.device_mesh.get_coordinate()[0])
+    return placement.dim, start, stop
 
 
 def like(param: torch.Tensor, local_value: torch.Tensor) -> torch.Tensor:
     """``local_value`` (shaped as ``param``'s local tensor) as a DTensor placed as ``param`` is, for
-    a 1-D DTensor ``param`` (optimizer state loaded from a checkpoint); else as it is."""
-    if not isinstance(param, DTensor) or param.device_mesh.ndim != 1 or local_value.shape != param._local_tensor.shape:
+    a DTensor ``param`` (optimizer state loaded from a checkpoint; FSDP2 over tensor parallelism's
+    on a 2-D mesh too); else as it is."""
+    if not isinstance(param, DTensor) or local_value.shape != param._local_tensor.shape:
         return local_value
     return DTensor.from_local(local_value, param.device_mesh, param.placements, run_check=False, shape=param.shape,
                               stride=param.stride())
