@@ -5,6 +5,7 @@
 #include <torch_mp/planner.h>
 
 #include <algorithm>
+#include <limits>
 #include <utility>
 
 #include <c10/util/Exception.h>
@@ -18,6 +19,11 @@ constexpr double kWeightShare = 0.5;
 // Activations a transformer layer saves that tensor parallelism does not divide without sequence
 // parallelism: 10 of 34 bytes per token and hidden unit (Korthikanti et al., 2022, table 2).
 constexpr double kReplicatedActivations = 10.0 / 34.0;
+// The share of a micro-batch's saved layer activations that a zero-bubble B leaves to its W (the
+// linears' inputs, which the deferred weight gradients read): measured on the benchmark's Llama at
+// pp 4, ZB-H1 held a third of a block's saved bytes per pending W more than 1F1B (0.9 MiB on its
+// third rank, 2.9 on its last with the head's output gradients).
+constexpr double kWeightHeld = 1.0 / 3.0;
 
 bool zero_bubble(const std::string& schedule) {
   return schedule == "zb_h1" || schedule == "zbv";
@@ -95,44 +101,18 @@ std::vector<std::vector<pipeline::Action>> schedule_of(const Layout& layout) {
       pipeline::parse_schedule_kind(layout.schedule), layout.pp, layout.stages_per_rank(), layout.chunks);
 }
 
-// For several stages per rank: the micro-batches each stage holds when its rank holds the most
-// activations (stage_bytes: a micro-batch's), replaying the rank's actions of the schedule (a
-// forward takes one micro-batch's, its input-gradient backward frees them).
-std::vector<int64_t> in_flight_at_rank_peaks(const Layout& layout, const std::vector<double>& stage_bytes) {
-  std::vector<int64_t> held(stage_bytes.size(), 0);
-  for (const auto& actions : schedule_of(layout)) {
-    // (stage, count) in the order each stage first appears: the sums below add in that order.
-    std::vector<std::pair<int64_t, int64_t>> count;
-    std::vector<std::pair<int64_t, int64_t>> best;
-    double best_bytes = -1.0;
-    for (const auto& action : actions) {
-      if (action.kind == pipeline::ActionKind::Weight) {
-        continue;
-      }
-      auto found = std::find_if(count.begin(), count.end(), [&](const auto& c) { return c.first == action.stage; });
-      if (found == count.end()) {
-        count.emplace_back(action.stage, 0);
-        found = count.end() - 1;
-      }
-      found->second += action.kind == pipeline::ActionKind::Forward ? 1 : -1;
-      double total = 0.0;
-      for (const auto& [stage, n] : count) {
-        total += static_cast<double>(n) * stage_bytes[stage];
-      }
-      if (total > best_bytes) {
-        best = count;
-        best_bytes = total;
-      }
+// Each pipeline rank's actions in order: the schedule's (make_schedule); without a pipeline, each
+// micro-batch's forward then its backward.
+std::vector<std::vector<pipeline::Action>> actions_of(const Layout& layout) {
+  if (layout.pp == 1) {
+    std::vector<pipeline::Action> actions;
+    for (int64_t m = 0; m < layout.chunks; ++m) {
+      actions.push_back({pipeline::ActionKind::Forward, 0, m});
+      actions.push_back({pipeline::ActionKind::Backward, 0, m});
     }
-    for (const auto& [stage, n] : best) {
-      held[stage] = n;
-    }
+    return {actions};
   }
-  return held;
-}
-
-int64_t in_flight(const Layout& layout, int64_t stage) {
-  return layout.schedule == "gpipe" ? layout.chunks : std::min(layout.chunks, layout.pp - stage);
+  return schedule_of(layout);
 }
 
 } // namespace
@@ -172,6 +152,22 @@ void CostTable::check() const {
     TORCH_CHECK_VALUE(length == n, "planner: costs.", name, " has ", length, " entries; expected one per layer (",
                       n, ")");
   }
+  for (size_t i = 0; i < n; ++i) {
+    TORCH_CHECK_VALUE(
+        param_bytes[i] >= 0 && activation_bytes[i] >= 0 && sharded_param_bytes[i] >= 0 &&
+            sharded_param_bytes[i] <= param_bytes[i],
+        "planner: costs of layer ", layers[i], ": param_bytes ", param_bytes[i], ", sharded_param_bytes ",
+        sharded_param_bytes[i], ", activation_bytes ", activation_bytes[i],
+        "; expected sizes >= 0, the sharded part at most the parameters");
+  }
+  TORCH_CHECK_VALUE(
+      first_sharded_bytes >= 0 && first_sharded_bytes <= first_param_bytes && last_sharded_bytes >= 0 &&
+          last_sharded_bytes <= last_param_bytes && outside_activation_bytes >= 0 && boundary_bytes >= 0 &&
+          output_bytes >= 0,
+      "planner: costs outside the layers: first_param_bytes ", first_param_bytes, " (sharded ", first_sharded_bytes,
+      "), last_param_bytes ", last_param_bytes, " (sharded ", last_sharded_bytes, "), outside_activation_bytes ",
+      outside_activation_bytes, ", boundary_bytes ", boundary_bytes, ", output_bytes ", output_bytes,
+      "; expected sizes >= 0, the sharded parts at most the parameters");
   TORCH_CHECK_VALUE(param_element_size >= 1, "planner: costs.param_element_size = ", param_element_size,
                     "; expected >= 1");
 }
@@ -201,58 +197,83 @@ std::vector<StagePeak> stage_peaks(const CostTable& costs, const Layout& layout)
   const double rows = layout.rows();
   const auto ranges = stage_layers(layout.balance);
   const auto stages = static_cast<int64_t>(ranges.size());
-  std::vector<double> ones;
-  for (int64_t stage = 0; stage < stages; ++stage) {
-    double one = activations(costs, ranges[stage], rows, layout);
-    if (stage == stages - 1) {
-      one += static_cast<double>(costs.outside_activation_bytes) * rows;
-    }
-    ones.push_back(one);
+  const auto last = stages - 1;
+  const bool always = layout.checkpoint == "always";
+  std::vector<double> params_of(stages);
+  std::vector<double> one(stages);
+  std::vector<double> kept(stages);
+  std::vector<double> pending(stages);
+  std::vector<double> finished(stages);
+  for (int64_t s = 0; s < stages; ++s) {
+    params_of[s] = params(costs, ranges[s], s == 0, s == last, layout.tp);
+    const double part = activations(costs, ranges[s], rows, layout);
+    one[s] = part + (s == last ? static_cast<double>(costs.outside_activation_bytes) * rows : 0.0);
+    kept[s] = always ? static_cast<double>(costs.boundary_bytes) * rows : one[s];
+    pending[s] = kWeightHeld * part + (s == last ? static_cast<double>(costs.output_bytes) * rows : 0.0);
+    finished[s] = rows * static_cast<double>((s == last ? costs.output_bytes : 0) + (s > 0 ? costs.boundary_bytes : 0));
   }
-  std::vector<int64_t> at_peaks;
-  if (layout.stages_per_rank() > 1) {
-    at_peaks = in_flight_at_rank_peaks(layout, ones);
-  }
-  std::vector<StagePeak> peaks;
-  for (int64_t stage = 0; stage < stages; ++stage) {
-    const bool first = stage == 0;
-    const bool last = stage == stages - 1;
-    const double parameters = params(costs, ranges[stage], first, last, layout.tp);
-    const double optimizer = parameters / static_cast<double>(costs.param_element_size) * 8; // 2 x fp32
-    const int64_t held = at_peaks.empty() ? in_flight(layout, stage) : at_peaks[stage];
-    const double one = ones[stage];
-    double loss_gradients = 0.0;
-    double finished = 0.0;
-    if (last) {
-      loss_gradients = static_cast<double>(2 * costs.output_bytes) * rows;
-    }
-    if (layout.pp > 1) {
-      finished = static_cast<double>(layout.chunks - 1) * rows *
-          static_cast<double>((last ? costs.output_bytes : 0) + (stage > 0 ? costs.boundary_bytes : 0));
-    }
-    const auto saved = [&](int64_t count) {
-      if (layout.checkpoint == "always") {
-        return count ? static_cast<double>(count * costs.boundary_bytes) * rows + one : 0.0;
-      }
-      return static_cast<double>(count) * one;
-    };
-    const bool steady = layout.schedule != "gpipe" && layout.chunks > held;
-    const auto p = static_cast<int64_t>(parameters);
-    const auto o = static_cast<int64_t>(optimizer);
-    std::vector<StagePeak> phases = {
-        {p, 0, o, 0, static_cast<int64_t>(saved(held) + loss_gradients)},
-        {p, p, o, 0, static_cast<int64_t>(saved(steady ? held : held - 1) + loss_gradients + finished)}};
-    if (layout.dp > 1) { // the flattened gradients and the all-reduce's result
-      phases.push_back({p, p, o, static_cast<int64_t>(2 * parameters), 0});
-    }
-    // The first of the largest, as Python's max does.
-    const StagePeak* best = &phases[0];
-    for (const auto& phase : phases) {
-      if (phase.total() > best->total()) {
-        best = &phase;
+  const int64_t zero_bubble_held = zero_bubble(layout.schedule) && layout.pp > 1 ? 1 : 0;
+  const auto stage_ranks = layout.stage_ranks();
+  std::vector<StagePeak> peaks(stages);
+  const auto schedule = actions_of(layout);
+  for (int64_t rank = 0; rank < static_cast<int64_t>(schedule.size()); ++rank) {
+    std::vector<int64_t> mine;
+    for (int64_t s = 0; s < stages; ++s) {
+      if (stage_ranks[s] == rank) {
+        mine.push_back(s);
       }
     }
-    peaks.push_back(*best);
+    // Per stage of the rank: micro-batches forwarded and not yet backward, B done with W pending,
+    // B done; whether its gradients exist.
+    std::vector<int64_t> forwarded(stages, 0);
+    std::vector<int64_t> waiting(stages, 0);
+    std::vector<int64_t> done(stages, 0);
+    std::vector<bool> graded(stages, false);
+    // {stage: (gradient bytes, activation bytes)} at the start of the action, for the rank's stages.
+    std::vector<std::pair<double, double>> best;
+    std::vector<std::pair<double, double>> now(stages);
+    double best_total = -std::numeric_limits<double>::infinity();
+    for (const auto& action : schedule[rank]) {
+      const bool backward = action.kind == pipeline::ActionKind::Backward;
+      double total = 0.0;
+      for (const auto s : mine) {
+        double held = static_cast<double>(forwarded[s]) * kept[s] + static_cast<double>(waiting[s]) * pending[s] +
+            static_cast<double>(done[s]) * finished[s];
+        if (backward && s == action.stage) {
+          held += (s == last ? static_cast<double>(2 * costs.output_bytes) * rows : 0.0) + (always ? one[s] : 0.0);
+        }
+        now[s] = {graded[s] ? params_of[s] : 0.0, held};
+        total += now[s].first + now[s].second;
+      }
+      if (total > best_total) {
+        best = now;
+        best_total = total;
+      }
+      if (action.kind == pipeline::ActionKind::Forward) {
+        ++forwarded[action.stage];
+      } else if (backward) {
+        --forwarded[action.stage];
+        ++done[action.stage];
+        waiting[action.stage] += zero_bubble_held;
+        graded[action.stage] = true;
+      } else {
+        --waiting[action.stage];
+      }
+    }
+    double everything = 0.0;
+    for (const auto s : mine) {
+      everything += params_of[s];
+    }
+    // With data parallelism, the all-reduce after the backwards: every gradient of the rank, the
+    // flattened copy it sends and its result, no activations.
+    const bool flat = layout.dp > 1 && 3 * everything > best_total;
+    for (const auto s : mine) {
+      const auto p = static_cast<int64_t>(params_of[s]);
+      const auto optimizer = static_cast<int64_t>(params_of[s] / static_cast<double>(costs.param_element_size) * 8);
+      peaks[s] = flat ? StagePeak{p, p, optimizer, static_cast<int64_t>(2 * params_of[s]), 0}
+                      : StagePeak{p, static_cast<int64_t>(best[s].first), optimizer, 0,
+                                  static_cast<int64_t>(best[s].second)};
+    }
   }
   return peaks;
 }

@@ -44,11 +44,11 @@ class Layout:
 
 @dataclass(frozen=True)
 class StagePeak:
-    """Predicted bytes one rank of a stage holds at its peak, by kind: ``parameters``, their
-    ``gradients`` (those held at that moment: none where the peak comes before the first
-    backward), the ``optimizer`` state, the ``flat`` gradients of the data-parallel all-reduce
-    (and its result) and the ``activations`` (with the loss's gradients and the finished
-    micro-batches' outputs and input gradients) held then."""
+    """Predicted bytes one rank of a stage holds at its rank's peak, by kind: ``parameters``,
+    their ``gradients`` (those held at that moment: none before the stage's first backward), the
+    ``optimizer`` state, the ``flat`` gradients of the data-parallel all-reduce (and its result)
+    and the ``activations`` (with the loss's gradients, the zero-bubble schedules' pending weight
+    gradients' inputs and the finished micro-batches' outputs and input gradients) held then."""
     parameters: int
     gradients: int
     optimizer: int
@@ -61,36 +61,38 @@ class StagePeak:
 
 
 def stage_peaks(costs: CostTable, layout: Layout) -> List[StagePeak]:
-    """Predicted peak per pipeline stage, by kind (each rank of that stage's tensor-parallel and
-    data-parallel groups holds the same): the largest of the step's phases, each the sum of what
-    is held then (``torch_mp::planner::stage_peaks``).
+    """Predicted bytes per pipeline stage at its rank's peak, by kind (each rank of that stage's
+    tensor-parallel and data-parallel groups holds the same); a rank's stages sum to its peak
+    (``torch_mp::planner::stage_peaks``).
 
-    Always held: the parameters and AdamW's two fp32 states. Phases:
+    Always held: the parameters and AdamW's two fp32 states. The rank's actions (the C++
+    schedule, which every rank runs in order; without a pipeline, each micro-batch's forward then
+    its backward) are replayed, and the peak is the largest of what is held at the start of each
+    action and of the data-parallel all-reduce:
 
-    - a backward's start, before any gradient exists (the first backward): the activations of the
-      micro-batches in flight (GPipe: all of them; 1F1B and ZB-H1: those started before the first
-      backward reaches the stage, ``pp - stage``, at most ``chunks``; with ``checkpoint="always"``
-      each one's stage input, and one micro-batch's saved tensors while it is recomputed), on the
-      last stage with the loss's two gradients of the output (cross entropy: of the
-      log-probabilities and of the logits, ``2 * output_bytes``);
-    - the last micro-batch's backward start, the gradients all allocated: the parameters'
-      gradients plus the activations in flight then (as above where a forward runs after a
-      backward, as in 1F1B's steady state; one fewer where all forwards ran first: GPipe, or
-      ``chunks <= pp - stage``), the loss's gradients, and what the pipeline keeps of each
-      finished micro-batch until the step ends: on the last stage its output
-      (``output_bytes``), on every stage but the first the gradient of its received input
-      (``boundary_bytes``);
-    - with data parallelism, the all-reduce after the backwards: the gradients, the flattened
-      copy it sends and its result (two copies of the gradients).
+    - a forward adds one micro-batch's saved tensors of the stage (on the last stage also what is
+      saved outside the layers; with ``checkpoint="always"`` only the stage input,
+      ``boundary_bytes``); its backward (B) frees them;
+    - under the zero-bubble schedules (ZB-H1, ZB-V) B leaves a third of a micro-batch's layer
+      activations (the linears' inputs, which the deferred weight gradients read: measured on
+      the benchmark's Llama at pp 4), and on the last stage the head's output gradient
+      (``output_bytes``), to its weight-gradient action (W), which frees them;
+    - at a B: the loss's two gradients of the output on the last stage (cross entropy: of the
+      log-probabilities and of the logits, ``2 * output_bytes``), and under checkpointing the
+      micro-batch's saved tensors, recomputed;
+    - a stage's gradients exist from its first B on;
+    - what the pipeline keeps of each finished micro-batch until the step ends: on the last
+      stage its output (``output_bytes``), on every stage but the first the gradient of its
+      received input (``boundary_bytes``);
+    - with data parallelism, the all-reduce after the backwards: every gradient of the rank, the
+      flattened copy it sends and its result (two copies of the rank's gradients), no activations.
 
     Tensor parallelism divides the layers' saved tensors (with sequence parallelism all of them,
     else 24/34: Korthikanti et al., 2022, table 2); what is saved outside the layers (embedding
     output, final norm, the logits the column-parallel head gathers, the loss's
-    log-probabilities) is held whole on every rank. With several stages per rank (interleaved
-    1F1B, ZB-V), each stage's in-flight count is the one it has when its rank holds the most
-    (replayed from the rank's actions of the C++ schedule), so a rank's stages sum to its peak.
-    Peaks of one stage's activations over a micro-batch: Korthikanti et al., 2022; 1F1B's
-    in-flight count: Narayanan et al., 2021.
+    log-probabilities) is held whole on every rank. Peaks of one stage's activations over a
+    micro-batch: Korthikanti et al., 2022; 1F1B's in-flight count (``pp - stage``): Narayanan et
+    al., 2021; the B/W split: Qi et al., 2024.
 
     Raises ValueError for a ``layout`` whose balance does not add up to ``costs.layers``."""
     return [StagePeak(*peak) for peak in _C._plan_stage_peaks(costs, layout)]

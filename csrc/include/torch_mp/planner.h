@@ -111,10 +111,11 @@ struct Layout {
   bool operator==(const Layout&) const = default;
 };
 
-// Predicted bytes one rank of a stage holds at its peak, by kind: the parameters, their gradients
-// held then, the optimizer state (AdamW, 2 x fp32), the flat gradients of the data-parallel
-// all-reduce and its result, and the activations (with the loss's gradients and what the pipeline
-// keeps of finished micro-batches).
+// Predicted bytes one rank of a stage holds at its rank's peak, by kind: the parameters, their
+// gradients held then, the optimizer state (AdamW, 2 x fp32), the flat gradients of the
+// data-parallel all-reduce and its result, and the activations (with the loss's gradients, the
+// zero-bubble schedules' pending weight gradients' inputs and what the pipeline keeps of finished
+// micro-batches).
 struct StagePeak {
   int64_t parameters = 0;
   int64_t gradients = 0;
@@ -135,13 +136,18 @@ struct StageTimes {
   std::vector<double> weight;
 };
 
-// Predicted peak per pipeline stage: the largest of the step's phases (the first backward's start;
-// the last micro-batch's backward start, every gradient allocated; the data-parallel all-reduce),
-// each the sum of what is held then; activations times the micro-batches in flight (GPipe: all;
-// 1F1B and ZB-H1: pp - stage at most; interleaved 1F1B and ZB-V: replayed from the rank's actions
-// at its peak). Tensor parallelism divides matrices and (with sequence parallelism all, else 24/34
-// of) the layers' saved activations (Korthikanti et al., 2022). The phases in full: the docstring
-// of Python's torch_mp._planner.model.stage_peaks.
+// Predicted bytes per pipeline stage at its rank's peak (a rank's stages sum to its peak): each
+// rank's actions (make_schedule; without a pipeline F then B per micro-batch) replayed, the peak the
+// largest of what is held at the start of each action and at the data-parallel all-reduce. A
+// forward adds a micro-batch's saved tensors (with checkpoint "always" its stage input), its B
+// frees them; a zero-bubble B leaves a third of the layers' (the linears' inputs) and on the last
+// stage the head's output gradient to its W; at a B, the loss's two output gradients on the last
+// stage and, recomputing, the micro-batch's saved tensors; gradients exist from a stage's first B;
+// finished micro-batches keep their output (last stage) and input gradient (other stages); the
+// all-reduce holds two more copies of the rank's gradients and no activations. Tensor parallelism
+// divides matrices and (with sequence parallelism all, else 24/34 of) the layers' saved
+// activations (Korthikanti et al., 2022). In full: the docstring of Python's
+// torch_mp._planner.model.stage_peaks.
 std::vector<StagePeak> stage_peaks(const CostTable& costs, const Layout& layout);
 // Predicted peak bytes per pipeline rank: stage_peaks summed over each rank's stages.
 std::vector<int64_t> peak_bytes(const CostTable& costs, const Layout& layout);
