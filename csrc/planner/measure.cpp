@@ -14,6 +14,7 @@
 #include <c10/util/Exception.h>
 #include <c10/util/ThreadLocalDebugInfo.h>
 #include <torch/autograd.h>
+#include <torch/cuda.h>
 #include <torch/nn/modules/container/any.h>
 
 namespace torch_mp {
@@ -21,7 +22,16 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-double seconds_since(Clock::time_point start) {
+// Waits for the device's queued work (a GPU's kernels run after their launch returns), so a timer
+// read after it counts them.
+void synchronize(const at::Tensor& on) {
+  if (on.is_cuda()) {
+    torch::cuda::synchronize(on.device().index());
+  }
+}
+
+double seconds_since(Clock::time_point start, const at::Tensor& on) {
+  synchronize(on);
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
 
@@ -70,10 +80,11 @@ LayerSeconds time_children(std::vector<torch::nn::AnyModule>& children, const at
     for (size_t i = 0; i < n; ++i) {
       x = i == 0 || !x.is_floating_point() ? x : x.detach().requires_grad_(true);
       inputs.push_back(x);
+      synchronize(input);
       const auto start = Clock::now();
       outputs.push_back(children[i].forward<at::Tensor>(x));
       if (run > 0) {
-        best.forward[i] = std::min(best.forward[i], seconds_since(start));
+        best.forward[i] = std::min(best.forward[i], seconds_since(start, input));
       }
       x = outputs.back();
     }
@@ -82,11 +93,12 @@ LayerSeconds time_children(std::vector<torch::nn::AnyModule>& children, const at
                       "differentiable output to time the backward");
     at::Tensor gradient = at::ones_like(x);
     for (size_t i = n; i-- > 0;) {
+      synchronize(input);
       const auto start = Clock::now();
       // The parameters' gradients and the input's, as in the model's backward.
       torch::autograd::backward({outputs[i]}, {gradient});
       if (run > 0) {
-        best.backward[i] = std::min(best.backward[i], seconds_since(start));
+        best.backward[i] = std::min(best.backward[i], seconds_since(start, input));
       }
       if (i > 0) {
         gradient = inputs[i].requires_grad() && inputs[i].grad().defined() ? inputs[i].grad()
