@@ -24,6 +24,11 @@ constexpr double kReplicatedActivations = 10.0 / 34.0;
 // pp 4, ZB-H1 held a third of a block's saved bytes per pending W more than 1F1B (0.9 MiB on its
 // third rank, 2.9 on its last with the head's output gradients).
 constexpr double kWeightHeld = 1.0 / 3.0;
+// A backward that adds to existing gradients computes each weight's gradient before adding it to
+// .grad (autograd's AccumulateGrad; a zero-bubble W likewise): the share of a stage's largest layer
+// (or its embedding, or its head) whose gradients are in flight at once, measured on the test's
+// Llama (2.25 MiB above the activations in a second backward, a block of 3.75 MiB).
+constexpr double kAccumulated = 0.5;
 
 bool zero_bubble(const std::string& schedule) {
   return schedule == "zb_h1" || schedule == "zbv";
@@ -204,13 +209,21 @@ std::vector<StagePeak> stage_peaks(const CostTable& costs, const Layout& layout)
   std::vector<double> kept(stages);
   std::vector<double> pending(stages);
   std::vector<double> finished(stages);
+  std::vector<double> widest(stages);
   for (int64_t s = 0; s < stages; ++s) {
     params_of[s] = params(costs, ranges[s], s == 0, s == last, layout.tp);
     const double part = activations(costs, ranges[s], rows, layout);
     one[s] = part + (s == last ? static_cast<double>(costs.outside_activation_bytes) * rows : 0.0);
     kept[s] = always ? static_cast<double>(costs.boundary_bytes) * rows : one[s];
-    pending[s] = kWeightHeld * part + (s == last ? static_cast<double>(costs.output_bytes) * rows : 0.0);
+    // A recomputed stage's linears run outside the stage's forward: their B computes the weight
+    // gradients, and W keeps nothing.
+    pending[s] = always ? 0.0
+                        : kWeightHeld * part + (s == last ? static_cast<double>(costs.output_bytes) * rows : 0.0);
     finished[s] = rows * static_cast<double>((s == last ? costs.output_bytes : 0) + (s > 0 ? costs.boundary_bytes : 0));
+    widest[s] = params(costs, {0, 0}, s == 0, s == last, layout.tp);
+    for (auto i = ranges[s].first; i < ranges[s].second; ++i) {
+      widest[s] = std::max(widest[s], params(costs, {i, i + 1}, false, false, layout.tp));
+    }
   }
   const int64_t zero_bubble_held = zero_bubble(layout.schedule) && layout.pp > 1 ? 1 : 0;
   const auto stage_ranks = layout.stage_ranks();
@@ -242,6 +255,9 @@ std::vector<StagePeak> stage_peaks(const CostTable& costs, const Layout& layout)
         if (backward && s == action.stage) {
           held += (s == last ? static_cast<double>(2 * costs.output_bytes) * rows : 0.0) + (always ? one[s] : 0.0);
         }
+        if (s == action.stage && graded[s] && action.kind != pipeline::ActionKind::Forward) {
+          held += kAccumulated * widest[s];
+        }
         now[s] = {graded[s] ? params_of[s] : 0.0, held};
         total += now[s].first + now[s].second;
       }
@@ -261,16 +277,19 @@ std::vector<StagePeak> stage_peaks(const CostTable& costs, const Layout& layout)
       }
     }
     double everything = 0.0;
+    double outputs = 0.0;
     for (const auto s : mine) {
       everything += params_of[s];
+      outputs += static_cast<double>(layout.chunks) * finished[s];
     }
     // With data parallelism, the all-reduce after the backwards: every gradient of the rank, the
-    // flattened copy it sends and its result, no activations.
-    const bool flat = layout.dp > 1 && 3 * everything > best_total;
+    // flattened copy it sends and its result, and what is kept of every finished micro-batch.
+    const bool flat = layout.dp > 1 && 3 * everything + outputs > best_total;
     for (const auto s : mine) {
       const auto p = static_cast<int64_t>(params_of[s]);
       const auto optimizer = static_cast<int64_t>(params_of[s] / static_cast<double>(costs.param_element_size) * 8);
-      peaks[s] = flat ? StagePeak{p, p, optimizer, static_cast<int64_t>(2 * params_of[s]), 0}
+      peaks[s] = flat ? StagePeak{p, p, optimizer, static_cast<int64_t>(2 * params_of[s]),
+                                  static_cast<int64_t>(static_cast<double>(layout.chunks) * finished[s])}
                       : StagePeak{p, static_cast<int64_t>(best[s].first), optimizer, 0,
                                   static_cast<int64_t>(best[s].second)};
     }

@@ -76,7 +76,11 @@ def stage_peaks(costs: CostTable, layout: Layout) -> List[StagePeak]:
     - under the zero-bubble schedules (ZB-H1, ZB-V) B leaves a third of a micro-batch's layer
       activations (the linears' inputs, which the deferred weight gradients read: measured on
       the benchmark's Llama at pp 4), and on the last stage the head's output gradient
-      (``output_bytes``), to its weight-gradient action (W), which frees them;
+      (``output_bytes``), to its weight-gradient action (W), which frees them (nothing under
+      ``checkpoint="always"``: the recomputed linears' B computes their weight gradients);
+    - a B (or W) that adds to the stage's existing gradients: half of its largest layer's (or
+      embedding's, or head's) parameter bytes (autograd computes each weight's gradient before
+      adding it; measured on the test's Llama);
     - at a B: the loss's two gradients of the output on the last stage (cross entropy: of the
       log-probabilities and of the logits, ``2 * output_bytes``), and under checkpointing the
       micro-batch's saved tensors, recomputed;
@@ -85,7 +89,8 @@ def stage_peaks(costs: CostTable, layout: Layout) -> List[StagePeak]:
       stage its output (``output_bytes``), on every stage but the first the gradient of its
       received input (``boundary_bytes``);
     - with data parallelism, the all-reduce after the backwards: every gradient of the rank, the
-      flattened copy it sends and its result (two copies of the rank's gradients), no activations.
+      flattened copy it sends and its result (two copies of the rank's gradients), and what is
+      kept of every finished micro-batch (the step has not ended).
 
     Tensor parallelism divides the layers' saved tensors (with sequence parallelism all of them,
     else 24/34: Korthikanti et al., 2022, table 2); what is saved outside the layers (embedding
