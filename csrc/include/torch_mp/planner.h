@@ -141,10 +141,12 @@ struct StageTimes {
 // largest of what is held at the start of each action and at the data-parallel all-reduce. A
 // forward adds a micro-batch's saved tensors (with checkpoint "always" its stage input), its B
 // frees them; a zero-bubble B leaves a third of the layers' (the linears' inputs) and on the last
-// stage the head's output gradient to its W; at a B, the loss's two output gradients on the last
-// stage and, recomputing, the micro-batch's saved tensors; gradients exist from a stage's first B;
-// finished micro-batches keep their output (last stage) and input gradient (other stages); the
-// all-reduce holds two more copies of the rank's gradients and no activations. Tensor parallelism
+// stage the head's output gradient to its W (nothing when recomputing); at a B, the loss's two
+// output gradients on the last stage and, recomputing, the micro-batch's saved tensors; a B or W
+// adding to existing gradients, half the stage's widest layer's; gradients exist from a stage's
+// first B; finished micro-batches keep their output (last stage) and input gradient (other
+// stages); the all-reduce holds two more copies of the rank's gradients and those finished
+// micro-batches' tensors. Tensor parallelism
 // divides matrices and (with sequence parallelism all, else 24/34 of) the layers' saved
 // activations (Korthikanti et al., 2022). In full: the docstring of Python's
 // torch_mp._planner.model.stage_peaks.
