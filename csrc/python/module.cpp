@@ -7,6 +7,7 @@
 #include <torch/extension.h>
 
 #include <torch_mp/pipeline.h>
+#include <torch_mp/planner.h>
 #include <torch_mp/split.h>
 
 #include "comm/collectives.h"
@@ -44,6 +45,84 @@ std::vector<std::vector<torch_mp::pipeline::Action>> from_python(const PySchedul
     }
   }
   return actions;
+}
+
+// The planner's tables cross from Python as the objects themselves (torch_mp.CostTable,
+// torch_mp._planner.model.Layout: their fields by name), layouts back as tuples of Layout's fields.
+namespace planner = torch_mp::planner;
+
+planner::Line line_of(const py::handle& line) {
+  return {line.attr("fixed").cast<double>(), line.attr("per_row").cast<double>()};
+}
+
+std::optional<planner::Link> link_of(const py::handle& link) {
+  if (link.is_none()) {
+    return std::nullopt;
+  }
+  const auto pair = link.cast<std::pair<double, double>>();
+  return planner::Link{pair.first, pair.second};
+}
+
+planner::CostTable cost_table_of(const py::handle& costs) {
+  planner::CostTable t;
+  const auto get = [&](const char* name) { return costs.attr(name); };
+  t.layers = get("layers").cast<std::vector<std::string>>();
+  for (const auto& line : get("forward")) {
+    t.forward.push_back(line_of(line));
+  }
+  for (const auto& line : get("backward")) {
+    t.backward.push_back(line_of(line));
+  }
+  t.outside_forward = line_of(get("outside_forward"));
+  t.outside_backward = line_of(get("outside_backward"));
+  t.param_bytes = get("param_bytes").cast<std::vector<int64_t>>();
+  t.sharded_param_bytes = get("sharded_param_bytes").cast<std::vector<int64_t>>();
+  t.first_param_bytes = get("first_param_bytes").cast<int64_t>();
+  t.first_sharded_bytes = get("first_sharded_bytes").cast<int64_t>();
+  t.last_param_bytes = get("last_param_bytes").cast<int64_t>();
+  t.last_sharded_bytes = get("last_sharded_bytes").cast<int64_t>();
+  t.tied_param_bytes = get("tied_param_bytes").cast<int64_t>();
+  t.tied_sharded_bytes = get("tied_sharded_bytes").cast<int64_t>();
+  t.activation_bytes = get("activation_bytes").cast<std::vector<int64_t>>();
+  t.outside_activation_bytes = get("outside_activation_bytes").cast<int64_t>();
+  t.boundary_bytes = get("boundary_bytes").cast<int64_t>();
+  t.output_bytes = get("output_bytes").cast<int64_t>();
+  t.param_element_size = get("param_element_size").cast<int64_t>();
+  t.alpha_s = get("alpha_s").cast<double>();
+  t.beta_s_per_byte = get("beta_s_per_byte").cast<double>();
+  t.tp_must_divide = get("tp_must_divide").cast<std::vector<int64_t>>();
+  t.all_reduces_per_layer = get("all_reduces_per_layer").cast<int64_t>();
+  t.experts = get("experts").cast<int64_t>();
+  t.sequence_parallel = get("sequence_parallel").cast<bool>();
+  t.tp_link = link_of(get("tp_link"));
+  t.dp_link = link_of(get("dp_link"));
+  t.pp_link = link_of(get("pp_link"));
+  return t;
+}
+
+planner::Layout layout_of(const py::handle& layout) {
+  const auto get = [&](const char* name) { return layout.attr(name); };
+  return {get("pp").cast<int64_t>(), get("tp").cast<int64_t>(), get("dp").cast<int64_t>(),
+          get("schedule").cast<std::string>(), get("chunks").cast<int64_t>(), get("checkpoint").cast<std::string>(),
+          get("sequence_parallel").cast<bool>(), get("balance").cast<std::vector<int64_t>>(),
+          get("batch").cast<int64_t>(), get("fully_shard").cast<bool>()};
+}
+
+py::tuple layout_fields(const planner::Layout& l) {
+  return py::make_tuple(l.pp, l.tp, l.dp, l.schedule, l.chunks, l.checkpoint, l.sequence_parallel,
+                        py::tuple(py::cast(l.balance)), l.batch, l.fully_shard);
+}
+
+py::tuple candidate_fields(const planner::Candidate& c) {
+  return py::make_tuple(layout_fields(c.layout), c.step_s, py::tuple(py::cast(c.peak_bytes)), c.reason);
+}
+
+py::list candidates_fields(const std::vector<planner::Candidate>& candidates) {
+  py::list out;
+  for (const auto& c : candidates) {
+    out.append(candidate_fields(c));
+  }
+  return out;
 }
 
 PyObject* collective_error_type = nullptr;
@@ -104,6 +183,52 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_allocate_weight_gradient_slots", &torch_mp::pipeline::allocate_weight_gradient_slots, py::arg("count"));
   m.def("_discard_weight_gradients", &torch_mp::pipeline::discard_weight_gradients, py::arg("slot"));
   m.def("_balance_by_size", &torch_mp::balance_by_size, py::arg("layer_bytes"), py::arg("capacities"));
+  // The planner (torch_mp/planner.h): Python's torch_mp._planner wraps these.
+  m.def("_plan_stage_peaks", [](const py::object& costs, const py::object& layout) {
+    std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t>> out;
+    for (const auto& p : planner::stage_peaks(cost_table_of(costs), layout_of(layout))) {
+      out.emplace_back(p.parameters, p.gradients, p.optimizer, p.flat, p.activations);
+    }
+    return out;
+  }, py::arg("costs"), py::arg("layout"));
+  m.def("_plan_peak_bytes", [](const py::object& costs, const py::object& layout) {
+    return planner::peak_bytes(cost_table_of(costs), layout_of(layout));
+  }, py::arg("costs"), py::arg("layout"));
+  m.def("_plan_stage_times", [](const py::object& costs, const py::object& layout) {
+    const auto t = planner::stage_times(cost_table_of(costs), layout_of(layout));
+    return std::make_tuple(t.forward, t.backward, t.weight);
+  }, py::arg("costs"), py::arg("layout"));
+  m.def("_plan_step_seconds", [](const py::object& costs, const py::object& layout) {
+    return planner::step_seconds(cost_table_of(costs), layout_of(layout));
+  }, py::arg("costs"), py::arg("layout"));
+  m.def("_plan_simulate", [](const std::string& schedule, int64_t ranks, int64_t chunks,
+                             const std::vector<double>& forward, const std::vector<double>& backward,
+                             const std::vector<double>& weight, double send_s) {
+    return planner::simulate(schedule, ranks, chunks, {forward, backward, weight}, send_s);
+  }, py::arg("schedule"), py::arg("ranks"), py::arg("chunks"), py::arg("forward"), py::arg("backward"),
+     py::arg("weight"), py::arg("send_s"));
+  m.def("_plan_layouts", [](const py::object& costs, int64_t world_size, int64_t batch,
+                            const std::vector<std::string>& schedules, int64_t max_chunks,
+                            const std::vector<std::string>& checkpoints) {
+    py::list out;
+    for (const auto& l : planner::layouts(cost_table_of(costs), world_size, batch, schedules, max_chunks, checkpoints)) {
+      out.append(layout_fields(l));
+    }
+    return out;
+  }, py::arg("costs"), py::arg("world_size"), py::arg("batch"), py::arg("schedules"), py::arg("max_chunks"),
+     py::arg("checkpoints"));
+  // (chosen, alternatives, rejected), each candidate (layout fields, step_s, peak_bytes, reason).
+  m.def("_plan_search", [](const py::object& costs, int64_t world_size, int64_t device_memory, int64_t batch,
+                           const std::vector<std::string>& schedules, int64_t max_chunks,
+                           const std::string& model_name, std::optional<int64_t> chosen) {
+    const auto p = planner::search(cost_table_of(costs), world_size, device_memory, batch,
+                                   planner::SearchOptions().schedules(schedules).max_chunks(max_chunks)
+                                       .model_name(model_name).chosen(chosen));
+    return py::make_tuple(candidate_fields(p.chosen), candidates_fields(p.alternatives),
+                          candidates_fields(p.rejected));
+  }, py::arg("costs"), py::arg("world_size"), py::arg("device_memory"), py::arg("batch"), py::arg("schedules"),
+     py::arg("max_chunks"), py::arg("model_name"), py::arg("chosen") = py::none());
+  m.def("_plan_format_bytes", &planner::format_bytes, py::arg("nbytes"));
   m.def("_check_device_available", &torch_mp::detail::check_device_available, py::arg("device"),
         py::arg("what"));
   m.def("_normalize_device", &torch_mp::detail::normalize_device, py::arg("device"));

@@ -19,6 +19,10 @@ execute_process(COMMAND ${BINARY_DIR}/train_split RESULT_VARIABLE run_result)
 if(NOT run_result EQUAL 0)
   message(FATAL_ERROR "the example failed: ${run_result}")
 endif()
+execute_process(COMMAND ${BINARY_DIR}/plan_sequential RESULT_VARIABLE run_result)
+if(NOT run_result EQUAL 0)
+  message(FATAL_ERROR "the planner example failed: ${run_result}")
+endif()
 if(TORCHRUN)
   execute_process(
     COMMAND ${TORCHRUN} --standalone --nproc-per-node 2 --no-python ${BINARY_DIR}/tensor_parallel_mlp

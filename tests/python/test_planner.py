@@ -5,6 +5,7 @@ against the dense model (tiny Llama, 4 Gloo ranks, two memory limits giving diff
 ``plan(measure=)`` runs layouts for real, and a recomputing pp 2 x tp 2 plan is applied: marked
 ``planner_full``, run by ``make test-planner``."""
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import torch_mp
+from torch_mp import _C
 from torch_mp._planner.costs import CostTable, Line, measure_costs
 from torch_mp._planner.model import Layout, peak_bytes, simulate, step_seconds
 from torch_mp._planner.plans import size
@@ -310,6 +312,52 @@ def test_plan_bad_input(kwargs, error, match):
     args.update(kwargs)
     with pytest.raises(error, match=match):
         torch_mp.plan(torch.nn.Module(), **args)
+
+
+@settings(max_examples=30, deadline=None)
+@given(layers=st.integers(1, 6), world=st.sampled_from([1, 2, 4, 8]), batch=st.sampled_from([4, 8, 16]),
+       memory_mib=st.integers(4, 64), activation=st.integers(0, 1 << 16), heads=st.sampled_from([1, 2, 4]),
+       forward=st.floats(1e-5, 1e-2), output=st.integers(0, 1 << 12))
+def test_python_plan_is_the_cpp_plan_for_the_same_cost_table(layers, world, batch, memory_mib, activation, heads,
+                                                             forward, output):
+    """One cost table to both faces: Python's ``torch_mp.plan`` carries ``torch_mp::planner::search``'s
+    answer whole (the C++ search through ``_C``): the pick, every alternative and rejected layout
+    in the same order with the same step time, peaks and verdict, or the same refusal."""
+    costs = table(layers=layers, param=1 << 18, activation=activation, heads=heads, forward=forward,
+                  output_bytes=output, first_param_bytes=1 << 16, last_param_bytes=1 << 17, last_sharded_bytes=1 << 16)
+    memory = memory_mib << 20
+    try:
+        cpp = _C._plan_search(costs, world, memory, batch, ["gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "zbv"], 8,
+                              "Module")
+    except ValueError as error:
+        with pytest.raises(ValueError, match=re.escape(str(error).splitlines()[0])):
+            torch_mp.plan(torch.nn.Module(), world, memory, batch, costs=costs)
+        return
+    plan = torch_mp.plan(torch.nn.Module(), world, memory, batch, costs=costs)
+
+    def fields(candidate):
+        return ((candidate.layout.pp, candidate.layout.tp, candidate.layout.dp, candidate.layout.schedule,
+                 candidate.layout.chunks, candidate.layout.checkpoint, candidate.layout.sequence_parallel,
+                 candidate.layout.balance, candidate.layout.batch),
+                candidate.step_s, candidate.peak_bytes, candidate.reason)
+
+    assert fields(plan.chosen) == cpp[0]
+    assert [fields(c) for c in plan.alternatives] == list(cpp[1])
+    assert [fields(c) for c in plan.rejected] == list(cpp[2])
+    for candidate in (plan.chosen,) + plan.alternatives[:3]:
+        assert step_seconds(costs, candidate.layout) == candidate.step_s
+        assert tuple(peak_bytes(costs, candidate.layout)) == candidate.peak_bytes
+
+
+def test_a_layout_that_does_not_match_the_cost_table_is_refused():
+    """The cost model checks a layout against the table before any arithmetic: a balance over other
+    layers than the table's, or a table whose per-layer fields differ in length."""
+    costs = table(layers=4)
+    with pytest.raises(ValueError, match="layout.balance adds up to 5 layers; expected the cost table's 4"):
+        peak_bytes(costs, Layout(2, 1, 1, "1f1b", 2, "never", False, (2, 3), 8))
+    with pytest.raises(ValueError, match="costs.activation_bytes has 3 entries; expected one per layer"):
+        step_seconds(dataclasses.replace(costs, activation_bytes=(1, 2, 3)),
+                     Layout(2, 1, 1, "1f1b", 2, "never", False, (2, 2), 8))
 
 
 # --- applied plans against the dense model ---------------------------------------------------------

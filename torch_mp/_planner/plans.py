@@ -3,6 +3,7 @@ cost; printed as a table."""
 from dataclasses import dataclass
 from typing import Tuple
 
+from torch_mp import _C
 from torch_mp._planner.costs import CostTable
 from torch_mp._planner.model import Layout
 
@@ -23,9 +24,9 @@ class Candidate:
 
 
 def size(nbytes: float) -> str:
-    if nbytes >= 2**30 / 10:
-        return f"{nbytes / 2**30:.2f} GiB"
-    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 * 10 else f"{nbytes / 2**20:.3f} MiB"
+    """Bytes as the plans print them ("1.50 GiB", "12.0 MiB", "0.500 MiB"; C++'s
+    ``torch_mp::planner::format_bytes``, which writes the verdicts)."""
+    return _C._plan_format_bytes(nbytes)
 
 
 @dataclass(frozen=True)

@@ -1,68 +1,41 @@
-"""``torch_mp.plan``: every layout of the world's ranks, costed, the fastest that fits chosen."""
+"""``torch_mp.plan``: every layout of the world's ranks, costed, the fastest that fits chosen. The
+enumeration, the ranking and the verdicts are C++ (``torch_mp::planner::search``, the one
+``torch_mp::plan`` runs too); measuring the cost table and ``measure=`` stay here."""
+import functools
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch.distributed as dist
 from torch import nn
 
 from torch_mp import _C
-from torch_mp._pipelining.cut import UNLIMITED, MemoryLike, parse_bytes
+from torch_mp._pipelining.cut import MemoryLike, parse_bytes
 from torch_mp._tensors import map_tensors
 from torch_mp._planner.apply import measure_steps
 from torch_mp._planner.costs import Collectives, CostTable, measure_costs, with_links
-from torch_mp._planner.model import TWO_STAGES_PER_RANK, Layout, peak_bytes, step_seconds
-from torch_mp._planner.plans import Candidate, Plan, size
+from torch_mp._planner.model import Layout
+from torch_mp._planner.plans import Candidate, Plan
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "zbv")
 CHECKPOINTS = ("never", "always")
 
 
-def _divisors(n: int) -> List[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 def layouts(costs: CostTable, world_size: int, batch: int, schedules: Sequence[str] = SCHEDULES,
             max_chunks: int = 8, checkpoints: Sequence[str] = CHECKPOINTS) -> List[Layout]:
-    """Every layout the library can run: pp x tp x dp = ``world_size``; the stages (pp, or 2 pp
-    for interleaved 1F1B and ZB-V, ``TWO_STAGES_PER_RANK``) at most the layers;
+    """Every layout the library can run (``torch_mp::planner::layouts``): pp x tp x dp =
+    ``world_size``; the stages (pp, or 2 pp for interleaved 1F1B and ZB-V) at most the layers;
     tp dividing every count in ``costs.tp_must_divide`` (heads, key-value heads, experts); dp
     dividing the batch and the micro-batches (up to ``max_chunks``) each group's rows; sequence
     parallel only with tp > 1 and no experts; a schedule only with a pipeline (pp > 1; without one
     the micro-batches run one after the other, "1f1b" in the layout); checkpoint "never" and
     "always" (recompute) with any degrees. Each pipeline's stages are
     balanced by measured forward+backward time (``_C._balance_by_size``, as ``balance="time"``)."""
-    count = len(costs.layers)
-    layer_time = [max(1, int((f.at(1) + b.at(1)) * 1e6)) for f, b in zip(costs.forward, costs.backward)]
-    found = []
-    for pp in _divisors(world_size):
-        if pp > count:
-            continue
-        balances = {per_rank: tuple(_C._balance_by_size(layer_time, [UNLIMITED] * (pp * per_rank)))
-                    for per_rank in (1, 2) if pp * per_rank <= count}
-        for tp in _divisors(world_size // pp):
-            if any(n % tp for n in costs.tp_must_divide):
-                continue
-            if costs.experts and tp == 1:
-                # transformers' experts do not run in our pipeline uncut: grouped_mm's meta kernel wants
-                # bf16, the eager experts branch on which experts got tokens; tensor parallel replaces them.
-                continue
-            dp = world_size // pp // tp
-            if batch % dp:
-                continue
-            for chunks in [m for m in _divisors(batch // dp) if m <= max_chunks]:
-                for schedule in (schedules if pp > 1 else ("1f1b",)):
-                    balance = balances.get(2 if schedule in TWO_STAGES_PER_RANK else 1)
-                    if balance is None:
-                        continue
-                    for checkpoint in checkpoints:
-                        for sp in ((False, True) if tp > 1 and costs.sequence_parallel else (False,)):
-                            found.append(Layout(pp, tp, dp, schedule, chunks, checkpoint, sp, balance, batch))
-    return found
+    return [Layout(*fields) for fields in _C._plan_layouts(costs, world_size, batch, list(schedules), max_chunks,
+                                                            list(checkpoints))]
 
 
-def _rank_key(candidate: Candidate):
-    layout = candidate.layout
-    return (round(candidate.step_s, 9), candidate.peak, layout.pp, layout.tp, layout.chunks,
-            layout.schedule, layout.checkpoint, layout.sequence_parallel)
+def _candidate(fields, suffix: str = "") -> Candidate:
+    layout, step_s, peaks, reason = fields
+    return Candidate(Layout(*layout), step_s, peaks, reason + suffix)
 
 
 def plan(model: nn.Module, world_size: int, device_memory: MemoryLike, batch: int, sample=None,
@@ -141,48 +114,25 @@ def plan(model: nn.Module, world_size: int, device_memory: MemoryLike, batch: in
         raise TypeError(f"plan: costs is a {type(costs).__name__}; expected a torch_mp CostTable")
     elif collectives is not None:
         costs = with_links(costs, collectives)
-    candidates = sorted((Candidate(layout, step_seconds(costs, layout), tuple(peak_bytes(costs, layout)))
-                         for layout in layouts(costs, world_size, batch, schedules, max_chunks)), key=_rank_key)
-    if not candidates:
-        raise ValueError(f"plan: no layout of {type(model).__name__} runs on world_size = {world_size} with batch = "
-                         f"{batch} (tp must divide {list(costs.tp_must_divide)}, pp at most {len(costs.layers)} "
-                         "layers, dp must divide the batch)")
-    fitting = [c for c in candidates if c.peak <= memory]
-    if not fitting:
-        smallest = min(candidates, key=lambda c: (c.peak, _rank_key(c)))
-        lay = smallest.layout
-        raise ValueError(f"plan: device_memory = {size(memory)} ({memory} bytes) fits no layout of "
-                         f"{type(model).__name__} on {world_size} ranks with batch {batch}; the smallest needs "
-                         f"{size(smallest.peak)} ({smallest.peak} bytes: pp {lay.pp} x tp {lay.tp} x dp {lay.dp}, "
-                         f"{lay.chunks} micro-batches, checkpoint {lay.checkpoint}); expected device_memory >= that")
-    best = fitting[0]
-    alternatives = tuple(Candidate(c.layout, c.step_s, c.peak_bytes,
-                                   f"slower by {(c.step_s / best.step_s - 1) * 100:.0f}%") for c in fitting[1:])
-    plan = Plan(world_size, memory, batch, best, alternatives, _rejected(candidates, memory, best), costs)
+    search = functools.partial(_C._plan_search, costs, world_size, memory, batch, list(schedules), max_chunks,
+                               type(model).__name__)
+    chosen, alternatives, rejected = search()
+    plan = Plan(world_size, memory, batch, _candidate(chosen), tuple(map(_candidate, alternatives)),
+                tuple(map(_candidate, rejected)), costs)
     if not trials:
         return plan
+    fitting = [plan.chosen, *plan.alternatives]
     tried = fitting[:trials]
     seconds = measure_steps(model, plan, tried, _tiled(sample, batch), _tiled(target, batch, _rows_of(sample)),
                             loss_fn)
     fastest = min(range(len(tried)), key=lambda i: (seconds[i], i))
-    best = tried[fastest]
-    others = [c for c in fitting if c is not best]
-    alternatives = tuple(Candidate(c.layout, c.step_s, c.peak_bytes,
-                                   f"slower by {(c.step_s / best.step_s - 1) * 100:.0f}%"
-                                   + (f" (measured {seconds[tried.index(c)] * 1e3:.1f} ms)" if c in tried else ""))
-                         for c in others)
-    return Plan(world_size, memory, batch, best, alternatives, _rejected(candidates, memory, best), costs,
+    chosen, alternatives, rejected = search(fastest)
+    # The alternatives in rank order without the chosen: fitting's indices but ``fastest``.
+    others = [i for i in range(len(fitting)) if i != fastest]
+    alternatives = tuple(_candidate(fields, f" (measured {seconds[i] * 1e3:.1f} ms)" if i < len(tried) else "")
+                         for i, fields in zip(others, alternatives))
+    return Plan(world_size, memory, batch, _candidate(chosen), alternatives, tuple(map(_candidate, rejected)), costs,
                 tuple((c.layout, s) for c, s in zip(tried, seconds)))
-
-
-def _rejected(candidates: List[Candidate], memory: int, best: Candidate) -> Tuple[Candidate, ...]:
-    """The candidates over ``memory``, least over first, each saying by how much (and how much faster
-    than ``best`` it would be, if it would)."""
-    over = sorted((c for c in candidates if c.peak > memory), key=lambda c: (c.peak, _rank_key(c)))
-    return tuple(Candidate(c.layout, c.step_s, c.peak_bytes,
-                           f"does not fit (needs {size(c.peak)}, {size(c.peak - memory)} over)"
-                           + (f"; {(1 - c.step_s / best.step_s) * 100:.0f}% faster" if c.step_s < best.step_s else ""))
-                 for c in over)
 
 
 def _rows_of(sample) -> int:

@@ -7,6 +7,7 @@
 #include <torch_mp/nn.h>
 #include <torch_mp/pipeline.h>
 #include <torch_mp/pipeline_parallel.h>
+#include <torch_mp/planner.h>
 #include <torch_mp/split.h>
 #include <torch_mp/tensor_parallel.h>
 #include <torch_mp/training.h>
