@@ -125,14 +125,13 @@ class GroupTransport:
             self._wait(self._irecv(header, src, doing, tag), doing)
         else:
             shape, dtype, requires_grad = known
-            flat = torch.empty(shape.numel() + 8 // dtype.itemsize, dtype=dtype, device=self.device)
-            flag = flat.view(torch.uint8)[-8:]
-            flag.zero_()
-            self._wait(self._irecv(flat, src, doing, tag), doing)
-            if flag.any():  # the tensor changed: its header, then the tensor
-                header = flat.view(torch.uint8)[:_HEADER_BYTES].view(torch.int64).clone()
-            else:
-                buffer = flat[:shape.numel()].view(shape)
+            received = torch.empty(_nbytes(known) + 8, dtype=torch.uint8, device=self.device)
+            received[-8:] = 0
+            self._wait(self._irecv(received, src, doing, tag), doing)
+            if received[-8:].any():  # the tensor changed: its header, then the tensor
+                header = received[:_HEADER_BYTES].view(torch.int64).clone()
+            else:  # a tensor of its own (no view) on the buffer's storage, as a header's receive makes
+                buffer = torch.empty(0, dtype=dtype, device=self.device).set_(received.untyped_storage(), 0, shape)
         if header is not None:
             got, shape, dtype, requires_grad = _decode_header(header)
             if got != key:
