@@ -343,3 +343,57 @@ def test_split_pipeline_on_each_device_list(devices):
     piped = torch_mp.split(copy.deepcopy(model), devices, chunks=4, schedule="1f1b", checkpoint="except_last")
     assert_step_matches(piped, model, inputs, target, loss_fn)  # the target reaches the last stage's device
     torch.testing.assert_close(piped(inputs).cpu(), model(inputs))
+
+
+
+def _messages_per_step(rank, world):
+    """Steps matching the dense model's, while counting the pipeline's tensors sent on this rank
+    and the messages (isend calls) that carry them."""
+    import torch.distributed as dist
+
+    from torch_mp._pipelining.transport import GroupTransport
+
+    isend, send = dist.isend, GroupTransport.send
+    counted = {"tensors": 0, "messages": 0}
+
+    def counting_send(self, dst, key, tensor):
+        counted["tensors"] += 1
+        dist.isend = counting_isend
+        try:
+            send(self, dst, key, tensor)
+        finally:
+            dist.isend = isend
+
+    def counting_isend(*args, **kwargs):
+        counted["messages"] += 1
+        return isend(*args, **kwargs)
+
+    GroupTransport.send = counting_send
+    try:
+        for name, case in (("mlp", mlp_case), ("gpt", gpt_case)):
+            torch.manual_seed(0)
+            model, inputs, target, loss_fn = case(batch=26)
+            piped = torch_mp.pipeline(copy.deepcopy(model), chunks=4, schedule="1f1b")
+            steps = []
+            # 26 rows: micro-batches of 7, 7, 6, 6; 22: 6, 6, 5, 5 (every activation and gradient
+            # changes shape); 23: 6, 6, 6, 5 (micro-batch 2's change back).
+            for batch in (26, 26, 22, 22, 23):
+                counted.update(tensors=0, messages=0)
+                assert_step_matches(piped, model, inputs[:batch], target[:batch], loss_fn)
+                steps.append((counted["tensors"], counted["messages"]))
+            tensors = steps[0][0]
+            assert tensors >= 4 and all(t == tensors for t, _ in steps), (name, steps)
+            # A header first, then each tensor alone; a header for each that changed.
+            assert [m for _, m in steps] == [2 * tensors, tensors, 2 * tensors, tensors, tensors + tensors // 4], \
+                (name, steps)
+    finally:
+        GroupTransport.send = send
+
+
+def test_pipeline_over_gloo_sends_each_tensor_alone_once_its_shape_is_known():
+    """Over Gloo, a step whose activations and gradients have the shapes of the step before sends
+    each in one message (no header), as torch.distributed.pipelining does; a new or changed shape
+    costs one header message more. The losses, gradients and SGD steps equal the dense model's
+    throughout (an MLP, and a GPT whose head is tied to the embedding across the ranks; 1F1B on 2
+    ranks, micro-batches of unequal sizes)."""
+    run_ranks(2, _messages_per_step, timeout=300)

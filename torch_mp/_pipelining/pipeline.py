@@ -493,6 +493,7 @@ class DistributedPipe(_Pipe):
                     self.transport.finish()
                 raise
             self.transport.finish()
+            self.transport.commit()
             for (params, ranks) in self.ties if train else []:
                 _sum_tied_gradients([param for param in params if param.requires_grad], ranks, self.transport)
             for param, grad in zip(tied, earlier):
