@@ -338,7 +338,7 @@ def test_python_plan_is_the_cpp_plan_for_the_same_cost_table(layers, world, batc
     def fields(candidate):
         return ((candidate.layout.pp, candidate.layout.tp, candidate.layout.dp, candidate.layout.schedule,
                  candidate.layout.chunks, candidate.layout.checkpoint, candidate.layout.sequence_parallel,
-                 candidate.layout.balance, candidate.layout.batch),
+                 candidate.layout.balance, candidate.layout.batch, candidate.layout.fully_shard),
                 candidate.step_s, candidate.peak_bytes, candidate.reason)
 
     assert fields(plan.chosen) == cpp[0]
