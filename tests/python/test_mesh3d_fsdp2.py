@@ -115,6 +115,29 @@ def local_elements(tensors):
     return sum(t.to_local().numel() if isinstance(t, DTensor) else t.numel() for t in tensors if not t.is_meta)
 
 
+def train_like_dense(model, dense, replica, steps=2):
+    """``steps`` AdamW steps, each a ``train_step`` on this replica's 4 rows of an 8-row batch
+    against the dense model's on the whole batch: the loss and every gradient
+    (``expect_dense_step``), the clipped norm (the clip changing the step), the stepped weights.
+    Returns the parallel model's optimizer."""
+    optimizer, dense_optimizer = adamw(model, eps=1e-4), adamw(dense, eps=1e-4)
+    for step in range(steps):
+        ids = batch(8, seed=step)
+        expect_dense_step(model, dense, ids[4 * replica:4 * (replica + 1)], ids, loss_fn)
+        norm = torch_mp.clip_grad_norm_(model, max_norm=0.5)
+        torch.testing.assert_close(norm, torch.nn.utils.clip_grad_norm_(dense.parameters(), max_norm=0.5),
+                                   rtol=1e-5, atol=1e-6)
+        assert norm > 0.5
+        optimizer.step()
+        dense_optimizer.step()
+        optimizer.zero_grad()
+        dense_optimizer.zero_grad()
+        stepped = torch_mp.full_state_dict(model)
+        for name, value in dense.state_dict().items():
+            torch.testing.assert_close(stepped[name], value, rtol=1e-4, atol=1e-6)
+    return optimizer
+
+
 def check_fully_shard_matches_dense(rank, world, schedule, reshard_after_forward, tied):
     mesh = torch_mp.init_mesh(pp=2, dp=2, tp=1)
     replica = mesh["dp"].get_local_rank()
@@ -136,22 +159,7 @@ def check_fully_shard_matches_dense(rank, world, schedule, reshard_after_forward
         assert isinstance(end, FSDPModule) == (held and not whole)
         assert all(p.is_meta for p in end.parameters()) == (not held and not whole)
 
-    optimizer, dense_optimizer = adamw(model, eps=1e-4), adamw(dense, eps=1e-4)
-    for step in range(2):  # the second after the first call placed the embedding and head
-        ids = batch(8, seed=step)
-        rows = ids[4 * replica:4 * (replica + 1)]
-        expect_dense_step(model, dense, rows, ids, loss_fn)
-        norm = torch_mp.clip_grad_norm_(model, max_norm=0.5)
-        torch.testing.assert_close(norm, torch.nn.utils.clip_grad_norm_(dense.parameters(), max_norm=0.5),
-                                   rtol=1e-5, atol=1e-6)
-        assert norm > 0.5  # the clip changed the step
-        optimizer.step()
-        dense_optimizer.step()
-        optimizer.zero_grad()
-        dense_optimizer.zero_grad()
-        stepped = torch_mp.full_state_dict(model)
-        for name, value in dense.state_dict().items():
-            torch.testing.assert_close(stepped[name], value, rtol=1e-4, atol=1e-6)
+    optimizer = train_like_dense(model, dense, replica)  # the second step after the first placed the ends
 
     # The forward alone, on every rank; the layers resharded after it, whatever reshard_after_forward.
     ids = batch(4, seed=7)
@@ -193,20 +201,7 @@ def check_fully_shard_over_tensor_parallel_matches_dense(rank, world, folder):
     assert len(mine) == 2 and all(isinstance(layer, FSDPModule) for layer in mine)
     assert all(isinstance(p, DTensor) and p.device_mesh.mesh_dim_names == ("dp", "tp")
                for layer in mine for p in layer.parameters())
-    optimizer, dense_optimizer = adamw(model, eps=1e-4), adamw(dense, eps=1e-4)
-    for step in range(2):
-        ids = batch(8, seed=step)
-        expect_dense_step(model, dense, ids[4 * replica:4 * (replica + 1)], ids, loss_fn)
-        norm = torch_mp.clip_grad_norm_(model, max_norm=0.5)
-        torch.testing.assert_close(norm, torch.nn.utils.clip_grad_norm_(dense.parameters(), max_norm=0.5),
-                                   rtol=1e-5, atol=1e-6)
-        optimizer.step()
-        dense_optimizer.step()
-        optimizer.zero_grad()
-        dense_optimizer.zero_grad()
-        stepped = torch_mp.full_state_dict(model)
-        for name, value in dense.state_dict().items():
-            torch.testing.assert_close(stepped[name], value, rtol=1e-4, atol=1e-6)
+    optimizer = train_like_dense(model, dense, replica)
     ids = batch(4, seed=7)
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, dense(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
