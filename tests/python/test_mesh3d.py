@@ -325,12 +325,31 @@ def check_built_on_meta(rank, world, path):
     for name, value in dense.state_dict().items():
         torch.testing.assert_close(stepped[name], value, rtol=1e-4, atol=1e-6)
 
+    # Resumed into a model built on meta again, with its AdamW state: the next step bit for bit (the
+    # state of this rank's meta parameters was skipped as another rank's: a fresh AdamW's step).
+    optimizer.zero_grad()
+    checkpoint = os.path.join(path, "checkpoint")
+    torch_mp.save(model, checkpoint, optimizer=optimizer)
+    with torch_mp.init_empty_weights():
+        resumed = parallelized(functools.partial(llama, tied=True), mesh)
+    resumed_optimizer = adamw(resumed, eps=1e-4)
+    torch_mp.load(resumed, checkpoint, optimizer=resumed_optimizer)
+    mine = [p for p in resumed.model.layers.parameters() if not p.is_meta]
+    assert mine and all(p in resumed_optimizer.state for p in mine)  # this rank's layers' AdamW state
+    for run, run_optimizer in ((model, optimizer), (resumed, resumed_optimizer)):
+        run.train_step(input_ids=ids, target=ids, loss_fn=loss_fn)
+        run_optimizer.step()
+    after, resumed_after = torch_mp.full_state_dict(model), torch_mp.full_state_dict(resumed)
+    for name, value in after.items():
+        torch.testing.assert_close(resumed_after[name], value, rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
+
 
 def test_built_on_meta_loads_only_each_ranks_share(tmp_path):
     """A model built under init_empty_weights, sharded over pp 2 x tp 2, then loaded from a
     safetensors file: each rank materializes only its stages' shards, in place (the optimizer built
     before steps them; the tied head stays tied), and trains to the dense numbers; a step before
-    the load is a ValueError on every rank, not a step on meta tensors."""
+    the load is a ValueError on every rank, not a step on meta tensors; torch_mp.load into such a
+    model takes its optimizer state and resumes bit for bit."""
     safetensors = pytest.importorskip("safetensors.torch")
     state = {name: value.clone().contiguous() for name, value in llama(tied=True).state_dict().items()}
     safetensors.save_file(state, str(tmp_path / "model.safetensors"))

@@ -46,7 +46,7 @@ from torch_mp._tensor_parallel.dtensor import dp_local, dp_shard_range, like, lo
 from torch_mp._tensor_parallel.sharding import ShardSpec, slice_bounds
 from torch_mp._checkpoint.state_dict import (
     first_holders,
-    is_pipeline,
+    holds,
     load_full_state_dict,
     read_local,
     spec_of,
@@ -147,15 +147,11 @@ def load(module: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Opti
             if reader.shape(key) != expected:
                 raise ValueError(f"torch_mp.load: {key!r} has shape {reader.shape(key)} in the checkpoint at "
                                  f"{reader.folder}; the model expects {expected} (the stock shape)")
-    names = {id(param): name for name, param in module.named_parameters()}
-    # The optimizer state is read and checked before any weight is loaded.
+    # The optimizer state is read and checked before any weight is loaded; parameters on the meta
+    # device are filled in place, so the optimizer holds them still.
     state = None if optimizer is None else _read_optimizer(reader, module, optimizer, specs, tp_rank, tp_world)
     load_full_state_dict(module, reader.folder, strict=strict)
     if optimizer is not None:
-        # Parameters that were on the meta device are new objects now: the optimizer takes them.
-        params = dict(module.named_parameters())
-        for group in optimizer.param_groups:
-            group["params"] = [params[names[id(p)]] if id(p) in names else p for p in group["params"]]
         optimizer.load_state_dict(state)
     if restore_rng:
         _restore_rng(reader)
@@ -499,8 +495,7 @@ def _read_optimizer(reader: CheckpointReader, module: nn.Module, optimizer, spec
     params = dict(module.named_parameters())
     state = {}
     for name, entries in meta["state"].items():
-        param = local_tensor(params[name])
-        if param.is_meta and is_pipeline(module):  # another pipeline rank's stage: its state loads there
+        if not holds(module, params[name]):  # another pipeline rank's stage: its state loads there
             continue
         spec, role = spec_of(name, specs)
         sharded = stock_layout(spec, role)[0] is not None

@@ -147,8 +147,7 @@ def load_full_state_dict(module: nn.Module, state_dict_or_path: StateSource, str
                          "expected the stock state_dict of this model (or strict=False)")
     pipe = getattr(held_state(module, PIPELINE), "pipe", None)
     if pipe is not None:  # other ranks' stages: meta stand-ins, loaded there
-        targets = {key: target for key, target in targets.items()
-                   if not local_tensor(target).is_meta or pipe.holds(target)}
+        targets = {key: target for key, target in targets.items() if holds(module, target)}
         device = pipe.device if device is None else device
     _check_no_meta_outside(module, targets, keys)
     materialized: set = set()
@@ -218,6 +217,14 @@ def tp_state(module: nn.Module):
         return {}, None, 1
     group = process_group_of(state.group)
     return state.specs, group, resolve_group(group).size if state.specs else 1
+
+
+def holds(module: nn.Module, tensor: torch.Tensor) -> bool:
+    """Whether this rank holds ``tensor`` of ``module``: a pipeline rank its stages' tensors (real,
+    or still on the meta device until ``load_full_state_dict`` fills them), not the meta stand-ins
+    of other ranks' stages; a rank of any other model all of its tensors."""
+    pipe = getattr(held_state(module, PIPELINE), "pipe", None)
+    return pipe is None or not local_tensor(tensor).is_meta or pipe.holds(tensor)
 
 
 def is_pipeline(module: nn.Module) -> bool:
