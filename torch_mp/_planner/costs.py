@@ -4,7 +4,7 @@ arithmetic that turns them into a layout's cost is in ``model.py``."""
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -285,15 +285,20 @@ def fit_collectives(group=None, sizes=(256, 16384, 262144)) -> Tuple[float, floa
     xs, ys = [], []
     for size in sizes:
         tensor = torch.ones(size, device=_device_of(group))
-        times = []
-        for _ in range(6):
-            dist.barrier(pg)
-            start = time.perf_counter()
-            dist.all_reduce(tensor, group=pg)
-            times.append(time.perf_counter() - start)
         xs.append(size * 4 * 2 * (info.size - 1) / info.size)
-        ys.append(sorted(times[1:])[2])
+        ys.append(_median_seconds(lambda: dist.all_reduce(tensor, group=pg), pg))
     return _line_through(xs, ys, group)
+
+
+def _median_seconds(op: Callable[[], object], pg) -> float:
+    """The median seconds of five runs of ``op`` after a warm-up, each started by a barrier of ``pg``."""
+    times = []
+    for _ in range(6):
+        dist.barrier(pg)
+        start = time.perf_counter()
+        op()
+        times.append(time.perf_counter() - start)
+    return sorted(times[1:])[2]
 
 
 def fit_sends(group=None, sizes=(256, 16384, 262144)) -> Tuple[float, float]:
@@ -307,22 +312,19 @@ def fit_sends(group=None, sizes=(256, 16384, 262144)) -> Tuple[float, float]:
     pg = process_group_of(group)
     partner = info.rank ^ 1
     peer = dist.get_global_rank(pg, partner) if partner < info.size else None
+    def round_trip(tensor):
+        if peer is not None and info.rank % 2 == 0:
+            dist.send(tensor, peer, group=pg)
+            dist.recv(tensor, peer, group=pg)
+        elif peer is not None:
+            dist.recv(tensor, peer, group=pg)
+            dist.send(tensor, peer, group=pg)
+
     xs, ys = [], []
     for size in sizes:
         tensor = torch.ones(size, device=_device_of(group))
-        times = []
-        for _ in range(6):
-            dist.barrier(pg)
-            start = time.perf_counter()
-            if peer is not None and info.rank % 2 == 0:
-                dist.send(tensor, peer, group=pg)
-                dist.recv(tensor, peer, group=pg)
-            elif peer is not None:
-                dist.recv(tensor, peer, group=pg)
-                dist.send(tensor, peer, group=pg)
-            times.append((time.perf_counter() - start) / 2)
         xs.append(size * 4)
-        ys.append(sorted(times[1:])[2])
+        ys.append(_median_seconds(lambda: round_trip(tensor), pg) / 2)
     return _line_through(xs, ys, group)
 
 
