@@ -127,7 +127,7 @@ def memory_report(module: nn.Module, png: Optional[str] = None, costs: Optional[
     replayed, the most held at the start of one of them or at the data-parallel all-reduce:
     parameters, gradients, optimizer state, activations in flight (under 1F1B ``pp - stage``
     micro-batches; Narayanan et al., 2021; under ZB-H1 and ZB-V part of them until the W) with the
-    loss's gradients of the logits and what the pipeline keeps of finished micro-batches; under
+    loss's gradients of the logits and the input gradients the pipeline keeps of finished micro-batches; under
     ``fully_shard=True``, 1/dp of the parameters FSDP2 shards and of their optimizer state, their
     all-gathered copies held through the step and their unsharded gradients. It counts tensors, as
     ``measure_peak`` does (CUDA's

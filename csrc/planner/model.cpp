@@ -235,7 +235,7 @@ std::vector<StagePeak> stage_peaks(const CostTable& costs, const Layout& layout)
     // gradients, and W keeps nothing.
     pending[s] = always ? 0.0
                         : kWeightHeld * part + (s == last ? static_cast<double>(costs.output_bytes) * rows : 0.0);
-    finished[s] = rows * static_cast<double>((s == last ? costs.output_bytes : 0) + (s > 0 ? costs.boundary_bytes : 0));
+    finished[s] = s > 0 ? rows * static_cast<double>(costs.boundary_bytes) : 0.0;
     widest[s] = params(costs, {0, 0}, s == 0, s == last, layout.tp);
     for (auto i = ranges[s].first; i < ranges[s].second; ++i) {
       widest[s] = std::max(widest[s], params(costs, {i, i + 1}, false, false, layout.tp));

@@ -81,8 +81,11 @@ std::vector<Layout> layouts(
   const auto count = static_cast<int64_t>(costs.layers.size());
   std::vector<int64_t> layer_time;
   for (int64_t i = 0; i < count; ++i) {
-    layer_time.push_back(
-        std::max<int64_t>(1, static_cast<int64_t>((costs.forward[i].at(1) + costs.backward[i].at(1)) * 1e6)));
+    // What runs outside the layers (the head over the vocabulary: often more than a layer) goes
+    // with the last stage, as the step time charges it.
+    const double outside = i == count - 1 ? costs.outside_forward.at(1) + costs.outside_backward.at(1) : 0.0;
+    layer_time.push_back(std::max<int64_t>(
+        1, static_cast<int64_t>((costs.forward[i].at(1) + costs.backward[i].at(1) + outside) * 1e6)));
   }
   std::vector<Layout> found;
   for (const auto pp : divisors(world_size)) {

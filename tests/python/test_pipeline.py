@@ -1,7 +1,9 @@
 """Pipelines against the dense model: same weights, same loss, gradients and optimizer step, for
 every schedule, in one process (split with chunks) and across Gloo ranks (pipeline)."""
 import copy
+import gc
 import random
+import weakref
 
 import pytest
 import torch
@@ -170,6 +172,40 @@ def test_balance_by_time_follows_compute_not_bytes(monkeypatch):
     by_time = torch_mp.split(copy.deepcopy(model), ["cpu", "cpu"], balance="time", sample=sample, chunks=2)
     assert sorted(torch_mp.state_of(by_bytes).stage_of.items()) == [("0", 0), ("1", 0), ("2", 1), ("3", 1)]
     assert sorted(torch_mp.state_of(by_time).stage_of.items()) == [("0", 0), ("1", 1), ("2", 1), ("3", 1)]
+    torch.testing.assert_close(by_time(*sample), model(*sample))
+
+
+class WithHead(nn.Module):
+    """Four layers of 8 units and, outside them, a head of 24 (an LLM's projection to its vocabulary)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(Costly(8) for _ in range(4))
+        self.head = Costly(24)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+def test_balance_by_time_counts_the_modules_outside_the_layers(monkeypatch):
+    """The head's time goes with the last layer's stage (where the cut places it): on a fake clock
+    the cut is [0 1 2 | 3 head] (by the layers' time alone it would be [0 1 | 2 3 head], the second
+    stage running 40 units to the first's 16)."""
+    import sys
+    import types
+
+    clock = types.SimpleNamespace(now=0.0)
+    monkeypatch.setattr(Costly, "clock", clock)
+    monkeypatch.setattr(sys.modules["torch_mp._pipelining.pipeline"], "time", types.SimpleNamespace(perf_counter=lambda: clock.now))
+    torch.manual_seed(0)
+    model = WithHead()
+    sample = (torch.randn(4, 16),)
+    by_time = torch_mp.split(copy.deepcopy(model), ["cpu", "cpu"], balance="time", sample=sample, chunks=2,
+                             layers=[f"layers.{i}" for i in range(4)])
+    assert sorted(torch_mp.state_of(by_time).stage_of.items()) == [
+        ("head.linear", 1), ("layers.0", 0), ("layers.1", 0), ("layers.2", 0), ("layers.3", 1)]
     torch.testing.assert_close(by_time(*sample), model(*sample))
 
 
@@ -397,3 +433,35 @@ def test_pipeline_over_gloo_sends_each_tensor_alone_once_its_shape_is_known():
     throughout (an MLP, and a GPT whose head is tied to the embedding across the ranks; 1F1B on 2
     ranks, micro-batches of unequal sizes)."""
     run_ranks(2, _messages_per_step, timeout=300)
+
+
+def _outputs_freed(rank, world):
+    torch.manual_seed(0)
+    model, inputs, target, _ = gpt_case(batch=8)
+    piped = torch_mp.pipeline(copy.deepcopy(model), chunks=4, schedule="1f1b")
+    outputs = []
+
+    def loss_fn(logits, targets):
+        # 1F1B on the last stage: each earlier micro-batch's backward ran before this forward.
+        assert [ref() for ref in outputs] == [None] * len(outputs), "an earlier micro-batch's output is alive"
+        outputs.append(weakref.ref(logits))
+        return gpt_loss(logits, targets)
+
+    gc.disable()
+    try:
+        for _ in range(2):
+            piped.train_step(inputs, target=target, loss_fn=loss_fn)
+            assert [ref() for ref in outputs] == [None] * len(outputs), "an output outlived the step"
+    finally:
+        gc.enable()
+    assert len(outputs) == (8 if rank == world - 1 else 0)
+    piped.zero_grad(set_to_none=True)
+    assert_step_matches(piped, model, inputs, target, gpt_loss)
+
+
+def test_pipeline_train_step_frees_each_output_once_its_loss_is_made():
+    """The last stage's output (a GPT's logits: an LLM's largest activation) is freed once its
+    micro-batch's loss is made, not kept to the step's end, and nothing of the step waits for the
+    garbage collector (it is off here): under 1F1B the last stage holds one micro-batch's logits
+    at a time, as torch.distributed.pipelining's does. The step still gives the dense numbers."""
+    run_ranks(2, _outputs_freed, timeout=300)

@@ -228,6 +228,16 @@ def test_plan_is_deterministic_for_a_fixed_cost_table():
     assert "chosen" in str(plans[0]) and "slower by" in str(plans[0])
 
 
+def test_stage_balance_counts_the_head_with_the_last_stage():
+    """8 equal layers and, outside them, a head costing 4 layers' time (an LLM's projection to
+    the vocabulary): on pp 2 the last stage takes fewer layers than the first (the balance of
+    the layers alone would be 4 | 4, the last stage then running 8 layers' time to 4)."""
+    costs = table(layers=8, outside_forward=Line(0.0, 4e-3), outside_backward=Line(0.0, 8e-3))
+    chosen = torch_mp.plan(torch.nn.Module(), 2, "1GiB", 16, costs=costs)
+    two_stages = [c for c in [chosen.chosen, *chosen.alternatives] if c.layout.pp == 2 and c.layout.schedule == "1f1b"]
+    assert two_stages and all(tuple(c.layout.balance) == (6, 2) for c in two_stages)
+
+
 def test_plan_prefers_more_memory_saving_layouts_as_memory_shrinks():
     """8 layers of 1 MiB: one rank holding all (8 x 4 MiB of state) needs more than 32 MiB; at 64
     MiB plain data parallel fits and is fastest (no bubble; with a link latency of 0.1 ms, tensor

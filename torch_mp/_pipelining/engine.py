@@ -621,9 +621,13 @@ class RankStep:
         finally:
             if self.first_slot is not None:
                 zero_bubble.discard(self.first_slot, (self.last + 1) * self.count)
+            # Each micro-batch refers to this step: dropping the step's list of them leaves no
+            # cycle, so what they hold (outputs, received activations) is freed with the caller's
+            # last reference, not at the garbage collector's next pass.
+            micro_batches, self.micro_batches = self.micro_batches, []
         if self.error is not None:
             raise self.error
-        return self.micro_batches
+        return micro_batches
 
     def _drive(self, wake: threading.Semaphore, caller: bool) -> None:
         """Runs the actions in this thread (whose semaphore is ``wake``) while it holds them. The

@@ -381,13 +381,14 @@ class DistributedPipe(_Pipe):
         last = self.rank_of(self.num_stages - 1) == self.rank
         losses: List = [None] * count
 
-        def work(m: int):
+        def work(m: int) -> None:
+            # The output is dropped once its loss is made: the loss's graph keeps what its backward
+            # needs, and a kept output (an LLM's logits) would stay until the step ends.
             output = self._own_forward(*parts[m])
             if last:
                 output = self._output(output, m)
                 target_m = map_tensors(targets[m], lambda t: t.to(self.device))
                 losses[m] = check_loss(loss_fn(output, target_m)) * weights[m]
-            return output
 
         actions = _C._pipeline_schedule(self.schedule, self.world, self.stages_per_rank, count)[self.rank]
         works = [lambda m=m: work(m) for m in range(count)]
@@ -1024,10 +1025,15 @@ def _check_timeline_flag(timeline) -> bool:
 def layer_costs(module: nn.Module, layer_names: List[str], sample, group=None,
                  device: torch.device = torch.device("cpu")) -> List[int]:
     """Each layer's forward+backward time in microseconds on ``sample`` (the fastest of three runs
-    after a warm-up), summed over the ranks of ``group`` so that every rank balances alike."""
+    after a warm-up), summed over the ranks of ``group`` so that every rank balances alike. What
+    runs outside the layers goes with the stage that runs it: before the first layer (an
+    embedding) with the first layer, after the last (final norm, an LLM's head over the
+    vocabulary, often more than a layer) with the last."""
     times = time_layers(module, layer_names, sample, "balance='time'")
-    costs = torch.tensor([max(1, int((f + b) * 1e6)) for f, b in zip(times.forward, times.backward)],
-                         dtype=torch.int64, device=device)
+    seconds = [f + b for f, b in zip(times.forward, times.backward)]
+    seconds[0] += times.before
+    seconds[-1] += times.after
+    costs = torch.tensor([max(1, int(s * 1e6)) for s in seconds], dtype=torch.int64, device=device)
     return all_reduce_sum(costs, group, "torch_mp.pipeline(balance='time')").tolist()
 
 
@@ -1035,11 +1041,15 @@ def layer_costs(module: nn.Module, layer_names: List[str], sample, group=None,
 class LayerTimes:
     """Seconds on one sample, each the fastest of three runs after a warm-up: per layer ``forward``
     and ``backward``, and the whole model's (``total_forward``, ``total_backward``: the layers and
-    what runs outside them, embeddings, heads)."""
+    what runs outside them, embeddings, heads); of that outside part, forward and backward,
+    ``before`` the first layer starts its forward (and after its backward ends) and ``after`` the
+    last layer's forward ends (and before its backward starts)."""
     forward: List[float]
     backward: List[float]
     total_forward: float
     total_backward: float
+    before: float
+    after: float
 
 
 def time_layers(module: nn.Module, layer_names: List[str], sample, what: str) -> LayerTimes:
@@ -1056,19 +1066,25 @@ def time_layers(module: nn.Module, layer_names: List[str], sample, what: str) ->
     layers = [module.get_submodule(name) for name in layer_names]
     spent = {"forward": [0.0] * len(layers), "backward": [0.0] * len(layers)}
     started: Dict[int, float] = {}
+    # Per run: the first layer start and the last layer end, of the forward and of the backward.
+    edges: Dict[str, float] = {}
     handles = []
     for i, layer in enumerate(layers):
-        def start(*_, i=i):
+        def start(*_, i=i, kind="forward"):
             started[i] = time.perf_counter()
+            edges.setdefault(kind, started[i])
 
         def stop(*_, i=i, kind="forward"):
-            spent[kind][i] += time.perf_counter() - started[i]
+            now = time.perf_counter()
+            spent[kind][i] += now - started[i]
+            edges[kind + " end"] = now
 
         handles += [layer.register_forward_pre_hook(start), layer.register_forward_hook(stop),
-                    layer.register_full_backward_pre_hook(start),
+                    layer.register_full_backward_pre_hook(functools.partial(start, i=i, kind="backward")),
                     layer.register_full_backward_hook(functools.partial(stop, i=i, kind="backward"))]
     best = {"forward": [float("inf")] * len(layers), "backward": [float("inf")] * len(layers),
-            "total_forward": float("inf"), "total_backward": float("inf")}
+            "total_forward": float("inf"), "total_backward": float("inf"), "before": float("inf"),
+            "after": float("inf")}
     grads = [(param, param.grad) for param in module.parameters()]
     buffers = [(buffer, buffer.detach().clone()) for buffer in module.buffers()]
     modes = [(submodule, submodule.training) for submodule in module.modules()]
@@ -1080,6 +1096,7 @@ def time_layers(module: nn.Module, layer_names: List[str], sample, what: str) ->
             for run in range(4):  # a warm-up, then the fastest of three: a preempted run does not count
                 for kind in ("forward", "backward"):
                     spent[kind][:] = [0.0] * len(layers)
+                edges.clear()
                 module.zero_grad(set_to_none=True)
                 begin = time.perf_counter()
                 output = module(*args, **kwargs)
@@ -1089,12 +1106,19 @@ def time_layers(module: nn.Module, layer_names: List[str], sample, what: str) ->
                 if not floats:
                     raise ValueError(f"{what}: the model's output on sample has no tensor that requires grad; "
                                      "expected a differentiable output to time the backward")
+                backward_begin = time.perf_counter()
                 sum(t.float().sum() for t in floats).backward()
+                backward_done = time.perf_counter()
                 if run > 0:
                     for kind in ("forward", "backward"):
                         best[kind] = [min(b, s) for b, s in zip(best[kind], spent[kind])]
                     best["total_forward"] = min(best["total_forward"], forward_done - begin)
-                    best["total_backward"] = min(best["total_backward"], time.perf_counter() - forward_done)
+                    best["total_backward"] = min(best["total_backward"], backward_done - forward_done)
+                    before = (edges.get("forward", begin) - begin) + (backward_done - edges.get("backward end",
+                                                                                              backward_done))
+                    after = (forward_done - edges.get("forward end", forward_done)) + (edges.get("backward", backward_done)
+                                                                                     - backward_begin)
+                    best["before"], best["after"] = min(best["before"], before), min(best["after"], after)
     finally:
         for handle in handles:
             handle.remove()
@@ -1105,4 +1129,5 @@ def time_layers(module: nn.Module, layer_names: List[str], sample, what: str) ->
                 buffer.copy_(value)
         for submodule, training in modes:
             submodule.training = training
-    return LayerTimes(best["forward"], best["backward"], best["total_forward"], best["total_backward"])
+    return LayerTimes(best["forward"], best["backward"], best["total_forward"], best["total_backward"],
+                      best["before"], best["after"])

@@ -53,7 +53,7 @@ class CostTable:
     sample row in each layer's forward (``saved_tensors_hooks``), ``boundary_bytes`` a layer's
     output per row (what a stage sends, what a tensor-parallel all-reduce carries) and
     ``output_bytes`` the model's floating-point output per row (the logits: what the loss's backward
-    makes two gradients of, and what a pipeline's last stage keeps per finished micro-batch; 0: not
+    makes two gradients of, and what the loss saves of it, the log-probabilities; 0: not
     counted). Collectives
     follow the alpha-beta model (Hockney 1994; ring all-reduce as in Thakur et al. 2005):
     ``alpha_s + beta_s_per_byte * bytes * 2 (n - 1) / n`` for an all-reduce over n ranks,

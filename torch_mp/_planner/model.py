@@ -51,7 +51,7 @@ class StagePeak:
     their ``gradients`` (those held at that moment: none before the stage's first backward), the
     ``optimizer`` state, the ``flat`` gradients of the data-parallel all-reduce (and its result)
     and the ``activations`` (with the loss's gradients, the zero-bubble schedules' pending weight
-    gradients' inputs and the finished micro-batches' outputs and input gradients) held then."""
+    gradients' inputs and the finished micro-batches' input gradients) held then."""
     parameters: int
     gradients: int
     optimizer: int
@@ -88,9 +88,9 @@ def stage_peaks(costs: CostTable, layout: Layout) -> List[StagePeak]:
       log-probabilities and of the logits, ``2 * output_bytes``), and under checkpointing the
       micro-batch's saved tensors, recomputed;
     - a stage's gradients exist from its first B on;
-    - what the pipeline keeps of each finished micro-batch until the step ends: on the last
-      stage its output (``output_bytes``), on every stage but the first the gradient of its
-      received input (``boundary_bytes``);
+    - what the pipeline keeps of each finished micro-batch until the step ends: on every stage
+      but the first the gradient of its received input (``boundary_bytes``); the last stage's
+      output is dropped once its loss is made;
     - with data parallelism, the all-reduce after the backwards: every gradient of the rank, the
       flattened copy it sends and its result (two copies of the rank's gradients), and what is
       kept of every finished micro-batch (the step has not ended).

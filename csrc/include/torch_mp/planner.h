@@ -151,8 +151,8 @@ struct StageTimes {
 // stage the head's output gradient to its W (nothing when recomputing); at a B, the loss's two
 // output gradients on the last stage and, recomputing, the micro-batch's saved tensors; a B or W
 // adding to existing gradients, half the stage's widest layer's; gradients exist from a stage's
-// first B; finished micro-batches keep their output (last stage) and input gradient (other
-// stages); the all-reduce holds two more copies of the rank's gradients and those finished
+// first B; finished micro-batches keep their input gradient (every stage but the first; the
+// output is dropped once its loss is made); the all-reduce holds two more copies of the rank's gradients and those finished
 // micro-batches' tensors. Tensor parallelism
 // divides matrices and (with sequence parallelism all, else 24/34 of) the layers' saved
 // activations (Korthikanti et al., 2022). In full: the docstring of Python's
