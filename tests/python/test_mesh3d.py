@@ -132,6 +132,40 @@ def test_mixtral_pp2_matches_dense(schedule):
     run_ranks(2, check_matches_dense, 2, 1, 1, mixtral, schedule, False, timeout=400)
 
 
+def summed_loss(output, labels):
+    return F.cross_entropy(output.logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), reduction="sum")
+
+
+def check_normalizer_over_replicas(rank, world):
+    mesh = torch_mp.init_mesh(pp=2, dp=2, tp=1)
+    dense = llama()
+    model = torch_mp.pipeline(llama(), group=mesh["pp"], data_parallel=mesh["dp"], chunks=2)
+    ids = batch(8)
+    labels = ids.clone()
+    labels[0, 3:] = labels[1, 5:] = labels[5, 2:] = -100  # padding: replica 0 has fewer real tokens
+    rows = slice(4 * mesh["dp"].get_local_rank(), 4 * mesh["dp"].get_local_rank() + 4)
+    tokens = int((labels[:, 1:] != -100).sum())
+    for normalizer in (lambda t: (t[:, 1:] != -100).sum(), tokens):
+        loss = model.train_step(input_ids=ids[rows], target=labels[rows], loss_fn=summed_loss, normalizer=normalizer)
+        expected = summed_loss(dense(input_ids=ids), labels) / tokens
+        expected.backward()
+        torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-6)
+        gathered = gathered_gradients(model, dense)
+        for name, param in dense.named_parameters():
+            torch.testing.assert_close(gathered[name], param.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        model.zero_grad(set_to_none=True)
+        dense.zero_grad(set_to_none=True)
+
+
+def test_normalizer_divides_the_sum_over_every_replicas_batch():
+    """train_step(..., normalizer=) on pp 2 x dp 2, each replica with its own rows of a padded
+    batch (its own count of real tokens): the loss is the sum over both replicas' tokens divided
+    by the count over both, as the dense model's; a callable normalizer and the count given as a
+    number alike (the replicas' mean of their own token means was returned: 4.75 against 4.98,
+    and a number gave the dense loss / dp)."""
+    run_ranks(4, check_normalizer_over_replicas, timeout=400)
+
+
 def check_each_rank_holds_its_share(rank, world):
     """pp 2 x tp 2: after the first step each rank holds only what its stage uses (the embedding on
     the first stage, the final norm and head on the last; a tied embedding/head on both, its

@@ -373,12 +373,19 @@ class DistributedPipe(_Pipe):
         and ``module.last_timeline`` is set on every rank; each rank's times count from a barrier
         that starts the step on all of them, so no clock is assumed shared beyond the barrier's
         exit (its skew, tens of microseconds on one machine, is the picture's error). Every rank
-        must pass the same ``timeline`` and ``max_norm`` (checked with the other options)."""
+        must pass the same ``timeline`` and ``max_norm`` (checked with the other options).
+
+        With ``data_parallel``, each replica passes its own batch and ``normalizer`` divides the
+        sum over all of them, as the dense model's loss over the replicas' batches concatenated
+        would: a number as given, a callable's value summed over the replicas (a count of rows or
+        tokens adds up), and the replicas' losses and gradients then sum."""
         _check_timeline_flag(timeline)
         _check_max_norm(max_norm)
         sizes, parts, targets, weights = self._train_plan(args, kwargs, target, loss_fn, normalizer)
         count = len(sizes)
         last = self.rank_of(self.num_stages - 1) == self.rank
+        if normalizer is not None and self.data_parallel is not None:
+            weights = self._normalized_over_replicas(weights, callable(normalizer) and last)
         losses: List = [None] * count
 
         def work(m: int) -> None:
@@ -405,6 +412,20 @@ class DistributedPipe(_Pipe):
             return loss
         replicas = resolve_group(self.data_parallel).size
         return self.transport.all_reduce_sum(loss, self.data_parallel, "while averaging the replicas' loss") / replicas
+
+    def _normalized_over_replicas(self, weights: List[float], count_over_replicas: bool) -> List[float]:
+        """The loss weights of a normalized (summed) loss under data parallelism: the step ends by
+        averaging the replicas' losses and gradients, so each replica's sum is weighted by their
+        number to make that average the sum. With ``count_over_replicas`` (a callable normalizer,
+        on the last stage's ranks: the weights' only users) this replica's count is summed with the
+        others' over the data-parallel group first."""
+        replicas = resolve_group(self.data_parallel).size
+        if count_over_replicas:
+            mine = torch.tensor([1.0 / weights[0]], dtype=torch.float64, device=self.device)
+            total = float(self.transport.all_reduce_sum(mine, self.data_parallel,
+                                                        "while summing the replicas' normalizers")[0])
+            weights = [1.0 / total] * len(weights)
+        return [weight * replicas for weight in weights]
 
     def _check_agreement(self, signature: int, shapes: str, timeline: bool,
                          refusal: Optional[Tuple[int, str]] = None, max_norm: Optional[float] = None) -> None:
