@@ -49,3 +49,26 @@ def test_meta_parameters_need_a_source():
         model = torch.nn.Sequential(torch.nn.Linear(4, 3))
     with pytest.raises(ValueError, match=r"\['0.bias'\] are on the meta device and the source does not hold them"):
         torch_mp.load_full_state_dict(model, {"0.weight": torch.zeros(3, 4)}, strict=False)
+
+
+@pytest.mark.parametrize("tensor_parallel", [False, True])
+def test_a_bf16_checkpoint_into_a_model_built_on_meta_takes_the_models_dtype(tmp_path, tensor_parallel):
+    """A model built in fp32 on the meta device, loaded from a bf16 file, holds fp32 parameters with
+    the file's values, as ``load_state_dict`` into a built model casts them (the loaded parameters
+    took the file's bf16: a Llama trained in bf16 with no error, loss 4.107099 against 4.107081)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=64)
+    torch.manual_seed(0)
+    dense = transformers.LlamaForCausalLM(config)
+    path = str(tmp_path / "bf16.safetensors")
+    safetensors_torch.save_file({k: v.bfloat16().contiguous() for k, v in dense.state_dict().items()}, path)
+    dense.load_state_dict(safetensors_torch.load_file(path))
+    with torch_mp.init_empty_weights():
+        model = transformers.LlamaForCausalLM(config)
+    if tensor_parallel:
+        torch_mp.tensor_parallel(model)  # one rank: the default group of a single process
+    torch_mp.load_full_state_dict(model, path)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model(input_ids=ids, labels=ids).loss, dense(input_ids=ids, labels=ids).loss)

@@ -164,7 +164,7 @@ def load_full_state_dict(module: nn.Module, state_dict_or_path: StateSource, str
                 raise ValueError(f"load_full_state_dict: {key!r} has shape {tuple(value.shape)} in the source but "
                                  f"{tuple(shard.shape)} is expected on this rank")
             if shard.device.type == "meta":
-                _materialize(target, value, device, borrowed, materialized)
+                _materialize(target, value, shard.dtype, device, borrowed, materialized)
             else:
                 shard.copy_(value)
             progress(shard.numel() * shard.element_size())
@@ -190,13 +190,15 @@ def stock_layout(spec: Optional[ShardSpec], role: str) -> Tuple[Optional[int], b
     return (1 - dim if transposed else dim), transposed
 
 
-def _materialize(target, value, device, borrowed, materialized: set) -> None:
+def _materialize(target, value, dtype: torch.dtype, device, borrowed, materialized: set) -> None:
     """Makes the meta parameter ``target`` hold ``value`` in place (``swap_in``): modules it is tied
-    to, an optimizer built before and the pipeline's records of it keep the same object."""
+    to, an optimizer built before and the pipeline's records of it keep the same object. The value
+    takes the parameter's ``dtype``, as ``load_state_dict``'s copy does (a bf16 checkpoint into a
+    model built in fp32 stays fp32)."""
     if id(target) in materialized:
         return
     materialized.add(id(target))
-    swap_in(target, like(target, value.to(device or "cpu", copy=borrowed).contiguous()))
+    swap_in(target, like(target, value.to(device or "cpu", dtype, copy=borrowed).contiguous()))
 
 
 def _check_no_meta_outside(module, targets, keys) -> None:
