@@ -23,6 +23,7 @@ import threading
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode, _pop_mode_temporarily
 from torch.utils import _pytree as pytree
 from torch.utils.checkpoint import CheckpointFunction
@@ -52,6 +53,40 @@ _recorded_states = WeakIdKeyDictionary()
 _recorded_guard = threading.Lock()
 _VALUE_READS = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.tolist, torch.Tensor.__int__,
                 torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.numpy}
+# Functions drawing from the device's random generator: {function: (name and position of its
+# training flag, the flag's default, position of its probability)}; None: it always draws.
+_DRAWS = {**{f: ("training", 2, True, 1) for f in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d)},
+          **{f: ("training", 2, False, 1) for f in (F.alpha_dropout, F.feature_alpha_dropout)},
+          torch.dropout: ("train", 2, False, 1), F.scaled_dot_product_attention: None,
+          torch.bernoulli: None, torch.Tensor.bernoulli_: None}
+
+
+def _argument(args, kwargs, name: str, position: int, default):
+    return kwargs[name] if name in kwargs else args[position] if len(args) > position else default
+
+
+def _draws(func, args, kwargs) -> bool:
+    """Whether ``func(*args, **kwargs)`` draws random numbers (a dropout in training, ...)."""
+    if func is F.scaled_dot_product_attention:
+        return _argument(args, kwargs, "dropout_p", 4, 0.0) > 0
+    if _DRAWS[func] is None:
+        return True
+    flag, position, default, p = _DRAWS[func]
+    return bool(_argument(args, kwargs, flag, position, default)) and _argument(args, kwargs, "p", p, 0.5) > 0
+
+
+def _draw(func, args, kwargs, device: torch.device) -> None:
+    """Draws what ``func`` on the meta operands ``args`` and ``kwargs`` (another rank's stage)
+    draws from this rank's generator, by running it on zeros of their shapes here: every rank's
+    generator then follows the dense model's sequence of draws, so each dropout of its own stages
+    draws the dense model's mask. Recorded for a stand-in replaying its call (``_StandIn``)."""
+    recording = getattr(_current, "draws", None)
+    if recording is not None:
+        recording.append((func, args, kwargs))
+    real = pytree.tree_map_only(torch.Tensor, lambda t: torch.zeros(t.shape, dtype=t.dtype, device=device)
+                                if t.is_meta else t, (args, kwargs))
+    with torch._C.DisableTorchFunction(), torch.no_grad():
+        func(*real[0], **real[1])
 
 
 class Aborted(Exception):
@@ -79,6 +114,10 @@ class _Follow(TorchFunctionMode):
         leaves, spec = pytree.tree_flatten((args, kwargs))
         tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
         metas = any(t.is_meta for t in tensors)
+        if func in _DRAWS and _draws(func, args, kwargs):
+            self.step.drew = True
+            if metas:
+                _draw(func, args, kwargs, self.step.device)
         if not metas and not _current.micro_batch.depth and any(map(_is_meta_device, leaves)):
             # A tensor made or moved to the device of one this rank follows on meta (``arange(...,
             # device=hidden.device)``, ``mask.to(hidden.device)``) is made on this rank's device.
@@ -329,19 +368,28 @@ class _StandIn:
             key, inputs = self._key(args, kwargs)
             recorded = self._outputs.get(key) if key is not None else None
             if recorded is not None:
-                spec, leaves = recorded
+                spec, leaves, draws = recorded
+                for func, draw_args, draw_kwargs in draws:
+                    _draw(func, draw_args, draw_kwargs, micro_batch.step.device)
                 made = []
                 for leaf in leaves:
                     made.append((inputs if leaf.of_input else made)[leaf.index] if isinstance(leaf, _Alias)
                                 else _meta_like(leaf) if isinstance(leaf, torch.Tensor) else leaf)
                 return made[0] if spec is None else pytree.tree_unflatten(made, spec)
         messages = len(micro_batch.sent) + len(micro_batch.received)
-        out = self.original(*args, **kwargs)
+        outer, _current.draws = getattr(_current, "draws", None), []
+        try:
+            out = self.original(*args, **kwargs)
+        finally:
+            draws, _current.draws = _current.draws, outer
+        if outer is not None:  # a stand-in inside another: the outer one replays these draws too
+            outer.extend(draws)
         with torch._C.DisableTorchFunction():
             out = map_tensors(out, lambda t: t if t.is_meta else _to_meta(t))
             if key is not None and key not in self._outputs:
-                self._outputs[key] = self._record(out, inputs) \
+                recorded = self._record(out, inputs) \
                     if messages == len(micro_batch.sent) + len(micro_batch.received) else None
+                self._outputs[key] = recorded and (*recorded, tuple(draws))
         return out
 
     @staticmethod
@@ -588,6 +636,7 @@ class RankStep:
         self.rank_of, self.last = pipe.rank_of, pipe.num_stages - 1
         self.state, self.recompute = state, recompute
         self.origin = WeakIdKeyDictionary()
+        self.drew = False  # whether a forward drew random numbers (a dropout in training)
         # Zero-bubble schedules: where this step's slots start and the micro-batch count
         # (``zero_bubble.slot_of``); a slot holds the weight gradients its W runs.
         self.first_slot: Optional[int] = None

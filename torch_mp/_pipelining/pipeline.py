@@ -516,6 +516,11 @@ class DistributedPipe(_Pipe):
                 raise
             self.transport.finish()
             self.transport.commit()
+            if train and count > 1 and step.drew:
+                warnings.warn(
+                    f"pipeline: train_step draws random numbers (a dropout in training) in each of its {count} "
+                    "micro-batches: each draws its own masks, a valid dropout but not the dense model's masks of "
+                    "the whole batch; chunks=1 draws the dense model's (every rank seeded alike)", stacklevel=3)
             for (params, ranks) in self.ties if train else []:
                 _sum_tied_gradients([param for param in params if param.requires_grad], ranks, self.transport)
             for param, grad in zip(tied, earlier):
