@@ -465,3 +465,35 @@ def test_pipeline_train_step_frees_each_output_once_its_loss_is_made():
     garbage collector (it is off here): under 1F1B the last stage holds one micro-batch's logits
     at a time, as torch.distributed.pipelining's does. The step still gives the dense numbers."""
     run_ranks(2, _outputs_freed, timeout=300)
+
+
+def _plain_loop_refused(rank, world):
+    torch.manual_seed(0)
+    model, inputs, target, loss_fn = mlp_case(batch=8)
+    other = copy.deepcopy(model)
+    kept = loss_fn(other(inputs), target)  # a loss kept for logging, its graph holding the parameters
+    with pytest.raises(ValueError, match="not yet run backward"):
+        torch_mp.pipeline(other, chunks=2)
+    dense = copy.deepcopy(model)
+    piped = torch_mp.pipeline(model, chunks=2)
+    output = piped(inputs)
+    torch.testing.assert_close(output, dense(inputs))
+    loss = loss_fn(output, target) + sum(p.square().sum() for p in piped.parameters() if not p.is_meta)
+    with pytest.raises(RuntimeError, match=r"expected loss = model.train_step\(inputs"):
+        loss.backward()
+    with torch.no_grad():
+        assert not piped(inputs).requires_grad
+    piped.eval()
+    assert not piped(inputs).requires_grad
+    piped.zero_grad(set_to_none=True)  # the regularizer's part may have run before the refusal
+    assert_step_matches(piped.train(), dense, inputs, target, loss_fn)
+
+
+def test_pipeline_output_refuses_a_backward_and_a_graph_refuses_the_move():
+    """Across ranks ``model(...)`` runs the forward only: in a training loop's forward (training
+    mode, grad on) a backward through its output raises, naming train_step (it raised torch's "does
+    not require grad", and with a second loss term, a regularizer, the output's part of the
+    gradients was silently left out); under no_grad or in eval mode the output is as before. A
+    loss still holding its graph when pipeline() moves the parameters is a ValueError naming it
+    (was torch's "Expected use_count of t1 to be 1 or 2")."""
+    run_ranks(2, _plain_loop_refused, timeout=300)

@@ -353,9 +353,15 @@ class DistributedPipe(_Pipe):
         # The output on every rank (generate() runs on each and picks the same tokens from it): its
         # tensors broadcast from the last stage's rank, where the other ranks hold meta stand-ins.
         # A cache in it is the caller's, each rank's holding the keys and values of its own layers.
-        return copy_tensors(merged, lambda t: self.transport.broadcast(
+        output = copy_tensors(merged, lambda t: self.transport.broadcast(
             t if last == self.rank else torch.empty(t.shape, dtype=t.dtype, device=self.device), last,
             "while sending the output from the last stage's rank"))
+        if self.module.training and torch.is_grad_enabled():
+            # A training loop's forward: a backward through it would leave every gradient of the
+            # pipeline's parameters out (with another loss term, silently); it raises instead.
+            anchor = torch.zeros((), device=self.device, requires_grad=True)
+            output = copy_tensors(output, lambda t: _ForwardOnly.apply(t, anchor) if t.is_floating_point() else t)
+        return output
 
     def _output(self, output, microbatch: int):
         for tensor in tensors_in(output):
@@ -557,6 +563,23 @@ class DistributedPipe(_Pipe):
             if any(column):
                 self.ranks_using[id(tensor)] = {rank for rank, used in enumerate(column) if used}
         self.ties = _keep_local_tensors(self.module, self.ranks_using, self, self.device)
+
+
+class _ForwardOnly(torch.autograd.Function):
+    """An output of ``model(...)`` of a pipeline across ranks in training mode: computed without a
+    graph across the ranks, so a backward through it raises instead of giving no gradients."""
+
+    @staticmethod
+    def forward(ctx, tensor, anchor):
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            "pipeline: backward through the output of model(...): across ranks the model's call runs the "
+            "forward only (no graph spans the ranks, so no gradient would reach the stages' parameters); "
+            "expected loss = model.train_step(inputs, target=..., loss_fn=...), which runs the forward and "
+            "backward of every micro-batch (extra loss terms go inside loss_fn)")
 
 
 def _sum_tied_gradients(params: List[nn.Parameter], ranks: Tuple[int, ...], transport) -> None:

@@ -373,6 +373,15 @@ def swap_in(param: torch.nn.Parameter, value: torch.Tensor, grad: Optional[torch
         # swap_tensors refuses a tensor with weak references; those of dead reference cycles (the
         # fake-tensor conversion of tensor_parallel's dry run) go with a collection.
         gc.collect()
-    torch.utils.swap_tensors(param, moved)
+    try:
+        torch.utils.swap_tensors(param, moved)
+    except RuntimeError as error:
+        if "use_count" not in str(error):
+            raise
+        raise ValueError(
+            f"torch_mp: a {list(param.shape)} parameter is still referenced by something holding its tensor, "
+            "most often an autograd graph not yet run backward (a loss kept for logging) or a tensor saved from "
+            "it; expected loss.backward() or del loss (and no other tensor holding the parameter) before "
+            "torch_mp.pipeline / tensor_parallel / load_full_state_dict move it") from error
     # The hook dicts stay on the Python object; setting them again registers them with the moved tensor.
     param._backward_hooks, param._post_accumulate_grad_hooks = hooks
