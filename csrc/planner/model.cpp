@@ -292,6 +292,21 @@ std::vector<StagePeak> stage_peaks(const CostTable& costs, const Layout& layout)
         --waiting[action.stage];
       }
     }
+    // The step's end: every gradient of the rank's stages made (the last backward makes them while
+    // it frees the activations: with one micro-batch, more than were held at its start), and what
+    // is kept of every finished micro-batch. Under fully_shard the last backward reshards.
+    if (!layout.fully_shard) {
+      auto end = now;
+      double end_total = 0.0;
+      for (const auto s : mine) {
+        end[s] = {params_of[s], static_cast<double>(layout.chunks) * finished[s]};
+        end_total += end[s].first + end[s].second;
+      }
+      if (end_total > best_total) {
+        best = end;
+        best_total = end_total;
+      }
+    }
     // With data parallelism, the all-reduce after the backwards: every gradient of the rank, the
     // flattened copy it sends and its result, and what is kept of every finished micro-batch. Under
     // fully_shard only what FSDP2 does not shard is all-reduced (its own gradients were

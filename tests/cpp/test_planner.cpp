@@ -67,6 +67,10 @@ TEST(Planner, PeakMemoryIsTheLargestPhase) {
   const int64_t accumulated = mib / 2;
   EXPECT_EQ(planner::peak_bytes(costs, layout),
             (std::vector<int64_t>{8 * mib + accumulated + 2 * one, 8 * mib + accumulated + one + inputs}));
+  // One micro-batch: the step's end holds every gradient and the last stage's kept input gradient.
+  auto single = layout;
+  single.chunks = 1;
+  EXPECT_EQ(planner::peak_bytes(costs, single), (std::vector<int64_t>{8 * mib, 8 * mib + 8 * 256}));
   // GPipe: every forward first; at the second backward's start 3 in flight with the gradients and
   // one finished micro-batch's input gradient.
   layout.schedule = "gpipe";

@@ -88,6 +88,9 @@ def stage_peaks(costs: CostTable, layout: Layout) -> List[StagePeak]:
       log-probabilities and of the logits, ``2 * output_bytes``), and under checkpointing the
       micro-batch's saved tensors, recomputed;
     - a stage's gradients exist from its first B on;
+    - the step's end: every gradient made (with one micro-batch the only backward makes them all
+      while freeing the activations, more than were held at its start), with what is kept of the
+      finished micro-batches (not under ``fully_shard``, whose last backward reshards);
     - what the pipeline keeps of each finished micro-batch until the step ends: on every stage
       but the first the gradient of its received input (``boundary_bytes``); the last stage's
       output is dropped once its loss is made;

@@ -152,7 +152,7 @@ struct StageTimes {
 // output gradients on the last stage and, recomputing, the micro-batch's saved tensors; a B or W
 // adding to existing gradients, half the stage's widest layer's; gradients exist from a stage's
 // first B; finished micro-batches keep their input gradient (every stage but the first; the
-// output is dropped once its loss is made); the all-reduce holds two more copies of the rank's gradients and those finished
+// output is dropped once its loss is made); at the step's end every gradient exists; the all-reduce holds two more copies of the rank's gradients and those finished
 // micro-batches' tensors. Tensor parallelism
 // divides matrices and (with sequence parallelism all, else 24/34 of) the layers' saved
 // activations (Korthikanti et al., 2022). In full: the docstring of Python's
