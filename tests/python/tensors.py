@@ -44,7 +44,24 @@ def expect_dense_step(model, dense, rows, ids, loss_fn):
     expected = loss_fn(dense(input_ids=ids), ids)
     expected.backward()
     torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-6)
+    expect_dense_gradients(model, dense)
+    return loss
+
+
+def expect_dense_gradients(model, dense, where: str = "") -> None:
+    """Every gradient of a parallel model, gathered as the dense model's state_dict
+    (``gathered_gradients``), against the dense model's ``.grad``. A collective."""
     gathered = gathered_gradients(model, dense)
     for name, param in dense.named_parameters():
-        torch.testing.assert_close(gathered[name], param.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
-    return loss
+        torch.testing.assert_close(gathered[name], param.grad, rtol=1e-4, atol=1e-6,
+                                   msg=lambda m, name=name: f"{where}{name}: {m}")
+
+
+def expect_dense_weights(model, dense) -> None:
+    """A parallel model's weights, gathered (``torch_mp.full_state_dict``), against the dense
+    model's state_dict. A collective."""
+    import torch_mp
+
+    stepped = torch_mp.full_state_dict(model)
+    for name, value in dense.state_dict().items():
+        torch.testing.assert_close(stepped[name], value, rtol=1e-4, atol=1e-6)

@@ -19,7 +19,7 @@ from torch.distributed.tensor import DTensor
 
 import torch_mp
 from distributed import run_ranks
-from tensors import expect_dense_step, gathered_gradients
+from tensors import expect_dense_gradients, expect_dense_step, expect_dense_weights
 
 transformers = pytest.importorskip("transformers")
 
@@ -101,9 +101,7 @@ def check_matches_dense(rank, world, pp, dp, tp, make, schedule, sequence_parall
     # eps 1e-4 keeps the step a smooth function of g.
     adamw(model, eps=1e-4).step()
     adamw(dense, eps=1e-4).step()
-    stepped = torch_mp.full_state_dict(model)
-    for name, value in dense.state_dict().items():
-        torch.testing.assert_close(stepped[name], value, rtol=1e-4, atol=1e-6)
+    expect_dense_weights(model, dense)
 
 
 @pytest.mark.parametrize("schedule,sequence_parallel", [
@@ -150,9 +148,7 @@ def check_normalizer_over_replicas(rank, world):
         expected = summed_loss(dense(input_ids=ids), labels) / tokens
         expected.backward()
         torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-6)
-        gathered = gathered_gradients(model, dense)
-        for name, param in dense.named_parameters():
-            torch.testing.assert_close(gathered[name], param.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        expect_dense_gradients(model, dense)
         model.zero_grad(set_to_none=True)
         dense.zero_grad(set_to_none=True)
 
@@ -185,17 +181,12 @@ def check_each_rank_holds_its_share(rank, world):
             expected = loss_fn(dense(input_ids=ids), ids)
             expected.backward()
             torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-6, msg=f"tied {tied}, step {step}")
-            gathered = gathered_gradients(model, dense)
-            for name, param in dense.named_parameters():
-                torch.testing.assert_close(gathered[name], param.grad, rtol=1e-4, atol=1e-6,
-                                           msg=lambda m, name=name: f"tied {tied}, step {step}: {name}: {m}")
+            expect_dense_gradients(model, dense, f"tied {tied}, step {step}: ")
             optimizer.step()
             dense_optimizer.step()
             optimizer.zero_grad()
             dense_optimizer.zero_grad()
-        stepped = torch_mp.full_state_dict(model)
-        for name, value in dense.state_dict().items():
-            torch.testing.assert_close(stepped[name], value, rtol=1e-4, atol=1e-6)
+        expect_dense_weights(model, dense)
 
         # What this rank holds: its stage's layer, with the embedding on the first stage and the
         # final norm and head on the last (the tied weight on both).
@@ -355,9 +346,7 @@ def check_built_on_meta(rank, world, path):
     torch.nn.utils.clip_grad_norm_(dense.parameters(), max_norm=0.5)
     optimizer.step()
     adamw(dense, eps=1e-4).step()
-    stepped = torch_mp.full_state_dict(model)
-    for name, value in dense.state_dict().items():
-        torch.testing.assert_close(stepped[name], value, rtol=1e-4, atol=1e-6)
+    expect_dense_weights(model, dense)
 
     # Resumed into a model built on meta again, with its AdamW state: the next step bit for bit (the
     # state of this rank's meta parameters was skipped as another rank's: a fresh AdamW's step).

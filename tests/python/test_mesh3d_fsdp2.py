@@ -16,7 +16,7 @@ from torch.distributed.tensor import DTensor
 
 import torch_mp
 from distributed import run_ranks
-from tensors import expect_dense_step
+from tensors import expect_dense_step, expect_dense_weights
 from test_mesh3d import adamw, batch, llama, loss_fn
 
 pytest.importorskip("transformers")
@@ -132,9 +132,7 @@ def train_like_dense(model, dense, replica, steps=2):
         dense_optimizer.step()
         optimizer.zero_grad()
         dense_optimizer.zero_grad()
-        stepped = torch_mp.full_state_dict(model)
-        for name, value in dense.state_dict().items():
-            torch.testing.assert_close(stepped[name], value, rtol=1e-4, atol=1e-6)
+        expect_dense_weights(model, dense)
     return optimizer
 
 
