@@ -308,14 +308,14 @@ std::vector<StagePeak> stage_peaks(const CostTable& costs, const Layout& layout)
       }
     }
     // With data parallelism, the all-reduce after the backwards: every gradient of the rank, the
-    // flattened copy it sends and its result, and what is kept of every finished micro-batch. Under
+    // flattened copy it reduces in place, and what is kept of every finished micro-batch. Under
     // fully_shard only what FSDP2 does not shard is all-reduced (its own gradients were
     // reduce-scattered, its parameters resharded in the last backward).
     double during = best_total;
     double after = 0.0;
     for (const auto s : mine) {
       during += stored[s] + gathered[s];
-      after += stored[s] + (layout.fully_shard ? stored[s] : params_of[s]) + 2 * (params_of[s] - gathered[s]) +
+      after += stored[s] + (layout.fully_shard ? stored[s] : params_of[s]) + (params_of[s] - gathered[s]) +
           static_cast<double>(layout.chunks) * finished[s];
     }
     const bool flat = layout.dp > 1 && after > during;
@@ -323,7 +323,7 @@ std::vector<StagePeak> stage_peaks(const CostTable& costs, const Layout& layout)
       const auto optimizer = static_cast<int64_t>(stored[s] / static_cast<double>(costs.param_element_size) * 8);
       peaks[s] = flat ? StagePeak{static_cast<int64_t>(stored[s]),
                                   static_cast<int64_t>(layout.fully_shard ? stored[s] : params_of[s]), optimizer,
-                                  static_cast<int64_t>(2 * (params_of[s] - gathered[s])),
+                                  static_cast<int64_t>(params_of[s] - gathered[s]),
                                   static_cast<int64_t>(static_cast<double>(layout.chunks) * finished[s])}
                       : StagePeak{static_cast<int64_t>(stored[s] + gathered[s]), static_cast<int64_t>(best[s].first),
                                   optimizer, 0, static_cast<int64_t>(best[s].second)};

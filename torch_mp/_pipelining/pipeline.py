@@ -618,7 +618,8 @@ def _average_over_replicas(params: List[nn.Parameter], group, transport) -> None
     for kind_params in by_kind.values():
         grads = [local_tensor(param.grad) for param in kind_params]  # a DTensor's local tensor
         flat = torch._utils._flatten_dense_tensors(grads)
-        flat = transport.all_reduce_sum(flat, group, "while averaging gradients over the data-parallel replicas")
+        transport.all_reduce_sum(flat, group, "while averaging gradients over the data-parallel replicas",
+                                 in_place=True)
         flat.div_(replicas)
         for grad, averaged in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
             grad.copy_(averaged)

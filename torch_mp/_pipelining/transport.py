@@ -206,10 +206,11 @@ class GroupTransport:
         self._wait(work, doing)
         return torch.stack(rows)
 
-    def all_reduce_sum(self, tensor: torch.Tensor, group, doing: str) -> torch.Tensor:
+    def all_reduce_sum(self, tensor: torch.Tensor, group, doing: str, in_place: bool = False) -> torch.Tensor:
         """The sum of ``tensor`` over ``group`` (this pipeline's, or a subgroup of it), bounded as
-        ``all_gather_rows`` is."""
-        summed = tensor.to(self.device).contiguous().clone()
+        ``all_gather_rows`` is; ``in_place``: into ``tensor`` itself (a contiguous buffer of the
+        caller's on this device), returned, instead of a copy."""
+        summed = tensor if in_place else tensor.to(self.device).contiguous().clone()
         with self._failing(doing):
             work = dist.all_reduce(summed, group=group, async_op=True)
         self._wait(work, doing)

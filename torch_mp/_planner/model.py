@@ -49,7 +49,7 @@ class Layout:
 class StagePeak:
     """Predicted bytes one rank of a stage holds at its rank's peak, by kind: ``parameters``,
     their ``gradients`` (those held at that moment: none before the stage's first backward), the
-    ``optimizer`` state, the ``flat`` gradients of the data-parallel all-reduce (and its result)
+    ``optimizer`` state, the ``flat`` gradients of the data-parallel all-reduce (reduced in place)
     and the ``activations`` (with the loss's gradients, the zero-bubble schedules' pending weight
     gradients' inputs and the finished micro-batches' input gradients) held then."""
     parameters: int
@@ -95,7 +95,7 @@ def stage_peaks(costs: CostTable, layout: Layout) -> List[StagePeak]:
       but the first the gradient of its received input (``boundary_bytes``); the last stage's
       output is dropped once its loss is made;
     - with data parallelism, the all-reduce after the backwards: every gradient of the rank, the
-      flattened copy it sends and its result (two copies of the rank's gradients), and what is
+      flattened copy it reduces in place (one copy of the rank's gradients), and what is
       kept of every finished micro-batch (the step has not ended).
 
     With ``fully_shard`` (FSDP2 over the ``dp`` replicas, torchtitan's composition) each rank

@@ -120,7 +120,7 @@ struct Layout {
 
 // Predicted bytes one rank of a stage holds at its rank's peak, by kind: the parameters, their
 // gradients held then, the optimizer state (AdamW, 2 x fp32), the flat gradients of the
-// data-parallel all-reduce and its result, and the activations (with the loss's gradients, the
+// data-parallel all-reduce (reduced in place), and the activations (with the loss's gradients, the
 // zero-bubble schedules' pending weight gradients' inputs and what the pipeline keeps of finished
 // micro-batches).
 struct StagePeak {
@@ -152,7 +152,7 @@ struct StageTimes {
 // output gradients on the last stage and, recomputing, the micro-batch's saved tensors; a B or W
 // adding to existing gradients, half the stage's widest layer's; gradients exist from a stage's
 // first B; finished micro-batches keep their input gradient (every stage but the first; the
-// output is dropped once its loss is made); at the step's end every gradient exists; the all-reduce holds two more copies of the rank's gradients and those finished
+// output is dropped once its loss is made); at the step's end every gradient exists; the all-reduce holds one more copy of the rank's gradients (flat, reduced in place) and those finished
 // micro-batches' tensors. Tensor parallelism
 // divides matrices and (with sequence parallelism all, else 24/34 of) the layers' saved
 // activations (Korthikanti et al., 2022). In full: the docstring of Python's
