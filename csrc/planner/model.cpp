@@ -5,7 +5,9 @@
 #include <torch_mp/planner.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
+#include <optional>
 #include <utility>
 
 #include <c10/util/Exception.h>
@@ -181,6 +183,21 @@ void CostTable::check() const {
       "; expected sizes >= 0, the sharded parts at most the parameters, the tied ones within the first stage's");
   TORCH_CHECK_VALUE(param_element_size >= 1, "planner: costs.param_element_size = ", param_element_size,
                     "; expected >= 1");
+  TORCH_CHECK_VALUE(host_cores >= 0.0 && host_ranks >= 1, "planner: costs.host_cores = ", host_cores,
+                    ", host_ranks = ", host_ranks, "; expected host_cores >= 0 (0: a device per rank), host_ranks >= 1");
+}
+
+std::vector<double> CostTable::speedup(int64_t pp) const {
+  if (host_cores <= 0.0) {
+    return {};
+  }
+  const auto rate = [&](double busy) { return std::min(1.0, host_cores / busy); };
+  std::vector<double> out;
+  for (int64_t busy = 1; busy <= pp; ++busy) {
+    out.push_back(rate(static_cast<double>(host_ranks * busy) / static_cast<double>(pp)) /
+                  rate(static_cast<double>(host_ranks)));
+  }
+  return out;
 }
 
 double Layout::rows() const {
@@ -380,7 +397,13 @@ StageTimes stage_times(const CostTable& costs, const Layout& layout) {
   return times;
 }
 
-double simulate(const std::string& schedule, int64_t ranks, int64_t chunks, const StageTimes& durations, double send_s) {
+double simulate(
+    const std::string& schedule,
+    int64_t ranks,
+    int64_t chunks,
+    const StageTimes& durations,
+    double send_s,
+    const std::vector<double>& speedup) {
   const auto stages = static_cast<int64_t>(durations.forward.size());
   TORCH_CHECK_VALUE(
       ranks >= 1 && stages >= ranks && stages % ranks == 0 && durations.backward.size() == durations.forward.size() &&
@@ -388,6 +411,12 @@ double simulate(const std::string& schedule, int64_t ranks, int64_t chunks, cons
       "planner: simulate of ", stages, " stages on ", ranks, " ranks (backward ", durations.backward.size(),
       ", weight ", durations.weight.size(), " entries); expected forward, backward and weight of one length, a ",
       "multiple of ranks");
+  TORCH_CHECK_VALUE(
+      speedup.empty() ||
+          (static_cast<int64_t>(speedup.size()) == ranks &&
+           std::all_of(speedup.begin(), speedup.end(), [](double x) { return x > 0.0; })),
+      "planner: simulate's speedup has ", speedup.size(), " entries; expected none or one > 0 per busy rank count (",
+      ranks, ")");
   const auto per_rank = stages / ranks;
   const auto kind = pipeline::parse_schedule_kind(schedule);
   const auto actions = pipeline::make_schedule(kind, ranks, per_rank, chunks);
@@ -405,52 +434,91 @@ double simulate(const std::string& schedule, int64_t ranks, int64_t chunks, cons
   const auto slot = [&](int64_t k, int64_t stage, int64_t microbatch) {
     return (k * stages + stage) * chunks + microbatch;
   };
+  // When the input of `action` arrives (its producer's end, plus a send between ranks); < 0: its
+  // producer has not ended.
+  const auto ready_at = [&](const pipeline::Action& action) {
+    const auto k = static_cast<int64_t>(action.kind);
+    const auto stage = action.stage;
+    std::optional<std::pair<int64_t, int64_t>> producer; // (kind, stage), same micro-batch
+    if (k == 0) {
+      if (stage == 0) {
+        return 0.0;
+      }
+      producer = {{0, stage - 1}};
+    } else if (k == 1) {
+      producer = stage < stages - 1 ? std::pair<int64_t, int64_t>{1, stage + 1} : std::pair<int64_t, int64_t>{0, stage};
+    } else {
+      producer = {{1, stage}};
+    }
+    const double done = ended[slot(producer->first, producer->second, action.microbatch)];
+    return done < 0 ? -1.0 : done + (rank_of[producer->second] != rank_of[stage] ? send_s : 0.0);
+  };
+  // Event by event: each rank runs its actions in order; a running action's remaining seconds (at
+  // the table's speed) shrink at speedup[busy ranks - 1] per second.
   std::vector<size_t> position(ranks, 0);
+  std::vector<double> left(ranks, -1.0); // < 0: idle
   std::vector<double> free(ranks, 0.0);
   size_t remaining = 0;
   for (const auto& a : actions) {
     remaining += a.size();
   }
+  double now = 0.0;
   while (remaining) {
-    bool progressed = false;
+    double next_ready = std::numeric_limits<double>::infinity();
+    int64_t busy = 0;
     for (int64_t rank = 0; rank < ranks; ++rank) {
-      while (position[rank] < actions[rank].size()) {
+      if (left[rank] < 0 && position[rank] < actions[rank].size()) {
         const auto& action = actions[rank][position[rank]];
-        const auto k = static_cast<int64_t>(action.kind);
-        const auto stage = action.stage;
-        const auto m = action.microbatch;
-        std::optional<std::pair<int64_t, int64_t>> producer; // (kind, stage), same micro-batch
-        if (k == 0) {
-          if (stage > 0) {
-            producer = {{0, stage - 1}};
-          }
-        } else if (k == 1) {
-          producer = stage < stages - 1 ? std::pair<int64_t, int64_t>{1, stage + 1} : std::pair<int64_t, int64_t>{0, stage};
-        } else {
-          producer = {{1, stage}};
+        const double ready = ready_at(action);
+        if (ready >= 0 && ready <= now) {
+          left[rank] = (*duration[static_cast<int64_t>(action.kind)])[action.stage];
+        } else if (ready >= 0) {
+          next_ready = std::min(next_ready, ready);
         }
-        double ready = 0.0;
-        if (producer) {
-          const double done = ended[slot(producer->first, producer->second, m)];
-          if (done < 0) {
-            break;
-          }
-          ready = done + (rank_of[producer->second] != rank_of[stage] ? send_s : 0.0);
-        }
-        const double end = std::max(free[rank], ready) + (*duration[k])[stage];
-        ended[slot(k, stage, m)] = end;
-        free[rank] = end;
-        ++position[rank];
-        --remaining;
-        progressed = true;
+      }
+      busy += left[rank] >= 0;
+    }
+    if (!busy) {
+      TORCH_CHECK(std::isfinite(next_ready), "planner: the ", schedule, " schedule on ", ranks, " ranks with ",
+                  chunks, " micro-batches does not progress in the simulation (a schedule check_schedule should have ",
+                  "refused)");
+      now = next_ready;
+      continue;
+    }
+    const double speed = speedup.empty() ? 1.0 : speedup[busy - 1];
+    double first_end = std::numeric_limits<double>::infinity();
+    for (int64_t rank = 0; rank < ranks; ++rank) {
+      if (left[rank] >= 0) {
+        first_end = std::min(first_end, left[rank]);
       }
     }
-    TORCH_CHECK(progressed, "planner: the ", schedule, " schedule on ", ranks, " ranks with ", chunks,
-                " micro-batches does not progress in the simulation (a schedule check_schedule should have refused)");
+    if (now + first_end / speed > next_ready) { // an input arrives first: advance to it
+      const double work = (next_ready - now) * speed;
+      for (auto& l : left) {
+        l = l >= 0 ? std::max(0.0, l - work) : l;
+      }
+      now = next_ready;
+      continue;
+    }
+    now += first_end / speed;
+    for (int64_t rank = 0; rank < ranks; ++rank) {
+      if (left[rank] < 0) {
+        continue;
+      }
+      if (left[rank] == first_end) {
+        const auto& action = actions[rank][position[rank]];
+        ended[slot(static_cast<int64_t>(action.kind), action.stage, action.microbatch)] = now;
+        free[rank] = now;
+        left[rank] = -1.0;
+        ++position[rank];
+        --remaining;
+      } else {
+        left[rank] -= first_end;
+      }
+    }
   }
   return *std::max_element(free.begin(), free.end());
 }
-
 double step_seconds(const CostTable& costs, const Layout& layout) {
   const auto times = stage_times(costs, layout);
   const double rows = layout.rows();
@@ -462,7 +530,7 @@ double step_seconds(const CostTable& costs, const Layout& layout) {
   if (layout.pp == 1) {
     compute = static_cast<double>(layout.chunks) * (times.forward[0] + times.backward[0] + times.weight[0]);
   } else {
-    compute = simulate(layout.schedule, layout.pp, layout.chunks, times, send);
+    compute = simulate(layout.schedule, layout.pp, layout.chunks, times, send, costs.speedup(layout.pp));
   }
   const auto ranges = stage_layers(layout.balance);
   const auto ranks = layout.stage_ranks();

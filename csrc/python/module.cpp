@@ -97,6 +97,8 @@ planner::CostTable cost_table_of(const py::handle& costs) {
   t.tp_link = link_of(get("tp_link"));
   t.dp_link = link_of(get("dp_link"));
   t.pp_link = link_of(get("pp_link"));
+  t.host_cores = get("host_cores").cast<double>();
+  t.host_ranks = get("host_ranks").cast<int64_t>();
   return t;
 }
 
@@ -203,10 +205,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, py::arg("costs"), py::arg("layout"));
   m.def("_plan_simulate", [](const std::string& schedule, int64_t ranks, int64_t chunks,
                              const std::vector<double>& forward, const std::vector<double>& backward,
-                             const std::vector<double>& weight, double send_s) {
-    return planner::simulate(schedule, ranks, chunks, {forward, backward, weight}, send_s);
+                             const std::vector<double>& weight, double send_s, const std::vector<double>& speedup) {
+    return planner::simulate(schedule, ranks, chunks, {forward, backward, weight}, send_s, speedup);
   }, py::arg("schedule"), py::arg("ranks"), py::arg("chunks"), py::arg("forward"), py::arg("backward"),
-     py::arg("weight"), py::arg("send_s"));
+     py::arg("weight"), py::arg("send_s"), py::arg("speedup") = std::vector<double>{});
   m.def("_plan_layouts", [](const py::object& costs, int64_t world_size, int64_t batch,
                             const std::vector<std::string>& schedules, int64_t max_chunks,
                             const std::vector<std::string>& checkpoints) {

@@ -54,6 +54,20 @@ TEST(Planner, SimulatedSchedulesHaveTheClosedFormBubbles) {
   EXPECT_DOUBLE_EQ(planner::simulate("zbv", 4, 8, planner_uniform(8, 1, 1, 1), 0.0), 51.0);
 }
 
+TEST(Planner, RanksSharingCoresComputeFasterWhileOthersWait) {
+  // Two ranks on one core: alone, a rank runs twice as fast as the table (measured with both busy).
+  // The values of Python's test_ranks_sharing_cores_compute_faster_while_others_wait.
+  EXPECT_DOUBLE_EQ(planner::simulate("gpipe", 2, 1, planner_uniform(2, 1, 2, 0), 0.0, {2.0, 1.0}), 3.0);
+  EXPECT_DOUBLE_EQ(planner::simulate("gpipe", 2, 2, planner_uniform(2, 1, 2, 0), 0.0, {2.0, 1.0}), 6.0);
+  auto costs = planner_table(2, 1e-3, 2e-3, 1000, 1000, 1);
+  costs.host_cores = 1.0;
+  costs.host_ranks = 4;
+  // pp 2 of 4 ranks on one core (tp or dp 2 each): one pipeline rank busy is 2 ranks, two are 4.
+  EXPECT_EQ(costs.speedup(2), (std::vector<double>{2.0, 1.0}));
+  costs.host_cores = 0.0;
+  EXPECT_TRUE(costs.speedup(2).empty());
+}
+
 TEST(Planner, PeakMemoryIsTheLargestPhase) {
   // 4 layers of 1 MiB fp32 on pp 2: 2 MiB of parameters, 2 of gradients, 4 of AdamW per stage; 1F1B
   // with 4 micro-batches of 2 rows: 2 in flight on stage 0, 1 on stage 1 plus the gradients of 3

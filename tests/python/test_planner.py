@@ -5,6 +5,7 @@ against the dense model (tiny Llama, 4 Gloo ranks, two memory limits giving diff
 ``plan(measure=)`` runs layouts for real, and a recomputing pp 2 x tp 2 plan is applied: marked
 ``planner_full``, run by ``make test-planner``."""
 import dataclasses
+import os
 import re
 
 import pytest
@@ -155,6 +156,32 @@ def test_step_time_counts_the_tensor_parallel_all_reduces():
     assert tp2 == pytest.approx(plain / 2 + 2 * 2 * 2 * costs.all_reduce_s(8 * 256, 2, "tp"))
 
 
+def test_ranks_sharing_cores_compute_faster_while_others_wait():
+    """Two pipeline ranks on one core (host_cores=1, host_ranks=2), the table measured with both
+    computing at once: a rank alone computes twice as fast. GPipe, F = 1 and B = 2: one
+    micro-batch runs one action at a time (3 instead of 6); with two, the actions that overlap run
+    at the table's speed (6 instead of 9: F(0,0) 0.5 alone, F(0,1) and F(1,0) together to 1.5,
+    F(1,1) to 2, B(1,0) to 3, B(0,0) and B(1,1) together to 5, B(0,1) alone to 6)."""
+    durations = {0: [1.0] * 2, 1: [2.0] * 2, 2: [0.0] * 2}
+    assert simulate("gpipe", 2, 1, durations, 0.0, [2.0, 1.0]) == pytest.approx(3.0)
+    assert simulate("gpipe", 2, 2, durations, 0.0, [2.0, 1.0]) == pytest.approx(6.0)
+    assert simulate("gpipe", 2, 2, durations, 0.0, [1.0, 1.0]) == simulate("gpipe", 2, 2, durations, 0.0) == 9.0
+    with pytest.raises(ValueError, match="speedup has 1 entries"):
+        simulate("gpipe", 2, 2, durations, 0.0, [2.0])
+    # step_seconds: the compute halves, the sends (over the "pp" link) do not.
+    layout = Layout(2, 1, 1, "1f1b", 1, "never", False, (1, 1), 8)
+    alone = step_seconds(table(layers=2), layout)
+    shared = step_seconds(table(layers=2, host_cores=1.0, host_ranks=2), layout)
+    sends = 2 * table(layers=2).send_s(8 * 256)
+    assert shared == pytest.approx((alone - sends) / 2 + sends)
+    # As many cores as ranks: no sharing; without a pipeline every rank computes at once.
+    assert step_seconds(table(layers=2, host_cores=2.0, host_ranks=2), layout) == alone
+    dp2 = Layout(1, 1, 2, "1f1b", 1, "never", False, (2,), 8)
+    assert step_seconds(table(layers=2, host_cores=1.0, host_ranks=2), dp2) == step_seconds(table(layers=2), dp2)
+    with pytest.raises(ValueError, match="host_cores"):
+        step_seconds(table(layers=2, host_cores=-1.0), layout)
+
+
 def test_each_mesh_dim_costs_over_its_own_link():
     """Past one node, tensor parallel's all-reduces, data parallel's gradient average and the
     pipeline's sends go over different links: each term of the step time takes its dim's
@@ -202,6 +229,8 @@ def check_links_fitted_per_dim(rank, world):
 
     measured = measure_costs(model, sample)
     check(measured)
+    # Four ranks on this host share its cores (host_sharing).
+    assert (measured.host_cores, measured.host_ranks) == (len(os.sched_getaffinity(0)) / torch.get_num_threads(), 4)
     on_mesh = measure_costs(model, sample, group=torch_mp.init_mesh(pp=2, dp=2, tp=1),
                             collectives={"tp": (1e-6, 1e-11)})
     check(on_mesh)

@@ -536,9 +536,9 @@ class DistributedPipe(_Pipe):
                 # The sharded layers' gradients are the replicas' mean already (FSDP2's reduce-scatter).
                 sharded = {id(param) for layers in self.fully_sharded.values() for layer in layers
                            for param in layer.parameters()}
-                _average_over_replicas([param for param in self.module.parameters()
-                                        if not param.is_meta and id(param) not in sharded],
-                                       self.data_parallel, self.transport)
+                average_over_replicas([param for param in self.module.parameters()
+                                       if not param.is_meta and id(param) not in sharded],
+                                      self.data_parallel, self.transport)
         if self.used is not None:
             self._hold_share()
         if recorder is not None:
@@ -598,7 +598,7 @@ def _sum_tied_gradients(params: List[nn.Parameter], ranks: Tuple[int, ...], tran
             param.grad = like(param, transport.sum_among(grad, ranks, "while summing tied parameters' gradients"))
 
 
-def _average_over_replicas(params: List[nn.Parameter], group, transport) -> None:
+def average_over_replicas(params: List[nn.Parameter], group, transport) -> None:
     """The gradients averaged over the pipeline's data-parallel replicas (``group``): one all-reduce
     per device and dtype, of the gradients flattened, each wait bounded by the pipeline's timeout.
     A parameter no replica's step gave a gradient keeps ``.grad`` None; one that some replicas' did

@@ -2,6 +2,9 @@
 on this device (or given). Every figure here is per sample row or per layer of the plain model; the
 arithmetic that turns them into a layout's cost is in ``model.py``."""
 import dataclasses
+import datetime
+import os
+import socket
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -14,7 +17,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from torch_mp._group import all_reduce, process_group_of, resolve_group
 from torch_mp._layers import find_layers
-from torch_mp._pipelining.pipeline import time_layers
+from torch_mp._pipelining.pipeline import average_over_replicas, time_layers
+from torch_mp._pipelining.transport import GroupTransport
 from torch_mp._tensor_parallel.dtensor import local_tensor
 from torch_mp._tensors import map_tensors, tensors_in
 
@@ -66,6 +70,11 @@ class CostTable:
     transformer block's 2 (attention, MLP); ``experts``: per MoE layer (0: none);
     ``sequence_parallel``: whether the layers take (batch, sequence, hidden) activations, which
     sequence parallelism can cut along the sequence.
+    ``host_cores`` and ``host_ranks``: CPU ranks sharing one host's processors: how many of them
+    compute at full speed at once (the host's cores over each rank's threads) and how many ranks
+    a host runs. The times are measured with every rank of a host computing at once; in a pipeline
+    whose other ranks wait, a rank computes faster, up to ``host_ranks / host_cores`` times
+    (``torch_mp::planner::CostTable::speedup``). ``host_cores=0`` (GPUs): a device per rank.
 
     ``torch_mp.plan(..., sample=)`` measures one (``torch_mp._planner.costs.measure_costs``);
     pass your own as ``plan(..., costs=)`` (``dataclasses.replace`` of a measured one, or made from
@@ -101,6 +110,8 @@ class CostTable:
     pp_link: Optional[Tuple[float, float]] = None
     tied_param_bytes: int = 0
     tied_sharded_bytes: int = 0
+    host_cores: float = 0.0
+    host_ranks: int = 1
 
     def link(self, dim: str) -> Tuple[float, float]:
         """``(alpha_s, beta_s_per_byte)`` of mesh dim ``dim`` ("tp", "dp" or "pp")."""
@@ -259,12 +270,16 @@ def _tp_constraints(module: nn.Module) -> Tuple[Tuple[int, ...], int, int]:
 
 
 def _line_through(xs: List[float], ys: List[float], group) -> Tuple[float, float]:
-    """``(alpha_s, beta_s_per_byte)``: the least-squares line through (bytes, seconds), the slowest
-    rank's seconds of each size (so every rank of ``group`` fits alike)."""
+    """``(alpha_s, beta_s_per_byte)``: the line through (bytes, seconds) of least relative squared
+    error (each point weighted by 1 / seconds^2, so the small sizes fix alpha as the large ones fix
+    beta), the slowest rank's seconds of each size (so every rank of ``group`` fits alike)."""
     slowest = all_reduce(torch.tensor(ys, dtype=torch.float64), "max", group, "plan").tolist()
-    n = len(xs)
-    mean_x, mean_y = sum(xs) / n, sum(slowest) / n
-    beta = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, slowest)) / sum((x - mean_x) ** 2 for x in xs)
+    weights = [1 / y ** 2 for y in slowest]
+    total = sum(weights)
+    mean_x = sum(w * x for w, x in zip(weights, xs)) / total
+    mean_y = sum(w * y for w, y in zip(weights, slowest)) / total
+    beta = sum(w * (x - mean_x) * (y - mean_y) for w, x, y in zip(weights, xs, slowest)) / \
+        sum(w * (x - mean_x) ** 2 for w, x in zip(weights, xs))
     beta = max(beta, 1e-12)
     return max(mean_y - beta * mean_x, 1e-6), beta
 
@@ -274,42 +289,77 @@ def _device_of(group) -> torch.device:
         if dist.get_backend(process_group_of(group)) == "nccl" else torch.device("cpu")
 
 
-def fit_collectives(group=None, sizes=(256, 16384, 262144)) -> Tuple[float, float]:
-    """``(alpha_s, beta_s_per_byte)``: a least-squares line through the median time of five
-    float32 all-reduces of each size (elements) over ``group`` (every rank calls it; the slowest
-    rank's times count, so every rank fits alike). With one rank, the defaults of ``CostTable``."""
-    info = resolve_group(group, "plan(group=...)")
-    if info.size == 1:
-        return CostTable.alpha_s, CostTable.beta_s_per_byte
-    pg = process_group_of(group)
-    xs, ys = [], []
-    for size in sizes:
-        tensor = torch.ones(size, device=_device_of(group))
-        xs.append(size * 4 * 2 * (info.size - 1) / info.size)
-        ys.append(_median_seconds(lambda: dist.all_reduce(tensor, group=pg), pg))
-    return _line_through(xs, ys, group)
+SIZES = (256, 16384, 262144, 4194304)
 
 
-def _median_seconds(op: Callable[[], object], pg) -> float:
-    """The median seconds of five runs of ``op`` after a warm-up, each started by a barrier of ``pg``."""
+def _median_seconds(op: Callable[[], object], pg, device: torch.device) -> float:
+    """The median seconds of five runs of ``op`` after a warm-up, each after a barrier of ``pg``
+    and, on CPU, a burst of compute (a 256 x 256 matmul, ten times) that is not counted: as in a
+    training step, the ranks come to the collective from their computations, and on a host whose
+    ranks share cores the collective waits for each to be scheduled again."""
+    burst = torch.ones(256, 256) if device.type == "cpu" else None
     times = []
     for _ in range(6):
         dist.barrier(pg)
+        if burst is not None:
+            for _ in range(10):
+                torch.mm(burst, burst)
         start = time.perf_counter()
         op()
         times.append(time.perf_counter() - start)
     return sorted(times[1:])[2]
 
 
-def fit_sends(group=None, sizes=(256, 16384, 262144)) -> Tuple[float, float]:
-    """``(alpha_s, beta_s_per_byte)`` of a send between neighbouring ranks of ``group`` (a
-    pipeline's stages): half the median round trip of five float32 tensors of each size (elements)
-    between its ranks 2i and 2i + 1 (an odd last rank waits), a least-squares line through the
-    slowest pair's (every rank calls it). With one rank, the defaults of ``CostTable``."""
+def fit_collectives(group=None, sizes=SIZES) -> Tuple[float, float]:
+    """``(alpha_s, beta_s_per_byte)``: a line (``_line_through``) through the median time of five
+    float32 all-reduces of each size (elements; up to 16 MiB) over ``group``
+    (every rank calls it; the slowest rank's times count, so every rank fits alike). With one rank,
+    the defaults of ``CostTable``."""
     info = resolve_group(group, "plan(group=...)")
     if info.size == 1:
         return CostTable.alpha_s, CostTable.beta_s_per_byte
     pg = process_group_of(group)
+    device = _device_of(group)
+    xs, ys = [], []
+    for size in sizes:
+        tensor = torch.ones(size, device=device)
+        xs.append(size * 4 * 2 * (info.size - 1) / info.size)
+        ys.append(_median_seconds(lambda: dist.all_reduce(tensor, group=pg), pg, device))
+    return _line_through(xs, ys, group)
+
+
+def fit_gradient_average(group=None, sizes=SIZES + (16777216,)) -> Tuple[float, float]:
+    """``(alpha_s, beta_s_per_byte)`` of the data-parallel average of a rank's gradients over
+    ``group`` as a pipeline's step runs it (``average_over_replicas``: the gradients flattened,
+    all-reduced in place, divided and copied back), a line (``_line_through``) through the median
+    time of five on float32 gradients of each size (elements; up to 64 MiB: past 32 MiB each
+    step's flat buffer is new memory), the bytes counted as a ring all-reduce's (every rank calls
+    it). With one rank, the defaults of ``CostTable``."""
+    info = resolve_group(group, "plan(group=...)")
+    if info.size == 1:
+        return CostTable.alpha_s, CostTable.beta_s_per_byte
+    pg = process_group_of(group)
+    device = _device_of(group)
+    transport = GroupTransport(pg, info.rank, device, datetime.timedelta(minutes=5))
+    xs, ys = [], []
+    for size in sizes:
+        param = nn.Parameter(torch.ones(size, device=device))
+        param.grad = torch.ones_like(param)
+        xs.append(size * 4 * 2 * (info.size - 1) / info.size)
+        ys.append(_median_seconds(lambda: average_over_replicas([param], pg, transport), pg, device))
+    return _line_through(xs, ys, group)
+
+
+def fit_sends(group=None, sizes=SIZES) -> Tuple[float, float]:
+    """``(alpha_s, beta_s_per_byte)`` of a send between neighbouring ranks of ``group`` (a
+    pipeline's stages): half the median round trip of five float32 tensors of each size (elements)
+    between its ranks 2i and 2i + 1 (an odd last rank waits), a line (``_line_through``) through
+    the slowest pair's (every rank calls it). With one rank, the defaults of ``CostTable``."""
+    info = resolve_group(group, "plan(group=...)")
+    if info.size == 1:
+        return CostTable.alpha_s, CostTable.beta_s_per_byte
+    pg = process_group_of(group)
+    device = _device_of(group)
     partner = info.rank ^ 1
     peer = dist.get_global_rank(pg, partner) if partner < info.size else None
     def round_trip(tensor):
@@ -322,9 +372,9 @@ def fit_sends(group=None, sizes=(256, 16384, 262144)) -> Tuple[float, float]:
 
     xs, ys = [], []
     for size in sizes:
-        tensor = torch.ones(size, device=_device_of(group))
+        tensor = torch.ones(size, device=device)
         xs.append(size * 4)
-        ys.append(_median_seconds(lambda: round_trip(tensor), pg) / 2)
+        ys.append(_median_seconds(lambda: round_trip(tensor), pg, device) / 2)
     return _line_through(xs, ys, group)
 
 
@@ -351,6 +401,19 @@ def _dim_groups(group) -> Dict[str, object]:
     return {"tp": dims.get("tp", halves["tp"]), "dp": dims.get("dp", world), "pp": dims.get("pp", halves["pp"])}
 
 
+def host_sharing(group=None) -> Tuple[float, int]:
+    """``(host_cores, host_ranks)`` of ``CostTable`` for the ranks of ``group`` (every rank calls
+    it): for CPU ranks, the cores this process may run on over its torch threads, and the ranks of
+    the group on this host (by host name, the most on any host); ``(0.0, 1)`` for one rank or GPU
+    ranks (a device each)."""
+    info = resolve_group(group, "plan(group=...)")
+    if info.size == 1 or _device_of(group).type != "cpu":
+        return 0.0, 1
+    names = [None] * info.size
+    dist.all_gather_object(names, socket.gethostname(), group=process_group_of(group))
+    return len(os.sched_getaffinity(0)) / torch.get_num_threads(), max(names.count(name) for name in set(names))
+
+
 def _is_mesh(group) -> bool:
     """A DeviceMesh of named dims among ``MESH_DIMS`` (``init_mesh``'s), not a 1-D group."""
     names = getattr(group, "mesh_dim_names", None) if isinstance(group, DeviceMesh) else None
@@ -359,11 +422,14 @@ def _is_mesh(group) -> bool:
 
 def fit_links(group=None, dims: Sequence[str] = MESH_DIMS) -> Dict[str, Tuple[float, float]]:
     """``{dim: (alpha_s, beta_s_per_byte)}`` for each of ``dims`` ("tp", "dp", "pp"), each fitted on its own group
-    (``_dim_groups``): all-reduces for "tp" and "dp" (``fit_collectives``), sends between
-    neighbours for "pp" (``fit_sends``). Every rank of ``group`` (a process group, None: the
-    default one, or an ``init_mesh`` DeviceMesh) calls it and gets the same fits."""
+    (``_dim_groups``), each by what a step runs over it: all-reduces for "tp"
+    (``fit_collectives``), the gradients' average for "dp" (``fit_gradient_average``), sends
+    between neighbours for "pp" (``fit_sends``), each after a burst of compute
+    (``_median_seconds``). Every rank of ``group`` (a process group, None: the default one, or an
+    ``init_mesh`` DeviceMesh) calls it and gets the same fits."""
     groups = _dim_groups(group)
-    return {dim: (fit_sends if dim == "pp" else fit_collectives)(groups[dim]) for dim in dims}
+    fits = {"tp": fit_collectives, "dp": fit_gradient_average, "pp": fit_sends}
+    return {dim: fits[dim](groups[dim]) for dim in dims}
 
 
 def measure_costs(module: nn.Module, sample, group=None, layers: Optional[List[str]] = None,
@@ -372,11 +438,13 @@ def measure_costs(module: nn.Module, sample, group=None, layers: Optional[List[s
     ``sample`` and on its first row (a line in the rows), the bytes autograd saves, the parameter
     bytes, and an alpha-beta fit per mesh dim, each on its own group of ``group`` (``fit_links``:
     a process group, None for the default one, or an ``init_mesh`` DeviceMesh spanning the world;
-    "tp" and "dp" by all-reduces, "pp" by sends between neighbours); or ``collectives`` given:
+    "tp" by all-reduces, "dp" by the gradients' average, "pp" by sends between neighbours); or
+    ``collectives`` given:
     ``(alpha_s, beta_s_per_byte)`` for every dim, or a dict of them by dim (``{"tp": ..., "dp":
     ..., "pp": ...}``; a dim left out gets its fit). With a group, every rank calls it (all at
     once, so the times include what the ranks take from each other on a shared host) and gets the
-    same table: the times are averaged over the ranks. A ``tensor_parallel`` module is measured as this rank runs
+    same table: the times are averaged over the ranks, and ``host_sharing`` says how many share a
+    host's cores. A ``tensor_parallel`` module is measured as this rank runs
     it: its times and saved bytes are one rank's, its parameters count at their global size (sharded
     as placed), the dense model's bytes.
 
@@ -408,6 +476,7 @@ def measure_costs(module: nn.Module, sample, group=None, layers: Optional[List[s
     if len(links) < len(MESH_DIMS):
         links = {**fit_links(mesh if mesh is not None else group, [d for d in MESH_DIMS if d not in links]), **links}
     alpha, beta = links["dp"]
+    host_cores, host_ranks = host_sharing(group)
     element = next(module.parameters()).element_size()
     return CostTable(
         layers=tuple(layer_names),
@@ -421,5 +490,5 @@ def measure_costs(module: nn.Module, sample, group=None, layers: Optional[List[s
         activation_bytes=tuple(-(-s // rows) for s in saved), outside_activation_bytes=-(-outside_saved // rows),
         boundary_bytes=-(-boundary // rows), output_bytes=-(-output // rows), param_element_size=element, alpha_s=alpha, beta_s_per_byte=beta,
         tp_must_divide=divide, all_reduces_per_layer=all_reduces, experts=experts,
-        sequence_parallel=all_reduces == 2 and not experts,
+        sequence_parallel=all_reduces == 2 and not experts, host_cores=host_cores, host_ranks=host_ranks,
         **{f"{dim}_link": link for dim, link in links.items()})

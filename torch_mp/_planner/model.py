@@ -4,7 +4,7 @@ arithmetic is C++ (``torch_mp/planner.h``: ``torch_mp::planner::stage_peaks``, `
 it Python's tables. The bubble is not a formula but the C++ schedule itself, replayed with each
 action's duration."""
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 from torch_mp import _C
 from torch_mp._planner.costs import CostTable
@@ -133,18 +133,24 @@ def stage_times(costs: CostTable, layout: Layout) -> Tuple[List[float], List[flo
     return list(forwards), list(backwards), list(weights)
 
 
-def simulate(schedule: str, ranks: int, chunks: int, durations: Dict[int, List[float]], send_s: float) -> float:
+def simulate(schedule: str, ranks: int, chunks: int, durations: Dict[int, List[float]], send_s: float,
+             speedup: Sequence[float] = ()) -> float:
     """Seconds from the first action to the last of the C++ schedule (``_C._pipeline_schedule``:
     the order every rank runs; ``len(durations[0]) // ranks`` stages per rank), each rank running
     its actions in order, each action starting once its rank is free and its input has arrived
     (``send_s`` after its producer on another rank ended): F(s, m) after F(s - 1, m); B(s, m) after
     B(s + 1, m), the last stage's after its F; W(s, m) after B(s, m). ``durations[kind][stage]``,
-    kind 0 F, 1 B, 2 W."""
-    return _C._plan_simulate(schedule, ranks, chunks, durations[0], durations[1], durations[2], send_s)
+    kind 0 F, 1 B, 2 W. While b ranks run an action each, each runs ``speedup[b - 1]`` times as fast
+    as its duration says (ranks sharing a host's cores; empty: 1).
+
+    Raises ValueError for durations whose lengths differ or do not divide into ``ranks``, or a
+    ``speedup`` of another length than ``ranks`` or not > 0."""
+    return _C._plan_simulate(schedule, ranks, chunks, durations[0], durations[1], durations[2], send_s, list(speedup))
 
 
 def step_seconds(costs: CostTable, layout: Layout) -> float:
     """Predicted seconds of one ``train_step``: the simulated schedule over the stage times (with a
-    send of the stage output between ranks, over the "pp" link), then the data-parallel average of
+    send of the stage output between ranks, over the "pp" link; ranks that share a host's cores
+    compute faster while others wait: ``CostTable.host_cores``), then the data-parallel average of
     the largest rank's gradients (one ring all-reduce over the "dp" link)."""
     return _C._plan_step_seconds(costs, layout)

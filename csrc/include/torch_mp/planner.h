@@ -81,7 +81,18 @@ struct CostTable {
   std::optional<Link> tp_link;
   std::optional<Link> dp_link;
   std::optional<Link> pp_link;
+  // Ranks that share one host's processors (CPU ranks): host_cores, how many of them compute at full
+  // speed at once (the host's cores / each rank's threads), and host_ranks, the ranks on a host.
+  // The times above are measured with all host_ranks computing at once; a pipeline whose other
+  // ranks wait computes faster (speedup). host_cores = 0: each rank computes on a device of its own.
+  double host_cores = 0.0;
+  int64_t host_ranks = 1;
 
+  // speedup[b - 1]: how much faster than the table each rank computes while b of a pipeline's pp
+  // ranks compute (their tensor- and data-parallel ranks with them): min(1, host_cores / busy) over
+  // its value with every host rank busy, busy = host_ranks * b / pp (ranks spread evenly over
+  // hosts). Empty for host_cores = 0 (a device per rank: no sharing).
+  std::vector<double> speedup(int64_t pp) const;
   // The link of mesh dim "tp", "dp" or "pp" (c10::ValueError for another name).
   Link link(const std::string& dim) const;
   // Seconds of a ring all-reduce of nbytes over `ranks` ranks of mesh dim `dim` (0 for one rank).
@@ -169,11 +180,19 @@ StageTimes stage_times(const CostTable& costs, const Layout& layout);
 // durations' stages / ranks, chunks), each rank running its actions in order, each action starting
 // once its rank is free and its input has arrived (send_s after its producer ended on another
 // rank): F(s, m) after F(s - 1, m); B(s, m) after B(s + 1, m), the last stage's after its F;
-// W(s, m) after B(s, m). c10::ValueError for durations whose lengths differ or do not divide into
-// `ranks`.
-double simulate(const std::string& schedule, int64_t ranks, int64_t chunks, const StageTimes& durations, double send_s);
+// W(s, m) after B(s, m). While b ranks run an action each, each runs speedup[b - 1] times as fast as
+// its duration says (ranks sharing a host's cores: CostTable::speedup; empty: 1). c10::ValueError for
+// durations whose lengths differ or do not divide into `ranks`, or a speedup of another length or
+// not > 0.
+double simulate(
+    const std::string& schedule,
+    int64_t ranks,
+    int64_t chunks,
+    const StageTimes& durations,
+    double send_s,
+    const std::vector<double>& speedup = {});
 // Predicted seconds of one training step: the simulated schedule over stage_times (a send of the
-// stage output between ranks over the "pp" link), then the data-parallel all-reduce of the largest
+// stage output between ranks over the "pp" link; CostTable::speedup for ranks sharing cores), then the data-parallel all-reduce of the largest
 // rank's gradients over the "dp" link.
 double step_seconds(const CostTable& costs, const Layout& layout);
 
