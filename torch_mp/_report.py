@@ -311,12 +311,14 @@ class _TensorPeak(TorchDispatchMode):
         self.resize = resize = torch.UntypedStorage.resize_
 
         def counted(storage, size):
+            if storage.device.type != "cpu":  # meta and fake storages (no data pointer) among them
+                return resize(storage, size)
             key, before = storage.data_ptr(), storage.nbytes()
             result = resize(storage, size)
             if key in self.live and self.refs[key]() is storage:
                 self._freed(key)  # made under the mode: counted again below at its new size
                 self._add_storage(storage)
-            elif storage.device.type == "cpu":
+            else:
                 self.total += storage.nbytes() - before
                 self.peak = max(self.peak, self.total)
             return result
