@@ -144,8 +144,8 @@ Link CostTable::link(const std::string& dim) const {
 
 double CostTable::all_reduce_s(double nbytes, int64_t ranks, const std::string& dim) const {
   const auto [alpha, beta] = link(dim);
-  return ranks <= 1 ? 0.0
-                    : alpha + beta * nbytes * 2 * static_cast<double>(ranks - 1) / static_cast<double>(ranks);
+  const auto steps = 2 * static_cast<double>(ranks - 1); // a ring's reduce-scatter and all-gather
+  return ranks <= 1 ? 0.0 : steps * (alpha + beta * nbytes / static_cast<double>(ranks));
 }
 
 double CostTable::send_s(double nbytes) const {

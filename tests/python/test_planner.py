@@ -189,11 +189,11 @@ def test_each_mesh_dim_costs_over_its_own_link():
     costs = table(layers=2, tp_link=(1e-6, 1e-12), dp_link=(1e-2, 1e-8), pp_link=(0.5, 1e-7))
     plain = 2 * 8 * 3e-3
     tp2 = step_seconds(costs, Layout(1, 2, 1, "1f1b", 1, "never", False, (2,), 8))
-    # 2 layers x 2 all-reduces, forward and backward, of 8 rows x 256 bytes over 2 ranks (ring: half
-    # the bytes twice).
-    assert tp2 == pytest.approx(plain / 2 + 8 * (1e-6 + 1e-12 * 8 * 256))
+    # 2 layers x 2 all-reduces, forward and backward, of 8 rows x 256 bytes over 2 ranks (ring: 2
+    # steps of half the bytes, each paying the latency).
+    assert tp2 == pytest.approx(plain / 2 + 8 * 2 * (1e-6 + 1e-12 * 8 * 256 / 2))
     dp2 = step_seconds(costs, Layout(1, 1, 2, "1f1b", 1, "never", False, (2,), 8))
-    assert dp2 == pytest.approx(plain / 2 + 1e-2 + 1e-8 * (2 << 20))
+    assert dp2 == pytest.approx(plain / 2 + 2 * (1e-2 + 1e-8 * (2 << 20) / 2))
     pp2 = step_seconds(costs, Layout(2, 1, 1, "1f1b", 1, "never", False, (1, 1), 8))
     assert pp2 == pytest.approx(plain + 2 * (0.5 + 1e-7 * 8 * 256))  # one send forward, one back
     fitted = table(layers=2)
@@ -238,7 +238,7 @@ def check_links_fitted_per_dim(rank, world):
     # step_seconds reads each dim's own link: the data-parallel average over "dp", the sends over "pp".
     dp2 = Layout(1, 1, 2, "1f1b", 1, "never", False, (len(measured.layers),), 8)
     slow_dp = dataclasses.replace(measured, dp_link=(1.0, measured.dp_link[1]))
-    assert step_seconds(slow_dp, dp2) - step_seconds(measured, dp2) == pytest.approx(1.0 - measured.dp_link[0])
+    assert step_seconds(slow_dp, dp2) - step_seconds(measured, dp2) == pytest.approx(2 * (1.0 - measured.dp_link[0]))
     pp2 = Layout(2, 1, 1, "1f1b", 1, "never", False, (2, 2), 8)
     slow_pp = dataclasses.replace(measured, pp_link=(1.0, measured.pp_link[1]))
     assert step_seconds(slow_pp, pp2) - step_seconds(measured, pp2) == pytest.approx(2 * (1.0 - measured.pp_link[0]))

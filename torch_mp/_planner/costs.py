@@ -61,7 +61,8 @@ class CostTable:
     makes two gradients of, and what the loss saves of it, the log-probabilities; 0: not
     counted). Collectives
     follow the alpha-beta model (Hockney 1994; ring all-reduce as in Thakur et al. 2005):
-    ``alpha_s + beta_s_per_byte * bytes * 2 (n - 1) / n`` for an all-reduce over n ranks,
+    ``2 (n - 1) (alpha_s + beta_s_per_byte * bytes / n)`` for an all-reduce over n ranks (the
+    2 (n - 1) steps of a ring's reduce-scatter and all-gather),
     ``alpha_s + beta_s_per_byte * bytes`` for a send; each mesh dim over its own link (past one
     node, tensor parallel within a node, data parallel and the pipeline's sends across them):
     ``tp_link``, ``dp_link``, ``pp_link`` as ``(alpha_s, beta_s_per_byte)`` (``measure_costs``
@@ -122,7 +123,7 @@ class CostTable:
     def all_reduce_s(self, nbytes: float, ranks: int, dim: str) -> float:
         """Seconds of a ring all-reduce of ``nbytes`` over ``ranks`` ranks of mesh dim ``dim``."""
         alpha, beta = self.link(dim)
-        return 0.0 if ranks <= 1 else alpha + beta * nbytes * 2 * (ranks - 1) / ranks
+        return 0.0 if ranks <= 1 else 2 * (ranks - 1) * (alpha + beta * nbytes / ranks)
 
     def send_s(self, nbytes: float) -> float:
         """Seconds of a send of ``nbytes`` between pipeline ranks (the "pp" link)."""
@@ -312,8 +313,9 @@ def _median_seconds(op: Callable[[], object], pg, device: torch.device) -> float
 
 
 def fit_collectives(group=None, sizes=SIZES) -> Tuple[float, float]:
-    """``(alpha_s, beta_s_per_byte)``: a line (``_line_through``) through the median time of five
-    float32 all-reduces of each size (elements; up to 16 MiB) over ``group``
+    """``(alpha_s, beta_s_per_byte)`` of one step of a ring all-reduce (``CostTable.all_reduce_s``:
+    2 (n - 1) of them, each of bytes / n): a line (``_line_through``) through the median time of
+    five float32 all-reduces of each size (elements; up to 16 MiB) over ``group``, over its steps
     (every rank calls it; the slowest rank's times count, so every rank fits alike). With one rank,
     the defaults of ``CostTable``."""
     info = resolve_group(group, "plan(group=...)")
@@ -324,8 +326,8 @@ def fit_collectives(group=None, sizes=SIZES) -> Tuple[float, float]:
     xs, ys = [], []
     for size in sizes:
         tensor = torch.ones(size, device=device)
-        xs.append(size * 4 * 2 * (info.size - 1) / info.size)
-        ys.append(_median_seconds(lambda: dist.all_reduce(tensor, group=pg), pg, device))
+        xs.append(size * 4 / info.size)
+        ys.append(_median_seconds(lambda: dist.all_reduce(tensor, group=pg), pg, device) / (2 * (info.size - 1)))
     return _line_through(xs, ys, group)
 
 
@@ -334,8 +336,8 @@ def fit_gradient_average(group=None, sizes=SIZES + (16777216,)) -> Tuple[float, 
     ``group`` as a pipeline's step runs it (``average_over_replicas``: the gradients flattened,
     all-reduced in place, divided and copied back), a line (``_line_through``) through the median
     time of five on float32 gradients of each size (elements; up to 64 MiB: past 32 MiB each
-    step's flat buffer is new memory), the bytes counted as a ring all-reduce's (every rank calls
-    it). With one rank, the defaults of ``CostTable``."""
+    step's flat buffer is new memory), per step of a ring all-reduce as ``fit_collectives`` (every
+    rank calls it). With one rank, the defaults of ``CostTable``."""
     info = resolve_group(group, "plan(group=...)")
     if info.size == 1:
         return CostTable.alpha_s, CostTable.beta_s_per_byte
@@ -346,8 +348,9 @@ def fit_gradient_average(group=None, sizes=SIZES + (16777216,)) -> Tuple[float, 
     for size in sizes:
         param = nn.Parameter(torch.ones(size, device=device))
         param.grad = torch.ones_like(param)
-        xs.append(size * 4 * 2 * (info.size - 1) / info.size)
-        ys.append(_median_seconds(lambda: average_over_replicas([param], pg, transport), pg, device))
+        xs.append(size * 4 / info.size)
+        ys.append(_median_seconds(lambda: average_over_replicas([param], pg, transport), pg, device) /
+                  (2 * (info.size - 1)))
     return _line_through(xs, ys, group)
 
 

@@ -46,7 +46,8 @@ struct Link {
 // activation_bytes: what autograd saves per sample row in each layer's forward; boundary_bytes: a
 // layer's output per row (what a stage sends, what a tensor-parallel all-reduce carries);
 // output_bytes: the model's floating-point output per row (0: not counted). Collectives: ring
-// all-reduce alpha + beta * bytes * 2 (n - 1) / n (Thakur et al. 2005), a send alpha + beta * bytes;
+// all-reduce 2 (n - 1) (alpha + beta * bytes / n), the 2 (n - 1) steps of a ring's reduce-scatter
+// and all-gather (Thakur et al. 2005), a send alpha + beta * bytes;
 // each mesh dim over its own link (tp_link, dp_link, pp_link), or the fitted alpha_s and
 // beta_s_per_byte where unset. tp_must_divide: the counts tensor parallelism must divide (heads,
 // experts; {1} allows no tensor parallelism); all_reduces_per_layer: a transformer block's 2;
