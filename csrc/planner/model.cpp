@@ -7,7 +7,6 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <optional>
 #include <utility>
 
 #include <c10/util/Exception.h>
@@ -439,25 +438,21 @@ double simulate(
   const auto ready_at = [&](const pipeline::Action& action) {
     const auto k = static_cast<int64_t>(action.kind);
     const auto stage = action.stage;
-    std::optional<std::pair<int64_t, int64_t>> producer; // (kind, stage), same micro-batch
-    if (k == 0) {
-      if (stage == 0) {
-        return 0.0;
-      }
-      producer = {{0, stage - 1}};
-    } else if (k == 1) {
-      producer = stage < stages - 1 ? std::pair<int64_t, int64_t>{1, stage + 1} : std::pair<int64_t, int64_t>{0, stage};
-    } else {
-      producer = {{1, stage}};
+    if (k == 0 && stage == 0) {
+      return 0.0;
     }
-    const double done = ended[slot(producer->first, producer->second, action.microbatch)];
-    return done < 0 ? -1.0 : done + (rank_of[producer->second] != rank_of[stage] ? send_s : 0.0);
+    // The producer (kind, stage), same micro-batch.
+    const auto [kind_of, from] = k == 0 ? std::pair<int64_t, int64_t>{0, stage - 1}
+        : k == 2                        ? std::pair<int64_t, int64_t>{1, stage}
+        : stage < stages - 1            ? std::pair<int64_t, int64_t>{1, stage + 1}
+                                        : std::pair<int64_t, int64_t>{0, stage};
+    const double done = ended[slot(kind_of, from, action.microbatch)];
+    return done < 0 ? -1.0 : done + (rank_of[from] != rank_of[stage] ? send_s : 0.0);
   };
   // Event by event: each rank runs its actions in order; a running action's remaining seconds (at
   // the table's speed) shrink at speedup[busy ranks - 1] per second.
   std::vector<size_t> position(ranks, 0);
   std::vector<double> left(ranks, -1.0); // < 0: idle
-  std::vector<double> free(ranks, 0.0);
   size_t remaining = 0;
   for (const auto& a : actions) {
     remaining += a.size();
@@ -508,7 +503,6 @@ double simulate(
       if (left[rank] == first_end) {
         const auto& action = actions[rank][position[rank]];
         ended[slot(static_cast<int64_t>(action.kind), action.stage, action.microbatch)] = now;
-        free[rank] = now;
         left[rank] = -1.0;
         ++position[rank];
         --remaining;
@@ -517,8 +511,9 @@ double simulate(
       }
     }
   }
-  return *std::max_element(free.begin(), free.end());
+  return now; // the last action's end
 }
+
 double step_seconds(const CostTable& costs, const Layout& layout) {
   const auto times = stage_times(costs, layout);
   const double rows = layout.rows();

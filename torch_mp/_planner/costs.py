@@ -415,7 +415,8 @@ def host_sharing(group=None) -> Tuple[float, int]:
         return 0.0, 1
     names = [None] * info.size
     dist.all_gather_object(names, socket.gethostname(), group=process_group_of(group))
-    return len(os.sched_getaffinity(0)) / torch.get_num_threads(), max(names.count(name) for name in set(names))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # not on macOS
+    return cores / torch.get_num_threads(), max(names.count(name) for name in set(names))
 
 
 def _is_mesh(group) -> bool:

@@ -164,9 +164,9 @@ struct StageTimes {
 // output gradients on the last stage and, recomputing, the micro-batch's saved tensors; a B or W
 // adding to existing gradients, half the stage's widest layer's; gradients exist from a stage's
 // first B; finished micro-batches keep their input gradient (every stage but the first; the
-// output is dropped once its loss is made); at the step's end every gradient exists; the all-reduce holds one more copy of the rank's gradients (flat, reduced in place) and those finished
-// micro-batches' tensors. Tensor parallelism
-// divides matrices and (with sequence parallelism all, else 24/34 of) the layers' saved
+// output is dropped once its loss is made); at the step's end every gradient exists; the
+// all-reduce holds one more copy of the rank's gradients (flat, reduced in place) and those
+// finished micro-batches' tensors. Tensor parallelism divides matrices and (with sequence parallelism all, else 24/34 of) the layers' saved
 // activations (Korthikanti et al., 2022). In full: the docstring of Python's
 // torch_mp._planner.model.stage_peaks.
 std::vector<StagePeak> stage_peaks(const CostTable& costs, const Layout& layout);
@@ -193,8 +193,8 @@ double simulate(
     double send_s,
     const std::vector<double>& speedup = {});
 // Predicted seconds of one training step: the simulated schedule over stage_times (a send of the
-// stage output between ranks over the "pp" link; CostTable::speedup for ranks sharing cores), then the data-parallel all-reduce of the largest
-// rank's gradients over the "dp" link.
+// stage output between ranks over the "pp" link; CostTable::speedup for ranks sharing cores),
+// then the data-parallel all-reduce of the largest rank's gradients over the "dp" link.
 double step_seconds(const CostTable& costs, const Layout& layout);
 
 // The schedules the search considers by default, and the checkpoint policies.
