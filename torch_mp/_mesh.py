@@ -1,17 +1,10 @@
 """Device meshes: pipeline stages across one dim, data-parallel replicas across another, tensor
 parallelism across the innermost."""
-from typing import Dict, Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-
-
-# The meshes made so far, by device type and dims, with the default group they were made in: each
-# of a mesh's groups holds threads and connections for as long as the process lives (Gloo: two
-# threads each), so a script that parallelizes again (plan(measure=...), a benchmark of layouts)
-# gets the same mesh back instead of new groups.
-_MESHES: Dict[Tuple, Tuple[object, DeviceMesh]] = {}
 
 
 def _check_size(name: str, value) -> None:
@@ -40,8 +33,6 @@ def init_mesh(dp: int = 1, tp: Optional[int] = None, device_type: Optional[str] 
         # or torch.distributed.fsdp.fully_shard(model, mesh=mesh["dp"])
 
     ``tp`` defaults to world size / (pp * dp); ``device_type`` to "cuda" under NCCL, else "cpu".
-    Called again with the same sizes in the same default group, it returns the same mesh (its
-    process groups are made once).
     The layout of Megatron-LM's 3-D parallelism (Narayanan et al., 2021) over PyTorch's
     ``init_device_mesh``.
 
@@ -68,10 +59,6 @@ def init_mesh(dp: int = 1, tp: Optional[int] = None, device_type: Optional[str] 
                          "expected pp * dp * tp == world size")
     if device_type is None:
         device_type = "cuda" if dist.get_backend() == "nccl" and torch.cuda.is_available() else "cpu"
-    shape, names = ((dp, tp), ("dp", "tp")) if pp is None else ((pp, dp, tp), ("pp", "dp", "tp"))
-    world_group = dist.group.WORLD
-    made = _MESHES.get((device_type, shape, names))
-    if made is None or made[0] is not world_group:
-        made = _MESHES[(device_type, shape, names)] = (world_group, init_device_mesh(device_type, shape,
-                                                                                     mesh_dim_names=names))
-    return made[1]
+    if pp is None:
+        return init_device_mesh(device_type, (dp, tp), mesh_dim_names=("dp", "tp"))
+    return init_device_mesh(device_type, (pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))

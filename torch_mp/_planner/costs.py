@@ -13,11 +13,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from torch_mp._group import all_reduce, process_group_of, resolve_group
 from torch_mp._layers import find_layers
-from torch_mp._mesh import init_mesh
 from torch_mp._pipelining.pipeline import average_over_replicas, time_layers
 from torch_mp._pipelining.transport import GroupTransport
 from torch_mp._tensor_parallel.dtensor import local_tensor
@@ -398,7 +397,7 @@ def _dim_groups(group) -> Dict[str, object]:
     size = resolve_group(world, "plan(group=...)").size
     if size < 4 or size % 2:
         return {dim: dims.get(dim, world) for dim in MESH_DIMS}
-    halves = init_mesh(pp=2, tp=size // 2, device_type=_device_of(world).type) \
+    halves = init_device_mesh(_device_of(world).type, (2, size // 2), mesh_dim_names=("pp", "tp")) \
         if world is None or world is dist.group.WORLD else None
     if halves is None:  # a subgroup: its own ranks, not the world's layout
         return {dim: dims.get(dim, world) for dim in MESH_DIMS}
